@@ -1,0 +1,122 @@
+"""Authorization for FHIR servers: a static bearer token, or SMART Backend Services."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncGenerator
+
+import httpx
+import jwt
+
+from connectors.errors import AuthError
+from connectors.settings import SmartBackendSettings
+
+# A token is refreshed this long before it expires, so no request goes out with a dead one.
+EXPIRY_MARGIN_S = 30.0
+
+
+class BearerAuth(httpx.Auth):
+    """A static bearer token."""
+
+    def __init__(self, token: str) -> None:
+        self._header = f"Bearer {token}"
+
+    def auth_flow(self, request: httpx.Request):  # type: ignore[no-untyped-def]
+        request.headers["Authorization"] = self._header
+        yield request
+
+
+class SmartBackendAuth(httpx.Auth):
+    """SMART Backend Services: client-credentials grant with a signed JWT (RFC 7523).
+
+    The access token is cached until shortly before it expires, shared by concurrent requests,
+    and fetched again once if the server answers 401.
+    """
+
+    requires_response_body = True
+
+    def __init__(self, settings: SmartBackendSettings, fhir_base_url: str) -> None:
+        self.settings = settings
+        self.fhir_base_url = fhir_base_url.rstrip("/")
+        self._key = settings.private_key_path.read_bytes()
+        self._token: str | None = None
+        self._expires_at = 0.0
+        self._token_url = settings.token_url
+        self._lock = asyncio.Lock()
+
+    def _assertion(self, token_url: str) -> str:
+        now = int(time.time())
+        claims = {
+            "iss": self.settings.client_id,
+            "sub": self.settings.client_id,
+            "aud": token_url,
+            "exp": now + 300,
+            "iat": now,
+            "jti": uuid.uuid4().hex,
+        }
+        headers = {"kid": self.settings.key_id} if self.settings.key_id else None
+        try:
+            return jwt.encode(claims, self._key, algorithm=self.settings.algorithm, headers=headers)
+        except (ValueError, TypeError, jwt.PyJWTError) as exc:
+            raise AuthError(
+                f"cannot sign the client assertion with {self.settings.private_key_path}: {exc}"
+            ) from exc
+
+    def _token_request(self, token_url: str) -> httpx.Request:
+        return httpx.Request(
+            "POST",
+            token_url,
+            data={
+                "grant_type": "client_credentials",
+                "scope": self.settings.scope,
+                "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                "client_assertion": self._assertion(token_url),
+            },
+            headers={"Accept": "application/json"},
+        )
+
+    def _take_token(self, response: httpx.Response) -> None:
+        if response.status_code != 200:
+            raise AuthError(
+                f"token endpoint {response.request.url} answered HTTP {response.status_code}: "
+                f"{response.text[:200]}"
+            )
+        try:
+            body = response.json()
+            token = body["access_token"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AuthError(f"token endpoint {response.request.url} sent no access_token") from exc
+        self._token = str(token)
+        self._expires_at = time.monotonic() + float(body.get("expires_in", 300))
+
+    def _valid(self) -> bool:
+        return self._token is not None and time.monotonic() < self._expires_at - EXPIRY_MARGIN_S
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        for attempt in range(2):
+            async with self._lock:
+                if attempt == 1 or not self._valid():
+                    if self._token_url is None:
+                        url = f"{self.fhir_base_url}/.well-known/smart-configuration"
+                        conf = yield httpx.Request(
+                            "GET", url, headers={"Accept": "application/json"}
+                        )
+                        try:
+                            self._token_url = str(conf.json()["token_endpoint"])
+                        except (ValueError, KeyError, TypeError) as exc:
+                            raise AuthError(
+                                f"{url} (HTTP {conf.status_code}) names no token_endpoint; "
+                                "set fhir.smart.token_url"
+                            ) from exc
+                    self._take_token((yield self._token_request(self._token_url)))
+            request.headers["Authorization"] = f"Bearer {self._token}"
+            response = yield request
+            if response.status_code != 401:
+                return
+
+    def sync_auth_flow(self, request: httpx.Request):  # type: ignore[no-untyped-def]
+        raise AuthError("SmartBackendAuth works with the async client only")

@@ -1,0 +1,268 @@
+"""An async client for any FHIR R4 server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from connectors.auth import BearerAuth, SmartBackendAuth
+from connectors.errors import ConnectorError, IncompletePaging, InvalidResponse
+from connectors.http import RetryingHttp
+from connectors.resources import InvalidResource, Resource, SearchResult, validate
+from connectors.settings import FhirServerSettings
+from connectors.source import PATIENT_COMPARTMENT_SEARCHES, BinaryContent, SearchParams
+
+log = logging.getLogger(__name__)
+
+FHIR_JSON = "application/fhir+json"
+
+
+def _params(params: SearchParams | None) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for key, value in (params or {}).items():
+        if isinstance(value, str):
+            out.append((key, value))
+        else:
+            out.extend((key, v) for v in value)
+    return out
+
+
+def _next_link(bundle: Mapping[str, Any]) -> str | None:
+    for link in bundle.get("link") or []:
+        if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
+            return str(link["url"])
+    return None
+
+
+class FhirClient:
+    """Read, search (every page), ``$everything`` and Binary against one FHIR R4 server.
+
+    Use as ``async with FhirClient(settings) as client``. Implements ``FhirSource``.
+    """
+
+    def __init__(
+        self,
+        settings: FhirServerSettings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if not settings.url:
+            raise ConnectorError("no FHIR server URL given (set fhir.url or --fhir-url)")
+        self.settings = settings
+        self.base_url = settings.url.rstrip("/")
+        auth: httpx.Auth | None = None
+        if settings.smart is not None:
+            auth = SmartBackendAuth(settings.smart, self.base_url)
+        elif settings.token is not None:
+            auth = BearerAuth(settings.token.get_secret_value())
+        self.http = RetryingHttp(
+            settings.http, auth=auth, headers={"Accept": FHIR_JSON}, transport=transport
+        )
+        self._capabilities: dict[str, Any] | None = None
+        self._semaphore = asyncio.Semaphore(settings.concurrency)
+
+    @property
+    def name(self) -> str:
+        return self.base_url
+
+    async def __aenter__(self) -> FhirClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    def url(self, path: str) -> str:
+        return f"{self.base_url}/{path.lstrip('/')}"
+
+    async def _get_json(self, url: str, params: list[tuple[str, str]] | None = None) -> Any:
+        async with self._semaphore:
+            response = await self.http.request("GET", url, params=params)
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise InvalidResponse(
+                str(response.url), f"body is not valid JSON ({exc}); {len(response.content)} bytes"
+            ) from exc
+
+    async def capabilities(self) -> dict[str, Any]:
+        """The server's CapabilityStatement (cached)."""
+        if self._capabilities is None:
+            body = await self._get_json(self.url("metadata"))
+            if not isinstance(body, dict) or body.get("resourceType") != "CapabilityStatement":
+                raise InvalidResponse(self.url("metadata"), "is not a CapabilityStatement")
+            self._capabilities = body
+        return self._capabilities
+
+    async def supports_everything(self) -> bool:
+        """Whether the CapabilityStatement offers ``Patient/$everything``."""
+        try:
+            caps = await self.capabilities()
+        except ConnectorError as exc:
+            log.info("no usable CapabilityStatement (%s); not using $everything", exc)
+            return False
+        for rest in caps.get("rest") or []:
+            for op in rest.get("operation") or []:
+                if op.get("name") in ("everything", "patient-everything"):
+                    return True
+            for res in rest.get("resource") or []:
+                if res.get("type") != "Patient":
+                    continue
+                for op in res.get("operation") or []:
+                    if op.get("name") in ("everything", "patient-everything") or str(
+                        op.get("definition", "")
+                    ).endswith("/Patient-everything"):
+                        return True
+        return False
+
+    async def read(self, resource_type: str, resource_id: str) -> Resource:
+        url = self.url(f"{resource_type}/{resource_id}")
+        body = await self._get_json(url)
+        result = validate(body, url)
+        if isinstance(result, InvalidResource):
+            raise InvalidResponse(url, f"invalid {resource_type}: {result.error}")
+        return result
+
+    async def search(self, resource_type: str, params: SearchParams | None = None) -> SearchResult:
+        query = _params(params)
+        if not any(k == "_count" for k, _ in query):
+            query.append(("_count", str(self.settings.page_size)))
+        return await self._collect(self.url(resource_type), query)
+
+    async def everything(self, patient_id: str) -> SearchResult:
+        if self.settings.use_everything and await self.supports_everything():
+            url = self.url(f"Patient/{patient_id}/$everything")
+            return await self._collect(url, [("_count", str(self.settings.page_size))])
+        return await self.everything_by_type(patient_id)
+
+    async def everything_by_type(self, patient_id: str) -> SearchResult:
+        """The patient's chart by one search per resource type, run concurrently."""
+        patient = await self.read("Patient", patient_id)
+        searches = [
+            self.search(rtype, {param: f"Patient/{patient_id}"})
+            for rtype, param in PATIENT_COMPARTMENT_SEARCHES
+        ]
+        results = await asyncio.gather(*searches)
+        merged = SearchResult(resources=[patient])
+        for res in results:
+            merged.resources.extend(res.resources)
+            merged.invalid.extend(res.invalid)
+            merged.pages += res.pages
+        merged.total = len(merged.resources) + len(merged.invalid)
+        return merged
+
+    async def _collect(self, url: str, query: list[tuple[str, str]]) -> SearchResult:
+        """Read every page of a search, through next links or, failing those, ``_offset``."""
+        result = SearchResult()
+        seen: set[tuple[str, str]] = set()
+        count = next((int(v) for k, v in query if k == "_count" and v.isdigit()), None)
+        next_url: str | None = url
+        next_params: list[tuple[str, str]] | None = query
+        visited: set[str] = set()
+        while next_url is not None:
+            if result.pages >= self.settings.max_pages:
+                raise IncompletePaging(
+                    url, len(seen), result.total, f"{result.pages} pages (max_pages)"
+                )
+            page_key = next_url + json.dumps(next_params)
+            if page_key in visited:
+                raise IncompletePaging(
+                    url, len(seen), result.total, "the server repeated a page link"
+                )
+            visited.add(page_key)
+            bundle = await self._get_json(next_url, next_params)
+            if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+                got = (
+                    bundle.get("resourceType")
+                    if isinstance(bundle, dict)
+                    else type(bundle).__name__
+                )
+                raise InvalidResponse(next_url, f"expected a Bundle, got {got}")
+            result.pages += 1
+            if isinstance(bundle.get("total"), int):
+                result.total = bundle["total"]
+            on_page, new = self._take_entries(bundle, next_url, result, seen)
+            if on_page and not new:
+                raise IncompletePaging(
+                    url,
+                    len(seen),
+                    result.total,
+                    "a page repeated resources already read (the server may ignore _offset)",
+                )
+            link = _next_link(bundle)
+            if link is not None:
+                next_url, next_params = urljoin(next_url, link), None
+                continue
+            next_url = next_params = None
+            # No next link. Servers that page only by _offset (Medplum's router, for one) leave
+            # it out; a full page, or fewer than `total`, means there may be more to read.
+            more = (result.total is not None and len(seen) < result.total) or (
+                result.total is None and count is not None and new >= count
+            )
+            if more and count is not None and new > 0:
+                next_url = url
+                next_params = [(k, v) for k, v in query if k != "_offset"]
+                next_params.append(("_offset", str(len(seen))))
+            elif more:
+                raise IncompletePaging(url, len(seen), result.total, "the server gave no next link")
+        if result.total is not None and len(seen) < result.total:
+            raise IncompletePaging(url, len(seen), result.total, "the pages ran out early")
+        return result
+
+    @staticmethod
+    def _take_entries(
+        bundle: Mapping[str, Any], page_url: str, result: SearchResult, seen: set[tuple[str, str]]
+    ) -> tuple[int, int]:
+        """Add a page's matches to ``result``; return how many it held and how many were new."""
+        on_page = new = 0
+        for entry in bundle.get("entry") or []:
+            if not isinstance(entry, dict):
+                continue
+            if (entry.get("search") or {}).get("mode") == "outcome":
+                continue
+            on_page += 1
+            raw = entry.get("resource")
+            key = (
+                (str(raw.get("resourceType")), str(raw.get("id")))
+                if isinstance(raw, dict)
+                else ("?", str(entry.get("fullUrl")))
+            )
+            if key in seen:
+                continue
+            seen.add(key)
+            new += 1
+            checked = validate(raw, page_url)
+            if isinstance(checked, InvalidResource):
+                result.invalid.append(checked)
+            else:
+                result.resources.append(checked)
+        return on_page, new
+
+    async def binary(self, reference: str) -> BinaryContent:
+        """A Binary's bytes; asks for the raw form and falls back to FHIR JSON with base64 data."""
+        url = reference if urlsplit(reference).scheme else self.url(reference)
+        async with self._semaphore:
+            response = await self.http.request("GET", url, headers={"Accept": "*/*"})
+        ctype = response.headers.get("Content-Type", "").split(";")[0].strip() or None
+        if ctype in (FHIR_JSON, "application/json"):
+            try:
+                body = response.json()
+            except ValueError as exc:
+                raise InvalidResponse(url, f"Binary body is not valid JSON ({exc})") from exc
+            if isinstance(body, dict) and body.get("resourceType") == "Binary":
+                data = body.get("data")
+                try:
+                    raw = base64.b64decode(data or "", validate=True)
+                except ValueError as exc:
+                    raise InvalidResponse(url, "Binary.data is not valid base64") from exc
+                return BinaryContent(raw, body.get("contentType"), url)
+        return BinaryContent(response.content, ctype, url)

@@ -1,0 +1,86 @@
+"""FHIR resources as typed ``fhir.resources`` models (R4B, wire-compatible with R4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fhir.resources.R4B import get_fhir_model_class
+from fhir.resources.R4B.resource import Resource
+from pydantic import ValidationError
+
+__all__ = [
+    "InvalidResource",
+    "Resource",
+    "SearchResult",
+    "is_resource_type",
+    "reference_of",
+    "validate",
+]
+
+
+@dataclass(frozen=True)
+class InvalidResource:
+    """A resource that failed validation: kept raw so nothing is lost, with the reason."""
+
+    resource_type: str
+    id: str | None
+    raw: dict[str, Any]
+    error: str
+    origin: str
+
+    @property
+    def reference(self) -> str:
+        return f"{self.resource_type}/{self.id}"
+
+
+@dataclass
+class SearchResult:
+    """All resources a search (every page) or $everything produced."""
+
+    resources: list[Resource] = field(default_factory=list)
+    invalid: list[InvalidResource] = field(default_factory=list)
+    total: int | None = None
+    pages: int = 0
+
+    def of_type(self, resource_type: str) -> list[Resource]:
+        return [r for r in self.resources if r.get_resource_type() == resource_type]
+
+
+def is_resource_type(name: object) -> bool:
+    """Whether ``name`` is a FHIR R4 resource type (not a datatype)."""
+    if not isinstance(name, str) or not name[:1].isupper():
+        return False
+    try:
+        cls = get_fhir_model_class(name)
+    except ValueError:
+        return False
+    return issubclass(cls, Resource)
+
+
+def _short_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    more = exc.error_count() - 3
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+def validate(raw: Any, origin: str) -> Resource | InvalidResource:
+    """Validate one resource's JSON into its model, or keep it raw with the validation error."""
+    if not isinstance(raw, dict):
+        return InvalidResource("?", None, {"value": raw}, "not a JSON object", origin)
+    rtype = raw.get("resourceType")
+    rid = raw.get("id") if isinstance(raw.get("id"), str) else None
+    if not is_resource_type(rtype):
+        return InvalidResource(str(rtype), rid, raw, f"unknown resourceType {rtype!r}", origin)
+    try:
+        return get_fhir_model_class(rtype).model_validate(raw)  # type: ignore[return-value]
+    except ValidationError as exc:
+        return InvalidResource(rtype, rid, raw, _short_error(exc), origin)
+
+
+def reference_of(resource: Resource) -> str:
+    """``Type/id`` of a resource."""
+    return f"{resource.get_resource_type()}/{resource.id}"
