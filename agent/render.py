@@ -197,7 +197,7 @@ def render_record(console: Console, record: PatientRecord, images: ImageSet | No
         )
         for failure in images.failures:
             console.print(
-                f"[yellow]image not available[/] {failure.provenance.fhir_reference}: {failure.error}"
+                f"[yellow]image not available:[/] {failure.error}"
             )
     for problem in record.problems:
         console.print(f"[yellow]not fetched[/] {problem.what}: {problem.error}")

@@ -1,0 +1,105 @@
+"""Shared fixtures: demo data, a local store, and the real peer servers (started once per session)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from connectors.demo import demo_bundles, import_demo  # noqa: E402
+from connectors.store import FhirStore  # noqa: E402
+from tests.peers.servers import Medplum, Orthanc, Sekmet  # noqa: E402
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+def load_bundle(path: Path) -> dict[str, Any]:
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+@pytest.fixture(scope="session")
+def bundles() -> list[Path]:
+    return demo_bundles()
+
+
+@pytest.fixture(scope="session")
+def smallest_bundle(bundles: list[Path]) -> Path:
+    return min(bundles, key=lambda p: len(load_bundle(p)["entry"]))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[FhirStore]:
+    s = FhirStore(f"sqlite:///{tmp_path / 'store.db'}")
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FhirStore]:
+    s = FhirStore(f"sqlite:///{tmp_path_factory.mktemp('demo') / 'store.db'}")
+    import_demo(s)
+    yield s
+    s.close()
+
+
+def post_transaction(base_url: str, bundle: dict[str, Any]) -> dict[str, Any]:
+    response = httpx.post(
+        base_url, json=bundle, headers={"Content-Type": "application/fhir+json"}, timeout=120
+    )
+    response.raise_for_status()
+    return response.json()
+
+
+class LoadedServer:
+    """A running FHIR server with the demo patients loaded; maps Synthea ids to the server's ids."""
+
+    def __init__(self, server: Any, patient_ids: dict[str, str]) -> None:
+        self.server = server
+        self.base_url: str = server.base_url
+        self.patient_ids = patient_ids
+
+
+def _load(server: Any, paths: list[Path]) -> LoadedServer:
+    ids = {}
+    for path in paths:
+        bundle = load_bundle(path)
+        original = bundle["entry"][0]["resource"]["id"]
+        reply = post_transaction(server.base_url, bundle)
+        location = reply["entry"][0]["response"]["location"]
+        ids[original] = location.split("Patient/")[1].split("/")[0]
+    return LoadedServer(server, ids)
+
+
+@pytest.fixture(scope="session")
+def sekmet(bundles: list[Path]) -> Iterator[LoadedServer]:
+    with Sekmet() as server:
+        yield _load(server, bundles)
+
+
+@pytest.fixture(scope="session")
+def medplum(smallest_bundle: Path) -> Iterator[LoadedServer]:
+    # Medplum's memory repository scans every resource per query: load one small patient only.
+    with Medplum() as server:
+        yield _load(server, [smallest_bundle])
+
+
+@pytest.fixture(scope="session")
+def orthanc() -> Iterator[Orthanc]:
+    with Orthanc() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
