@@ -196,9 +196,7 @@ def render_record(console: Console, record: PatientRecord, images: ImageSet | No
             ("size", "modality", "type", "provenance"),
         )
         for failure in images.failures:
-            console.print(
-                f"[yellow]image not available:[/] {failure.error}"
-            )
+            console.print(f"[yellow]image not available:[/] {failure.error}")
     for problem in record.problems:
         console.print(f"[yellow]not fetched[/] {problem.what}: {problem.error}")
     for bad in record.invalid:

@@ -211,10 +211,7 @@ class FhirStore:
         digest = _sha256(path)
         report = ImportReport(str(path))
         with self.engine.begin() as conn:
-            if (
-                not force
-                and conn.execute(select(imports_t.c.id).where(imports_t.c.sha256 == digest)).first()
-            ):
+            if not force and self._seen(conn, digest):
                 report.unchanged = True
                 return report
             try:
@@ -226,22 +223,38 @@ class FhirStore:
                 raise FhirImportError(str(path), f"cannot read the file: {exc}") from exc
             except SQLAlchemyError as exc:
                 raise FhirImportError(str(path), f"database error: {exc}") from exc
-            conn.execute(
-                insert(imports_t).values(
-                    path=str(path)[-1024:],
-                    sha256=digest,
-                    imported_at=_now(),
-                    resources=report.count,
-                )
-            )
+            self._log_import(conn, str(path), digest, report)
         return report
 
-    def import_json(self, document: dict[str, Any], origin: str) -> ImportReport:
-        """Import a Bundle or resource already in memory, all or nothing."""
+    def import_json(
+        self, document: dict[str, Any], origin: str, *, force: bool = False
+    ) -> ImportReport:
+        """Import a Bundle or resource already in memory, all or nothing; unchanged content is skipped."""
+        canonical = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+        digest = hashlib.sha256(canonical).hexdigest()
         report = ImportReport(origin)
         with self.engine.begin() as conn:
+            if not force and self._seen(conn, digest):
+                report.unchanged = True
+                return report
             self._import_document(conn, document, origin, report)
+            self._log_import(conn, origin, digest, report)
         return report
+
+    @staticmethod
+    def _seen(conn: Connection, digest: str) -> bool:
+        return (
+            conn.execute(select(imports_t.c.id).where(imports_t.c.sha256 == digest)).first()
+            is not None
+        )
+
+    @staticmethod
+    def _log_import(conn: Connection, origin: str, digest: str, report: ImportReport) -> None:
+        conn.execute(
+            insert(imports_t).values(
+                path=origin[-1024:], sha256=digest, imported_at=_now(), resources=report.count
+            )
+        )
 
     def _import_json(self, conn: Connection, path: Path, report: ImportReport) -> None:
         with _open(path) as fh:

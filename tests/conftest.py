@@ -15,9 +15,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from connectors.demo import demo_bundles, import_demo  # noqa: E402
-from connectors.store import FhirStore  # noqa: E402
-from tests.peers.servers import Medplum, Orthanc, Sekmet  # noqa: E402
+from connectors.demo import demo_bundles, import_demo
+from connectors.store import FhirStore
+from tests.peers.servers import Medplum, Orthanc, Sekmet
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 

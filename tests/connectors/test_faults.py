@@ -28,7 +28,13 @@ def faulty() -> Iterator[FaultyFhir]:
 
 
 def client(server: FaultyFhir, fault: str, **http: float) -> FhirClient:
-    options = {"timeout_s": 1.0, "deadline_s": 5.0, "max_retries": 3, "backoff_base_s": 0.05, **http}
+    options = {
+        "timeout_s": 1.0,
+        "deadline_s": 5.0,
+        "max_retries": 3,
+        "backoff_base_s": 0.05,
+        **http,
+    }
     settings = HttpSettings(**options)
     return FhirClient(FhirServerSettings(url=server.url(fault), http=settings, page_size=5))
 

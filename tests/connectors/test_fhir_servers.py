@@ -40,12 +40,16 @@ def _content(record: PatientRecord) -> dict[str, Counter[str]]:
     for res in record.resources():
         if res.get_resource_type() not in (*CATEGORIES, "Patient"):
             continue  # Claims, EOBs, care plans: not part of the typed chart
-        dumped = json.dumps(_normalise(res.model_dump(mode="json", exclude_none=True)), sort_keys=True)
+        dumped = json.dumps(
+            _normalise(res.model_dump(mode="json", exclude_none=True)), sort_keys=True
+        )
         by_type.setdefault(res.get_resource_type(), Counter())[dumped] += 1
     return by_type
 
 
-async def test_sekmet_records_agree_with_the_local_store_resource_for_resource(sekmet, demo_store: FhirStore):
+async def test_sekmet_records_agree_with_the_local_store_resource_for_resource(
+    sekmet, demo_store: FhirStore
+):
     local = StoreSource(demo_store)
     async with FhirClient(FhirServerSettings(url=sekmet.base_url)) as client:
         assert await client.supports_everything()
@@ -67,9 +71,15 @@ async def test_everything_and_per_type_searches_give_the_same_chart(sekmet):
         by_type = await client.everything_by_type(server_id)
     # SEKMET 0.1.1's $everything leaves out Goal (a Patient-compartment type): compare the chart's types.
     chart_types = (*CATEGORIES, "Patient", "CarePlan")
-    by_type_refs = {f"{r.get_resource_type()}/{r.id}" for r in by_type.resources if r.get_resource_type() in chart_types}
+    by_type_refs = {
+        f"{r.get_resource_type()}/{r.id}"
+        for r in by_type.resources
+        if r.get_resource_type() in chart_types
+    }
     chart_refs = {
-        f"{r.get_resource_type()}/{r.id}" for r in via_everything.resources() if r.get_resource_type() in chart_types
+        f"{r.get_resource_type()}/{r.id}"
+        for r in via_everything.resources()
+        if r.get_resource_type() in chart_types
     }
     assert chart_refs == by_type_refs
 
@@ -101,8 +111,11 @@ async def test_binary_as_fhir_json(sekmet):
     payload = bytes(range(256)) * 4
     created = httpx.post(
         f"{sekmet.base_url}/Binary",
-        json={"resourceType": "Binary", "contentType": "application/octet-stream",
-              "data": base64.b64encode(payload).decode()},
+        json={
+            "resourceType": "Binary",
+            "contentType": "application/octet-stream",
+            "data": base64.b64encode(payload).decode(),
+        },
         headers={"Content-Type": "application/fhir+json"},
     )
     created.raise_for_status()
@@ -125,7 +138,9 @@ async def test_medplum_without_next_links_is_paged_by_offset(medplum, demo_store
 
 async def test_medplum_record_by_type_agrees_with_the_local_store(medplum, demo_store: FhirStore):
     synthea_id, server_id = next(iter(medplum.patient_ids.items()))
-    async with FhirClient(FhirServerSettings(url=medplum.base_url, page_size=20, concurrency=4)) as client:
+    async with FhirClient(
+        FhirServerSettings(url=medplum.base_url, page_size=20, concurrency=4)
+    ) as client:
         assert not await client.supports_everything()
         remote = await assemble_record(client, server_id)
     mine = await assemble_record(StoreSource(demo_store), synthea_id)

@@ -37,7 +37,9 @@ async def test_demo_images_come_with_provenance(demo_store: FhirStore):
     expected = window_dicom(pydicom.dcmread(get_testdata_file("CT_small.dcm")))
     assert np.array_equal(media[0].pixels, expected)
     # Synthea's ImagingStudy has no pixels anywhere: reported for that study only
-    assert [f.provenance.fhir_reference for f in images.failures] == [f"ImagingStudy/{tommy.imaging_studies[0].id}"]
+    assert [f.provenance.fhir_reference for f in images.failures] == [
+        f"ImagingStudy/{tommy.imaging_studies[0].id}"
+    ]
     assert "no DICOMweb endpoint" in images.failures[0].error
 
     martina = await assemble_record(source, MARTINA_MURAZIK)
@@ -56,7 +58,14 @@ async def test_one_broken_image_does_not_spoil_the_others(store: FhirStore):
         _media("notimage", "image/jpeg", b"hello, I am text"),
         _media("dicomjunk", "application/dicom", b"\x00" * 128 + b"DICM" + b"\x01" * 64),
     ]
-    store.import_json({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in resources]}, "t")
+    store.import_json(
+        {
+            "resourceType": "Bundle",
+            "type": "collection",
+            "entry": [{"resource": r} for r in resources],
+        },
+        "t",
+    )
     source = StoreSource(store)
     record = await assemble_record(source, "p")
     images = await collect_images(record, source, ImageSettings())
@@ -79,8 +88,13 @@ def test_size_limits_give_a_clear_error():
 
 
 def _media(rid: str, ctype: str, data: bytes) -> dict:
-    return {"resourceType": "Media", "id": rid, "status": "completed", "subject": {"reference": "Patient/p"},
-            "content": {"contentType": ctype, "data": base64.b64encode(data).decode()}}
+    return {
+        "resourceType": "Media",
+        "id": rid,
+        "status": "completed",
+        "subject": {"reference": "Patient/p"},
+        "content": {"contentType": ctype, "data": base64.b64encode(data).decode()},
+    }
 
 
 def _fresh_copy(name: str, study_uid: str, series_uid: str) -> tuple[bytes, pydicom.Dataset]:
@@ -98,7 +112,7 @@ def _fresh_copy(name: str, study_uid: str, series_uid: str) -> tuple[bytes, pydi
 async def test_imaging_study_pixels_come_back_through_dicomweb(orthanc, store: FhirStore):
     study_uid = generate_uid()
     files = {
-        "CT_small.dcm": generate_uid(),           # explicit little endian CT
+        "CT_small.dcm": generate_uid(),  # explicit little endian CT
         "MR_small_jp2klossless.dcm": generate_uid(),  # JPEG 2000: needs GDCM on Orthanc's side
         "MR_small_RLE.dcm": generate_uid(),
     }
@@ -110,17 +124,54 @@ async def test_imaging_study_pixels_come_back_through_dicomweb(orthanc, store: F
     # the ImagingStudy lists the MR series explicitly and points at the PACS through an Endpoint
     series = []
     for sop, (name, ds) in originals.items():
-        series.append({"uid": ds.SeriesInstanceUID, "modality": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": ds.Modality},
-                       "instance": [{"uid": sop, "sopClass": {"system": "urn:ietf:rfc:3986", "code": f"urn:oid:{ds.SOPClassUID}"}}]})
-    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in [
-        {"resourceType": "Patient", "id": "p"},
-        {"resourceType": "Endpoint", "id": "pacs", "status": "active",
-         "connectionType": {"system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type", "code": "dicom-wado-rs"},
-         "payloadType": [{"text": "DICOM"}], "address": orthanc.base_url},
-        {"resourceType": "ImagingStudy", "id": "s1", "status": "available", "subject": {"reference": "Patient/p"},
-         "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{study_uid}"}],
-         "endpoint": [{"reference": "Endpoint/pacs"}], "series": series},
-    ]]}
+        series.append(
+            {
+                "uid": ds.SeriesInstanceUID,
+                "modality": {
+                    "system": "http://dicom.nema.org/resources/ontology/DCM",
+                    "code": ds.Modality,
+                },
+                "instance": [
+                    {
+                        "uid": sop,
+                        "sopClass": {
+                            "system": "urn:ietf:rfc:3986",
+                            "code": f"urn:oid:{ds.SOPClassUID}",
+                        },
+                    }
+                ],
+            }
+        )
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            {"resource": r}
+            for r in [
+                {"resourceType": "Patient", "id": "p"},
+                {
+                    "resourceType": "Endpoint",
+                    "id": "pacs",
+                    "status": "active",
+                    "connectionType": {
+                        "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
+                        "code": "dicom-wado-rs",
+                    },
+                    "payloadType": [{"text": "DICOM"}],
+                    "address": orthanc.base_url,
+                },
+                {
+                    "resourceType": "ImagingStudy",
+                    "id": "s1",
+                    "status": "available",
+                    "subject": {"reference": "Patient/p"},
+                    "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{study_uid}"}],
+                    "endpoint": [{"reference": "Endpoint/pacs"}],
+                    "series": series,
+                },
+            ]
+        ],
+    }
     store.import_json(bundle, "imaging")
     source = StoreSource(store)
     record = await assemble_record(source, "p")

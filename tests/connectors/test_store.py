@@ -19,7 +19,9 @@ def _write_ndjson(path: Path, resources: list[dict]) -> Path:
     return path
 
 
-def test_import_synthea_bundle_resolves_urn_uuid_references(store: FhirStore, smallest_bundle: Path):
+def test_import_synthea_bundle_resolves_urn_uuid_references(
+    store: FhirStore, smallest_bundle: Path
+):
     bundle = load_bundle(smallest_bundle)
     report = store.import_path(smallest_bundle)
     expected = Counter(e["resource"]["resourceType"] for e in bundle["entry"])
@@ -62,8 +64,12 @@ def test_reimport_is_skipped_unless_forced(store: FhirStore, smallest_bundle: Pa
 def test_ndjson_import_streams_resources(store: FhirStore, smallest_bundle: Path, tmp_path: Path):
     source = FhirStore(f"sqlite:///{tmp_path / 'src.db'}")
     source.import_path(smallest_bundle)
-    resources = [r.model_dump(mode="json", exclude_none=True) for r in source.everything(
-        load_bundle(smallest_bundle)["entry"][0]["resource"]["id"]).resources]
+    resources = [
+        r.model_dump(mode="json", exclude_none=True)
+        for r in source.everything(
+            load_bundle(smallest_bundle)["entry"][0]["resource"]["id"]
+        ).resources
+    ]
     plain = _write_ndjson(tmp_path / "export.ndjson", resources)
     gz = tmp_path / "export2.ndjson.gz"
     with gzip.open(gz, "wt") as fh:
@@ -81,11 +87,16 @@ def test_ndjson_import_streams_resources(store: FhirStore, smallest_bundle: Path
         ('{"resourceType": "Patinet", "id": "x"}', "unknown resourceType 'Patinet'"),
         ('{"hello": "world"}', "not a FHIR resource"),
         ("\x89PNG\r\n\x1a\n not json at all", "malformed JSON"),
-        ('{"resourceType": "Observation", "id": "o1", "status": "final", "code": {"text": "x"}, '
-         '"valueQuantity": {"value": "not-a-number"}}', "invalid Observation"),
+        (
+            '{"resourceType": "Observation", "id": "o1", "status": "final", "code": {"text": "x"}, '
+            '"valueQuantity": {"value": "not-a-number"}}',
+            "invalid Observation",
+        ),
     ],
 )
-def test_bad_files_fail_clearly_and_store_nothing(store, smallest_bundle, tmp_path, content, needle):
+def test_bad_files_fail_clearly_and_store_nothing(
+    store, smallest_bundle, tmp_path, content, needle
+):
     store.import_path(smallest_bundle)
     before = store.counts()
     bad = tmp_path / "bad.json"
@@ -113,7 +124,9 @@ def test_broken_reference_rolls_back_the_whole_bundle(store, smallest_bundle, tm
     assert store.counts() == {}
 
 
-def test_truncated_ndjson_line_names_the_line_and_keeps_earlier_imports(store, smallest_bundle, tmp_path):
+def test_truncated_ndjson_line_names_the_line_and_keeps_earlier_imports(
+    store, smallest_bundle, tmp_path
+):
     store.import_path(smallest_bundle)
     before = store.counts()
     lines = [json.dumps({"resourceType": "Patient", "id": f"p{i}"}) for i in range(5)]
@@ -126,17 +139,32 @@ def test_truncated_ndjson_line_names_the_line_and_keeps_earlier_imports(store, s
 
 
 def test_conditional_reference_resolves_against_stored_identifier(store, tmp_path):
-    org = {"resourceType": "Organization", "id": "org1", "identifier": [{"system": "urn:npi", "value": "42"}]}
+    org = {
+        "resourceType": "Organization",
+        "id": "org1",
+        "identifier": [{"system": "urn:npi", "value": "42"}],
+    }
     store.import_json(org, "org")
     bundle = {
-        "resourceType": "Bundle", "type": "transaction",
-        "entry": [{"fullUrl": "urn:uuid:p", "resource": {
-            "resourceType": "Patient", "id": "p", "managingOrganization": {"reference": "Organization?identifier=urn:npi|42"}},
-            "request": {"method": "POST", "url": "Patient"}}],
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:p",
+                "resource": {
+                    "resourceType": "Patient",
+                    "id": "p",
+                    "managingOrganization": {"reference": "Organization?identifier=urn:npi|42"},
+                },
+                "request": {"method": "POST", "url": "Patient"},
+            }
+        ],
     }
     store.import_json(bundle, "b")
     assert store.read("Patient", "p").managingOrganization.reference == "Organization/org1"
-    bundle["entry"][0]["resource"]["managingOrganization"]["reference"] = "Organization?identifier=urn:npi|43"
+    bundle["entry"][0]["resource"]["managingOrganization"]["reference"] = (
+        "Organization?identifier=urn:npi|43"
+    )
     with pytest.raises(FhirImportError, match="matches nothing"):
         store.import_json(bundle, "b2")
 
@@ -145,13 +173,24 @@ def test_search_by_code_date_identifier_and_name(demo_store: FhirStore):
     patients = demo_store.patients()
     assert len(patients) == 5
     tommy = next(p for p in patients if p.name == "Tommy Friesen")
-    a1c = demo_store.search("Observation", {"patient": tommy.id, "code": "http://loinc.org|4548-4", "_sort": "-date"})
+    a1c = demo_store.search(
+        "Observation", {"patient": tommy.id, "code": "http://loinc.org|4548-4", "_sort": "-date"}
+    )
     dates = [str(o.effectiveDateTime) for o in a1c.resources]
     assert a1c.resources and dates == sorted(dates, reverse=True)
     assert all(c.code == "4548-4" for o in a1c.resources for c in o.code.coding)
-    recent = demo_store.search("Observation", {"patient": tommy.id, "code": "4548-4", "date": "ge2020-01-01"})
-    assert {o.id for o in recent.resources} == {o.id for o in a1c.resources if str(o.effectiveDateTime) >= "2020"}
-    ident = demo_store.search("Patient", {"identifier": "https://github.com/synthetichealth/synthea|dc0e6a8c-6c31-4d75-966f-ac682f486756"})
+    recent = demo_store.search(
+        "Observation", {"patient": tommy.id, "code": "4548-4", "date": "ge2020-01-01"}
+    )
+    assert {o.id for o in recent.resources} == {
+        o.id for o in a1c.resources if str(o.effectiveDateTime) >= "2020"
+    }
+    ident = demo_store.search(
+        "Patient",
+        {
+            "identifier": "https://github.com/synthetichealth/synthea|dc0e6a8c-6c31-4d75-966f-ac682f486756"
+        },
+    )
     assert [p.id for p in ident.resources] == [tommy.id]
     assert [p.id for p in demo_store.patients("friesen")] == [tommy.id]
     assert [p.id for p in demo_store.patients("tom")] == [tommy.id]

@@ -23,15 +23,25 @@ FHIR = "application/fhir+json"
 
 
 def _obs(i: int, valid: bool = True) -> dict[str, Any]:
-    obs: dict[str, Any] = {"resourceType": "Observation", "id": f"o{i}", "status": "final", "code": {"text": "x"}}
+    obs: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": f"o{i}",
+        "status": "final",
+        "code": {"text": "x"},
+    }
     if not valid:
         obs["status"] = {"not": "a code"}
     return obs
 
 
-def _bundle(entries: list[dict[str, Any]], total: int | None = None, next_url: str | None = None) -> dict[str, Any]:
-    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset",
-                              "entry": [{"resource": r} for r in entries]}
+def _bundle(
+    entries: list[dict[str, Any]], total: int | None = None, next_url: str | None = None
+) -> dict[str, Any]:
+    bundle: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "entry": [{"resource": r} for r in entries],
+    }
     if total is not None:
         bundle["total"] = total
     if next_url:
@@ -45,7 +55,9 @@ class FaultyFhir:
         self.auth_headers: list[str | None] = []
         self.port = free_port()
         self.app = Starlette(routes=[Route("/{fault}/{path:path}", self.handle)])
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def url(self, fault: str) -> str:
@@ -72,8 +84,17 @@ class FaultyFhir:
         n = self.hits[fault]
         patient = {"resourceType": "Patient", "id": "p1", "gender": "female"}
         if path == "metadata":
-            return JSONResponse({"resourceType": "CapabilityStatement", "status": "active", "kind": "instance",
-                                 "fhirVersion": "4.0.1", "format": ["json"], "date": "2026-01-01"}, media_type=FHIR)
+            return JSONResponse(
+                {
+                    "resourceType": "CapabilityStatement",
+                    "status": "active",
+                    "kind": "instance",
+                    "fhirVersion": "4.0.1",
+                    "format": ["json"],
+                    "date": "2026-01-01",
+                },
+                media_type=FHIR,
+            )
         if fault == "ok":
             return JSONResponse(patient, media_type=FHIR)
         if fault == "r429":
@@ -85,21 +106,43 @@ class FaultyFhir:
                 return Response(status_code=503)
             return JSONResponse(patient, media_type=FHIR)
         if fault == "down":
-            return JSONResponse({"resourceType": "OperationOutcome", "issue": [
-                {"severity": "error", "code": "transient", "diagnostics": "maintenance"}]}, status_code=503, media_type=FHIR)
+            return JSONResponse(
+                {
+                    "resourceType": "OperationOutcome",
+                    "issue": [
+                        {"severity": "error", "code": "transient", "diagnostics": "maintenance"}
+                    ],
+                },
+                status_code=503,
+                media_type=FHIR,
+            )
         if fault == "missing":
-            return JSONResponse({"resourceType": "OperationOutcome", "issue": [
-                {"severity": "error", "code": "not-found", "diagnostics": "Patient/p9 not found"}]}, status_code=404, media_type=FHIR)
+            return JSONResponse(
+                {
+                    "resourceType": "OperationOutcome",
+                    "issue": [
+                        {
+                            "severity": "error",
+                            "code": "not-found",
+                            "diagnostics": "Patient/p9 not found",
+                        }
+                    ],
+                },
+                status_code=404,
+                media_type=FHIR,
+            )
         if fault == "slow":
             await asyncio.sleep(30)
             return JSONResponse(patient, media_type=FHIR)
         if fault == "drip":
+
             async def drip():
                 yield b'{"resourceType": "Patient", '
                 for _ in range(300):
                     await asyncio.sleep(0.1)
                     yield b" "
                 yield b'"id": "p1"}'
+
             return StreamingResponse(drip(), media_type=FHIR)
         if fault == "truncated":
             body = b'{"resourceType": "Patient", "id": "p1"}'
@@ -111,7 +154,9 @@ class FaultyFhir:
         if fault == "nolinks":  # full pages, no next link, no total, _offset ignored
             return JSONResponse(_bundle([_obs(i) for i in range(5)]), media_type=FHIR)
         if fault == "invalid":
-            return JSONResponse(_bundle([_obs(1), _obs(2, valid=False), _obs(3)], total=3), media_type=FHIR)
+            return JSONResponse(
+                _bundle([_obs(1), _obs(2, valid=False), _obs(3)], total=3), media_type=FHIR
+            )
         if fault == "loop":
             return JSONResponse(_bundle([_obs(n)], next_url=str(request.url)), media_type=FHIR)
         return Response(status_code=400)

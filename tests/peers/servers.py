@@ -54,14 +54,20 @@ class _Server:
         cmd, env = self.command()
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
-                cwd=self.tmp, start_new_session=True,
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **env},
+                cwd=self.tmp,
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         url = f"http://127.0.0.1:{self.port}{self.ready_path}"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise PeerUnavailable(f"{self.name} exited ({self.proc.returncode}): {self.log.read_text()[-2000:]}")
+                raise PeerUnavailable(
+                    f"{self.name} exited ({self.proc.returncode}): {self.log.read_text()[-2000:]}"
+                )
             try:
                 if httpx.get(url, timeout=2).status_code < 500:
                     return
@@ -115,7 +121,16 @@ class Sekmet(_Server):
                 }
             )
         )
-        return [str(exe), "serve", "-c", str(settings), "--host", "127.0.0.1", "--port", str(self.port)], {}
+        return [
+            str(exe),
+            "serve",
+            "-c",
+            str(settings),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ], {}
 
 
 class Medplum(_Server):
@@ -154,7 +169,9 @@ class Orthanc(_Server):
         shim = PEERS / "loopback.so"
         plugins = Path("/usr/share/orthanc/plugins")
         if not Path(exe).exists() or not (plugins / "libOrthancDicomWeb.so").exists():
-            raise PeerUnavailable("Orthanc with DICOMweb is not installed: run scripts/setup-peers.sh")
+            raise PeerUnavailable(
+                "Orthanc with DICOMweb is not installed: run scripts/setup-peers.sh"
+            )
         if not shim.exists():
             raise PeerUnavailable(f"{shim} missing: run scripts/setup-peers.sh")
         config = {

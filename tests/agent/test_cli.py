@@ -1,0 +1,85 @@
+"""The chartsight command line, run as a user would (in-process through Typer's runner)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from agent.cli import app
+from connectors.demo import TOMMY_FRIESEN
+from tests.conftest import load_bundle
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("CHARTSIGHT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CHARTSIGHT_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "home"
+
+
+def test_demo_imports_and_prints_a_record(home: Path):
+    result = runner.invoke(app, ["demo"])
+    assert result.exit_code == 0, result.output
+    assert "5 patients" in result.output
+    assert "Tommy Friesen" in result.output and "Chronic congestive heart" in result.output
+    assert "Media/demo-ct-small" in result.output
+    again = runner.invoke(app, ["demo"])
+    assert again.exit_code == 0 and "0 resources imported now" in again.output
+
+
+def test_import_reports_imported_unchanged_and_failed_files(
+    home: Path, bundles: list[Path], tmp_path: Path
+):
+    bad = tmp_path / "bad.ndjson"
+    bad.write_text('{"resourceType": "Patient", "id": "a"}\n{"resourceType": "Pati')
+    result = runner.invoke(app, ["import", str(bundles[0]), str(bundles[1]), str(bad)])
+    assert result.exit_code == 1
+    assert (
+        "bad.ndjson" in result.output
+        and "line 2" in result.output
+        and "nothing stored" in result.output
+    )
+    assert "2 files; 0 unchanged files skipped; 1 files failed" in result.output.replace("\n", " ")
+    again = runner.invoke(app, ["import", str(bundles[0])])
+    assert again.exit_code == 0 and "unchanged" in again.output
+
+
+def test_patients_search_and_record_json(home: Path, bundles: list[Path]):
+    assert runner.invoke(app, ["import", *map(str, bundles)]).exit_code == 0
+    listed = runner.invoke(app, ["patients", "--search", "fries"])
+    assert (
+        listed.exit_code == 0 and "Tommy Friesen" in listed.output and "Karla" not in listed.output
+    )
+    shown = runner.invoke(app, ["record", TOMMY_FRIESEN, "--json", "--no-images"])
+    assert shown.exit_code == 0, shown.output
+    data = json.loads(shown.output)
+    bundle = next(
+        load_bundle(p) for p in bundles if TOMMY_FRIESEN in json.dumps(load_bundle(p)["entry"][0])
+    )
+    expected_obs = sum(1 for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation")
+    assert data["counts"]["Observation"] == expected_obs
+    assert (
+        data["patient"]["id"] == TOMMY_FRIESEN and data["problems"] == [] and data["invalid"] == []
+    )
+
+
+def test_unknown_patient_and_unreachable_server_are_one_line_errors(home: Path):
+    missing = runner.invoke(app, ["record", "nobody"])
+    assert missing.exit_code == 1 and "error:" in missing.output and "nobody" in missing.output
+    assert "Traceback" not in missing.output
+    down = runner.invoke(app, ["record", "p1", "--fhir-url", "http://127.0.0.1:9/fhir"])
+    assert down.exit_code == 1 and "127.0.0.1:9" in down.output
+
+
+@pytest.mark.integration
+def test_record_from_a_fhir_server(home: Path, sekmet):
+    server_id = next(iter(sekmet.patient_ids.values()))
+    result = runner.invoke(app, ["record", server_id, "--fhir-url", sekmet.base_url])
+    assert result.exit_code == 0, result.output
+    assert f"Patient/{server_id} from {sekmet.base_url}" in result.output.replace("\n", "")
