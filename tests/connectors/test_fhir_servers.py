@@ -95,7 +95,7 @@ async def test_search_reads_every_page_through_next_links(sekmet, demo_store: Fh
 
 
 async def test_patient_found_by_identifier_and_unknown_patient_is_a_clear_error(sekmet):
-    synthea_id, server_id = next(iter(sekmet.patient_ids.items()))
+    server_id = next(iter(sekmet.patient_ids.values()))
     async with FhirClient(FhirServerSettings(url=sekmet.base_url)) as client:
         # SEKMET assigns its own ids; the Synthea identifier still finds the patient
         patient = await client.read("Patient", server_id)

@@ -15,7 +15,7 @@ from pydicom.uid import generate_uid
 
 from connectors.demo import MARTINA_MURAZIK, TOMMY_FRIESEN
 from connectors.dicomweb import DicomWebClient, InstanceRef
-from connectors.errors import ImageError
+from connectors.errors import ImageError, ResourceNotFound
 from connectors.images import collect_images, decode_image, window_dicom
 from connectors.record import assemble_record
 from connectors.settings import ImageSettings
@@ -123,7 +123,7 @@ async def test_imaging_study_pixels_come_back_through_dicomweb(orthanc, store: F
         originals[ds.SOPInstanceUID] = (name, ds)
     # the ImagingStudy lists the MR series explicitly and points at the PACS through an Endpoint
     series = []
-    for sop, (name, ds) in originals.items():
+    for sop, (_name, ds) in originals.items():
         series.append(
             {
                 "uid": ds.SeriesInstanceUID,
@@ -203,5 +203,5 @@ async def test_qido_finds_instances_and_rendered_frames_decode(orthanc):
             pixels, _ = decode_image(png, "image/png", "x", ImageSettings())
             assert pixels.shape[:2] == (ds.Rows, ds.Columns)
         assert await client.search_instances(generate_uid()) == []
-        with pytest.raises(Exception, match="404|HTTP"):
+        with pytest.raises(ResourceNotFound):
             await client.retrieve_instance(InstanceRef(study_uid, series_uid, generate_uid()))
