@@ -151,11 +151,11 @@ def import_(
         if rep.skipped:
             status += f" ({len(rep.skipped)} entries skipped: {rep.skipped[0]}…)"
         table.add_row(Path(rep.path).name, str(rep.count), status)
-    for exc in failures:
+    for failure in failures:
         table.add_row(
-            Path(exc.path).name,
+            Path(failure.path).name,
             "0",
-            f"[red]failed, nothing stored:[/] {exc.reason} ({exc.entry or 'file'})",
+            f"[red]failed, nothing stored:[/] {failure.reason} ({failure.entry or 'file'})",
         )
     console.print(table)
     total = sum(r.count for r in reports)

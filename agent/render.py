@@ -155,7 +155,7 @@ def render_record(console: Console, record: PatientRecord, images: ImageSet | No
     section(
         "Allergies",
         [
-            (concept_text(a.code), ", ".join(a.category or []), reference_of(a))
+            (concept_text(a.code), ", ".join(str(c) for c in a.category or []), reference_of(a))
             for a in record.allergies
         ],
         ("substance", "category", "reference"),
@@ -163,7 +163,7 @@ def render_record(console: Console, record: PatientRecord, images: ImageSet | No
     enc = sorted(record.encounters, key=when, reverse=True)[:3]
     section(
         "Recent encounters",
-        [(when(e)[:10], concept_text((e.type or [None])[0]), reference_of(e)) for e in enc],
+        [(when(e)[:10], concept_text(e.type[0] if e.type else None), reference_of(e)) for e in enc],
         ("date", "type", "reference"),
     )
     section(

@@ -176,12 +176,12 @@ def decode_image(
     if img.mode in ("I;16", "I;16B", "I", "F"):
         arr = np.asarray(img, dtype=np.float32)
         return _to_uint8(arr, float(arr.min()), float(arr.max())), None
-    img = (
+    shown: Image.Image = (
         img.convert("L")
         if img.mode in ("L", "LA", "1", "P") and _is_grey(img)
         else img.convert("RGB")
     )
-    return np.asarray(img), None
+    return np.asarray(shown), None
 
 
 def _is_grey(img: Image.Image) -> bool:
@@ -259,9 +259,10 @@ class ImageCollector:
                 await client.aclose()
             self._endpoint_clients.clear()
         for outcome in outcomes:
-            (results.images if isinstance(outcome, PatientImage) else results.failures).append(
-                outcome
-            )  # type: ignore[arg-type]
+            if isinstance(outcome, PatientImage):
+                results.images.append(outcome)
+            else:
+                results.failures.append(outcome)
         return results
 
     async def _run(self, prov: ImageProvenance, job: Any) -> PatientImage | ImageFailure:

@@ -78,7 +78,7 @@ def validate(raw: Any, origin: str) -> Resource | InvalidResource:
     try:
         return get_fhir_model_class(rtype).model_validate(raw)  # type: ignore[return-value]
     except ValidationError as exc:
-        return InvalidResource(rtype, rid, raw, _short_error(exc), origin)
+        return InvalidResource(str(rtype), rid, raw, _short_error(exc), origin)
 
 
 def reference_of(resource: Resource) -> str:

@@ -310,11 +310,11 @@ class FhirStore:
                 continue
             if not isinstance(resource, dict):
                 raise FhirImportError(origin, "entry.resource is not a JSON object", where)
-            rtype = resource.get("resourceType")
+            rtype = str(resource.get("resourceType"))
             if not is_resource_type(rtype):
                 raise FhirImportError(origin, f"unknown resourceType {rtype!r}", where)
             full_url = entry.get("fullUrl")
-            rid = resource.get("id")
+            rid = str(resource.get("id") or "")
             if not rid and isinstance(full_url, str) and full_url.startswith("urn:uuid:"):
                 rid = full_url.removeprefix("urn:uuid:")
             rid = rid or str(uuid.uuid4())
@@ -407,7 +407,7 @@ class FhirStore:
         self._delete(conn, list(unique))
         now = _now()
         rows = []
-        index: dict[str, list[dict[str, Any]]] = {name: [] for name in INDEX_TABLES}
+        index_rows_by_table: dict[str, list[dict[str, Any]]] = {name: [] for name in INDEX_TABLES}
         for (rtype, rid), res in unique.items():
             rows.append(
                 {
@@ -421,15 +421,15 @@ class FhirStore:
             )
             for name, values in index_rows(res).items():
                 cols = [c.name for c in INDEX_TABLES[name].columns][2:]
-                index[name].extend(
+                index_rows_by_table[name].extend(
                     {"resource_type": rtype, "resource_id": rid, **dict(zip(cols, v, strict=True))}
                     for v in values
                     if all(len(str(x)) <= 255 for x in v)
                 )
         conn.execute(insert(resources_t), rows)
-        for name, values in index.items():
-            if values:
-                conn.execute(insert(INDEX_TABLES[name]), values)
+        for name, table_rows in index_rows_by_table.items():
+            if table_rows:
+                conn.execute(insert(INDEX_TABLES[name]), table_rows)
 
     # ---------------------------------------------------------------- read and search
 
@@ -500,7 +500,7 @@ class FhirStore:
         params = {"name": name} if name else {}
         found = self.search("Patient", params)
         with self.engine.connect() as conn:
-            counts = dict(
+            counts: dict[str, int] = dict(
                 conn.execute(
                     select(resources_t.c.patient_id, func.count())
                     .where(resources_t.c.patient_id.is_not(None))
@@ -514,8 +514,8 @@ class FhirStore:
                     id=str(p.id),
                     name=human_name(p),
                     gender=getattr(p, "gender", None),
-                    birth_date=str(p.birthDate) if getattr(p, "birthDate", None) else None,
-                    resources=int(counts.get(p.id, 0)),
+                    birth_date=str(getattr(p, "birthDate", None) or "") or None,
+                    resources=int(counts.get(str(p.id), 0)),
                 )
             )
         return out

@@ -25,7 +25,7 @@ def demo_bundles() -> list[Path]:
     return sorted(DEMO_DIR.glob("*.json.gz"))
 
 
-def _png_of(path: str) -> bytes:
+def _png_of(path: str | Path) -> bytes:
     from PIL import Image
 
     ds = pydicom.dcmread(path)
@@ -38,7 +38,9 @@ def demo_images_bundle() -> dict[str, Any]:
     """A transaction Bundle attaching pydicom's test images to two demo patients."""
     ct = get_testdata_file("CT_small.dcm")
     mr = get_testdata_file("MR_small.dcm")
-    if ct is None or mr is None:  # pragma: no cover - both ship inside pydicom's wheel
+    if not isinstance(ct, str) or not isinstance(
+        mr, str
+    ):  # pragma: no cover - both ship inside pydicom's wheel
         raise FileNotFoundError("pydicom's test files CT_small.dcm / MR_small.dcm are missing")
     b64 = lambda data: base64.b64encode(data).decode("ascii")  # noqa: E731
     ct_ds = pydicom.dcmread(ct, stop_before_pixels=True)
