@@ -105,6 +105,7 @@ class SmartBackendAuth(httpx.Auth):
                         conf = yield httpx.Request(
                             "GET", url, headers={"Accept": "application/json"}
                         )
+                        await conf.aread()  # an overridden async flow gets unread responses
                         try:
                             self._token_url = str(conf.json()["token_endpoint"])
                         except (ValueError, KeyError, TypeError) as exc:
@@ -112,7 +113,9 @@ class SmartBackendAuth(httpx.Auth):
                                 f"{url} (HTTP {conf.status_code}) names no token_endpoint; "
                                 "set fhir.smart.token_url"
                             ) from exc
-                    self._take_token((yield self._token_request(self._token_url)))
+                    token_response = yield self._token_request(self._token_url)
+                    await token_response.aread()
+                    self._take_token(token_response)
             request.headers["Authorization"] = f"Bearer {self._token}"
             response = yield request
             if response.status_code != 401:
