@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 from pydantic_settings import (
@@ -38,6 +38,9 @@ class Settings(BaseSettings):
         env_prefix="CHARTSIGHT_", env_nested_delimiter="__", extra="forbid", validate_default=True
     )
 
+    # The TOML file to read; set by load_settings(config), else CHARTSIGHT_CONFIG or ./chartsight.toml.
+    config_file: ClassVar[Path | None] = None
+
     home: Path = Field(
         default=Path("~/.chartsight"), description="Folder for the local store and other state."
     )
@@ -56,7 +59,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        path = _config_file()
+        path = cls.config_file or _config_file()
         if path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
@@ -75,18 +78,5 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
         return Settings(**overrides)
     if not config.is_file():
         raise ConfigurationError(f"config file {config} does not exist")
-
-    class _FromFile(Settings):
-        @classmethod
-        def settings_customise_sources(
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            toml = TomlConfigSettingsSource(settings_cls, toml_file=config)
-            return init_settings, env_settings, toml
-
-    return _FromFile(**overrides)
+    from_file = type("Settings", (Settings,), {"config_file": config})
+    return from_file(**overrides)
