@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from connectors.errors import FhirImportError, ResourceNotFound, UnsupportedSearch
-from connectors.store import FhirStore, StoreSource
+from connectors.store import FhirStore, StoreSource, _references
 from tests.conftest import load_bundle
 
 
@@ -33,23 +33,11 @@ def test_import_synthea_bundle_resolves_urn_uuid_references(
     assert obs and all(o.subject.reference == f"Patient/{patient_id}" for o in obs)
     # every urn:uuid reference was rewritten to Type/id and points at a stored resource
     for res in everything.resources:
-        for ref in _refs(res.model_dump(mode="json")):
+        for ref in _references(res.model_dump(mode="json")):
             assert not ref.startswith("urn:"), ref
             if ref.count("/") == 1 and not ref.startswith("#"):
                 rtype, rid = ref.split("/")
                 store.read(rtype, rid)
-
-
-def _refs(node):
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if k == "reference" and isinstance(v, str):
-                yield v
-            else:
-                yield from _refs(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _refs(v)
 
 
 def test_reimport_is_skipped_unless_forced(store: FhirStore, smallest_bundle: Path):
