@@ -176,18 +176,17 @@ def decode_image(
     if img.mode in ("I;16", "I;16B", "I", "F"):
         arr = np.asarray(img, dtype=np.float32)
         return _to_uint8(arr, float(arr.min()), float(arr.max())), None
-    shown: Image.Image = (
-        img.convert("L")
-        if img.mode in ("L", "LA", "1", "P") and _is_grey(img)
-        else img.convert("RGB")
-    )
-    return np.asarray(shown), None
-
-
-def _is_grey(img: Image.Image) -> bool:
-    return img.mode in ("L", "LA", "1") or (
-        img.mode == "P" and img.convert("RGB").getextrema()[0] == img.convert("RGB").getextrema()[1]
-    )
+    if img.mode in ("L", "LA", "1"):
+        return np.asarray(img.convert("L")), None
+    rgb = np.asarray(img.convert("RGB"))
+    # A palette image whose colours are all greys is kept as one channel, like an L image.
+    if (
+        img.mode == "P"
+        and (rgb[..., 0] == rgb[..., 1]).all()
+        and (rgb[..., 1] == rgb[..., 2]).all()
+    ):
+        return np.ascontiguousarray(rgb[..., 0]), None
+    return rgb, None
 
 
 # ------------------------------------------------------------------ collecting

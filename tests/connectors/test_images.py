@@ -205,3 +205,17 @@ async def test_qido_finds_instances_and_rendered_frames_decode(orthanc):
         assert await client.search_instances(generate_uid()) == []
         with pytest.raises(ResourceNotFound):
             await client.retrieve_instance(InstanceRef(study_uid, series_uid, generate_uid()))
+
+
+def test_palette_images_keep_grey_as_one_channel_and_colour_as_rgb():
+    grey = Image.fromarray(np.tile(np.arange(0, 256, 4, dtype=np.uint8), (8, 1)))
+    red = np.zeros((4, 4, 3), dtype=np.uint8)
+    red[..., 0] = 200
+    for source, shape in ((grey, (8, 64)), (Image.fromarray(red), (4, 4, 3))):
+        paletted = source.convert("P")
+        buf = io.BytesIO()
+        paletted.save(buf, format="PNG")
+        pixels, _ = decode_image(buf.getvalue(), "image/png", "Media/p", ImageSettings())
+        assert pixels.shape == shape
+        expected = np.asarray(paletted.convert("RGB"))
+        assert np.array_equal(pixels, expected if len(shape) == 3 else expected[..., 0])
