@@ -34,6 +34,10 @@ def _params(params: SearchParams | None) -> list[tuple[str, str]]:
     return out
 
 
+def _validate_page(raws: list[Any], page_url: str) -> list[Resource | InvalidResource]:
+    return [validate(raw, page_url) for raw in raws]
+
+
 def _next_link(bundle: Mapping[str, Any]) -> str | None:
     for link in bundle.get("link") or []:
         if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
@@ -146,12 +150,17 @@ class FhirClient:
 
     async def everything_by_type(self, patient_id: str) -> SearchResult:
         """The patient's chart by one search per resource type, run concurrently."""
-        patient = await self.read("Patient", patient_id)
+        patient_read = asyncio.ensure_future(self.read("Patient", patient_id))
         searches = [
             self.search(rtype, {param: f"Patient/{patient_id}"})
             for rtype, param in PATIENT_COMPARTMENT_SEARCHES
         ]
-        results = await asyncio.gather(*searches)
+        try:
+            results = await asyncio.gather(*searches)
+        except BaseException:
+            patient_read.cancel()
+            raise
+        patient = await patient_read
         merged = SearchResult(resources=[patient])
         for res in results:
             merged.resources.extend(res.resources)
@@ -161,69 +170,92 @@ class FhirClient:
         return merged
 
     async def _collect(self, url: str, query: list[tuple[str, str]]) -> SearchResult:
-        """Read every page of a search, through next links or, failing those, ``_offset``."""
+        """Read every page of a search, through next links or, failing those, ``_offset``.
+
+        Each page's resources are validated in a worker thread while the next page is fetched.
+        """
         result = SearchResult()
+        validations: list[asyncio.Future[list[Resource | InvalidResource]]] = []
         seen: set[tuple[str, str]] = set()
         count = next((int(v) for k, v in query if k == "_count" and v.isdigit()), None)
         next_url: str | None = url
         next_params: list[tuple[str, str]] | None = query
         visited: set[str] = set()
-        while next_url is not None:
-            if result.pages >= self.settings.max_pages:
-                raise IncompletePaging(
-                    url, len(seen), result.total, f"{result.pages} pages (max_pages)"
+        try:
+            while next_url is not None:
+                if result.pages >= self.settings.max_pages:
+                    raise IncompletePaging(
+                        url, len(seen), result.total, f"{result.pages} pages (max_pages)"
+                    )
+                page_key = next_url + json.dumps(next_params)
+                if page_key in visited:
+                    raise IncompletePaging(
+                        url, len(seen), result.total, "the server repeated a page link"
+                    )
+                visited.add(page_key)
+                bundle = await self._get_json(next_url, next_params)
+                if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+                    got = (
+                        bundle.get("resourceType")
+                        if isinstance(bundle, dict)
+                        else type(bundle).__name__
+                    )
+                    raise InvalidResponse(next_url, f"expected a Bundle, got {got}")
+                result.pages += 1
+                if isinstance(bundle.get("total"), int):
+                    result.total = bundle["total"]
+                on_page, fresh = self._new_entries(bundle, seen)
+                new = len(fresh)
+                if fresh:
+                    validations.append(
+                        asyncio.ensure_future(asyncio.to_thread(_validate_page, fresh, next_url))
+                    )
+                if on_page and not new:
+                    raise IncompletePaging(
+                        url,
+                        len(seen),
+                        result.total,
+                        "a page repeated resources already read (the server may ignore _offset)",
+                    )
+                link = _next_link(bundle)
+                if link is not None:
+                    next_url, next_params = urljoin(next_url, link), None
+                    continue
+                next_url = next_params = None
+                # No next link. Servers that page only by _offset (Medplum's router, for one) leave
+                # it out; a full page, or fewer than `total`, means there may be more to read.
+                more = (result.total is not None and len(seen) < result.total) or (
+                    result.total is None and count is not None and new >= count
                 )
-            page_key = next_url + json.dumps(next_params)
-            if page_key in visited:
-                raise IncompletePaging(
-                    url, len(seen), result.total, "the server repeated a page link"
-                )
-            visited.add(page_key)
-            bundle = await self._get_json(next_url, next_params)
-            if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-                got = (
-                    bundle.get("resourceType")
-                    if isinstance(bundle, dict)
-                    else type(bundle).__name__
-                )
-                raise InvalidResponse(next_url, f"expected a Bundle, got {got}")
-            result.pages += 1
-            if isinstance(bundle.get("total"), int):
-                result.total = bundle["total"]
-            on_page, new = self._take_entries(bundle, next_url, result, seen)
-            if on_page and not new:
-                raise IncompletePaging(
-                    url,
-                    len(seen),
-                    result.total,
-                    "a page repeated resources already read (the server may ignore _offset)",
-                )
-            link = _next_link(bundle)
-            if link is not None:
-                next_url, next_params = urljoin(next_url, link), None
-                continue
-            next_url = next_params = None
-            # No next link. Servers that page only by _offset (Medplum's router, for one) leave
-            # it out; a full page, or fewer than `total`, means there may be more to read.
-            more = (result.total is not None and len(seen) < result.total) or (
-                result.total is None and count is not None and new >= count
-            )
-            if more and count is not None and new > 0:
-                next_url = url
-                next_params = [(k, v) for k, v in query if k != "_offset"]
-                next_params.append(("_offset", str(len(seen))))
-            elif more:
-                raise IncompletePaging(url, len(seen), result.total, "the server gave no next link")
-        if result.total is not None and len(seen) < result.total:
-            raise IncompletePaging(url, len(seen), result.total, "the pages ran out early")
+                if more and count is not None and new > 0:
+                    next_url = url
+                    next_params = [(k, v) for k, v in query if k != "_offset"]
+                    next_params.append(("_offset", str(len(seen))))
+                elif more:
+                    raise IncompletePaging(
+                        url, len(seen), result.total, "the server gave no next link"
+                    )
+            if result.total is not None and len(seen) < result.total:
+                raise IncompletePaging(url, len(seen), result.total, "the pages ran out early")
+        except BaseException:
+            for pending in validations:
+                pending.cancel()
+            raise
+        for page in await asyncio.gather(*validations):
+            for checked in page:
+                if isinstance(checked, InvalidResource):
+                    result.invalid.append(checked)
+                else:
+                    result.resources.append(checked)
         return result
 
     @staticmethod
-    def _take_entries(
-        bundle: Mapping[str, Any], page_url: str, result: SearchResult, seen: set[tuple[str, str]]
-    ) -> tuple[int, int]:
-        """Add a page's matches to ``result``; return how many it held and how many were new."""
-        on_page = new = 0
+    def _new_entries(
+        bundle: Mapping[str, Any], seen: set[tuple[str, str]]
+    ) -> tuple[int, list[Any]]:
+        """How many matches a page held, and the raw resources not seen on earlier pages."""
+        on_page = 0
+        fresh: list[Any] = []
         for entry in bundle.get("entry") or []:
             if not isinstance(entry, dict):
                 continue
@@ -239,13 +271,8 @@ class FhirClient:
             if key in seen:
                 continue
             seen.add(key)
-            new += 1
-            checked = validate(raw, page_url)
-            if isinstance(checked, InvalidResource):
-                result.invalid.append(checked)
-            else:
-                result.resources.append(checked)
-        return on_page, new
+            fresh.append(raw)
+        return on_page, fresh
 
     async def binary(self, reference: str) -> BinaryContent:
         """A Binary's bytes; asks for the raw form and falls back to FHIR JSON with base64 data."""

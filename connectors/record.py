@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,6 +26,8 @@ from fhir.resources.R4B.procedure import Procedure
 from connectors.errors import ChartSightError, ConnectorError, ResourceNotFound
 from connectors.resources import InvalidResource, Resource, reference_of
 from connectors.source import PATIENT_COMPARTMENT_SEARCHES, FhirSource
+
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -141,13 +144,30 @@ async def assemble_record(source: FhirSource, patient_key: str) -> PatientRecord
     """The patient's full chart from ``source``; parts that fail are listed, not dropped silently.
 
     Uses ``$everything`` (which the source may answer by concurrent per-type searches); if that
-    fails, falls back to one search per resource type, each failure recorded on its own.
+    fails, falls back to one search per resource type, each failure recorded on its own. When the
+    key looks like a resource id, ``$everything`` starts at once, while the patient is resolved,
+    and is discarded if the key turns out to be an identifier of another patient.
     """
-    patient = await resolve_patient(source, patient_key)
+    early = (
+        asyncio.ensure_future(source.everything(patient_key))
+        if _FHIR_ID.fullmatch(patient_key)
+        else None
+    )
+    try:
+        patient = await resolve_patient(source, patient_key)
+    except BaseException:
+        if early is not None:
+            early.cancel()
+            await asyncio.gather(early, return_exceptions=True)
+        raise
     pid = str(patient.id)
+    if early is not None and pid != patient_key:
+        early.cancel()
+        await asyncio.gather(early, return_exceptions=True)
+        early = None
     record = PatientRecord(patient=patient, source=source.name, fetched_at=datetime.now(UTC))
     try:
-        result = await source.everything(pid)
+        result = await (early if early is not None else source.everything(pid))
     except ConnectorError as exc:
         record.problems.append(FetchProblem("Patient/$everything", str(exc)))
         await _fill_by_type(source, pid, record)
