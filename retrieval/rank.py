@@ -29,14 +29,61 @@ from retrieval.settings import RankSettings
 from retrieval.terms import TermTable, default_terms
 
 _STOP = frozenset(
-    (
-        "a an and are as at be by did do does for from had has have he her his how in is it its "
-        "last latest me most of on or patient patients she show than that the their there this to "
-        "was what when which who why will with"
-    ).split()
+    [
+        "a",
+        "an",
+        "and",
+        "are",
+        "as",
+        "at",
+        "be",
+        "by",
+        "did",
+        "do",
+        "does",
+        "for",
+        "from",
+        "had",
+        "has",
+        "have",
+        "he",
+        "her",
+        "his",
+        "how",
+        "in",
+        "is",
+        "it",
+        "its",
+        "last",
+        "latest",
+        "me",
+        "most",
+        "of",
+        "on",
+        "or",
+        "patient",
+        "patients",
+        "she",
+        "show",
+        "than",
+        "that",
+        "the",
+        "their",
+        "there",
+        "this",
+        "to",
+        "was",
+        "what",
+        "when",
+        "which",
+        "who",
+        "why",
+        "will",
+        "with",
+    ]
 )
 # Words asking for what holds now: active problems, medications and allergies rank higher.
-_CURRENT = frozenset("active current currently now ongoing on taking still".split())
+_CURRENT = frozenset(["active", "current", "currently", "now", "ongoing", "on", "taking", "still"])
 _REF = re.compile(r"\[[A-Za-z]+/[^\]]+\]$")
 
 
