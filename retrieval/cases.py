@@ -1,0 +1,176 @@
+"""Cases for similar-case retrieval: a patient (or one imaging study) as a summary and images."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+
+from PIL import Image
+
+from connectors.images import ImageSet, PatientImage
+from connectors.record import PatientRecord
+from retrieval.evidence import Compactors, Evidence, clean_text, default_compactors
+
+# Longest summary text; the text encoders read ~256 tokens at most anyway.
+MAX_SUMMARY_CHARS = 1500
+
+
+@dataclass
+class Case:
+    """One retrievable case, with the metadata that search filters use."""
+
+    key: str  # "Patient/<id>" or "ImagingStudy/<id>" (or any stable id for external cases)
+    patient_id: str
+    summary: str
+    images: list[Image.Image] = field(default_factory=list)
+    sex: str | None = None
+    age_band: str | None = None  # "40-49"
+    modalities: tuple[str, ...] = ()
+    label: str | None = None  # a known finding or diagnosis, where the source gives one
+    kind: str = "patient"
+
+    def fingerprint(self) -> str:
+        """Changes whenever what the case is embedded from changes."""
+        digest = hashlib.sha256()
+        for part in (self.summary, self.sex or "", self.age_band or "", ",".join(self.modalities)):
+            digest.update(part.encode())
+            digest.update(b"\0")
+        for image in self.images:
+            digest.update(f"{image.mode}{image.size}".encode())
+            digest.update(hashlib.sha256(image.tobytes()).digest())
+        return digest.hexdigest()
+
+
+def age_band(years: int | None, width: int = 10) -> str | None:
+    """The decade band of an age: 47 → '40-49'."""
+    if years is None or years < 0:
+        return None
+    low = years // width * width
+    return f"{low}-{low + width - 1}"
+
+
+def age_of(record: PatientRecord, on: date | None = None) -> int | None:
+    """Age in whole years on a date (today by default), or at death."""
+    born = record.patient.birthDate
+    if not isinstance(born, date):
+        return None
+    end = on or datetime.now(UTC).date()
+    deceased = record.patient.deceasedDateTime
+    if isinstance(deceased, datetime):
+        end = min(end, deceased.date())
+    return end.year - born.year - ((end.month, end.day) < (born.month, born.day))
+
+
+_CODE = re.compile(r" \((?:LOINC|SNOMED|RxNorm|CVX|ICD-10(?:-CM)?|DCM) [^)]*\)")
+
+
+def _label(item: Evidence) -> str:
+    """The evidence line without its date, reference and code brackets: for summaries."""
+    text = _CODE.sub("", item.text.rsplit(" [", 1)[0])
+    if item.date is not None:
+        text = text.removeprefix(item.day + " ")
+    for prefix in ("Condition: ", "Medication: ", "Allergy: ", "Report: "):
+        text = text.removeprefix(prefix)
+    return text
+
+
+def summarise(record: PatientRecord, evidence: list[Evidence], on: date | None = None) -> str:
+    """A case summary: demographics band, active problems, key abnormal results, report
+    impressions, active medications and allergies, imaging."""
+    sex = record.patient.gender or "unknown sex"
+    band = age_band(age_of(record, on))
+    parts = [f"{sex.capitalize()}, age {band}." if band else f"{sex.capitalize()}."]
+    by_category: dict[str, list[Evidence]] = {}
+    for item in sorted(evidence, key=lambda e: e.date or datetime.min.replace(tzinfo=UTC)):
+        by_category.setdefault(item.category, []).append(item)
+
+    def names(items: list[Evidence]) -> list[str]:
+        return list(dict.fromkeys(_label(e).split(", ")[0] for e in items))
+
+    problems = [e for e in by_category.get("condition", []) if e.active]
+    if problems:
+        parts.append("Active problems: " + "; ".join(names(problems)) + ".")
+    latest: dict[tuple[str, ...], Evidence] = {}
+    for item in by_category.get("observation", []):
+        latest[item.codes[:1] or (item.text,)] = item  # latest result per code
+    abnormal = [e for e in latest.values() if e.abnormal]
+    if abnormal:
+        parts.append(
+            "Abnormal results: " + "; ".join(f"{_label(e)} ({e.day})" for e in abnormal[-8:]) + "."
+        )
+    reports = [e for e in by_category.get("report", []) if "conclusion:" in e.text]
+    if reports:
+        parts.append(
+            "Report impressions: "
+            + "; ".join(_label(e).split("conclusion: ", 1)[1] for e in reports[-3:])
+            + "."
+        )
+    meds = [e for e in by_category.get("medication", []) if e.active]
+    if meds:
+        parts.append("Active medications: " + "; ".join(names(meds)[:10]) + ".")
+    allergies = [e for e in by_category.get("allergy", []) if e.active]
+    if allergies:
+        parts.append("Allergies: " + "; ".join(names(allergies)) + ".")
+    imaging = by_category.get("imaging", []) + by_category.get("image", [])
+    if imaging:
+        parts.append("Imaging: " + "; ".join(names(imaging)[-3:]) + ".")
+    return clean_text(" ".join(parts), MAX_SUMMARY_CHARS)
+
+
+def cases_from_record(
+    record: PatientRecord,
+    images: ImageSet | None = None,
+    *,
+    kind: str = "patient",
+    max_images: int = 4,
+    compactors: Compactors | None = None,
+    on: date | None = None,
+) -> list[Case]:
+    """The patient's case (and, with ``kind='study'``, one case per imaging study too)."""
+    evidence = (compactors or default_compactors()).evidence(record)
+    summary = summarise(record, evidence, on)
+    pid = record.patient_id
+    sex = record.patient.gender
+    band = age_band(age_of(record, on))
+    pics = list(images.images) if images is not None else []
+    modalities = tuple(sorted({p.modality for p in pics if p.modality}))
+    cases = [
+        Case(
+            key=f"Patient/{pid}",
+            patient_id=pid,
+            summary=summary,
+            images=[p.to_pil() for p in pics[:max_images]],
+            sex=sex,
+            age_band=band,
+            modalities=modalities,
+        )
+    ]
+    if kind == "study":
+        by_study: dict[str, list[PatientImage]] = {}
+        for pic in pics:
+            by_study.setdefault(
+                pic.provenance.study_uid or pic.provenance.fhir_reference, []
+            ).append(pic)
+        for study, group in by_study.items():
+            first = group[0]
+            ref = first.provenance.fhir_reference
+            study_mods = tuple(sorted({g.modality for g in group if g.modality}))
+            note = first.description or ""
+            cases.append(
+                Case(
+                    key=f"{ref}#{study}" if study != ref else ref,
+                    patient_id=pid,
+                    summary=clean_text(
+                        f"{'/'.join(study_mods) or 'Image'} study. {note} {summary}",
+                        MAX_SUMMARY_CHARS,
+                    ),
+                    images=[g.to_pil() for g in group[:max_images]],
+                    sex=sex,
+                    age_band=band,
+                    modalities=study_mods,
+                    kind="study",
+                )
+            )
+    return cases
