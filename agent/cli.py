@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,16 +17,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from agent.indexing import BuildReport, build_index, open_index, patient_case, rank_evidence
 from agent.render import record_as_json, render_record
 from agent.settings import Settings, load_settings
 from connectors.demo import TOMMY_FRIESEN, import_demo
 from connectors.dicomweb import DicomWebClient
-from connectors.errors import ChartSightError, FhirImportError
+from connectors.errors import ChartSightError, ConfigurationError, FhirImportError
 from connectors.fhir_client import FhirClient
 from connectors.images import ImageSet, collect_images
 from connectors.record import PatientRecord, assemble_record
 from connectors.source import FhirSource
 from connectors.store import FhirStore, ImportReport, StoreSource
+from retrieval.cases import Case
+from retrieval.encoders import EncoderRegistry
+from retrieval.index import CaseFilter
 
 app = typer.Typer(
     help="ChartSight: grounded answers about one patient, from the patient's own FHIR record.",
@@ -260,6 +266,187 @@ def demo(config: ConfigOpt = None) -> None:
     except ChartSightError as exc:
         _fail(exc)
     render_record(console, rec, imgs)
+
+
+index_app = typer.Typer(help="The similar-case index.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+
+def _source(settings: Settings) -> FhirSource:
+    if settings.fhir.url:
+        return FhirClient(settings.fhir)
+    return StoreSource(FhirStore(settings.store_url))
+
+
+@index_app.command("build")
+def index_build(
+    source: Annotated[
+        str, typer.Option("--source", help="'local' (the local store) or 'fhir' (--fhir-url).")
+    ] = "local",
+    fhir_url: FhirUrlOpt = None,
+    token: TokenOpt = None,
+    rebuild: Annotated[
+        bool, typer.Option(help="Start from an empty index (after changing encoders).")
+    ] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Add every patient of the source to the similar-case index (only new or changed ones are
+    encoded)."""
+    try:
+        settings = _settings(config, fhir_url, token)
+        if source == "local":
+            settings.fhir.url = None
+        elif not settings.fhir.url:
+            raise ConfigurationError("--source fhir needs --fhir-url (or fhir.url in settings)")
+        encoders = EncoderRegistry(settings.retrieval.encoders)
+        index = open_index(settings, encoders, rebuild=rebuild)
+    except ChartSightError as exc:
+        _fail(exc)
+    started = time.perf_counter()
+
+    async def run() -> BuildReport:
+        src = _source(settings)
+        dicomweb = DicomWebClient.from_settings(settings.dicomweb)
+        with Progress(
+            TextColumn("[bold]indexing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[rate]}"),
+            console=console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task("index", total=None, rate="")
+
+            def advance(done: int, total: int, cases: int) -> None:
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                progress.update(
+                    task, completed=done, total=total, rate=f"{done / elapsed:.1f} patients/s"
+                )
+
+            try:
+                return await build_index(index, src, settings, dicomweb, progress=advance)
+            finally:
+                await src.aclose()
+                if dicomweb is not None:
+                    await dicomweb.aclose()
+
+    try:
+        report = asyncio.run(run())
+    except ChartSightError as exc:
+        _fail(exc)
+    elapsed = time.perf_counter() - started
+    console.print(
+        f"{report.patients} patients, {report.cases} cases in {elapsed:.1f} s "
+        f"({report.patients / max(elapsed, 1e-9):.1f} patients/s): {report.added} added, "
+        f"{report.updated} updated, {report.unchanged} unchanged; {len(index)} cases in "
+        f"{settings.index_path} ({index.factory}, {index.fusion.dim}-d, "
+        f"{index.text_encoder.info.name} + {index.image_encoder.info.name})."
+    )
+    for pid, error in report.failed:
+        err_console.print(f"[yellow]skipped Patient/{pid}:[/] {error}", highlight=False)
+
+
+@app.command()
+def similar(
+    patient: Annotated[str, typer.Argument(help="Patient id, or an identifier value.")],
+    k: Annotated[int, typer.Option("--k", "-k", help="How many similar cases.")] = 5,
+    modality: Annotated[str | None, typer.Option(help="Only cases with this modality.")] = None,
+    sex: Annotated[str | None, typer.Option(help="Only cases of this sex.")] = None,
+    age_band: Annotated[str | None, typer.Option(help="Only this age band, e.g. 70-79.")] = None,
+    fhir_url: FhirUrlOpt = None,
+    token: TokenOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Cases most similar to the patient's (the patient's own cases left out)."""
+    try:
+        settings = _settings(config, fhir_url, token)
+        encoders = EncoderRegistry(settings.retrieval.encoders)
+        index = open_index(settings, encoders)
+
+        async def own() -> Case:
+            src = _source(settings)
+            dicomweb = DicomWebClient.from_settings(settings.dicomweb)
+            try:
+                return (await patient_case(src, settings, patient, dicomweb))[1]
+            finally:
+                await src.aclose()
+                if dicomweb is not None:
+                    await dicomweb.aclose()
+
+        case = asyncio.run(own())
+        flt = CaseFilter(
+            exclude_patient=case.patient_id, modality=modality, sex=sex, age_band=age_band
+        )
+        hits = index.similar(case, k, flt)
+    except ChartSightError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps([asdict(h) for h in hits]))
+        return
+    console.print(f"[bold]{case.key}[/]: {case.summary}", highlight=False)
+    if not hits:
+        console.print(
+            f"No similar cases in the index ({len(index)} cases; run `chartsight index build`)."
+        )
+        return
+    table = Table(title=f"{len(hits)} most similar of {len(index)} cases")
+    for col in ("score", "case", "summary"):
+        table.add_column(col, overflow="fold")
+    for hit in hits:
+        table.add_row(f"{hit.score:.3f}", hit.key, hit.summary)
+    console.print(table)
+
+
+@app.command()
+def evidence(
+    patient: Annotated[str, typer.Argument(help="Patient id, or an identifier value.")],
+    question: Annotated[str, typer.Argument(help="The clinician's question.")],
+    budget: Annotated[
+        int | None, typer.Option(help="Token budget (default from settings).")
+    ] = None,
+    dense: Annotated[bool, typer.Option(help="Use the text encoder as well as BM25.")] = True,
+    fhir_url: FhirUrlOpt = None,
+    token: TokenOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """The ranked chart evidence the agent would see for a question."""
+    try:
+        settings = _settings(config, fhir_url, token)
+        rec, _ = asyncio.run(_load(settings, patient, False))
+        encoders = EncoderRegistry(settings.retrieval.encoders) if dense else None
+        ranked = rank_evidence(rec, question, settings, encoders, budget)
+    except ChartSightError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(
+            json.dumps(
+                [
+                    {
+                        "id": r.evidence.id,
+                        "text": r.evidence.text,
+                        "date": r.evidence.date.isoformat() if r.evidence.date else None,
+                        "category": r.evidence.category,
+                        "codes": list(r.evidence.codes),
+                        "score": round(r.score, 4),
+                        "parts": {k: round(v, 4) for k, v in r.parts.items()},
+                    }
+                    for r in ranked
+                ]
+            )
+        )
+        return
+    table = Table(
+        title=f"Evidence for {question!r} ({sum(r.tokens for r in ranked)} tokens)",
+        title_justify="left",
+    )
+    table.add_column("score", justify="right")
+    table.add_column("evidence", overflow="fold")
+    for r in ranked:
+        table.add_row(f"{r.score:.2f}", r.evidence.text)
+    console.print(table)
 
 
 def main() -> Any:

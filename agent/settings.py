@@ -21,6 +21,7 @@ from pydantic_settings import (
 
 from connectors.errors import ConfigurationError
 from connectors.settings import DicomWebSettings, FhirServerSettings, ImageSettings, StoreSettings
+from retrieval.settings import RetrievalSettings
 
 
 def _config_file() -> Path | None:
@@ -48,6 +49,7 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     dicomweb: DicomWebSettings = DicomWebSettings()
     images: ImageSettings = ImageSettings()
+    retrieval: RetrievalSettings = RetrievalSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -70,6 +72,11 @@ class Settings(BaseSettings):
         if self.store.url:
             return self.store.url
         return f"sqlite:///{self.home.expanduser() / 'store.db'}"
+
+    @property
+    def index_path(self) -> Path:
+        """Folder of the similar-case index."""
+        return (self.retrieval.index.path or self.home / "index").expanduser()
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:

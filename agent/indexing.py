@@ -1,0 +1,160 @@
+"""Building the similar-case index from a patient source, and the chart-evidence lookup."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from agent.settings import Settings
+from connectors.dicomweb import DicomWebClient
+from connectors.errors import ChartSightError
+from connectors.images import collect_images
+from connectors.record import PatientRecord, assemble_record
+from connectors.source import FhirSource
+from retrieval.cases import Case, cases_from_record
+from retrieval.encoders import EncoderRegistry
+from retrieval.evidence import record_evidence
+from retrieval.index import CaseIndex
+from retrieval.rank import EvidenceRanker, RankedEvidence
+
+log = logging.getLogger(__name__)
+
+
+def open_index(
+    settings: Settings, encoders: EncoderRegistry, *, rebuild: bool = False
+) -> CaseIndex:
+    """The case index the settings describe (created empty if there is none)."""
+    path = settings.index_path
+    if rebuild and path.exists():
+        shutil.rmtree(path)
+    r = settings.retrieval
+    return CaseIndex(path, r.index, r.fusion, encoders.text(), encoders.image())
+
+
+@dataclass
+class BuildReport:
+    patients: int = 0
+    cases: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+async def patient_ids(source: FhirSource) -> list[str]:
+    """Every patient id the source holds."""
+    found = await source.search("Patient", {})
+    return [str(p.id) for p in found.resources]
+
+
+async def _cases_of(
+    source: FhirSource, dicomweb: DicomWebClient | None, settings: Settings, pid: str
+) -> tuple[PatientRecord, list[Case]]:
+    record = await assemble_record(source, pid)
+    images = None
+    if settings.retrieval.index.max_images_per_case > 0:
+        images = await collect_images(record, source, settings.images, dicomweb)
+    return record, cases_from_record(
+        record,
+        images,
+        kind=settings.retrieval.index.case_kind,
+        max_images=settings.retrieval.index.max_images_per_case,
+    )
+
+
+async def _records(
+    source: FhirSource,
+    dicomweb: DicomWebClient | None,
+    settings: Settings,
+    ids: list[str],
+    report: BuildReport,
+) -> AsyncIterator[list[Case]]:
+    """Each patient's cases, fetched a few patients ahead of the encoder."""
+    ahead = asyncio.Semaphore(8)
+
+    async def one(pid: str) -> tuple[str, list[Case] | Exception]:
+        async with ahead:
+            try:
+                return pid, (await _cases_of(source, dicomweb, settings, pid))[1]
+            except ChartSightError as exc:
+                return pid, exc
+
+    tasks = [asyncio.ensure_future(one(pid)) for pid in ids]
+    try:
+        for task in tasks:
+            pid, outcome = await task
+            if isinstance(outcome, Exception):
+                report.failed.append((pid, str(outcome)))
+                yield []
+            else:
+                yield outcome
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def build_index(
+    index: CaseIndex,
+    source: FhirSource,
+    settings: Settings,
+    dicomweb: DicomWebClient | None = None,
+    *,
+    chunk: int = 32,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> BuildReport:
+    """Add every patient of ``source`` to the index; unchanged cases are not encoded again.
+
+    Cases go to SQL in chunks (each one transaction), and a new index generation is written at
+    the end: a crash leaves the previous generation live and the committed chunks kept.
+    ``progress(patients_done, patients_total, cases_done)`` is called after each patient.
+    """
+    report = BuildReport()
+    ids = await patient_ids(source)
+    pending: list[Case] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        stats = index.upsert(pending)
+        report.added += stats.added
+        report.updated += stats.updated
+        report.unchanged += stats.unchanged
+        pending.clear()
+
+    async for cases in _records(source, dicomweb, settings, ids, report):
+        report.patients += 1
+        report.cases += len(cases)
+        pending.extend(cases)
+        if len(pending) >= chunk:
+            await asyncio.to_thread(flush)
+        if progress is not None:
+            progress(report.patients, len(ids), report.cases)
+    await asyncio.to_thread(flush)
+    if report.added or report.updated or not (index.path / "CURRENT").exists():
+        index.save()
+    return report
+
+
+async def patient_case(
+    source: FhirSource, settings: Settings, patient: str, dicomweb: DicomWebClient | None = None
+) -> tuple[PatientRecord, Case]:
+    """The asking patient's own case, built the same way as the indexed ones."""
+    record, cases = await _cases_of(source, dicomweb, settings, patient)
+    return record, cases[0]
+
+
+def rank_evidence(
+    record: PatientRecord,
+    question: str,
+    settings: Settings,
+    encoders: EncoderRegistry | None,
+    token_budget: int | None = None,
+) -> list[RankedEvidence]:
+    """The chart evidence the agent would see for ``question``."""
+    ranker = EvidenceRanker(
+        settings.retrieval.rank, encoders.text() if encoders is not None else None
+    )
+    return ranker.rank(question, record_evidence(record), token_budget=token_budget)
