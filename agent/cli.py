@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -31,6 +32,9 @@ from connectors.store import FhirStore, ImportReport, StoreSource
 from retrieval.cases import Case
 from retrieval.encoders import EncoderRegistry
 from retrieval.index import CaseFilter
+
+# Model loading draws progress bars of its own; the CLI shows its own progress instead.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 app = typer.Typer(
     help="ChartSight: grounded answers about one patient, from the patient's own FHIR record.",
@@ -249,7 +253,8 @@ def record(
 
 @app.command()
 def demo(config: ConfigOpt = None) -> None:
-    """Set up the embedded default (demo patients in the local store) and show one patient's record."""
+    """Set up the embedded default (demo patients in the local store and the case index) and show
+    one patient's record, the evidence for a question, and similar cases."""
     try:
         settings = _settings(config)
         store = FhirStore(settings.store_url)
@@ -266,6 +271,38 @@ def demo(config: ConfigOpt = None) -> None:
     except ChartSightError as exc:
         _fail(exc)
     render_record(console, rec, imgs)
+
+    question = "What was his last hemoglobin A1c?"
+    try:
+        encoders = EncoderRegistry(settings.retrieval.encoders)
+        ranked = rank_evidence(rec, question, settings, encoders, token_budget=200)
+        index = open_index(settings, encoders)
+
+        async def build() -> tuple[BuildReport, Case]:
+            source = StoreSource(store)
+            report = await build_index(index, source, settings)
+            return report, (await patient_case(source, settings, TOMMY_FRIESEN))[1]
+
+        report, case = asyncio.run(build())
+        hits = index.similar(case, 3, CaseFilter(exclude_patient=TOMMY_FRIESEN))
+    except ChartSightError as exc:
+        _fail(exc)
+    table = Table(title=f"Evidence for {question!r}", title_justify="left", title_style="bold")
+    table.add_column("score", justify="right")
+    table.add_column("evidence", overflow="fold")
+    for r in ranked:
+        table.add_row(f"{r.score:.2f}", r.evidence.text)
+    console.print(table)
+    table = Table(
+        title=f"Most similar cases ({len(index)} in the index, {report.added} added now)",
+        title_justify="left",
+        title_style="bold",
+    )
+    for col in ("score", "case", "summary"):
+        table.add_column(col, overflow="fold")
+    for hit in hits:
+        table.add_row(f"{hit.score:.3f}", hit.key, hit.summary[:160])
+    console.print(table)
 
 
 index_app = typer.Typer(help="The similar-case index.", no_args_is_help=True)

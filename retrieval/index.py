@@ -149,14 +149,15 @@ class Fusion:
 
 
 def auto_factory(n: int, dim: int, memory_budget_mb: int) -> str:
-    """Exact below 50k vectors; IVF above; IVF-PQ when float vectors would not fit the budget."""
+    """Exact below 50k vectors; above, IVF with 8-bit scalar-quantised lists (a quarter of the
+    memory of float vectors, and faster to scan); IVF-PQ when even that would not fit the budget."""
     if n < EXACT_LIMIT:
         return "Flat"
     nlist = 2 ** round(math.log2(max(256.0, min(65536.0, 4 * math.sqrt(n)))))
-    if n * dim * 4 > memory_budget_mb * 2**20:
+    if n * dim > memory_budget_mb * 2**20:
         m = next((m for m in (64, 48, 32, 24, 16, 8) if dim % m == 0 and m <= dim // 4), 8)
         return f"IVF{nlist},PQ{m}"
-    return f"IVF{nlist},Flat"
+    return f"IVF{nlist},SQ8"
 
 
 def _is_ivf(index: Any) -> bool:
@@ -352,13 +353,19 @@ class CaseIndex:
         if not index.is_trained:
             if not ids:
                 return index, factory
+            ivf = faiss.try_extract_index_ivf(index)
+            nlist = ivf.nlist if ivf is not None else 1
+            # k-means on 64 points per list and 10 iterations: what FAISS's guidelines need for
+            # good lists, at a fraction of the default cost on a small CPU
+            most = max(64 * nlist, 65_536)
             sample = (
                 ids
-                if len(ids) <= 256 * 1024
-                else list(np.random.default_rng(0).choice(ids, 256 * 1024, replace=False))
+                if len(ids) <= most
+                else list(np.random.default_rng(0).choice(ids, most, replace=False))
             )
             vectors = self._vectors(sorted(sample))
-            nlist = getattr(faiss.try_extract_index_ivf(index), "nlist", 1)
+            if ivf is not None:
+                ivf.cp.niter = 10
             if len(vectors) < 39 * nlist:  # FAISS's own minimum for k-means
                 log.warning(
                     "%s needs %d cases to train, the index has %d: searching exactly until then",

