@@ -351,8 +351,6 @@ class CaseIndex:
         index = _new_index(factory, self.fusion.dim)
         ids = sorted(self._sql_state())
         if not index.is_trained:
-            if not ids:
-                return index, factory
             ivf = faiss.try_extract_index_ivf(index)
             nlist = ivf.nlist if ivf is not None else 1
             # k-means on 64 points per list and 10 iterations: what FAISS's guidelines need for
@@ -721,11 +719,17 @@ def _compare_space(stored: dict[str, Any], wanted: dict[str, Any], where: str) -
     for part in ("format", "text_encoder", "image_encoder", "fusion", "dim", "metric"):
         if stored.get(part) != wanted.get(part):
             have, want = stored.get(part), wanted.get(part)
-            if isinstance(have, dict) and isinstance(want, dict):
-                have = f"{have.get('name', have)} ({have.get('version', '')})".strip()
-                want = f"{want.get('name', want)} ({want.get('version', '')})".strip()
+            have, want = _describe(have), _describe(want)
             raise IndexMismatch(
                 f"the index at {where} was built with {part.replace('_', ' ')} {have}, but the "
                 f"settings ask for {want}; searching it would compare vectors of different spaces. "
                 "Rebuild it (`chartsight index build --rebuild`) or change the settings back."
             )
+
+
+def _describe(part: Any) -> str:
+    if isinstance(part, dict) and "name" in part:
+        return f"{part['name']} ({part.get('version', '')})"
+    if isinstance(part, dict):
+        return ", ".join(f"{k} {v}" for k, v in part.items())
+    return str(part)
