@@ -279,6 +279,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results.md")
+    parser.add_argument("--only", choices=["cases", "evidence"], help="Run one part only.")
     args = parser.parse_args()
     registry = EncoderRegistry(EncoderSettings(device="cpu"))
     lines: list[Any] = [

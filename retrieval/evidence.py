@@ -569,14 +569,10 @@ def _register_resources(reg: Compactors) -> None:
     @reg.resource("DiagnosticReport")
     def report(r: Any, reg: Compactors, ctx: CompactContext) -> Evidence:
         body = f"Report: {reg.text(r.code)}, {r.status}"
-        if r.result:
-            names = []
-            for ref in r.result:
-                obs = ctx.resolve(str(ref.reference or ""))
-                names.append(
-                    reg.text(getattr(obs, "code", None)).split(" (")[0] if obs else reg.text(ref)
-                )
-            body += f"; results: {', '.join(n for n in names if n)}"
+        if (
+            r.result
+        ):  # the results are evidence items of their own; naming them here only adds noise
+            body += f"; {len(r.result)} result{'s' if len(r.result) > 1 else ''}"
         if r.conclusion:
             body += f"; conclusion: {clean_text(str(r.conclusion))}"
         texts = [t for t in (_note_text(a) for a in r.presentedForm or []) if t]

@@ -6,7 +6,8 @@ Scores (each part in [0, 1], weighted by ``RankSettings``):
   dense     cosine between the question's and the line's embeddings (negative counts as 0);
   code      1 when the evidence carries a code one of the question's words maps to;
   category  1 when the question names the evidence's category ("medications", "allergies");
-  recency   0.5 ** (age / half-life), the age counted back from the newest dated item;
+  recency   0.5 ** (age / half-life), the age counted back from the newest dated item; its weight
+            is multiplied by ``recent_boost`` when the question asks for the last or latest value;
   active    1 for active problems, medications and allergies when the question asks what holds
             now ("currently", "is she on", "active").
 The best items are taken, in score order, until the token budget is spent.
@@ -84,6 +85,8 @@ _STOP = frozenset(
 )
 # Words asking for what holds now: active problems, medications and allergies rank higher.
 _CURRENT = frozenset(["active", "current", "currently", "now", "ongoing", "on", "taking", "still"])
+# Words asking for the newest value: recency counts more.
+_RECENT = frozenset(["last", "latest", "recent", "current", "currently", "newest", "now", "today"])
 _REF = re.compile(r"\[[A-Za-z]+/[^\]]+\]$")
 
 
@@ -191,14 +194,16 @@ class EvidenceRanker:
             q = self.encoder.encode_texts([question])[0]  # type: ignore[union-attr]
             dense = np.clip(self._embed([_REF.sub("", e.text) for e in items]) @ q, 0.0, 1.0)
         recency = self._recency(items)
-        asks_current = bool(_CURRENT.intersection(re.findall(r"[a-z]+", question.lower())))
+        words = set(re.findall(r"[a-z]+", question.lower()))
+        asks_current = bool(_CURRENT & words)
+        recency_weight = s.recency_weight * (s.recent_boost if _RECENT & words else 1.0)
         active = np.array([1.0 if asks_current and e.active else 0.0 for e in items])
         total = (
             s.lexical_weight * lexical
             + dense_weight * dense
             + s.code_weight * code
             + s.category_weight * category
-            + s.recency_weight * recency
+            + recency_weight * recency
             + s.active_weight * active
         )
         order = np.argsort(-total, kind="stable")

@@ -69,7 +69,10 @@ class RankSettings(BaseModel):
     )
     recency_weight: float = Field(default=0.15, ge=0.0)
     active_weight: float = Field(
-        default=0.2, ge=0.0, description="Active items, when the question asks what holds now."
+        default=0.4, ge=0.0, description="Active items, when the question asks what holds now."
+    )
+    recent_boost: float = Field(
+        default=3.0, ge=1.0, description="Recency weight factor for 'last', 'latest', 'current'."
     )
     half_life_days: float = Field(
         default=365.0, gt=0, description="Age at which recency counts half; from the newest item."

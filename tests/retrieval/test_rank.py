@@ -86,7 +86,7 @@ def test_parts_explain_the_score(tommy: PatientRecord, encoders: EncoderRegistry
         + settings.dense_weight * p["dense"]
         + settings.code_weight * p["code"]
         + settings.category_weight * p["category"]
-        + settings.recency_weight * p["recency"]
+        + settings.recency_weight * p["recency"]  # "A1c" alone asks for no particular date
         + settings.active_weight * p["active"]
     )
     assert top.score == pytest.approx(expected)
