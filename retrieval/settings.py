@@ -31,7 +31,9 @@ class EncoderSettings(BaseModel):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         default="auto", description="'auto': fp16 on CUDA, fp32 on CPU."
     )
-    batch_size: int = Field(default=32, ge=1, description="Images or texts per forward pass.")
+    batch_size: int = Field(
+        default=16, ge=1, description="Images or texts per forward pass (CPU: small is faster)."
+    )
 
 
 class FusionSettings(BaseModel):
