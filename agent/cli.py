@@ -318,8 +318,13 @@ def _source(settings: Settings) -> FhirSource:
 @index_app.command("build")
 def index_build(
     source: Annotated[
-        str, typer.Option("--source", help="'local' (the local store) or 'fhir' (--fhir-url).")
-    ] = "local",
+        str | None,
+        typer.Option(
+            "--source",
+            help="'local' (the local store) or 'fhir' (the FHIR server of --fhir-url or the "
+            "settings). Default: the FHIR server when one is given, else the local store.",
+        ),
+    ] = None,
     fhir_url: FhirUrlOpt = None,
     token: TokenOpt = None,
     rebuild: Annotated[
@@ -331,9 +336,11 @@ def index_build(
     encoded)."""
     try:
         settings = _settings(config, fhir_url, token)
+        if source not in (None, "local", "fhir"):
+            raise ConfigurationError(f"--source is 'local' or 'fhir', not {source!r}")
         if source == "local":
             settings.fhir.url = None
-        elif not settings.fhir.url:
+        elif source == "fhir" and not settings.fhir.url:
             raise ConfigurationError("--source fhir needs --fhir-url (or fhir.url in settings)")
         encoders = EncoderRegistry(settings.retrieval.encoders)
         index = open_index(settings, encoders, rebuild=rebuild)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -71,28 +72,39 @@ async def _records(
     settings: Settings,
     ids: list[str],
     report: BuildReport,
+    ahead: int = 8,
 ) -> AsyncIterator[list[Case]]:
-    """Each patient's cases, fetched a few patients ahead of the encoder."""
-    ahead = asyncio.Semaphore(8)
+    """Each patient's cases in order, fetched at most ``ahead`` patients ahead of the encoder
+    (so memory stays bounded however many patients the source holds)."""
 
     async def one(pid: str) -> tuple[str, list[Case] | Exception]:
-        async with ahead:
-            try:
-                return pid, (await _cases_of(source, dicomweb, settings, pid))[1]
-            except ChartSightError as exc:
-                return pid, exc
+        try:
+            return pid, (await _cases_of(source, dicomweb, settings, pid))[1]
+        except ChartSightError as exc:
+            return pid, exc
 
-    tasks = [asyncio.ensure_future(one(pid)) for pid in ids]
+    pending = iter(ids)
+    window: deque[asyncio.Future[tuple[str, list[Case] | Exception]]] = deque()
+
+    def fill() -> None:
+        while len(window) < ahead:
+            pid = next(pending, None)
+            if pid is None:
+                return
+            window.append(asyncio.ensure_future(one(pid)))
+
+    fill()
     try:
-        for task in tasks:
-            pid, outcome = await task
+        while window:
+            pid, outcome = await window.popleft()
+            fill()
             if isinstance(outcome, Exception):
                 report.failed.append((pid, str(outcome)))
                 yield []
             else:
                 yield outcome
     finally:
-        for task in tasks:
+        for task in window:
             task.cancel()
 
 

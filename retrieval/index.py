@@ -166,6 +166,12 @@ def _is_ivf(index: Any) -> bool:
 
 def _new_index(factory: str, dim: int) -> Any:
     """An empty CPU index that takes our own int64 ids."""
+    if "RFlat" in factory or "Refine" in factory:
+        # IndexRefine keeps its vectors by position: it can neither take our ids nor remove one
+        raise IndexError_(
+            f"{factory!r}: refinement stages are not supported by the case index; use e.g. "
+            "'IVF4096,SQ8' or 'IVF4096,PQ64'"
+        )
     try:
         probe = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:

@@ -79,3 +79,20 @@ def test_unknown_patient_and_changed_encoder_fail_in_one_line(home: Path):
     message = " ".join(changed.output.split())
     assert "was built with fusion mode concat, image_weight 0.5, text_weight 0.5" in message
     assert "settings ask for mode concat, image_weight 0.9" in message and "--rebuild" in message
+
+
+def test_index_build_from_a_fhir_server(sekmet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("CHARTSIGHT_HOME", str(tmp_path / "server-home"))
+    result = runner.invoke(app, ["index", "build", "--fhir-url", sekmet.base_url])
+    assert result.exit_code == 0, result.output
+    assert "5 patients, 5 cases" in result.output and "5 added" in result.output
+    server_id = sekmet.patient_ids[TOMMY_FRIESEN]
+    hits = runner.invoke(
+        app, ["similar", server_id, "--fhir-url", sekmet.base_url, "--k", "2", "--json"]
+    )
+    assert hits.exit_code == 0, hits.output
+    found = json.loads(hits.output)
+    assert len(found) == 2 and server_id not in {h["patient_id"] for h in found}
+    assert set(sekmet.patient_ids.values()) >= {h["patient_id"] for h in found}
+    bad = runner.invoke(app, ["index", "build", "--source", "pacs"])
+    assert bad.exit_code == 1 and "--source is 'local' or 'fhir'" in bad.output

@@ -158,3 +158,36 @@ def test_plugin_encoders_come_from_entry_points(tmp_path: Path, monkeypatch: pyt
     registry = EncoderRegistry(EncoderSettings())
     enc = registry.text("hashing")
     assert enc.info.dim == 8 and enc.encode_texts(["a"]).shape == (1, 8)
+
+
+def test_shared_space_index_answers_text_queries_with_images(tiny_clip_dir: Path, tmp_path: Path):
+    from retrieval.cases import Case
+    from retrieval.index import CaseIndex
+    from retrieval.settings import FusionSettings, IndexSettings
+
+    registry = EncoderRegistry(EncoderSettings(device="cpu"))
+    clip = registry.get(f"open_clip:local-dir:{tiny_clip_dir}")
+    index = CaseIndex(
+        tmp_path / "idx",
+        IndexSettings(),
+        FusionSettings(image_weight=1.0, text_weight=0.0),  # images only in the index
+        clip,
+        clip,
+    )
+    assert index.fusion.mode == "sum" and index.fusion.dim == 32
+    pics = _images(4, seed=3)
+    cases = [
+        Case(key=f"Media/{i}", patient_id=f"p{i}", summary="", images=[pic])
+        for i, pic in enumerate(pics)
+    ]
+    index.upsert(cases)
+    query = "right lower lobe consolidation"
+    hits = index.search_text(query, k=4)
+    # the scores are the text-to-image cosines of the shared space
+    t = clip.encode_texts([query])[0]
+    expected = sorted(
+        ((float(clip.encode_images([p])[0] @ t), f"Media/{i}") for i, p in enumerate(pics)),
+        reverse=True,
+    )
+    assert [h.key for h in hits] == [key for _, key in expected]
+    assert [h.score for h in hits] == pytest.approx([s for s, _ in expected], abs=1e-4)

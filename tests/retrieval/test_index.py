@@ -261,3 +261,5 @@ def test_hnsw_removal_rebuilds_from_sql(tmp_path: Path, encoders: EncoderRegistr
 def test_bad_factory_string_is_a_clear_error(tmp_path: Path, encoders: EncoderRegistry):
     with pytest.raises(IndexError_, match="factory string 'IVF,Nonsense'"):
         _open(tmp_path / "idx", encoders, factory="IVF,Nonsense")
+    with pytest.raises(IndexError_, match="refinement stages are not supported"):
+        _open(tmp_path / "idx2", encoders, factory="IVF16,PQ8x4fs,RFlat")
