@@ -96,7 +96,8 @@ def similar_cases(data: Path, registry: EncoderRegistry, k: int = 5) -> list[str
         modes: dict[str, tuple[float, float]] = {
             "image only": (1.0, 0.0),
             "text only": (0.0, 1.0),
-            "fused (0.5 / 0.5)": (0.5, 0.5),
+            "fused (0.5 / 0.5, the default)": (0.5, 0.5),
+            "fused (0.25 / 0.75)": (0.25, 0.75),
         }
         rows = []
         for mode, (wi, wt) in modes.items():
@@ -286,13 +287,13 @@ def main() -> None:
         f"\n## Retrieval quality — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n",
         f"Machine: {describe()}.",
     ]
-    if (args.data / "covid-chestxray").is_dir():
-        lines += similar_cases(args.data, registry)
-    else:
-        lines.append(
-            f"\n(covid-chestxray not found under {args.data}: similar-case evaluation skipped)"
-        )
-    lines += chart_evidence(args.data, registry)
+    if args.only != "evidence":
+        if (args.data / "covid-chestxray").is_dir():
+            lines += similar_cases(args.data, registry)
+        else:
+            lines.append(f"\n(no covid-chestxray under {args.data}: similar cases skipped)")
+    if args.only != "cases":
+        lines += chart_evidence(args.data, registry)
     report = "\n".join(lines) + "\n"
     print(report)
     with args.results.open("a") as fh:
