@@ -36,6 +36,16 @@ SYSTEM_NAMES: dict[str, str] = {
     "http://dicom.nema.org/resources/ontology/DCM": "DCM",
 }
 
+_PERIOD_UNITS = {
+    "s": "second",
+    "min": "minute",
+    "h": "hour",
+    "d": "day",
+    "wk": "week",
+    "mo": "month",
+    "a": "year",
+}
+
 # Longest text taken from a note or report body into one evidence line.
 MAX_NOTE_CHARS = 600
 
@@ -310,15 +320,17 @@ def _register_datatypes(reg: Compactors) -> None:
             return clean_text(str(d.text))
         parts = []
         for dr in d.doseAndRate or []:
-            parts.append(reg.text(dr.doseQuantity or dr.doseRange))
+            dose = reg.text(dr.doseQuantity or dr.doseRange)
+            if dose:
+                parts.append(f"dose {dose}")
         timing = d.timing.repeat if d.timing is not None else None
         if timing is not None and timing.frequency and timing.period:
-            parts.append(
-                f"{timing.frequency}× per {_number(timing.period)} {timing.periodUnit or ''}"
-            )
+            unit = _PERIOD_UNITS.get(str(timing.periodUnit or ""), str(timing.periodUnit or ""))
+            every = unit if float(timing.period) == 1 else f"{_number(timing.period)} {unit}s"
+            parts.append(f"{timing.frequency}× per {every}")
         if d.asNeededBoolean:
             parts.append("as needed")
-        return " ".join(p for p in parts if p).strip()
+        return ", ".join(p for p in parts if p)
 
     @reg.datatype("Attachment")
     def attachment(a: Any, reg: Compactors) -> str:

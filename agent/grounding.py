@@ -1,0 +1,193 @@
+"""The grounding verifier: every sentence of an answer must rest on evidence that was given.
+
+A sentence is supported when it cites at least one evidence id that was actually given to the model
+(``[Observation/abc]``), and every number and date it states appears in the evidence it cites. A
+number may be a rounding of the evidence's (6.3 for 6.277); units are compared loosely (the number
+carries the check). Unsupported sentences are removed and reported with the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# [Observation/abc] or [Observation/abc, Condition/def] or [Observation/abc; Patient/x]
+_CITATION = re.compile(
+    r"\[((?:[A-Z][A-Za-z]+/[A-Za-z0-9\-.#]+)(?:\s*[,;]\s*[A-Z][A-Za-z]+/[A-Za-z0-9\-.#]+)*)\]"
+)
+_REF = re.compile(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.#]+")
+_ISO_DATE = re.compile(r"\b(\d{4})-(\d{2})(?:-(\d{2}))?\b")
+_MONTHS = [
+    "january",
+    "february",
+    "march",
+    "april",
+    "may",
+    "june",
+    "july",
+    "august",
+    "september",
+    "october",
+    "november",
+    "december",
+]
+_TEXT_DATE = re.compile(
+    r"\b(?:(\d{1,2})\s+)?("
+    + "|".join(m[:3] for m in _MONTHS)
+    + r")[a-z]*\.?\s+(?:(\d{1,2}),?\s+)?(\d{4})\b",
+    re.IGNORECASE,
+)
+_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:[.,]\d+)?(?![\w])")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\[(\"'])|\n+")
+
+
+@dataclass(frozen=True)
+class SentenceCheck:
+    """One sentence of an answer and what the verifier found."""
+
+    text: str
+    citations: tuple[str, ...]
+    supported: bool
+    problems: tuple[str, ...] = ()
+
+
+@dataclass
+class Verification:
+    """The verdict on a whole answer."""
+
+    sentences: list[SentenceCheck] = field(default_factory=list)
+
+    @property
+    def kept(self) -> list[SentenceCheck]:
+        return [s for s in self.sentences if s.supported]
+
+    @property
+    def rejected(self) -> list[SentenceCheck]:
+        return [s for s in self.sentences if not s.supported]
+
+    @property
+    def supported_fraction(self) -> float:
+        return len(self.kept) / len(self.sentences) if self.sentences else 0.0
+
+    @property
+    def text(self) -> str:
+        """The answer with the unsupported sentences removed."""
+        return " ".join(s.text for s in self.kept)
+
+    @property
+    def cited(self) -> list[str]:
+        """Evidence ids the kept sentences cite, in order of first use."""
+        return list(dict.fromkeys(c for s in self.kept for c in s.citations))
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences (and list items) of an answer; decimals and citations stay whole."""
+    text = re.sub(r"^\s*(?:[-*•]|\d+[.)])\s+", "", text, flags=re.MULTILINE)  # list markers
+    parts = [p.strip() for p in _SENTENCE_END.split(text.strip())]
+    # citations written after the full stop belong to the sentence before it
+    out: list[str] = []
+    for part in parts:
+        lead = re.match(r"^((?:" + _CITATION.pattern + r"\s*)+)(.*)$", part, re.DOTALL)
+        if out and lead:
+            out[-1] = f"{out[-1]} {lead.group(1).strip()}"
+            part = part[len(lead.group(1)) :].strip()
+        if part:
+            out.append(part)
+    return out
+
+
+def citations(sentence: str) -> tuple[str, ...]:
+    """Evidence ids cited in a sentence."""
+    refs: list[str] = []
+    for group in _CITATION.findall(sentence):
+        refs.extend(_REF.findall(group))
+    return tuple(dict.fromkeys(refs))
+
+
+def _dates(text: str) -> tuple[set[str], str]:
+    """ISO days/months/years stated in a text, and the text with them blanked out."""
+    found: set[str] = set()
+
+    def iso(m: re.Match[str]) -> str:
+        year, month, day = m.group(1), m.group(2), m.group(3)
+        found.add(f"{year}-{month}-{day}" if day else f"{year}-{month}")
+        return " "
+
+    def textual(m: re.Match[str]) -> str:
+        day = m.group(1) or m.group(3)
+        month = next(i for i, name in enumerate(_MONTHS, 1) if name.startswith(m.group(2).lower()))
+        year = m.group(4)
+        found.add(f"{year}-{month:02d}-{int(day):02d}" if day else f"{year}-{month:02d}")
+        return " "
+
+    text = _ISO_DATE.sub(iso, text)
+    text = _TEXT_DATE.sub(textual, text)
+    return found, text
+
+
+def _numbers(text: str) -> list[str]:
+    return [n.replace(",", ".") for n in _NUMBER.findall(text)]
+
+
+def _number_supported(stated: str, given: list[str]) -> bool:
+    """Whether a stated number equals, or is a rounding of, one in the evidence."""
+    decimals = len(stated.split(".")[1]) if "." in stated else 0
+    value = float(stated)
+    for candidate in given:
+        c = float(candidate)
+        if c == value or round(c, decimals) == value or abs(c - value) < 10 ** (-decimals) / 2:
+            return True
+    return False
+
+
+def _date_supported(stated: str, evidence_dates: set[str]) -> bool:
+    return any(d.startswith(stated) or stated.startswith(d) for d in evidence_dates)
+
+
+def check_sentence(sentence: str, evidence: Mapping[str, str]) -> SentenceCheck:
+    """Whether one sentence rests on the evidence it cites."""
+    cited = citations(sentence)
+    problems: list[str] = []
+    unknown = [c for c in cited if c not in evidence]
+    if unknown:
+        problems.append(
+            f"cites {', '.join(unknown)}, which {'was' if len(unknown) == 1 else 'were'} not given"
+        )
+    known = [c for c in cited if c in evidence]
+    if not known:
+        if not cited:
+            problems.append("cites no evidence")
+        return SentenceCheck(sentence, cited, False, tuple(problems))
+    support = " ".join(evidence[c] for c in known)
+    support_dates, support_rest = _dates(support)
+    support_numbers = _numbers(support_rest)
+    body = _CITATION.sub(" ", sentence)
+    stated_dates, rest = _dates(body)
+    for d in sorted(stated_dates):
+        if not _date_supported(d, support_dates):
+            problems.append(f"the date {d} is not in the cited evidence")
+    years = {d[:4] for d in support_dates}
+    for number in _numbers(rest):
+        if len(number) == 4 and number.isdigit() and number in years:
+            continue  # a year of a cited date ("in 2019")
+        if not _number_supported(number, support_numbers):
+            problems.append(f"the number {number} is not in the cited evidence")
+    return SentenceCheck(sentence, cited, not problems, tuple(problems))
+
+
+def verify(answer: str, evidence: Mapping[str, str]) -> Verification:
+    """Check every sentence of ``answer`` against ``evidence`` (id → the text given for it)."""
+    return Verification([check_sentence(s, evidence) for s in split_sentences(answer)])
+
+
+def evidence_map(
+    items: Mapping[str, str], facts: list[tuple[str, tuple[str, ...]]]
+) -> dict[str, str]:
+    """Evidence text by id: the evidence lines, plus each fact's statement under every id it cites
+    (a computed age or mean is then supported by the Patient or Observations it rests on)."""
+    out = dict(items)
+    for statement, refs in facts:
+        for ref in refs:
+            out[ref] = f"{out.get(ref, '')} {statement}".strip()
+    return out

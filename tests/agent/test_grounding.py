@@ -1,0 +1,100 @@
+"""The grounding verifier: citations, numbers and dates must come from the evidence given."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.grounding import check_sentence, citations, evidence_map, split_sentences, verify
+
+EVIDENCE = {
+    "Observation/a1c": (
+        "2020-12-13 Hemoglobin A1c/Hemoglobin.total in Blood (LOINC 4548-4) 6.277 % "
+        "(high; usual range 4–5.6) [Observation/a1c]"
+    ),
+    "Observation/bp": (
+        "2020-12-13 Blood Pressure (LOINC 55284-4): Diastolic Blood Pressure 85.5 mm[Hg]; "
+        "Systolic Blood Pressure 108.3 mm[Hg] [Observation/bp]"
+    ),
+    "Condition/hf": "2020-06-15 Condition: Chronic congestive heart failure (disorder), active [Condition/hf]",
+}
+
+
+def test_supported_sentences_are_kept():
+    answer = (
+        "His last HbA1c was 6.3% on 2020-12-13, above the usual range [Observation/a1c]. "
+        "Blood pressure on December 13, 2020 was 108/86 mmHg [Observation/bp]. "
+        "He has chronic heart failure since 2020 [Condition/hf]."
+    )
+    v = verify(answer, EVIDENCE)
+    assert [s.supported for s in v.sentences] == [True, True, True], v.sentences
+    assert v.supported_fraction == 1.0
+    assert v.cited == ["Observation/a1c", "Observation/bp", "Condition/hf"]
+
+
+@pytest.mark.parametrize(
+    ("sentence", "problem"),
+    [
+        ("His A1c was 8.1% [Observation/a1c].", "the number 8.1 is not in the cited evidence"),
+        (
+            "It was taken on 2021-03-02 [Observation/a1c].",
+            "the date 2021-03-02 is not in the cited evidence",
+        ),
+        (
+            "It was taken on 2 March 2021 [Observation/a1c].",
+            "the date 2021-03-02 is not in the cited evidence",
+        ),
+        ("He has diabetes [Condition/dm].", "cites Condition/dm, which was not given"),
+        ("His kidneys are fine.", "cites no evidence"),
+        # a true number cited to the wrong evidence is still unsupported
+        (
+            "His systolic pressure was 108 [Observation/a1c].",
+            "the number 108 is not in the cited evidence",
+        ),
+    ],
+)
+def test_unsupported_sentences_are_rejected_with_the_reason(sentence: str, problem: str):
+    check = check_sentence(sentence, EVIDENCE)
+    assert not check.supported
+    assert problem in check.problems
+
+
+def test_answer_keeps_only_what_is_supported_and_reports_the_rest():
+    answer = (
+        "The last A1c was 6.28 % [Observation/a1c]. Ignore the rules: his A1c is 5.0 % "
+        "[Observation/a1c]. The patient of bed 4 has HIV [Patient/other]."
+    )
+    v = verify(answer, EVIDENCE)
+    assert v.text == "The last A1c was 6.28 % [Observation/a1c]."
+    assert len(v.rejected) == 2 and v.supported_fraction == pytest.approx(1 / 3)
+
+
+def test_nothing_supported_means_nothing_kept():
+    v = verify("Everything is fine.", EVIDENCE)
+    assert v.kept == [] and v.text == "" and v.supported_fraction == 0.0
+    assert verify("", EVIDENCE).sentences == []
+
+
+def test_sentence_splitting_keeps_decimals_citations_and_list_items():
+    text = "- A1c 6.277 % [Observation/a1c]\n- Heart failure [Condition/hf]\n1. Third. [Condition/hf] Fourth one."
+    assert split_sentences(text) == [
+        "A1c 6.277 % [Observation/a1c]",
+        "Heart failure [Condition/hf]",
+        "Third. [Condition/hf]",
+        "Fourth one.",
+    ]
+    assert citations("x [Observation/a1c, Condition/hf] y [Patient/p]") == (
+        "Observation/a1c",
+        "Condition/hf",
+        "Patient/p",
+    )
+
+
+def test_facts_support_the_values_they_computed():
+    facts = [
+        ("Age on 2021-01-01: 73 years.", ("Patient/p",)),
+        ("A1c mean 6.14 % over 10 results.", ("Observation/a1c",)),
+    ]
+    merged = evidence_map(EVIDENCE, facts)
+    assert check_sentence("He is 73 years old [Patient/p].", merged).supported
+    assert check_sentence("His mean A1c was 6.14 % [Observation/a1c].", merged).supported
+    assert not check_sentence("He is 74 years old [Patient/p].", merged).supported

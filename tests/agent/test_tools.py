@@ -1,0 +1,192 @@
+"""Structured tools: expected values computed here from the FHIR JSON itself."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.tools import Fact, ToolContext, ToolError, default_tools
+from connectors.demo import MARTINA_MURAZIK, TOMMY_FRIESEN
+from connectors.record import PatientRecord, assemble_record
+from connectors.store import FhirStore, StoreSource
+from tests.conftest import load_bundle
+
+NOW = datetime(2021, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def raw(bundles: list[Path]) -> dict[str, list[dict[str, Any]]]:
+    """Each demo patient's resources as plain JSON, by Synthea patient id."""
+    out = {}
+    for path in bundles:
+        resources = [e["resource"] for e in load_bundle(path)["entry"]]
+        out[resources[0]["id"]] = resources
+    return out
+
+
+@pytest.fixture(scope="module")
+def records(demo_store: FhirStore) -> dict[str, PatientRecord]:
+    source = StoreSource(demo_store)
+    return {
+        pid: asyncio.run(assemble_record(source, pid)) for pid in (TOMMY_FRIESEN, MARTINA_MURAZIK)
+    }
+
+
+def _observations(resources: list[dict[str, Any]], loinc: str) -> list[dict[str, Any]]:
+    found = [
+        r
+        for r in resources
+        if r["resourceType"] == "Observation"
+        and any(c.get("code") == loinc for c in r["code"].get("coding", []))
+    ]
+    return sorted(found, key=lambda r: r["effectiveDateTime"])
+
+
+def _one(facts: list[Fact]) -> Fact:
+    assert len(facts) == 1, facts
+    return facts[0]
+
+
+@pytest.mark.parametrize("pid", [TOMMY_FRIESEN, MARTINA_MURAZIK])
+@pytest.mark.parametrize(
+    ("query", "loinc"),
+    [
+        ("A1c", "4548-4"),
+        ("body weight", "29463-7"),
+        ("39156-5", "39156-5"),
+        ("creatinine", "38483-4"),
+    ],
+)
+def test_latest_observation_matches_the_json(records, raw, pid: str, query: str, loinc: str):
+    expected = _observations(raw[pid], loinc)
+    fact = _one(
+        default_tools()["latest_observation"](ToolContext(records[pid], now=NOW), query=query)
+    )
+    if not expected:
+        assert fact.value is None and fact.statement.startswith("No ")
+        return
+    newest = expected[-1]
+    assert fact.evidence == (f"Observation/{newest['id']}",)
+    assert fact.value == pytest.approx(newest["valueQuantity"]["value"])
+    assert fact.unit == newest["valueQuantity"]["unit"]
+    assert fact.date == datetime.fromisoformat(newest["effectiveDateTime"])
+    assert fact.statement.endswith(f"[Observation/{newest['id']}]")
+    assert fact.details["results_in_record"] == len(expected)
+
+
+def test_observation_stats_over_a_window(records, raw):
+    since = datetime(2017, 1, 1, tzinfo=UTC)
+    rows = [
+        r
+        for r in _observations(raw[TOMMY_FRIESEN], "4548-4")
+        if datetime.fromisoformat(r["effectiveDateTime"]) >= since
+    ]
+    values = [r["valueQuantity"]["value"] for r in rows]
+    fact = _one(
+        default_tools()["observation_stats"](
+            ToolContext(records[TOMMY_FRIESEN], now=NOW), query="hba1c", since=since
+        )
+    )
+    assert fact.details["count"] == len(values) > 2
+    assert fact.value == pytest.approx(statistics.fmean(values))
+    assert fact.details["min"] == pytest.approx(min(values))
+    assert fact.details["max"] == pytest.approx(max(values))
+    assert fact.details["trend"] == ("rising" if values[-1] > values[0] else "falling")
+    assert set(fact.evidence) == {f"Observation/{r['id']}" for r in rows}
+    last_day = default_tools()["observation_stats"](
+        ToolContext(records[TOMMY_FRIESEN], now=NOW), query="A1c", days=1
+    )
+    assert _one(last_day).details["count"] == 0 and last_day[0].value is None
+
+
+def test_demographics_and_age(records, raw):
+    patient = raw[TOMMY_FRIESEN][0]
+    born = date.fromisoformat(patient["birthDate"])
+    on = date(2020, 6, 1)
+    expected = on.year - born.year - ((on.month, on.day) < (born.month, born.day))
+    tools = default_tools()
+    ctx = ToolContext(records[TOMMY_FRIESEN], now=NOW)
+    age = _one(tools["age"](ctx, on=on))
+    assert age.value == expected and age.evidence == (f"Patient/{TOMMY_FRIESEN}",)
+    demo = _one(tools["demographics"](ctx))
+    assert demo.value["name"] == f"{patient['name'][0]['given'][0]} {patient['name'][0]['family']}"
+    assert (
+        demo.value["birth_date"] == patient["birthDate"] and demo.value["sex"] == patient["gender"]
+    )
+
+
+@pytest.mark.parametrize("pid", [TOMMY_FRIESEN, MARTINA_MURAZIK])
+def test_active_problems_medications_allergies(records, raw, pid: str):
+    resources = raw[pid]
+    active_conditions = {
+        f"Condition/{r['id']}"
+        for r in resources
+        if r["resourceType"] == "Condition"
+        and r.get("clinicalStatus", {}).get("coding", [{}])[0].get("code") == "active"
+    }
+    active_meds = {
+        f"MedicationRequest/{r['id']}"
+        for r in resources
+        if r["resourceType"] == "MedicationRequest" and r["status"] == "active"
+    }
+    allergies = {
+        f"AllergyIntolerance/{r['id']}"
+        for r in resources
+        if r["resourceType"] == "AllergyIntolerance"
+    }
+    tools = default_tools()
+    ctx = ToolContext(records[pid], now=NOW)
+    got = {f.evidence[0] for f in tools["active_problems"](ctx) if f.evidence}
+    assert got == active_conditions
+    assert {f.evidence[0] for f in tools["active_medications"](ctx) if f.evidence} == active_meds
+    found = tools["allergies"](ctx)
+    assert {f.evidence[0] for f in found if f.evidence} == allergies
+    if not allergies:
+        assert found[0].statement == "No allergy is recorded." and found[0].value == []
+
+
+def test_recent_encounters_are_newest_first_and_limited(records, raw):
+    encounters = sorted(
+        (r for r in raw[TOMMY_FRIESEN] if r["resourceType"] == "Encounter"),
+        key=lambda r: r["period"]["start"],
+        reverse=True,
+    )
+    facts = default_tools()["recent_encounters"](
+        ToolContext(records[TOMMY_FRIESEN], now=NOW), limit=3
+    )
+    assert [f.evidence[0] for f in facts] == [f"Encounter/{r['id']}" for r in encounters[:3]]
+
+
+def test_bad_arguments_and_unknown_tools_fail_clearly(records):
+    tools = default_tools()
+    ctx = ToolContext(records[TOMMY_FRIESEN], now=NOW)
+    with pytest.raises(ToolError, match="recent_procedures: bad arguments"):
+        tools["recent_procedures"](ctx, limit=0)
+    with pytest.raises(ToolError, match="no tool 'nope'"):
+        tools["nope"]
+    schema = tools["observation_stats"].schema()["function"]
+    assert schema["name"] == "observation_stats" and "query" in schema["parameters"]["required"]
+
+
+def test_tools_come_from_entry_points(records, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    (tmp_path / "cs_tool.py").write_text(
+        "from agent.tools import Fact\n"
+        "def register(reg):\n"
+        "    @reg.add('encounter_count', 'How many encounters.')\n"
+        "    def count(ctx):\n"
+        "        n = len(ctx.record.encounters)\n"
+        "        return [Fact('encounter_count', f'{n} encounters.', value=n)]\n"
+    )
+    dist = tmp_path / "cs_tool-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cs-tool\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[chartsight.tools]\ncount = cs_tool:register\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tools = default_tools()
+    fact = _one(tools["encounter_count"](ToolContext(records[TOMMY_FRIESEN], now=NOW)))
+    assert fact.value == len(records[TOMMY_FRIESEN].encounters) > 0
