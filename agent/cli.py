@@ -18,8 +18,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from agent.answer import Answer
 from agent.indexing import BuildReport, build_index, open_index, patient_case, rank_evidence
-from agent.render import record_as_json, render_record
+from agent.render import record_as_json, render_answer, render_record
+from agent.service import ChartSight
 from agent.settings import Settings, load_settings
 from connectors.demo import TOMMY_FRIESEN, import_demo
 from connectors.dicomweb import DicomWebClient
@@ -491,6 +493,101 @@ def evidence(
     for r in ranked:
         table.add_row(f"{r.score:.2f}", r.evidence.text)
     console.print(table)
+
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", help="Model backend: 'evidence' (no model), 'openai', or a plug-in."),
+]
+ModelUrlOpt = Annotated[
+    str | None, typer.Option("--model-url", help="Root of an OpenAI-compatible API (…/v1).")
+]
+ModelNameOpt = Annotated[str | None, typer.Option("--model-name", help="Model name to request.")]
+
+
+def _model_settings(
+    settings: Settings, model: str | None, model_url: str | None, model_name: str | None
+) -> None:
+    if model:
+        settings.model.name = model
+    if model_url:
+        settings.model.base_url = model_url
+        if not model:
+            settings.model.name = "openai"
+    if model_name:
+        settings.model.model = model_name
+
+
+@app.command()
+def ask(
+    patient: Annotated[str, typer.Argument(help="Patient id, or an identifier value.")],
+    question: Annotated[str, typer.Argument(help="The clinician's question.")],
+    fhir_url: FhirUrlOpt = None,
+    token: TokenOpt = None,
+    model: ModelOpt = None,
+    model_url: ModelUrlOpt = None,
+    model_name: ModelNameOpt = None,
+    thread: Annotated[str | None, typer.Option(help="Continue this conversation thread.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Answer a question about one patient, every sentence cited and checked against the record."""
+    try:
+        settings = _settings(config, fhir_url, token)
+        _model_settings(settings, model, model_url, model_name)
+
+        async def run() -> Answer:
+            async with ChartSight(settings) as agent:
+                return await agent.ask(patient, question, thread_id=thread)
+
+        answer = asyncio.run(run())
+    except ChartSightError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps(answer.to_dict(), default=str))
+    else:
+        render_answer(console, answer)
+
+
+@app.command()
+def chat(
+    patient: Annotated[str, typer.Argument(help="Patient id, or an identifier value.")],
+    fhir_url: FhirUrlOpt = None,
+    token: TokenOpt = None,
+    model: ModelOpt = None,
+    model_url: ModelUrlOpt = None,
+    model_name: ModelNameOpt = None,
+    thread: Annotated[str | None, typer.Option(help="Continue this conversation thread.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Questions and follow-ups about one patient in one thread (an empty line ends it)."""
+    try:
+        settings = _settings(config, fhir_url, token)
+        _model_settings(settings, model, model_url, model_name)
+    except ChartSightError as exc:
+        _fail(exc)
+
+    async def run() -> None:
+        async with ChartSight(settings) as agent:
+            current = thread
+            while True:
+                question = await asyncio.to_thread(console.input, "[bold]question>[/] ")
+                if not question.strip():
+                    return
+                try:
+                    answer = await agent.ask(patient, question, thread_id=current)
+                except ChartSightError as exc:
+                    err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+                    continue
+                current = answer.thread_id
+                render_answer(console, answer)
+
+    try:
+        asyncio.run(run())
+    except (EOFError, KeyboardInterrupt):
+        return
+    except ChartSightError as exc:
+        _fail(exc)
 
 
 def main() -> Any:

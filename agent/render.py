@@ -237,3 +237,25 @@ def record_as_json(record: PatientRecord, images: ImageSet | None) -> dict[str, 
             {"reference": f.provenance.fhir_reference, "error": f.error} for f in images.failures
         ]
     return out
+
+
+def render_answer(console: Console, answer: Any) -> None:
+    """An answer with its citations, warnings and provenance, in the terminal."""
+    style = "yellow" if answer.abstained else "bold"
+    console.print(f"[{style}]{answer.text}[/]", highlight=False)
+    if answer.citations:
+        table = Table(title="Citations", title_justify="left", show_edge=False)
+        table.add_column("reference")
+        table.add_column("evidence", overflow="fold")
+        for c in answer.citations:
+            table.add_row(c.reference, c.text)
+        console.print(table)
+    for warning in answer.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    stages = ", ".join(f"{k} {v:.0f}" for k, v in answer.latency_ms.items())
+    console.print(
+        f"model {answer.model} · prompt {answer.prompt_version} · supported "
+        f"{answer.supported_fraction:.0%} · thread {answer.thread_id} · ms: {stages}",
+        style="dim",
+        highlight=False,
+    )

@@ -19,6 +19,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from agent.backends import BackendSettings
 from connectors.errors import ConfigurationError
 from connectors.settings import DicomWebSettings, FhirServerSettings, ImageSettings, StoreSettings
 from retrieval.settings import RetrievalSettings
@@ -50,6 +51,12 @@ class Settings(BaseSettings):
     dicomweb: DicomWebSettings = DicomWebSettings()
     images: ImageSettings = ImageSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
+    model: BackendSettings = BackendSettings()
+    threads: str | None = Field(
+        default=None,
+        description="Where conversation threads are kept: a SQLite path or a PostgreSQL URL "
+        "(default: <home>/threads.db).",
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -72,6 +79,11 @@ class Settings(BaseSettings):
         if self.store.url:
             return self.store.url
         return f"sqlite:///{self.home.expanduser() / 'store.db'}"
+
+    @property
+    def threads_url(self) -> str:
+        """Checkpointer location of conversation threads."""
+        return self.threads or str(self.home.expanduser() / "threads.db")
 
     @property
     def index_path(self) -> Path:

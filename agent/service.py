@@ -1,0 +1,156 @@
+"""``ChartSight``: ask questions about patients through the graph, one thread per conversation."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from agent.answer import Answer
+from agent.backends import create_backend
+from agent.graph import build_graph
+from agent.nodes import Runtime
+from agent.settings import Settings
+from agent.tools import default_tools
+from connectors.dicomweb import DicomWebClient
+from connectors.errors import ConfigurationError
+from connectors.fhir_client import FhirClient
+from connectors.source import FhirSource
+from connectors.store import FhirStore, StoreSource
+from retrieval.encoders import EncoderRegistry
+from retrieval.index import CaseIndex, IndexError_
+from retrieval.rank import EvidenceRanker
+
+
+async def _checkpointer(url: str, stack: contextlib.AsyncExitStack) -> Any:
+    """A LangGraph checkpointer for a SQLite path or a PostgreSQL URL."""
+    if url.startswith(("postgresql://", "postgres://")):
+        try:
+            from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+        except ImportError as exc:
+            raise ConfigurationError(
+                "a PostgreSQL checkpointer needs `pip install langgraph-checkpoint-postgres`"
+            ) from exc
+        saver = await stack.enter_async_context(AsyncPostgresSaver.from_conn_string(url))
+        await saver.setup()
+        return saver
+    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+    path = url.removeprefix("sqlite:///")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return await stack.enter_async_context(AsyncSqliteSaver.from_conn_string(path))
+
+
+class ChartSight:
+    """The agent, with its source, model backend, index and checkpointer opened once.
+
+    Use as ``async with ChartSight(settings) as cs: answer = await cs.ask(patient, question)``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        source: FhirSource | None = None,
+        now: datetime | None = None,
+        encoders: EncoderRegistry | None = None,
+        use_index: bool = True,
+    ) -> None:
+        self.settings = settings
+        self._source = source
+        self.now = now
+        self.encoders = encoders
+        self.use_index = use_index
+        self._stack = contextlib.AsyncExitStack()
+        self.runtime: Runtime | None = None
+        self.graph: Any = None
+
+    async def __aenter__(self) -> ChartSight:
+        s = self.settings
+        source = self._source or (
+            FhirClient(s.fhir) if s.fhir.url else StoreSource(FhirStore(s.store_url))
+        )
+        if self._source is None:
+            self._stack.push_async_callback(source.aclose)
+        backend = create_backend(s.model)
+        if backend is not None:
+            self._stack.push_async_callback(backend.aclose)
+        dicomweb = DicomWebClient.from_settings(s.dicomweb)
+        if dicomweb is not None:
+            self._stack.push_async_callback(dicomweb.aclose)
+        encoders = self.encoders or EncoderRegistry(s.retrieval.encoders)
+        index = None
+        if self.use_index and (s.index_path / "CURRENT").exists():
+            try:
+                r = s.retrieval
+                index = CaseIndex(
+                    s.index_path, r.index, r.fusion, encoders.text(), encoders.image()
+                )
+            except IndexError_:
+                index = None  # reported when a question asks for similar cases
+        self.runtime = Runtime(
+            settings=s,
+            source=source,
+            tools=default_tools(),
+            ranker=EvidenceRanker(s.retrieval.rank, encoders.text()),
+            backend=backend,
+            index=index,
+            dicomweb=dicomweb,
+            now=self.now,
+        )
+        saver = await _checkpointer(s.threads_url, self._stack)
+        self.graph = build_graph(saver)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    async def ask(
+        self,
+        patient: str,
+        question: str,
+        *,
+        thread_id: str | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> Answer:
+        """A grounded answer; the same ``thread_id`` continues a conversation."""
+        assert self.runtime is not None, "use `async with ChartSight(...)`"
+        self.runtime.on_event = on_event
+        thread = thread_id or uuid.uuid4().hex
+        config = {"configurable": {"thread_id": thread, "runtime": self.runtime}}
+        start = {"question": question, "patient_key": patient, "warnings": None, "timings": None}
+        state = await self.graph.ainvoke(start, config)
+        data = state["answer"]
+        answer = Answer(**{k: v for k, v in data.items() if k not in _NESTED})
+        answer.citations = [_nested("citations", c) for c in data["citations"]]
+        answer.facts = [_nested("facts", f) for f in data["facts"]]
+        answer.similar_cases = [_nested("similar_cases", c) for c in data["similar_cases"]]
+        answer.images = [_nested("images", i) for i in data["images"]]
+        answer.thread_id = thread
+        answer.latency_ms = dict(state.get("timings", {}))  # finalize's own time included
+        return answer
+
+    async def history(self, thread_id: str) -> list[dict[str, str]]:
+        """The questions and answers of a thread so far."""
+        snapshot = await self.graph.aget_state({"configurable": {"thread_id": thread_id}})
+        return list(snapshot.values.get("history", [])) if snapshot else []
+
+
+_NESTED = ("citations", "facts", "similar_cases", "images")
+
+
+def _nested(kind: str, value: dict[str, Any]) -> Any:
+    from agent import answer as a
+
+    cls = {
+        "citations": a.Citation,
+        "facts": a.FactUsed,
+        "similar_cases": a.SimilarCase,
+        "images": a.ImageUsed,
+    }[kind]
+    if kind == "facts":
+        value = {**value, "evidence": tuple(value["evidence"])}
+    return cls(**value)

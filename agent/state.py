@@ -1,0 +1,47 @@
+"""The graph's state: plain, JSON-friendly values, so a checkpointer can store every step.
+
+The patient's record itself is not in the state (it is large and re-fetchable); nodes read it from
+the runtime's cache by patient id.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Annotated, Any, TypedDict
+
+
+def _merge(left: dict[str, Any] | None, right: dict[str, Any] | None) -> dict[str, Any]:
+    """Parallel nodes add their entries; ``None`` (sent when a new question starts) clears."""
+    return {} if right is None else {**(left or {}), **right}
+
+
+def _collect(left: list[Any] | None, right: list[Any] | None) -> list[Any]:
+    """Parallel nodes add their items; ``None`` (sent when a new question starts) clears."""
+    return [] if right is None else [*(left or []), *right]
+
+
+class AskState(TypedDict, total=False):
+    """One question's way through the graph (and, per thread, the conversation so far)."""
+
+    question: str
+    patient_key: str
+    patient_id: str
+    patient_line: str
+    history: Annotated[list[dict[str, str]], operator.add]  # earlier turns of the thread
+    plan: list[dict[str, Any]]  # tool calls: {"tool": ..., "args": {...}}
+    want_images: bool
+    want_similar: bool
+    facts: list[dict[str, Any]]  # Fact as a dict
+    evidence: dict[str, str]  # id → the line the model sees (ranked order)
+    all_lines: dict[str, str]  # every evidence line of the record, for citations of facts
+    similar: list[dict[str, Any]]
+    images: list[dict[str, Any]]  # provenance of the images sent
+    draft: str
+    model: str
+    checked: list[dict[str, Any]]  # sentence checks of the latest draft
+    attempts: int
+    fallback: bool
+    warnings: Annotated[list[str], _collect]
+    timings: Annotated[dict[str, float], _merge]
+    evidence_scores: dict[str, dict[str, float]]
+    answer: dict[str, Any]
