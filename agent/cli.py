@@ -255,8 +255,8 @@ def record(
 
 @app.command()
 def demo(config: ConfigOpt = None) -> None:
-    """Set up the embedded default (demo patients in the local store and the case index) and show
-    one patient's record, the evidence for a question, and similar cases."""
+    """Set up the embedded default (demo patients in the local store, the case index) and answer a
+    few questions about one patient, every sentence cited and verified."""
     try:
         settings = _settings(config)
         store = FhirStore(settings.store_url)
@@ -274,37 +274,35 @@ def demo(config: ConfigOpt = None) -> None:
         _fail(exc)
     render_record(console, rec, imgs)
 
-    question = "What was his last hemoglobin A1c?"
     try:
         encoders = EncoderRegistry(settings.retrieval.encoders)
-        ranked = rank_evidence(rec, question, settings, encoders, token_budget=200)
         index = open_index(settings, encoders)
 
-        async def build() -> tuple[BuildReport, Case]:
-            source = StoreSource(store)
-            report = await build_index(index, source, settings)
-            return report, (await patient_case(source, settings, TOMMY_FRIESEN))[1]
+        async def build() -> BuildReport:
+            return await build_index(index, StoreSource(store), settings)
 
-        report, case = asyncio.run(build())
-        hits = index.similar(case, 3, CaseFilter(exclude_patient=TOMMY_FRIESEN))
+        report = asyncio.run(build())
+        console.print(
+            f"Similar-case index: {len(index)} cases ({report.added} added now) in "
+            f"{settings.index_path}."
+        )
+
+        async def answers() -> list[Answer]:
+            async with ChartSight(settings, encoders=encoders) as agent:
+                return [await agent.ask(TOMMY_FRIESEN, q) for q in DEMO_QUESTIONS]
+
+        for question, answer in zip(DEMO_QUESTIONS, asyncio.run(answers()), strict=True):
+            console.rule(f"[bold]{question}")
+            render_answer(console, answer)
     except ChartSightError as exc:
         _fail(exc)
-    table = Table(title=f"Evidence for {question!r}", title_justify="left", title_style="bold")
-    table.add_column("score", justify="right")
-    table.add_column("evidence", overflow="fold")
-    for r in ranked:
-        table.add_row(f"{r.score:.2f}", r.evidence.text)
-    console.print(table)
-    table = Table(
-        title=f"Most similar cases ({len(index)} in the index, {report.added} added now)",
-        title_justify="left",
-        title_style="bold",
-    )
-    for col in ("score", "case", "summary"):
-        table.add_column(col, overflow="fold")
-    for hit in hits:
-        table.add_row(f"{hit.score:.3f}", hit.key, hit.summary[:160])
-    console.print(table)
+
+
+DEMO_QUESTIONS = (
+    "What was his last hemoglobin A1c?",
+    "What medications is he currently taking?",
+    "Are there similar patients?",
+)
 
 
 index_app = typer.Typer(help="The similar-case index.", no_args_is_help=True)

@@ -86,16 +86,36 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         "deceased",
     ):
         out.add("demographics")
-    measured = [
-        t
-        for t in terms.matches(question)
-        if any(c.startswith("http://loinc.org|") for c in t.codes)
+    asks_condition = _has(q, "have", "has ", "diagnos", "history of", "suffer", "comorbid")
+    # each matched term by its longest phrase in the question; a phrase inside a longer one
+    # ("hemoglobin" in "hemoglobin A1c") belongs to the longer one's term
+    spans: list[tuple[int, int, str, Any]] = []
+    for term in terms.matches(question):
+        found = [
+            m
+            for w in term.words
+            if (m := re.search(rf"\b{re.escape(w)}\b", question, re.IGNORECASE)) is not None
+        ]
+        if found:
+            best = max(found, key=lambda m: m.end() - m.start())
+            spans.append((best.start(), best.end(), best.group(0), term))
+    spans = [
+        a
+        for a in spans
+        if not any(
+            b is not a and b[0] <= a[0] and a[1] <= b[1] and b[1] - b[0] > a[1] - a[0]
+            for b in spans
+        )
     ]
-    measured_words = [
-        next(w for w in t.words if re.search(rf"\b{re.escape(w)}\b", q))
-        for t in measured
-        if any(re.search(rf"\b{re.escape(w)}\b", q) for w in t.words)
-    ]
+    measured_words: list[str] = []
+    conditions = []
+    for _, _, words, term in sorted(spans, key=lambda x: x[0]):
+        loinc = any(c.startswith("http://loinc.org|") for c in term.codes)
+        snomed = any(c.startswith("http://snomed.info/sct|") for c in term.codes)
+        if loinc and not (asks_condition and snomed):
+            measured_words.append(words)  # as the clinician wrote it
+        elif snomed:
+            conditions.append(term)
     stats = _has(
         q,
         "average",
@@ -128,14 +148,7 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         out.add("active_medications")
     if _has(q, "allerg"):
         out.add("allergies")
-    problem_terms = [
-        t
-        for t in terms.matches(question)
-        if any(c.startswith("http://snomed.info/sct|") for c in t.codes)
-    ]
-    if problem_terms or _has(
-        q, "problem", "diagnos", "condition", "history of", "suffer", "comorbid"
-    ):
+    if conditions or _has(q, "problem", "diagnos", "condition", "comorbid"):
         out.add("active_problems")
     if _has(q, "procedure", "surgery", "operation"):
         out.add("recent_procedures")

@@ -23,8 +23,10 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     mp.delenv("CHARTSIGHT_CONFIG", raising=False)
     result = runner.invoke(app, ["demo"])  # demo patients with their images, and the index
     assert result.exit_code == 0, result.output
-    assert "Evidence for 'What was his last hemoglobin A1c?'" in result.output
-    assert "Most similar cases (5 in the index, 5 added now)" in result.output
+    assert "Similar-case index: 5 cases (5 added now)" in result.output
+    assert "What was his last hemoglobin A1c?" in result.output
+    assert "Latest hemoglobin A1c: 2020-12-13 Hemoglobin A1c" in " ".join(result.output.split())
+    assert "Similar case (score" in result.output and "model evidence" in result.output
     yield home
     mp.undo()
 
@@ -96,3 +98,35 @@ def test_index_build_from_a_fhir_server(sekmet, tmp_path: Path, monkeypatch: pyt
     assert set(sekmet.patient_ids.values()) >= {h["patient_id"] for h in found}
     bad = runner.invoke(app, ["index", "build", "--source", "pacs"])
     assert bad.exit_code == 1 and "--source is 'local' or 'fhir'" in bad.output
+
+
+def test_ask_prints_a_cited_answer_as_json(home: Path):
+    result = runner.invoke(app, ["ask", TOMMY_FRIESEN, "What was his last A1c?", "--json"])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    assert answer["model"] == "evidence" and answer["supported_fraction"] == 1.0
+    ref = answer["citations"][0]["reference"]
+    assert ref.startswith("Observation/") and f"[{ref}]" in answer["text"]
+    assert answer["facts"][0]["tool"] == "latest_observation" and answer["thread_id"]
+
+
+def test_chat_keeps_one_thread(home: Path):
+    result = runner.invoke(
+        app, ["chat", TOMMY_FRIESEN], input="What was his last A1c?\nand before that?\n\n"
+    )
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "Latest A1c:" in text and "Previous A1c:" in text
+    threads = {part.split()[0] for part in text.split("thread ")[1:]}
+    assert len(threads) == 1
+
+
+def test_ask_with_an_unreachable_model_says_it_fell_back(home: Path):
+    result = runner.invoke(
+        app,
+        ["ask", TOMMY_FRIESEN, "What was his last A1c?", "--model-url", "http://127.0.0.1:9/v1"],
+        env={"CHARTSIGHT_MODEL__HTTP__DEADLINE_S": "5"},
+    )
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "Latest A1c:" in text and "evidence answer is given instead" in text

@@ -141,13 +141,17 @@ def test_active_problems_medications_allergies(records, raw, pid: str):
     }
     tools = default_tools()
     ctx = ToolContext(records[pid], now=NOW)
-    got = {f.evidence[0] for f in tools["active_problems"](ctx) if f.evidence}
-    assert got == active_conditions
-    assert {f.evidence[0] for f in tools["active_medications"](ctx) if f.evidence} == active_meds
-    found = tools["allergies"](ctx)
-    assert {f.evidence[0] for f in found if f.evidence} == allergies
+
+    def refs(name: str, prefix: str) -> set[str]:
+        return {r for f in tools[name](ctx) for r in f.evidence if r.startswith(prefix)}
+
+    assert refs("active_problems", "Condition/") == active_conditions
+    assert refs("active_medications", "MedicationRequest/") == active_meds
+    assert refs("allergies", "AllergyIntolerance/") == allergies
     if not allergies:
-        assert found[0].statement == "No allergy is recorded." and found[0].value == []
+        (none,) = tools["allergies"](ctx)
+        # an absence is a statement about the whole record, cited by its Patient
+        assert none.statement == f"No allergy is recorded. [Patient/{pid}]" and none.value == []
 
 
 def test_recent_encounters_are_newest_first_and_limited(records, raw):
