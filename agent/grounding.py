@@ -12,6 +12,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from connectors.resources import is_resource_type
+
 # [Observation/abc] or [Observation/abc, Condition/def] or [Observation/abc; Patient/x]
 _CITATION = re.compile(
     r"\[((?:[A-Z][A-Za-z]+/[A-Za-z0-9\-.#]+)(?:\s*[,;]\s*[A-Z][A-Za-z]+/[A-Za-z0-9\-.#]+)*)\]"
@@ -89,7 +91,7 @@ def split_sentences(text: str) -> list[str]:
     out: list[str] = []
     for part in parts:
         lead = re.match(r"^((?:" + _CITATION.pattern + r"\s*)+)(.*)$", part, re.DOTALL)
-        if out and lead:
+        if out and lead and citations(lead.group(1)):
             out[-1] = f"{out[-1]} {lead.group(1).strip()}"
             part = part[len(lead.group(1)) :].strip()
         if part:
@@ -101,8 +103,19 @@ def citations(sentence: str) -> tuple[str, ...]:
     """Evidence ids cited in a sentence."""
     refs: list[str] = []
     for group in _CITATION.findall(sentence):
-        refs.extend(_REF.findall(group))
+        if _is_citation(group):
+            refs.extend(_REF.findall(group))
     return tuple(dict.fromkeys(refs))
+
+
+def _is_citation(group: str) -> bool:
+    """Whether bracketed text cites resources: "[Observation/abc]" does, a unit such as
+    "[Mass/volume]" in a LOINC name does not."""
+    return all(is_resource_type(ref.split("/", 1)[0]) for ref in _REF.findall(group))
+
+
+def _strip_citations(text: str) -> str:
+    return _CITATION.sub(lambda m: " " if _is_citation(m.group(1)) else m.group(0), text)
 
 
 def _dates(text: str) -> tuple[set[str], str]:
@@ -162,7 +175,7 @@ def check_sentence(sentence: str, evidence: Mapping[str, str]) -> SentenceCheck:
     support = " ".join(evidence[c] for c in known)
     support_dates, support_rest = _dates(support)
     support_numbers = _numbers(support_rest)
-    body = _CITATION.sub(" ", sentence)
+    body = _strip_citations(sentence)
     stated_dates, rest = _dates(body)
     for d in sorted(stated_dates):
         if not _date_supported(d, support_dates):

@@ -356,11 +356,13 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
             else f"up to {end.date().isoformat()}"
         )
         if not rows:
+            ref = f"Patient/{ctx.record.patient_id}"
             return [
                 Fact(
                     "observation_stats",
-                    f"No numeric {query} result {window}.",
+                    f"No numeric {query} result {window}.{_cite([ref])}",
                     value=None,
+                    evidence=(ref,),
                     details={"query": query, "count": 0},
                 )
             ]

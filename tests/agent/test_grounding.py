@@ -98,3 +98,10 @@ def test_facts_support_the_values_they_computed():
     assert check_sentence("He is 73 years old [Patient/p].", merged).supported
     assert check_sentence("His mean A1c was 6.14 % [Observation/a1c].", merged).supported
     assert not check_sentence("He is 74 years old [Patient/p].", merged).supported
+
+
+def test_bracketed_units_are_not_citations():
+    line = "2017-11-17 Hemoglobin [Mass/volume] in Blood (LOINC 718-7) 14.14 g/dL [Observation/hb]"
+    check = check_sentence(f"Latest hemoglobin: {line}.", {"Observation/hb": line})
+    assert check.supported and check.citations == ("Observation/hb",)
+    assert not check_sentence("Hemoglobin [Mass/volume] was 14.1.", {}).supported

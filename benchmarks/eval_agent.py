@@ -1,0 +1,275 @@
+"""Answer accuracy and latency of ``ask`` with the embedded default (no model).
+
+Structured questions over the Synthea patients (``synthea-r4-smart`` from ``--data``, else the demo
+patients), modelled on MedAgentBench's query task types: age, the latest value of a test and its
+date, the last HbA1c, the average over a time window; plus active medications, active problems and
+allergies. Expected answers are computed here from the FHIR JSON, independently of ChartSight. An
+answer is exact when its text states the expected value (and date) and cites exactly the expected
+resources. Latency: per stage and end to end for warm questions; cold start of `chartsight ask`
+as a fresh process. Results are appended to ``benchmarks/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from agent.service import ChartSight  # noqa: E402
+from agent.settings import Settings  # noqa: E402
+from benchmarks.machine import describe  # noqa: E402
+from connectors.demo import demo_bundles  # noqa: E402
+from connectors.store import FhirStore  # noqa: E402
+
+NOW = datetime(2021, 1, 1, tzinfo=UTC)
+DEFAULT_DATA = ROOT.parent / "shared" / "data"
+Check = Callable[[Any], bool]
+
+
+def _obs(resources: list[dict[str, Any]], loinc: str) -> list[dict[str, Any]]:
+    found = [
+        r
+        for r in resources
+        if r["resourceType"] == "Observation"
+        and "valueQuantity" in r
+        and any(c.get("code") == loinc for c in r["code"].get("coding", []))
+    ]
+    return sorted(found, key=lambda r: r["effectiveDateTime"])
+
+
+def _cites(answer: Any, expected: set[str], prefix: str) -> bool:
+    return {c.reference for c in answer.citations if c.reference.startswith(prefix)} == expected
+
+
+def questions(resources: list[dict[str, Any]]) -> list[tuple[str, str, Check]]:
+    """(type, question, check) for one patient, expected answers from the JSON."""
+    patient = resources[0]
+    out: list[tuple[str, str, Check]] = []
+    born = date.fromisoformat(patient["birthDate"])
+    end = NOW.date()
+    if patient.get("deceasedDateTime"):
+        end = min(end, datetime.fromisoformat(patient["deceasedDateTime"]).date())
+    age = end.year - born.year - ((end.month, end.day) < (born.month, born.day))
+    out.append(("age", "How old is the patient?", lambda a, n=age: f"{n} years" in a.text))
+    for label, loinc in (
+        ("last HbA1c", "4548-4"),
+        ("latest creatinine", "38483-4"),
+        ("latest body weight", "29463-7"),
+        ("latest BMI", "39156-5"),
+        ("latest glucose", "2339-0"),
+        ("latest total cholesterol", "2093-3"),
+        ("latest hemoglobin", "718-7"),
+    ):
+        rows = _obs(resources, loinc)
+        if not rows:
+            continue
+        newest = rows[-1]
+        value = f"{float(newest['valueQuantity']['value']):.4g}"
+        day = newest["effectiveDateTime"][:10]
+        # Synthea sometimes records the same result twice at the same instant: either is right
+        ties = {
+            f"Observation/{r['id']}"
+            for r in rows
+            if r["effectiveDateTime"] == newest["effectiveDateTime"]
+            and r["valueQuantity"]["value"] == newest["valueQuantity"]["value"]
+        }
+        q = f"What was the {label.replace('latest ', 'most recent ')}?"
+        out.append(
+            (
+                "latest value and date",
+                q,
+                lambda a, v=value, d=day, t=ties: (
+                    v in a.text
+                    and d in a.text
+                    and len(
+                        refs := {
+                            c.reference
+                            for c in a.citations
+                            if c.reference.startswith("Observation/")
+                        }
+                    )
+                    == 1
+                    and refs <= t
+                ),
+            )
+        )
+    for label, loinc, years in (("glucose", "2339-0", 3), ("body weight", "29463-7", 5)):
+        since = NOW - timedelta(days=365.25 * years)
+        rows = [
+            r
+            for r in _obs(resources, loinc)
+            if since <= datetime.fromisoformat(r["effectiveDateTime"]) <= NOW
+        ]
+        q = f"What is the average {label} over the last {years} years?"
+        if rows:
+            mean = statistics.fmean(float(r["valueQuantity"]["value"]) for r in rows)
+            refs = {f"Observation/{r['id']}" for r in rows}
+            out.append(
+                (
+                    "average over a window",
+                    q,
+                    lambda a, m=mean, rs=refs: (
+                        f"mean {m:.4g}" in a.text and _cites(a, rs, "Observation/")
+                    ),
+                )
+            )
+        else:
+            out.append(("average over a window", q, lambda a: "No numeric" in a.text))
+    meds = {
+        f"MedicationRequest/{r['id']}"
+        for r in resources
+        if r["resourceType"] == "MedicationRequest" and r.get("status") == "active"
+    }
+    out.append(
+        (
+            "active medications",
+            "What medications is the patient currently taking?",
+            lambda a, m=meds: (
+                _cites(a, m, "MedicationRequest/")
+                and (bool(m) or "No active medication is recorded" in a.text)
+            ),
+        )
+    )
+    problems = {
+        f"Condition/{r['id']}"
+        for r in resources
+        if r["resourceType"] == "Condition"
+        and r.get("clinicalStatus", {}).get("coding", [{}])[0].get("code") == "active"
+    }
+    out.append(
+        (
+            "active problems",
+            "What are the patient's active problems?",
+            lambda a, p=problems: (
+                _cites(a, p, "Condition/") and (bool(p) or "No active problem" in a.text)
+            ),
+        )
+    )
+    allergies = {
+        f"AllergyIntolerance/{r['id']}"
+        for r in resources
+        if r["resourceType"] == "AllergyIntolerance"
+    }
+    out.append(
+        (
+            "allergies",
+            "Does the patient have any allergies?",
+            lambda a, al=allergies: (
+                _cites(a, al, "AllergyIntolerance/")
+                and (bool(al) or "No allergy is recorded" in a.text)
+            ),
+        )
+    )
+    return out
+
+
+async def evaluate(
+    paths: list[Path], home: Path
+) -> tuple[dict[str, list[bool]], list[float], dict[str, list[float]], list[str]]:
+    store = FhirStore(f"sqlite:///{home / 'store.db'}")
+    bundles = {}
+    for path in paths:
+        store.import_path(path)
+        if path.suffix == ".gz":
+            with gzip.open(path) as fh:
+                data = json.loads(fh.read())
+        else:
+            data = json.loads(path.read_text())
+        resources = [e["resource"] for e in data["entry"]]
+        if resources and resources[0]["resourceType"] == "Patient":
+            bundles[resources[0]["id"]] = resources
+    settings = Settings(home=home, store={"url": str(store.engine.url)})
+    results: dict[str, list[bool]] = defaultdict(list)
+    warm: list[float] = []
+    stages: dict[str, list[float]] = defaultdict(list)
+    misses: list[str] = []
+    async with ChartSight(settings, now=NOW, use_index=False) as agent:
+        for pid, resources in bundles.items():
+            first = True
+            for kind, question, check in questions(resources):
+                start = time.perf_counter()
+                answer = await agent.ask(pid, question)
+                elapsed = (time.perf_counter() - start) * 1000
+                if not first:  # the first question of a patient fetches and embeds the record
+                    warm.append(elapsed)
+                    for stage, ms in answer.latency_ms.items():
+                        stages[stage].append(ms)
+                first = False
+                ok = bool(check(answer))
+                results[kind].append(ok)
+                if not ok and len(misses) < 8:
+                    misses.append(f"{pid[:8]} {question} → {answer.text[:160]}")
+    return results, warm, stages, misses
+
+
+def cold_start(home: Path, pid: str) -> float:
+    env = {**os.environ, "CHARTSIGHT_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "agent.cli", "ask", pid, "What was the last HbA1c?"],
+        check=True,
+        capture_output=True,
+        env=env,
+        cwd=ROOT,
+    )
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results.md")
+    args = parser.parse_args()
+    folder = args.data / "synthea-r4-smart" / "bundles"
+    paths = sorted(folder.glob("*.json")) if folder.is_dir() else demo_bundles()
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        results, warm, stages, misses = asyncio.run(evaluate(paths, home))
+        pid = next(iter(FhirStore(f"sqlite:///{home / 'store.db'}").patients())).id
+        cold = cold_start(home, pid)
+    total = [ok for oks in results.values() for ok in oks]
+    lines = [
+        f"\n## Answer accuracy and latency, embedded default — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n",
+        f"Machine: {describe()}. {len(paths)} Synthea patients, now = {NOW.date()}; expected answers "
+        "computed from the FHIR JSON; exact = the expected value (and date) stated and exactly the "
+        "expected resources cited.\n",
+        "| question type | exact | of |",
+        "|---|---|---|",
+    ]
+    for kind, oks in results.items():
+        lines.append(f"| {kind} | {sum(oks) / len(oks):.1%} | {len(oks)} |")
+    lines.append(f"| **all** | **{sum(total) / len(total):.1%}** | {len(total)} |")
+    q = statistics.quantiles(warm, n=20)
+    lines += [
+        "",
+        f"Warm `ask` (record cached, embedded default): p50 {statistics.median(warm):.0f} ms, "
+        f"p95 {q[18]:.0f} ms over {len(warm)} questions. Median per stage: "
+        + ", ".join(f"{k} {statistics.median(v):.1f} ms" for k, v in stages.items())
+        + f". Cold start of `chartsight ask` (new process: imports, model load, record fetch, "
+        f"embedding): {cold:.1f} s.",
+    ]
+    if misses:
+        lines += ["", "First misses:", ""] + [f"- {m}" for m in misses]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    with args.results.open("a") as fh:
+        fh.write(report)
+
+
+if __name__ == "__main__":
+    main()
