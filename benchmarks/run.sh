@@ -25,3 +25,4 @@ else
 fi
 $PY benchmarks/encoders.py
 $PY benchmarks/eval_retrieval.py
+$PY benchmarks/eval_agent.py
