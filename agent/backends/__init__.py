@@ -31,11 +31,12 @@ class BackendError(ChartSightError):
 class BackendSettings(BaseModel):
     """Which model answers, and how to reach it."""
 
-    name: Literal["evidence", "openai", "llama-cpp"] | str = Field(
+    name: Literal["evidence", "openai", "llama-cpp", "transformers"] | str = Field(
         default="evidence",
         description="'evidence' (no model: a templated, cited answer), 'openai' (an "
         "OpenAI-compatible server: vLLM, TGI, Ollama, llama.cpp, hosted APIs), 'llama-cpp' (a "
-        "GGUF file in-process; model = its path), or a plug-in.",
+        "GGUF file in-process; model = its path), 'transformers' (a Hugging Face model in-process; "
+        "model = an id or a folder), or a plug-in.",
     )
     model: str = Field(default="", description="Model name sent to the server.")
     base_url: str = Field(
@@ -52,6 +53,9 @@ class BackendSettings(BaseModel):
         default=None, description="llama-cpp: the image projector file of a vision GGUF build."
     )
     context_tokens: int = Field(default=4096, ge=512, description="llama-cpp: context size.")
+    gguf_file: str | None = Field(
+        default=None, description="transformers: a GGUF file inside the model folder."
+    )
     http: HttpSettings = HttpSettings(timeout_s=120.0, deadline_s=300.0, max_retries=2)
 
 
@@ -85,8 +89,13 @@ Factory = Callable[[BackendSettings], Backend]
 def _builtin() -> dict[str, Factory]:
     from agent.backends.llamacpp import LlamaCppBackend
     from agent.backends.openai import OpenAIBackend
+    from agent.backends.transformers import TransformersBackend
 
-    return {"openai": OpenAIBackend, "llama-cpp": LlamaCppBackend}
+    return {
+        "openai": OpenAIBackend,
+        "llama-cpp": LlamaCppBackend,
+        "transformers": TransformersBackend,
+    }
 
 
 def create_backend(settings: BackendSettings) -> Backend | None:
