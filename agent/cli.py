@@ -526,17 +526,29 @@ def ask(
     model_url: ModelUrlOpt = None,
     model_name: ModelNameOpt = None,
     thread: Annotated[str | None, typer.Option(help="Continue this conversation thread.")] = None,
+    stream: Annotated[
+        bool, typer.Option(help="Show the stages and the model's draft as they happen.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Answer a question about one patient, every sentence cited and checked against the record."""
+
+    def show(kind: str, data: dict[str, Any]) -> None:
+        if kind == "token":
+            err_console.print(data["text"], end="", style="dim", highlight=False)
+        elif kind == "node_finished":
+            err_console.print(f"[dim]· {data['node']} {data['ms']:.0f} ms[/]", highlight=False)
+
     try:
         settings = _settings(config, fhir_url, token)
         _model_settings(settings, model, model_url, model_name)
 
         async def run() -> Answer:
             async with ChartSight(settings) as agent:
-                return await agent.ask(patient, question, thread_id=thread)
+                return await agent.ask(
+                    patient, question, thread_id=thread, on_event=show if stream else None
+                )
 
         answer = asyncio.run(run())
     except ChartSightError as exc:

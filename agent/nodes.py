@@ -15,7 +15,7 @@ from langchain_core.runnables import RunnableConfig
 
 import prompts
 from agent.answer import Answer, Citation, FactUsed, ImageUsed, SimilarCase
-from agent.backends import Backend, BackendError, Message
+from agent.backends import Backend, BackendError, Generation, Message
 from agent.grounding import evidence_map, verify
 from agent.planner import is_follow_up
 from agent.planner import plan as rule_plan
@@ -311,7 +311,16 @@ async def generate(state: AskState, rt: Runtime) -> dict[str, Any]:
     if rt.backend is None:
         return {"draft": evidence_answer(state), "model": "evidence", "attempts": attempts + 1}
     try:
-        reply = await rt.backend.generate(_messages(state, rt))
+        stream = getattr(rt.backend, "stream", None)
+        if rt.on_event is not None and stream is not None:
+            # listeners get the answer token by token as the model writes it
+            parts = []
+            async for token in stream(_messages(state, rt)):
+                parts.append(token)
+                rt.emit("token", text=token)
+            reply = Generation("".join(parts).strip(), rt.backend.name)
+        else:
+            reply = await rt.backend.generate(_messages(state, rt))
     except BackendError as exc:
         rt.emit("fallback", reason=str(exc))
         return {

@@ -163,7 +163,21 @@ def test_a_real_model_server_is_verified_and_falls_back(settings: Settings, llam
     settings.model.base_url = llama.base_url
     settings.model.model = "smollm2-135m"
     settings.model.max_tokens = 80
-    answer = _ask(settings, "What was his last HbA1c?")
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    async def run():  # type: ignore[no-untyped-def]
+        async with ChartSight(settings, now=NOW) as agent:
+            return await agent.ask(
+                TOMMY_FRIESEN,
+                "What was his last HbA1c?",
+                on_event=lambda k, d: events.append((k, d)),
+            )
+
+    answer = asyncio.run(run())
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "node_started" and "verified" in kinds
+    tokens = [d["text"] for k, d in events if k == "token"]
+    assert tokens, "the model's answer streams token by token"
     assert answer.model.startswith(("openai:", "evidence (fallback from openai:"))
     # whatever a 135M model writes, only sentences resting on the evidence they cite survive
     assert answer.text and not answer.abstained

@@ -130,3 +130,9 @@ def test_ask_with_an_unreachable_model_says_it_fell_back(home: Path):
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "Latest A1c:" in text and "evidence answer is given instead" in text
+
+
+def test_ask_streams_the_stages(home: Path):
+    result = runner.invoke(app, ["ask", TOMMY_FRIESEN, "How old is he?", "--stream"])
+    assert result.exit_code == 0, result.output
+    assert "· resolve" in result.output and "· verify" in result.output

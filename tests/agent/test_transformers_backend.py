@@ -18,7 +18,36 @@ from connectors.demo import TOMMY_FRIESEN
 from connectors.images import ImageProvenance, PatientImage
 from connectors.store import FhirStore
 
-WORDS = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "user", "assistant", "system", ":", "what", "was", "his", "last", "a1c", "hba1c", "?", "the", "is", "%", ".", "[", "]", "observation", "patient", "latest", "answer", "cite", "evidence"]
+WORDS = [
+    "<unk>",
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<image>",
+    "user",
+    "assistant",
+    "system",
+    ":",
+    "what",
+    "was",
+    "his",
+    "last",
+    "a1c",
+    "hba1c",
+    "?",
+    "the",
+    "is",
+    "%",
+    ".",
+    "[",
+    "]",
+    "observation",
+    "patient",
+    "latest",
+    "answer",
+    "cite",
+    "evidence",
+]
 TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }} : {% if m['content'] is string %}{{ m['content'] }}"
     "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}"
