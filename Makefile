@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[dev]"
 	touch $@
 
-# Main job on the embedded default: demo patients into the local store, one record shown.
+# Main job on the embedded default: demo patients and the case index, three questions answered.
 demo: $(VENV)/.installed
 	$(VENV)/bin/chartsight demo
 
