@@ -28,9 +28,9 @@ from connectors.dicomweb import DicomWebClient
 from connectors.errors import ChartSightError, ConfigurationError, FhirImportError
 from connectors.fhir_client import FhirClient
 from connectors.images import ImageSet, collect_images
-from connectors.record import PatientRecord, assemble_record
+from connectors.record import PatientRecord, assemble_record, find_patients
 from connectors.source import FhirSource
-from connectors.store import FhirStore, ImportReport, StoreSource
+from connectors.store import FhirStore, ImportReport, StoreSource, human_name
 from retrieval.cases import Case
 from retrieval.encoders import EncoderRegistry
 from retrieval.index import CaseFilter
@@ -203,6 +203,37 @@ def patients(
     for p in found:
         table.add_row(p.id, p.name, p.gender or "", p.birth_date or "", str(p.resources))
     console.print(table)
+
+
+@app.command()
+def find(
+    name: Annotated[str, typer.Argument(help="Given and family name, e.g. 'Tommy Friesen'.")],
+    born: Annotated[str | None, typer.Option(help="Birth date, YYYY-MM-DD.")] = None,
+    fhir_url: FhirUrlOpt = None,
+    token: TokenOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Find a patient's id by name and birth date ('Patient not found' when there is none)."""
+    try:
+        settings = _settings(config, fhir_url, token)
+
+        async def run() -> list[Any]:
+            source = _source(settings)
+            try:
+                return await find_patients(source, name, born)
+            finally:
+                await source.aclose()
+
+        found = asyncio.run(run())
+    except ChartSightError as exc:
+        _fail(exc)
+    if not found:
+        console.print("Patient not found")
+        raise typer.Exit(1)
+    for patient in found:
+        console.print(
+            f"{patient.id}  {human_name(patient)}  born {patient.birthDate}", highlight=False
+        )
 
 
 async def _load(

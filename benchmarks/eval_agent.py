@@ -1,9 +1,9 @@
 """Answer accuracy and latency of ``ask`` with the embedded default (no model).
 
 Structured questions over the Synthea patients (``synthea-r4-smart`` from ``--data``, else the demo
-patients), modelled on MedAgentBench's query task types: age, the latest value of a test and its
-date, the last HbA1c, the average over a time window; plus active medications, active problems and
-allergies. Expected answers are computed here from the FHIR JSON, independently of ChartSight. An
+patients), modelled on MedAgentBench's query task types: patient lookup by name and birth date, age,
+the latest value of a test and its date, the last HbA1c, the average over a time window; plus
+active medications, active problems and allergies. Expected answers are computed here from the FHIR JSON, independently of ChartSight. An
 answer is exact when its text states the expected value (and date) and cites exactly the expected
 resources. Latency: per stage and end to end for warm questions; cold start of `chartsight ask`
 as a fresh process. Results are appended to ``benchmarks/results.md``.
@@ -34,7 +34,8 @@ from agent.service import ChartSight  # noqa: E402
 from agent.settings import Settings  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
 from connectors.demo import demo_bundles  # noqa: E402
-from connectors.store import FhirStore  # noqa: E402
+from connectors.record import find_patients  # noqa: E402
+from connectors.store import FhirStore, StoreSource  # noqa: E402
 
 NOW = datetime(2021, 1, 1, tzinfo=UTC)
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
@@ -198,6 +199,7 @@ async def evaluate(
     warm: list[float] = []
     stages: dict[str, list[float]] = defaultdict(list)
     misses: list[str] = []
+    source = StoreSource(store)
     async with ChartSight(settings, now=NOW, use_index=False) as agent:
         for pid, resources in bundles.items():
             first = True
@@ -214,6 +216,13 @@ async def evaluate(
                 results[kind].append(ok)
                 if not ok and len(misses) < 8:
                     misses.append(f"{pid[:8]} {question} → {answer.text[:160]}")
+            # MedAgentBench task 1: the patient's id from name and birth date (or none)
+            patient = resources[0]
+            name = f"{patient['name'][0]['given'][0]} {patient['name'][0]['family']}"
+            found = await find_patients(source, name, patient["birthDate"])
+            results["patient lookup (name, birth date)"].append([p.id for p in found] == [pid])
+            wrong = await find_patients(source, name, "1800-01-01")
+            results["patient lookup (name, birth date)"].append(wrong == [])
     return results, warm, stages, misses
 
 

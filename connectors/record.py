@@ -114,6 +114,22 @@ class PatientRecord:
         getattr(self, attr).append(resource) if attr else self.other.append(resource)
 
 
+async def find_patients(
+    source: FhirSource, name: str, birth_date: str | None = None
+) -> list[Patient]:
+    """Patients by name (given and family name, as a person writes them) and birth date."""
+    words = name.split()
+    if not words:
+        return []
+    params: dict[str, str] = {"family": words[-1]}
+    if len(words) > 1:
+        params["given"] = words[0]
+    if birth_date:
+        params["birthdate"] = birth_date
+    found = (await source.search("Patient", params)).resources
+    return [p for p in found if isinstance(p, Patient)]
+
+
 async def resolve_patient(source: FhirSource, key: str) -> Patient:
     """Find a patient by id, or by an identifier value (``system|value`` or a bare value)."""
     try:

@@ -96,6 +96,11 @@ def test_index_build_from_a_fhir_server(sekmet, tmp_path: Path, monkeypatch: pyt
     found = json.loads(hits.output)
     assert len(found) == 2 and server_id not in {h["patient_id"] for h in found}
     assert set(sekmet.patient_ids.values()) >= {h["patient_id"] for h in found}
+    found = runner.invoke(
+        app, ["find", "Tommy Friesen", "--born", "1947-06-15", "--fhir-url", sekmet.base_url]
+    )
+    assert found.exit_code == 0, found.output
+    assert found.output.split()[0] == server_id
     bad = runner.invoke(app, ["index", "build", "--source", "pacs"])
     assert bad.exit_code == 1 and "--source is 'local' or 'fhir'" in bad.output
 
@@ -136,3 +141,11 @@ def test_ask_streams_the_stages(home: Path):
     result = runner.invoke(app, ["ask", TOMMY_FRIESEN, "How old is he?", "--stream"])
     assert result.exit_code == 0, result.output
     assert "· resolve" in result.output and "· verify" in result.output
+
+
+def test_find_a_patient_by_name_and_birth_date(home: Path):
+    found = runner.invoke(app, ["find", "Tommy Friesen", "--born", "1947-06-15"])
+    assert found.exit_code == 0, found.output
+    assert found.output.split()[0] == TOMMY_FRIESEN
+    missing = runner.invoke(app, ["find", "Tommy Friesen", "--born", "1950-01-01"])
+    assert missing.exit_code == 1 and "Patient not found" in missing.output
