@@ -113,6 +113,12 @@ class _ImageTower:
     info: EncoderInfo
     _lock: threading.Lock
 
+    def __init__(self, settings: EncoderSettings) -> None:
+        self.device = resolve_device(settings.device)
+        self.dtype = _dtype(settings, self.device)
+        self.batch_size = settings.batch_size
+        self._lock = threading.Lock()
+
     def _forward(self, batch: Any) -> Any:
         raise NotImplementedError
 
@@ -142,10 +148,7 @@ class TimmImageEncoder(_ImageTower):
         import timm
         import torch
 
-        self.device = resolve_device(settings.device)
-        self.dtype = _dtype(settings, self.device)
-        self.batch_size = settings.batch_size
-        self._lock = threading.Lock()
+        super().__init__(settings)
         try:
             model = timm.create_model(model_name, pretrained=False, num_classes=0)
         except RuntimeError as exc:
@@ -297,10 +300,7 @@ class OpenClipEncoder(_ImageTower):
         import open_clip
         import torch
 
-        self.device = resolve_device(settings.device)
-        self.dtype = _dtype(settings, self.device)
-        self.batch_size = settings.batch_size
-        self._lock = threading.Lock()
+        super().__init__(settings)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_name, pretrained=pretrained or None, device=self.device
