@@ -22,6 +22,21 @@ from tests.peers.servers import Medplum, Orthanc, Sekmet
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
+def install_entry_point(
+    root: Path, monkeypatch: pytest.MonkeyPatch, module: str, source: str, group: str, entry: str
+) -> None:
+    """Make a one-module distribution importable, with ``entry`` (``name = module:attr``) in the
+    entry point ``group``, the way an installed plug-in package would be."""
+    (root / f"{module}.py").write_text(source)
+    dist = root / f"{module}-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 1.0\n"
+    )
+    (dist / "entry_points.txt").write_text(f"[{group}]\n{entry}\n")
+    monkeypatch.syspath_prepend(str(root))
+
+
 def load_bundle(path: Path) -> dict[str, Any]:
     with gzip.open(path, "rt", encoding="utf-8") as fh:
         return json.load(fh)

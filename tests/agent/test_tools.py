@@ -14,7 +14,7 @@ from agent.tools import Fact, ToolContext, ToolError, default_tools
 from connectors.demo import MARTINA_MURAZIK, TOMMY_FRIESEN
 from connectors.record import PatientRecord, assemble_record
 from connectors.store import FhirStore, StoreSource
-from tests.conftest import load_bundle
+from tests.conftest import install_entry_point, load_bundle
 
 NOW = datetime(2021, 1, 1, tzinfo=UTC)
 
@@ -178,19 +178,19 @@ def test_bad_arguments_and_unknown_tools_fail_clearly(records):
 
 
 def test_tools_come_from_entry_points(records, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    (tmp_path / "cs_tool.py").write_text(
+    install_entry_point(
+        tmp_path,
+        monkeypatch,
+        "cs_tool",
         "from agent.tools import Fact\n"
         "def register(reg):\n"
         "    @reg.add('encounter_count', 'How many encounters.')\n"
         "    def count(ctx):\n"
         "        n = len(ctx.record.encounters)\n"
-        "        return [Fact('encounter_count', f'{n} encounters.', value=n)]\n"
+        "        return [Fact('encounter_count', f'{n} encounters.', value=n)]\n",
+        "chartsight.tools",
+        "count = cs_tool:register",
     )
-    dist = tmp_path / "cs_tool-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cs-tool\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[chartsight.tools]\ncount = cs_tool:register\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
     tools = default_tools()
     fact = _one(tools["encounter_count"](ToolContext(records[TOMMY_FRIESEN], now=NOW)))
     assert fact.value == len(records[TOMMY_FRIESEN].encounters) > 0

@@ -19,6 +19,7 @@ from retrieval.encoders import (
     _load_by_order,
 )
 from retrieval.settings import EncoderSettings
+from tests.conftest import install_entry_point
 
 # A tiny CLIP built from a config, with random weights: the same code path as BiomedCLIP, whose
 # weights cannot be downloaded here.
@@ -137,7 +138,10 @@ def test_checkpoints_load_by_order_only_when_every_shape_fits():
 
 
 def test_plugin_encoders_come_from_entry_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    (tmp_path / "cs_encoder.py").write_text(
+    install_entry_point(
+        tmp_path,
+        monkeypatch,
+        "cs_encoder",
         "import numpy as np\n"
         "from retrieval.encoders import EncoderInfo\n"
         "class Hashing:\n"
@@ -148,13 +152,10 @@ def test_plugin_encoders_come_from_entry_points(tmp_path: Path, monkeypatch: pyt
         "            out[i, hash(t) % 8] = 1\n"
         "        return out\n"
         "def make(argument, settings):\n"
-        "    return Hashing()\n"
+        "    return Hashing()\n",
+        "chartsight.encoders",
+        "hashing = cs_encoder:make",
     )
-    dist = tmp_path / "cs_encoder-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cs-encoder\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[chartsight.encoders]\nhashing = cs_encoder:make\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
     registry = EncoderRegistry(EncoderSettings())
     enc = registry.text("hashing")
     assert enc.info.dim == 8 and enc.encode_texts(["a"]).shape == (1, 8)

@@ -17,6 +17,7 @@ from retrieval.evidence import (
     default_compactors,
     record_evidence,
 )
+from tests.conftest import install_entry_point
 
 LOINC_A1C = "http://loinc.org|4548-4"
 
@@ -194,17 +195,17 @@ def test_broken_compactor_falls_back_for_that_resource_only(tommy: PatientRecord
 def test_entry_point_plugins_register_compactors(
     tommy: PatientRecord, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    (tmp_path / "cs_plugin.py").write_text(
+    install_entry_point(
+        tmp_path,
+        monkeypatch,
+        "cs_plugin",
         "def register(reg):\n"
         "    @reg.datatype('Quantity')\n"
         "    def q(value, reg):\n"
-        "        return f'<<{value.value}>>'\n"
+        "        return f'<<{value.value}>>'\n",
+        "chartsight.compactors",
+        "units = cs_plugin:register",
     )
-    dist = tmp_path / "cs_plugin-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cs-plugin\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[chartsight.compactors]\nunits = cs_plugin:register\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
     reg = Compactors()
     reg.load_entry_points()
     assert "Quantity" in reg.datatypes
