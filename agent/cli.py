@@ -21,12 +21,11 @@ from rich.table import Table
 from agent.answer import Answer
 from agent.indexing import BuildReport, build_index, open_index, patient_case, rank_evidence
 from agent.render import record_as_json, render_answer, render_record
-from agent.service import ChartSight
+from agent.service import ChartSight, connected
 from agent.settings import Settings, load_settings
 from connectors.demo import TOMMY_FRIESEN, import_demo
 from connectors.dicomweb import DicomWebClient
 from connectors.errors import ChartSightError, ConfigurationError, FhirImportError
-from connectors.fhir_client import FhirClient
 from connectors.images import ImageSet, collect_images
 from connectors.record import PatientRecord, assemble_record, find_patients
 from connectors.source import FhirSource
@@ -218,11 +217,8 @@ def find(
         settings = _settings(config, fhir_url, token)
 
         async def run() -> list[Any]:
-            source = _source(settings)
-            try:
+            async with connected(settings) as (source, _):
                 return await find_patients(source, name, born)
-            finally:
-                await source.aclose()
 
         found = asyncio.run(run())
     except ChartSightError as exc:
@@ -239,23 +235,12 @@ def find(
 async def _load(
     settings: Settings, patient: str, with_images: bool
 ) -> tuple[PatientRecord, ImageSet | None]:
-    source: FhirSource
-    source = (
-        FhirClient(settings.fhir)
-        if settings.fhir.url
-        else StoreSource(FhirStore(settings.store_url))
-    )
-    dicomweb = DicomWebClient.from_settings(settings.dicomweb)
-    try:
+    async with connected(settings) as (source, dicomweb):
         record = await assemble_record(source, patient)
         images = (
             await collect_images(record, source, settings.images, dicomweb) if with_images else None
         )
         return record, images
-    finally:
-        await source.aclose()
-        if dicomweb is not None:
-            await dicomweb.aclose()
 
 
 @app.command()
@@ -340,12 +325,6 @@ index_app = typer.Typer(help="The similar-case index.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 
 
-def _source(settings: Settings) -> FhirSource:
-    if settings.fhir.url:
-        return FhirClient(settings.fhir)
-    return StoreSource(FhirStore(settings.store_url))
-
-
 @index_app.command("build")
 def index_build(
     source: Annotated[
@@ -380,8 +359,10 @@ def index_build(
     started = time.perf_counter()
 
     async def run() -> BuildReport:
-        src = _source(settings)
-        dicomweb = DicomWebClient.from_settings(settings.dicomweb)
+        async with connected(settings) as (src, dicomweb):
+            return await _build(src, dicomweb)
+
+    async def _build(src: FhirSource, dicomweb: DicomWebClient | None) -> BuildReport:
         with Progress(
             TextColumn("[bold]indexing"),
             BarColumn(),
@@ -399,12 +380,7 @@ def index_build(
                     task, completed=done, total=total, rate=f"{done / elapsed:.1f} patients/s"
                 )
 
-            try:
-                return await build_index(index, src, settings, dicomweb, progress=advance)
-            finally:
-                await src.aclose()
-                if dicomweb is not None:
-                    await dicomweb.aclose()
+            return await build_index(index, src, settings, dicomweb, progress=advance)
 
     try:
         report = asyncio.run(run())
@@ -441,14 +417,8 @@ def similar(
         index = open_index(settings, encoders)
 
         async def own() -> Case:
-            src = _source(settings)
-            dicomweb = DicomWebClient.from_settings(settings.dicomweb)
-            try:
+            async with connected(settings) as (src, dicomweb):
                 return (await patient_case(src, settings, patient, dicomweb))[1]
-            finally:
-                await src.aclose()
-                if dicomweb is not None:
-                    await dicomweb.aclose()
 
         case = asyncio.run(own())
         flt = CaseFilter(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,26 @@ async def _checkpointer(url: str, stack: contextlib.AsyncExitStack) -> Any:
     return await stack.enter_async_context(AsyncSqliteSaver.from_conn_string(path))
 
 
+def source_for(settings: Settings) -> FhirSource:
+    """The FHIR server the settings name, else the embedded local store."""
+    if settings.fhir.url:
+        return FhirClient(settings.fhir)
+    return StoreSource(FhirStore(settings.store_url))
+
+
+@contextlib.asynccontextmanager
+async def connected(settings: Settings) -> AsyncIterator[tuple[FhirSource, DicomWebClient | None]]:
+    """The patient source and the PACS (if configured), closed when done."""
+    source = source_for(settings)
+    dicomweb = DicomWebClient.from_settings(settings.dicomweb)
+    try:
+        yield source, dicomweb
+    finally:
+        await source.aclose()
+        if dicomweb is not None:
+            await dicomweb.aclose()
+
+
 class ChartSight:
     """The agent, with its source, model backend, index and checkpointer opened once.
 
@@ -70,9 +90,7 @@ class ChartSight:
 
     async def __aenter__(self) -> ChartSight:
         s = self.settings
-        source = self._source or (
-            FhirClient(s.fhir) if s.fhir.url else StoreSource(FhirStore(s.store_url))
-        )
+        source = self._source or source_for(s)
         if self._source is None:
             self._stack.push_async_callback(source.aclose)
         backend = create_backend(s.model)
