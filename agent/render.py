@@ -12,6 +12,7 @@ from connectors.images import ImageSet
 from connectors.record import PatientRecord
 from connectors.resources import reference_of
 from connectors.store import human_name
+from retrieval.cases import age_of
 
 
 def concept_text(concept: Any) -> str:
@@ -85,22 +86,10 @@ def _is_active(resource: Any) -> bool:
     return getattr(resource, "status", None) in ("active", "on-hold")
 
 
-def age(record: PatientRecord, on: date | None = None) -> int | None:
-    """Age in whole years today, or at death."""
-    born = record.patient.birthDate
-    if born is None:
-        return None
-    end = on or date.today()
-    deceased = record.patient.deceasedDateTime
-    if deceased is not None:
-        end = deceased.date() if isinstance(deceased, datetime) else end
-    return end.year - born.year - ((end.month, end.day) < (born.month, born.day))
-
-
 def render_record(console: Console, record: PatientRecord, images: ImageSet | None) -> None:
     """A one-screen summary of the record in the terminal."""
     p = record.patient
-    years = age(record)
+    years = age_of(record)
     deceased = f", died {p.deceasedDateTime.date()}" if p.deceasedDateTime else ""
     console.rule(
         f"[bold]{human_name(p)}[/]  {p.gender or ''}, born {p.birthDate}"
