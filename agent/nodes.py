@@ -28,7 +28,7 @@ from connectors.images import ImageSet, PatientImage, collect_images
 from connectors.record import PatientRecord, assemble_record
 from connectors.source import FhirSource
 from retrieval.cases import cases_from_record
-from retrieval.evidence import record_evidence
+from retrieval.evidence import Evidence, record_evidence
 from retrieval.index import CaseFilter, CaseIndex
 from retrieval.rank import EvidenceRanker
 
@@ -52,7 +52,21 @@ class Runtime:
     now: datetime | None = None  # the date that counts as now (default: the wall clock)
     records: dict[str, PatientRecord] = field(default_factory=dict)
     images: dict[str, ImageSet] = field(default_factory=dict)
+    evidence: dict[str, list[Evidence]] = field(default_factory=dict)
     on_event: Callable[[str, dict[str, Any]], None] | None = None
+
+    def evidence_items(self, record: PatientRecord) -> list[Evidence]:
+        """The record's evidence lines, compacted once per patient (records are cached too)."""
+        if record.patient_id not in self.evidence:
+            self.evidence[record.patient_id] = record_evidence(record)
+        return self.evidence[record.patient_id]
+
+    def context(self, record: PatientRecord) -> ToolContext:
+        """A tool context that reuses the cached evidence lines."""
+        items = self.evidence_items(record)
+        return ToolContext(
+            record, now=self.now or datetime.now().astimezone(), _evidence={e.id: e for e in items}
+        )
 
     def emit(self, kind: str, **data: Any) -> None:
         if self.on_event is not None:
@@ -87,10 +101,6 @@ def timed(
     return wrap
 
 
-def _now(rt: Runtime) -> datetime:
-    return rt.now or datetime.now().astimezone()
-
-
 @timed("resolve")
 async def resolve(state: AskState, rt: Runtime) -> dict[str, Any]:
     key = state["patient_key"]
@@ -104,7 +114,7 @@ async def resolve(state: AskState, rt: Runtime) -> dict[str, Any]:
     warnings += [
         f"{i.reference} failed validation and was left out: {i.error}" for i in record.invalid[:5]
     ]
-    demo = rt.tools["demographics"](ToolContext(record, now=_now(rt)))[0]
+    demo = rt.tools["demographics"](rt.context(record))[0]
     return {
         "patient_id": record.patient_id,
         "patient_line": demo.statement,
@@ -153,7 +163,7 @@ def _record(state: AskState, rt: Runtime) -> PatientRecord:
 
 @timed("tools")
 async def gather_tools(state: AskState, rt: Runtime) -> dict[str, Any]:
-    ctx = ToolContext(_record(state, rt), now=_now(rt))
+    ctx = rt.context(_record(state, rt))
     facts: list[dict[str, Any]] = []
     warnings = []
     for call in state.get("plan", []):
@@ -179,7 +189,7 @@ def _fact_dict(fact: Fact) -> dict[str, Any]:
 
 @timed("evidence")
 async def gather_evidence(state: AskState, rt: Runtime) -> dict[str, Any]:
-    items = record_evidence(_record(state, rt))
+    items = rt.evidence_items(_record(state, rt))
     ranked = rt.ranker.rank(state["question"], items)
     by_id = {e.id: e.text for e in items}
     evidence = {r.evidence.id: r.evidence.text for r in ranked}
