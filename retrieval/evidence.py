@@ -61,6 +61,7 @@ class Evidence:
     codes: tuple[str, ...] = ()  # "system|code"
     abnormal: bool = False  # outside its reference (or usual) range, or flagged by the lab
     active: bool = False  # an active problem, medication or allergy
+    withheld: str | None = None  # why the resource's own text was kept from the model
 
     @property
     def day(self) -> str:
@@ -148,8 +149,46 @@ class Compactors:
                 made = _fallback(res, self, ctx)
             if made is None:
                 continue
-            out.extend(made if isinstance(made, list) else [made])
+            out.extend(
+                withhold_instructions(e) for e in (made if isinstance(made, list) else [made])
+            )
         return out
+
+
+# Text in a record addressed to an AI model rather than to clinicians: an attempt to steer the
+# answer (prompt injection). Such an item keeps its place in the chart, but its words never reach a
+# model and cannot support a sentence.
+_ADDRESSED_TO_MODEL = re.compile(
+    r"\b(?:ignore|disregard|forget|override)\b[^.]{0,40}\b(?:instructions?|prompts?|rules|guidelines)\b"
+    r"|\b(?:system|developer)\s+prompt\b"
+    r"|\b(?:you\s+are\s+now|act\s+as|pretend\s+to\s+be)\s+(?:an?\s+|the\s+)?(?:ai|assistant|model|chatbot|"
+    r"unrestricted|jailbroken|dan)\b"
+    r"|\b(?:as|to)\s+(?:an?\s+)?(?:ai|language)\s+(?:model|assistant)\b"
+    r"|\b(?:new|updated)\s+instructions\b"
+    r"|<\|?/?(?:system|assistant|user|im_start|im_end)\|?>"
+    r"|\b(?:reveal|list|show|print|disclose|give)\b[^.]{0,40}\b(?:records?|medications?|data|charts?|"
+    r"information|results|history)\s+(?:of|for)\s+(?:another|other|a\s+different)\s+patients?\b"
+    r"|\b(?:reveal|list|show|print|disclose|give)\b[^.]{0,40}\b(?:another|other)\s+patient(?:'s|s')",
+    re.IGNORECASE,
+)
+
+
+def addressed_to_model(text: str) -> str | None:
+    """The phrase that marks ``text`` as instructions to an AI model, if any."""
+    found = _ADDRESSED_TO_MODEL.search(text)
+    return found.group(0) if found else None
+
+
+def withhold_instructions(item: Evidence) -> Evidence:
+    """``item``, or, when its text addresses an AI model, a line that says so without its words."""
+    phrase = addressed_to_model(item.text)
+    if phrase is None:
+        return item
+    kind = item.id.split("/", 1)[0]
+    reason = f"its text contains instructions addressed to an AI model ({clean_text(phrase, 60)!r})"
+    # the line the model sees names no words of the text; the reason (for people) quotes them
+    line = _line(item.date, f"{kind} withheld: its text addresses an AI model", item.id)
+    return Evidence(item.id, line, item.date, item.category, (), withheld=reason)
 
 
 # --- plain helpers ------------------------------------------------------------------------------
