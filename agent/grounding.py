@@ -1,9 +1,12 @@
 """The grounding verifier: every sentence of an answer must rest on evidence that was given.
 
 A sentence is supported when it cites at least one evidence id that was actually given to the model
-(``[Observation/abc]``), and every number and date it states appears in the evidence it cites. A
-number may be a rounding of the evidence's (6.3 for 6.277); units are compared loosely (the number
-carries the check). Unsupported sentences are removed and reported with the reason.
+(``[Observation/abc]``), every number and date it states appears in the evidence it cites, and every
+abbreviation it uses (HIV, COPD, HbA1c) and every clinical concept of the term table it names
+(diabetes, creatinine) is in that evidence too, by itself or through a word or code of the same
+concept (HbA1c ↔ "Hemoglobin A1c"). A number may be a
+rounding of the evidence's (6.3 for 6.277); units are compared loosely (the number carries the
+check). Unsupported sentences are removed and reported with the reason.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from connectors.resources import is_resource_type
+from retrieval.terms import Term, default_terms
 
 # [Observation/abc] or [Observation/abc, Condition/def] or [Observation/abc; Patient/x]
 _CITATION = re.compile(
@@ -41,6 +45,8 @@ _TEXT_DATE = re.compile(
     re.IGNORECASE,
 )
 _NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:[.,]\d+)?(?![\w])")
+# an abbreviation: two or more capitals, digits allowed (HIV, COPD, HbA1c, eGFR, CT)
+_ABBREVIATION = re.compile(r"\b(?=(?:[a-z0-9]*[A-Z]){2})[A-Za-z][A-Za-z0-9]{1,7}\b")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\[(\"'])|\n+")
 
 
@@ -186,7 +192,36 @@ def check_sentence(sentence: str, evidence: Mapping[str, str]) -> SentenceCheck:
             continue  # a year of a cited date ("in 2019")
         if not _number_supported(number, support_numbers):
             problems.append(f"the number {number} is not in the cited evidence")
+    for term in _abbreviations(rest):
+        if not _term_supported(term, support):
+            problems.append(f"{term} is not in the cited evidence")
+    for concept in default_terms().matches(rest):
+        if not _concept_supported(concept, support):
+            named = next(
+                w for w in concept.words if re.search(rf"\b{re.escape(w)}\b", rest.lower())
+            )
+            if named.upper() not in {t.upper() for t in _abbreviations(rest)}:  # said once
+                problems.append(f"{named!r} is not in the cited evidence")
     return SentenceCheck(sentence, cited, not problems, tuple(problems))
+
+
+def _abbreviations(text: str) -> list[str]:
+    return list(dict.fromkeys(_ABBREVIATION.findall(text)))
+
+
+def _term_supported(term: str, support: str) -> bool:
+    """Whether an abbreviation, or a word or code of its concept, occurs in the cited evidence."""
+    if re.search(rf"\b{re.escape(term.lower())}\b", support.lower()):
+        return True
+    return any(_concept_supported(c, support) for c in default_terms().matches(term))
+
+
+def _concept_supported(concept: Term, support: str) -> bool:
+    """Whether one of the concept's words occurs in the cited evidence. (Not its codes: the table
+    links related concepts through codes for ranking, e.g. diabetes to the HbA1c test, and a
+    sentence about diabetes must not rest on an HbA1c result.)"""
+    low = support.lower()
+    return any(re.search(rf"\b{re.escape(w)}\b", low) for w in concept.words)
 
 
 def verify(answer: str, evidence: Mapping[str, str]) -> Verification:

@@ -105,3 +105,26 @@ def test_bracketed_units_are_not_citations():
     check = check_sentence(f"Latest hemoglobin: {line}.", {"Observation/hb": line})
     assert check.supported and check.citations == ("Observation/hb",)
     assert not check_sentence("Hemoglobin [Mass/volume] was 14.1.", {}).supported
+
+
+A1C_LINE = (
+    "2020-12-13 Hemoglobin A1c/Hemoglobin.total in Blood (LOINC 4548-4) 6.277 % [Observation/a]"
+)
+
+
+@pytest.mark.parametrize(
+    ("sentence", "supported"),
+    [
+        ("His HbA1c was 6.3 % [Observation/a].", True),  # abbreviation ↔ the line's words
+        ("His glycated hemoglobin was 6.277 % [Observation/a].", True),  # a synonym
+        ("The patient has HIV [Observation/a].", False),  # an abbreviation the line lacks
+        ("He has diabetes [Observation/a].", False),  # an A1c result is not a diagnosis
+        ("He has hypertension [Observation/a].", False),  # a concept the line lacks
+        ("His COPD is stable [Observation/a].", False),
+    ],
+)
+def test_words_and_abbreviations_must_be_in_the_cited_evidence(sentence: str, supported: bool):
+    check = check_sentence(sentence, {"Observation/a": A1C_LINE})
+    assert check.supported is supported, check.problems
+    if not supported:
+        assert any("not in the cited evidence" in p for p in check.problems)
