@@ -60,6 +60,8 @@ class Answer:
     warnings: list[str] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     latency_ms: dict[str, float] = field(default_factory=dict)
+    # every tool call made: {"tool", "args", "by": "rules" | "model", "error"}
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
     thread_id: str | None = None
     created_at: str = field(
         default_factory=lambda: datetime.now().astimezone().isoformat(timespec="seconds")

@@ -1,9 +1,10 @@
-"""The LangGraph graph: wiring only (nodes in ``nodes.py``, state in ``state.py``).
+"""The LangGraph graph: wiring only (nodes in ``nodes.py`` and ``tool_planner.py``, state in
+``state.py``).
 
-resolve → plan → ┬ tools    ┬ → generate → verify ─┬→ finalize
-                 ├ evidence │       ▲               │
-                 ├ images   │       └── retry once ─┘
-                 └ similar  ┘
+resolve → plan ─┬──────────────────┬ tools    ┬ → generate → verify ─┬→ finalize
+                └ think ⇄ act ─────┤ evidence │       ▲               │
+                  (model calls     ├ images   │       └── retry once ─┘
+                   tools; bounded) └ similar  ┘
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from langgraph.graph import END, START, StateGraph
 
-from agent import nodes
+from agent import nodes, tool_planner
 from agent.state import AskState
 
 GATHER = {
@@ -21,6 +22,7 @@ GATHER = {
     "images": nodes.gather_images,
     "similar": nodes.gather_similar,
 }
+assert tuple(GATHER) == nodes.GATHER_NODES
 
 
 def build_graph(checkpointer: Any = None) -> Any:
@@ -28,6 +30,8 @@ def build_graph(checkpointer: Any = None) -> Any:
     graph = StateGraph(AskState)
     graph.add_node("resolve", nodes.resolve)
     graph.add_node("plan", nodes.plan)
+    graph.add_node("think", tool_planner.think)
+    graph.add_node("act", tool_planner.act)
     for name, node in GATHER.items():
         graph.add_node(name, node)
     graph.add_node("generate", nodes.generate)
@@ -36,8 +40,9 @@ def build_graph(checkpointer: Any = None) -> Any:
 
     graph.add_edge(START, "resolve")
     graph.add_edge("resolve", "plan")
-    for name in GATHER:
-        graph.add_edge("plan", name)
+    graph.add_conditional_edges("plan", tool_planner.after_plan, ["think", *GATHER])
+    graph.add_conditional_edges("think", tool_planner.after_think, ["act", *GATHER])
+    graph.add_edge("act", "think")
     graph.add_edge(list(GATHER), "generate")  # generate waits for every gatherer
     graph.add_edge("generate", "verify")
     graph.add_conditional_edges("verify", nodes.after_check, ["generate", "finalize"])

@@ -21,7 +21,7 @@ from agent.planner import is_follow_up
 from agent.planner import plan as rule_plan
 from agent.settings import Settings
 from agent.state import AskState
-from agent.tools import Fact, ToolContext, ToolError, ToolRegistry
+from agent.tools import ToolContext, ToolError, ToolRegistry
 from connectors.dicomweb import DicomWebClient
 from connectors.errors import ChartSightError
 from connectors.images import ImageSet, PatientImage, collect_images
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 2  # the first answer and one retry with the verifier's findings
 MAX_IMAGES = 4
+GATHER_NODES = ("tools", "evidence", "images", "similar")  # run in parallel after planning
 
 
 @dataclass
@@ -114,6 +115,11 @@ async def resolve(state: AskState, rt: Runtime) -> dict[str, Any]:
     warnings += [
         f"{i.reference} failed validation and was left out: {i.error}" for i in record.invalid[:5]
     ]
+    warnings += [
+        f"{e.id} was withheld from the model: {e.withheld}"
+        for e in rt.evidence_items(record)
+        if e.withheld
+    ]
     demo = rt.tools["demographics"](rt.context(record))[0]
     return {
         "patient_id": record.patient_id,
@@ -129,6 +135,11 @@ async def resolve(state: AskState, rt: Runtime) -> dict[str, Any]:
         "images": [],
         "draft": "",
         "checked": [],
+        "transcript": [],
+        "tool_steps": 0,
+        "pending_calls": [],
+        "model_facts": [],
+        "tool_log": None,  # clears the previous question's
     }
 
 
@@ -157,39 +168,33 @@ async def plan(state: AskState, rt: Runtime) -> dict[str, Any]:
     }
 
 
-def _record(state: AskState, rt: Runtime) -> PatientRecord:
+def record_of(state: AskState, rt: Runtime) -> PatientRecord:
     return rt.records[state["patient_id"]]
 
 
 @timed("tools")
 async def gather_tools(state: AskState, rt: Runtime) -> dict[str, Any]:
-    ctx = rt.context(_record(state, rt))
+    ctx = rt.context(record_of(state, rt))
     facts: list[dict[str, Any]] = []
     warnings = []
+    log_entries = []
     for call in state.get("plan", []):
         try:
             for fact in rt.tools[call["tool"]](ctx, **call["args"]):
-                facts.append(_fact_dict(fact))
+                facts.append(fact.to_dict())
+            log_entries.append({**call, "by": "rules", "error": False})
         except ToolError as exc:
             warnings.append(str(exc))
+            log_entries.append({**call, "by": "rules", "error": True})
+    seen = {f["statement"] for f in facts}
+    facts += [f for f in state.get("model_facts", []) if f["statement"] not in seen]
     rt.emit("facts", count=len(facts))
-    return {"facts": facts, "warnings": warnings}
-
-
-def _fact_dict(fact: Fact) -> dict[str, Any]:
-    return {
-        "tool": fact.tool,
-        "statement": fact.statement,
-        "value": fact.value,
-        "unit": fact.unit,
-        "date": fact.date.isoformat() if fact.date else None,
-        "evidence": list(fact.evidence),
-    }
+    return {"facts": facts, "warnings": warnings, "tool_log": log_entries}
 
 
 @timed("evidence")
 async def gather_evidence(state: AskState, rt: Runtime) -> dict[str, Any]:
-    items = rt.evidence_items(_record(state, rt))
+    items = rt.evidence_items(record_of(state, rt))
     ranked = rt.ranker.rank(state["question"], items)
     by_id = {e.id: e.text for e in items}
     evidence = {r.evidence.id: r.evidence.text for r in ranked}
@@ -206,7 +211,7 @@ async def gather_images(state: AskState, rt: Runtime) -> dict[str, Any]:
     if pid not in rt.images:
         try:
             rt.images[pid] = await collect_images(
-                _record(state, rt), rt.source, rt.settings.images, rt.dicomweb
+                record_of(state, rt), rt.source, rt.settings.images, rt.dicomweb
             )
         except ChartSightError as exc:
             return {"images": [], "warnings": [f"images could not be fetched: {exc}"]}
@@ -232,7 +237,7 @@ async def gather_similar(state: AskState, rt: Runtime) -> dict[str, Any]:
         return {"similar": []}
     if rt.index is None or len(rt.index) == 0:
         return {"similar": [], "warnings": ["no similar-case index (run `chartsight index build`)"]}
-    record = _record(state, rt)
+    record = record_of(state, rt)
     if record.patient_id not in rt.images:
         rt.images[record.patient_id] = await collect_images(
             record, rt.source, rt.settings.images, rt.dicomweb
@@ -439,6 +444,7 @@ async def finalize(state: AskState, rt: Runtime) -> dict[str, Any]:
         warnings=[*state.get("warnings", []), *warnings],
         rejected=rejected,
         latency_ms=dict(state.get("timings", {})),
+        tool_calls=list(state.get("tool_log", [])),
     )
     return {
         "answer": answer.to_dict(),

@@ -45,3 +45,9 @@ class AskState(TypedDict, total=False):
     timings: Annotated[dict[str, float], _merge]
     evidence_scores: dict[str, dict[str, float]]
     answer: dict[str, Any]
+    # the model's tool loop (agent/tool_planner.py), when the model calls tools
+    transcript: list[dict[str, Any]]  # OpenAI wire-format messages of the loop
+    tool_steps: int
+    pending_calls: list[dict[str, Any]]
+    model_facts: list[dict[str, Any]]  # facts from the model's tool calls
+    tool_log: Annotated[list[dict[str, Any]], _collect]  # every tool call, by rules or model

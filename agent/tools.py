@@ -18,7 +18,7 @@ from datetime import UTC, date, datetime, timedelta
 from importlib.metadata import entry_points
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.errors import ChartSightError
 from connectors.record import PatientRecord
@@ -45,6 +45,17 @@ class Fact:
     date: datetime | None = None
     evidence: tuple[str, ...] = ()
     details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fact as plain JSON values (as the graph's state keeps it)."""
+        return {
+            "tool": self.tool,
+            "statement": self.statement,
+            "value": self.value,
+            "unit": self.unit,
+            "date": self.date.isoformat() if self.date else None,
+            "evidence": list(self.evidence),
+        }
 
 
 @dataclass
@@ -77,15 +88,21 @@ def _day(value: datetime | None) -> str:
 # --- arguments -----------------------------------------------------------------------------
 
 
-class NoArgs(BaseModel):
+class Args(BaseModel):
+    """Tool arguments; unknown names are refused, so a model that invents one is told so."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class NoArgs(Args):
     pass
 
 
-class AgeArgs(BaseModel):
+class AgeArgs(Args):
     on: date | None = Field(default=None, description="Age on this date (default: now).")
 
 
-class ObservationArgs(BaseModel):
+class ObservationArgs(Args):
     query: str = Field(
         description="What was measured: a name ('A1c', 'blood pressure', 'creatinine'), a LOINC "
         "code ('4548-4') or 'system|code'."
@@ -102,7 +119,7 @@ class WindowArgs(ObservationArgs):
     until: datetime | None = Field(default=None, description="Only up to this time.")
 
 
-class LimitArgs(BaseModel):
+class LimitArgs(Args):
     limit: int = Field(default=5, ge=1, le=100, description="How many, newest first.")
 
 
@@ -180,6 +197,17 @@ def matching_codes(query: str, terms: TermTable) -> set[str]:
     for term in terms.matches(query):
         codes |= {c for c in term.codes if c.startswith("http://loinc.org|")}
     return codes
+
+
+def _subject(query: str, found: list[Any]) -> str:
+    """How a statement names what was asked for. The query can come from a model, and a statement
+    is evidence for the sentences that cite it, so its numbers must come from the record: a code
+    that the found results carry is kept, any other number is dropped."""
+    codes = {c for obs in found for c in codes_of(obs.code)}
+    if query in codes or any(c.endswith(f"|{query}") for c in codes):
+        return query
+    bare_numbers = r"(?<![A-Za-z])\d+(?:[.,:/-]\d+)*(?![A-Za-z])"  # not the 1 of "A1c"
+    return " ".join(re.sub(bare_numbers, " ", query).split())[:80] or "matching"
 
 
 def find_observations(ctx: ToolContext, query: str) -> list[Any]:
@@ -284,11 +312,16 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
     def latest_observation(ctx: ToolContext, query: str, nth: int = 1) -> list[Fact]:
         found = find_observations(ctx, query)
         if found and nth > len(found):
-            ref = f"Patient/{ctx.record.patient_id}"
+            # no result that far back: say which one is the oldest, citing it
+            oldest = found[0]
+            ref = reference_of(oldest)
             return [
                 Fact(
                     "latest_observation",
-                    f"The record has {len(found)} {query} result(s), none earlier.{_cite([ref])}",
+                    f"There is no earlier {_subject(query, found)} result; the oldest in the "
+                    f"record is "
+                    f"{_obs_text(oldest, ctx)}.{_cite([ref])}",
+                    date=clinical_date(oldest),
                     evidence=(ref,),
                     details={"query": query, "results_in_record": len(found)},
                 )
@@ -312,7 +345,7 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
         return [
             Fact(
                 "latest_observation",
-                f"{label} {query}: {_obs_text(obs, ctx)}.{_cite([ref])}",
+                f"{label} {_subject(query, found)}: {_obs_text(obs, ctx)}.{_cite([ref])}",
                 value=value if value is not None else _obs_text(obs, ctx),
                 unit=unit,
                 date=when,
@@ -344,7 +377,8 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
         if end.tzinfo is None:
             end = end.replace(tzinfo=UTC)
         rows = []
-        for obs in find_observations(ctx, query):
+        found = find_observations(ctx, query)
+        for obs in found:
             value, unit = _numeric(obs)
             when = clinical_date(obs)
             if value is None or when is None or when > end or (start and when < start):
@@ -360,7 +394,7 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
             return [
                 Fact(
                     "observation_stats",
-                    f"No numeric {query} result {window}.{_cite([ref])}",
+                    f"No numeric {_subject(query, [])} result {window}.{_cite([ref])}",
                     value=None,
                     evidence=(ref,),
                     details={"query": query, "count": 0},
@@ -376,7 +410,7 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
         refs = tuple(r for _, _, _, r in rows)
         u = f" {unit}" if unit else ""
         statement = (
-            f"{query} {window}: {len(values)} results, mean {mean:.4g}{u}, min {min(values):.4g}{u}, "
+            f"{_subject(query, found)} {window}: {len(values)} results, mean {mean:.4g}{u}, min {min(values):.4g}{u}, "
             f"max {max(values):.4g}{u}; {trend} from {first[1]:.4g} ({_day(first[0])}) to "
             f"{last[1]:.4g} ({_day(last[0])}).{_cite(refs)}"
         )
@@ -490,17 +524,24 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
     return reg
 
 
-def langchain_tools(registry: ToolRegistry, ctx: ToolContext) -> list[Any]:
+def langchain_tools(registry: ToolRegistry, ctx: ToolContext, artifacts: bool = False) -> list[Any]:
     """The registry's tools as LangChain ``StructuredTool``s bound to one patient's record, for
-    LangGraph's tool node or any LangChain agent. Each returns its facts' statements, cited."""
+    LangGraph's tool node or any LangChain agent. Each returns its facts' statements, cited; with
+    ``artifacts`` the facts themselves (as dicts) travel as the tool message's artifact."""
     from langchain_core.tools import StructuredTool
 
     def bind(tool: Tool) -> Any:
-        def run(**kwargs: Any) -> str:
-            return "\n".join(f.statement for f in tool(ctx, **kwargs))
+        def run(**kwargs: Any) -> Any:
+            facts = tool(ctx, **kwargs)
+            text = "\n".join(f.statement for f in facts)
+            return (text, [f.to_dict() for f in facts]) if artifacts else text
 
         return StructuredTool.from_function(
-            func=run, name=tool.name, description=tool.description, args_schema=tool.args
+            func=run,
+            name=tool.name,
+            description=tool.description,
+            args_schema=tool.args,
+            response_format="content_and_artifact" if artifacts else "content",
         )
 
     return [bind(tool) for tool in registry.tools.values()]

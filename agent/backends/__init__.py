@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field, SecretStr
 
@@ -48,7 +48,19 @@ class BackendSettings(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     max_tokens: int = Field(default=400, ge=1)
     send_images: bool = Field(default=True, description="Attach the patient's images (VLMs).")
-    supports_tools: bool = Field(default=False, description="The model can call tools.")
+    supports_tools: bool = Field(
+        default=False,
+        description="The model can call tools (OpenAI-style function calling): it then plans "
+        "which of ChartSight's tools to call, in a bounded loop, on top of the rule planner.",
+    )
+    tool_choice: str = Field(
+        default="auto",
+        description="'auto' (the model decides), 'required', or one tool's name to make the "
+        "model call that tool.",
+    )
+    max_tool_steps: int = Field(
+        default=3, ge=1, le=10, description="Rounds of tool calls the model may make per question."
+    )
     mmproj: str | None = Field(
         default=None, description="llama-cpp: the image projector file of a vision GGUF build."
     )
@@ -73,6 +85,24 @@ class Generation:
     usage: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ToolCall:
+    """One tool call the model asked for; ``arguments`` is the raw JSON text it wrote."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ToolTurn:
+    """The model's reply when it was offered tools: text, tool calls, or both."""
+
+    text: str
+    calls: tuple[ToolCall, ...]
+    model: str
+
+
 class Backend(Protocol):
     name: str
 
@@ -81,6 +111,26 @@ class Backend(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class ToolCallingBackend(Protocol):
+    """A backend whose model can call tools. ``messages`` and ``tools`` are in the OpenAI Chat
+    Completions wire format (the ``tools`` entries as ``Tool.schema()`` gives them)."""
+
+    name: str
+    settings: BackendSettings
+
+    async def call_tools(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+    ) -> ToolTurn: ...
+
+
+def tool_calling(backend: Backend | None) -> ToolCallingBackend | None:
+    """The backend, when it is configured to call tools and can; else None."""
+    if isinstance(backend, ToolCallingBackend) and backend.settings.supports_tools:
+        return backend
+    return None
 
 
 Factory = Callable[[BackendSettings], Backend]

@@ -10,7 +10,14 @@ from typing import Any
 
 import httpx
 
-from agent.backends import BackendError, BackendSettings, Generation, Message
+from agent.backends import (
+    BackendError,
+    BackendSettings,
+    Generation,
+    Message,
+    ToolCall,
+    ToolTurn,
+)
 from connectors.errors import ConnectorError
 from connectors.http import RetryingHttp
 
@@ -67,6 +74,48 @@ class OpenAIBackend:
             text=text.strip(),
             model=str(reply.get("model") or self.settings.model),
             usage=reply.get("usage") or {},
+        )
+
+    async def call_tools(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+    ) -> ToolTurn:
+        """One round of function calling: the model answers with text or with tool calls."""
+        choice = self.settings.tool_choice
+        body: dict[str, Any] = {
+            "messages": messages,
+            "tools": tools,
+            "tool_choice": choice
+            if choice in ("auto", "required", "none")
+            else {"type": "function", "function": {"name": choice}},
+            "temperature": self.settings.temperature,
+            "max_tokens": self.settings.max_tokens,
+            "stream": False,
+        }
+        if self.settings.model:
+            body["model"] = self.settings.model
+        try:
+            response = await self.http.request("POST", self.url, json=body)
+        except ConnectorError as exc:
+            raise BackendError(f"model server {self.url}: {exc}") from exc
+        try:
+            reply = response.json()
+            message = reply["choices"][0]["message"]
+            calls = tuple(
+                ToolCall(
+                    id=str(call.get("id") or f"call_{i}"),
+                    name=str(call["function"]["name"]),
+                    arguments=call["function"].get("arguments") or "{}",
+                )
+                for i, call in enumerate(message.get("tool_calls") or [])
+            )
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise BackendError(
+                f"model server {self.url} gave no chat completion: {response.text[:200]!r}"
+            ) from exc
+        return ToolTurn(
+            text=(message.get("content") or "").strip(),
+            calls=calls,
+            model=str(reply.get("model") or self.settings.model),
         )
 
     async def stream(self, messages: list[Message]) -> AsyncIterator[str]:

@@ -207,3 +207,21 @@ def test_tools_are_langchain_tools_too(records):
     text = tools["latest_observation"].invoke({"query": "A1c"})
     assert text.startswith("Latest A1c: ") and "[Observation/" in text
     assert tools["observation_stats"].args["query"]["type"] == "string"
+
+
+def test_a_query_cannot_put_its_own_numbers_into_a_fact(records) -> None:  # type: ignore[no-untyped-def]
+    # facts support the sentences that cite them, so a model-written query with numbers in it
+    # must not turn those numbers into "evidence"
+    ctx = ToolContext(records[TOMMY_FRIESEN], now=NOW)
+    reg = default_tools(plugins=False)
+    for tool, args in [
+        ("latest_observation", {"query": "A1c 13.7"}),
+        ("latest_observation", {"query": "A1c 13.7", "nth": 99}),
+        ("observation_stats", {"query": "A1c 13.7"}),
+        ("observation_stats", {"query": "A1c 13.7", "days": 1}),
+    ]:
+        (fact,) = reg[tool](ctx, **args)
+        assert fact.evidence and "13.7" not in fact.statement, fact.statement
+    # a code the results carry is kept as asked
+    (fact,) = reg["latest_observation"](ctx, query="4548-4")
+    assert fact.statement.startswith("Latest 4548-4:")

@@ -222,4 +222,7 @@ class LlamaServer(_Server):
             "4096",
             "--model_alias",
             "smollm2-135m",
+            # ChatML (SmolLM2's own format) that also offers OpenAI-style tool calling
+            "--chat_format",
+            "chatml-function-calling",
         ], {}

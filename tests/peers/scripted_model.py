@@ -1,0 +1,94 @@
+"""An OpenAI-compatible Chat Completions server that replies from a script, for tests that need a
+model to make exact tool calls (a real small model's choices are not predictable enough to test
+the loop's edges). Runs under uvicorn on 127.0.0.1 in a background thread and records every request.
+
+A request that offers ``tools`` takes the next entry of ``tool_turns`` (the last repeats); any other
+request takes the next entry of ``answers``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from tests.peers.servers import free_port
+
+
+def call(name: str, arguments: str, id: str) -> dict[str, Any]:
+    return {"id": id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _events(text: str) -> Iterator[str]:
+    """The text as Chat Completions stream chunks, a word at a time."""
+    for word in text.split(" "):
+        chunk = {"choices": [{"index": 0, "delta": {"content": word + " "}}]}
+        yield f"data: {json.dumps(chunk)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+class ScriptedModel:
+    def __init__(self, tool_turns: list[list[dict[str, Any]]], answers: list[str]) -> None:
+        self.tool_turns = tool_turns
+        self.answers = answers
+        self.requests: list[dict[str, Any]] = []
+        self.port = free_port()
+        app = Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"])])
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def tool_requests(self) -> list[dict[str, Any]]:
+        return [r for r in self.requests if r.get("tools")]
+
+    def __enter__(self) -> ScriptedModel:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("scripted model server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    async def chat(self, request: Request) -> Response:
+        body = await request.json()
+        self.requests.append(body)
+        if body.get("tools"):
+            n = len(self.tool_requests) - 1
+            calls = self.tool_turns[min(n, len(self.tool_turns) - 1)]
+            message: dict[str, Any] = {"role": "assistant", "content": None if calls else "done"}
+            if calls:
+                message["tool_calls"] = calls
+        else:
+            n = len(self.requests) - len(self.tool_requests) - 1
+            message = {"role": "assistant", "content": self.answers[min(n, len(self.answers) - 1)]}
+            if body.get("stream"):
+                return StreamingResponse(
+                    _events(message["content"]), media_type="text/event-stream"
+                )
+        return JSONResponse(
+            {
+                "id": f"chatcmpl-{len(self.requests)}",
+                "object": "chat.completion",
+                "model": "scripted",
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            }
+        )
