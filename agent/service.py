@@ -27,7 +27,8 @@ from retrieval.rank import EvidenceRanker
 
 async def _checkpointer(url: str, stack: contextlib.AsyncExitStack) -> Any:
     """A LangGraph checkpointer for a SQLite path or a PostgreSQL URL."""
-    if url.startswith(("postgresql://", "postgres://")):
+    if url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+        url = url.replace("postgresql+psycopg://", "postgresql://", 1)  # SQLAlchemy's spelling
         try:
             from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
         except ImportError as exc:

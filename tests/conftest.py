@@ -67,6 +67,15 @@ def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FhirStore]:
     s.close()
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A real PostgreSQL server for the session (the distribution's binaries)."""
+    from tests.peers.postgres import PostgresServer
+
+    with PostgresServer() as server:
+        yield server
+
+
 def post_transaction(base_url: str, bundle: dict[str, Any]) -> dict[str, Any]:
     response = httpx.post(
         base_url, json=bundle, headers={"Content-Type": "application/fhir+json"}, timeout=120

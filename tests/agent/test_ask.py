@@ -16,23 +16,12 @@ import pytest
 from agent.grounding import verify
 from agent.service import ChartSight
 from agent.settings import Settings
-from connectors.demo import TOMMY_FRIESEN, demo_bundles
+from connectors.demo import TOMMY_FRIESEN
 from connectors.store import FhirStore
-from tests.conftest import load_bundle
 from tests.peers.servers import LlamaServer
 
 NOW = datetime(2021, 1, 1, tzinfo=UTC)
 A1C = "4548-4"
-
-
-@pytest.fixture(scope="module")
-def tommy_json() -> list[dict[str, Any]]:
-    path = next(p for p in demo_bundles() if _first_id(p) == TOMMY_FRIESEN)
-    return [e["resource"] for e in load_bundle(path)["entry"]]
-
-
-def _first_id(path: Path) -> str:
-    return str(load_bundle(path)["entry"][0]["resource"]["id"])
 
 
 def _a1cs(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -91,7 +80,17 @@ def test_unanswerable_questions_abstain(settings: Settings):
     assert answer.abstained and answer.text.startswith("The record does not answer this question.")
 
 
-def test_threads_keep_context_across_runs_and_processes(settings: Settings, tommy_json):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def thread_settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
+    """Threads kept in SQLite (the default) or in a real PostgreSQL database."""
+    if request.param == "postgresql":
+        postgres = request.getfixturevalue("postgres")
+        settings.threads = postgres.create_database("threads")
+    return settings
+
+
+def test_threads_keep_context_across_runs_and_processes(thread_settings: Settings, tommy_json):
+    settings = thread_settings
     a1cs = _a1cs(tommy_json)
     first = _ask(settings, "What was his last A1c?", thread="visit-1")
     # a new agent (as after a restart) continues the same thread from the checkpoint
@@ -114,6 +113,13 @@ def test_threads_keep_context_across_runs_and_processes(settings: Settings, tomm
     # another thread does not see this one: without its history the question has no subject
     other = _ask(settings, "and before that?", thread="visit-2")
     assert f"Observation/{a1cs[1]['id']}" not in {c.reference for c in other.citations}
+    if settings.threads and settings.threads.startswith("postgresql"):
+        import psycopg
+
+        url = settings.threads.replace("+psycopg", "")
+        with psycopg.connect(url) as conn:
+            threads = conn.execute("SELECT DISTINCT thread_id FROM checkpoints").fetchall()
+        assert {"visit-1", "visit-2"} <= {t[0] for t in threads}
 
 
 HOSTILE_NOTE = (
@@ -185,7 +191,9 @@ def test_a_hostile_note_never_reaches_the_model_nor_supports_its_answer(
     assert "DocumentReference/hostile-note" in sent  # the note is there, withheld
     assert "12.5" not in answer.text and "HIV" not in answer.text
     assert len(answer.rejected) >= 2 and answer.fallback_used
-    ids = {f"{r['resourceType']}/{r['id']}" for r in tommy_json} | {"DocumentReference/hostile-note"}
+    ids = {f"{r['resourceType']}/{r['id']}" for r in tommy_json} | {
+        "DocumentReference/hostile-note"
+    }
     assert {c.reference for c in answer.citations} <= ids
 
 

@@ -16,7 +16,7 @@ from agent.settings import Settings
 from agent.tools import default_tools
 from connectors.demo import TOMMY_FRIESEN
 from connectors.store import FhirStore
-from tests.agent.test_ask import A1C, NOW, _a1cs, tommy_json  # noqa: F401  (fixture)
+from tests.agent.test_ask import NOW, _a1cs
 from tests.peers.scripted_model import ScriptedModel, call
 
 

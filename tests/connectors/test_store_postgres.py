@@ -1,0 +1,61 @@
+"""The local store on a real PostgreSQL server: the same imports, searches and records as on SQLite,
+and a failed import rolls back there too."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connectors.demo import TOMMY_FRIESEN, import_demo
+from connectors.errors import FhirImportError
+from connectors.record import assemble_record
+from connectors.store import FhirStore, StoreSource
+from tests.conftest import load_bundle
+
+
+@pytest.fixture(scope="module")
+def pg_store(postgres: Any) -> Any:
+    store = FhirStore(postgres.create_database("store"))
+    import_demo(store)  # as the SQLite demo store was made
+    yield store
+    store.close()
+
+
+def _record_json(store: FhirStore, pid: str) -> dict[str, Any]:
+    record = asyncio.run(assemble_record(StoreSource(store), pid))
+    return {
+        f"{r.get_resource_type()}/{r.id}": json.loads(r.model_dump_json())
+        for r in record.resources()
+    }
+
+
+def test_postgres_and_sqlite_stores_give_the_same_records(pg_store: FhirStore, demo_store):
+    assert pg_store.counts() == demo_store.counts()
+    for pid in [p.id for p in pg_store.patients()]:
+        assert _record_json(pg_store, pid) == _record_json(demo_store, pid)
+
+
+def test_searches_agree(pg_store: FhirStore, demo_store):
+    params = {"patient": TOMMY_FRIESEN, "code": "http://loinc.org|4548-4", "date": "ge2015-01-01"}
+    on_pg = pg_store.search("Observation", params)
+    on_sqlite = demo_store.search("Observation", params)
+    assert len(on_pg.resources) == len(on_sqlite.resources) > 0
+    assert sorted(r.id for r in on_pg.resources) == sorted(r.id for r in on_sqlite.resources)
+
+
+def test_a_broken_bundle_rolls_back_on_postgres(pg_store: FhirStore, bundles: list[Path], tmp_path):
+    before = pg_store.counts()
+    bundle = load_bundle(bundles[0])
+    for entry in bundle["entry"]:
+        entry["resource"]["id"] = f"copy-{entry['resource']['id']}"
+        entry["fullUrl"] = f"urn:uuid:copy-{entry['fullUrl'].rsplit(':', 1)[-1]}"
+    bundle["entry"][-1]["resource"]["subject"] = {"reference": "urn:uuid:nowhere"}
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(bundle))
+    with pytest.raises(FhirImportError, match="broken reference"):
+        pg_store.import_path(path, force=True)
+    assert pg_store.counts() == before
