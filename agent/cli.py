@@ -561,6 +561,51 @@ def ask(
 
 
 @app.command()
+def resume(
+    thread: Annotated[str, typer.Argument(help="The thread whose interrupted run to finish.")],
+    fhir_url: FhirUrlOpt = None,
+    token: TokenOpt = None,
+    model: ModelOpt = None,
+    model_url: ModelUrlOpt = None,
+    model_name: ModelNameOpt = None,
+    show_only: Annotated[
+        bool, typer.Option("--show", help="Only show what is pending; run nothing.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Inspect or finish a question whose run was interrupted (a crash, a stopped process)."""
+    try:
+        settings = _settings(config, fhir_url, token)
+        _model_settings(settings, model, model_url, model_name)
+
+        async def run() -> tuple[dict[str, Any] | None, Answer | None]:
+            async with ChartSight(settings) as agent:
+                waiting = await agent.pending(thread)
+                if waiting is None or show_only:
+                    return waiting, None
+                return waiting, await agent.resume(thread)
+
+        waiting, answer = asyncio.run(run())
+    except ChartSightError as exc:
+        _fail(exc)
+    if waiting is None:
+        console.print(f"Thread {thread} has no interrupted run.", highlight=False)
+        return
+    if answer is None:
+        console.print(
+            f"Interrupted: {waiting['question']!r} (patient {waiting['patient_id']}); done: "
+            f"{', '.join(waiting['completed']) or 'nothing'}; next: {', '.join(waiting['next'])}",
+            highlight=False,
+        )
+        return
+    if as_json:
+        console.print_json(json.dumps(answer.to_dict(), default=str))
+    else:
+        render_answer(console, answer)
+
+
+@app.command()
 def chat(
     patient: Annotated[str, typer.Argument(help="Patient id, or an identifier value.")],
     fhir_url: FhirUrlOpt = None,

@@ -16,8 +16,9 @@ from agent.nodes import Runtime
 from agent.settings import Settings
 from agent.tools import default_tools
 from connectors.dicomweb import DicomWebClient
-from connectors.errors import ConfigurationError
+from connectors.errors import ChartSightError, ConfigurationError
 from connectors.fhir_client import FhirClient
+from connectors.record import assemble_record
 from connectors.source import FhirSource
 from connectors.store import FhirStore, StoreSource
 from retrieval.encoders import EncoderRegistry
@@ -142,6 +143,38 @@ class ChartSight:
         config = {"configurable": {"thread_id": thread, "runtime": self.runtime}}
         start = {"question": question, "patient_key": patient, "warnings": None, "timings": None}
         state = await self.graph.ainvoke(start, config)
+        return self._answer(state, thread)
+
+    async def pending(self, thread_id: str) -> dict[str, Any] | None:
+        """An interrupted run of the thread (its question and the steps still to run), or None."""
+        snapshot = await self.graph.aget_state({"configurable": {"thread_id": thread_id}})
+        if not snapshot or not snapshot.next:
+            return None
+        return {
+            "question": snapshot.values.get("question"),
+            "patient_id": snapshot.values.get("patient_id"),
+            "next": list(snapshot.next),
+            "completed": sorted(snapshot.values.get("timings", {})),
+        }
+
+    async def resume(
+        self, thread_id: str, *, on_event: Callable[[str, dict[str, Any]], None] | None = None
+    ) -> Answer:
+        """Finish an interrupted run from its last checkpoint (the steps already done are kept)."""
+        assert self.runtime is not None, "use `async with ChartSight(...)`"
+        waiting = await self.pending(thread_id)
+        if waiting is None:
+            raise ChartSightError(f"thread {thread_id!r} has no interrupted run to resume")
+        rt = self.runtime
+        rt.on_event = on_event
+        pid = waiting["patient_id"]
+        if pid and pid not in rt.records:  # the record is not checkpointed: fetch it again
+            rt.records[pid] = await assemble_record(rt.source, pid)
+        config = {"configurable": {"thread_id": thread_id, "runtime": rt}}
+        state = await self.graph.ainvoke(None, config)
+        return self._answer(state, thread_id)
+
+    def _answer(self, state: dict[str, Any], thread: str) -> Answer:
         data = state["answer"]
         answer = Answer(**{k: v for k, v in data.items() if k not in _NESTED})
         answer.citations = [_nested("citations", c) for c in data["citations"]]

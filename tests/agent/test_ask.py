@@ -289,3 +289,59 @@ def test_a_real_model_calls_tools_through_the_server(
         verify(answer.text, {c.reference: c.text for c in answer.citations}).supported_fraction
         == 1.0
     )
+
+
+class _Crash(Exception):
+    """Stands for a process dying in the middle of a run."""
+
+
+def test_an_interrupted_run_can_be_inspected_and_resumed(settings: Settings, tommy_json):
+    newest = _a1cs(tommy_json)[0]
+
+    def crash_at_generate(kind: str, data: dict[str, Any]) -> None:
+        if kind == "node_started" and data["node"] == "generate":
+            raise _Crash
+
+    async def interrupted() -> None:
+        async with ChartSight(settings, now=NOW) as agent:
+            with pytest.raises(_Crash):
+                await agent.ask(
+                    TOMMY_FRIESEN,
+                    "What was his last HbA1c?",
+                    thread_id="crashed",
+                    on_event=crash_at_generate,
+                )
+
+    asyncio.run(interrupted())
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+
+    env = {"CHARTSIGHT_HOME": str(settings.home), "CHARTSIGHT_STORE__URL": settings.store.url}
+    shown = CliRunner().invoke(app, ["resume", "crashed", "--show"], env=env)
+    assert shown.exit_code == 0, shown.output
+    assert (
+        "Interrupted: 'What was his last HbA1c?'" in shown.output
+        and "next: generate" in shown.output
+    )
+    seen: list[str] = []
+
+    async def later():  # type: ignore[no-untyped-def]
+        async with ChartSight(settings, now=NOW) as agent:  # a new process, empty caches
+            waiting = await agent.pending("crashed")
+            answer = await agent.resume(
+                "crashed",
+                on_event=lambda k, d: seen.append(d["node"]) if k == "node_started" else None,
+            )
+            return waiting, answer, await agent.pending("crashed")
+
+    waiting, answer, after = asyncio.run(later())
+    assert waiting["question"] == "What was his last HbA1c?" and waiting["next"] == ["generate"]
+    assert {"resolve", "plan", "tools", "evidence"} <= set(waiting["completed"])
+    # only what was left ran again, and the answer is the one an uninterrupted run gives
+    assert seen == ["generate", "verify", "finalize"]
+    assert [c.reference for c in answer.citations] == [f"Observation/{newest['id']}"]
+    assert answer.text == _ask(settings, "What was his last HbA1c?").text
+    assert after is None
+    done = CliRunner().invoke(app, ["resume", "crashed"], env=env)
+    assert done.exit_code == 0 and "has no interrupted run" in done.output
