@@ -154,7 +154,7 @@ def main() -> None:
             )
         )
     if device.startswith("cuda"):
-        for batch in args.text_batches + [256]:
+        for batch in [*args.text_batches, 256]:
             rows.append(
                 (
                     "MiniLM-L6 network, fp16, 64 tokens, random weights",
