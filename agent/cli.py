@@ -606,6 +606,78 @@ def resume(
 
 
 @app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    fhir_url: FhirUrlOpt = None,
+    token: TokenOpt = None,
+    model: ModelOpt = None,
+    model_url: ModelUrlOpt = None,
+    model_name: ModelNameOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """The HTTP service: /v1/ask (+ SSE), similar cases, CDS Hooks, MCP at /mcp/; docs at /docs."""
+    import uvicorn
+
+    from agent.api.app import create_app
+
+    try:
+        settings = _settings(config, fhir_url, token)
+        _model_settings(settings, model, model_url, model_name)
+    except ChartSightError as exc:
+        _fail(exc)
+    s = settings.serve
+    if s.auth.anonymous and (host or s.host) not in ("127.0.0.1", "localhost", "::1"):
+        _fail(ConfigurationError("serve.auth.anonymous is for a loopback address only"))
+    uvicorn.run(
+        create_app(settings),
+        host=host or s.host,
+        port=port or s.port,
+        access_log=False,  # its lines carry patient ids in paths; the app logs route templates
+        log_level="info",
+    )
+
+
+@app.command("mcp")
+def mcp_stdio(
+    fhir_url: FhirUrlOpt = None,
+    token: TokenOpt = None,
+    model: ModelOpt = None,
+    model_url: ModelUrlOpt = None,
+    model_name: ModelNameOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """ChartSight's tools over MCP on stdin/stdout (for a local agent or copilot)."""
+    from agent.api.mcp import run_stdio
+
+    try:
+        settings = _settings(config, fhir_url, token)
+        _model_settings(settings, model, model_url, model_name)
+    except ChartSightError as exc:
+        _fail(exc)
+    run_stdio(lambda: ChartSight(settings))
+
+
+@app.command("api-key")
+def api_key(
+    client_id: Annotated[str, typer.Argument(help="The service account's name.")],
+    scopes: Annotated[str, typer.Option(help="SMART scopes granted.")] = "system/*.read",
+) -> None:
+    """Make an API key: prints the key (give it to the client) and the settings entry (keep that)."""
+    import secrets
+
+    from agent.api.security import key_digest
+
+    key = f"cs_{secrets.token_urlsafe(32)}"
+    console.print(f"key (shown once): {key}", highlight=False)
+    entry = (
+        f'[[serve.auth.api_keys]]\nclient_id = "{client_id}"\n'
+        f'key_sha256 = "{key_digest(key)}"\nscopes = "{scopes}"'
+    )
+    console.print(f"settings entry (chartsight.toml):\n{entry}", highlight=False)
+
+
+@app.command()
 def chat(
     patient: Annotated[str, typer.Argument(help="Patient id, or an identifier value.")],
     fhir_url: FhirUrlOpt = None,

@@ -124,6 +124,11 @@ def _strip_citations(text: str) -> str:
     return _CITATION.sub(lambda m: " " if _is_citation(m.group(1)) else m.group(0), text)
 
 
+def uncited(text: str) -> str:
+    """The text without its citations (for a display that lists them apart)."""
+    return re.sub(r"\s+([.,;:])", r"\1", " ".join(_strip_citations(text).split()))
+
+
 def _dates(text: str) -> tuple[set[str], str]:
     """ISO days/months/years stated in a text, and the text with them blanked out."""
     found: set[str] = set()

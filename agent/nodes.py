@@ -3,6 +3,7 @@ the part of the state it changes. ``graph.py`` wires them."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -16,6 +17,7 @@ from langchain_core.runnables import RunnableConfig
 import prompts
 from agent.answer import Answer, Citation, FactUsed, ImageUsed, SimilarCase
 from agent.backends import Backend, BackendError, Generation, Message
+from agent.cache import RecentCache
 from agent.grounding import evidence_map, verify
 from agent.planner import is_follow_up
 from agent.planner import plan as rule_plan
@@ -51,9 +53,16 @@ class Runtime:
     index: CaseIndex | None = None
     dicomweb: DicomWebClient | None = None
     now: datetime | None = None  # the date that counts as now (default: the wall clock)
-    records: dict[str, PatientRecord] = field(default_factory=dict)
-    images: dict[str, ImageSet] = field(default_factory=dict)
-    evidence: dict[str, list[Evidence]] = field(default_factory=dict)
+    # per-patient data, bounded; a record older than settings.cache_ttl_s is fetched again
+    records: RecentCache[PatientRecord] = field(default_factory=RecentCache)
+    images: RecentCache[ImageSet] = field(default_factory=RecentCache)
+    evidence: RecentCache[list[Evidence]] = field(default_factory=RecentCache)
+
+    def __post_init__(self) -> None:
+        for cache in (self.records, self.images, self.evidence):
+            cache.max_items = self.settings.cache_patients
+            cache.ttl_s = self.settings.cache_ttl_s
+
     on_event: Callable[[str, dict[str, Any]], None] | None = None
 
     def evidence_items(self, record: PatientRecord) -> list[Evidence]:
@@ -105,9 +114,11 @@ def timed(
 @timed("resolve")
 async def resolve(state: AskState, rt: Runtime) -> dict[str, Any]:
     key = state["patient_key"]
-    record = rt.records.get(key)
+    record = rt.records.fresh(key)
     if record is None:
         record = await assemble_record(rt.source, key)
+        for derived in (rt.evidence, rt.images):  # made from the previous copy of the record
+            derived.pop(record.patient_id, None)
         rt.records[key] = rt.records[record.patient_id] = record
     warnings = [
         f"part of the record could not be fetched: {p.what}: {p.error}" for p in record.problems
@@ -195,7 +206,8 @@ async def gather_tools(state: AskState, rt: Runtime) -> dict[str, Any]:
 @timed("evidence")
 async def gather_evidence(state: AskState, rt: Runtime) -> dict[str, Any]:
     items = rt.evidence_items(record_of(state, rt))
-    ranked = rt.ranker.rank(state["question"], items)
+    # embedding the question (and new lines) is CPU work: off the event loop
+    ranked = await asyncio.to_thread(rt.ranker.rank, state["question"], items)
     by_id = {e.id: e.text for e in items}
     evidence = {r.evidence.id: r.evidence.text for r in ranked}
     scores = {r.evidence.id: {"score": r.score, **r.parts} for r in ranked}
@@ -243,7 +255,9 @@ async def gather_similar(state: AskState, rt: Runtime) -> dict[str, Any]:
             record, rt.source, rt.settings.images, rt.dicomweb
         )
     case = cases_from_record(record, rt.images[record.patient_id])[0]
-    hits = rt.index.similar(case, 3, CaseFilter(exclude_patient=record.patient_id))
+    hits = await asyncio.to_thread(
+        rt.index.similar, case, 3, CaseFilter(exclude_patient=record.patient_id)
+    )
     return {
         "similar": [{"key": h.key, "score": round(h.score, 4), "summary": h.summary} for h in hits]
     }

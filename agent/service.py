@@ -2,28 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from agent.answer import Answer
 from agent.backends import create_backend
+from agent.cache import RecentCache
 from agent.graph import build_graph
 from agent.nodes import Runtime
 from agent.settings import Settings
-from agent.tools import default_tools
+from agent.tools import Fact, ToolError, default_tools
 from connectors.dicomweb import DicomWebClient
 from connectors.errors import ChartSightError, ConfigurationError
 from connectors.fhir_client import FhirClient
-from connectors.record import assemble_record
+from connectors.images import collect_images
+from connectors.record import PatientRecord, assemble_record
 from connectors.source import FhirSource
 from connectors.store import FhirStore, StoreSource
+from retrieval.cases import cases_from_record
 from retrieval.encoders import EncoderRegistry
-from retrieval.index import CaseIndex, IndexError_
-from retrieval.rank import EvidenceRanker
+from retrieval.index import CaseFilter, CaseHit, CaseIndex, IndexError_
+from retrieval.rank import EvidenceRanker, RankedEvidence
 
 
 async def _checkpointer(url: str, stack: contextlib.AsyncExitStack) -> Any:
@@ -135,12 +142,22 @@ class ChartSight:
         *,
         thread_id: str | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        source: FhirSource | None = None,
     ) -> Answer:
-        """A grounded answer; the same ``thread_id`` continues a conversation."""
+        """A grounded answer; the same ``thread_id`` continues a conversation. ``source`` reads
+        the record from elsewhere than the configured source (e.g. a CDS Hooks request's FHIR
+        server or prefetch), with caches of its own."""
         assert self.runtime is not None, "use `async with ChartSight(...)`"
-        self.runtime.on_event = on_event
+        # one runtime per question (sharing the caches), so concurrent questions keep their own
+        # event listeners
+        rt = dataclasses.replace(self.runtime, on_event=on_event)
+        if source is not None:
+            rt = dataclasses.replace(
+                rt, source=source, records=RecentCache(), images=RecentCache(),
+                evidence=RecentCache(),
+            )  # fmt: skip
         thread = thread_id or uuid.uuid4().hex
-        config = {"configurable": {"thread_id": thread, "runtime": self.runtime}}
+        config = {"configurable": {"thread_id": thread, "runtime": rt}}
         start = {"question": question, "patient_key": patient, "warnings": None, "timings": None}
         state = await self.graph.ainvoke(start, config)
         return self._answer(state, thread)
@@ -165,14 +182,62 @@ class ChartSight:
         waiting = await self.pending(thread_id)
         if waiting is None:
             raise ChartSightError(f"thread {thread_id!r} has no interrupted run to resume")
-        rt = self.runtime
-        rt.on_event = on_event
+        rt = dataclasses.replace(self.runtime, on_event=on_event)
         pid = waiting["patient_id"]
         if pid and pid not in rt.records:  # the record is not checkpointed: fetch it again
             rt.records[pid] = await assemble_record(rt.source, pid)
         config = {"configurable": {"thread_id": thread_id, "runtime": rt}}
         state = await self.graph.ainvoke(None, config)
         return self._answer(state, thread_id)
+
+    async def record(self, patient: str) -> PatientRecord:
+        """The patient's record (kept for ``settings.cache_ttl_s``)."""
+        assert self.runtime is not None, "use `async with ChartSight(...)`"
+        rt = self.runtime
+        record = rt.records.fresh(patient)
+        if record is None:
+            record = await assemble_record(rt.source, patient)
+            for derived in (rt.evidence, rt.images):
+                derived.pop(record.patient_id, None)
+            rt.records[patient] = rt.records[record.patient_id] = record
+        return record
+
+    async def evidence(
+        self, patient: str, question: str, token_budget: int | None = None
+    ) -> list[RankedEvidence]:
+        """The ranked chart evidence the agent would see for ``question``."""
+        assert self.runtime is not None, "use `async with ChartSight(...)`"
+        rt = self.runtime
+        items = rt.evidence_items(await self.record(patient))
+        return await asyncio.to_thread(rt.ranker.rank, question, items, token_budget=token_budget)
+
+    async def facts(self, patient: str, tool: str, args: dict[str, Any]) -> list[Fact]:
+        """One structured tool's facts about the patient."""
+        assert self.runtime is not None, "use `async with ChartSight(...)`"
+        rt = self.runtime
+        if tool not in rt.tools.tools:
+            raise ToolError(f"no tool {tool!r}; tools: {', '.join(sorted(rt.tools.tools))}")
+        try:
+            return rt.tools[tool](rt.context(await self.record(patient)), **args)
+        except ValidationError as exc:
+            raise ToolError(f"{tool}: {exc.errors()[0]['msg']} ({exc.errors()[0]['loc']})") from exc
+
+    async def similar(
+        self, patient: str, k: int = 5, flt: CaseFilter | None = None
+    ) -> list[CaseHit]:
+        """Cases most like the patient's (the patient's own left out)."""
+        assert self.runtime is not None, "use `async with ChartSight(...)`"
+        rt = self.runtime
+        if rt.index is None or len(rt.index) == 0:
+            raise ConfigurationError("no similar-case index (run `chartsight index build`)")
+        record = await self.record(patient)
+        if record.patient_id not in rt.images:
+            rt.images[record.patient_id] = await collect_images(
+                record, rt.source, rt.settings.images, rt.dicomweb
+            )
+        case = cases_from_record(record, rt.images[record.patient_id])[0]
+        flt = dataclasses.replace(flt or CaseFilter(), exclude_patient=record.patient_id)
+        return await asyncio.to_thread(rt.index.similar, case, k, flt)
 
     def _answer(self, state: dict[str, Any], thread: str) -> Answer:
         data = state["answer"]

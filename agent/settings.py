@@ -19,6 +19,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from agent.api.settings import ServeSettings
 from agent.backends import BackendSettings
 from connectors.errors import ConfigurationError
 from connectors.settings import DicomWebSettings, FhirServerSettings, ImageSettings, StoreSettings
@@ -52,6 +53,15 @@ class Settings(BaseSettings):
     images: ImageSettings = ImageSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
     model: BackendSettings = BackendSettings()
+    serve: ServeSettings = ServeSettings()
+    cache_patients: int = Field(
+        default=256, ge=1, description="Patients whose record a running agent keeps in memory."
+    )
+    cache_ttl_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="A kept record older than this is fetched again for the next question.",
+    )
     threads: str | None = Field(
         default=None,
         description="Where conversation threads are kept: a SQLite path or a PostgreSQL URL "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -156,18 +157,22 @@ class EvidenceRanker:
         self.count_tokens = count_tokens
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
+        self._lock = threading.Lock()
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
         assert self.encoder is not None
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        with self._lock:  # ranking may run in worker threads (the HTTP service)
+            found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:
-            for text, vec in zip(missing, self.encoder.encode_texts(missing), strict=True):
-                self._cache[text] = vec
-                if len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
-        for text in texts:
-            self._cache.move_to_end(text)
-        return np.stack([self._cache[t] for t in texts])
+            found.update(zip(missing, self.encoder.encode_texts(missing), strict=True))
+        with self._lock:
+            for text in dict.fromkeys(texts):
+                self._cache[text] = found[text]
+                self._cache.move_to_end(text)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return np.stack([found[t] for t in texts])
 
     def score(self, question: str, items: Sequence[Evidence]) -> list[RankedEvidence]:
         """Every item scored for ``question``, best first."""

@@ -68,6 +68,17 @@ def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FhirStore]:
 
 
 @pytest.fixture(scope="session")
+def tommy_json() -> list[dict[str, Any]]:
+    """The demo patient Tommy Friesen's resources as plain FHIR JSON."""
+    from connectors.demo import TOMMY_FRIESEN
+
+    path = next(
+        p for p in demo_bundles() if load_bundle(p)["entry"][0]["resource"]["id"] == TOMMY_FRIESEN
+    )
+    return [e["resource"] for e in load_bundle(path)["entry"]]
+
+
+@pytest.fixture(scope="session")
 def postgres() -> Iterator[Any]:
     """A real PostgreSQL server for the session (the distribution's binaries)."""
     from tests.peers.postgres import PostgresServer

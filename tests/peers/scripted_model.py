@@ -8,6 +8,7 @@ request takes the next entry of ``answers``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -36,7 +37,10 @@ def _events(text: str) -> Iterator[str]:
 
 
 class ScriptedModel:
-    def __init__(self, tool_turns: list[list[dict[str, Any]]], answers: list[str]) -> None:
+    def __init__(
+        self, tool_turns: list[list[dict[str, Any]]], answers: list[str], delay_s: float = 0.0
+    ) -> None:
+        self.delay_s = delay_s  # a slow model: each reply waits this long
         self.tool_turns = tool_turns
         self.answers = answers
         self.requests: list[dict[str, Any]] = []
@@ -71,6 +75,8 @@ class ScriptedModel:
     async def chat(self, request: Request) -> Response:
         body = await request.json()
         self.requests.append(body)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         if body.get("tools"):
             n = len(self.tool_requests) - 1
             calls = self.tool_turns[min(n, len(self.tool_turns) - 1)]

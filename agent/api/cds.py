@@ -1,0 +1,332 @@
+"""CDS Hooks 2.0: discovery and a ``patient-view`` service that returns one card with ChartSight's
+grounded summary of the patient.
+
+The record comes from the request's ``prefetch`` when the EHR sent it (the service asks for the
+Patient, active Conditions, recent Observations and active MedicationRequests), otherwise from the
+request's ``fhirServer`` with its ``fhirAuthorization`` token. If the answer is not ready within the
+configured budget (default 2 s), the EHR gets an information card saying so at once; the work goes
+on in the background, so the next view of the same patient finds the record cached.
+
+Requests and responses follow the spec's JSON shapes (https://cds-hooks.org/specification/current/):
+a malformed request gets a 400 naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any, Literal
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from agent.api.app import Caller, Service, Svc, allowed
+from agent.grounding import citations, split_sentences, uncited
+from connectors.errors import ChartSightError, ResourceNotFound
+from connectors.fhir_client import FhirClient
+from connectors.resources import InvalidResource, SearchResult, validate
+from connectors.settings import FhirServerSettings
+from connectors.source import BinaryContent, SearchParams
+
+log = logging.getLogger("chartsight.api")
+
+SERVICE_ID = "chartsight-patient-view"
+PREFETCH = {
+    "patient": "Patient/{{context.patientId}}",
+    "conditions": "Condition?patient={{context.patientId}}&clinical-status=active",
+    "observations": "Observation?patient={{context.patientId}}&_sort=-date&_count=100",
+    "medications": "MedicationRequest?patient={{context.patientId}}&status=active",
+}
+_BACKGROUND: set[asyncio.Task[Any]] = set()  # runs that outlived their card's budget
+
+router = APIRouter(tags=["CDS Hooks"])
+
+
+# --- the spec's shapes ------------------------------------------------------------------------------
+
+
+class FhirAuthorization(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    access_token: str = Field(min_length=1)
+    token_type: Literal["Bearer"]
+    expires_in: int
+    scope: str
+    subject: str
+    patient: str | None = None
+
+
+class PatientViewContext(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    userId: str = Field(min_length=1)
+    patientId: str = Field(min_length=1, max_length=200)
+    encounterId: str | None = None
+
+
+class HookRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    hook: str
+    hookInstance: uuid.UUID
+    fhirServer: AnyHttpUrl | None = None
+    fhirAuthorization: FhirAuthorization | None = None
+    context: PatientViewContext
+    prefetch: dict[str, dict[str, Any] | None] | None = None
+
+
+class Source(BaseModel):
+    label: str
+    url: str | None = None
+    topic: dict[str, str] | None = None
+
+
+class Link(BaseModel):
+    label: str
+    url: str
+    type: Literal["absolute", "smart"]
+    appContext: str | None = None
+
+
+class Card(BaseModel):
+    uuid: str
+    summary: str = Field(max_length=140)
+    detail: str | None = None
+    indicator: Literal["info", "warning", "critical"]
+    source: Source
+    links: list[Link] = []
+
+
+class CardsResponse(BaseModel):
+    cards: list[Card]
+
+
+class ServiceDescription(BaseModel):
+    hook: str
+    id: str
+    title: str
+    description: str
+    prefetch: dict[str, str]
+    usageRequirements: str | None = None
+
+
+class Discovery(BaseModel):
+    services: list[ServiceDescription]
+
+
+# --- a FHIR source over the prefetched resources --------------------------------------------------
+
+
+class PrefetchSource:
+    """The resources the EHR prefetched, as a read-only FhirSource."""
+
+    def __init__(self, prefetch: dict[str, dict[str, Any] | None]) -> None:
+        self.resources: list[Any] = []
+        self.invalid: list[InvalidResource] = []
+        for key, value in prefetch.items():
+            if not value:
+                continue
+            raws = (
+                [e.get("resource") for e in value.get("entry") or []]
+                if value.get("resourceType") == "Bundle"
+                else [value]
+            )
+            for raw in raws:
+                made = validate(raw, f"prefetch {key}")
+                if isinstance(made, InvalidResource):
+                    self.invalid.append(made)
+                else:
+                    self.resources.append(made)
+
+    @property
+    def name(self) -> str:
+        return "CDS Hooks prefetch"
+
+    def has_patient(self, patient_id: str) -> bool:
+        return any(
+            r.get_resource_type() == "Patient" and str(r.id) == patient_id for r in self.resources
+        )
+
+    async def read(self, resource_type: str, resource_id: str) -> Any:
+        for r in self.resources:
+            if r.get_resource_type() == resource_type and str(r.id) == resource_id:
+                return r
+        raise ResourceNotFound(f"{resource_type}/{resource_id}", 404, "not in the prefetch")
+
+    async def search(self, resource_type: str, params: SearchParams | None = None) -> SearchResult:
+        found = [r for r in self.resources if r.get_resource_type() == resource_type]
+        ident = dict(params or {}).get("identifier")
+        if resource_type == "Patient" and ident:
+            value = str(ident).split("|")[-1]
+            found = [
+                r
+                for r in found
+                if any(i.value == value for i in getattr(r, "identifier", []) or [])
+            ]
+        return SearchResult(resources=found, total=len(found), pages=1)
+
+    async def everything(self, patient_id: str) -> SearchResult:
+        return SearchResult(
+            resources=list(self.resources), invalid=list(self.invalid), pages=1,
+            total=len(self.resources),
+        )  # fmt: skip
+
+    async def binary(self, reference: str) -> BinaryContent:
+        raise ResourceNotFound(reference, 404, "binaries are not part of the prefetch")
+
+    async def aclose(self) -> None:
+        return None
+
+
+# --- routes ----------------------------------------------------------------------------------------
+
+
+@router.get("/cds-services", response_model=Discovery, summary="CDS Hooks discovery.")
+async def discovery() -> Discovery:
+    return Discovery(
+        services=[
+            ServiceDescription(
+                hook="patient-view",
+                id=SERVICE_ID,
+                title="ChartSight patient summary",
+                description="A grounded summary of the patient's active problems, medications and "
+                "latest abnormal results, every statement citing the patient's own resources.",
+                prefetch=PREFETCH,
+                usageRequirements="Grant patient/*.read (or user/*.read) for the fhirServer path.",
+            )
+        ]
+    )
+
+
+@router.post(
+    f"/cds-services/{SERVICE_ID}",
+    response_model=CardsResponse,
+    response_model_exclude_none=True,
+    summary="patient-view: one card with ChartSight's cited summary.",
+    responses={400: {"description": "A malformed hook request."}},
+)
+async def patient_view(request: Request, who: Caller, svc: Svc) -> CardsResponse:
+    try:
+        hook = HookRequest.model_validate(await request.json())
+    except ValueError as exc:
+        raise HTTPException(400, f"malformed CDS Hooks request: {_first_error(exc)}") from exc
+    if hook.hook != "patient-view":
+        raise HTTPException(400, f"this service answers the patient-view hook, not {hook.hook!r}")
+    pid = hook.context.patientId
+    auth = hook.fhirAuthorization
+    if auth is not None and auth.patient and auth.patient != pid:
+        raise HTTPException(403, "fhirAuthorization is bound to another patient")
+    allowed(svc, who, "cds-patient-view", pid)
+    source = _source(hook, pid)
+    if source is None:
+        raise HTTPException(
+            400, "no data: send prefetch with the Patient, or fhirServer with fhirAuthorization"
+        )
+    question = svc.settings.serve.cds_question
+    work = asyncio.ensure_future(svc.agent.ask(pid, question, source=source))
+    try:
+        answer = await asyncio.wait_for(asyncio.shield(work), svc.settings.serve.cds_budget_s)
+    except TimeoutError:
+        _BACKGROUND.add(work)
+        work.add_done_callback(_BACKGROUND.discard)
+        svc.audit.record(who, "cds-patient-view", "over budget", patient_id=pid)
+        return CardsResponse(cards=[_pending_card(svc, pid)])
+    except ChartSightError as exc:
+        svc.audit.record(who, "cds-patient-view", "error", patient_id=pid, detail=str(exc)[:200])
+        raise HTTPException(502, f"the patient's record could not be read: {exc}") from exc
+    finally:
+        if isinstance(source, FhirClient):  # closed once its run is over, here or later
+            if work.done():
+                await source.aclose()
+            else:
+                work.add_done_callback(lambda _: asyncio.ensure_future(source.aclose()))
+    data = answer.to_dict()
+    svc.audit.record(
+        who, "cds-patient-view", "abstained" if answer.abstained else "answered",
+        patient_id=pid, question=question, answer=data,
+    )  # fmt: skip
+    return CardsResponse(cards=[_answer_card(svc, pid, data)])
+
+
+def _first_error(exc: Exception) -> str:
+    if isinstance(exc, ValidationError | RequestValidationError):
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        return f"{where}: {err.get('msg')}"
+    return str(exc)
+
+
+def _source(hook: HookRequest, pid: str) -> Any:
+    if hook.prefetch:
+        prefetched = PrefetchSource(hook.prefetch)
+        if prefetched.has_patient(pid):
+            return prefetched
+    if hook.fhirServer is not None:
+        settings = FhirServerSettings(
+            url=str(hook.fhirServer).rstrip("/"),
+            token=SecretStr(hook.fhirAuthorization.access_token)
+            if hook.fhirAuthorization
+            else None,
+        )
+        return FhirClient(settings)
+    return None
+
+
+def _card_source(svc: Service) -> Source:
+    return Source(label="ChartSight", url=svc.settings.serve.public_url)
+
+
+def _app_link(svc: Service, pid: str) -> list[Link]:
+    base = svc.settings.serve.public_url
+    if not base:
+        return []
+    return [
+        Link(
+            label="Ask ChartSight about this patient",
+            url=f"{base.rstrip('/')}/launch",
+            type="smart",
+            appContext=urlencode({"patient": pid}),
+        )
+    ]
+
+
+def _answer_card(svc: Service, pid: str, data: dict[str, Any]) -> Card:
+    text = data["text"]
+    first = text.split(". ")[0]
+    summary = ("ChartSight: " + _uncite(first))[:139]
+    lines = [f"- {_uncite(s).strip()} {_refs(s)}" for s in _sentences(text)]
+    cites = "\n".join(f"- `{c['reference']}`: {c['text']}" for c in data["citations"][:20])
+    detail = "\n".join(lines) + ("\n\n**Evidence**\n\n" + cites if cites else "")
+    if data.get("warnings"):
+        detail += "\n\n_" + "; ".join(data["warnings"][:3]) + "_"
+    return Card(
+        uuid=str(uuid.uuid4()),
+        summary=summary if len(summary) <= 140 else summary[:137] + "…",
+        detail=detail,
+        indicator="info",
+        source=_card_source(svc),
+        links=_app_link(svc, pid),
+    )
+
+
+def _pending_card(svc: Service, pid: str) -> Card:
+    return Card(
+        uuid=str(uuid.uuid4()),
+        summary="ChartSight is still reading this chart; open the app for the answer.",
+        detail="The summary was not ready within the time the EHR allows for this card.",
+        indicator="info",
+        source=_card_source(svc),
+        links=_app_link(svc, pid),
+    )
+
+
+def _sentences(text: str) -> list[str]:
+    return split_sentences(text)
+
+
+def _refs(sentence: str) -> str:
+    return " ".join(f"[{r}]" for r in citations(sentence))
+
+
+def _uncite(sentence: str) -> str:
+    return " ".join(uncited(sentence).split())

@@ -1,0 +1,143 @@
+"""Authentication and patient-scoped authorization.
+
+A caller is a ``Principal``: a service account (API key) or a user or app holding an OAuth2 bearer
+JWT from the configured issuer (a SMART authorization server), validated against its JWKS. What it
+may read follows SMART scopes: ``patient/*.read`` (or SMART v2 ``patient/*.rs``) reads only the
+patient of its launch context (the token's ``patient`` claim); ``user/*.read`` and ``system/*.read``
+read any patient. Every endpoint, the MCP tools and the CDS service call ``authorize``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from jwt import PyJWKClient
+
+from agent.api.settings import AuthSettings
+from connectors.errors import ChartSightError
+
+# scopes that let ChartSight read a whole record, every resource type: SMART v1 `read` or `*`,
+# SMART v2 permissions that include read and search (`rs`, `cruds`, ...)
+_READ_ALL = re.compile(r"^(patient|user|system)/\*\.(read|\*|c?r?u?d?s?)$")
+
+
+class AuthError(ChartSightError):
+    """No valid credentials (HTTP 401)."""
+
+
+class Forbidden(ChartSightError):
+    """Valid credentials, but not for this (HTTP 403)."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling, and what they may read."""
+
+    client_id: str  # the API key's client, or the token's client_id/azp/sub
+    subject: str  # the user (fhirUser/sub) or the client itself
+    scopes: frozenset[str]
+    patient: str | None = None  # the launch context's patient, for patient-level scopes
+    kind: str = "jwt"  # "jwt" | "api-key" | "anonymous" | "local"
+
+    @property
+    def levels(self) -> set[str]:
+        """The SMART levels (patient, user, system) at which it may read whole records."""
+        out = set()
+        for scope in self.scopes:
+            m = _READ_ALL.match(scope)
+            if m is None:
+                continue
+            permission = m.group(2)
+            if permission in ("read", "*") or {"r", "s"} <= set(permission):
+                out.add(m.group(1))
+        return out
+
+
+def authorize(principal: Principal, patient_id: str) -> None:
+    """Raise ``Forbidden`` unless ``principal`` may read ``patient_id``'s record."""
+    levels = principal.levels
+    if not levels:
+        raise Forbidden(
+            "the token's scopes do not allow reading records "
+            "(ChartSight needs patient/*.read, user/*.read or system/*.read)"
+        )
+    if levels & {"user", "system"}:
+        return  # the user's (or system's) own access to the EHR governs which patients
+    if principal.patient is None:
+        raise Forbidden("a patient-level token without a patient in its launch context")
+    if principal.patient != patient_id:
+        raise Forbidden("the token is bound to another patient")
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Authenticator:
+    """Turns a request's credentials into a Principal."""
+
+    def __init__(self, settings: AuthSettings) -> None:
+        self.settings = settings
+        self._jwks = (
+            PyJWKClient(settings.jwks_url, cache_keys=True, lifespan=300)
+            if settings.jwks_url
+            else None
+        )
+
+    def from_headers(self, authorization: str | None, api_key: str | None) -> Principal:
+        if api_key:
+            return self.api_key(api_key)
+        if authorization:
+            scheme, _, credentials = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not credentials.strip():
+                raise AuthError("the Authorization header must be 'Bearer <token>'")
+            return self.bearer(credentials.strip())
+        if self.settings.anonymous:
+            return Principal("anonymous", "anonymous", frozenset({"user/*.read"}), kind="anonymous")
+        raise AuthError("credentials required: a bearer token or an X-API-Key header")
+
+    def api_key(self, key: str) -> Principal:
+        digest = key_digest(key)
+        for entry in self.settings.api_keys:
+            if hmac.compare_digest(entry.key_sha256.lower(), digest):
+                return Principal(
+                    entry.client_id,
+                    entry.client_id,
+                    frozenset(entry.scopes.split()),
+                    entry.patient,
+                    kind="api-key",
+                )
+        raise AuthError("unknown API key")
+
+    def bearer(self, token: str) -> Principal:
+        if self._jwks is None or not self.settings.issuer:
+            raise AuthError("bearer tokens are not accepted here (no issuer is configured)")
+        try:
+            key = self._jwks.get_signing_key_from_jwt(token)
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key.key,
+                algorithms=self.settings.algorithms,
+                issuer=self.settings.issuer,
+                audience=self.settings.audience,
+                leeway=self.settings.leeway_s,
+                options={
+                    "require": ["exp", "iss"],
+                    "verify_aud": self.settings.audience is not None,
+                },
+            )
+        except jwt.PyJWKClientError as exc:
+            raise AuthError(f"the token's signing key could not be found: {exc}") from exc
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(f"invalid token: {exc}") from exc
+        scope = claims.get("scope") or claims.get("scp") or ""
+        scopes = frozenset(scope.split() if isinstance(scope, str) else scope)
+        client = str(claims.get("client_id") or claims.get("azp") or claims.get("sub") or "")
+        subject = str(claims.get("fhirUser") or claims.get("sub") or client)
+        patient = claims.get("patient")
+        return Principal(client, subject, scopes, str(patient) if patient else None)

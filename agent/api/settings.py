@@ -1,0 +1,57 @@
+"""Settings of the HTTP service (``chartsight serve``): limits, authentication, audit, CDS Hooks."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ApiKey(BaseModel):
+    """A service account. Only the key's SHA-256 is configured, never the key itself."""
+
+    client_id: str
+    key_sha256: str = Field(description="Hex SHA-256 of the key (`chartsight api-key` makes one).")
+    scopes: str = Field(default="system/*.read", description="SMART scopes granted to the key.")
+    patient: str | None = Field(default=None, description="Bind the key to one patient.")
+
+
+class AuthSettings(BaseModel):
+    """Who may call the service: OAuth2 bearer JWTs from an issuer (SMART), and API keys."""
+
+    api_keys: list[ApiKey] = []
+    issuer: str | None = Field(default=None, description="The `iss` a bearer JWT must carry.")
+    jwks_url: str | None = Field(
+        default=None, description="Where the issuer's signing keys are (JWKS)."
+    )
+    audience: str | None = Field(default=None, description="The `aud` a bearer JWT must carry.")
+    algorithms: list[str] = ["RS256", "RS384", "ES256", "ES384"]
+    leeway_s: float = 30.0
+    anonymous: bool = Field(
+        default=False,
+        description="Let unauthenticated requests in with `user/*.read` (local development only).",
+    )
+
+
+class ServeSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str | None = Field(
+        default=None, description="This service's URL as EHRs reach it (for links in CDS cards)."
+    )
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_question_chars: int = Field(default=2000, ge=10)
+    request_timeout_s: float = Field(default=120.0, gt=0)
+    rate_per_minute: float = Field(
+        default=120.0, gt=0, description="Sustained requests per client."
+    )
+    rate_burst: int = Field(default=30, ge=1, description="Requests a client may make at once.")
+    audit_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of the audit log (default: <home>/audit.db)."
+    )
+    cds_budget_s: float = Field(
+        default=2.0, gt=0, description="How long a CDS Hooks call may take before an info card."
+    )
+    cds_question: str = Field(
+        default="What are the active problems, current medications and latest abnormal results?",
+        description="The question the patient-view service answers.",
+    )
+    auth: AuthSettings = AuthSettings()

@@ -1,0 +1,98 @@
+"""The HTTP service running for real under uvicorn on 127.0.0.1, with a token issuer beside it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from agent.api.app import create_app
+from agent.api.security import key_digest
+from agent.api.settings import ApiKey
+from agent.settings import Settings
+from connectors.demo import TOMMY_FRIESEN
+from connectors.store import FhirStore
+from tests.peers.issuer import Issuer
+from tests.peers.servers import free_port
+
+EHR_KEY = "test-ehr-key"  # system/*.read
+BOUND_KEY = "test-bound-key"  # patient/*.read, Tommy only
+
+
+@pytest.fixture(scope="session")
+def issuer() -> Iterator[Issuer]:
+    with Issuer() as server:
+        yield server
+
+
+def api_settings(home: Path, store: FhirStore, issuer: Issuer, **serve: Any) -> Settings:
+    settings = Settings(home=home, store={"url": str(store.engine.url)})
+    settings.serve.auth.issuer = issuer.url
+    settings.serve.auth.jwks_url = issuer.jwks_url
+    settings.serve.auth.audience = "chartsight"
+    settings.serve.auth.api_keys = [
+        ApiKey(client_id="ehr", key_sha256=key_digest(EHR_KEY), scopes="system/*.read"),
+        ApiKey(
+            client_id="bound",
+            key_sha256=key_digest(BOUND_KEY),
+            scopes="patient/*.read",
+            patient=TOMMY_FRIESEN,
+        ),
+    ]
+    settings.serve.public_url = "https://chartsight.example"
+    for name, value in serve.items():
+        setattr(settings.serve, name, value)
+    return settings
+
+
+class Running:
+    """A uvicorn server in a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port = free_port()
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(settings),
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
+                access_log=False,
+            )
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Running:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("the service did not become ready")
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(20)
+
+
+@pytest.fixture(scope="module")
+def service(
+    tmp_path_factory: pytest.TempPathFactory, demo_store: FhirStore, issuer: Issuer
+) -> Iterator[Running]:
+    home = tmp_path_factory.mktemp("api-home")
+    with Running(api_settings(home, demo_store, issuer, rate_burst=10_000)) as running:
+        yield running

@@ -1,0 +1,215 @@
+"""The HTTP service end to end over real HTTP: answers, streaming, similar cases, health, OpenAPI,
+authentication and patient-scoped authorization, limits, the audit log, and no PHI in logs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from connectors.demo import MARTINA_MURAZIK, TOMMY_FRIESEN
+from tests.agent.test_ask import _a1cs
+from tests.api.conftest import BOUND_KEY, EHR_KEY, Running
+from tests.peers.issuer import Issuer
+
+EHR = {"X-API-Key": EHR_KEY}
+BOUND = {"X-API-Key": BOUND_KEY}
+A1C_Q = "What was his last HbA1c?"
+
+
+def _ask(service: Running, headers: dict[str, str], patient: str = TOMMY_FRIESEN, **body: Any):  # type: ignore[no-untyped-def]
+    return httpx.post(
+        f"{service.url}/v1/ask",
+        json={"patient": patient, "question": A1C_Q, **body},
+        headers=headers,
+        timeout=60,
+    )
+
+
+def _audit(service: Running) -> list[dict[str, Any]]:
+    engine = sa.create_engine(f"sqlite:///{service.settings.home / 'audit.db'}")
+    with engine.connect() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(sa.text("SELECT * FROM audit_log"))]
+    engine.dispose()
+    return rows
+
+
+def test_health_readiness_and_openapi(service: Running):
+    assert httpx.get(f"{service.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{service.url}/readyz").json()
+    assert ready["status"] == "ready" and ready["audit"] == "ok"
+    spec = httpx.get(f"{service.url}/openapi.json").json()
+    assert {
+        "/v1/ask",
+        "/v1/ask/stream",
+        "/v1/patients/{patient_id}/similar",
+        "/cds-services",
+    } <= set(spec["paths"])
+    ask = spec["paths"]["/v1/ask"]["post"]
+    assert ask["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "AnswerOut"
+    )
+    assert {"401", "403", "429"} <= set(ask["responses"])
+    answer = spec["components"]["schemas"]["AnswerOut"]["properties"]
+    assert {"text", "citations", "facts", "supported_fraction", "tool_calls"} <= set(answer)
+
+
+def test_ask_answers_cites_and_is_audited_without_the_question_text(
+    service: Running, tommy_json: list[dict[str, Any]]
+):
+    newest = _a1cs(tommy_json)[0]
+    reply = _ask(service, EHR)
+    assert reply.status_code == 200, reply.text
+    data = reply.json()
+    assert f"{newest['valueQuantity']['value']:.4g} %" in data["text"]
+    assert [c["reference"] for c in data["citations"]] == [f"Observation/{newest['id']}"]
+    assert reply.headers["x-request-id"]
+    row = [r for r in _audit(service) if r["endpoint"] == "ask"][-1]
+    assert row["client_id"] == "ehr" and row["patient_id"] == TOMMY_FRIESEN
+    assert row["outcome"] == "answered" and row["model"] == "evidence"
+    assert row["question_sha256"] == hashlib.sha256(A1C_Q.encode()).hexdigest()
+    assert json.loads(row["cited"]) == [f"Observation/{newest['id']}"]
+    assert A1C_Q not in json.dumps(row, default=str)
+
+
+def test_the_answer_streams_as_server_sent_events(service: Running):
+    events: list[tuple[str, Any]] = []
+    with httpx.stream(
+        "POST",
+        f"{service.url}/v1/ask/stream",
+        json={"patient": TOMMY_FRIESEN, "question": A1C_Q},
+        headers=EHR,
+        timeout=60,
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                kind = line[6:].strip()
+            elif line.startswith("data:") and kind:
+                events.append((kind, json.loads(line[5:])))
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "node_started" and kinds[-1] == "answer"
+    assert {"plan", "facts", "evidence", "verified"} <= set(kinds)
+    assert events[-1][1]["citations"]
+
+
+def test_credentials_are_required_and_checked(service: Running, issuer: Issuer):
+    assert _ask(service, {}).status_code == 401
+    assert _ask(service, {"X-API-Key": "nope"}).status_code == 401
+    assert _ask(service, {"Authorization": "Basic abc"}).status_code == 401
+    expired = issuer.token("user/*.read", exp=1_000_000)
+    assert _ask(service, {"Authorization": f"Bearer {expired}"}).status_code == 401
+    wrong_aud = issuer.token("user/*.read", aud="someone-else")
+    assert _ask(service, {"Authorization": f"Bearer {wrong_aud}"}).status_code == 401
+    forged = issuer.token("user/*.read")[:-4] + "AAAA"
+    assert _ask(service, {"Authorization": f"Bearer {forged}"}).status_code == 401
+    no_read = issuer.token("launch openid fhirUser")
+    reply = _ask(service, {"Authorization": f"Bearer {no_read}"})
+    assert reply.status_code == 403 and "scopes" in reply.json()["detail"]
+
+
+@pytest.mark.parametrize("kind", ["api-key", "jwt"])
+def test_a_patient_bound_credential_reads_only_its_patient_everywhere(
+    service: Running, issuer: Issuer, kind: str
+):
+    headers = (
+        BOUND
+        if kind == "api-key"
+        else {"Authorization": f"Bearer {issuer.token('patient/*.read', TOMMY_FRIESEN)}"}
+    )
+    assert _ask(service, headers).status_code == 200
+    assert _ask(service, headers, patient=MARTINA_MURAZIK).status_code == 403
+    stream = httpx.post(
+        f"{service.url}/v1/ask/stream",
+        json={"patient": MARTINA_MURAZIK, "question": "age?"},
+        headers=headers,
+    )
+    assert stream.status_code == 403
+    similar = httpx.get(f"{service.url}/v1/patients/{MARTINA_MURAZIK}/similar", headers=headers)
+    assert similar.status_code == 403
+    client = "bound" if kind == "api-key" else "ehr-app"
+    denied = [r for r in _audit(service) if r["outcome"] == "denied" and r["client_id"] == client]
+    assert {r["endpoint"] for r in denied if r["patient_id"] == MARTINA_MURAZIK} >= {
+        "ask",
+        "ask_stream",
+        "similar",
+    }
+
+
+def test_user_and_v2_scopes(service: Running, issuer: Issuer):
+    user = {"Authorization": f"Bearer {issuer.token('openid fhirUser user/*.read')}"}
+    assert _ask(service, user, patient=MARTINA_MURAZIK).status_code == 200
+    v2 = {"Authorization": f"Bearer {issuer.token('patient/*.rs', MARTINA_MURAZIK)}"}
+    assert _ask(service, v2, patient=MARTINA_MURAZIK).status_code == 200
+    assert _ask(service, v2).status_code == 403
+    write_only = {"Authorization": f"Bearer {issuer.token('patient/*.cud', TOMMY_FRIESEN)}"}
+    assert _ask(service, write_only).status_code == 403
+
+
+def test_request_limits(service: Running):
+    huge = httpx.post(
+        f"{service.url}/v1/ask",
+        content=b'{"patient": "x", "question": "' + b"a" * 100_000 + b'"}',
+        headers={**EHR, "Content-Type": "application/json"},
+    )
+    assert huge.status_code == 413
+
+    def chunks():  # type: ignore[no-untyped-def]
+        yield b'{"patient": "x", "question": "'
+        for _ in range(100):
+            yield b"a" * 1000
+        yield b'"}'
+
+    chunked = httpx.post(
+        f"{service.url}/v1/ask",
+        content=chunks(),
+        headers={**EHR, "Content-Type": "application/json"},
+    )
+    assert chunked.status_code == 413
+    long_q = _ask(service, EHR, question="why? " * 1000)
+    assert long_q.status_code == 422 and "characters" in long_q.text
+    bad_thread = _ask(service, EHR, thread="../../etc")
+    assert bad_thread.status_code == 422
+    missing = _ask(service, EHR, patient="no-such-patient")
+    assert missing.status_code == 404
+
+
+def test_threads_are_private_to_their_caller(service: Running, issuer: Issuer, tommy_json):
+    a1cs = _a1cs(tommy_json)
+    first = _ask(service, EHR, thread="t1")
+    assert first.status_code == 200 and first.json()["thread_id"] == "t1"
+    follow = _ask(service, EHR, thread="t1", question="and before that?").json()
+    assert follow["citations"][0]["reference"] == f"Observation/{a1cs[1]['id']}"
+    # another caller using the same thread id starts its own conversation
+    other = {"Authorization": f"Bearer {issuer.token('user/*.read', sub='dr-no')}"}
+    theirs = _ask(service, other, thread="t1", question="and before that?").json()
+    assert f"Observation/{a1cs[1]['id']}" not in {c["reference"] for c in theirs["citations"]}
+
+
+def test_no_phi_in_the_logs(service: Running, caplog: pytest.LogCaptureFixture):
+    question = "What was his last HbA1c? (Tommy Friesen, secret-marker-42)"
+    with caplog.at_level(logging.INFO):  # the default level
+        assert _ask(service, EHR, question=question).status_code == 200
+        httpx.get(f"{service.url}/v1/patients/{TOMMY_FRIESEN}/similar", headers=EHR)
+    server_side = [r for r in caplog.records if not r.name.startswith(("httpx", "httpcore"))]
+    text = "\n".join(r.getMessage() for r in server_side)
+    assert "POST /v1/ask 200" in text  # the service does log requests
+    for phi in ("secret-marker-42", "Tommy", "Friesen", TOMMY_FRIESEN, "HbA1c"):
+        assert phi not in text
+
+
+def test_the_audit_log_is_append_only(service: Running):
+    _ask(service, EHR)
+    engine = sa.create_engine(f"sqlite:///{service.settings.home / 'audit.db'}")
+    with pytest.raises(sa.exc.DatabaseError, match="append-only"), engine.begin() as conn:
+        conn.execute(sa.text("UPDATE audit_log SET outcome = 'x'"))
+    with pytest.raises(sa.exc.DatabaseError, match="append-only"), engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM audit_log"))
+    engine.dispose()
