@@ -130,19 +130,23 @@ class Problem(BaseModel):
 
 
 class BodyLimit:
-    """Refuses request bodies over ``max_bytes`` with 413, whether or not they declare a length."""
+    """Refuses request bodies over the limit with 413, whether or not they declare a length.
+    ``larger`` gives path prefixes their own limit (CDS Hooks prefetch can be megabytes)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, larger: dict[str, int] | None = None) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.default = max_bytes
+        self.larger = larger or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope.get("path", "")
+        limit = next((n for p, n in self.larger.items() if path.startswith(p)), self.default)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _too_large(send, self.max_bytes)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _too_large(send, limit)
             return
         # read the body first (it is small by definition), so an oversized chunked upload is
         # refused before the app sees any of it
@@ -152,8 +156,8 @@ class BodyLimit:
             if message["type"] != "http.request":
                 return  # the client left
             body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                await _too_large(send, self.max_bytes)
+            if len(body) > limit:
+                await _too_large(send, limit)
                 return
             if not message.get("more_body"):
                 break
@@ -311,7 +315,11 @@ def create_app(settings: Settings, agent: ChartSight | None = None) -> FastAPI:
             429: {"model": Problem, "description": "Rate limit; see Retry-After."},
         },
     )
-    app.add_middleware(BodyLimit, max_bytes=settings.serve.max_body_bytes)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.serve.max_body_bytes,
+        larger={"/cds-services/": settings.serve.cds_max_body_bytes},
+    )
 
     @app.middleware("http")
     async def access_log(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:

@@ -38,6 +38,9 @@ class ServeSettings(BaseModel):
         default=None, description="This service's URL as EHRs reach it (for links in CDS cards)."
     )
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    cds_max_body_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="CDS Hooks requests (with prefetch)."
+    )
     max_question_chars: int = Field(default=2000, ge=10)
     request_timeout_s: float = Field(default=120.0, gt=0)
     rate_per_minute: float = Field(

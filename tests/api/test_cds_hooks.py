@@ -1,0 +1,162 @@
+"""CDS Hooks 2.0 over real HTTP: discovery, patient-view from prefetch and from a real FHIR server
+(SEKMET) with the request's token, the time budget, malformed requests, and patient scoping."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from connectors.demo import MARTINA_MURAZIK, TOMMY_FRIESEN
+from connectors.store import FhirStore
+from tests.api.conftest import BOUND_KEY, EHR_KEY, Running, api_settings
+from tests.conftest import LoadedServer
+from tests.peers.issuer import Issuer
+
+EHR = {"X-API-Key": EHR_KEY}
+URL = "/cds-services/chartsight-patient-view"
+
+
+def _bundle(resources: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "entry": [{"resource": r} for r in resources],
+    }
+
+
+def _prefetch(tommy: list[dict[str, Any]]) -> dict[str, Any]:
+    """What an EHR would send for the discovery's prefetch templates."""
+    of = lambda t: [r for r in tommy if r["resourceType"] == t]  # noqa: E731
+    return {
+        "patient": of("Patient")[0],
+        "conditions": _bundle(of("Condition")),
+        "observations": _bundle(
+            sorted(of("Observation"), key=lambda r: r.get("effectiveDateTime", ""))[-100:]
+        ),
+        "medications": _bundle([r for r in of("MedicationRequest") if r["status"] == "active"]),
+    }
+
+
+def _hook(patient: str = TOMMY_FRIESEN, **extra: Any) -> dict[str, Any]:
+    return {
+        "hook": "patient-view",
+        "hookInstance": str(uuid.uuid4()),
+        "context": {"userId": "Practitioner/dr-who", "patientId": patient},
+        **extra,
+    }
+
+
+def test_discovery(service: Running):
+    reply = httpx.get(f"{service.url}/cds-services")
+    assert reply.status_code == 200
+    (svc,) = reply.json()["services"]
+    assert svc["hook"] == "patient-view" and svc["id"] == "chartsight-patient-view"
+    assert set(svc["prefetch"]) == {"patient", "conditions", "observations", "medications"}
+    assert svc["prefetch"]["patient"] == "Patient/{{context.patientId}}"
+
+
+def test_patient_view_from_prefetch_gives_a_cited_card(service: Running, tommy_json):
+    prefetch = _prefetch(tommy_json)
+    # a medication only the prefetch has: citing it proves the card was made from the prefetch
+    prefetch["medications"]["entry"][0]["resource"] = {
+        **prefetch["medications"]["entry"][0]["resource"],
+        "id": "only-in-prefetch",
+    }
+    reply = httpx.post(
+        f"{service.url}{URL}", json=_hook(prefetch=prefetch), headers=EHR, timeout=30
+    )
+    assert reply.status_code == 200, reply.text
+    (card,) = reply.json()["cards"]
+    assert len(card["summary"]) <= 140 and card["summary"].startswith("ChartSight:")
+    assert card["indicator"] == "info" and card["source"]["label"] == "ChartSight"
+    ids = {f"{r['resourceType']}/{r['id']}" for r in tommy_json} | {
+        "MedicationRequest/only-in-prefetch"
+    }
+    cited = {line.split("`")[1] for line in card["detail"].splitlines() if line.startswith("- `")}
+    assert cited and cited <= ids  # only the patient's own resources, from the prefetch
+    active = {
+        f"MedicationRequest/{r['id']}"
+        for r in tommy_json
+        if r["resourceType"] == "MedicationRequest" and r["status"] == "active"
+    }
+    assert active & cited and "MedicationRequest/only-in-prefetch" in cited
+    (link,) = card["links"]
+    assert link["type"] == "smart" and link["url"] == "https://chartsight.example/launch"
+    assert f"patient={TOMMY_FRIESEN}" in link["appContext"]
+
+
+def test_patient_view_reads_the_fhir_server_with_the_requests_token(
+    service: Running, sekmet: LoadedServer
+):
+    pid = sekmet.patient_ids[TOMMY_FRIESEN]
+    hook = _hook(
+        pid,
+        fhirServer=sekmet.base_url,
+        fhirAuthorization={
+            "access_token": "opaque-token",
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "scope": "patient/*.read",
+            "subject": "chartsight",
+            "patient": pid,
+        },
+    )
+    reply = httpx.post(f"{service.url}{URL}", json=hook, headers=EHR, timeout=60)
+    assert reply.status_code == 200, reply.text
+    (card,) = reply.json()["cards"]
+    assert "`MedicationRequest/" in card["detail"] or "`Condition/" in card["detail"]
+
+
+def test_a_slow_answer_gets_an_information_card_in_budget(
+    tmp_path: Path, demo_store: FhirStore, issuer: Issuer, tommy_json
+):
+    settings = api_settings(tmp_path / "home", demo_store, issuer, cds_budget_s=0.01)
+    with Running(settings) as running:
+        reply = httpx.post(
+            f"{running.url}{URL}", json=_hook(prefetch=_prefetch(tommy_json)), headers=EHR
+        )
+    assert reply.status_code == 200
+    (card,) = reply.json()["cards"]
+    assert card["indicator"] == "info" and "still reading" in card["summary"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda h: h.pop("hookInstance"), "hookInstance"),
+        (lambda h: h.update(hookInstance="not-a-uuid"), "hookInstance"),
+        (lambda h: h["context"].pop("patientId"), "patientId"),
+        (lambda h: h.update(hook="order-select"), "patient-view"),
+        (lambda h: h.update(fhirServer="not a url"), "fhirServer"),
+        (lambda h: h.update(fhirAuthorization={"access_token": "x"}), "fhirAuthorization"),
+        (lambda h: None, "no data"),  # neither prefetch nor fhirServer
+    ],
+)
+def test_malformed_hook_requests_get_400(service: Running, change: Any, message: str):
+    hook = _hook()
+    change(hook)
+    reply = httpx.post(f"{service.url}{URL}", json=hook, headers=EHR)
+    assert reply.status_code == 400 and message in reply.json()["detail"]
+    not_json = httpx.post(
+        f"{service.url}{URL}", content=b"{", headers={**EHR, "content-type": "application/json"}
+    )
+    assert not_json.status_code == 400
+
+
+def test_the_cds_service_is_patient_scoped(service: Running, tommy_json):
+    bound = {"X-API-Key": BOUND_KEY}
+    other = _hook(MARTINA_MURAZIK, prefetch=_prefetch(tommy_json))
+    assert httpx.post(f"{service.url}{URL}", json=other, headers=bound).status_code == 403
+    assert httpx.post(f"{service.url}{URL}", json=_hook()).status_code == 401
+    mismatch = _hook(
+        fhirServer="http://127.0.0.1:9/fhir",
+        fhirAuthorization={
+            "access_token": "t", "token_type": "Bearer", "expires_in": 60,
+            "scope": "patient/*.read", "subject": "x", "patient": MARTINA_MURAZIK,
+        },
+    )  # fmt: skip
+    assert httpx.post(f"{service.url}{URL}", json=mismatch, headers=EHR).status_code == 403
