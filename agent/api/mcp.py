@@ -82,8 +82,9 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
     )
 
     @server.tool(
+        structured_output=True,
         description="The patient's chart evidence ranked for a question: one line per FHIR "
-        "resource, each ending in its citation, within a token budget."
+        "resource, each ending in its citation, within a token budget.",
     )
     async def patient_evidence(
         patient: str, question: str, ctx: Context, token_budget: int = 800
@@ -101,10 +102,11 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         ]
 
     @server.tool(
+        structured_output=True,
         description="A structured fact computed from the patient's record by one of ChartSight's "
         "tools (demographics, age, latest_observation, observation_stats, active_problems, "
         "active_medications, allergies, recent_procedures, recent_encounters, imaging), with the "
-        "evidence ids it rests on. `arguments` follow the tool's schema (see fact_tools)."
+        "evidence ids it rests on. `arguments` follow the tool's schema (see fact_tools).",
     )
     async def patient_facts(
         patient: str, tool: str, ctx: Context, arguments: dict[str, Any] | None = None
@@ -118,15 +120,19 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         access.audit(who, "patient_facts", "answered", patient)
         return [f.to_dict() for f in facts]
 
-    @server.tool(description="The structured tools patient_facts can run, with their JSON schemas.")
+    @server.tool(
+        structured_output=True,
+        description="The structured tools patient_facts can run, with their JSON schemas.",
+    )
     async def fact_tools(ctx: Context) -> list[dict[str, Any]]:
         agent, _ = access.caller(ctx)
         assert agent.runtime is not None
         return [t.schema()["function"] for t in agent.runtime.tools.tools.values()]
 
     @server.tool(
+        structured_output=True,
         description="Past cases most similar to the patient's (images and summary fused), the "
-        "patient's own cases left out."
+        "patient's own cases left out.",
     )
     async def similar_cases(patient: str, ctx: Context, k: int = 5) -> list[dict[str, Any]]:
         agent, who = access.caller(ctx)
@@ -139,8 +145,9 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         return [asdict(h) for h in hits]
 
     @server.tool(
+        structured_output=True,
         description="A grounded answer to a clinician's question about the patient: every "
-        "sentence cites the patient's resources and was checked against them."
+        "sentence cites the patient's resources and was checked against them.",
     )
     async def ask(patient: str, question: str, ctx: Context) -> dict[str, Any]:
         agent, who = access.caller(ctx)
