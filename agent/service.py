@@ -223,21 +223,38 @@ class ChartSight:
             raise ToolError(f"{tool}: {exc.errors()[0]['msg']} ({exc.errors()[0]['loc']})") from exc
 
     async def similar(
-        self, patient: str, k: int = 5, flt: CaseFilter | None = None
+        self,
+        patient: str,
+        k: int = 5,
+        flt: CaseFilter | None = None,
+        source: FhirSource | None = None,
     ) -> list[CaseHit]:
-        """Cases most like the patient's (the patient's own left out)."""
+        """Cases most like the patient's (the patient's own left out); ``source`` reads the
+        patient from elsewhere than the configured source (e.g. a SMART launch's EHR)."""
         assert self.runtime is not None, "use `async with ChartSight(...)`"
         rt = self.runtime
         if rt.index is None or len(rt.index) == 0:
             raise ConfigurationError("no similar-case index (run `chartsight index build`)")
-        record = await self.record(patient)
-        if record.patient_id not in rt.images:
-            rt.images[record.patient_id] = await collect_images(
-                record, rt.source, rt.settings.images, rt.dicomweb
-            )
-        case = cases_from_record(record, rt.images[record.patient_id])[0]
+        if source is not None:
+            record = await assemble_record(source, patient)
+            images = await collect_images(record, source, rt.settings.images, rt.dicomweb)
+        else:
+            record = await self.record(patient)
+            if record.patient_id not in rt.images:
+                rt.images[record.patient_id] = await collect_images(
+                    record, rt.source, rt.settings.images, rt.dicomweb
+                )
+            images = rt.images[record.patient_id]
+        case = cases_from_record(record, images)[0]
         flt = dataclasses.replace(flt or CaseFilter(), exclude_patient=record.patient_id)
         return await asyncio.to_thread(rt.index.similar, case, k, flt)
+
+    def thumbnail(self, case_key: str) -> bytes | None:
+        """The index's PNG preview of a similar case's first image, if any."""
+        rt = self.runtime
+        if rt is None or rt.index is None:
+            return None
+        return rt.index.thumbnail(case_key)
 
     def _answer(self, state: dict[str, Any], thread: str) -> Answer:
         data = state["answer"]

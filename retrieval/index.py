@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import io
 import json
 import logging
 import math
@@ -85,12 +86,27 @@ cases_t = Table(
     Column("vector", LargeBinary, nullable=False),  # float32, the fused vector
     Column("updated_at", String(32), nullable=False),
 )
+# a small greyscale preview of each case's first image, for case cards (PNG, at most 128 px)
+thumbs_t = Table(
+    "case_thumbnails",
+    metadata,
+    Column("key", String(512), primary_key=True),
+    Column("png", LargeBinary, nullable=False),
+)
 meta_t = Table(
     "index_meta",
     metadata,
     Column("name", String(64), primary_key=True),
     Column("value", Text, nullable=False),
 )
+
+
+def _thumbnail(case: Case) -> bytes:
+    picture = case.images[0].convert("L")
+    picture.thumbnail((128, 128))
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
 
 
 # --- fusion ----------------------------------------------------------------------------------------
@@ -435,6 +451,12 @@ class CaseIndex:
 
     # --- changing the cases ---
 
+    def thumbnail(self, key: str) -> bytes | None:
+        """The PNG preview of a case's first image, if it has one."""
+        with self.engine.connect() as conn:
+            found = conn.execute(select(thumbs_t.c.png).where(thumbs_t.c.key == key)).first()
+        return bytes(found[0]) if found else None
+
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
@@ -488,6 +510,10 @@ class CaseIndex:
                 )
                 if old:
                     conn.execute(delete(cases_t).where(cases_t.c.id.in_(list(old.values()))))
+                conn.execute(delete(thumbs_t).where(thumbs_t.c.key.in_([c.key for c in todo])))
+                for case in todo:
+                    if case.images:
+                        conn.execute(insert(thumbs_t).values(key=case.key, png=_thumbnail(case)))
                 new_ids = []
                 for case, vec in zip(todo, vectors, strict=True):
                     result = conn.execute(
@@ -523,6 +549,7 @@ class CaseIndex:
                 ]
                 if ids:
                     conn.execute(delete(cases_t).where(cases_t.c.id.in_(ids)))
+                    conn.execute(delete(thumbs_t).where(thumbs_t.c.key.in_(keys)))
             if ids:
                 self._grow_or_apply(add=[], remove=ids)
         return len(ids)

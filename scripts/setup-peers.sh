@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real peer servers the test suite starts on 127.0.0.1 (see tests/peers/servers.py):
 #   SEKMET (FHIR R4, PyPI) in .peers/sekmet, Medplum's FHIR router (npm) in tests/peers/medplum,
-#   Orthanc with DICOMweb and GDCM (Debian), and the loopback/stack-size preload shim for Orthanc.
+#   Orthanc with DICOMweb and GDCM (Debian), chromium and chromedriver (Debian) for the browser
+#   tests, and the loopback/stack-size preload shim for Orthanc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .peers
@@ -30,6 +31,14 @@ if [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || [ ! -e /usr/shar
   if [ -n "$made_policy" ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
   # Stop the packaged service if it started anyway; the tests run their own instances.
   if pgrep -x Orthanc >/dev/null && command -v service >/dev/null; then $SUDO service orthanc stop || true; fi
+fi
+
+# Debian's chromium and its driver: the real browser the SMART app page is tested in
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    chromium chromium-driver >/dev/null
 fi
 
 if [ ! -e .peers/loopback.so ] || [ tests/peers/loopback.c -nt .peers/loopback.so ]; then

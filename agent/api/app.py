@@ -1,5 +1,6 @@
 """The HTTP service: ``POST /v1/ask`` (and its Server-Sent Events variant), similar cases, health,
-CDS Hooks (``agent/api/cds.py``) and MCP over streamable HTTP (``agent/api/mcp.py``).
+CDS Hooks (``agent/api/cds.py``), the SMART app page (``agent/api/smart.py``) and MCP over streamable
+HTTP (``agent/api/mcp.py``).
 
 One ``ChartSight`` (source, model, index, checkpointer) is opened per process at start-up and shared
 by every request; the CPU-bound steps of a question run in worker threads, off the event loop.
@@ -511,7 +512,9 @@ def create_app(settings: Settings, agent: ChartSight | None = None) -> FastAPI:
 
     from agent.api.cds import router as cds_router
     from agent.api.mcp import mount_mcp
+    from agent.api.smart import router as smart_router
 
     app.include_router(cds_router)
+    app.include_router(smart_router)
     mount_mcp(app)
     return app

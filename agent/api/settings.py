@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 
 
 class ApiKey(BaseModel):
@@ -29,6 +29,19 @@ class AuthSettings(BaseModel):
         default=False,
         description="Let unauthenticated requests in with `user/*.read` (local development only).",
     )
+
+
+class SmartAppSettings(BaseModel):
+    """The SMART on FHIR app page: which EHRs may launch it, and as which client."""
+
+    issuers: list[str] = Field(
+        default=[], description="FHIR base URLs (iss) allowed to launch the app; none by default."
+    )
+    client_id: str = "chartsight"
+    client_secret: SecretStr | None = Field(
+        default=None, description="For a confidential client; a public client relies on PKCE."
+    )
+    scope: str = "launch openid fhirUser patient/*.read"
 
 
 class ServeSettings(BaseModel):
@@ -58,3 +71,4 @@ class ServeSettings(BaseModel):
         description="The question the patient-view service answers.",
     )
     auth: AuthSettings = AuthSettings()
+    smart: SmartAppSettings = SmartAppSettings()

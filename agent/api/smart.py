@@ -1,0 +1,391 @@
+"""The SMART on FHIR app page for clinicians, launched from inside the EHR.
+
+EHR launch (SMART App Launch 2.x): ``/launch?iss=…&launch=…`` discovers the EHR's
+``.well-known/smart-configuration``, sends the browser to its authorization endpoint (authorization
+code with PKCE S256, ``aud`` = the FHIR base, the ``launch`` context); ``/callback`` exchanges the
+code for a token with the patient in context and opens ``/app``: a server-rendered page with the
+patient banner, a question box, the answer streaming in, clickable citations (the cited resource's
+evidence line and JSON), similar-case cards and the images used.
+
+The page reads the record from the EHR's own FHIR server with the user's token, never from
+ChartSight's configured source, and every call is scoped to the launch's patient. Only EHRs listed
+in ``serve.smart.issuers`` may launch it (a launch makes the server fetch from ``iss``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from importlib.resources import files
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+import httpx
+from fastapi import APIRouter, Cookie, Header, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from jinja2 import Environment, select_autoescape
+from pydantic import BaseModel, Field
+from sse_starlette.sse import EventSourceResponse
+
+from agent.api.app import Service, Svc, http_error
+from agent.api.security import Forbidden, Principal, authorize
+from connectors.errors import ChartSightError
+from connectors.fhir_client import FhirClient
+from connectors.images import collect_images
+from connectors.record import PatientRecord, assemble_record
+from connectors.settings import FhirServerSettings
+
+COOKIE = "chartsight_session"
+_closing: set[asyncio.Future[None]] = set()  # FHIR clients of expired sessions being closed
+router = APIRouter(tags=["SMART app"], include_in_schema=True)
+
+
+@dataclass
+class _Pending:
+    iss: str
+    verifier: str
+    token_endpoint: str
+    created: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class AppSession:
+    iss: str
+    access_token: str
+    patient: str
+    scope: str
+    user: str
+    expires: float
+    csrf: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    record: PatientRecord | None = None
+    images: Any = None
+    source: FhirClient | None = None
+
+    def principal(self, client_id: str) -> Principal:
+        return Principal(client_id, self.user, frozenset(self.scope.split()), self.patient)
+
+    def fhir(self) -> FhirClient:
+        if self.source is None:
+            from pydantic import SecretStr
+
+            self.source = FhirClient(
+                FhirServerSettings(url=self.iss, token=SecretStr(self.access_token))
+            )
+        return self.source
+
+
+class Sessions:
+    """Launch states and app sessions, in memory, bounded and expiring."""
+
+    def __init__(self, max_items: int = 10_000) -> None:
+        self.pending: dict[str, _Pending] = {}
+        self.sessions: dict[str, AppSession] = {}
+        self.max_items = max_items
+
+    def add_pending(self, state: str, pending: _Pending) -> None:
+        now = time.monotonic()
+        self.pending = {k: v for k, v in self.pending.items() if now - v.created < 600}
+        if len(self.pending) >= self.max_items:
+            raise HTTPException(503, "too many launches in progress")
+        self.pending[state] = pending
+
+    def add(self, session: AppSession) -> str:
+        now = time.monotonic()
+        for sid in [k for k, v in self.sessions.items() if v.expires < now]:
+            expired = self.sessions.pop(sid)
+            if expired.source is not None:
+                _closing.add(task := asyncio.ensure_future(expired.source.aclose()))
+                task.add_done_callback(_closing.discard)
+        while len(self.sessions) >= self.max_items:
+            self.sessions.pop(next(iter(self.sessions)))
+        sid = secrets.token_urlsafe(32)
+        self.sessions[sid] = session
+        return sid
+
+    def get(self, sid: str | None) -> AppSession:
+        session = self.sessions.get(sid or "")
+        if session is None or session.expires < time.monotonic():
+            raise HTTPException(401, "no app session: launch ChartSight from the EHR")
+        return session
+
+
+def _sessions(svc: Service) -> Sessions:
+    found = getattr(svc, "smart_sessions", None)
+    if found is None:
+        found = svc.smart_sessions = Sessions()  # type: ignore[attr-defined]
+    return found
+
+
+def _redirect_uri(svc: Service, request: Request) -> str:
+    base = svc.settings.serve.public_url or str(request.base_url).rstrip("/")
+    return f"{base.rstrip('/')}/callback"
+
+
+@router.get("/launch", summary="SMART EHR launch: discovery, then authorization (PKCE).")
+async def launch(
+    request: Request,
+    svc: Svc,
+    iss: Annotated[str, Query(max_length=500)],
+    launch: Annotated[str, Query(max_length=500)],
+) -> RedirectResponse:
+    smart = svc.settings.serve.smart
+    iss = iss.rstrip("/")
+    if iss not in {i.rstrip("/") for i in smart.issuers}:
+        raise HTTPException(400, "this EHR (iss) is not configured for ChartSight")
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            reply = await client.get(f"{iss}/.well-known/smart-configuration")
+            reply.raise_for_status()
+            config = reply.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise HTTPException(502, f"the EHR's SMART configuration could not be read: {exc}") from exc
+    if "S256" not in config.get("code_challenge_methods_supported", ["S256"]):
+        raise HTTPException(502, "the EHR does not support PKCE S256")
+    try:
+        authorize_url, token_url = config["authorization_endpoint"], config["token_endpoint"]
+    except KeyError as exc:
+        raise HTTPException(502, f"the EHR's SMART configuration lacks {exc}") from exc
+    verifier = secrets.token_urlsafe(64)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+    state = secrets.token_urlsafe(24)
+    _sessions(svc).add_pending(state, _Pending(iss, verifier, token_url))
+    query = urlencode(
+        {
+            "response_type": "code",
+            "client_id": smart.client_id,
+            "redirect_uri": _redirect_uri(svc, request),
+            "scope": smart.scope,
+            "state": state,
+            "aud": iss,
+            "launch": launch,
+            "code_challenge": challenge.decode().rstrip("="),
+            "code_challenge_method": "S256",
+        }
+    )
+    return RedirectResponse(f"{authorize_url}?{query}", 302)
+
+
+@router.get("/callback", summary="SMART authorization callback: the code for a token.")
+async def callback(
+    request: Request,
+    svc: Svc,
+    state: Annotated[str, Query(max_length=200)] = "",
+    code: Annotated[str, Query(max_length=2000)] = "",
+    error: Annotated[str | None, Query(max_length=200)] = None,
+) -> Response:
+    pending = _sessions(svc).pending.pop(state, None)
+    if pending is None or time.monotonic() - pending.created > 600:
+        raise HTTPException(400, "unknown or expired launch; launch ChartSight again from the EHR")
+    if error or not code:
+        raise HTTPException(400, f"the EHR did not authorize the app: {error or 'no code'}")
+    smart = svc.settings.serve.smart
+    form = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": _redirect_uri(svc, request),
+        "client_id": smart.client_id,
+        "code_verifier": pending.verifier,
+    }
+    headers = {}
+    if smart.client_secret is not None:  # a confidential client authenticates itself too
+        pair = f"{smart.client_id}:{smart.client_secret.get_secret_value()}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+    try:
+        async with httpx.AsyncClient(timeout=15) as client:
+            reply = await client.post(pending.token_endpoint, data=form, headers=headers)
+            token = reply.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise HTTPException(502, f"the token request failed: {exc}") from exc
+    if reply.status_code != 200 or "access_token" not in token:
+        raise HTTPException(502, f"the EHR refused the token request: {token.get('error')}")
+    if not token.get("patient"):
+        raise HTTPException(400, "the launch carried no patient context")
+    session = AppSession(
+        iss=pending.iss,
+        access_token=token["access_token"],
+        patient=str(token["patient"]),
+        scope=str(token.get("scope", "")),
+        user=str(token.get("fhirUser") or token.get("user") or "SMART user"),
+        expires=time.monotonic() + min(float(token.get("expires_in", 3600)), 12 * 3600),
+    )
+    sid = _sessions(svc).add(session)
+    response = RedirectResponse("/app", 303)
+    secure = (svc.settings.serve.public_url or "").startswith("https://")
+    response.set_cookie(COOKIE, sid, httponly=True, samesite="lax", secure=secure, path="/app")
+    return response
+
+
+_TEMPLATES = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
+
+
+def _page(name: str) -> Any:
+    text = files("agent.api").joinpath("templates", name).read_text(encoding="utf-8")
+    return _TEMPLATES.from_string(text)
+
+
+async def _record(session: AppSession) -> PatientRecord:
+    if session.record is None:
+        session.record = await assemble_record(session.fhir(), session.patient)
+    return session.record
+
+
+def _session(svc: Service, sid: str | None) -> AppSession:
+    session = _sessions(svc).get(sid)
+    try:
+        authorize(session.principal(svc.settings.serve.smart.client_id), session.patient)
+    except Forbidden as exc:
+        raise HTTPException(403, str(exc)) from exc
+    return session
+
+
+@router.get("/app", response_class=HTMLResponse, summary="The clinician's page.")
+async def app_page(
+    svc: Svc, chartsight_session: Annotated[str | None, Cookie()] = None
+) -> HTMLResponse:
+    session = _session(svc, chartsight_session)
+    try:
+        record = await _record(session)
+    except ChartSightError as exc:
+        raise http_error(exc) from exc
+    patient = record.patient
+    first = patient.name[0] if patient.name else None
+    parts = [*(first.given or []), first.family or ""] if first else []
+    name = " ".join(str(p) for p in parts if p).strip()
+    html = _page("app.html").render(
+        name=name or "Unnamed patient",
+        gender=patient.gender or "unknown sex",
+        birth_date=str(patient.birthDate or "unknown"),
+        patient_id=record.patient_id,
+        user=session.user,
+        csrf=session.csrf,
+        max_chars=svc.settings.serve.max_question_chars,
+    )
+    return HTMLResponse(html, headers={"Cache-Control": "no-store"})
+
+
+class PageAsk(BaseModel):
+    question: str = Field(min_length=1)
+    thread: str | None = Field(default=None, max_length=100, pattern=r"^[A-Za-z0-9._:-]+$")
+
+
+@router.post("/app/ask", summary="The page's question: Server-Sent Events, then the answer.")
+async def app_ask(
+    body: PageAsk,
+    svc: Svc,
+    x_csrf_token: Annotated[str | None, Header()] = None,
+    chartsight_session: Annotated[str | None, Cookie()] = None,
+) -> EventSourceResponse:
+    session = _session(svc, chartsight_session)
+    if not x_csrf_token or not secrets.compare_digest(x_csrf_token, session.csrf):
+        raise HTTPException(403, "missing or wrong CSRF token")
+    if len(body.question) > svc.settings.serve.max_question_chars:
+        raise HTTPException(422, "the question is too long")
+    who = session.principal(svc.settings.serve.smart.client_id)
+    thread = svc.thread_key(who, session.patient, body.thread) if body.thread else None
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    async def run() -> None:
+        try:
+            answer = await svc.agent.ask(
+                session.patient,
+                body.question,
+                thread_id=thread,
+                source=session.fhir(),
+                on_event=lambda kind, data: queue.put_nowait((kind, data)),
+            )
+        except ChartSightError as exc:
+            err = http_error(exc)
+            svc.audit.record(who, "app_ask", "error", patient_id=session.patient,
+                             question=body.question, detail=type(exc).__name__)  # fmt: skip
+            queue.put_nowait(("error", {"status": err.status_code, "detail": err.detail}))
+            return
+        data = answer.to_dict()
+        data["thread_id"] = body.thread
+        svc.audit.record(who, "app_ask", "abstained" if answer.abstained else "answered",
+                         patient_id=session.patient, question=body.question, answer=data)  # fmt: skip
+        queue.put_nowait(("answer", data))
+
+    async def events() -> AsyncIterator[dict[str, str]]:
+        task = asyncio.ensure_future(run())
+        try:
+            while True:
+                kind, data = await queue.get()
+                yield {"event": kind, "data": json.dumps(data, default=str)}
+                if kind in ("answer", "error"):
+                    return
+        finally:
+            if not task.done():
+                task.cancel()
+
+    return EventSourceResponse(events(), ping=15)
+
+
+@router.get("/app/resource/{resource_type}/{resource_id}", summary="A cited resource's JSON.")
+async def app_resource(
+    resource_type: Annotated[str, Field(pattern=r"^[A-Z][A-Za-z]+$")],
+    resource_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9\-.]{1,64}$")],
+    svc: Svc,
+    chartsight_session: Annotated[str | None, Cookie()] = None,
+) -> Response:
+    session = _session(svc, chartsight_session)
+    record = await _record(session)
+    wanted = f"{resource_type}/{resource_id}"
+    for res in record.resources():
+        if f"{res.get_resource_type()}/{res.id}" == wanted:  # only this patient's resources
+            return Response(
+                res.model_dump_json(indent=2, exclude_none=True), media_type="application/fhir+json"
+            )
+    raise HTTPException(404, f"{wanted} is not in this patient's record")
+
+
+@router.get("/app/similar", summary="Similar cases for the launch's patient.")
+async def app_similar(
+    svc: Svc, chartsight_session: Annotated[str | None, Cookie()] = None
+) -> list[dict[str, Any]]:
+    session = _session(svc, chartsight_session)
+    try:
+        hits = await svc.agent.similar(session.patient, 4, source=session.fhir())
+    except ChartSightError as exc:
+        raise http_error(exc) from exc
+    out = []
+    for hit in hits:
+        item = asdict(hit)
+        thumb = svc.agent.thumbnail(hit.key)
+        item["thumbnail"] = (
+            f"data:image/png;base64,{base64.b64encode(thumb).decode()}" if thumb else None
+        )
+        out.append(item)
+    return out
+
+
+@router.get("/app/image", summary="A thumbnail of one of the patient's images.")
+async def app_image(
+    svc: Svc,
+    ref: Annotated[str, Query(max_length=200)],
+    sop: Annotated[str | None, Query(max_length=128)] = None,
+    chartsight_session: Annotated[str | None, Cookie()] = None,
+) -> Response:
+    session = _session(svc, chartsight_session)
+    record = await _record(session)
+    if session.images is None:
+        rt = svc.agent.runtime
+        assert rt is not None
+        session.images = await collect_images(record, session.fhir(), rt.settings.images, None)
+    for image in session.images.images:
+        p = image.provenance
+        if p.fhir_reference == ref and (sop is None or p.sop_instance_uid == sop):
+            picture = image.to_pil()
+            picture.thumbnail((256, 256))
+            buf = io.BytesIO()
+            picture.convert("L" if picture.mode not in ("RGB", "L") else picture.mode).save(
+                buf, format="PNG"
+            )
+            return Response(buf.getvalue(), media_type="image/png")
+    raise HTTPException(404, "no such image of this patient")

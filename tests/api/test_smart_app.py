@@ -1,0 +1,126 @@
+"""The SMART on FHIR app page in a real headless browser (Debian's chromium, driven by Selenium):
+EHR launch with PKCE against an authorization server built from the SMART App Launch spec, the page
+reading the record from the EHR's FHIR server with the user's token, asking, a streamed answer,
+clicking a citation, similar-case cards. Screenshots are kept in test-artifacts/."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service as DriverService
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as ec
+from selenium.webdriver.support.ui import WebDriverWait
+from typer.testing import CliRunner
+
+from agent.cli import app as cli
+from connectors.demo import TOMMY_FRIESEN
+from connectors.store import FhirStore
+from tests.api.conftest import Running, api_settings
+from tests.conftest import LoadedServer
+from tests.peers.issuer import Issuer
+from tests.peers.smart_ehr import SmartEhr
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not binary or not driver_path:
+        pytest.fail("chromium and chromedriver are needed (scripts/setup-peers.sh installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+    ):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=DriverService(driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def launched(
+    tmp_path_factory: pytest.TempPathFactory,
+    demo_store: FhirStore,
+    issuer: Issuer,
+    sekmet: LoadedServer,
+) -> Iterator[tuple[Running, SmartEhr, str]]:
+    home = tmp_path_factory.mktemp("smart-home")
+    env = {"CHARTSIGHT_HOME": str(home), "CHARTSIGHT_STORE__URL": str(demo_store.engine.url)}
+    built = CliRunner().invoke(cli, ["index", "build"], env=env)  # similar cases for the page
+    assert built.exit_code == 0, built.output
+    settings = api_settings(home, demo_store, issuer, rate_burst=10_000)
+    running = Running(settings)
+    settings.serve.public_url = running.url
+    with SmartEhr(sekmet.base_url, f"{running.url}/callback") as ehr:
+        settings.serve.smart.issuers = [ehr.fhir_url]
+        with running:
+            yield running, ehr, sekmet.patient_ids[TOMMY_FRIESEN]
+
+
+def test_launch_ask_and_click_a_citation(browser: Any, launched: Any, artifacts: Path):
+    running, ehr, pid = launched
+    wait = WebDriverWait(browser, 90)
+    browser.get(f"{running.url}/launch?iss={ehr.fhir_url}&launch={ehr.launch(pid)}")
+    wait.until(ec.text_to_be_present_in_element((By.ID, "banner"), "Friesen"))
+    assert browser.current_url == f"{running.url}/app"
+    assert pid in browser.find_element(By.ID, "banner").text
+    browser.save_screenshot(str(artifacts / "smart-app-1-launched.png"))
+
+    box = browser.find_element(By.ID, "question")
+    box.send_keys("What was his last HbA1c?")
+    browser.find_element(By.ID, "send").click()
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#answer a.cite")))
+    answer = browser.find_element(By.ID, "answer").text
+    assert "Latest" in answer and "%" in answer
+    browser.save_screenshot(str(artifacts / "smart-app-2-answer.png"))
+
+    link = browser.find_element(By.CSS_SELECTOR, "#answer a.cite")
+    ref = link.get_attribute("data-ref")
+    assert ref and ref.startswith("Observation/")
+    link.click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "cited-json"), '"resourceType"'))
+    shown = browser.find_element(By.ID, "cited-json").text
+    assert '"Observation"' in shown and ref.split("/")[1] in shown
+    assert "Hemoglobin A1c" in browser.find_element(By.ID, "cited-line").text
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#similar .card")))
+    browser.save_screenshot(str(artifacts / "smart-app-3-citation.png"))
+    # the record came from the EHR's FHIR server, with the user's token
+    assert any(p.startswith(f"Patient/{pid}") for p in ehr.fhir_requests)
+
+
+def test_the_app_refuses_what_the_launch_does_not_allow(launched: Any):
+    running, ehr, pid = launched
+    client = httpx.Client(base_url=running.url, follow_redirects=False)
+    # an EHR that is not configured may not launch it (the server would fetch from iss)
+    elsewhere = client.get("/launch", params={"iss": "http://127.0.0.1:9/fhir", "launch": "x"})
+    assert elsewhere.status_code == 400
+    # a made-up state is refused
+    assert client.get("/callback", params={"state": "forged", "code": "x"}).status_code == 400
+    # no session: no page, no questions, no resources
+    assert client.get("/app").status_code == 401
+    assert client.post("/app/ask", json={"question": "x"}).status_code == 401
+    # a real launch, then the session is scoped to its patient
+    launched_to = client.get("/launch", params={"iss": ehr.fhir_url, "launch": ehr.launch(pid)})
+    authorize = httpx.get(launched_to.headers["location"], follow_redirects=False)
+    assert "code_challenge=" in launched_to.headers["location"]
+    back = client.get(authorize.headers["location"])
+    assert back.status_code == 303 and back.headers["location"] == "/app"
+    session = client.cookies.get("chartsight_session")
+    assert session
+    page = client.get("/app")
+    assert page.status_code == 200 and "Friesen" in page.text
+    # without the page's CSRF token the session cannot ask
+    assert client.post("/app/ask", json={"question": "age?"}).status_code == 403
+    foreign = client.get("/app/resource/Patient/someone-else")
+    assert foreign.status_code == 404  # not in this patient's record

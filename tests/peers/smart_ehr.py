@@ -1,0 +1,221 @@
+"""A SMART on FHIR EHR for the app-launch tests, built from the SMART App Launch spec with authlib:
+``.well-known/smart-configuration``, an authorization endpoint (authorization code with PKCE S256
+required, the ``launch`` parameter resolved to a patient context, consent granted at once as a
+signed-in clinician would), a token endpoint that returns the ``patient`` with the access token, and
+a FHIR endpoint that checks that token and forwards to a real FHIR server (SEKMET).
+
+Runs under werkzeug on 127.0.0.1 in a background thread.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from authlib.integrations.flask_oauth2 import AuthorizationServer
+from authlib.oauth2.rfc6749 import AuthorizationCodeMixin, ClientMixin, grants
+from authlib.oauth2.rfc7636 import CodeChallenge
+from flask import Flask, Response, jsonify, request
+from werkzeug.serving import make_server
+
+from tests.peers.servers import free_port
+
+
+@dataclass
+class Client(ClientMixin):
+    client_id: str
+    redirect_uri: str
+    scope: str = "launch openid fhirUser patient/*.read user/*.read"
+
+    def get_client_id(self) -> str:
+        return self.client_id
+
+    def get_default_redirect_uri(self) -> str:
+        return self.redirect_uri
+
+    def get_allowed_scope(self, scope: str) -> str:
+        allowed = set(self.scope.split())
+        return " ".join(s for s in (scope or "").split() if s in allowed)
+
+    def check_redirect_uri(self, redirect_uri: str) -> bool:
+        return redirect_uri == self.redirect_uri
+
+    def check_client_secret(self, client_secret: str) -> bool:
+        return False
+
+    def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
+        return method == "none"  # a public client: PKCE protects the code
+
+    def check_response_type(self, response_type: str) -> bool:
+        return response_type == "code"
+
+    def check_grant_type(self, grant_type: str) -> bool:
+        return grant_type == "authorization_code"
+
+
+@dataclass
+class Code(AuthorizationCodeMixin):
+    code: str
+    client_id: str
+    redirect_uri: str
+    scope: str
+    patient: str
+    user: str
+    code_challenge: str | None
+    code_challenge_method: str | None
+    created: float = field(default_factory=time.monotonic)
+
+    def get_redirect_uri(self) -> str:
+        return self.redirect_uri
+
+    def get_scope(self) -> str:
+        return self.scope
+
+    def get_nonce(self) -> None:
+        return None
+
+    def get_auth_time(self) -> None:
+        return None
+
+
+class SmartEhr:
+    def __init__(self, fhir_base: str, redirect_uri: str, client_id: str = "chartsight") -> None:
+        self.fhir_base = fhir_base.rstrip("/")
+        self.port = free_port()
+        self.client = Client(client_id, redirect_uri)
+        self.launches: dict[str, str] = {}  # launch id → patient id
+        self.codes: dict[str, Code] = {}
+        self.tokens: dict[str, dict[str, Any]] = {}  # access token → its grant
+        self.fhir_requests: list[str] = []
+        self.app = Flask("smart-ehr")
+        outer = self
+
+        class AuthCode(grants.AuthorizationCodeGrant):
+            TOKEN_ENDPOINT_AUTH_METHODS = ["none"]  # noqa: RUF012
+
+            def save_authorization_code(self, code: str, req: Any) -> None:
+                launch = req.payload.data.get("launch", "")
+                outer.codes[code] = Code(
+                    code=code,
+                    client_id=req.client.client_id,
+                    redirect_uri=req.payload.redirect_uri,
+                    scope=req.payload.scope,
+                    patient=outer.launches[launch],
+                    user="Practitioner/dr-who",
+                    code_challenge=req.payload.data.get("code_challenge"),
+                    code_challenge_method=req.payload.data.get("code_challenge_method"),
+                )
+
+            def query_authorization_code(self, code: str, client: Client) -> Code | None:
+                found = outer.codes.get(code)
+                if found and found.client_id == client.client_id:
+                    return found
+                return None
+
+            def delete_authorization_code(self, code: Code) -> None:
+                outer.codes.pop(code.code, None)
+
+            def authenticate_user(self, code: Code) -> str:
+                return code.user
+
+        def query_client(client_id: str) -> Client | None:
+            return outer.client if client_id == outer.client.client_id else None
+
+        def save_token(token: dict[str, Any], req: Any) -> None:
+            code: Code = req.authorization_code
+            token["patient"] = code.patient
+            outer.tokens[token["access_token"]] = {
+                "patient": code.patient,
+                "scope": token.get("scope", ""),
+                "expires": time.monotonic() + float(token["expires_in"]),
+            }
+
+        server = AuthorizationServer(self.app, query_client=query_client, save_token=save_token)
+        server.register_grant(AuthCode, [CodeChallenge(required=True)])
+        server.register_token_generator(
+            "default",
+            lambda **kw: {
+                "token_type": "Bearer",
+                "access_token": secrets.token_urlsafe(24),
+                "expires_in": 3600,
+                "scope": kw.get("scope") or "",
+            },
+        )
+
+        @self.app.get("/fhir/.well-known/smart-configuration")
+        def smart_configuration() -> Any:
+            return jsonify(
+                {
+                    "issuer": outer.url,
+                    "authorization_endpoint": f"{outer.url}/authorize",
+                    "token_endpoint": f"{outer.url}/token",
+                    "token_endpoint_auth_methods_supported": ["none"],
+                    "grant_types_supported": ["authorization_code"],
+                    "scopes_supported": outer.client.scope.split(),
+                    "response_types_supported": ["code"],
+                    "code_challenge_methods_supported": ["S256"],
+                    "capabilities": ["launch-ehr", "client-public", "context-ehr-patient"],
+                }
+            )
+
+        @self.app.get("/authorize")
+        def authorize() -> Any:
+            if request.args.get("aud") != outer.fhir_url:
+                return jsonify({"error": "invalid_request", "detail": "aud"}), 400
+            if request.args.get("launch") not in outer.launches:
+                return jsonify({"error": "invalid_request", "detail": "launch"}), 400
+            # the clinician is signed in to the EHR and the app is approved: grant at once
+            return server.create_authorization_response(grant_user="Practitioner/dr-who")
+
+        @self.app.post("/token")
+        def token() -> Any:
+            return server.create_token_response()
+
+        @self.app.route("/fhir/<path:path>", methods=["GET"])
+        def fhir(path: str) -> Any:
+            grant = outer.tokens.get(
+                request.headers.get("Authorization", "").removeprefix("Bearer ")
+            )
+            if grant is None or grant["expires"] < time.monotonic():
+                return jsonify({"resourceType": "OperationOutcome", "issue": [
+                    {"severity": "error", "code": "login", "diagnostics": "invalid token"}
+                ]}), 401  # fmt: skip
+            outer.fhir_requests.append(path)
+            upstream = httpx.get(
+                f"{outer.fhir_base}/{path}",
+                params=list(request.args.items(multi=True)),
+                headers={"Accept": "application/fhir+json"},
+                timeout=60,
+            )
+            # links in bundles point back here, not at the server behind
+            body = upstream.text.replace(outer.fhir_base, outer.fhir_url)
+            return Response(body, upstream.status_code, content_type="application/fhir+json")
+
+        self.http = make_server("127.0.0.1", self.port, self.app, threaded=True)
+        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def fhir_url(self) -> str:
+        return f"{self.url}/fhir"
+
+    def launch(self, patient: str) -> str:
+        """A launch id for the patient open in the EHR."""
+        launch = secrets.token_urlsafe(12)
+        self.launches[launch] = patient
+        return launch
+
+    def __enter__(self) -> SmartEhr:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.http.shutdown()
+        self.thread.join(10)
