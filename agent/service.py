@@ -96,6 +96,7 @@ class ChartSight:
         self._stack = contextlib.AsyncExitStack()
         self.runtime: Runtime | None = None
         self.graph: Any = None
+        self.one_shot: Any = None
 
     async def __aenter__(self) -> ChartSight:
         s = self.settings
@@ -130,6 +131,7 @@ class ChartSight:
         )
         saver = await _checkpointer(s.threads_url, self._stack)
         self.graph = build_graph(saver)
+        self.one_shot = build_graph(None)  # questions outside any thread: nothing is kept
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -143,10 +145,12 @@ class ChartSight:
         thread_id: str | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         source: FhirSource | None = None,
+        keep: bool = True,
     ) -> Answer:
         """A grounded answer; the same ``thread_id`` continues a conversation. ``source`` reads
         the record from elsewhere than the configured source (e.g. a CDS Hooks request's FHIR
-        server or prefetch), with caches of its own."""
+        server or prefetch), with caches of its own. ``keep=False`` without a thread keeps
+        nothing: no checkpoint is written (faster, and no copy of the question is stored)."""
         assert self.runtime is not None, "use `async with ChartSight(...)`"
         # one runtime per question (sharing the caches), so concurrent questions keep their own
         # event listeners
@@ -156,9 +160,14 @@ class ChartSight:
                 rt, source=source, records=RecentCache(), images=RecentCache(),
                 evidence=RecentCache(),
             )  # fmt: skip
+        start = {"question": question, "patient_key": patient, "warnings": None, "timings": None}
+        if thread_id is None and not keep:
+            state = await self.one_shot.ainvoke(start, {"configurable": {"runtime": rt}})
+            answer = self._answer(state, "")
+            answer.thread_id = None
+            return answer
         thread = thread_id or uuid.uuid4().hex
         config = {"configurable": {"thread_id": thread, "runtime": rt}}
-        start = {"question": question, "patient_key": patient, "warnings": None, "timings": None}
         state = await self.graph.ainvoke(start, config)
         return self._answer(state, thread)
 

@@ -233,14 +233,14 @@ Caller = Annotated[Principal, Depends(principal)]
 Svc = Annotated[Service, Depends(service)]
 
 
-def allowed(
+async def allowed(
     svc: Service, who: Principal, endpoint: str, patient: str, question: str | None = None
 ) -> None:
     """403 (audited) unless the caller may read the patient."""
     try:
         authorize(who, patient)
     except Forbidden as exc:
-        svc.audit.record(
+        await svc.audit.arecord(
             who, endpoint, "denied", patient_id=patient, question=question, detail=str(exc)
         )
         raise HTTPException(403, str(exc)) from exc
@@ -378,31 +378,33 @@ def create_app(settings: Settings, agent: ChartSight | None = None) -> FastAPI:
         limit = svc.settings.serve.max_question_chars
         if len(body.question) > limit:
             raise HTTPException(422, f"the question is over {limit} characters")
-        allowed(svc, who, "ask", body.patient, body.question)
+        await allowed(svc, who, "ask", body.patient, body.question)
         thread = svc.thread_key(who, body.patient, body.thread) if body.thread else None
         try:
             answer: Answer | None = await run_unless_disconnected(
                 request,
-                svc.agent.ask(body.patient, body.question, thread_id=thread),
+                svc.agent.ask(body.patient, body.question, thread_id=thread, keep=False),
                 svc.settings.serve.request_timeout_s,
             )
         except TimeoutError as exc:
-            svc.audit.record(who, "ask", "timeout", patient_id=body.patient, question=body.question)
+            await svc.audit.arecord(
+                who, "ask", "timeout", patient_id=body.patient, question=body.question
+            )
             raise HTTPException(504, "no answer within the time limit") from exc
         except ChartSightError as exc:
-            svc.audit.record(
+            await svc.audit.arecord(
                 who, "ask", "error", patient_id=body.patient, question=body.question,
                 detail=type(exc).__name__,
             )  # fmt: skip
             raise http_error(exc) from exc
         if answer is None:  # the client went away: the run was cancelled
-            svc.audit.record(
+            await svc.audit.arecord(
                 who, "ask", "cancelled", patient_id=body.patient, question=body.question
             )
             return JSONResponse({"detail": "client disconnected"}, 499)
         data = answer.to_dict()
         data["thread_id"] = body.thread
-        svc.audit.record(
+        await svc.audit.arecord(
             who,
             "ask",
             "abstained" if answer.abstained else "answered",
@@ -430,7 +432,7 @@ def create_app(settings: Settings, agent: ChartSight | None = None) -> FastAPI:
         limit = svc.settings.serve.max_question_chars
         if len(body.question) > limit:
             raise HTTPException(422, f"the question is over {limit} characters")
-        allowed(svc, who, "ask_stream", body.patient, body.question)
+        await allowed(svc, who, "ask_stream", body.patient, body.question)
         thread = svc.thread_key(who, body.patient, body.thread) if body.thread else None
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -442,18 +444,19 @@ def create_app(settings: Settings, agent: ChartSight | None = None) -> FastAPI:
                         body.question,
                         thread_id=thread,
                         on_event=lambda kind, data: queue.put_nowait((kind, data)),
+                        keep=False,
                     ),
                     svc.settings.serve.request_timeout_s,
                 )
             except TimeoutError:
-                svc.audit.record(
+                await svc.audit.arecord(
                     who, "ask_stream", "timeout", patient_id=body.patient, question=body.question
                 )
                 queue.put_nowait(("error", {"status": 504, "detail": "no answer in time"}))
                 return
             except ChartSightError as exc:
                 err = http_error(exc)
-                svc.audit.record(
+                await svc.audit.arecord(
                     who, "ask_stream", "error", patient_id=body.patient,
                     question=body.question, detail=type(exc).__name__,
                 )  # fmt: skip
@@ -461,7 +464,7 @@ def create_app(settings: Settings, agent: ChartSight | None = None) -> FastAPI:
                 return
             data = answer.to_dict()
             data["thread_id"] = body.thread
-            svc.audit.record(
+            await svc.audit.arecord(
                 who, "ask_stream", "abstained" if answer.abstained else "answered",
                 patient_id=answer.patient_id, question=body.question, answer=data,
             )  # fmt: skip
@@ -478,7 +481,7 @@ def create_app(settings: Settings, agent: ChartSight | None = None) -> FastAPI:
             finally:
                 if not task.done():  # the client went away mid-stream: stop the run
                     task.cancel()
-                    svc.audit.record(
+                    await svc.audit.arecord(
                         who, "ask_stream", "cancelled", patient_id=body.patient,
                         question=body.question,
                     )  # fmt: skip
@@ -500,14 +503,14 @@ def create_app(settings: Settings, agent: ChartSight | None = None) -> FastAPI:
         sex: Literal["male", "female", "other", "unknown"] | None = None,
         age_band: Annotated[str | None, Query(pattern=r"^\d{1,3}-\d{1,3}$|^\d{1,3}\+$")] = None,
     ) -> Any:
-        allowed(svc, who, "similar", patient_id)
+        await allowed(svc, who, "similar", patient_id)
         try:
             hits = await svc.agent.similar(
                 patient_id, k, CaseFilter(modality=modality, sex=sex, age_band=age_band)
             )
         except ChartSightError as exc:
             raise http_error(exc) from exc
-        svc.audit.record(who, "similar", "answered", patient_id=patient_id)
+        await svc.audit.arecord(who, "similar", "answered", patient_id=patient_id)
         return [asdict(h) for h in hits]
 
     from agent.api.cds import router as cds_router

@@ -8,6 +8,7 @@ by trigger, so a bug cannot rewrite history either.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from datetime import UTC, datetime
@@ -93,6 +94,10 @@ class AuditLog:
                     detail=(detail or "")[:300] or None,
                 )
             )
+
+    async def arecord(self, *args: Any, **kwargs: Any) -> None:
+        """``record`` in a worker thread, so a commit does not hold up the event loop."""
+        await asyncio.to_thread(self.record, *args, **kwargs)
 
     def rows(self, limit: int = 1000) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:

@@ -216,23 +216,25 @@ async def patient_view(request: Request, who: Caller, svc: Svc) -> CardsResponse
     auth = hook.fhirAuthorization
     if auth is not None and auth.patient and auth.patient != pid:
         raise HTTPException(403, "fhirAuthorization is bound to another patient")
-    allowed(svc, who, "cds-patient-view", pid)
+    await allowed(svc, who, "cds-patient-view", pid)
     source = _source(hook, pid)
     if source is None:
         raise HTTPException(
             400, "no data: send prefetch with the Patient, or fhirServer with fhirAuthorization"
         )
     question = svc.settings.serve.cds_question
-    work = asyncio.ensure_future(svc.agent.ask(pid, question, source=source))
+    work = asyncio.ensure_future(svc.agent.ask(pid, question, source=source, keep=False))
     try:
         answer = await asyncio.wait_for(asyncio.shield(work), svc.settings.serve.cds_budget_s)
     except TimeoutError:
         _BACKGROUND.add(work)
         work.add_done_callback(_BACKGROUND.discard)
-        svc.audit.record(who, "cds-patient-view", "over budget", patient_id=pid)
+        await svc.audit.arecord(who, "cds-patient-view", "over budget", patient_id=pid)
         return CardsResponse(cards=[_pending_card(svc, pid)])
     except ChartSightError as exc:
-        svc.audit.record(who, "cds-patient-view", "error", patient_id=pid, detail=str(exc)[:200])
+        await svc.audit.arecord(
+            who, "cds-patient-view", "error", patient_id=pid, detail=str(exc)[:200]
+        )
         raise HTTPException(502, f"the patient's record could not be read: {exc}") from exc
     finally:
         if isinstance(source, FhirClient):  # closed once its run is over, here or later
@@ -241,7 +243,7 @@ async def patient_view(request: Request, who: Caller, svc: Svc) -> CardsResponse
             else:
                 work.add_done_callback(lambda _: asyncio.ensure_future(source.aclose()))
     data = answer.to_dict()
-    svc.audit.record(
+    await svc.audit.arecord(
         who, "cds-patient-view", "abstained" if answer.abstained else "answered",
         patient_id=pid, question=question, answer=data,
     )  # fmt: skip

@@ -62,16 +62,18 @@ class Access:
             raise McpToolError("too many requests from this client")
         return self.service.agent, who
 
-    def check(self, who: Principal, tool: str, patient: str, question: str | None = None) -> None:
+    async def check(
+        self, who: Principal, tool: str, patient: str, question: str | None = None
+    ) -> None:
         try:
             authorize(who, patient)
         except Forbidden as exc:
-            self.audit(who, tool, "denied", patient, question, detail=str(exc))
+            await self.audit(who, tool, "denied", patient, question, detail=str(exc))
             raise McpToolError(f"forbidden: {exc}") from exc
 
-    def audit(self, who: Principal, tool: str, outcome: str, patient: str, question: str | None = None, **kw: Any) -> None:  # fmt: skip
+    async def audit(self, who: Principal, tool: str, outcome: str, patient: str, question: str | None = None, **kw: Any) -> None:  # fmt: skip
         if self.service is not None:
-            self.service.audit.record(
+            await self.service.audit.arecord(
                 who, f"mcp:{tool}", outcome, patient_id=patient, question=question, **kw
             )
 
@@ -90,12 +92,12 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         patient: str, question: str, ctx: Context, token_budget: int = 800
     ) -> list[dict[str, Any]]:
         agent, who = access.caller(ctx)
-        access.check(who, "patient_evidence", patient, question)
+        await access.check(who, "patient_evidence", patient, question)
         try:
             ranked = await agent.evidence(patient, question, max(50, min(token_budget, 8000)))
         except ChartSightError as exc:
             raise McpToolError(str(exc)) from exc
-        access.audit(who, "patient_evidence", "answered", patient, question)
+        await access.audit(who, "patient_evidence", "answered", patient, question)
         return [
             {"id": r.evidence.id, "text": r.evidence.text, "score": round(r.score, 4)}
             for r in ranked
@@ -112,12 +114,12 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         patient: str, tool: str, ctx: Context, arguments: dict[str, Any] | None = None
     ) -> list[dict[str, Any]]:
         agent, who = access.caller(ctx)
-        access.check(who, "patient_facts", patient)
+        await access.check(who, "patient_facts", patient)
         try:
             facts = await agent.facts(patient, tool, arguments or {})
         except ChartSightError as exc:
             raise McpToolError(str(exc)) from exc
-        access.audit(who, "patient_facts", "answered", patient)
+        await access.audit(who, "patient_facts", "answered", patient)
         return [f.to_dict() for f in facts]
 
     @server.tool(
@@ -136,12 +138,12 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
     )
     async def similar_cases(patient: str, ctx: Context, k: int = 5) -> list[dict[str, Any]]:
         agent, who = access.caller(ctx)
-        access.check(who, "similar_cases", patient)
+        await access.check(who, "similar_cases", patient)
         try:
             hits = await agent.similar(patient, max(1, min(k, 50)))
         except ChartSightError as exc:
             raise McpToolError(str(exc)) from exc
-        access.audit(who, "similar_cases", "answered", patient)
+        await access.audit(who, "similar_cases", "answered", patient)
         return [asdict(h) for h in hits]
 
     @server.tool(
@@ -151,13 +153,13 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
     )
     async def ask(patient: str, question: str, ctx: Context) -> dict[str, Any]:
         agent, who = access.caller(ctx)
-        access.check(who, "ask", patient, question)
+        await access.check(who, "ask", patient, question)
         try:
             answer = await agent.ask(patient, question)
         except ChartSightError as exc:
             raise McpToolError(str(exc)) from exc
         data = answer.to_dict()
-        access.audit(who, "ask", "answered", patient, question, answer=data)
+        await access.audit(who, "ask", "answered", patient, question, answer=data)
         return data
 
     return server

@@ -302,13 +302,13 @@ async def app_ask(
             )
         except ChartSightError as exc:
             err = http_error(exc)
-            svc.audit.record(who, "app_ask", "error", patient_id=session.patient,
+            await svc.audit.arecord(who, "app_ask", "error", patient_id=session.patient,
                              question=body.question, detail=type(exc).__name__)  # fmt: skip
             queue.put_nowait(("error", {"status": err.status_code, "detail": err.detail}))
             return
         data = answer.to_dict()
         data["thread_id"] = body.thread
-        svc.audit.record(who, "app_ask", "abstained" if answer.abstained else "answered",
+        await svc.audit.arecord(who, "app_ask", "abstained" if answer.abstained else "answered",
                          patient_id=session.patient, question=body.question, answer=data)  # fmt: skip
         queue.put_nowait(("answer", data))
 
