@@ -74,9 +74,34 @@ class Runtime:
     def context(self, record: PatientRecord) -> ToolContext:
         """A tool context that reuses the cached evidence lines."""
         items = self.evidence_items(record)
+        index = self.index
+
+        def similar(k: int) -> list[Any]:
+            assert index is not None
+            images = self.images.get(record.patient_id) or ImageSet()
+            case = cases_from_record(record, images)[0]
+            return index.similar(case, k, CaseFilter(exclude_patient=record.patient_id))
+
         return ToolContext(
-            record, now=self.now or datetime.now().astimezone(), _evidence={e.id: e for e in items}
+            record,
+            now=self.now or datetime.now().astimezone(),
+            _evidence={e.id: e for e in items},
+            similar=similar if index is not None and len(index) else None,
         )
+
+    async def ensure_images(self, record: PatientRecord, *, quiet: bool = False) -> ImageSet:
+        """The patient's images, collected once (a similar-case query uses them). ``quiet``: an
+        image source that fails gives no images rather than an error."""
+        if record.patient_id not in self.images:
+            try:
+                self.images[record.patient_id] = await collect_images(
+                    record, self.source, self.settings.images, self.dicomweb
+                )
+            except ChartSightError:
+                if not quiet:
+                    raise
+                return ImageSet()
+        return self.images[record.patient_id]
 
     def emit(self, kind: str, **data: Any) -> None:
         if self.on_event is not None:
@@ -185,7 +210,10 @@ def record_of(state: AskState, rt: Runtime) -> PatientRecord:
 
 @timed("tools")
 async def gather_tools(state: AskState, rt: Runtime) -> dict[str, Any]:
-    ctx = rt.context(record_of(state, rt))
+    record = record_of(state, rt)
+    if any(c["tool"] == "similar_cases" for c in state.get("plan", [])):
+        await rt.ensure_images(record, quiet=True)
+    ctx = rt.context(record)
     facts: list[dict[str, Any]] = []
     warnings = []
     log_entries = []
@@ -250,11 +278,7 @@ async def gather_similar(state: AskState, rt: Runtime) -> dict[str, Any]:
     if rt.index is None or len(rt.index) == 0:
         return {"similar": [], "warnings": ["no similar-case index (run `chartsight index build`)"]}
     record = record_of(state, rt)
-    if record.patient_id not in rt.images:
-        rt.images[record.patient_id] = await collect_images(
-            record, rt.source, rt.settings.images, rt.dicomweb
-        )
-    case = cases_from_record(record, rt.images[record.patient_id])[0]
+    case = cases_from_record(record, await rt.ensure_images(record))[0]
     hits = await asyncio.to_thread(
         rt.index.similar, case, 3, CaseFilter(exclude_patient=record.patient_id)
     )

@@ -226,8 +226,11 @@ class ChartSight:
         rt = self.runtime
         if tool not in rt.tools.tools:
             raise ToolError(f"no tool {tool!r}; tools: {', '.join(sorted(rt.tools.tools))}")
+        record = await self.record(patient)
+        if tool == "similar_cases":
+            await rt.ensure_images(record)
         try:
-            return rt.tools[tool](rt.context(await self.record(patient)), **args)
+            return rt.tools[tool](rt.context(record), **args)
         except ValidationError as exc:
             raise ToolError(f"{tool}: {exc.errors()[0]['msg']} ({exc.errors()[0]['loc']})") from exc
 

@@ -116,7 +116,10 @@ def _tool_error(exc: Exception) -> str:
 @timed("act")
 async def act(state: AskState, rt: Runtime) -> dict[str, Any]:
     """Run the model's tool calls through LangGraph's ToolNode, bound to this patient's record."""
-    ctx = rt.context(record_of(state, rt))
+    record = record_of(state, rt)
+    if any(c["name"] == "similar_cases" for c in state.get("pending_calls", [])):
+        await rt.ensure_images(record, quiet=True)
+    ctx = rt.context(record)
     node = ToolNode(langchain_tools(rt.tools, ctx, artifacts=True), handle_tool_errors=_tool_error)
     transcript = list(state.get("transcript", []))
     facts = list(state.get("model_facts", []))

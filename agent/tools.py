@@ -67,6 +67,8 @@ class ToolContext:
     terms: TermTable = field(default_factory=default_terms)
     compactors: Compactors | None = None
     _evidence: dict[str, Evidence] | None = None
+    # k → similar cases (CaseHit) from the case index, when there is one
+    similar: Callable[[int], list[Any]] | None = None
 
     @property
     def evidence(self) -> dict[str, Evidence]:
@@ -117,6 +119,10 @@ class WindowArgs(ObservationArgs):
     days: float | None = Field(default=None, gt=0, description="Only the last N days.")
     since: datetime | None = Field(default=None, description="Only from this time on.")
     until: datetime | None = Field(default=None, description="Only up to this time.")
+
+
+class SimilarArgs(Args):
+    k: int = Field(default=3, ge=1, le=10, description="How many similar cases.")
 
 
 class LimitArgs(Args):
@@ -518,6 +524,26 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
             items + reports, key=lambda e: e.date or datetime.min.replace(tzinfo=UTC), reverse=True
         )
         return _listing(ctx, "imaging", items[:limit], "No imaging is recorded.")
+
+    @reg.add(
+        "similar_cases",
+        "Past cases most similar to this patient's (images and summary), the patient's own left "
+        "out: each with its similarity score and a de-identified summary.",
+        SimilarArgs,
+    )
+    def similar_cases(ctx: ToolContext, k: int = 3) -> list[Fact]:
+        if ctx.similar is None:
+            raise ToolError("no similar-case index (run `chartsight index build`)")
+        return [
+            Fact(
+                "similar_cases",
+                f"Similar case (score {hit.score:.2f}): {hit.summary[:240]}{_cite([hit.key])}",
+                value=round(float(hit.score), 4),
+                evidence=(hit.key,),
+                details={"key": hit.key, "patient_id": hit.patient_id},
+            )
+            for hit in ctx.similar(k)
+        ]
 
     if plugins:
         reg.load_entry_points()

@@ -200,6 +200,7 @@ class Service:
         home = settings.home.expanduser()
         home.mkdir(parents=True, exist_ok=True)
         self.audit = AuditLog(settings.serve.audit_url or f"sqlite:///{home / 'audit.db'}")
+        self.smart_sessions: Any = None  # the SMART app's launches and sessions (smart.py)
 
     def thread_key(self, principal: Principal, patient: str, thread: str) -> str:
         """Threads are private to the caller and the patient: another caller's thread id, or the

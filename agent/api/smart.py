@@ -117,10 +117,10 @@ class Sessions:
 
 
 def _sessions(svc: Service) -> Sessions:
-    found = getattr(svc, "smart_sessions", None)
-    if found is None:
-        found = svc.smart_sessions = Sessions()  # type: ignore[attr-defined]
-    return found
+    if svc.smart_sessions is None:
+        svc.smart_sessions = Sessions()
+    sessions: Sessions = svc.smart_sessions
+    return sessions
 
 
 def _redirect_uri(svc: Service, request: Request) -> str:

@@ -225,3 +225,29 @@ def test_a_query_cannot_put_its_own_numbers_into_a_fact(records) -> None:  # typ
     # a code the results carry is kept as asked
     (fact,) = reg["latest_observation"](ctx, query="4548-4")
     assert fact.statement.startswith("Latest 4548-4:")
+
+
+def test_similar_cases_is_a_tool_too(tmp_path: Path, demo_store: FhirStore):
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+    from agent.service import ChartSight
+    from agent.settings import Settings
+
+    settings = Settings(home=tmp_path / "home", store={"url": str(demo_store.engine.url)})
+
+    async def facts() -> tuple[list[Fact], list[Any]]:
+        async with ChartSight(settings) as agent:
+            return (
+                await agent.facts(TOMMY_FRIESEN, "similar_cases", {"k": 2}),
+                await agent.similar(TOMMY_FRIESEN, 2),
+            )
+
+    with pytest.raises(ToolError, match="no similar-case index"):
+        asyncio.run(facts())
+    env = {"CHARTSIGHT_HOME": str(settings.home), "CHARTSIGHT_STORE__URL": settings.store.url}
+    assert CliRunner().invoke(app, ["index", "build"], env=env).exit_code == 0
+    found, hits = asyncio.run(facts())
+    assert [f.evidence for f in found] == [(h.key,) for h in hits] and len(found) == 2
+    assert all(h.patient_id != TOMMY_FRIESEN for h in hits)
+    assert all(f.statement.startswith("Similar case (score ") for f in found)
