@@ -4,8 +4,8 @@ grounded summary of the patient.
 The record comes from the request's ``prefetch`` when the EHR sent it (the service asks for the
 Patient, active Conditions, recent Observations and active MedicationRequests), otherwise from the
 request's ``fhirServer`` with its ``fhirAuthorization`` token. If the answer is not ready within the
-configured budget (default 2 s), the EHR gets an information card saying so at once; the work goes
-on in the background, so the next view of the same patient finds the record cached.
+configured budget (default 2 s), the EHR gets an information card saying so at once, and the run is
+stopped (the card links to the SMART app, where the clinician can ask without the EHR's deadline).
 
 Requests and responses follow the spec's JSON shapes (https://cds-hooks.org/specification/current/):
 a malformed request gets a 400 naming what is wrong.
@@ -40,7 +40,6 @@ PREFETCH = {
     "observations": "Observation?patient={{context.patientId}}&_sort=-date&_count=100",
     "medications": "MedicationRequest?patient={{context.patientId}}&status=active",
 }
-_BACKGROUND: set[asyncio.Task[Any]] = set()  # runs that outlived their card's budget
 
 router = APIRouter(tags=["CDS Hooks"])
 
@@ -223,12 +222,12 @@ async def patient_view(request: Request, who: Caller, svc: Svc) -> CardsResponse
             400, "no data: send prefetch with the Patient, or fhirServer with fhirAuthorization"
         )
     question = svc.settings.serve.cds_question
-    work = asyncio.ensure_future(svc.agent.ask(pid, question, source=source, keep=False))
     try:
-        answer = await asyncio.wait_for(asyncio.shield(work), svc.settings.serve.cds_budget_s)
+        answer = await asyncio.wait_for(
+            svc.agent.ask(pid, question, source=source, keep=False),
+            svc.settings.serve.cds_budget_s,
+        )
     except TimeoutError:
-        _BACKGROUND.add(work)
-        work.add_done_callback(_BACKGROUND.discard)
         await svc.audit.arecord(who, "cds-patient-view", "over budget", patient_id=pid)
         return CardsResponse(cards=[_pending_card(svc, pid)])
     except ChartSightError as exc:
@@ -237,11 +236,8 @@ async def patient_view(request: Request, who: Caller, svc: Svc) -> CardsResponse
         )
         raise HTTPException(502, f"the patient's record could not be read: {exc}") from exc
     finally:
-        if isinstance(source, FhirClient):  # closed once its run is over, here or later
-            if work.done():
-                await source.aclose()
-            else:
-                work.add_done_callback(lambda _: asyncio.ensure_future(source.aclose()))
+        if isinstance(source, FhirClient):
+            await source.aclose()
     data = answer.to_dict()
     await svc.audit.arecord(
         who, "cds-patient-view", "abstained" if answer.abstained else "answered",
