@@ -46,6 +46,7 @@ def api_settings(home: Path, store: FhirStore, issuer: Issuer, **serve: Any) -> 
         ),
     ]
     settings.serve.public_url = "https://chartsight.example"
+    settings.serve.cds_budget_s = 60.0  # cards, not timing: the budget has its own test
     for name, value in serve.items():
         setattr(settings.serve, name, value)
     return settings
