@@ -41,6 +41,20 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
     chromium chromium-driver >/dev/null
 fi
 
+# PostgreSQL's server binaries: the tests start their own throwaway server (tests/peers/postgres.py)
+if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  made_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then  # not the packaged cluster's service
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod +x /usr/sbin/policy-rc.d
+    made_policy=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+  if [ -n "$made_policy" ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
+fi
+
 if [ ! -e .peers/loopback.so ] || [ tests/peers/loopback.c -nt .peers/loopback.so ]; then
   gcc -shared -fPIC -O2 -o .peers/loopback.so tests/peers/loopback.c -ldl
 fi
