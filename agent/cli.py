@@ -422,7 +422,11 @@ def similar(
 
         case = asyncio.run(own())
         flt = CaseFilter(
-            exclude_patient=case.patient_id, modality=modality, sex=sex, age_band=age_band
+            exclude_patient=case.patient_id,
+            exclude_identifiers=case.identifiers,
+            modality=modality,
+            sex=sex,
+            age_band=age_band,
         )
         hits = index.similar(case, k, flt)
     except ChartSightError as exc:

@@ -4,6 +4,7 @@ the part of the state it changes. ``graph.py`` wires them."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
@@ -29,7 +30,7 @@ from connectors.errors import ChartSightError
 from connectors.images import ImageSet, PatientImage, collect_images
 from connectors.record import PatientRecord, assemble_record
 from connectors.source import FhirSource
-from retrieval.cases import cases_from_record
+from retrieval.cases import Case, cases_from_record
 from retrieval.evidence import Evidence, record_evidence
 from retrieval.index import CaseFilter, CaseIndex
 from retrieval.rank import EvidenceRanker
@@ -80,7 +81,7 @@ class Runtime:
             assert index is not None
             images = self.images.get(record.patient_id) or ImageSet()
             case = cases_from_record(record, images)[0]
-            return index.similar(case, k, CaseFilter(exclude_patient=record.patient_id))
+            return index.similar(case, k, own_cases_out(case))
 
         return ToolContext(
             record,
@@ -106,6 +107,14 @@ class Runtime:
     def emit(self, kind: str, **data: Any) -> None:
         if self.on_event is not None:
             self.on_event(kind, data)
+
+
+def own_cases_out(case: Case, flt: CaseFilter | None = None) -> CaseFilter:
+    """``flt`` leaving out the patient's own cases: by id, and by identifier (the same person
+    indexed from another source has another id)."""
+    return dataclasses.replace(
+        flt or CaseFilter(), exclude_patient=case.patient_id, exclude_identifiers=case.identifiers
+    )
 
 
 def runtime(config: RunnableConfig) -> Runtime:
@@ -279,9 +288,7 @@ async def gather_similar(state: AskState, rt: Runtime) -> dict[str, Any]:
         return {"similar": [], "warnings": ["no similar-case index (run `chartsight index build`)"]}
     record = record_of(state, rt)
     case = cases_from_record(record, await rt.ensure_images(record))[0]
-    hits = await asyncio.to_thread(
-        rt.index.similar, case, 3, CaseFilter(exclude_patient=record.patient_id)
-    )
+    hits = await asyncio.to_thread(rt.index.similar, case, 3, own_cases_out(case))
     return {
         "similar": [{"key": h.key, "score": round(h.score, 4), "summary": h.summary} for h in hits]
     }

@@ -17,7 +17,7 @@ from agent.answer import Answer
 from agent.backends import create_backend
 from agent.cache import RecentCache
 from agent.graph import build_graph
-from agent.nodes import Runtime
+from agent.nodes import Runtime, own_cases_out
 from agent.settings import Settings
 from agent.tools import Fact, ToolError, default_tools
 from connectors.dicomweb import DicomWebClient
@@ -258,7 +258,7 @@ class ChartSight:
                 )
             images = rt.images[record.patient_id]
         case = cases_from_record(record, images)[0]
-        flt = dataclasses.replace(flt or CaseFilter(), exclude_patient=record.patient_id)
+        flt = own_cases_out(case, flt)
         return await asyncio.to_thread(rt.index.similar, case, k, flt)
 
     def thumbnail(self, case_key: str) -> bytes | None:

@@ -30,6 +30,9 @@ class Case:
     modalities: tuple[str, ...] = ()
     label: str | None = None  # a known finding or diagnosis, where the source gives one
     kind: str = "patient"
+    # the patient's identifiers ("system|value"): the same person read from another source (with
+    # another id) is still recognised as the patient's own case
+    identifiers: tuple[str, ...] = ()
 
     def fingerprint(self) -> str:
         """Changes whenever what the case is embedded from changes."""
@@ -41,6 +44,15 @@ class Case:
             digest.update(f"{image.mode}{image.size}".encode())
             digest.update(hashlib.sha256(image.tobytes()).digest())
         return digest.hexdigest()
+
+
+def patient_identifiers(record: PatientRecord) -> tuple[str, ...]:
+    """The patient's identifiers as "system|value" (those with both parts)."""
+    out = []
+    for ident in record.patient.identifier or []:
+        if ident.system and ident.value:
+            out.append(f"{ident.system}|{ident.value}")
+    return tuple(dict.fromkeys(out))
 
 
 def age_band(years: int | None, width: int = 10) -> str | None:
@@ -136,6 +148,7 @@ def cases_from_record(
     band = age_band(age_of(record, on))
     pics = list(images.images) if images is not None else []
     modalities = tuple(sorted({p.modality for p in pics if p.modality}))
+    identifiers = patient_identifiers(record)
     cases = [
         Case(
             key=f"Patient/{pid}",
@@ -145,6 +158,7 @@ def cases_from_record(
             sex=sex,
             age_band=band,
             modalities=modalities,
+            identifiers=identifiers,
         )
     ]
     if kind == "study":
@@ -171,6 +185,7 @@ def cases_from_record(
                     age_band=band,
                     modalities=study_mods,
                     kind="study",
+                    identifiers=identifiers,
                 )
             )
     return cases

@@ -86,6 +86,13 @@ cases_t = Table(
     Column("vector", LargeBinary, nullable=False),  # float32, the fused vector
     Column("updated_at", String(32), nullable=False),
 )
+# each case's patient identifiers, to leave a patient's own cases out across sources
+idents_t = Table(
+    "case_identifiers",
+    metadata,
+    Column("id", Integer, nullable=False, index=True),  # the case's FAISS id
+    Column("identifier", String(512), nullable=False, index=True),
+)
 # a small greyscale preview of each case's first image, for case cards (PNG, at most 128 px)
 thumbs_t = Table(
     "case_thumbnails",
@@ -204,6 +211,7 @@ class CaseFilter:
     """Which cases a search may return; applied inside the FAISS search (an IDSelector)."""
 
     exclude_patient: str | None = None
+    exclude_identifiers: tuple[str, ...] = ()  # also leave out cases of patients with these
     modality: str | None = None
     sex: str | None = None
     age_band: str | None = None
@@ -510,6 +518,7 @@ class CaseIndex:
                 )
                 if old:
                     conn.execute(delete(cases_t).where(cases_t.c.id.in_(list(old.values()))))
+                    conn.execute(delete(idents_t).where(idents_t.c.id.in_(list(old.values()))))
                 conn.execute(delete(thumbs_t).where(thumbs_t.c.key.in_([c.key for c in todo])))
                 for case in todo:
                     if case.images:
@@ -534,7 +543,10 @@ class CaseIndex:
                             updated_at=now,
                         )
                     )
-                    new_ids.append(int(result.inserted_primary_key[0]))  # type: ignore[index]
+                    new_id = int(result.inserted_primary_key[0])  # type: ignore[index]
+                    new_ids.append(new_id)
+                    for ident in case.identifiers:
+                        conn.execute(insert(idents_t).values(id=new_id, identifier=ident))
             self._grow_or_apply(add=new_ids, remove=list(old.values()))
         return BuildStats(added=len(todo) - len(old), updated=len(old), unchanged=unchanged)
 
@@ -549,6 +561,7 @@ class CaseIndex:
                 ]
                 if ids:
                     conn.execute(delete(cases_t).where(cases_t.c.id.in_(ids)))
+                    conn.execute(delete(idents_t).where(idents_t.c.id.in_(ids)))
                     conn.execute(delete(thumbs_t).where(thumbs_t.c.key.in_(keys)))
             if ids:
                 self._grow_or_apply(add=[], remove=ids)
@@ -578,23 +591,28 @@ class CaseIndex:
                 query = query.where(c.age_band == flt.age_band)
             if flt.exclude_patient:
                 query = query.where(c.patient_id != flt.exclude_patient)
+            if flt.exclude_identifiers:
+                query = query.where(c.id.not_in(self._with_identifiers(flt.exclude_identifiers)))
             with self.engine.connect() as conn:
                 allowed = np.array([i for (i,) in conn.execute(query)], dtype=np.int64)
             return faiss.IDSelectorBatch(allowed), None, len(allowed) == 0
-        if flt.exclude_patient:
+        if flt.exclude_patient or flt.exclude_identifiers:
+            own: Any = select(c.id).where(c.patient_id == (flt.exclude_patient or ""))
+            if flt.exclude_identifiers:
+                own = own.union(self._with_identifiers(flt.exclude_identifiers))
             with self.engine.connect() as conn:
-                excluded = [
-                    int(i)
-                    for (i,) in conn.execute(
-                        select(c.id).where(c.patient_id == flt.exclude_patient)
-                    )
-                ]
+                excluded = sorted({int(i) for (i,) in conn.execute(own)})
             if excluded:
                 batch = faiss.IDSelectorBatch(np.array(excluded, dtype=np.int64))
                 selector = faiss.IDSelectorNot(batch)
                 selector.referenced = batch  # keep the inner selector alive
                 return selector, set(excluded), False
         return None, None, False
+
+    @staticmethod
+    def _with_identifiers(identifiers: Sequence[str]) -> Any:
+        """Ids of the cases whose patient carries one of ``identifiers``."""
+        return select(idents_t.c.id).where(idents_t.c.identifier.in_(list(identifiers)))
 
     def _params(self, selector: Any) -> Any:
         ivf = faiss.try_extract_index_ivf(self.index)

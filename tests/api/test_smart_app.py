@@ -124,3 +124,8 @@ def test_the_app_refuses_what_the_launch_does_not_allow(launched: Any):
     assert client.post("/app/ask", json={"question": "age?"}).status_code == 403
     foreign = client.get("/app/resource/Patient/someone-else")
     assert foreign.status_code == 404  # not in this patient's record
+    # the index was built from the local store, where this patient has another id: the patient's
+    # own case is still recognised (by identifier) and left out
+    similar = client.get("/app/similar")
+    assert similar.status_code == 200 and similar.json()
+    assert all(h["patient_id"] != TOMMY_FRIESEN for h in similar.json())

@@ -263,3 +263,28 @@ def test_bad_factory_string_is_a_clear_error(tmp_path: Path, encoders: EncoderRe
         _open(tmp_path / "idx", encoders, factory="IVF,Nonsense")
     with pytest.raises(IndexError_, match="refinement stages are not supported"):
         _open(tmp_path / "idx2", encoders, factory="IVF16,PQ8x4fs,RFlat")
+
+
+def test_the_same_person_from_another_source_is_left_out_by_identifier(
+    tmp_path: Path, encoders: EncoderRegistry
+):
+    index = _open(tmp_path / "idx", encoders)
+    cases, vectors = _synthetic(20, index.fusion.dim)
+    ssn = "http://hl7.org/fhir/sid/us-ssn|999-12-3456"
+    cases = [
+        Case(**{**c.__dict__, "identifiers": (ssn,) if c.patient_id == "p0" else ()}) for c in cases
+    ]
+    index.upsert(cases, vectors)
+    query = vectors[0][None, :]
+    # the query patient has another id here (another source) but the same SSN
+    for flt in (
+        CaseFilter(exclude_patient="other-id", exclude_identifiers=(ssn,)),
+        CaseFilter(exclude_patient="other-id", exclude_identifiers=(ssn,), sex="male"),
+    ):
+        found = index.hits(index.search_vectors(query, k=5, flt=flt)[0])
+        assert found and all(h.patient_id != "p0" for h in found)
+    plain = index.hits(index.search_vectors(query, k=1, flt=CaseFilter(exclude_patient="x"))[0])
+    assert plain[0].patient_id == "p0"  # without the identifier it would be found
+    index.remove([c.key for c in cases if c.patient_id == "p0"])
+    with index.engine.connect() as conn:
+        assert not list(conn.execute(index_mod.select(index_mod.idents_t)))
