@@ -18,10 +18,11 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
+import anyio
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -186,6 +187,44 @@ async def _too_large(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class AccessLog:
+    """One log line per request: method, the route's template (never the patient id in the path),
+    status and time, and a request id (also sent back as ``x-request-id``). Pure ASGI, so that
+    streaming responses still see a client's disconnect."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        headers = dict(scope.get("headers") or [])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex[:16]
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            log.info(
+                "%s %s %s %.0f ms rid=%s",
+                scope.get("method"),
+                getattr(route, "path", "-"),  # the template, never the patient id
+                status,
+                (time.perf_counter() - start) * 1000,
+                rid,
+            )
+
+
 # --- the app -------------------------------------------------------------------------------------
 
 
@@ -317,28 +356,12 @@ def create_app(settings: Settings, agent: ChartSight | None = None) -> FastAPI:
             429: {"model": Problem, "description": "Rate limit; see Retry-After."},
         },
     )
+    app.add_middleware(AccessLog)
     app.add_middleware(
         BodyLimit,
         max_bytes=settings.serve.max_body_bytes,
         larger={"/cds-services/": settings.serve.cds_max_body_bytes},
     )
-
-    @app.middleware("http")
-    async def access_log(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
-        start = time.perf_counter()
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        response = await call_next(request)
-        route = request.scope.get("route")
-        log.info(
-            "%s %s %s %.0f ms rid=%s",
-            request.method,
-            getattr(route, "path", "-"),  # the template, never the patient id
-            response.status_code,
-            (time.perf_counter() - start) * 1000,
-            rid,
-        )
-        response.headers["x-request-id"] = rid
-        return response
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers.")
     async def healthz() -> dict[str, str]:
@@ -482,10 +505,11 @@ def create_app(settings: Settings, agent: ChartSight | None = None) -> FastAPI:
             finally:
                 if not task.done():  # the client went away mid-stream: stop the run
                     task.cancel()
-                    await svc.audit.arecord(
-                        who, "ask_stream", "cancelled", patient_id=body.patient,
-                        question=body.question,
-                    )  # fmt: skip
+                    with anyio.CancelScope(shield=True):  # the stream's scope is cancelled
+                        await svc.audit.arecord(
+                            who, "ask_stream", "cancelled", patient_id=body.patient,
+                            question=body.question,
+                        )  # fmt: skip
 
         return EventSourceResponse(events(), ping=15)
 

@@ -79,3 +79,24 @@ def test_rate_limits_are_per_client(tmp_path: Path, demo_store: FhirStore, issue
         # another client is not held back by this one
         other = {"Authorization": f"Bearer {issuer.token('user/*.read', client_id='other')}"}
         assert httpx.post(f"{running.url}/v1/ask", json=BODY, headers=other).status_code == 200
+
+
+def test_a_stream_client_that_goes_away_cancels_its_run(
+    tmp_path: Path, demo_store: FhirStore, issuer: Issuer, slow_model: ScriptedModel
+):
+    settings = api_settings(tmp_path / "home", demo_store, issuer)
+    settings.model.name = "openai"
+    settings.model.base_url = slow_model.base_url
+    with Running(settings) as running:
+        with httpx.stream(
+            "POST", f"{running.url}/v1/ask/stream", json=BODY, headers=EHR, timeout=30
+        ) as response:
+            for line in response.iter_lines():
+                if line.startswith("data:") and '"node": "generate"' in line:
+                    break  # generation has started: leave
+        deadline = time.monotonic() + 10
+        while "cancelled" not in _outcomes(running) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _outcomes(running) == ["cancelled"]
+        time.sleep(6)  # past the model's reply: no retry, no answer recorded
+        assert len(slow_model.requests) <= 1 and _outcomes(running) == ["cancelled"]
