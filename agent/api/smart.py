@@ -28,7 +28,7 @@ from typing import Annotated, Any
 from urllib.parse import urlencode
 
 import httpx
-from fastapi import APIRouter, Cookie, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Cookie, Header, HTTPException, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, select_autoescape
 from pydantic import BaseModel, Field
@@ -329,8 +329,8 @@ async def app_ask(
 
 @router.get("/app/resource/{resource_type}/{resource_id}", summary="A cited resource's JSON.")
 async def app_resource(
-    resource_type: Annotated[str, Field(pattern=r"^[A-Z][A-Za-z]+$")],
-    resource_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9\-.]{1,64}$")],
+    resource_type: Annotated[str, Path(pattern=r"^[A-Z][A-Za-z]+$")],
+    resource_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9\-.]{1,64}$")],
     svc: Svc,
     chartsight_session: Annotated[str | None, Cookie()] = None,
 ) -> Response:

@@ -129,3 +129,14 @@ def test_the_app_refuses_what_the_launch_does_not_allow(launched: Any):
     similar = client.get("/app/similar")
     assert similar.status_code == 200 and similar.json()
     assert all(h["patient_id"] != TOMMY_FRIESEN for h in similar.json())
+
+
+def test_resource_paths_are_validated(launched: Any):
+    running, ehr, pid = launched
+    client = httpx.Client(base_url=running.url, follow_redirects=False)
+    start = client.get("/launch", params={"iss": ehr.fhir_url, "launch": ehr.launch(pid)})
+    client.get(httpx.get(start.headers["location"]).headers["location"])
+    assert client.get("/app/resource/patient/x").status_code == 422  # not a resource type
+    assert client.get("/app/resource/Patient/" + "x" * 65).status_code == 422
+    own = client.get(f"/app/resource/Patient/{pid}")
+    assert own.status_code == 200 and own.json()["id"] == pid
