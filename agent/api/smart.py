@@ -238,6 +238,11 @@ async def _record(session: AppSession) -> PatientRecord:
 
 def _session(svc: Service, sid: str | None) -> AppSession:
     session = _sessions(svc).get(sid)
+    wait = svc.limiter.take(f"smart-app:{hashlib.sha256((sid or '').encode()).hexdigest()[:16]}")
+    if wait > 0:
+        raise HTTPException(
+            429, "too many requests from this session", headers={"Retry-After": f"{wait:.0f}"}
+        )
     try:
         authorize(session.principal(svc.settings.serve.smart.client_id), session.patient)
     except Forbidden as exc:
