@@ -396,7 +396,13 @@ def create_app(settings: Settings, agent: ChartSight | None = None) -> FastAPI:
         response_model=AnswerOut,
         tags=["ask"],
         summary="A grounded answer to a question about one patient.",
-        responses={504: {"model": Problem, "description": "No answer within the time limit."}},
+        responses={
+            404: {"model": Problem, "description": "No such patient."},
+            422: {"model": Problem, "description": "A malformed request or too long a question."},
+            499: {"model": Problem, "description": "The client went away; the run was stopped."},
+            502: {"model": Problem, "description": "The patient source failed."},
+            504: {"model": Problem, "description": "No answer within the time limit."},
+        },
     )
     async def ask(body: AskRequest, request: Request, who: Caller, svc: Svc) -> Any:
         limit = svc.settings.serve.max_question_chars
