@@ -12,8 +12,9 @@ check). Unsupported sentences are removed and reported with the reason.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from connectors.resources import is_resource_type
 from retrieval.terms import Term, default_terms
@@ -229,18 +230,39 @@ def _concept_supported(concept: Term, support: str) -> bool:
     return any(re.search(rf"\b{re.escape(w)}\b", low) for w in concept.words)
 
 
-def verify(answer: str, evidence: Mapping[str, str]) -> Verification:
-    """Check every sentence of ``answer`` against ``evidence`` (id → the text given for it)."""
-    return Verification([check_sentence(s, evidence) for s in split_sentences(answer)])
+def verify(answer: str, evidence: Mapping[str, str], trusted: Iterable[str] = ()) -> Verification:
+    """Check every sentence of ``answer`` against ``evidence`` (id → the text given for it).
+    A sentence that is, word for word, one of the ``trusted`` statements (the facts the tools
+    computed from the record) stands as it is."""
+    verbatim = {_normal(t) for t in trusted}
+    checks = []
+    for sentence in split_sentences(answer):
+        check = check_sentence(sentence, evidence)
+        if not check.supported and _normal(sentence) in verbatim and check.citations:
+            known = all(c in evidence for c in check.citations)
+            if known:
+                check = SentenceCheck(sentence, check.citations, True)
+        checks.append(check)
+    return Verification(checks)
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.split()).rstrip(".")
 
 
 def evidence_map(
-    items: Mapping[str, str], facts: list[tuple[str, tuple[str, ...]]]
+    items: Mapping[str, str],
+    facts: Sequence[tuple[Any, ...]],
 ) -> dict[str, str]:
     """Evidence text by id: the evidence lines, plus each fact's statement under every id it cites
-    (a computed age or mean is then supported by the Patient or Observations it rests on)."""
+    (a computed age or mean is then supported by the Patient or Observations it rests on). What a
+    fact only echoes from its call (a time window, a date asked about: third element) is left out,
+    so that a model cannot make a date "evidence" by asking a tool about it."""
     out = dict(items)
-    for statement, refs in facts:
+    for fact in facts:
+        statement, refs = fact[0], fact[1]
+        for echoed in fact[2] if len(fact) > 2 else ():
+            statement = statement.replace(echoed, " ")
         for ref in refs:
             out[ref] = f"{out.get(ref, '')} {statement}".strip()
     return out

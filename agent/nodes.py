@@ -330,8 +330,16 @@ def _evidence_for(state: AskState) -> dict[str, str]:
                 lines[ref] = all_lines[ref]
     for case in state.get("similar", []):
         lines[case["key"]] = _similar_line(case)
-    facts = [(f["statement"], tuple(f.get("evidence", []))) for f in state.get("facts", [])]
+    facts = [
+        (f["statement"], tuple(f.get("evidence", [])), tuple(f.get("echo", [])))
+        for f in state.get("facts", [])
+    ]
     return evidence_map(lines, facts)
+
+
+def _trusted(state: AskState) -> list[str]:
+    """The tools' statements, which stand word for word (they were computed from the record)."""
+    return [f["statement"] for f in state.get("facts", []) if f.get("evidence")]
 
 
 def _messages(state: AskState, rt: Runtime) -> list[Message]:
@@ -398,7 +406,7 @@ async def generate(state: AskState, rt: Runtime) -> dict[str, Any]:
 
 @timed("verify")
 async def check(state: AskState, rt: Runtime) -> dict[str, Any]:
-    result = verify(state.get("draft", ""), _evidence_for(state))
+    result = verify(state.get("draft", ""), _evidence_for(state), _trusted(state))
     checked = [
         {
             "text": s.text,
@@ -431,7 +439,7 @@ async def finalize(state: AskState, rt: Runtime) -> dict[str, Any]:
     if not kept and model != "evidence":
         # nothing the model said held up: give the evidence answer instead, and say so
         draft = evidence_answer(state)
-        result = verify(draft, given)
+        result = verify(draft, given, _trusted(state))
         checked_fallback = [
             {
                 "text": s.text,

@@ -55,6 +55,7 @@ class Fact:
             "unit": self.unit,
             "date": self.date.isoformat() if self.date else None,
             "evidence": list(self.evidence),
+            "echo": list(self.details.get("echo", [])),
         }
 
 
@@ -306,6 +307,8 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
                 value=years,
                 unit="years",
                 evidence=(ref,),
+                # a date the caller chose is not evidence of anything (see grounding.evidence_map)
+                details={"echo": [when.isoformat()]} if on else {},
             )
         ]
 
@@ -403,7 +406,7 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
                     f"No numeric {_subject(query, [])} result {window}.{_cite([ref])}",
                     value=None,
                     evidence=(ref,),
-                    details={"query": query, "count": 0},
+                    details={"query": query, "count": 0, "echo": [window]},
                 )
             ]
         values = [v for _, v, _, _ in rows]
@@ -429,6 +432,7 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
                 date=last[0],
                 evidence=refs,
                 details={
+                    "echo": [window],  # the window is the caller's, not the record's
                     "query": query,
                     "count": len(values),
                     "mean": mean,
@@ -537,7 +541,9 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
         return [
             Fact(
                 "similar_cases",
-                f"Similar case (score {hit.score:.2f}): {hit.summary[:240]}{_cite([hit.key])}",
+                # one sentence: the summary's own full stops would split it from its citation
+                f"Similar case (score {hit.score:.2f}): "
+                f"{hit.summary[:240].replace('. ', '; ').rstrip('.')}{_cite([hit.key])}",
                 value=round(float(hit.score), 4),
                 evidence=(hit.key,),
                 details={"key": hit.key, "patient_id": hit.patient_id},

@@ -128,3 +128,19 @@ def test_words_and_abbreviations_must_be_in_the_cited_evidence(sentence: str, su
     assert check.supported is supported, check.problems
     if not supported:
         assert any("not in the cited evidence" in p for p in check.problems)
+
+
+def test_what_a_fact_only_echoes_from_its_call_supports_nothing():
+    patient = "Patient: Tommy Friesen, male, born 1947-06-15 [Patient/p]"
+    window = "from 1999-01-01 to 2021-01-01"
+    absence = f"No numeric A1c result {window}. [Patient/p]"
+    given = evidence_map({"Patient/p": patient}, [(absence, ("Patient/p",), (window,))])
+    # the tool's own statement stands, word for word
+    assert verify(absence, given, [absence]).supported_fraction == 1.0
+    # but a model cannot borrow the window's dates for a claim of its own
+    claim = verify("He was seen on 1999-01-01 [Patient/p].", given, [absence])
+    assert not claim.sentences[0].supported
+    assert "1999-01-01" in claim.sentences[0].problems[0]
+    # without the echo marked, the date would have passed
+    loose = evidence_map({"Patient/p": patient}, [(absence, ("Patient/p",))])
+    assert verify("He was seen on 1999-01-01 [Patient/p].", loose).supported_fraction == 1.0
