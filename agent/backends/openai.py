@@ -47,31 +47,45 @@ class OpenAIBackend:
         self.url = settings.base_url.rstrip("/") + "/chat/completions"
         self.name = f"openai:{settings.model or 'default'}@{settings.base_url}"
 
-    async def generate(self, messages: list[Message]) -> Generation:
+    def _body(self, messages: list[dict[str, Any]], stream: bool, **extra: Any) -> dict[str, Any]:
+        """A Chat Completions request with the configured sampling and model."""
         body: dict[str, Any] = {
-            "messages": [
-                {"role": m.role, "content": _content(m, self.settings.send_images)}
-                for m in messages
-            ],
+            "messages": messages,
+            **extra,
             "temperature": self.settings.temperature,
             "max_tokens": self.settings.max_tokens,
-            "stream": False,
+            "stream": stream,
         }
         if self.settings.model:
             body["model"] = self.settings.model
+        return body
+
+    def _wire(self, messages: list[Message]) -> list[dict[str, Any]]:
+        return [
+            {"role": m.role, "content": _content(m, self.settings.send_images)} for m in messages
+        ]
+
+    async def _complete(self, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The reply and its first choice's message; typed errors for everything else."""
         try:
             response = await self.http.request("POST", self.url, json=body)
         except ConnectorError as exc:
             raise BackendError(f"model server {self.url}: {exc}") from exc
         try:
             reply = response.json()
-            text = reply["choices"][0]["message"]["content"] or ""
+            message = reply["choices"][0]["message"]
+            if not isinstance(message, dict):
+                raise TypeError("message is not an object")
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise BackendError(
                 f"model server {self.url} gave no chat completion: {response.text[:200]!r}"
             ) from exc
+        return reply, message
+
+    async def generate(self, messages: list[Message]) -> Generation:
+        reply, message = await self._complete(self._body(self._wire(messages), stream=False))
         return Generation(
-            text=text.strip(),
+            text=(message.get("content") or "").strip(),
             model=str(reply.get("model") or self.settings.model),
             usage=reply.get("usage") or {},
         )
@@ -81,25 +95,16 @@ class OpenAIBackend:
     ) -> ToolTurn:
         """One round of function calling: the model answers with text or with tool calls."""
         choice = self.settings.tool_choice
-        body: dict[str, Any] = {
-            "messages": messages,
-            "tools": tools,
-            "tool_choice": choice
+        body = self._body(
+            messages,
+            stream=False,
+            tools=tools,
+            tool_choice=choice
             if choice in ("auto", "required", "none")
             else {"type": "function", "function": {"name": choice}},
-            "temperature": self.settings.temperature,
-            "max_tokens": self.settings.max_tokens,
-            "stream": False,
-        }
-        if self.settings.model:
-            body["model"] = self.settings.model
+        )
+        reply, message = await self._complete(body)
         try:
-            response = await self.http.request("POST", self.url, json=body)
-        except ConnectorError as exc:
-            raise BackendError(f"model server {self.url}: {exc}") from exc
-        try:
-            reply = response.json()
-            message = reply["choices"][0]["message"]
             calls = tuple(
                 ToolCall(
                     id=str(call.get("id") or f"call_{i}"),
@@ -108,10 +113,8 @@ class OpenAIBackend:
                 )
                 for i, call in enumerate(message.get("tool_calls") or [])
             )
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise BackendError(
-                f"model server {self.url} gave no chat completion: {response.text[:200]!r}"
-            ) from exc
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise BackendError(f"model server {self.url} sent malformed tool calls") from exc
         return ToolTurn(
             text=(message.get("content") or "").strip(),
             calls=calls,
@@ -120,17 +123,7 @@ class OpenAIBackend:
 
     async def stream(self, messages: list[Message]) -> AsyncIterator[str]:
         """The reply token by token (server-sent events)."""
-        body = {
-            "messages": [
-                {"role": m.role, "content": _content(m, self.settings.send_images)}
-                for m in messages
-            ],
-            "temperature": self.settings.temperature,
-            "max_tokens": self.settings.max_tokens,
-            "stream": True,
-        }
-        if self.settings.model:
-            body["model"] = self.settings.model
+        body = self._body(self._wire(messages), stream=True)
         try:
             async with self.http.client.stream("POST", self.url, json=body) as response:
                 if not response.is_success:
