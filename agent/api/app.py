@@ -18,7 +18,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
@@ -324,6 +324,68 @@ async def run_unless_disconnected(request: Request, work: Awaitable[Any], limit_
         gone.cancel()
 
 
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+def answer_stream(
+    svc: Service,
+    who: Principal,
+    endpoint: str,
+    patient: str,
+    question: str,
+    thread: str | None,
+    ask: Callable[[EventSink], Awaitable[Answer]],
+) -> EventSourceResponse:
+    """A question answered as Server-Sent Events: the run's events as they happen, then
+    ``answer`` (or ``error``). The run has the service's time limit, is audited, and is stopped
+    when the client goes away."""
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    async def run() -> None:
+        try:
+            answer = await asyncio.wait_for(
+                ask(lambda kind, data: queue.put_nowait((kind, data))),
+                svc.settings.serve.request_timeout_s,
+            )
+        except TimeoutError:
+            await svc.audit.arecord(who, endpoint, "timeout", patient_id=patient, question=question)
+            queue.put_nowait(("error", {"status": 504, "detail": "no answer in time"}))
+            return
+        except ChartSightError as exc:
+            err = http_error(exc)
+            await svc.audit.arecord(
+                who, endpoint, "error", patient_id=patient, question=question,
+                detail=type(exc).__name__,
+            )  # fmt: skip
+            queue.put_nowait(("error", {"status": err.status_code, "detail": err.detail}))
+            return
+        data = answer.to_dict()
+        data["thread_id"] = thread
+        await svc.audit.arecord(
+            who, endpoint, "abstained" if answer.abstained else "answered",
+            patient_id=answer.patient_id, question=question, answer=data,
+        )  # fmt: skip
+        queue.put_nowait(("answer", data))
+
+    async def events() -> AsyncIterator[dict[str, str]]:
+        task = asyncio.ensure_future(run())
+        try:
+            while True:
+                kind, data = await queue.get()
+                yield {"event": kind, "data": json.dumps(data, default=str)}
+                if kind in ("answer", "error"):
+                    return
+        finally:
+            if not task.done():  # the client went away mid-stream: stop the run
+                task.cancel()
+                with anyio.CancelScope(shield=True):  # the stream's scope is cancelled
+                    await svc.audit.arecord(
+                        who, endpoint, "cancelled", patient_id=patient, question=question
+                    )
+
+    return EventSourceResponse(events(), ping=15)
+
+
 def create_app(settings: Settings, agent: ChartSight | None = None) -> FastAPI:
     """The ASGI app. ``agent`` (opened by the caller) is used as is; else one is opened at start."""
 
@@ -464,60 +526,17 @@ def create_app(settings: Settings, agent: ChartSight | None = None) -> FastAPI:
             raise HTTPException(422, f"the question is over {limit} characters")
         await allowed(svc, who, "ask_stream", body.patient, body.question)
         thread = svc.thread_key(who, body.patient, body.thread) if body.thread else None
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-
-        async def run() -> None:
-            try:
-                answer = await asyncio.wait_for(
-                    svc.agent.ask(
-                        body.patient,
-                        body.question,
-                        thread_id=thread,
-                        on_event=lambda kind, data: queue.put_nowait((kind, data)),
-                        keep=False,
-                    ),
-                    svc.settings.serve.request_timeout_s,
-                )
-            except TimeoutError:
-                await svc.audit.arecord(
-                    who, "ask_stream", "timeout", patient_id=body.patient, question=body.question
-                )
-                queue.put_nowait(("error", {"status": 504, "detail": "no answer in time"}))
-                return
-            except ChartSightError as exc:
-                err = http_error(exc)
-                await svc.audit.arecord(
-                    who, "ask_stream", "error", patient_id=body.patient,
-                    question=body.question, detail=type(exc).__name__,
-                )  # fmt: skip
-                queue.put_nowait(("error", {"status": err.status_code, "detail": err.detail}))
-                return
-            data = answer.to_dict()
-            data["thread_id"] = body.thread
-            await svc.audit.arecord(
-                who, "ask_stream", "abstained" if answer.abstained else "answered",
-                patient_id=answer.patient_id, question=body.question, answer=data,
-            )  # fmt: skip
-            queue.put_nowait(("answer", data))
-
-        async def events() -> AsyncIterator[dict[str, str]]:
-            task = asyncio.ensure_future(run())
-            try:
-                while True:
-                    kind, data = await queue.get()
-                    yield {"event": kind, "data": json.dumps(data, default=str)}
-                    if kind in ("answer", "error"):
-                        return
-            finally:
-                if not task.done():  # the client went away mid-stream: stop the run
-                    task.cancel()
-                    with anyio.CancelScope(shield=True):  # the stream's scope is cancelled
-                        await svc.audit.arecord(
-                            who, "ask_stream", "cancelled", patient_id=body.patient,
-                            question=body.question,
-                        )  # fmt: skip
-
-        return EventSourceResponse(events(), ping=15)
+        return answer_stream(
+            svc,
+            who,
+            "ask_stream",
+            body.patient,
+            body.question,
+            body.thread,
+            lambda on_event: svc.agent.ask(
+                body.patient, body.question, thread_id=thread, on_event=on_event, keep=False
+            ),
+        )
 
     @app.get(
         "/v1/patients/{patient_id}/similar",

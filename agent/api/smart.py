@@ -18,10 +18,8 @@ import asyncio
 import base64
 import hashlib
 import io
-import json
 import secrets
 import time
-from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 from typing import Annotated, Any
@@ -34,7 +32,7 @@ from jinja2 import Environment, select_autoescape
 from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse
 
-from agent.api.app import Service, Svc, http_error
+from agent.api.app import Service, Svc, answer_stream, http_error
 from agent.api.security import Forbidden, Principal, authorize
 from connectors.errors import ChartSightError
 from connectors.fhir_client import FhirClient
@@ -294,42 +292,21 @@ async def app_ask(
         raise HTTPException(422, "the question is too long")
     who = session.principal(svc.settings.serve.smart.client_id)
     thread = svc.thread_key(who, session.patient, body.thread) if body.thread else None
-    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-
-    async def run() -> None:
-        try:
-            answer = await svc.agent.ask(
-                session.patient,
-                body.question,
-                thread_id=thread,
-                source=session.fhir(),
-                on_event=lambda kind, data: queue.put_nowait((kind, data)),
-            )
-        except ChartSightError as exc:
-            err = http_error(exc)
-            await svc.audit.arecord(who, "app_ask", "error", patient_id=session.patient,
-                             question=body.question, detail=type(exc).__name__)  # fmt: skip
-            queue.put_nowait(("error", {"status": err.status_code, "detail": err.detail}))
-            return
-        data = answer.to_dict()
-        data["thread_id"] = body.thread
-        await svc.audit.arecord(who, "app_ask", "abstained" if answer.abstained else "answered",
-                         patient_id=session.patient, question=body.question, answer=data)  # fmt: skip
-        queue.put_nowait(("answer", data))
-
-    async def events() -> AsyncIterator[dict[str, str]]:
-        task = asyncio.ensure_future(run())
-        try:
-            while True:
-                kind, data = await queue.get()
-                yield {"event": kind, "data": json.dumps(data, default=str)}
-                if kind in ("answer", "error"):
-                    return
-        finally:
-            if not task.done():
-                task.cancel()
-
-    return EventSourceResponse(events(), ping=15)
+    return answer_stream(
+        svc,
+        who,
+        "app_ask",
+        session.patient,
+        body.question,
+        body.thread,
+        lambda on_event: svc.agent.ask(
+            session.patient,
+            body.question,
+            thread_id=thread,
+            source=session.fhir(),
+            on_event=on_event,
+        ),
+    )
 
 
 @router.get("/app/resource/{resource_type}/{resource_id}", summary="A cited resource's JSON.")
