@@ -508,6 +508,27 @@ ModelUrlOpt = Annotated[
 ModelNameOpt = Annotated[str | None, typer.Option("--model-name", help="Model name to request.")]
 
 
+def _print_answer(answer: Answer, as_json: bool) -> None:
+    if as_json:
+        console.print_json(json.dumps(answer.to_dict(), default=str))
+    else:
+        render_answer(console, answer)
+
+
+def _agent_settings(
+    config: Path | None,
+    fhir_url: str | None,
+    token: str | None,
+    model: str | None,
+    model_url: str | None,
+    model_name: str | None,
+) -> Settings:
+    """The settings with a command's source and model options applied."""
+    settings = _settings(config, fhir_url, token)
+    _model_settings(settings, model, model_url, model_name)
+    return settings
+
+
 def _model_settings(
     settings: Settings, model: str | None, model_url: str | None, model_name: str | None
 ) -> None:
@@ -546,8 +567,7 @@ def ask(
             err_console.print(f"[dim]· {data['node']} {data['ms']:.0f} ms[/]", highlight=False)
 
     try:
-        settings = _settings(config, fhir_url, token)
-        _model_settings(settings, model, model_url, model_name)
+        settings = _agent_settings(config, fhir_url, token, model, model_url, model_name)
 
         async def run() -> Answer:
             async with ChartSight(settings) as agent:
@@ -558,10 +578,7 @@ def ask(
         answer = asyncio.run(run())
     except ChartSightError as exc:
         _fail(exc)
-    if as_json:
-        console.print_json(json.dumps(answer.to_dict(), default=str))
-    else:
-        render_answer(console, answer)
+    _print_answer(answer, as_json)
 
 
 @app.command()
@@ -580,8 +597,7 @@ def resume(
 ) -> None:
     """Inspect or finish a question whose run was interrupted (a crash, a stopped process)."""
     try:
-        settings = _settings(config, fhir_url, token)
-        _model_settings(settings, model, model_url, model_name)
+        settings = _agent_settings(config, fhir_url, token, model, model_url, model_name)
 
         async def run() -> tuple[dict[str, Any] | None, Answer | None]:
             async with ChartSight(settings) as agent:
@@ -603,10 +619,7 @@ def resume(
             highlight=False,
         )
         return
-    if as_json:
-        console.print_json(json.dumps(answer.to_dict(), default=str))
-    else:
-        render_answer(console, answer)
+    _print_answer(answer, as_json)
 
 
 @app.command()
@@ -626,8 +639,7 @@ def serve(
     from agent.api.app import create_app
 
     try:
-        settings = _settings(config, fhir_url, token)
-        _model_settings(settings, model, model_url, model_name)
+        settings = _agent_settings(config, fhir_url, token, model, model_url, model_name)
     except ChartSightError as exc:
         _fail(exc)
     s = settings.serve
@@ -655,8 +667,7 @@ def mcp_stdio(
     from agent.api.mcp import run_stdio
 
     try:
-        settings = _settings(config, fhir_url, token)
-        _model_settings(settings, model, model_url, model_name)
+        settings = _agent_settings(config, fhir_url, token, model, model_url, model_name)
     except ChartSightError as exc:
         _fail(exc)
     run_stdio(lambda: ChartSight(settings))
@@ -694,8 +705,7 @@ def chat(
 ) -> None:
     """Questions and follow-ups about one patient in one thread (an empty line ends it)."""
     try:
-        settings = _settings(config, fhir_url, token)
-        _model_settings(settings, model, model_url, model_name)
+        settings = _agent_settings(config, fhir_url, token, model, model_url, model_name)
     except ChartSightError as exc:
         _fail(exc)
 
