@@ -90,6 +90,16 @@ class Runtime:
             similar=similar if index is not None and len(index) else None,
         )
 
+    async def record(self, key: str) -> PatientRecord:
+        """The patient's record, from the cache while it is fresh (``settings.cache_ttl_s``)."""
+        record = self.records.fresh(key)
+        if record is None:
+            record = await assemble_record(self.source, key)
+            for derived in (self.evidence, self.images):  # made from the previous copy
+                derived.pop(record.patient_id, None)
+            self.records[key] = self.records[record.patient_id] = record
+        return record
+
     async def ensure_images(self, record: PatientRecord, *, quiet: bool = False) -> ImageSet:
         """The patient's images, collected once (a similar-case query uses them). ``quiet``: an
         image source that fails gives no images rather than an error."""
@@ -147,13 +157,7 @@ def timed(
 
 @timed("resolve")
 async def resolve(state: AskState, rt: Runtime) -> dict[str, Any]:
-    key = state["patient_key"]
-    record = rt.records.fresh(key)
-    if record is None:
-        record = await assemble_record(rt.source, key)
-        for derived in (rt.evidence, rt.images):  # made from the previous copy of the record
-            derived.pop(record.patient_id, None)
-        rt.records[key] = rt.records[record.patient_id] = record
+    record = await rt.record(state["patient_key"])
     warnings = [
         f"part of the record could not be fetched: {p.what}: {p.error}" for p in record.problems
     ]
@@ -256,15 +260,10 @@ async def gather_evidence(state: AskState, rt: Runtime) -> dict[str, Any]:
 async def gather_images(state: AskState, rt: Runtime) -> dict[str, Any]:
     if not state.get("want_images") and not state.get("want_similar"):
         return {"images": []}
-    pid = state["patient_id"]
-    if pid not in rt.images:
-        try:
-            rt.images[pid] = await collect_images(
-                record_of(state, rt), rt.source, rt.settings.images, rt.dicomweb
-            )
-        except ChartSightError as exc:
-            return {"images": [], "warnings": [f"images could not be fetched: {exc}"]}
-    found = rt.images[pid]
+    try:
+        found = await rt.ensure_images(record_of(state, rt))
+    except ChartSightError as exc:
+        return {"images": [], "warnings": [f"images could not be fetched: {exc}"]}
     warnings = [f"image {f.provenance.fhir_reference} left out: {f.error}" for f in found.failures]
     return {"images": [_image_dict(i) for i in found.images[:MAX_IMAGES]], "warnings": warnings}
 

@@ -193,8 +193,8 @@ class ChartSight:
             raise ChartSightError(f"thread {thread_id!r} has no interrupted run to resume")
         rt = dataclasses.replace(self.runtime, on_event=on_event)
         pid = waiting["patient_id"]
-        if pid and pid not in rt.records:  # the record is not checkpointed: fetch it again
-            rt.records[pid] = await assemble_record(rt.source, pid)
+        if pid:  # the record is not checkpointed: fetched again unless still cached
+            await rt.record(pid)
         config = {"configurable": {"thread_id": thread_id, "runtime": rt}}
         state = await self.graph.ainvoke(None, config)
         return self._answer(state, thread_id)
@@ -202,14 +202,7 @@ class ChartSight:
     async def record(self, patient: str) -> PatientRecord:
         """The patient's record (kept for ``settings.cache_ttl_s``)."""
         assert self.runtime is not None, "use `async with ChartSight(...)`"
-        rt = self.runtime
-        record = rt.records.fresh(patient)
-        if record is None:
-            record = await assemble_record(rt.source, patient)
-            for derived in (rt.evidence, rt.images):
-                derived.pop(record.patient_id, None)
-            rt.records[patient] = rt.records[record.patient_id] = record
-        return record
+        return await self.runtime.record(patient)
 
     async def evidence(
         self, patient: str, question: str, token_budget: int | None = None
@@ -252,11 +245,7 @@ class ChartSight:
             images = await collect_images(record, source, rt.settings.images, rt.dicomweb)
         else:
             record = await self.record(patient)
-            if record.patient_id not in rt.images:
-                rt.images[record.patient_id] = await collect_images(
-                    record, rt.source, rt.settings.images, rt.dicomweb
-                )
-            images = rt.images[record.patient_id]
+            images = await rt.ensure_images(record)
         case = cases_from_record(record, images)[0]
         flt = own_cases_out(case, flt)
         return await asyncio.to_thread(rt.index.similar, case, k, flt)
