@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +9,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from agent.api.app import create_app
 from agent.api.security import key_digest
@@ -18,8 +16,8 @@ from agent.api.settings import ApiKey
 from agent.settings import Settings
 from connectors.demo import TOMMY_FRIESEN
 from connectors.store import FhirStore
+from tests.peers.asgi import ThreadedServer
 from tests.peers.issuer import Issuer
-from tests.peers.servers import free_port
 
 EHR_KEY = "test-ehr-key"  # system/*.read
 BOUND_KEY = "test-bound-key"  # patient/*.read, Tommy only
@@ -53,28 +51,19 @@ def api_settings(home: Path, store: FhirStore, issuer: Issuer, **serve: Any) -> 
 
 
 class Running:
-    """A uvicorn server in a background thread."""
+    """ChartSight's service in a background thread, ready when /readyz says so."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(settings),
-                host="127.0.0.1",
-                port=self.port,
-                log_level="warning",
-                access_log=False,
-            )
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.http = ThreadedServer(create_app(settings), access_log=False)
+        self.port = self.http.port
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.http.url
 
     def __enter__(self) -> Running:
-        self.thread.start()
+        self.http.start(60)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -86,8 +75,7 @@ class Running:
         raise RuntimeError("the service did not become ready")
 
     def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(20)
+        self.http.stop()
 
 
 @pytest.fixture(scope="module")

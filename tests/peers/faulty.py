@@ -6,18 +6,15 @@ Runs under uvicorn on 127.0.0.1 in a background thread; the first path segment p
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from collections import Counter
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tests.peers.servers import free_port
+from tests.peers.asgi import ThreadedServer
 
 FHIR = "application/fhir+json"
 
@@ -53,28 +50,19 @@ class FaultyFhir:
     def __init__(self) -> None:
         self.hits: Counter[str] = Counter()
         self.auth_headers: list[str | None] = []
-        self.port = free_port()
         self.app = Starlette(routes=[Route("/{fault}/{path:path}", self.handle)])
-        self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.http = ThreadedServer(self.app)
+        self.port = self.http.port
 
     def url(self, fault: str) -> str:
         return f"http://127.0.0.1:{self.port}/{fault}"
 
     def __enter__(self) -> FaultyFhir:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("fault server did not start")
-            time.sleep(0.05)
+        self.http.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+        self.http.stop()
 
     async def handle(self, request: Request) -> Response:
         fault = request.path_params["fault"]

@@ -4,38 +4,32 @@ signed access tokens with SMART claims (scope, patient, fhirUser)."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from typing import Any
 
 import jwt
-import uvicorn
 from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tests.peers.servers import free_port
+from tests.peers.asgi import ThreadedServer
 
 
 class Issuer:
     def __init__(self) -> None:
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.kid = "test-key-1"
-        self.port = free_port()
         jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key()))
         jwk.update(kid=self.kid, use="sig", alg="RS256")
         self.jwks = {"keys": [jwk]}
         app = Starlette(routes=[Route("/jwks", lambda r: JSONResponse(self.jwks))])
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.http = ThreadedServer(app)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.http.url
 
     @property
     def jwks_url(self) -> str:
@@ -60,14 +54,8 @@ class Issuer:
         return jwt.encode(body, self.key, algorithm="RS256", headers={"kid": self.kid})
 
     def __enter__(self) -> Issuer:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("issuer did not start")
-            time.sleep(0.05)
+        self.http.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+        self.http.stop()

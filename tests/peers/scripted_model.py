@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tests.peers.servers import free_port
+from tests.peers.asgi import ThreadedServer
 
 
 def call(name: str, arguments: str, id: str) -> dict[str, Any]:
@@ -44,33 +41,23 @@ class ScriptedModel:
         self.tool_turns = tool_turns
         self.answers = answers
         self.requests: list[dict[str, Any]] = []
-        self.port = free_port()
         app = Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"])])
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.http = ThreadedServer(app)
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{self.http.url}/v1"
 
     @property
     def tool_requests(self) -> list[dict[str, Any]]:
         return [r for r in self.requests if r.get("tools")]
 
     def __enter__(self) -> ScriptedModel:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("scripted model server did not start")
-            time.sleep(0.05)
+        self.http.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+        self.http.stop()
 
     async def chat(self, request: Request) -> Response:
         body = await request.json()
