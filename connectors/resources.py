@@ -10,13 +10,35 @@ from fhir.resources.R4B.resource import Resource
 from pydantic import ValidationError
 
 __all__ = [
+    "NO_NAME",
     "InvalidResource",
     "Resource",
     "SearchResult",
+    "display_name",
     "is_resource_type",
     "reference_of",
     "validate",
 ]
+
+NO_NAME = "(no name)"
+
+
+def display_name(patient: Any) -> str:
+    """The patient's name for people: the ``official`` (else ``usual``, else first current) name,
+    its ``text`` when given, else given names and family; ``"(no name)"`` when the Patient has
+    none (FHIR allows a Patient with identifiers only)."""
+    names = [n for n in getattr(patient, "name", None) or [] if n is not None]
+    current = [n for n in names if getattr(n, "use", None) not in ("old", "maiden")] or names
+    chosen = next(
+        (n for use in ("official", "usual") for n in current if getattr(n, "use", None) == use),
+        current[0] if current else None,
+    )
+    if chosen is None:
+        return NO_NAME
+    text = str(chosen.text or "").strip()
+    if not text:
+        text = " ".join([*(str(g) for g in chosen.given or []), str(chosen.family or "")]).strip()
+    return " ".join(text.split()) or NO_NAME
 
 
 @dataclass(frozen=True)

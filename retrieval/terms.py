@@ -19,6 +19,8 @@ class Term:
     categories: frozenset[str] = frozenset()
     low: float | None = None
     high: float | None = None
+    unit: str | None = None  # UCUM unit of low/high; a term with a unit is an analyte
+    molar_mass: float | None = None  # g/mol: converts molar and mass concentrations of it
 
 
 def _tokens(text: str) -> list[str]:
@@ -32,17 +34,43 @@ class TermTable:
         self.terms = terms
 
     def matches(self, question: str) -> list[Term]:
-        """Terms one of whose words (as whole words) occurs in ``question``."""
-        padded = " " + " ".join(_tokens(question)) + " "
-        return [
-            t for t in self.terms if any(f" {' '.join(_tokens(w))} " in padded for w in t.words)
-        ]
+        """Terms one of whose words (as whole words) occurs in ``question``.
 
-    def usual_range(self, code: str) -> tuple[float | None, float | None] | None:
-        """The usual adult range for a ``system|code``: from the first term listing it with one."""
+        A word found only inside a longer matched word of another term does not count: "hemoglobin
+        A1c" is the A1c, not also hemoglobin; "LDL cholesterol" is LDL, not also total cholesterol.
+        """
+        tokens = _tokens(question)
+        spans: list[tuple[int, int, Term]] = []
+        for term in self.terms:
+            for word in term.words:
+                w = _tokens(word)
+                for i in range(len(tokens) - len(w) + 1):
+                    if w and tokens[i : i + len(w)] == w:
+                        spans.append((i, i + len(w), term))
+        kept: list[Term] = []
+        for start, end, term in spans:
+            inside_longer = any(
+                s <= start and end <= e and (e - s) > (end - start) and t is not term
+                for s, e, t in spans
+            )
+            if not inside_longer and term not in kept:
+                kept.append(term)
+        return kept
+
+    def analyte(self, code: str) -> Term | None:
+        """The analyte a ``system|code`` measures (the first term with a unit listing it): its
+        mass and molar codes, its unit and molar mass."""
+        for term in self.terms:
+            if code in term.codes and term.unit is not None:
+                return term
+        return None
+
+    def usual_range(self, code: str) -> tuple[float | None, float | None, str | None] | None:
+        """The usual adult range for a ``system|code`` and the UCUM unit it is in: from the first
+        term listing the code with a range."""
         for term in self.terms:
             if code in term.codes and (term.low is not None or term.high is not None):
-                return term.low, term.high
+                return term.low, term.high, term.unit
         return None
 
 
@@ -67,6 +95,8 @@ def default_terms() -> TermTable:
                 categories=frozenset(row.get("categories", [])),
                 low=_num(low),
                 high=_num(high),
+                unit=row.get("unit"),
+                molar_mass=_num(row.get("molar_mass")),
             )
         )
     return TermTable(terms)

@@ -28,8 +28,12 @@ def test_term_table_maps_words_to_codes():
     matched = terms.matches("What was her last HbA1c?")
     assert any("http://loinc.org|4548-4" in t.codes for t in matched)
     assert not terms.matches("nothing clinical here")
-    assert terms.usual_range("http://loinc.org|4548-4") == (4.0, 5.6)
-    assert terms.usual_range("http://loinc.org|33914-3") == (60.0, None)  # eGFR, not creatinine's
+    assert terms.usual_range("http://loinc.org|4548-4") == (4.0, 5.6, "%")
+    assert terms.usual_range("http://loinc.org|33914-3") == (
+        60.0,
+        None,
+        None,
+    )  # eGFR, not creatinine's
 
 
 @pytest.mark.parametrize("dense", [True, False], ids=["hybrid", "lexical-only"])
