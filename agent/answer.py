@@ -21,8 +21,9 @@ class FactUsed:
     statement: str
     value: Any
     unit: str | None
-    date: str | None
+    date: str | None  # at the record's own precision: "2026", "2026-03" or an ISO date-time
     evidence: tuple[str, ...]
+    comparator: str | None = None  # "<", "<=", ">=", ">": the value is a bound, not exact
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,25 @@ from pydantic import BaseModel, ConfigDict, Field
 from connectors.errors import ChartSightError
 from connectors.record import PatientRecord
 from connectors.resources import reference_of
-from retrieval.cases import age_of
-from retrieval.evidence import Compactors, Evidence, clinical_date, codes_of, default_compactors
+from retrieval.clinical import (
+    Measurement,
+    Point,
+    convert,
+    display_name,
+    fhir_date,
+    number_text,
+    observation_points,
+    patient_age,
+    read_status,
+    same_unit,
+)
+from retrieval.evidence import Compactors, Evidence, default_compactors
 from retrieval.terms import TermTable, default_terms
 
 log = logging.getLogger(__name__)
+
+
+NOW_MIN = datetime.min.replace(tzinfo=UTC)  # sorts undated items first
 
 
 class ToolError(ChartSightError):
@@ -47,13 +61,24 @@ class Fact:
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """The fact as plain JSON values (as the graph's state keeps it)."""
+        """The fact as plain JSON values (as the graph's state keeps it). A partial date is
+        written at its own precision ("2026-03"); a censored value keeps its ``comparator``."""
+        precision = self.details.get("date_precision")
+        if self.date is None:
+            when = None
+        elif precision == "year":
+            when = f"{self.date.year:04d}"
+        elif precision == "month":
+            when = f"{self.date.year:04d}-{self.date.month:02d}"
+        else:
+            when = self.date.isoformat()
         return {
             "tool": self.tool,
             "statement": self.statement,
             "value": self.value,
             "unit": self.unit,
-            "date": self.date.isoformat() if self.date else None,
+            "comparator": self.details.get("comparator"),
+            "date": when,
             "evidence": list(self.evidence),
             "echo": list(self.details.get("echo", [])),
         }
@@ -84,8 +109,18 @@ def _cite(refs: Iterable[str]) -> str:
     return "".join(f" [{r}]" for r in refs)
 
 
-def _day(value: datetime | None) -> str:
-    return value.date().isoformat() if value else "an unknown date"
+def _day(value: datetime | None, precision: str = "day") -> str:
+    if value is None:
+        return "an unknown date"
+    if precision == "year":
+        return f"{value.year:04d}"
+    if precision == "month":
+        return f"{value.year:04d}-{value.month:02d}"
+    return value.date().isoformat()
+
+
+def _point_day(point: Point) -> str:
+    return point.when.text if point.when is not None else "an unknown date"
 
 
 # --- arguments -----------------------------------------------------------------------------
@@ -206,46 +241,94 @@ def matching_codes(query: str, terms: TermTable) -> set[str]:
     return codes
 
 
-def _subject(query: str, found: list[Any]) -> str:
+def _subject(query: str, found: list[Point]) -> str:
     """How a statement names what was asked for. The query can come from a model, and a statement
     is evidence for the sentences that cite it, so its numbers must come from the record: a code
     that the found results carry is kept, any other number is dropped."""
-    codes = {c for obs in found for c in codes_of(obs.code)}
+    codes = {c for p in found for c in p.codes}
     if query in codes or any(c.endswith(f"|{query}") for c in codes):
         return query
     bare_numbers = r"(?<![A-Za-z])\d+(?:[.,:/-]\d+)*(?![A-Za-z])"  # not the 1 of "A1c"
     return " ".join(re.sub(bare_numbers, " ", query).split())[:80] or "matching"
 
 
-def find_observations(ctx: ToolContext, query: str) -> list[Any]:
-    """Observations for a query (by code, else by name), oldest first; undated ones left out."""
+@dataclass
+class Found:
+    """The results a query matched: dated points (oldest first; entered-in-error ones left out,
+    counted in ``voided``)."""
+
+    points: list[Point]
+    voided: list[str]
+
+    def observations(self) -> list[str]:
+        """References of the matched Observations, oldest first, each once."""
+        return list(dict.fromkeys(p.reference for p in self.points))
+
+
+def find_points(ctx: ToolContext, query: str) -> Found:
+    """The results a query stands for (by code, else by name): Observations' own values and their
+    components, dated, oldest first. Molar and mass codes of one analyte match alike (the term
+    table lists both); entered-in-error Observations are left out and counted."""
     codes = matching_codes(query, ctx.terms)
-    found = []
     words = [w for w in re.findall(r"[a-z0-9]+", query.lower()) if len(w) > 1]
-    for obs in ctx.record.observations:
-        obs_codes = set(codes_of(obs.code))
+    points: list[Point] = []
+    voided: list[str] = []
+
+    def hit(point: Point) -> bool:
         if codes:
-            hit = bool(codes & obs_codes)
-        else:
-            name = " ".join(
-                [str(obs.code.text or "")] + [str(c.display or "") for c in obs.code.coding or []]
-            ).lower()
-            hit = bool(words) and all(w in name for w in words)
-        if hit and clinical_date(obs) is not None:
-            found.append(obs)
-    return sorted(found, key=lambda o: clinical_date(o))  # type: ignore[arg-type, return-value]
+            return bool(codes & set(point.codes))
+        name = " ".join(
+            [point.name] + [str(c.display or "") for c in _coding_of(point) or []]
+        ).lower()
+        return bool(words) and all(w in name for w in words)
+
+    for obs in ctx.record.observations:
+        ref = reference_of(obs)
+        if read_status(obs).voided:
+            if any(hit(p) for p in observation_points(_unvoided(obs), ref)):
+                voided.append(ref)
+            continue
+        for point in observation_points(obs, ref):
+            if point.when is not None and hit(point):
+                points.append(point)
+    points.sort(key=lambda p: p.when.sort_key if p.when is not None else (NOW_MIN, NOW_MIN))
+    return Found(points, voided)
 
 
-def _numeric(obs: Any) -> tuple[float | None, str | None]:
-    q = obs.valueQuantity
-    if q is not None and q.value is not None:
-        return float(q.value), q.unit or q.code
-    return None, None
+def _coding_of(point: Point) -> list[Any]:
+    element = (
+        point.observation.component[point.component]
+        if point.component is not None
+        else point.observation
+    )
+    return list(getattr(element.code, "coding", None) or [])
 
 
-def _obs_text(obs: Any, ctx: ToolContext) -> str:
-    item = ctx.evidence.get(reference_of(obs))
-    return item.text.rsplit(" [", 1)[0] if item else str(obs.code.text or "")
+def _unvoided(obs: Any) -> Any:
+    """A copy of an entered-in-error Observation read as final: only to see what it measured."""
+    return obs.model_copy(update={"status": "final"})
+
+
+def find_observations(ctx: ToolContext, query: str) -> list[Any]:
+    """Observations for a query (by code, else by name), oldest first; undated and
+    entered-in-error ones left out."""
+    found = find_points(ctx, query)
+    by_ref = {reference_of(o): o for o in ctx.record.observations}
+    return [by_ref[r] for r in found.observations()]
+
+
+def _obs_text(ref: str, ctx: ToolContext) -> str:
+    item = ctx.evidence.get(ref)
+    return item.text.rsplit(" [", 1)[0] if item else ref
+
+
+def _voided_note(found: Found) -> str:
+    n = len(found.voided)
+    return (
+        f" {n} result{'s' if n > 1 else ''} entered in error {'were' if n > 1 else 'was'} left out."
+        if n
+        else ""
+    )
 
 
 # --- the built-in tools ----------------------------------------------------------------------
@@ -259,25 +342,23 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
     def demographics(ctx: ToolContext) -> list[Fact]:
         p = ctx.record.patient
         ref = f"Patient/{p.id}"
-        name = (
-            ctx.evidence[ref].text.split(":", 1)[1].split(",")[0].strip()
-            if ref in ctx.evidence
-            else ""
-        )
-        years = age_of(ctx.record, ctx.now.date())
-        born = p.birthDate.isoformat() if isinstance(p.birthDate, date) else None
-        died = (
-            p.deceasedDateTime.date().isoformat()
-            if isinstance(p.deceasedDateTime, datetime)
-            else None
-        )
-        parts = [name or "The patient", f"{p.gender or 'unknown sex'}"]
+        name = display_name(p)
+        age = patient_age(p, ctx.now.date())
+        born = fhir_date(p.birthDate)
+        died = fhir_date(p.deceasedDateTime)
+        parts = [name, f"{p.gender or 'unknown sex'}"]
         if born:
-            parts.append(f"born {born}")
-        if years is not None:
-            parts.append(f"age {years}" + (" at death" if died else ""))
+            parts.append(f"born {born.text}")
+        if age is not None:
+            parts.append(
+                f"age {age.text}"
+                + (" (approximate: partial birth date)" if age.approximate else "")
+                + (" at death" if age.at_death else "")
+            )
         if died:
-            parts.append(f"died {died}")
+            parts.append(f"died {died.text}")
+        elif p.deceasedBoolean:
+            parts.append("deceased")
         return [
             Fact(
                 "demographics",
@@ -285,9 +366,10 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
                 value={
                     "name": name,
                     "sex": p.gender,
-                    "birth_date": born,
-                    "age": years,
-                    "deceased": died,
+                    "birth_date": born.text if born else None,
+                    "age": age.years if age else None,
+                    "age_approximate": bool(age and age.approximate),
+                    "deceased": died.text if died else (True if p.deceasedBoolean else None),
                 },
                 evidence=(ref,),
             )
@@ -296,19 +378,30 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
     @reg.add("age", "The patient's age in whole years on a date (default: now).", AgeArgs)
     def age(ctx: ToolContext, on: date | None = None) -> list[Fact]:
         when = on or ctx.now.date()
-        years = age_of(ctx.record, when)
+        reading = patient_age(ctx.record.patient, when)
         ref = f"Patient/{ctx.record.patient_id}"
-        if years is None:
+        if reading is None:
             return [Fact("age", f"The record gives no birth date.{_cite([ref])}", evidence=(ref,))]
+        if reading.at_death:
+            died = fhir_date(ctx.record.patient.deceasedDateTime)
+            text = f"The patient died on {died.text if died else 'an unknown date'}, aged {reading.text} years"
+        else:
+            text = f"Age on {when.isoformat()}: {reading.text} years"
+        if reading.approximate:
+            text += " (approximate: the record gives only a partial birth date)"
         return [
             Fact(
                 "age",
-                f"Age on {when.isoformat()}: {years} years.{_cite([ref])}",
-                value=years,
+                f"{text}.{_cite([ref])}",
+                value=reading.years,
                 unit="years",
                 evidence=(ref,),
                 # a date the caller chose is not evidence of anything (see grounding.evidence_map)
-                details={"echo": [when.isoformat()]} if on else {},
+                details={
+                    **({"echo": [when.isoformat()]} if on else {}),
+                    "approximate": reading.approximate,
+                    "at_death": reading.at_death,
+                },
             )
         ]
 
@@ -319,51 +412,101 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
         LatestArgs,
     )
     def latest_observation(ctx: ToolContext, query: str, nth: int = 1) -> list[Fact]:
-        found = find_observations(ctx, query)
-        if found and nth > len(found):
+        found = find_points(ctx, query)
+        # a result is one Observation; it counts as a value when it (or a matched component) has one
+        with_value: list[str] = []
+        for point in found.points:
+            if point.has_value and point.reference not in with_value:
+                with_value.append(point.reference)
+            elif point.has_value:
+                with_value.remove(point.reference)
+                with_value.append(point.reference)
+        if not with_value:
+            if found.points:
+                last = found.points[-1]
+                return [
+                    Fact(
+                        "latest_observation",
+                        f"The record has no {_subject(query, found.points)} value: the latest "
+                        f"attempt, {_obs_text(last.reference, ctx)}.{_cite([last.reference])}"
+                        + _voided_note(found),
+                        date=last.when.start if last.when else None,
+                        evidence=(last.reference,),
+                        details={"query": query, "results_in_record": 0, "voided": found.voided},
+                    )
+                ]
+            return [
+                Fact(
+                    "latest_observation",
+                    f"No {query} result in the record." + _voided_note(found),
+                    details={"query": query, "voided": found.voided},
+                )
+            ]
+        if nth > len(with_value):
             # no result that far back: say which one is the oldest, citing it
-            oldest = found[0]
-            ref = reference_of(oldest)
+            ref = with_value[0]
+            first = next(p for p in found.points if p.reference == ref)
             return [
                 Fact(
                     "latest_observation",
-                    f"There is no earlier {_subject(query, found)} result; the oldest in the "
-                    f"record is "
-                    f"{_obs_text(oldest, ctx)}.{_cite([ref])}",
-                    date=clinical_date(oldest),
+                    f"There is no earlier {_subject(query, found.points)} result; the oldest in "
+                    f"the record is {_obs_text(ref, ctx)}.{_cite([ref])}",
+                    date=first.when.start if first.when else None,
                     evidence=(ref,),
-                    details={"query": query, "results_in_record": len(found)},
+                    details={"query": query, "results_in_record": len(with_value)},
                 )
             ]
-        if not found:
-            return [
-                Fact(
-                    "latest_observation",
-                    f"No {query} result in the record.",
-                    details={"query": query},
-                )
-            ]
-        obs = found[-nth]
-        ref = reference_of(obs)
-        value, unit = _numeric(obs)
+        ref = with_value[-nth]
+        mine = [p for p in found.points if p.reference == ref and p.has_value]
+        numeric = [p for p in mine if p.measurement is not None]
+        chosen: Point = numeric[0] if len(numeric) == 1 else mine[0]
+        m = chosen.measurement if len(numeric) == 1 else None
         item = ctx.evidence.get(ref)
-        when = clinical_date(obs)
         label = (
             "Latest" if nth == 1 else "Previous" if nth == 2 else f"Result {nth} from the latest:"
         )
+        statement = f"{label} {_subject(query, found.points)}: {_obs_text(ref, ctx)}.{_cite([ref])}"
+        evidence = [ref]
+        # newer attempts without a value (cancelled, not done, no result) are said, not used
+        newest_when = chosen.when.sort_key if chosen.when else None
+        later = [
+            p
+            for p in found.points
+            if nth == 1
+            and not p.has_value
+            and p.component is None
+            and p.reference not in with_value
+            and p.when is not None
+            and newest_when is not None
+            and p.when.sort_key > newest_when
+        ]
+        if later:
+            last = later[-1]
+            why = f" ({last.absent})" if last.absent else ""
+            statement += f" A later attempt on {_point_day(last)} has no result{why}.{_cite([last.reference])}"
+            evidence.append(last.reference)
+        statement += _voided_note(found)
+        details: dict[str, Any] = {
+            "query": query,
+            "abnormal": bool(item and item.abnormal),
+            "results_in_record": len(with_value),
+            "voided": found.voided,
+        }
+        if chosen.when is not None:
+            details["date_precision"] = chosen.when.precision
+        if m is not None and m.comparator:
+            details["comparator"] = m.comparator
         return [
             Fact(
                 "latest_observation",
-                f"{label} {_subject(query, found)}: {_obs_text(obs, ctx)}.{_cite([ref])}",
-                value=value if value is not None else _obs_text(obs, ctx),
-                unit=unit,
-                date=when,
-                evidence=(ref,),
-                details={
-                    "query": query,
-                    "abnormal": bool(item and item.abnormal),
-                    "results_in_record": len(found),
-                },
+                statement,
+                value=m.value
+                if m is not None and m.exact
+                else (m.text if m is not None else _obs_text(ref, ctx)),
+                unit=m.unit if m is not None else None,
+                date=chosen.when.start if chosen.when else None,
+                evidence=tuple(evidence),
+                details=details,
             )
         ]
 
@@ -385,66 +528,40 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
             start = start.replace(tzinfo=UTC)
         if end.tzinfo is None:
             end = end.replace(tzinfo=UTC)
-        rows = []
-        found = find_observations(ctx, query)
-        for obs in found:
-            value, unit = _numeric(obs)
-            when = clinical_date(obs)
-            if value is None or when is None or when > end or (start and when < start):
-                continue
-            rows.append((when, value, unit, reference_of(obs)))
         window = (
             f"from {start.date().isoformat()} to {end.date().isoformat()}"
             if start
             else f"up to {end.date().isoformat()}"
         )
-        if not rows:
+        found = find_points(ctx, query)
+        # one series per measured concept: a panel's systolic and diastolic are two series
+        series: dict[str, list[Point]] = {}
+        for point in found.points:
+            when = point.when
+            if point.measurement is None or when is None:
+                continue
+            # a result counts when its date interval lies in the window (a "2026-03" result is in
+            # a window from 2026-03-15 only in part, and then left out)
+            if when.start > end or (start is not None and when.start < start):
+                continue
+            series.setdefault(_series_key(point, ctx), []).append(point)
+        if not series:
             ref = f"Patient/{ctx.record.patient_id}"
             return [
                 Fact(
                     "observation_stats",
-                    f"No numeric {_subject(query, [])} result {window}.{_cite([ref])}",
+                    f"No numeric {_subject(query, [])} result {window}.{_cite([ref])}"
+                    + _voided_note(found),
                     value=None,
                     evidence=(ref,),
-                    details={"query": query, "count": 0, "echo": [window]},
+                    details={"query": query, "count": 0, "echo": [window], "voided": found.voided},
                 )
             ]
-        values = [v for _, v, _, _ in rows]
-        units = {u for _, _, u, _ in rows if u}
-        unit = units.pop() if len(units) == 1 else None
-        first, last = rows[0], rows[-1]
-        change = last[1] - first[1]
-        trend = "rising" if change > 0 else "falling" if change < 0 else "unchanged"
-        mean = statistics.fmean(values)
-        refs = tuple(r for _, _, _, r in rows)
-        u = f" {unit}" if unit else ""
-        statement = (
-            f"{_subject(query, found)} {window}: {len(values)} results, mean {mean:.4g}{u}, min {min(values):.4g}{u}, "
-            f"max {max(values):.4g}{u}; {trend} from {first[1]:.4g} ({_day(first[0])}) to "
-            f"{last[1]:.4g} ({_day(last[0])}).{_cite(refs)}"
-        )
-        return [
-            Fact(
-                "observation_stats",
-                statement,
-                value=mean,
-                unit=unit,
-                date=last[0],
-                evidence=refs,
-                details={
-                    "echo": [window],  # the window is the caller's, not the record's
-                    "query": query,
-                    "count": len(values),
-                    "mean": mean,
-                    "min": min(values),
-                    "max": max(values),
-                    "first": first[1],
-                    "last": last[1],
-                    "trend": trend,
-                    "mixed_units": len({u for _, _, u, _ in rows}) > 1,
-                },
-            )
+        facts = [
+            _series_fact(ctx, query, found, points, window, multiple=len(series) > 1)
+            for points in series.values()
         ]
+        return facts
 
     def _listing(ctx: ToolContext, name: str, items: list[Evidence], empty: str) -> list[Fact]:
         if not items:
@@ -554,6 +671,119 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
     if plugins:
         reg.load_entry_points()
     return reg
+
+
+def _series_key(point: Point, ctx: ToolContext) -> str:
+    """What a point measures: its analyte (mass and molar codes alike), else its first code."""
+    for code in point.codes:
+        analyte = ctx.terms.analyte(code)
+        if analyte is not None:
+            return "analyte:" + analyte.words[0]
+    return point.codes[0] if point.codes else point.name.lower()
+
+
+def _series_fact(
+    ctx: ToolContext, query: str, found: Found, points: list[Point], window: str, multiple: bool
+) -> Fact:
+    """Statistics of one series: exact values in one unit. Values given as bounds ("<5") and
+    values in a unit that cannot be converted to the series' unit are left out and said so."""
+    analyte = next((a for a in (ctx.terms.analyte(c) for p in points for c in p.codes) if a), None)
+    units = [p.measurement.unit for p in points if p.measurement is not None]
+    distinct = {u for u in units if u}
+    if len(distinct) <= 1:
+        target = next(iter(distinct), None)
+    elif analyte is not None and analyte.unit is not None:
+        target = analyte.unit
+    else:  # no analyte to convert through: the most common unit, the others left out
+        target = max(distinct, key=units.count)
+    rows: list[tuple[Point, float]] = []
+    bounds: list[Point] = []
+    other_unit: list[Point] = []
+    for p in points:
+        m: Measurement | None = p.measurement
+        assert m is not None
+        if not m.exact:
+            bounds.append(p)
+            continue
+        if target is not None and not same_unit(m.unit, target):
+            converted = convert(m, target, analyte.molar_mass if analyte else None)
+            if converted is None:
+                other_unit.append(p)
+                continue
+            m = converted
+        rows.append((p, m.value))
+    name = points[0].name if multiple else _subject(query, found.points)
+    refs = tuple(dict.fromkeys(p.reference for p, _ in rows))
+    notes = ""
+    if bounds:
+        shown = ", ".join(
+            f"{b.measurement.text} on {_point_day(b)}" for b in bounds[:3] if b.measurement
+        )
+        notes += (
+            f" {len(bounds)} result{'s' if len(bounds) > 1 else ''} reported as a bound "
+            f"({shown}) {'are' if len(bounds) > 1 else 'is'} not counted in the mean, minimum "
+            f"or maximum.{_cite(dict.fromkeys(b.reference for b in bounds))}"
+        )
+    if other_unit:
+        kinds = ", ".join(sorted({str(p.measurement.unit) for p in other_unit if p.measurement}))
+        notes += (
+            f" {len(other_unit)} result{'s' if len(other_unit) > 1 else ''} in {kinds} could not be "
+            f"converted to {target} and {'were' if len(other_unit) > 1 else 'was'} left out."
+            f"{_cite(dict.fromkeys(p.reference for p in other_unit))}"
+        )
+    converted_note = (
+        f" Results in other units were converted to {target}."
+        if target
+        and any(
+            p.measurement is not None and not same_unit(p.measurement.unit, target) for p, _ in rows
+        )
+        else ""
+    )
+    if not rows:
+        ref = f"Patient/{ctx.record.patient_id}"
+        return Fact(
+            "observation_stats",
+            f"No exact numeric {name} result {window}.{_cite([ref])}{notes}" + _voided_note(found),
+            evidence=(ref, *dict.fromkeys(p.reference for p in bounds + other_unit)),
+            details={"query": query, "count": 0, "echo": [window], "voided": found.voided},
+        )
+    values = [v for _, v in rows]
+    first, last = rows[0], rows[-1]
+    change = last[1] - first[1]
+    trend = "rising" if change > 0 else "falling" if change < 0 else "unchanged"
+    mean = statistics.fmean(values)
+    u = f" {target}" if target else ""
+    n = number_text
+    statement = (
+        f"{name} {window}: {len(values)} results, mean {n(mean)}{u}, min {n(min(values))}{u}, "
+        f"max {n(max(values))}{u}; {trend} from {n(first[1])} ({_point_day(first[0])}) to "
+        f"{n(last[1])} ({_point_day(last[0])}).{_cite(refs)}{converted_note}{notes}"
+        + _voided_note(found)
+    )
+    return Fact(
+        "observation_stats",
+        statement,
+        value=mean,
+        unit=target,
+        date=last[0].when.start if last[0].when else None,
+        evidence=refs + tuple(p.reference for p in bounds + other_unit if p.reference not in refs),
+        details={
+            "echo": [window],  # the window is the caller's, not the record's
+            "query": query,
+            "series": name,
+            "count": len(values),
+            "mean": mean,
+            "min": min(values),
+            "max": max(values),
+            "first": first[1],
+            "last": last[1],
+            "trend": trend,
+            "mixed_units": len(distinct) > 1,
+            "bounds_left_out": len(bounds),
+            "other_units_left_out": len(other_unit),
+            "voided": found.voided,
+        },
+    )
 
 
 def langchain_tools(registry: ToolRegistry, ctx: ToolContext, artifacts: bool = False) -> list[Any]:

@@ -6,11 +6,14 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from typing import Any
 
 from PIL import Image
 
 from connectors.images import ImageSet, PatientImage
 from connectors.record import PatientRecord
+from connectors.resources import reference_of
+from retrieval.clinical import is_voided, observation_points, patient_age
 from retrieval.evidence import Compactors, Evidence, clean_text, default_compactors
 
 # Longest summary text; the text encoders read ~256 tokens at most anyway.
@@ -64,22 +67,18 @@ def age_band(years: int | None, width: int = 10) -> str | None:
 
 
 def age_of(record: PatientRecord, on: date | None = None) -> int | None:
-    """Age in whole years on a date (today by default), or at death."""
-    born = record.patient.birthDate
-    if not isinstance(born, date):
-        return None
-    end = on or datetime.now(UTC).date()
-    deceased = record.patient.deceasedDateTime
-    if isinstance(deceased, datetime):
-        end = min(end, deceased.date())
-    return end.year - born.year - ((end.month, end.day) < (born.month, born.day))
+    """Age in whole years on a date (today by default), or at death; from a partial birth date the
+    middle of its range (see ``retrieval.clinical.patient_age``, which also says so)."""
+    reading = patient_age(record.patient, on)
+    return reading.years if reading is not None else None
 
 
 _CODE = re.compile(r" \((?:LOINC|SNOMED|RxNorm|CVX|ICD-10(?:-CM)?|DCM) [^)]*\)")
 
 
-def _label(item: Evidence) -> str:
-    """The evidence line without its date, reference and code brackets: for summaries."""
+def line_label(item: Evidence) -> str:
+    """The evidence line without its date, reference, kind prefix and code brackets: for
+    summaries and tables ("Chronic congestive heart failure (disorder), active")."""
     text = _CODE.sub("", item.text.rsplit(" [", 1)[0])
     if item.date is not None:
         text = text.removeprefix(item.day + " ")
@@ -88,46 +87,93 @@ def _label(item: Evidence) -> str:
     return text
 
 
+@dataclass
+class ChartSections:
+    """The parts of a chart a summary shows, each a list of evidence lines (entered-in-error
+    resources are never among them): active problems, latest result per test (only results with a
+    value), active medications, allergies (a refuted one says so), encounters and imaging, newest
+    first, and how many entered-in-error resources were left out."""
+
+    problems: list[Evidence]
+    latest_results: list[Evidence]
+    medications: list[Evidence]
+    allergies: list[Evidence]
+    encounters: list[Evidence]
+    imaging: list[Evidence]
+    reports: list[Evidence]
+    voided: int = 0
+
+
+def _newest_first(items: list[Evidence]) -> list[Evidence]:
+    return sorted(items, key=lambda e: e.date or datetime.min.replace(tzinfo=UTC), reverse=True)
+
+
+def chart_sections(record: PatientRecord, evidence: list[Evidence]) -> ChartSections:
+    """The chart's summary sections from its evidence lines (see ``ChartSections``)."""
+    by_category: dict[str, list[Evidence]] = {}
+    for item in evidence:
+        by_category.setdefault(item.category, []).append(item)
+    latest: dict[tuple[str, ...], Evidence] = {}
+    valued = {reference_of(o) for o in record.observations if _has_value(o)}
+    for item in sorted(
+        by_category.get("observation", []),
+        key=lambda e: e.date or datetime.min.replace(tzinfo=UTC),
+    ):
+        if item.id in valued:  # cancelled or without a value: not a result
+            latest[item.codes[:1] or (item.text,)] = item  # latest result per code
+    return ChartSections(
+        problems=_newest_first([e for e in by_category.get("condition", []) if e.active]),
+        latest_results=_newest_first(list(latest.values())),
+        medications=_newest_first([e for e in by_category.get("medication", []) if e.active]),
+        allergies=_newest_first(by_category.get("allergy", [])),
+        encounters=_newest_first(by_category.get("encounter", [])),
+        imaging=_newest_first(by_category.get("imaging", []) + by_category.get("image", [])),
+        reports=_newest_first(
+            [e for e in by_category.get("report", []) if "conclusion:" in e.text]
+        ),
+        voided=sum(1 for r in record.resources() if is_voided(r)),
+    )
+
+
+def _has_value(obs: Any) -> bool:
+    return any(p.has_value for p in observation_points(obs, reference_of(obs)))
+
+
 def summarise(record: PatientRecord, evidence: list[Evidence], on: date | None = None) -> str:
     """A case summary: demographics band, active problems, key abnormal results, report
     impressions, active medications and allergies, imaging."""
     sex = record.patient.gender or "unknown sex"
     band = age_band(age_of(record, on))
     parts = [f"{sex.capitalize()}, age {band}." if band else f"{sex.capitalize()}."]
-    by_category: dict[str, list[Evidence]] = {}
-    for item in sorted(evidence, key=lambda e: e.date or datetime.min.replace(tzinfo=UTC)):
-        by_category.setdefault(item.category, []).append(item)
+    sections = chart_sections(record, evidence)
 
     def names(items: list[Evidence]) -> list[str]:
-        return list(dict.fromkeys(_label(e).split(", ")[0] for e in items))
+        return list(dict.fromkeys(line_label(e).split(", ")[0] for e in reversed(items)))
 
-    problems = [e for e in by_category.get("condition", []) if e.active]
-    if problems:
-        parts.append("Active problems: " + "; ".join(names(problems)) + ".")
-    latest: dict[tuple[str, ...], Evidence] = {}
-    for item in by_category.get("observation", []):
-        latest[item.codes[:1] or (item.text,)] = item  # latest result per code
-    abnormal = [e for e in latest.values() if e.abnormal]
+    if sections.problems:
+        parts.append("Active problems: " + "; ".join(names(sections.problems)) + ".")
+    abnormal = [e for e in reversed(sections.latest_results) if e.abnormal]
     if abnormal:
         parts.append(
-            "Abnormal results: " + "; ".join(f"{_label(e)} ({e.day})" for e in abnormal[-8:]) + "."
-        )
-    reports = [e for e in by_category.get("report", []) if "conclusion:" in e.text]
-    if reports:
-        parts.append(
-            "Report impressions: "
-            + "; ".join(_label(e).split("conclusion: ", 1)[1] for e in reports[-3:])
+            "Abnormal results: "
+            + "; ".join(f"{line_label(e)} ({e.day})" for e in abnormal[-8:])
             + "."
         )
-    meds = [e for e in by_category.get("medication", []) if e.active]
-    if meds:
-        parts.append("Active medications: " + "; ".join(names(meds)[:10]) + ".")
-    allergies = [e for e in by_category.get("allergy", []) if e.active]
+    if sections.reports:
+        parts.append(
+            "Report impressions: "
+            + "; ".join(
+                line_label(e).split("conclusion: ", 1)[1] for e in reversed(sections.reports[:3])
+            )
+            + "."
+        )
+    if sections.medications:
+        parts.append("Active medications: " + "; ".join(names(sections.medications)[:10]) + ".")
+    allergies = [e for e in sections.allergies if e.active]
     if allergies:
         parts.append("Allergies: " + "; ".join(names(allergies)) + ".")
-    imaging = by_category.get("imaging", []) + by_category.get("image", [])
-    if imaging:
-        parts.append("Imaging: " + "; ".join(names(imaging)[-3:]) + ".")
+    if sections.imaging:
+        parts.append("Imaging: " + "; ".join(names(sections.imaging)[-3:]) + ".")
     return clean_text(" ".join(parts), MAX_SUMMARY_CHARS)
 
 

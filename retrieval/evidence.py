@@ -14,13 +14,27 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from decimal import Decimal
 from importlib.metadata import entry_points
 from typing import Any
 
 from connectors.record import PatientRecord
 from connectors.resources import Resource, reference_of
+from retrieval.clinical import (
+    FhirDate,
+    Measurement,
+    code_of,
+    codes_of,
+    convert,
+    display_name,
+    fhir_date,
+    measurement_of,
+    number_text,
+    read_status,
+    same_unit,
+    when_of,
+)
 from retrieval.terms import TermTable, default_terms
 
 log = logging.getLogger(__name__)
@@ -62,10 +76,20 @@ class Evidence:
     abnormal: bool = False  # outside its reference (or usual) range, or flagged by the lab
     active: bool = False  # an active problem, medication or allergy
     withheld: str | None = None  # why the resource's own text was kept from the model
+    # "year", "month", "day" or "time": how precise ``date`` is (a partial FHIR date is the start
+    # of its interval there, and printed at its own precision by ``day``)
+    precision: str = "day"
 
     @property
     def day(self) -> str:
-        return self.date.date().isoformat() if self.date else ""
+        """The date as the chart gives it: "2019", "2026-03" or "2026-03-04"; "" when undated."""
+        if self.date is None:
+            return ""
+        if self.precision == "year":
+            return f"{self.date.year:04d}"
+        if self.precision == "month":
+            return f"{self.date.year:04d}-{self.date.month:02d}"
+        return self.date.date().isoformat()
 
 
 @dataclass
@@ -76,10 +100,21 @@ class CompactContext:
     terms: TermTable = field(default_factory=default_terms)
     _index: dict[str, Resource] | None = None
 
-    def resolve(self, reference: str) -> Resource | None:
+    def resolve(self, reference: str, referrer: Any = None) -> Resource | None:
+        """The resource a reference points at: ``#id`` in the referrer's ``contained``, else a
+        ``Type/id`` (or a URL ending in one) that the record holds; None when neither has it."""
+        if reference.startswith("#") and referrer is not None:
+            for contained in getattr(referrer, "contained", None) or []:
+                if str(getattr(contained, "id", "")) == reference[1:]:
+                    return contained
+            return None
         if self._index is None:
             self._index = {reference_of(r): r for r in self.record.resources()}
-        return self._index.get(reference)
+            for held in getattr(self.record, "referenced", {}).values():
+                self._index[reference_of(held)] = held
+        parts = reference.rstrip("/").split("/")
+        key = "/".join(parts[-2:]) if len(parts) >= 2 else reference
+        return self._index.get(key)
 
 
 DatatypeCompactor = Callable[[Any, "Compactors"], str]
@@ -140,7 +175,7 @@ class Compactors:
         out: list[Evidence] = []
         for res in record.resources():
             fn = self.resources.get(res.get_resource_type())
-            if fn is None:
+            if fn is None or read_status(res).voided:  # entered in error: never a fact
                 continue
             try:
                 made = fn(res, self, ctx)
@@ -187,8 +222,10 @@ def withhold_instructions(item: Evidence) -> Evidence:
     kind = item.id.split("/", 1)[0]
     reason = f"its text contains instructions addressed to an AI model ({clean_text(phrase, 60)!r})"
     # the line the model sees names no words of the text; the reason (for people) quotes them
-    line = _line(item.date, f"{kind} withheld: its text addresses an AI model", item.id)
-    return Evidence(item.id, line, item.date, item.category, (), withheld=reason)
+    line = f"{item.day + ' ' if item.day else ''}{kind} withheld: its text addresses an AI model [{item.id}]"
+    return Evidence(
+        item.id, line, item.date, item.category, (), withheld=reason, precision=item.precision
+    )
 
 
 # --- plain helpers ------------------------------------------------------------------------------
@@ -204,75 +241,27 @@ def clean_text(text: str, limit: int = MAX_NOTE_CHARS) -> str:
 
 
 def _number(value: Any) -> str:
-    f = float(value)
-    return f"{f:.4g}" if abs(f) < 1e6 else f"{f:.6g}"
+    return number_text(float(value))
 
 
 def _iso_day(value: date | datetime) -> str:
     return value.date().isoformat() if isinstance(value, datetime) else value.isoformat()
 
 
-def _as_datetime(value: Any) -> datetime | None:
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    if isinstance(value, date):
-        return datetime(value.year, value.month, value.day, tzinfo=UTC)
-    if isinstance(value, str) and value:
-        # partial FHIR dates: "2019" and "2019-03" mean the start of that year or month
-        padded = value + "-01-01"[len(value) - 4 :] if len(value) in (4, 7) else value
-        try:
-            parsed = datetime.fromisoformat(padded)
-        except ValueError:
-            return None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-    return None
-
-
 def clinical_date(resource: Any) -> datetime | None:
-    """The clinically relevant date of a resource (when it happened, else when it was recorded)."""
-    for attr in (
-        "effectiveDateTime",
-        "effectiveInstant",
-        "onsetDateTime",
-        "performedDateTime",
-        "occurrenceDateTime",
-        "authoredOn",
-        "started",
-        "recordedDate",
-        "dateAsserted",
-        "createdDateTime",
-        "date",
-        "issued",
-        "created",
-    ):
-        value = _as_datetime(getattr(resource, attr, None))
-        if value is not None:
-            return value
-    for attr in ("effectivePeriod", "performedPeriod", "onsetPeriod", "period"):
-        period = getattr(resource, attr, None)
-        if period is not None:
-            value = _as_datetime(period.start or period.end)
-            if value is not None:
-                return value
-    return None
+    """When a resource happened (else when it was recorded), timezone-aware; a partial date is the
+    start of its interval (see ``retrieval.clinical.when_of`` for the precision)."""
+    found = when_of(resource)
+    return found.start if found is not None else None
 
 
-def codes_of(*concepts: Any) -> tuple[str, ...]:
-    """``system|code`` of every coding in the given CodeableConcepts (or lists of them)."""
-    out: list[str] = []
-    for concept in concepts:
-        for c in concept if isinstance(concept, list) else [concept]:
-            for coding in getattr(c, "coding", None) or []:
-                if coding.code:
-                    out.append(f"{coding.system or ''}|{coding.code}")
-    return tuple(dict.fromkeys(out))
+def _date_text(value: Any) -> str:
+    found = fhir_date(value)
+    return found.text if found is not None else ""
 
 
 def _status_code(concept: Any) -> str:
-    for coding in getattr(concept, "coding", None) or []:
-        if coding.code:
-            return str(coding.code)
-    return clean_text(str(getattr(concept, "text", "") or "")).lower()
+    return clean_text(code_of(concept))
 
 
 # --- the default registry ------------------------------------------------------------------------
@@ -311,7 +300,7 @@ def _register_datatypes(reg: Compactors) -> None:
         if q.value is None:
             return ""
         unit = q.unit or q.code or ""
-        comparator = q.comparator or ""
+        comparator = q.comparator or ""  # a bound ("<0.5") stays a bound in every line
         return f"{comparator}{_number(q.value)} {unit}".strip()
 
     for name in ("Age", "Duration", "Distance", "Count", "SimpleQuantity", "Money"):
@@ -333,8 +322,8 @@ def _register_datatypes(reg: Compactors) -> None:
 
     @reg.datatype("Period")
     def period(p: Any, reg: Compactors) -> str:
-        start = _iso_day(p.start) if p.start else ""
-        end = _iso_day(p.end) if p.end else ""
+        start = _date_text(p.start)
+        end = _date_text(p.end)
         if start and end and start != end:
             return f"{start} to {end}"
         return start or (f"until {end}" if end else "")
@@ -347,7 +336,7 @@ def _register_datatypes(reg: Compactors) -> None:
     def human_name(n: Any, reg: Compactors) -> str:
         if n.text:
             return clean_text(str(n.text))
-        return clean_text(" ".join([*(n.given or []), n.family or ""]))
+        return clean_text(" ".join([*(str(g) for g in n.given or []), str(n.family or "")]))
 
     @reg.datatype("Annotation")
     def annotation(a: Any, reg: Compactors) -> str:
@@ -376,11 +365,6 @@ def _register_datatypes(reg: Compactors) -> None:
         return clean_text(str(a.title or a.contentType or "attachment"))
 
 
-def _line(day: datetime | None, body: str, ref: str) -> str:
-    prefix = f"{_iso_day(day)} " if day else ""
-    return f"{prefix}{body} [{ref}]"
-
-
 def _evidence(
     res: Any,
     body: str,
@@ -389,18 +373,21 @@ def _evidence(
     *,
     abnormal: bool = False,
     active: bool = False,
-    day: datetime | None = None,
+    dated: bool = True,
 ) -> Evidence:
+    """One line: the resource's date at its own precision, the body, and its reference."""
     ref = reference_of(res)
-    when = day if day is not None else clinical_date(res)
+    when: FhirDate | None = when_of(res) if dated else None
+    prefix = f"{when.text} " if when is not None else ""
     return Evidence(
         ref,
-        _line(when, clean_text(body, 4 * MAX_NOTE_CHARS), ref),
-        when,
+        f"{prefix}{clean_text(body, 4 * MAX_NOTE_CHARS)} [{ref}]",
+        when.start if when is not None else None,
         category,
         codes,
         abnormal,
         active,
+        precision=when.precision if when is not None else "day",
     )
 
 
@@ -412,6 +399,33 @@ def _fallback(res: Any, reg: Compactors, ctx: CompactContext) -> Evidence:
     return _evidence(res, body, res.get_resource_type().lower(), codes_of(concept))
 
 
+_ABNORMAL_CODES = ("H", "HH", "HU", "L", "LL", "LU", "A", "AA", "POS", "DET")
+
+
+def _bound(q: Any) -> float | None:
+    return float(q.value) if q is not None and q.value is not None else None
+
+
+def _range_unit(rng: Any) -> str | None:
+    for q in (rng.low, rng.high):
+        m = measurement_of(q) if q is not None else None
+        if m is not None and m.unit:
+            return m.unit
+    return None
+
+
+def _compare(m: Measurement, low: float | None, high: float | None) -> str:
+    """ "high", "low" or "" for a measurement against a range in the same unit. A bound ("<0.5")
+    is flagged only when the whole bound lies outside the range."""
+    above = high is not None and (m.value > high or (m.comparator == ">" and m.value >= high))
+    below = low is not None and (m.value < low or (m.comparator == "<" and m.value <= low))
+    if above and m.comparator in (None, ">", ">="):
+        return "high"
+    if below and m.comparator in (None, "<", "<="):
+        return "low"
+    return ""
+
+
 def _flag(
     value: Any,
     ranges: list[Any],
@@ -419,33 +433,40 @@ def _flag(
     codes: tuple[str, ...],
     terms: TermTable,
 ) -> tuple[str, bool]:
-    """The range text and whether the value is abnormal: the resource's own range and
-    interpretation first, the project's usual ranges when the resource has neither."""
+    """The range text and whether the value is abnormal: the resource's own interpretation and
+    range first, the project's usual range when the resource has neither. A range is compared only
+    in the value's unit: a range in another UCUM unit is converted first (through the analyte's
+    molar mass where one applies); a value that cannot be converted is not flagged."""
+    rng = next((r for r in ranges if r.low is not None or r.high is not None), None)
     for interp in interpretation:
         code = _status_code(interp).upper()
-        if code in ("H", "HH", "HU", "L", "LL", "LU", "A", "AA", "POS", "DET"):
+        if code in _ABNORMAL_CODES:
             word = {"H": "high", "HH": "critically high", "L": "low", "LL": "critically low"}.get(
                 code, "abnormal"
             )
-            rng = next((r for r in ranges if r.low is not None or r.high is not None), None)
             return f"{word}" + (f"; ref {_range_text(rng)}" if rng is not None else ""), True
-    if value is None or getattr(value, "value", None) is None:
+    m = measurement_of(value)
+    if m is None:
         return "", False
-    v = float(value.value)
-    rng = next((r for r in ranges if r.low is not None or r.high is not None), None)
+    analyte = next((a for a in (terms.analyte(c) for c in codes) if a), None)
+    molar_mass = analyte.molar_mass if analyte is not None else None
     if rng is not None:
-        low = float(rng.low.value) if rng.low is not None and rng.low.value is not None else None
-        high = (
-            float(rng.high.value) if rng.high is not None and rng.high.value is not None else None
-        )
-        label = "ref"
+        low, high, unit, label = _bound(rng.low), _bound(rng.high), _range_unit(rng), "ref"
     else:
         usual = next((u for u in (terms.usual_range(c) for c in codes) if u), None)
         if usual is None:
             return "", False
-        low, high = usual
+        low, high, unit = usual
         label = "usual range"
-    word = "high" if high is not None and v > high else "low" if low is not None and v < low else ""
+    shown_unit = m.unit
+    if unit is not None and m.unit is not None and not same_unit(unit, m.unit):
+        converted = convert(m, unit, molar_mass)
+        if converted is None:
+            return "", False  # another unit, no conversion: no flag rather than a wrong one
+        m = converted
+    elif unit is not None and m.unit is None:
+        return "", False
+    word = _compare(m, low, high)
     span = (
         f"{_number(low)}–{_number(high)}"
         if low is not None and high is not None
@@ -453,6 +474,8 @@ def _flag(
         if high is not None
         else f"> {_number(low)}"
     )
+    # a range in another unit than the value's says which (the value was converted to compare)
+    span += f" {unit}" if unit and not same_unit(unit, shown_unit) else ""
     if rng is not None:
         return (f"{word}; {label} {span}" if word else f"{label} {span}"), bool(word)
     return (f"{word}; {label} {span}" if word else ""), bool(word)
@@ -462,12 +485,6 @@ def _range_text(rng: Any) -> str:
     low = _number(rng.low.value) if rng.low is not None and rng.low.value is not None else None
     high = _number(rng.high.value) if rng.high is not None and rng.high.value is not None else None
     return f"{low}–{high}" if low and high else f"< {high}" if high else f"> {low}"
-
-
-def _is_active(concept: Any, status: str | None = None) -> bool:
-    if concept is not None:
-        return _status_code(concept) in ("active", "recurrence", "relapse")
-    return status in ("active", "on-hold")
 
 
 def _note_text(attachment: Any) -> str:
@@ -485,105 +502,166 @@ def _note_text(attachment: Any) -> str:
     return clean_text(text)
 
 
+def _status_note(res: Any) -> str:
+    """ ", <status words>" for a line, when the status says something a reader must know."""
+    label = read_status(res).label
+    return f", {label}" if label else ""
+
+
+def _drug(m: Any, reg: Compactors, ctx: CompactContext) -> tuple[str, tuple[str, ...]]:
+    """The drug a medication resource names: its CodeableConcept, else the referenced Medication
+    (``#id`` in ``contained`` or a resource the record holds), else the reference's display."""
+    concept = getattr(m, "medicationCodeableConcept", None)
+    if concept is not None:
+        return reg.text(concept), codes_of(concept)
+    ref = getattr(m, "medicationReference", None)
+    if ref is None:
+        return "", ()
+    med = ctx.resolve(str(ref.reference or ""), m)
+    code = getattr(med, "code", None)
+    if code is not None:
+        return reg.text(code), codes_of(code)
+    return reg.text(ref), ()
+
+
 def _register_resources(reg: Compactors) -> None:
     @reg.resource("Patient")
     def patient(p: Any, reg: Compactors, ctx: CompactContext) -> Evidence:
-        name = reg.text((p.name or [None])[0])
-        parts = [f"Patient: {name}" if name else "Patient"]
+        parts = [f"Patient: {clean_text(display_name(p))}"]
         if p.gender:
             parts.append(str(p.gender))
-        if p.birthDate:
-            parts.append(f"born {_iso_day(p.birthDate)}")
-        if p.deceasedDateTime:
-            parts.append(f"died {_iso_day(p.deceasedDateTime)}")
+        born = _date_text(p.birthDate)
+        if born:
+            parts.append(f"born {born}")
+        died = _date_text(p.deceasedDateTime)
+        if died:
+            parts.append(f"died {died}")
         elif p.deceasedBoolean:
             parts.append("deceased")
-        return _evidence(p, ", ".join(parts), "demographics", day=None)
+        return _evidence(p, ", ".join(parts), "demographics", dated=False)
+
+    def component_text(comp: Any, ctx: CompactContext) -> tuple[str, bool]:
+        comp_codes = codes_of(comp.code)
+        m = measurement_of(comp.valueQuantity) or measurement_of(comp.valueString)
+        value = (
+            m.text
+            if m is not None and comp.valueQuantity is None
+            else reg.text(comp.valueQuantity or comp.valueCodeableConcept or comp.valueString)
+        )
+        if not value and comp.dataAbsentReason is not None:
+            value = f"no value ({reg.text(comp.dataAbsentReason)})"
+        flag, bad = _flag(
+            comp.valueQuantity or m,
+            comp.referenceRange or [],
+            comp.interpretation or [],
+            comp_codes,
+            ctx.terms,
+        )
+        label = reg.text(comp.code).split(" (")[0]
+        return f"{label} {value}".strip() + (f" ({flag})" if flag else ""), bad
 
     @reg.resource("Observation")
     def observation(o: Any, reg: Compactors, ctx: CompactContext) -> Evidence:
         codes = codes_of(o.code)
         name = reg.text(o.code)
+        status = read_status(o)
         abnormal = False
-        if o.component and o.valueQuantity is None and o.valueCodeableConcept is None:
+        value = reg.text(
+            o.valueQuantity
+            or o.valueCodeableConcept
+            or o.valueString
+            or o.valueBoolean
+            or o.valueInteger
+            or o.valueRange
+            or o.valueRatio
+            or o.valuePeriod
+            or o.valueDateTime
+        )
+        if value:
+            flag, abnormal = _flag(
+                o.valueQuantity or measurement_of(o.valueString),
+                o.referenceRange or [],
+                o.interpretation or [],
+                codes,
+                ctx.terms,
+            )
+            body = f"{name} {value}".strip() + (f" ({flag})" if flag else "")
+        elif o.component:
             parts = []
             for comp in o.component:
-                comp_codes = codes_of(comp.code)
-                value = reg.text(
-                    comp.valueQuantity or comp.valueCodeableConcept or comp.valueString
-                )
-                flag, bad = _flag(
-                    comp.valueQuantity,
-                    comp.referenceRange or [],
-                    comp.interpretation or [],
-                    comp_codes,
-                    ctx.terms,
-                )
+                text, bad = component_text(comp, ctx)
                 abnormal |= bad
-                codes += comp_codes
-                label = reg.text(comp.code).split(" (")[0]
-                parts.append(f"{label} {value}" + (f" ({flag})" if flag else ""))
+                codes += codes_of(comp.code)
+                parts.append(text)
             body = f"{name}: " + "; ".join(parts)
         else:
-            value = reg.text(
-                o.valueQuantity
-                or o.valueCodeableConcept
-                or o.valueString
-                or o.valueBoolean
-                or o.valueInteger
-                or o.valueRange
-                or o.valueRatio
-                or o.valuePeriod
-                or o.valueDateTime
-            )
-            flag, abnormal = _flag(
-                o.valueQuantity, o.referenceRange or [], o.interpretation or [], codes, ctx.terms
-            )
-            if not value and o.dataAbsentReason is not None:
-                value = f"no value ({reg.text(o.dataAbsentReason)})"
-            body = f"{name} {value}".strip() + (f" ({flag})" if flag else "")
-        if o.status not in ("final", "amended", "corrected", None):
-            body += f" [status {o.status}]"
+            why = [w for w in (status.label, reg.text(o.dataAbsentReason)) if w]
+            body = f"{name}: no result" + (f" ({'; '.join(why)})" if why else "")
+        if value or o.component:
+            if status.not_done:
+                body += f" [{status.label}]"
+            elif o.status not in ("final", "amended", "corrected", None):
+                body += f" [status {o.status}]"
         for note in o.note or []:
             body += f"; note: {reg.text(note)}"
         return _evidence(o, body, "observation", tuple(dict.fromkeys(codes)), abnormal=abnormal)
 
     @reg.resource("Condition")
     def condition(c: Any, reg: Compactors, ctx: CompactContext) -> Evidence:
-        active = _is_active(c.clinicalStatus)
-        status = _status_code(c.clinicalStatus) if c.clinicalStatus is not None else ""
-        body = f"Condition: {reg.text(c.code)}" + (f", {status}" if status else "")
-        verification = _status_code(c.verificationStatus) if c.verificationStatus else ""
-        if verification and verification != "confirmed":
-            body += f" ({verification})"
-        if c.abatementDateTime:
-            body += f", resolved {_iso_day(c.abatementDateTime)}"
-        return _evidence(c, body, "condition", codes_of(c.code), active=active)
+        status = read_status(c)
+        clinical = _status_code(c.clinicalStatus) if c.clinicalStatus is not None else ""
+        if status.refuted:
+            body = f"Condition: {reg.text(c.code)}, ruled out (verification status refuted)"
+        else:
+            body = f"Condition: {reg.text(c.code)}" + (f", {clinical}" if clinical else "")
+            verification = _status_code(c.verificationStatus) if c.verificationStatus else ""
+            if verification and verification != "confirmed":
+                body += f" ({verification})"
+            resolved = _date_text(c.abatementDateTime)
+            if resolved:
+                body += f", resolved {resolved}"
+        return _evidence(c, body, "condition", codes_of(c.code), active=status.active)
 
-    @reg.resource("MedicationRequest", "MedicationStatement")
+    @reg.resource(
+        "MedicationRequest",
+        "MedicationStatement",
+        "MedicationAdministration",
+        "MedicationDispense",
+    )
     def medication(m: Any, reg: Compactors, ctx: CompactContext) -> Evidence:
-        drug = reg.text(m.medicationCodeableConcept)
-        codes = codes_of(m.medicationCodeableConcept)
-        if not drug and m.medicationReference is not None:
-            med = ctx.resolve(str(m.medicationReference.reference or ""))
-            drug = (
-                reg.text(getattr(med, "code", None))
-                if med is not None
-                else reg.text(m.medicationReference)
+        drug, codes = _drug(m, reg, ctx)
+        status = read_status(m)
+        dosages = getattr(m, "dosageInstruction", None) or getattr(m, "dosage", None)
+        if isinstance(dosages, list):
+            dosage = reg.text(dosages[0]) if dosages else ""
+        else:  # MedicationAdministration.dosage: one element with text and dose
+            dosage = clean_text(str(getattr(dosages, "text", "") or "")) or reg.text(
+                getattr(dosages, "dose", None)
             )
-            codes = codes_of(getattr(med, "code", None)) if med is not None else ()
-        dosage = reg.text(
-            (getattr(m, "dosageInstruction", None) or getattr(m, "dosage", None) or [None])[0]
-        )
-        body = f"Medication: {drug or 'unnamed'}, {m.status}" + (f"; {dosage}" if dosage else "")
+        word = {
+            "MedicationAdministration": "Medication given",
+            "MedicationDispense": "Medication dispensed",
+        }.get(m.get_resource_type(), "Medication")
+        body = f"{word}: {drug or 'unnamed'}, {_LABEL_OR(m.status, status.label)}"
+        body += f"; {dosage}" if dosage else ""
         reasons = [reg.text(r) for r in (getattr(m, "reasonCode", None) or [])]
         if reasons:
             body += f"; for {', '.join(reasons)}"
-        active = m.status in ("active", "on-hold", "intended")
-        return _evidence(m, body, "medication", codes, active=active)
+        if status.not_done:
+            why = getattr(m, "statusReason", None)
+            why_text = reg.text(why) if why is not None and not isinstance(why, list) else ""
+            body += f"; reason: {why_text}" if why_text else ""
+        return _evidence(m, body, "medication", codes, active=status.active)
 
     @reg.resource("AllergyIntolerance")
     def allergy(a: Any, reg: Compactors, ctx: CompactContext) -> Evidence:
+        status = read_status(a)
+        if status.refuted:
+            when = _date_text(a.recordedDate) or _date_text(getattr(a, "lastOccurrence", None))
+            body = f"Allergy: {reg.text(a.code)}: not allergic (refuted" + (
+                f" on {when})" if when else ")"
+            )
+            return _evidence(a, body, "allergy", codes_of(a.code), active=False)
         body = f"Allergy: {reg.text(a.code)}"
         extras = [
             x
@@ -597,21 +675,24 @@ def _register_resources(reg: Compactors) -> None:
         if reactions:
             extras.append("reaction " + ", ".join(reactions))
         body += (", " + ", ".join(extras)) if extras else ""
-        active = a.clinicalStatus is None or _is_active(a.clinicalStatus)
-        return _evidence(a, body, "allergy", codes_of(a.code), active=active)
+        return _evidence(a, body, "allergy", codes_of(a.code), active=status.active)
 
     @reg.resource("Procedure")
     def procedure(p: Any, reg: Compactors, ctx: CompactContext) -> Evidence:
-        body = f"Procedure: {reg.text(p.code)}, {p.status}"
+        body = f"Procedure: {reg.text(p.code)}, {_LABEL_OR(p.status, read_status(p).label)}"
         reasons = [reg.text(r) for r in p.reasonCode or []]
         if reasons:
             body += f"; for {', '.join(reasons)}"
+        if p.statusReason is not None:
+            body += f"; reason: {reg.text(p.statusReason)}"
         return _evidence(p, body, "procedure", codes_of(p.code))
 
     @reg.resource("Encounter")
     def encounter(e: Any, reg: Compactors, ctx: CompactContext) -> Evidence:
         kind = reg.text(e.type) or reg.text(getattr(e, "class_fhir", None))
-        body = f"Encounter: {kind or 'visit'}"
+        body = f"Encounter: {kind or 'visit'}" + (
+            f", {read_status(e).label}" if read_status(e).not_done else ""
+        )
         reasons = [reg.text(r) for r in e.reasonCode or []]
         if reasons:
             body += f"; reason {', '.join(reasons)}"
@@ -619,7 +700,7 @@ def _register_resources(reg: Compactors) -> None:
 
     @reg.resource("DiagnosticReport")
     def report(r: Any, reg: Compactors, ctx: CompactContext) -> Evidence:
-        body = f"Report: {reg.text(r.code)}, {r.status}"
+        body = f"Report: {reg.text(r.code)}, {_LABEL_OR(r.status, read_status(r).label)}"
         if (
             r.result
         ):  # the results are evidence items of their own; naming them here only adds noise
@@ -634,6 +715,10 @@ def _register_resources(reg: Compactors) -> None:
     @reg.resource("DocumentReference")
     def document(d: Any, reg: Compactors, ctx: CompactContext) -> Evidence:
         body = f"Document: {reg.text(d.type) or 'untyped'}"
+        if d.status == "superseded":
+            body += " (superseded)"
+        if d.docStatus == "preliminary":
+            body += " (preliminary)"
         if d.description:
             body += f", {clean_text(str(d.description))}"
         texts = [t for t in (_note_text(c.attachment) for c in d.content or []) if t]
@@ -655,6 +740,7 @@ def _register_resources(reg: Compactors) -> None:
         body = f"Imaging study: {'/'.join(modalities) or 'unknown modality'}"
         if sites:
             body += f" of {', '.join(sites)}"
+        body += _status_note(s) if read_status(s).not_done else ""
         if s.description:
             body += f", {clean_text(str(s.description))}"
         body += f"; {s.numberOfSeries or len(s.series or [])} series, {s.numberOfInstances or '?'} instances"
@@ -668,7 +754,11 @@ def _register_resources(reg: Compactors) -> None:
             parts.append(f"view {reg.text(m.view)}")
         if m.bodySite is not None:
             parts.append(f"of {reg.text(m.bodySite)}")
-        body = "Image: " + ", ".join(p for p in parts if p)
+        body = (
+            "Image: "
+            + ", ".join(p for p in parts if p)
+            + (_status_note(m) if read_status(m).not_done else "")
+        )
         notes = [reg.text(n) for n in m.note or []]
         if notes:
             body += f"; note: {' '.join(notes)}"
@@ -676,7 +766,10 @@ def _register_resources(reg: Compactors) -> None:
 
     @reg.resource("Immunization")
     def immunization(i: Any, reg: Compactors, ctx: CompactContext) -> Evidence:
-        body = f"Immunization: {reg.text(i.vaccineCode)}, {i.status}"
+        status = read_status(i)
+        body = f"Immunization: {reg.text(i.vaccineCode)}, {_LABEL_OR(i.status, status.label)}"
+        if status.not_done and i.statusReason is not None:
+            body += f"; reason: {reg.text(i.statusReason)}"
         return _evidence(i, body, "immunization", codes_of(i.vaccineCode))
 
     @reg.resource("CarePlan")
@@ -684,12 +777,12 @@ def _register_resources(reg: Compactors) -> None:
         body = f"Care plan: {reg.text(c.category) or reg.text(c.title) or 'untitled'}, {c.status}"
         addresses = []
         for ref in c.addresses or []:
-            target = ctx.resolve(str(ref.reference or ""))
+            target = ctx.resolve(str(ref.reference or ""), c)
             addresses.append(reg.text(getattr(target, "code", None)) if target else reg.text(ref))
         if any(addresses):
             body += f"; addresses {', '.join(a for a in addresses if a)}"
         return _evidence(
-            c, body, "care-plan", codes_of(c.category or []), active=c.status == "active"
+            c, body, "care-plan", codes_of(c.category or []), active=read_status(c).active
         )
 
     @reg.resource("Goal")
@@ -698,6 +791,11 @@ def _register_resources(reg: Compactors) -> None:
         if g.achievementStatus is not None:
             body += f" ({_status_code(g.achievementStatus)})"
         return _evidence(g, body, "goal", codes_of(g.description))
+
+
+def _LABEL_OR(status: Any, label: str) -> str:
+    """The status as words ("not done", "on hold"), else the status code itself."""
+    return label or str(status or "unknown status")
 
 
 def record_evidence(record: PatientRecord, compactors: Compactors | None = None) -> list[Evidence]:
