@@ -28,10 +28,12 @@ from connectors.dicomweb import DicomWebClient
 from connectors.errors import ChartSightError, ConfigurationError, FhirImportError
 from connectors.images import ImageSet, collect_images
 from connectors.record import PatientRecord, assemble_record, find_patients
+from connectors.resources import display_name
 from connectors.source import FhirSource
-from connectors.store import FhirStore, ImportReport, StoreSource, human_name
-from retrieval.cases import Case
+from connectors.store import FhirStore, ImportReport, StoreSource
+from retrieval.cases import Case, chart_sections
 from retrieval.encoders import EncoderRegistry
+from retrieval.evidence import record_evidence
 from retrieval.index import CaseFilter
 
 # Model loading draws progress bars of its own; the CLI shows its own progress instead.
@@ -228,7 +230,7 @@ def find(
         raise typer.Exit(1)
     for patient in found:
         console.print(
-            f"{patient.id}  {human_name(patient)}  born {patient.birthDate}", highlight=False
+            f"{patient.id}  {display_name(patient)}  born {patient.birthDate}", highlight=False
         )
 
 
@@ -266,7 +268,7 @@ def record(
     if as_json:
         console.print_json(json.dumps(record_as_json(rec, imgs)))
     else:
-        render_record(console, rec, imgs)
+        render_record(console, rec, imgs, chart_sections(rec, record_evidence(rec)))
 
 
 @app.command()
@@ -288,7 +290,7 @@ def demo(config: ConfigOpt = None) -> None:
         rec, imgs = asyncio.run(_load(settings, TOMMY_FRIESEN, True))
     except ChartSightError as exc:
         _fail(exc)
-    render_record(console, rec, imgs)
+    render_record(console, rec, imgs, chart_sections(rec, record_evidence(rec)))
 
     try:
         encoders = EncoderRegistry(settings.retrieval.encoders)

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
+from langgraph.errors import GraphBubbleUp
 
 import prompts
 from agent.answer import Answer, Citation, FactUsed, ImageUsed, SimilarCase
@@ -36,6 +37,20 @@ from retrieval.index import CaseFilter, CaseIndex
 from retrieval.rank import EvidenceRanker
 
 log = logging.getLogger(__name__)
+
+
+class StepError(ChartSightError):
+    """A step of the graph failed on this question; the message names the step."""
+
+
+# What a gathering step contributes when it fails: nothing, so the answer rests on the others (or
+# abstains), with a warning naming the step.
+SKIPPABLE: dict[str, dict[str, Any]] = {
+    "tools": {"facts": [], "tool_log": []},
+    "evidence": {"evidence": {}, "evidence_scores": {}, "all_lines": {}},
+    "images": {"images": []},
+    "similar": {"similar": []},
+}
 
 MAX_ATTEMPTS = 2  # the first answer and one retry with the verifier's findings
 MAX_IMAGES = 4
@@ -143,7 +158,19 @@ def timed(
             rt = runtime(config)
             rt.emit("node_started", node=name)
             start = time.perf_counter()
-            out = await fn(state, rt)
+            try:
+                out = await fn(state, rt)
+            except (ChartSightError, GraphBubbleUp):
+                raise  # already clear (or LangGraph's own control flow)
+            except Exception as exc:  # a defect met on odd data: named, never a traceback
+                log.exception("the %s step failed", name)
+                what = f"{type(exc).__name__}: {exc}"[:300]
+                if name not in SKIPPABLE:
+                    raise StepError(f"the {name} step failed ({what})") from exc
+                out = {
+                    **SKIPPABLE[name],
+                    "warnings": [f"the {name} step failed and was left out ({what})"],
+                }
             elapsed = (time.perf_counter() - start) * 1000
             out["timings"] = {name: round(elapsed, 2)}
             rt.emit("node_finished", node=name, ms=round(elapsed, 2))
@@ -237,6 +264,12 @@ async def gather_tools(state: AskState, rt: Runtime) -> dict[str, Any]:
             log_entries.append({**call, "by": "rules", "error": False})
         except ToolError as exc:
             warnings.append(str(exc))
+            log_entries.append({**call, "by": "rules", "error": True})
+        except Exception as exc:  # one tool's defect must not take the others' facts down
+            log.exception("tool %s failed", call["tool"])
+            warnings.append(
+                f"the {call['tool']} tool failed and was left out ({type(exc).__name__})"
+            )
             log_entries.append({**call, "by": "rules", "error": True})
     seen = {f["statement"] for f in facts}
     facts += [f for f in state.get("model_facts", []) if f["statement"] not in seen]
@@ -474,7 +507,13 @@ async def finalize(state: AskState, rt: Runtime) -> dict[str, Any]:
         citations=[Citation(ref, lines.get(ref) or given.get(ref, "")) for ref in cited],
         facts=[
             FactUsed(
-                f["tool"], f["statement"], f["value"], f["unit"], f["date"], tuple(f["evidence"])
+                f["tool"],
+                f["statement"],
+                f["value"],
+                f["unit"],
+                f["date"],
+                tuple(f["evidence"]),
+                f.get("comparator"),
             )
             for f in state.get("facts", [])
         ],

@@ -39,6 +39,28 @@ _LATEST_OF = re.compile(
 )
 
 
+# what a time phrase or a request word looks like: never the name of a test
+_NOT_ANALYTE = re.compile(
+    r"^(?:\d+\s*|a\s+|one\s+|two\s+|three\s+|six\s+|twelve\s+|few\s+|couple\s+of\s+)?"
+    r"(?:hours?|days?|weeks?|months?|years?|decades?|time|times|night|visit|encounter|"
+    r"admission|appointment|result|results|value|values|test|tests|lab|labs|one|few|month's|week's)$"
+    r"|^(?:january|february|march|april|may|june|july|august|september|october|november|"
+    r"december|spring|summer|autumn|fall|winter)\b"
+)
+# "what was her ferritin?", "what is the patient's troponin level": a test the term table may lack
+_VALUE_OF = re.compile(
+    r"\bwhat\s+(?:was|is|were|are)\s+(?:his|her|their|the\s+patient's|the\s+patients|the)\s+"
+    r"([a-z][a-z0-9 \-]*?)(?:\s+(?:value|level|result|reading|measurement|test))?\s*(?:\?|$|\.|,| on | in | at )"
+)
+
+
+def analyte_words(phrase: str) -> str | None:
+    """``phrase`` as the name of a test, or None when it is a time phrase ("last month") or a
+    request word ("last visit")."""
+    phrase = phrase.strip()
+    return None if not phrase or _NOT_ANALYTE.search(phrase) else phrase
+
+
 def _has(words: str, *needles: str) -> bool:
     return any(re.search(rf"\b{re.escape(n)}", words) for n in needles)
 
@@ -136,14 +158,15 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         if not stats:
             out.add("latest_observation", query=word)
     if not measured_words:
-        m = _LATEST_OF.search(q)
-        if m and not _has(
-            m.group(1), "visit", "encounter", "procedure", "medication", "image", "scan"
-        ):
-            out.add(
-                "observation_stats" if stats or days else "latest_observation",
-                query=m.group(1).strip(),
-            )
+        # a test the term table lacks is looked up by its display text in the record
+        m = _LATEST_OF.search(q) or _VALUE_OF.search(q)
+        name = analyte_words(m.group(1)) if m else None
+        if name and not _has(
+            name,
+            "visit", "encounter", "procedure", "medication", "med", "image", "scan", "name",
+            "age", "sex", "gender", "diagnos", "problem", "allerg", "condition", "birth",
+        ):  # fmt: skip
+            out.add("observation_stats" if stats or days else "latest_observation", query=name)
     if _has(q, "medication", "meds", "drug", "taking", "prescri", "on any"):
         out.add("active_medications")
     if _has(q, "allerg"):

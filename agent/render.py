@@ -2,194 +2,91 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from connectors.images import ImageSet
 from connectors.record import PatientRecord
-from connectors.resources import reference_of
-from connectors.store import human_name
-from retrieval.cases import age_of
+from connectors.resources import display_name, reference_of
+from retrieval.cases import ChartSections, line_label
+from retrieval.clinical import fhir_date, patient_age
+from retrieval.evidence import Evidence
 
 
-def concept_text(concept: Any) -> str:
-    """Display text of a CodeableConcept (text, else the first coding's display or code)."""
-    if concept is None:
-        return ""
-    if getattr(concept, "text", None):
-        return str(concept.text)
-    for coding in getattr(concept, "coding", None) or []:
-        if coding.display or coding.code:
-            return str(coding.display or coding.code)
-    return ""
+def _row(item: Evidence) -> tuple[str, str, str]:
+    return item.day, line_label(item), item.id
 
 
-def _num(value: Any) -> str:
-    return f"{float(value):.4g}" if value is not None else ""
-
-
-def observation_value(obs: Any) -> str:
-    """An Observation's value as text: quantity with unit, coded value, or its components."""
-    if obs.valueQuantity is not None:
-        return f"{_num(obs.valueQuantity.value)} {obs.valueQuantity.unit or obs.valueQuantity.code or ''}".strip()
-    if obs.valueCodeableConcept is not None:
-        return concept_text(obs.valueCodeableConcept)
-    for attr in ("valueString", "valueBoolean", "valueInteger", "valueDateTime"):
-        if getattr(obs, attr, None) is not None:
-            return str(getattr(obs, attr))
-    parts = []
-    for comp in obs.component or []:
-        if comp.valueQuantity is not None:
-            parts.append(
-                f"{concept_text(comp.code)} {_num(comp.valueQuantity.value)} {comp.valueQuantity.unit or ''}".strip()
-            )
-    return "; ".join(parts)
-
-
-def when(resource: Any) -> str:
-    """The clinically relevant date of a resource, as ISO text ('' if none)."""
-    for attr in (
-        "effectiveDateTime",
-        "onsetDateTime",
-        "performedDateTime",
-        "authoredOn",
-        "recordedDate",
-        "occurrenceDateTime",
-        "started",
-        "date",
-        "createdDateTime",
-        "issued",
-    ):
-        value = getattr(resource, attr, None)
-        if value:
-            return value.isoformat() if isinstance(value, date | datetime) else str(value)
-    for attr in ("effectivePeriod", "performedPeriod", "period"):
-        period = getattr(resource, attr, None)
-        if period is not None and period.start:
-            return (
-                period.start.isoformat()
-                if isinstance(period.start, date | datetime)
-                else str(period.start)
-            )
-    return ""
-
-
-def _is_active(resource: Any) -> bool:
-    status = getattr(resource, "clinicalStatus", None)
-    if status is not None:
-        return concept_text(status).lower() == "active" or any(
-            c.code == "active" for c in status.coding or []
-        )
-    return getattr(resource, "status", None) in ("active", "on-hold")
-
-
-def render_record(console: Console, record: PatientRecord, images: ImageSet | None) -> None:
-    """A one-screen summary of the record in the terminal."""
+def render_record(
+    console: Console, record: PatientRecord, images: ImageSet | None, sections: ChartSections
+) -> None:
+    """A one-screen summary of the record in the terminal, from the same evidence lines the
+    answers cite (entered-in-error resources left out, partial dates as given)."""
     p = record.patient
-    years = age_of(record)
-    deceased = f", died {p.deceasedDateTime.date()}" if p.deceasedDateTime else ""
-    console.rule(
-        f"[bold]{human_name(p)}[/]  {p.gender or ''}, born {p.birthDate}"
-        f"{f' ({years} y)' if years is not None else ''}{deceased}"
-    )
-    console.print(f"Patient/{p.id} from {record.source}", style="dim")
+    age = patient_age(p)
+    born = fhir_date(p.birthDate)
+    died = fhir_date(p.deceasedDateTime)
+    head = Text()
+    head.append(display_name(p), style="bold")
+    head.append(f"  {p.gender or ''}" + (f", born {born.text}" if born else ", birth date unknown"))
+    if age is not None:
+        head.append(f" ({age.text} y{' at death' if age.at_death else ''})")
+    if died is not None:
+        head.append(f", died {died.text}")
+    console.rule(head)
+    console.print(Text(f"Patient/{p.id} from {record.source}", style="dim"))
     counts = record.counts()
-    console.print(", ".join(f"{t} {n}" for t, n in sorted(counts.items())), style="dim")
+    console.print(Text(", ".join(f"{t} {n}" for t, n in sorted(counts.items())), style="dim"))
+    if sections.voided:
+        console.print(
+            Text(
+                f"{sections.voided} entered-in-error resource{'s' if sections.voided > 1 else ''} "
+                "left out",
+                style="dim",
+            )
+        )
 
-    def section(title: str, rows: list[tuple[str, ...]], cols: tuple[str, ...]) -> None:
-        if not rows:
-            console.print(f"[bold]{title}:[/] none")
+    def section(title: str, items: list[Evidence], cols: tuple[str, str, str]) -> None:
+        if not items:
+            console.print(Text.assemble((f"{title}:", "bold"), " none"))
             return
         table = Table(title=title, title_justify="left", title_style="bold", show_edge=False)
         for col in cols:
-            table.add_column(col)
-        for row in rows:
-            table.add_row(*row)
+            table.add_column(col, overflow="fold", ratio=2 if col == cols[1] else 1)
+        for item in items:
+            table.add_row(*(Text(cell) for cell in _row(item)))
         console.print(table)
 
-    active = [c for c in record.conditions if _is_active(c)]
-    section(
-        "Active problems",
-        [(when(c)[:10], concept_text(c.code), reference_of(c)) for c in sorted(active, key=when)],
-        ("since", "condition", "reference"),
-    )
-    latest: dict[str, Any] = {}
-    for obs in sorted(record.observations, key=when):
-        latest[concept_text(obs.code)] = obs
-    recent = sorted(latest.values(), key=when, reverse=True)[:12]
-    section(
-        "Latest observations",
-        [
-            (when(o)[:10], concept_text(o.code), observation_value(o), reference_of(o))
-            for o in recent
-        ],
-        ("date", "observation", "value", "reference"),
-    )
-    meds = [m for m in record.medications if _is_active(m)]
-    section(
-        "Active medications",
-        [
-            (
-                when(m)[:10],
-                concept_text(getattr(m, "medicationCodeableConcept", None)),
-                reference_of(m),
-            )
-            for m in meds
-        ],
-        ("since", "medication", "reference"),
-    )
-    section(
-        "Allergies",
-        [
-            (concept_text(a.code), ", ".join(str(c) for c in a.category or []), reference_of(a))
-            for a in record.allergies
-        ],
-        ("substance", "category", "reference"),
-    )
-    enc = sorted(record.encounters, key=when, reverse=True)[:3]
-    section(
-        "Recent encounters",
-        [(when(e)[:10], concept_text(e.type[0] if e.type else None), reference_of(e)) for e in enc],
-        ("date", "type", "reference"),
-    )
-    section(
-        "Imaging studies",
-        [
-            (
-                when(s)[:10],
-                ", ".join(
-                    concept_text(se.modality) or (se.modality.code or "") for se in s.series or []
-                ),
-                f"{s.numberOfInstances or 0} instances",
-                reference_of(s),
-            )
-            for s in record.imaging_studies
-        ],
-        ("date", "modality", "size", "reference"),
-    )
+    section("Active problems", sections.problems, ("date", "condition", "reference"))
+    section("Latest observations", sections.latest_results[:12], ("date", "result", "reference"))
+    section("Active medications", sections.medications, ("since", "medication", "reference"))
+    section("Allergies", sections.allergies, ("recorded", "allergy", "reference"))
+    section("Recent encounters", sections.encounters[:3], ("date", "encounter", "reference"))
+    section("Imaging studies", sections.imaging, ("date", "imaging", "reference"))
     if images is not None:
-        section(
-            "Images",
-            [
-                (
-                    f"{img.size[0]}×{img.size[1]}",
-                    img.modality or "",
-                    img.content_type or "",
-                    _provenance_text(img.provenance),
-                )
-                for img in images.images
-            ],
-            ("size", "modality", "type", "provenance"),
-        )
+        table = Table(title="Images", title_justify="left", title_style="bold", show_edge=False)
+        for col in ("size", "modality", "type", "provenance"):
+            table.add_column(col)
+        for img in images.images:
+            table.add_row(
+                f"{img.size[0]}×{img.size[1]}",
+                Text(img.modality or ""),
+                Text(img.content_type or ""),
+                Text(_provenance_text(img.provenance)),
+            )
+        if images.images:
+            console.print(table)
         for failure in images.failures:
-            console.print(f"[yellow]image not available:[/] {failure.error}")
+            console.print(Text.assemble(("image not available: ", "yellow"), str(failure.error)))
     for problem in record.problems:
-        console.print(f"[yellow]not fetched[/] {problem.what}: {problem.error}")
+        console.print(Text.assemble(("not fetched ", "yellow"), f"{problem.what}: {problem.error}"))
     for bad in record.invalid:
-        console.print(f"[yellow]invalid resource kept raw[/] {bad.reference}: {bad.error}")
+        console.print(
+            Text.assemble(("invalid resource kept raw ", "yellow"), f"{bad.reference}: {bad.error}")
+        )
 
 
 def _provenance_text(prov: Any) -> str:
@@ -229,22 +126,24 @@ def record_as_json(record: PatientRecord, images: ImageSet | None) -> dict[str, 
 
 
 def render_answer(console: Console, answer: Any) -> None:
-    """An answer with its citations, warnings and provenance, in the terminal."""
+    """An answer with its citations, warnings and provenance, in the terminal. Answer and record
+    text are printed as text, never read as markup."""
     style = "yellow" if answer.abstained else "bold"
-    console.print(f"[{style}]{answer.text}[/]", highlight=False)
+    console.print(Text(answer.text, style=style))
     if answer.citations:
         table = Table(title="Citations", title_justify="left", show_edge=False)
         table.add_column("reference")
         table.add_column("evidence", overflow="fold")
         for c in answer.citations:
-            table.add_row(c.reference, c.text)
+            table.add_row(Text(c.reference), Text(c.text))
         console.print(table)
     for warning in answer.warnings:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        console.print(Text.assemble(("warning: ", "yellow"), str(warning)))
     stages = ", ".join(f"{k} {v:.0f}" for k, v in answer.latency_ms.items())
     console.print(
-        f"model {answer.model} · prompt {answer.prompt_version} · supported "
-        f"{answer.supported_fraction:.0%} · thread {answer.thread_id} · ms: {stages}",
-        style="dim",
-        highlight=False,
+        Text(
+            f"model {answer.model} · prompt {answer.prompt_version} · supported "
+            f"{answer.supported_fraction:.0%} · thread {answer.thread_id} · ms: {stages}",
+            style="dim",
+        )
     )

@@ -52,7 +52,14 @@ from connectors.indexing import (
     index_rows,
     normalise_string,
 )
-from connectors.resources import InvalidResource, Resource, SearchResult, is_resource_type, validate
+from connectors.resources import (
+    InvalidResource,
+    Resource,
+    SearchResult,
+    display_name,
+    is_resource_type,
+    validate,
+)
 from connectors.source import BinaryContent, SearchParams
 
 metadata = MetaData()
@@ -509,7 +516,7 @@ class FhirStore:
             out.append(
                 PatientSummary(
                     id=str(p.id),
-                    name=human_name(p),
+                    name=display_name(p),
                     gender=getattr(p, "gender", None),
                     birth_date=str(getattr(p, "birthDate", None) or "") or None,
                     resources=int(counts.get(str(p.id), 0)),
@@ -526,18 +533,6 @@ class FhirStore:
                 )
             ).all()
         return {str(t): int(n) for t, n in rows}
-
-
-def human_name(patient: Any) -> str:
-    """'Given Family' of a Patient's first name."""
-    for name in getattr(patient, "name", None) or []:
-        if name.text:
-            return str(name.text)
-        parts = [*(name.given or []), name.family or ""]
-        text = " ".join(p for p in parts if p)
-        if text:
-            return text
-    return "(no name)"
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
