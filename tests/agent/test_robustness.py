@@ -1,0 +1,114 @@
+"""No traceback from ``ask``: a failing step is named (an error, or a warning and the rest of the
+answer); record text is never read as terminal markup; planner words are never taken for tests."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from agent.answer import Answer, Citation
+from agent.nodes import StepError
+from agent.planner import plan
+from agent.render import render_answer
+from agent.service import ChartSight
+from agent.settings import Settings
+from connectors.demo import TOMMY_FRIESEN
+from connectors.store import FhirStore
+from retrieval.rank import EvidenceRanker
+
+NOW = datetime(2021, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, demo_store: FhirStore) -> Settings:
+    return Settings(home=tmp_path / "home", store={"url": str(demo_store.engine.url)})
+
+
+def _ask(settings: Settings, question: str, patch: Any = None) -> Answer:
+    async def run() -> Answer:
+        async with ChartSight(settings, now=NOW, use_index=False) as cs:
+            if patch is not None:
+                patch(cs)
+            return await cs.ask(TOMMY_FRIESEN, question, keep=False)
+
+    return asyncio.run(run())
+
+
+def test_a_failing_tool_is_named_and_the_rest_of_the_answer_stands(settings: Settings):
+    def broken(cs: ChartSight) -> None:
+        tool = cs.runtime.tools.tools["latest_observation"]
+
+        def fail(*_: Any, **__: Any) -> Any:
+            raise ZeroDivisionError("odd data")
+
+        cs.runtime.tools.tools["latest_observation"] = type(tool)(
+            tool.name, tool.description, tool.args, fail
+        )
+
+    answer = _ask(settings, "What was his last HbA1c and what medications is he on?", broken)
+    assert any("latest_observation tool failed" in w for w in answer.warnings)
+    assert "Lasix" in answer.text  # the medication list still answers
+
+
+def test_a_failing_gathering_step_is_a_warning(settings: Settings, monkeypatch):
+    def fail(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("ranker down")
+
+    monkeypatch.setattr(EvidenceRanker, "rank", fail)
+    answer = _ask(settings, "What was his last HbA1c?")
+    assert any(w.startswith("the evidence step failed") for w in answer.warnings)
+    assert "6.277 %" in answer.text
+
+
+def test_a_failing_required_step_is_a_clear_error(settings: Settings, monkeypatch):
+    def broken(cs: ChartSight) -> None:
+        async def fail(*_: Any, **__: Any) -> Any:
+            raise KeyError("no such thing")
+
+        monkeypatch.setattr(type(cs.runtime), "record", fail)
+
+    with pytest.raises(StepError, match=r"^the resolve step failed \(KeyError"):
+        _ask(settings, "What was his last HbA1c?", broken)
+
+
+def test_record_text_is_never_terminal_markup():
+    console = Console(record=True, width=200)
+    text = (
+        "Glucose 5 mmol/L [status preliminary] [bold]x[/bold] [link=https://evil.example]y[/link]"
+    )
+    render_answer(
+        console,
+        Answer(
+            question="q",
+            patient_id="p",
+            text=text + " [Observation/1]",
+            citations=[Citation("Observation/1", "[red]note[/red] [status entered-in-error]")],
+            warnings=["[blink]w[/blink]"],
+        ),
+    )
+    out = console.export_text()
+    assert text in out
+    assert "[red]note[/red] [status entered-in-error]" in out and "[blink]w[/blink]" in out
+    assert "evil.example" not in console.export_html(inline_styles=True).split("<body>")[0]
+
+
+@pytest.mark.parametrize(
+    ("question", "query"),
+    [
+        ("What was the result last month?", None),
+        ("What was his last visit?", None),
+        ("Any results in the last week?", None),
+        ("What was his last ferritin?", "ferritin"),
+        ("What was her troponin level?", "troponin"),
+        ("What is the patient's lactate?", "lactate"),
+        ("What was her glucose last month?", "glucose"),
+    ],
+)
+def test_planner_words_are_not_tests(question: str, query: str | None):
+    queries = {c.args.get("query") for c in plan(question).calls if "query" in c.args}
+    assert queries == ({query} if query else set())
