@@ -134,7 +134,7 @@ def render_record(console: Console, record: PatientRecord, images: ImageSet | No
         [
             (
                 when(m)[:10],
-                concept_text(getattr(m, "medicationCodeableConcept", None)),
+                concept_text(record.medication_code(m)),
                 reference_of(m),
             )
             for m in meds

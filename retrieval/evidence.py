@@ -74,12 +74,11 @@ class CompactContext:
 
     record: PatientRecord
     terms: TermTable = field(default_factory=default_terms)
-    _index: dict[str, Resource] | None = None
 
-    def resolve(self, reference: str) -> Resource | None:
-        if self._index is None:
-            self._index = {reference_of(r): r for r in self.record.resources()}
-        return self._index.get(reference)
+    def resolve(self, reference: str, from_resource: Resource | None = None) -> Resource | None:
+        """What ``reference`` points at: ``#id`` in ``from_resource``'s contained, else a
+        resource the record holds (``PatientRecord.resolve``)."""
+        return self.record.resolve(reference, from_resource)
 
 
 DatatypeCompactor = Callable[[Any, "Compactors"], str]
@@ -565,7 +564,7 @@ def _register_resources(reg: Compactors) -> None:
         drug = reg.text(m.medicationCodeableConcept)
         codes = codes_of(m.medicationCodeableConcept)
         if not drug and m.medicationReference is not None:
-            med = ctx.resolve(str(m.medicationReference.reference or ""))
+            med = ctx.resolve(str(m.medicationReference.reference or ""), m)
             drug = (
                 reg.text(getattr(med, "code", None))
                 if med is not None
