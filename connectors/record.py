@@ -93,6 +93,8 @@ REFERENCE_PATHS: dict[str, tuple[str, ...]] = {
 
 # Ids asked for in one ``_id=a,b,c`` search (keeps the URL well under common 8 KiB limits).
 ID_BATCH = 50
+# Missing referenced resources named in one FetchProblem; the rest are counted.
+MAX_NAMED = 5
 
 
 @dataclass
@@ -359,8 +361,10 @@ async def fetch_referenced(source: FhirSource, record: PatientRecord) -> None:
     """Fetch into ``record.referenced`` what ``missing_references`` lists.
 
     Per type, ``_id=a,b,c`` searches of up to ID_BATCH ids run concurrently (the source bounds
-    its own concurrency); where such a search fails, the ids are read one by one. A resource
-    that cannot be had is a ``FetchProblem`` naming it and what points at it, not an error.
+    its own concurrency); where such a search fails, the ids are read one by one. What cannot
+    be had is a ``FetchProblem``, not an error: one naming the resource and what points at it,
+    or, for several of a type failing alike (an export without its practitioners), one for them
+    all naming the first MAX_NAMED, so that the record's problems stay readable.
     """
     wanted = missing_references(record)
     by_type: dict[str, list[str]] = {}
@@ -373,12 +377,24 @@ async def fetch_referenced(source: FhirSource, record: PatientRecord) -> None:
         for i in range(0, len(ids), ID_BATCH)
     ]
     outcomes = await asyncio.gather(*(_fetch_batch(source, t, ids) for t, ids in batches))
+    failed: dict[tuple[str, str], list[str]] = {}
     for found, invalid, errors in outcomes:
         for res in found:
             record.referenced[reference_of(res)] = res
         record.invalid.extend(invalid)
         for key, error in errors.items():
-            record.problems.append(FetchProblem(key, f"referenced by {wanted[key]}: {error}"))
+            failed.setdefault((key.split("/", 1)[0], error), []).append(key)
+    for (rtype, error), keys in failed.items():
+        if len(keys) == 1:
+            record.problems.append(
+                FetchProblem(keys[0], f"referenced by {wanted[keys[0]]}: {error}")
+            )
+            continue
+        named = ", ".join(f"{k} (by {wanted[k]})" for k in keys[:MAX_NAMED])
+        more = f" and {len(keys) - MAX_NAMED} more" if len(keys) > MAX_NAMED else ""
+        record.problems.append(
+            FetchProblem(f"{len(keys)} referenced {rtype} resources", f"{error}: {named}{more}")
+        )
 
 
 async def _fetch_batch(

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from connectors.errors import UnsupportedSearch
-from connectors.record import ID_BATCH, PatientRecord, assemble_record
+from connectors.record import ID_BATCH, MAX_NAMED, PatientRecord, assemble_record
 from connectors.resources import Resource, SearchResult, reference_of
 from connectors.source import SearchParams
 from connectors.store import FhirStore, StoreSource
@@ -171,10 +171,11 @@ class _CountingSource(StoreSource):
         return await super().read(resource_type, resource_id)
 
 
-def _many_performers(store: FhirStore, n: int) -> None:
+def _many_performers(store: FhirStore, n: int, *, practitioners: bool = True) -> None:
     entries: list[dict[str, Any]] = [{"resource": {"resourceType": "Patient", "id": "p1"}}]
     for i in range(n):
-        entries.append({"resource": {"resourceType": "Practitioner", "id": f"pr{i}"}})
+        if practitioners:
+            entries.append({"resource": {"resourceType": "Practitioner", "id": f"pr{i}"}})
         entries.append(
             {
                 "resource": {
@@ -203,3 +204,15 @@ async def test_referenced_resources_come_in_id_batches_or_reads(
     by_id = [params["_id"].split(",") for rtype, params in source.searches if "_id" in params]
     assert [len(ids) for ids in by_id] == [ID_BATCH, ID_BATCH, 5]
     assert source.reads == (n if refuse else 0) + 1  # + the patient's own read
+
+
+async def test_many_missing_references_of_a_type_are_one_problem(store: FhirStore):
+    _many_performers(store, 12, practitioners=False)
+    source = StoreSource(store)
+    record = await assemble_record(source, "p1")
+    (problem,) = record.problems
+    assert problem.what == "12 referenced Practitioner resources"
+    assert problem.error.startswith(f"not found at {source.name}: Practitioner/pr")
+    assert problem.error.count("(by Observation/o") == MAX_NAMED
+    assert problem.error.endswith(f" and {12 - MAX_NAMED} more")
+    assert len(record.observations) == 12 and not record.referenced
