@@ -23,6 +23,15 @@ log = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
 
+# ``_include`` added to the per-type searches of ``everything_by_type``, so that the resources a
+# chart names outside the patient compartment (the drug of an order, where a visit happened) come
+# in the same round trips. Search parameters from the FHIR R4 specification.
+EVERYTHING_INCLUDES: dict[str, tuple[str, ...]] = {
+    "MedicationRequest": ("MedicationRequest:medication",),
+    "MedicationStatement": ("MedicationStatement:medication",),
+    "Encounter": ("Encounter:location", "Encounter:service-provider"),
+}
+
 
 def _params(params: SearchParams | None) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
@@ -140,7 +149,7 @@ class FhirClient:
         query = _params(params)
         if not any(k == "_count" for k, _ in query):
             query.append(("_count", str(self.settings.page_size)))
-        return await self._collect(self.url(resource_type), query)
+        return await self._collect(self.url(resource_type), query, resource_type)
 
     async def everything(self, patient_id: str) -> SearchResult:
         if self.settings.use_everything and await self.supports_everything():
@@ -152,7 +161,10 @@ class FhirClient:
         """The patient's chart by one search per resource type, run concurrently."""
         patient_read = asyncio.ensure_future(self.read("Patient", patient_id))
         searches = [
-            self.search(rtype, {param: f"Patient/{patient_id}"})
+            self.search(
+                rtype,
+                {param: f"Patient/{patient_id}", "_include": EVERYTHING_INCLUDES.get(rtype, ())},
+            )
             for rtype, param in PATIENT_COMPARTMENT_SEARCHES
         ]
         try:
@@ -169,14 +181,20 @@ class FhirClient:
         merged.total = len(merged.resources) + len(merged.invalid)
         return merged
 
-    async def _collect(self, url: str, query: list[tuple[str, str]]) -> SearchResult:
+    async def _collect(
+        self, url: str, query: list[tuple[str, str]], match_type: str | None = None
+    ) -> SearchResult:
         """Read every page of a search, through next links or, failing those, ``_offset``.
 
         Each page's resources are validated in a worker thread while the next page is fetched.
+        Paging counts matches only: entries a search ``_include``d (``search.mode`` "include",
+        or, where a server leaves the mode out, of another type than ``match_type``) are kept
+        but neither count toward ``total`` nor move ``_offset``.
         """
         result = SearchResult()
         validations: list[asyncio.Future[list[Resource | InvalidResource]]] = []
         seen: set[tuple[str, str]] = set()
+        matched = 0
         count = next((int(v) for k, v in query if k == "_count" and v.isdigit()), None)
         next_url: str | None = url
         next_params: list[tuple[str, str]] | None = query
@@ -185,12 +203,12 @@ class FhirClient:
             while next_url is not None:
                 if result.pages >= self.settings.max_pages:
                     raise IncompletePaging(
-                        url, len(seen), result.total, f"{result.pages} pages (max_pages)"
+                        url, matched, result.total, f"{result.pages} pages (max_pages)"
                     )
                 page_key = next_url + json.dumps(next_params)
                 if page_key in visited:
                     raise IncompletePaging(
-                        url, len(seen), result.total, "the server repeated a page link"
+                        url, matched, result.total, "the server repeated a page link"
                     )
                 visited.add(page_key)
                 bundle = await self._get_json(next_url, next_params)
@@ -204,8 +222,8 @@ class FhirClient:
                 result.pages += 1
                 if isinstance(bundle.get("total"), int):
                     result.total = bundle["total"]
-                on_page, fresh = self._new_entries(bundle, seen)
-                new = len(fresh)
+                on_page, fresh, new = self._new_entries(bundle, seen, match_type)
+                matched += new
                 if fresh:
                     validations.append(
                         asyncio.ensure_future(asyncio.to_thread(_validate_page, fresh, next_url))
@@ -213,7 +231,7 @@ class FhirClient:
                 if on_page and not new:
                     raise IncompletePaging(
                         url,
-                        len(seen),
+                        matched,
                         result.total,
                         "a page repeated resources already read (the server may ignore _offset)",
                     )
@@ -224,19 +242,19 @@ class FhirClient:
                 next_url = next_params = None
                 # No next link. Servers that page only by _offset (Medplum's router, for one) leave
                 # it out; a full page, or fewer than `total`, means there may be more to read.
-                more = (result.total is not None and len(seen) < result.total) or (
+                more = (result.total is not None and matched < result.total) or (
                     result.total is None and count is not None and new >= count
                 )
                 if more and count is not None and new > 0:
                     next_url = url
                     next_params = [(k, v) for k, v in query if k != "_offset"]
-                    next_params.append(("_offset", str(len(seen))))
+                    next_params.append(("_offset", str(matched)))
                 elif more:
                     raise IncompletePaging(
-                        url, len(seen), result.total, "the server gave no next link"
+                        url, matched, result.total, "the server gave no next link"
                     )
-            if result.total is not None and len(seen) < result.total:
-                raise IncompletePaging(url, len(seen), result.total, "the pages ran out early")
+            if result.total is not None and matched < result.total:
+                raise IncompletePaging(url, matched, result.total, "the pages ran out early")
         except BaseException:
             for pending in validations:
                 pending.cancel()
@@ -251,20 +269,26 @@ class FhirClient:
 
     @staticmethod
     def _new_entries(
-        bundle: Mapping[str, Any], seen: set[tuple[str, str]]
-    ) -> tuple[int, list[Any]]:
-        """How many matches a page held, and the raw resources not seen on earlier pages."""
-        on_page = 0
+        bundle: Mapping[str, Any], seen: set[tuple[str, str]], match_type: str | None = None
+    ) -> tuple[int, list[Any], int]:
+        """How many matches a page held, the raw resources (matches and includes) not seen on
+        earlier pages, and how many of those are matches."""
+        on_page = new = 0
         fresh: list[Any] = []
         for entry in bundle.get("entry") or []:
             if not isinstance(entry, dict):
                 continue
-            if (entry.get("search") or {}).get("mode") == "outcome":
+            mode = (entry.get("search") or {}).get("mode")
+            if mode == "outcome":
                 continue
-            on_page += 1
             raw = entry.get("resource")
+            rtype = str(raw.get("resourceType")) if isinstance(raw, dict) else "?"
+            is_match = mode == "match" or (
+                mode is None and (match_type is None or rtype == match_type)
+            )
+            on_page += is_match
             key = (
-                (str(raw.get("resourceType")), str(raw.get("id")))
+                (rtype, str(raw.get("id")))
                 if isinstance(raw, dict)
                 else ("?", str(entry.get("fullUrl")))
             )
@@ -272,7 +296,8 @@ class FhirClient:
                 continue
             seen.add(key)
             fresh.append(raw)
-        return on_page, fresh
+            new += is_match
+        return on_page, fresh, new
 
     async def binary(self, reference: str) -> BinaryContent:
         """A Binary's bytes; asks for the raw form and falls back to FHIR JSON with base64 data."""

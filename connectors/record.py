@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fhir.resources.R4B.allergyintolerance import AllergyIntolerance
+from fhir.resources.R4B.codeableconcept import CodeableConcept
 from fhir.resources.R4B.condition import Condition
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.documentreference import DocumentReference
@@ -22,12 +24,17 @@ from fhir.resources.R4B.medicationstatement import MedicationStatement
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.procedure import Procedure
+from fhir.resources.R4B.reference import Reference
 
 from connectors.errors import ChartSightError, ConnectorError, ResourceNotFound
 from connectors.resources import InvalidResource, Resource, reference_of
 from connectors.source import PATIENT_COMPARTMENT_SEARCHES, FhirSource
 
+log = logging.getLogger(__name__)
+
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+# A literal reference to a resource on the same server: Type/id, optionally a version of it.
+_RELATIVE = re.compile(r"([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?")
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,41 @@ CATEGORIES: dict[str, str] = {
     "Immunization": "immunizations",
 }
 
+# Resource types outside the patient compartment that the chart's resources point at and that a
+# reader needs to name things: the drug of a medication order, who recorded or performed something,
+# where it happened. ``assemble_record`` fetches them into ``PatientRecord.referenced``.
+REFERENCED_TYPES: tuple[str, ...] = (
+    "Medication",
+    "Practitioner",
+    "PractitionerRole",
+    "Organization",
+    "Location",
+)
+
+# Where each resource type points at REFERENCED_TYPES (dotted attribute paths; lists are walked).
+# From the FHIR R4 element definitions of these resources.
+REFERENCE_PATHS: dict[str, tuple[str, ...]] = {
+    "Patient": ("managingOrganization", "generalPractitioner"),
+    "MedicationRequest": ("medicationReference", "requester", "performer", "recorder"),
+    "MedicationStatement": ("medicationReference", "informationSource"),
+    "MedicationAdministration": ("medicationReference", "performer.actor"),
+    "MedicationDispense": ("medicationReference", "performer.actor", "location"),
+    "Encounter": ("participant.individual", "location.location", "serviceProvider"),
+    "Condition": ("recorder", "asserter"),
+    "AllergyIntolerance": ("recorder", "asserter"),
+    "Observation": ("performer",),
+    "DiagnosticReport": ("performer", "resultsInterpreter"),
+    "Procedure": ("performer.actor", "recorder", "asserter", "location"),
+    "Immunization": ("performer.actor", "location"),
+    "ImagingStudy": ("referrer", "interpreter", "location"),
+    "DocumentReference": ("author", "custodian"),
+}
+
+# Ids asked for in one ``_id=a,b,c`` search (keeps the URL well under common 8 KiB limits).
+ID_BATCH = 50
+# Missing referenced resources named in one FetchProblem; the rest are counted.
+MAX_NAMED = 5
+
 
 @dataclass
 class PatientRecord:
@@ -76,6 +118,11 @@ class PatientRecord:
     other: list[Resource] = field(default_factory=list)
     invalid: list[InvalidResource] = field(default_factory=list)
     problems: list[FetchProblem] = field(default_factory=list)
+    # Resources outside the patient compartment that the chart points at (REFERENCED_TYPES),
+    # keyed "Type/id"; not part of ``resources()`` (they are not the patient's data).
+    referenced: dict[str, Resource] = field(default_factory=dict)
+    _index: dict[str, Resource] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _indexed: tuple[int, ...] = field(default=(), init=False, repr=False, compare=False)
 
     @property
     def patient_id(self) -> str:
@@ -100,6 +147,78 @@ class PatientRecord:
                 return res
         return None
 
+    def resolve(
+        self, reference: str | Reference | None, from_resource: Resource | None = None
+    ) -> Resource | None:
+        """The resource a reference points at, if the record holds it; else None.
+
+        The one place references are followed. ``reference`` is a ``Reference`` or its
+        ``reference`` string, in any of the forms FHIR R4 allows (§2.3.0 "Resource References"):
+
+        - ``#id``: the resource contained in ``from_resource`` (the resource the reference is
+          in; without it a contained reference resolves to None); ``#`` alone is
+          ``from_resource`` itself;
+        - ``Type/id`` or ``Type/id/_history/v``: a resource of the chart (``resources()``) or a
+          referenced one (``referenced``);
+        - ``{base}/Type/id``: the same, when ``{base}`` is the server the record came from
+          (``source``); an absolute URL on another server resolves to None;
+        - ``urn:uuid:{uuid}``: the resource whose id is that uuid (the local store keeps a
+          Bundle entry's uuid as the id of a resource imported without one).
+        """
+        ref = reference.reference if isinstance(reference, Reference) else reference
+        if not ref:
+            return None
+        ref = str(ref)
+        if ref.startswith("#"):
+            if from_resource is None:
+                return None
+            if ref == "#":
+                return from_resource
+            for inner in getattr(from_resource, "contained", None) or []:
+                if inner.id == ref[1:]:
+                    return inner
+            return None
+        index = self._lookup()
+        if ref.startswith("urn:uuid:"):
+            found = [r for key, r in index.items() if key.endswith("/" + ref[9:])]
+            return found[0] if len(found) == 1 else None
+        key = self.local_reference(ref)
+        return index.get(key) if key is not None else None
+
+    def local_reference(self, reference: str) -> str | None:
+        """``Type/id`` of a literal reference to the record's source (relative, or absolute under
+        the source's base URL, any ``_history`` dropped); None for contained, logical, urn: or
+        other servers' references."""
+        base = self.source.rstrip("/") + "/"
+        if reference.startswith(base):
+            reference = reference[len(base) :]
+        found = _RELATIVE.fullmatch(reference)
+        return f"{found.group(1)}/{found.group(2)}" if found else None
+
+    def medication_code(self, resource: Resource) -> CodeableConcept | None:
+        """The drug of a MedicationRequest, -Statement, -Administration or -Dispense, as a
+        CodeableConcept: its ``medicationCodeableConcept``, or the ``code`` of the Medication
+        its ``medicationReference`` resolves to (contained or referenced); None if unknown."""
+        concept = getattr(resource, "medicationCodeableConcept", None)
+        if isinstance(concept, CodeableConcept):
+            return concept
+        med = self.resolve(getattr(resource, "medicationReference", None), resource)
+        code = getattr(med, "code", None)
+        return code if isinstance(code, CodeableConcept) else None
+
+    def _lookup(self) -> dict[str, Resource]:
+        # Rebuilt when resources were added since it was built (``add`` or list appends).
+        sizes = (
+            len(self.referenced),
+            *(len(getattr(self, a)) for a in dict.fromkeys(CATEGORIES.values())),
+            len(self.other),
+        )
+        if sizes != self._indexed:
+            self._index = {reference_of(r): r for r in self.resources()}
+            self._index.update(self.referenced)
+            self._indexed = sizes
+        return self._index
+
     def counts(self) -> dict[str, int]:
         """Resources per type."""
         out: dict[str, int] = {}
@@ -108,9 +227,14 @@ class PatientRecord:
         return out
 
     def add(self, resource: Resource) -> None:
-        attr = CATEGORIES.get(resource.get_resource_type())
-        if resource.get_resource_type() == "Patient":
+        """File a resource under its category, ``referenced`` (REFERENCED_TYPES) or ``other``."""
+        rtype = resource.get_resource_type()
+        if rtype == "Patient":
             return
+        if rtype in REFERENCED_TYPES:
+            self.referenced[reference_of(resource)] = resource
+            return
+        attr = CATEGORIES.get(rtype)
         getattr(self, attr).append(resource) if attr else self.other.append(resource)
 
 
@@ -162,7 +286,8 @@ async def assemble_record(source: FhirSource, patient_key: str) -> PatientRecord
     Uses ``$everything`` (which the source may answer by concurrent per-type searches); if that
     fails, falls back to one search per resource type, each failure recorded on its own. When the
     key looks like a resource id, ``$everything`` starts at once, while the patient is resolved,
-    and is discarded if the key turns out to be an identifier of another patient.
+    and is discarded if the key turns out to be an identifier of another patient. Then the
+    resources the chart points at outside the compartment are fetched (``fetch_referenced``).
     """
     early = (
         asyncio.ensure_future(source.everything(patient_key))
@@ -187,6 +312,7 @@ async def assemble_record(source: FhirSource, patient_key: str) -> PatientRecord
     except ConnectorError as exc:
         record.problems.append(FetchProblem("Patient/$everything", str(exc)))
         await _fill_by_type(source, pid, record)
+        await fetch_referenced(source, record)
         return record
     for res in result.resources:
         if res.get_resource_type() == "Patient" and str(res.id) == pid:
@@ -196,7 +322,115 @@ async def assemble_record(source: FhirSource, patient_key: str) -> PatientRecord
         else:
             record.add(res)
     record.invalid.extend(result.invalid)
+    await fetch_referenced(source, record)
     return record
+
+
+def _references_at(node: Any, path: str) -> Iterator[Reference]:
+    """The References found along a dotted attribute path, walking lists on the way."""
+    head, _, rest = path.partition(".")
+    value = getattr(node, head, None)
+    for item in value if isinstance(value, list) else [value]:
+        if item is None:
+            continue
+        if rest:
+            yield from _references_at(item, rest)
+        elif isinstance(item, Reference):
+            yield item
+
+
+def missing_references(record: PatientRecord) -> dict[str, str]:
+    """``Type/id`` of each REFERENCED_TYPES resource the chart points at (REFERENCE_PATHS) that
+    the record does not hold, with the first resource pointing at it. Contained (``#id``) and
+    other servers' references are left out: they are not fetched."""
+    wanted: dict[str, str] = {}
+    for res in record.resources():
+        for path in REFERENCE_PATHS.get(res.get_resource_type(), ()):
+            for ref in _references_at(res, path):
+                key = record.local_reference(str(ref.reference or ""))
+                if (
+                    key is not None
+                    and key.split("/", 1)[0] in REFERENCED_TYPES
+                    and key not in record.referenced
+                ):
+                    wanted.setdefault(key, reference_of(res))
+    return wanted
+
+
+async def fetch_referenced(source: FhirSource, record: PatientRecord) -> None:
+    """Fetch into ``record.referenced`` what ``missing_references`` lists.
+
+    Per type, ``_id=a,b,c`` searches of up to ID_BATCH ids run concurrently (the source bounds
+    its own concurrency); where such a search fails, the ids are read one by one. What cannot
+    be had is a ``FetchProblem``, not an error: one naming the resource and what points at it,
+    or, for several of a type failing alike (an export without its practitioners), one for them
+    all naming the first MAX_NAMED, so that the record's problems stay readable.
+    """
+    wanted = missing_references(record)
+    by_type: dict[str, list[str]] = {}
+    for key in wanted:
+        rtype, _, rid = key.partition("/")
+        by_type.setdefault(rtype, []).append(rid)
+    batches = [
+        (rtype, ids[i : i + ID_BATCH])
+        for rtype, ids in by_type.items()
+        for i in range(0, len(ids), ID_BATCH)
+    ]
+    outcomes = await asyncio.gather(*(_fetch_batch(source, t, ids) for t, ids in batches))
+    failed: dict[tuple[str, str], list[str]] = {}
+    for found, invalid, errors in outcomes:
+        for res in found:
+            record.referenced[reference_of(res)] = res
+        record.invalid.extend(invalid)
+        for key, error in errors.items():
+            failed.setdefault((key.split("/", 1)[0], error), []).append(key)
+    for (rtype, error), keys in failed.items():
+        if len(keys) == 1:
+            record.problems.append(
+                FetchProblem(keys[0], f"referenced by {wanted[keys[0]]}: {error}")
+            )
+            continue
+        named = ", ".join(f"{k} (by {wanted[k]})" for k in keys[:MAX_NAMED])
+        more = f" and {len(keys) - MAX_NAMED} more" if len(keys) > MAX_NAMED else ""
+        record.problems.append(
+            FetchProblem(f"{len(keys)} referenced {rtype} resources", f"{error}: {named}{more}")
+        )
+
+
+async def _fetch_batch(
+    source: FhirSource, rtype: str, ids: list[str]
+) -> tuple[list[Resource], list[InvalidResource], dict[str, str]]:
+    """Resources of one type by id: one ``_id`` search, else reads; with the ids not had."""
+    try:
+        result = await source.search(rtype, {"_id": ",".join(ids)})
+    except ConnectorError as exc:
+        log.info(
+            "%s cannot be searched by _id at %s (%s); reading one by one", rtype, source.name, exc
+        )
+        return await _read_each(source, rtype, ids)
+    found = [r for r in result.resources if r.get_resource_type() == rtype and r.id in ids]
+    invalid = [i for i in result.invalid if i.resource_type == rtype and i.id in ids]
+    had = {str(r.id) for r in found} | {str(i.id) for i in invalid}
+    missing = {f"{rtype}/{rid}": f"not found at {source.name}" for rid in ids if rid not in had}
+    return found, invalid, missing
+
+
+async def _read_each(
+    source: FhirSource, rtype: str, ids: list[str]
+) -> tuple[list[Resource], list[InvalidResource], dict[str, str]]:
+    reads = await asyncio.gather(*(source.read(rtype, rid) for rid in ids), return_exceptions=True)
+    found: list[Resource] = []
+    errors: dict[str, str] = {}
+    for rid, outcome in zip(ids, reads, strict=True):
+        if isinstance(outcome, ResourceNotFound):
+            errors[f"{rtype}/{rid}"] = f"not found at {source.name}"
+        elif isinstance(outcome, ConnectorError):
+            errors[f"{rtype}/{rid}"] = str(outcome)
+        elif isinstance(outcome, BaseException):
+            raise outcome
+        else:
+            found.append(outcome)
+    return found, [], errors
 
 
 async def _fill_by_type(source: FhirSource, pid: str, record: PatientRecord) -> None:

@@ -98,23 +98,11 @@ class CompactContext:
 
     record: PatientRecord
     terms: TermTable = field(default_factory=default_terms)
-    _index: dict[str, Resource] | None = None
 
-    def resolve(self, reference: str, referrer: Any = None) -> Resource | None:
-        """The resource a reference points at: ``#id`` in the referrer's ``contained``, else a
-        ``Type/id`` (or a URL ending in one) that the record holds; None when neither has it."""
-        if reference.startswith("#") and referrer is not None:
-            for contained in getattr(referrer, "contained", None) or []:
-                if str(getattr(contained, "id", "")) == reference[1:]:
-                    return contained
-            return None
-        if self._index is None:
-            self._index = {reference_of(r): r for r in self.record.resources()}
-            for held in getattr(self.record, "referenced", {}).values():
-                self._index[reference_of(held)] = held
-        parts = reference.rstrip("/").split("/")
-        key = "/".join(parts[-2:]) if len(parts) >= 2 else reference
-        return self._index.get(key)
+    def resolve(self, reference: str, from_resource: Resource | None = None) -> Resource | None:
+        """What ``reference`` points at: ``#id`` in ``from_resource``'s contained, else a
+        resource the record holds (``PatientRecord.resolve``)."""
+        return self.record.resolve(reference, from_resource)
 
 
 DatatypeCompactor = Callable[[Any, "Compactors"], str]
@@ -509,19 +497,13 @@ def _status_note(res: Any) -> str:
 
 
 def _drug(m: Any, reg: Compactors, ctx: CompactContext) -> tuple[str, tuple[str, ...]]:
-    """The drug a medication resource names: its CodeableConcept, else the referenced Medication
-    (``#id`` in ``contained`` or a resource the record holds), else the reference's display."""
-    concept = getattr(m, "medicationCodeableConcept", None)
-    if concept is not None:
-        return reg.text(concept), codes_of(concept)
-    ref = getattr(m, "medicationReference", None)
-    if ref is None:
-        return "", ()
-    med = ctx.resolve(str(ref.reference or ""), m)
-    code = getattr(med, "code", None)
+    """The drug a medication resource names (``PatientRecord.medication_code``: its concept, or
+    the contained or referenced Medication's code), else the reference's display."""
+    code = ctx.record.medication_code(m)
     if code is not None:
         return reg.text(code), codes_of(code)
-    return reg.text(ref), ()
+    ref = getattr(m, "medicationReference", None)
+    return (reg.text(ref), ()) if ref is not None else ("", ())
 
 
 def _register_resources(reg: Compactors) -> None:

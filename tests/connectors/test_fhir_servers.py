@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,6 +17,9 @@ from connectors.fhir_client import FhirClient
 from connectors.record import CATEGORIES, PatientRecord, assemble_record
 from connectors.settings import FhirServerSettings
 from connectors.store import FhirStore, StoreSource
+from retrieval.evidence import record_evidence
+from tests.conftest import post_transaction
+from tests.peers.servers import Sekmet
 
 pytestmark = pytest.mark.integration
 
@@ -47,6 +52,14 @@ def _content(record: PatientRecord) -> dict[str, Counter[str]]:
     return by_type
 
 
+def _referenced(record: PatientRecord) -> Counter[str]:
+    """The referenced resources' content, without server-assigned ids."""
+    return Counter(
+        json.dumps(_normalise(r.model_dump(mode="json", exclude_none=True)), sort_keys=True)
+        for r in record.referenced.values()
+    )
+
+
 async def test_sekmet_records_agree_with_the_local_store_resource_for_resource(
     sekmet, demo_store: FhirStore
 ):
@@ -62,6 +75,9 @@ async def test_sekmet_records_agree_with_the_local_store_resource_for_resource(
             assert remote_content.keys() == local_content.keys() - {"Media", "DocumentReference"}
             for rtype, items in remote_content.items():
                 assert items == local_content[rtype], f"{rtype} differs for {synthea_id}"
+            # SEKMET's $everything brings every referenced resource; the store's chart fetches
+            # those the chart names (its claims' billing providers are not among them)
+            assert mine.referenced and not _referenced(mine) - _referenced(remote)
 
 
 async def test_everything_and_per_type_searches_give_the_same_chart(sekmet):
@@ -149,3 +165,107 @@ async def test_medplum_record_by_type_agrees_with_the_local_store(medplum, demo_
     for rtype, items in remote_content.items():
         assert items == local_content[rtype], f"{rtype} differs"
     assert remote_content.keys() == local_content.keys()
+    # the hospital and the clinician, by _include and by an _id search (Medplum pages by _offset)
+    assert {k.split("/")[0] for k in remote.referenced} == {"Organization", "Practitioner"}
+    assert _referenced(remote) == _referenced(mine)
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def _as_transaction(collection: dict[str, Any]) -> dict[str, Any]:
+    """A collection Bundle as a transaction that keeps its resource ids (PUT Type/id)."""
+    entries = []
+    for entry in collection["entry"]:
+        res = entry["resource"]
+        url = f"{res['resourceType']}/{res['id']}"
+        entries.append({"resource": res, "request": {"method": "PUT", "url": url}})
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+class _CountingTransport(httpx.AsyncHTTPTransport):
+    """Records the path and query of every request (to see which round trips a record took)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[httpx.URL] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request.url)
+        return await super().handle_async_request(request)
+
+
+@pytest.fixture(scope="module")
+def sekmet_refs() -> Iterator[tuple[str, str]]:
+    """A SEKMET of its own (so other tests' patient lists stay as they are) holding the
+    references fixtures; yields its base URL and the id of the referenced-resources patient."""
+    with Sekmet() as server:
+        reply = post_transaction(
+            server.base_url, json.loads((FIXTURES / "referenced-resources.json").read_text())
+        )
+        locations = [e["response"]["location"] for e in reply["entry"]]
+        patient = next(loc for loc in locations if "Patient/" in loc)
+        contained = json.loads(
+            (FIXTURES / "realworld" / "01-contained-medication.json").read_text()
+        )
+        post_transaction(server.base_url, _as_transaction(contained))
+        yield server.base_url, patient.split("Patient/")[1].split("/")[0]
+
+
+def _evidence_line(record: PatientRecord, rtype: str) -> str:
+    return next(e.text for e in record_evidence(record) if e.id.startswith(f"{rtype}/"))
+
+
+@pytest.mark.parametrize("everything", [True, False])
+async def test_sekmet_names_a_medication_stored_as_its_own_resource(sekmet_refs, everything):
+    base_url, patient_id = sekmet_refs
+    transport = _CountingTransport()
+    settings = FhirServerSettings(url=base_url, use_everything=everything)
+    async with FhirClient(settings, transport=transport) as client:
+        record = await assemble_record(client, patient_id)
+    assert record.complete, (record.problems, record.invalid)
+    assert sorted(k.split("/")[0] for k in record.referenced) == [
+        "Location",
+        "Medication",
+        "Organization",
+        "Practitioner",
+    ]
+    order = _evidence_line(record, "MedicationRequest")
+    assert "Medication: metformin 500 mg tablet (RxNorm 861007), active" in order
+    assert "lisinopril 10 mg tablet" in _evidence_line(record, "MedicationStatement")
+    (visit,) = record.encounters
+    assert record.resolve(visit.location[0].location).name == "Ward 4B"
+    assert record.resolve(visit.participant[0].individual).name[0].family == "Eze"
+    paths = [url.path.rsplit("/", 1)[-1] for url in transport.requests]
+    if everything:  # SEKMET's $everything brings the referenced resources along
+        assert "Practitioner" not in paths and "Medication" not in paths
+    else:  # the drug, the ward and the hospital by _include; the practitioner by one _id search
+        assert "Medication" not in paths and "Location" not in paths
+        assert paths.count("Practitioner") == 1
+        (search,) = [u for u in transport.requests if u.path.endswith("/Practitioner")]
+        assert search.params["_id"] == str(visit.participant[0].individual.reference).split("/")[1]
+
+
+async def test_sekmet_contained_medication_is_named(sekmet_refs):
+    base_url, _ = sekmet_refs
+    async with FhirClient(FhirServerSettings(url=base_url)) as client:
+        record = await assemble_record(client, "bug01-pat")
+    assert record.complete, (record.problems, record.invalid)
+    line = _evidence_line(record, "MedicationRequest")
+    assert "Medication: amlodipine 5 mg tablet (RxNorm 197361), active" in line
+
+
+async def test_medplum_offset_paging_counts_matches_not_included_resources(
+    medplum, demo_store: FhirStore
+):
+    synthea_id, server_id = next(iter(medplum.patient_ids.items()))
+    expected = len(demo_store.search("Encounter", {"patient": synthea_id}).resources)
+    async with FhirClient(FhirServerSettings(url=medplum.base_url, page_size=4)) as client:
+        result = await client.search(
+            "Encounter",
+            {"patient": f"Patient/{server_id}", "_include": "Encounter:service-provider"},
+        )
+    # every page repeats the hospital as an include; an _offset moved by it would skip visits
+    assert expected > 4 and len(result.of_type("Encounter")) == expected
+    assert result.pages == -(-expected // 4)
+    assert len(result.of_type("Organization")) == 1
