@@ -79,6 +79,17 @@ def validate(raw: Any, origin: str) -> Resource | InvalidResource:
         return get_fhir_model_class(rtype).model_validate(raw)  # type: ignore[return-value]
     except ValidationError as exc:
         return InvalidResource(str(rtype), rid, raw, _short_error(exc), origin)
+    except (KeyError, TypeError) as exc:
+        # fhir_core looks up the model of a contained resource (any Resource-typed element) by
+        # its resourceType and raises KeyError ('R4.FooType') or TypeError (not a string) for an
+        # unknown one instead of a ValidationError (fhir_core/types.py, fhir_model_validator).
+        return InvalidResource(
+            str(rtype),
+            rid,
+            raw,
+            f"a nested resource has an unknown resourceType ({type(exc).__name__}: {exc})",
+            origin,
+        )
 
 
 def reference_of(resource: Resource) -> str:

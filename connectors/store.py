@@ -924,9 +924,16 @@ class _ConditionalLookup:
         self.conn = conn
         self.by_identifier: dict[tuple[str, str, str], list[str]] = {}
         for res in bundle_resources:
-            for ident in res.get("identifier") or []:
-                if isinstance(ident, dict) and "value" in ident:
-                    key = (res["resourceType"], ident.get("system") or "", str(ident["value"]))
+            # Not validated yet: an identifier of the wrong shape fails validation later.
+            idents = res.get("identifier")
+            for ident in idents if isinstance(idents, list) else []:
+                if isinstance(ident, dict) and isinstance(ident.get("value"), str):
+                    system = ident.get("system")
+                    key = (
+                        res["resourceType"],
+                        system if isinstance(system, str) else "",
+                        ident["value"],
+                    )
                     self.by_identifier.setdefault(key, []).append(
                         f"{res['resourceType']}/{res['id']}"
                     )

@@ -376,13 +376,22 @@ def test_json_that_is_not_a_resource_is_refused(
         ({"resource": _patient("p2"), "request": "PUT"}, "entry.request is not a JSON object"),
         ({"resource": _patient("p2"), "fullUrl": 7}, "entry.fullUrl is not a string"),
         ({"request": {"method": "DELETE", "url": ["Patient", "p1"]}}, "is not Type/id"),
+        (
+            {"resource": _patient("p2", contained=[{"resourceType": "Foo", "id": "f"}])},
+            "invalid Patient: a nested resource has an unknown resourceType",
+        ),
+        (
+            {"resource": _patient("p2", contained=[{"resourceType": 5, "id": "f"}])},
+            "invalid Patient: a nested resource has an unknown resourceType",
+        ),
     ],
 )
 def test_odd_entries_name_their_index(
     filled: FhirStore, tmp_path: Path, entry: dict[str, Any], needle: str
 ):
     bundle = _bundle({"resource": _patient("p3")}, entry)
-    assert _refused(filled, _write(tmp_path / "entry.json", bundle), needle).entry == "entry 1"
+    error = _refused(filled, _write(tmp_path / "entry.json", bundle), needle)
+    assert error.entry in ("entry 1", "entry 1 (Patient/p2)")
 
 
 @pytest.mark.parametrize(
