@@ -207,16 +207,23 @@ def _gzip_errors(origin: str, where: str | None) -> Iterator[None]:
         raise FhirImportError(origin, f"corrupt gzip data: {exc}", where) from exc
 
 
+_CHUNK = 8 * 2**20
+
+
 def _read_document(path: Path, limit: int) -> str:
     """The text of a whole JSON file (decompressed), at most ``limit`` bytes, as UTF-8."""
+    data = bytearray()
+    # In chunks: read(limit + 1) would allocate the whole limit up front, and a gzip file's size
+    # says nothing about what it decompresses to.
     with _gzip_errors(str(path), None), _open_binary(path) as fh:
-        data = fh.read(limit + 1)
-    if len(data) > limit:
-        raise FhirImportError(
-            str(path),
-            f"larger than {_size(limit)}, the limit for one JSON file (it is parsed whole); "
-            "export large data as NDJSON (one resource per line, read line by line)",
-        )
+        while chunk := fh.read(_CHUNK):
+            data += chunk
+            if len(data) > limit:
+                raise FhirImportError(
+                    str(path),
+                    f"larger than {_size(limit)}, the limit for one JSON file (it is parsed "
+                    "whole); export large data as NDJSON (one resource per line, read line by line)",
+                )
     return _decode(data, str(path), None, first=True)
 
 
@@ -251,7 +258,7 @@ _FOREIGN_BOMS = (
 )
 
 
-def _decode(data: bytes, origin: str, where: str | None, *, first: bool) -> str:
+def _decode(data: bytes | bytearray, origin: str, where: str | None, *, first: bool) -> str:
     """UTF-8 text of a file or line; ``first``: it starts the file, where a UTF-8 byte order mark
     is dropped (RFC 8259 section 8.1 lets parsers ignore one) and UTF-16/32 are recognised."""
     if first:

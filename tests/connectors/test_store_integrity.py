@@ -6,6 +6,9 @@ from __future__ import annotations
 import codecs
 import gzip
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -439,3 +442,37 @@ def test_import_json_refuses_what_json_cannot_hold(store: FhirStore):
     with pytest.raises(FhirImportError, match="not a JSON document"):
         store.import_json({**_patient(), "extension": nested}, "mem")
     assert store.counts() == {}
+
+
+MEMORY_BOUND_IMPORT = """
+import resource, sys
+from pathlib import Path
+from connectors.errors import FhirImportError
+from connectors.store import FhirStore
+folder = Path(sys.argv[1])
+store = FhirStore(f"sqlite:///{folder / 'store.db'}")
+status = Path("/proc/self/status").read_text().splitlines()
+size = int(next(line for line in status if line.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + 200 * 2**20, resource.RLIM_INFINITY))
+try:
+    store.import_path(folder / "balloon.json")
+except FhirImportError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux's")
+def test_running_out_of_memory_is_a_clear_error(tmp_path: Path):
+    # 15 MB of JSON that parses into 5 million dicts (~700 MB): more than the 200 MB the child
+    # process may add. Whatever is left of the memory, the import ends in FhirImportError.
+    (tmp_path / "balloon.json").write_text("[" + "{}," * 5_000_000 + "{}]")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_BOUND_IMPORT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "balloon.json: not enough memory to import this file" in done.stdout, done.stdout
