@@ -18,6 +18,7 @@ import asyncio
 import codecs
 import gzip
 import hashlib
+import io
 import json
 import math
 import uuid
@@ -28,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from sqlalchemy import (
     Column,
@@ -188,7 +189,7 @@ def _is_ndjson(path: Path) -> bool:
     return name.endswith((".ndjson", ".jsonl"))
 
 
-def _open_binary(path: Path) -> IO[bytes]:
+def _open_binary(path: Path) -> io.BufferedIOBase:
     if path.suffix == ".gz":
         return gzip.open(path, "rb")
     return path.open("rb")
