@@ -47,9 +47,13 @@ class SearchResult:
         return [r for r in self.resources if r.get_resource_type() == resource_type]
 
 
+# The abstract bases: fhir.resources has models for them, but no resource is of these types.
+_ABSTRACT = frozenset({"Resource", "DomainResource"})
+
+
 def is_resource_type(name: object) -> bool:
-    """Whether ``name`` is a FHIR R4 resource type (not a datatype)."""
-    if not isinstance(name, str) or not name[:1].isupper():
+    """Whether ``name`` is a FHIR R4 resource type (not a datatype, not an abstract base)."""
+    if not isinstance(name, str) or not name[:1].isupper() or name in _ABSTRACT:
         return False
     try:
         cls = get_fhir_model_class(name)

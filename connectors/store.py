@@ -441,6 +441,7 @@ class _Identities:
         # Type/id -> (entry index or line number, fullUrl, versionId, lastUpdated)
         self.by_key: dict[str, tuple[int, str | None, str | None, datetime | None]] = {}
         self.by_url: dict[str, tuple[int, str]] = {}
+        self.versions: dict[tuple[str, str], int] = {}  # only for entries with a versionId
         self.superseded: list[str] = []
 
     def _name(self, index: int, full_url: str | None) -> str:
@@ -458,6 +459,16 @@ class _Identities:
         version = meta.get("versionId") if isinstance(meta.get("versionId"), str) else None
         updated = _instant(meta.get("lastUpdated"))
         word = self.entry_word
+        if version is not None:
+            # One version twice, even with another version between them.
+            first = self.versions.setdefault((key, version), index)
+            if first != index:
+                raise FhirImportError(
+                    self.origin,
+                    f"both are {key} version {version}: a file may hold a resource once, or "
+                    "versions with different meta.versionIds (FHIR Bundle invariant bdl-7)",
+                    f"{word} {first} and {word} {index}",
+                )
         if full_url:
             seen_url = self.by_url.setdefault(full_url, (index, key))
             if seen_url[1] != key:

@@ -201,7 +201,25 @@ def test_same_version_id_twice_is_still_a_duplicate(filled: FhirStore, tmp_path:
         {"resource": _condition("c1", "gout", meta=meta)},
         {"resource": _condition("c1", "pseudogout", meta=meta)},
     )
-    _refused(filled, _write(tmp_path / "v7.json", bundle), "both are Condition/c1")
+    _refused(filled, _write(tmp_path / "v7.json", bundle), "both are Condition/c1 version 7")
+    between = _bundle(
+        {"resource": _condition("c1", "gout", meta=meta)},
+        {"resource": _condition("c1", "gout, resolved", meta={"versionId": "8"})},
+        {"resource": _condition("c1", "pseudogout", meta=meta)},
+    )
+    error = _refused(filled, _write(tmp_path / "v787.json", between), "version 7")
+    assert error.entry == "entry 0 and entry 2"
+    unversioned = _bundle(
+        {"resource": _condition("c1", "gout", meta=meta)},
+        {"resource": _condition("c1", "pseudogout")},
+    )
+    _refused(filled, _write(tmp_path / "v7-none.json", unversioned), "not told apart")
+
+
+def test_abstract_resource_types_are_refused(filled: FhirStore, tmp_path: Path):
+    for rtype in ("Resource", "DomainResource"):
+        path = _write(tmp_path / f"{rtype}.json", {"resourceType": rtype, "id": "x"})
+        _refused(filled, path, f"unknown resourceType '{rtype}'")
 
 
 def test_import_summary_counts_what_was_stored(store: FhirStore, tmp_path: Path):
