@@ -301,7 +301,7 @@ class _BadNumber(ValueError):
 
 
 def _number_text(text: str) -> str:
-    return text if len(text) <= 24 else f"{text[:12]}…{text[-8:]} ({len(text)} characters)"
+    return text if len(text) <= 24 else f"{text[:12]}…{text[-8:]}"
 
 
 def _parse_int(text: str) -> int:
