@@ -143,7 +143,8 @@ def artifacts() -> Path:
 
 # Property-based tests run the same examples on every run and machine (derandomize), keep no
 # example database, and stay within seconds; a test may lower max_examples further. For a long
-# hunt for new failing examples: CHARTSIGHT_HYPOTHESIS=explore pytest tests/... (random, 5000 each).
+# hunt for new failing examples: CHARTSIGHT_HYPOTHESIS=explore pytest --timeout=0 tests/...
+# (random, 5000 examples a test: minutes each).
 settings.register_profile(
     "chartsight",
     derandomize=True,

@@ -87,6 +87,10 @@ def json_values(max_leaves: int = 30) -> st.SearchStrategy[Any]:
     )
 
 
+# Built once: a strategy built inside a draw is validated again at every draw (slow).
+_SMALL_JSON = json_values(max_leaves=8)
+
+
 def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     """Every path (keys and indexes) to a value inside ``node``, the root excluded."""
     out: list[tuple[Any, ...]] = []
@@ -132,7 +136,7 @@ def mutated(draw: st.DrawFn, original: Any, *, max_mutations: int = 4, under: in
         if action == "drop":
             del parent[key]
         elif action == "replace":
-            parent[key] = draw(json_values(max_leaves=8))
+            parent[key] = draw(_SMALL_JSON)
         elif action == "retype":
             value = parent[key]
             parent[key] = draw(

@@ -5,6 +5,7 @@ made without an exception, and every item cites a resource of the record."""
 from __future__ import annotations
 
 import copy
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,6 +46,53 @@ def _seeds() -> dict[str, list[dict[str, Any]]]:
             "dosageInstruction": [{"text": "once daily"}],
         }
     )
+    out["Observation"] += [
+        {
+            "resourceType": "Observation",
+            "id": "bp",
+            "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9"}]},
+            "subject": {"reference": "Patient/p"},
+            "effectiveDateTime": "2026-03-01T08:00:00Z",
+            "component": [
+                {
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+                    "valueQuantity": {"value": 150, "unit": "mm[Hg]"},
+                    "referenceRange": [{"high": {"value": 130}}],
+                    "interpretation": [{"coding": [{"code": "H"}]}],
+                },
+                {
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "8462-4"}]},
+                    "valueQuantity": {"value": 95, "unit": "mm[Hg]"},
+                },
+            ],
+        },
+        {
+            "resourceType": "Observation",
+            "id": "k",
+            "status": "entered-in-error",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "2823-3"}]},
+            "subject": {"reference": "Patient/p"},
+            "effectivePeriod": {"start": "2026-03-01", "end": "2026-03-02"},
+            "valueQuantity": {"value": 6.8, "unit": "mmol/L"},
+            "referenceRange": [{"low": {"value": 3.5}, "high": {"value": 5.1}, "text": "3.5-5.1"}],
+            "interpretation": [{"coding": [{"code": "HH"}]}],
+            "note": [{"text": "haemolysed"}],
+            "dataAbsentReason": {"text": "error"},
+        },
+    ]
+    out["DiagnosticReport"].append(
+        {
+            "resourceType": "DiagnosticReport",
+            "id": "note",
+            "status": "final",
+            "code": {"text": "discharge summary"},
+            "subject": {"reference": "Patient/p"},
+            "result": [{"reference": "Observation/k"}],
+            "conclusion": "stable",
+            "presentedForm": [{"contentType": "text/html", "data": "PGI+c3RhYmxlPC9iPg=="}],
+        }
+    )
     out["MedicationStatement"] = [
         {
             "resourceType": "MedicationStatement",
@@ -70,6 +118,9 @@ def _seeds() -> dict[str, list[dict[str, Any]]]:
 
 
 SEEDS = _seeds()
+DATE = re.compile(r"^\d{4}(-\d{2})?(-\d{2})?(T.*)?$")
+# Partial dates (FHIR allows year and year-month), the extremes, and far time zones.
+ODD_DATES = ["2019", "2026-03", "0001-01-01", "9999-12-31T23:59:59Z", "2026-03-01T10:00:00+14:00"]
 EXTREME_NUMBERS = [0, -0.0, 1e308, -1e308, 1e-300, 123456789012345678, -1, 0.1, 2**31 - 1]
 
 
@@ -85,13 +136,15 @@ def valid_variant(draw: st.DrawFn, original: dict[str, Any]) -> Resource:
         path = draw(st.sampled_from(paths))
         parent, key = _parent(doc, path), path[-1]
         value = parent[key]
-        action = draw(st.sampled_from(["drop", "drop", "text", "number", "duplicate"]))
+        action = draw(st.sampled_from(["drop", "drop", "text", "number", "date", "duplicate"]))
         if action == "drop":
             del parent[key]
         elif action == "text" and isinstance(value, str):
             parent[key] = draw(odd_text)
         elif action == "number" and isinstance(value, int | float) and not isinstance(value, bool):
             parent[key] = draw(st.sampled_from(EXTREME_NUMBERS))
+        elif action == "date" and isinstance(value, str) and DATE.match(value):
+            parent[key] = draw(st.sampled_from(ODD_DATES))
         elif action == "duplicate" and isinstance(value, list) and value:
             value.append(copy.deepcopy(value[0]))
     checked = validate(doc, "hypothesis")
