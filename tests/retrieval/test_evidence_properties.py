@@ -9,7 +9,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from hypothesis import given, note, settings
+from hypothesis import given, note
 from hypothesis import strategies as st
 
 from connectors.demo import demo_bundles, demo_images_bundle
@@ -171,8 +171,6 @@ def records() -> st.SearchStrategy[PatientRecord]:
     return st.builds(build, patient, st.lists(resource, min_size=1, max_size=6))
 
 
-# A record is up to seven validated resources: fewer examples keep these within seconds.
-@settings(max_examples=100)
 @given(record=records())
 def test_evidence_never_raises_and_cites_the_record(record: PatientRecord):
     items = default_compactors(plugins=False).evidence(record)
@@ -183,7 +181,6 @@ def test_evidence_never_raises_and_cites_the_record(record: PatientRecord):
         assert item.text.endswith(f"[{item.id}]")
 
 
-@settings(max_examples=100)
 @given(record=records())
 def test_every_compactor_handles_the_record_itself(record: PatientRecord):
     # evidence() catches a compactor's exception and falls back to a bare line: right for the
