@@ -740,11 +740,20 @@ class FhirStore:
         rid = raw.get("id")
         if not isinstance(rid, str) or not rid or len(rid) > MAX_ID:
             raise FhirImportError(
-                origin, f"resource id {rid!r} missing or longer than {MAX_ID}", where
+                origin, f"resource id {_brief(rid)} missing or longer than {MAX_ID}", where
             )
         result = validate(raw, origin)
         if isinstance(result, InvalidResource):
             raise FhirImportError(origin, f"invalid {result.resource_type}: {result.error}", where)
+        patient = compartment_patient(raw)
+        if patient is not None and len(patient) > MAX_ID:
+            # No Patient can have this id (FHIR ids are at most 64 characters), and the
+            # patient_id column is that long: PostgreSQL would refuse the row, SQLite keep it.
+            raise FhirImportError(
+                origin,
+                f"reference to Patient/{_brief(patient)}: an id longer than {MAX_ID} characters",
+                where,
+            )
         for ref in _references(raw):
             if ref.startswith(("urn:uuid:", "urn:oid:")) and ref not in targets:
                 raise FhirImportError(origin, f"broken reference {ref!r}: no such entry", where)

@@ -216,6 +216,14 @@ def test_same_version_id_twice_is_still_a_duplicate(filled: FhirStore, tmp_path:
     _refused(filled, _write(tmp_path / "v7-none.json", unversioned), "not told apart")
 
 
+def test_a_patient_reference_longer_than_an_id_is_refused(filled: FhirStore, tmp_path: Path):
+    # Accepted by the models; PostgreSQL would refuse the row with a bare database error.
+    condition = {**_condition("c1", "gout"), "subject": {"reference": "Patient/" + "x" * 65}}
+    bundle = _bundle({"resource": _patient("p2")}, {"resource": condition})
+    error = _refused(filled, _write(tmp_path / "long.json", bundle), "longer than 64 characters")
+    assert error.entry == "entry 1 (Condition/c1)"
+
+
 def test_abstract_resource_types_are_refused(filled: FhirStore, tmp_path: Path):
     for rtype in ("Resource", "DomainResource"):
         path = _write(tmp_path / f"{rtype}.json", {"resourceType": rtype, "id": "x"})
