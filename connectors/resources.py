@@ -69,9 +69,13 @@ class SearchResult:
         return [r for r in self.resources if r.get_resource_type() == resource_type]
 
 
+# The abstract bases: fhir.resources has models for them, but no resource is of these types.
+_ABSTRACT = frozenset({"Resource", "DomainResource"})
+
+
 def is_resource_type(name: object) -> bool:
-    """Whether ``name`` is a FHIR R4 resource type (not a datatype)."""
-    if not isinstance(name, str) or not name[:1].isupper():
+    """Whether ``name`` is a FHIR R4 resource type (not a datatype, not an abstract base)."""
+    if not isinstance(name, str) or not name[:1].isupper() or name in _ABSTRACT:
         return False
     try:
         cls = get_fhir_model_class(name)
@@ -101,6 +105,17 @@ def validate(raw: Any, origin: str) -> Resource | InvalidResource:
         return get_fhir_model_class(rtype).model_validate(raw)  # type: ignore[return-value]
     except ValidationError as exc:
         return InvalidResource(str(rtype), rid, raw, _short_error(exc), origin)
+    except (KeyError, TypeError) as exc:
+        # fhir_core looks up the model of a contained resource (any Resource-typed element) by
+        # its resourceType and raises KeyError ('R4.FooType') or TypeError (not a string) for an
+        # unknown one instead of a ValidationError (fhir_core/types.py, fhir_model_validator).
+        return InvalidResource(
+            str(rtype),
+            rid,
+            raw,
+            f"a nested resource has an unknown resourceType ({type(exc).__name__}: {exc})",
+            origin,
+        )
 
 
 def reference_of(resource: Resource) -> str:

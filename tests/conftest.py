@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -138,3 +139,22 @@ def orthanc() -> Iterator[Orthanc]:
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+# Property-based tests run the same examples on every run and machine (derandomize), keep no
+# example database, and stay within seconds; a test may lower max_examples further. For a long
+# hunt for new failing examples: CHARTSIGHT_HYPOTHESIS=explore pytest --timeout=0 tests/...
+# (random, 5000 examples a test: minutes each).
+settings.register_profile(
+    "chartsight",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    max_examples=150,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "explore", settings.get_profile("chartsight"), derandomize=False, max_examples=5000
+)
+settings.load_profile(os.environ.get("CHARTSIGHT_HYPOTHESIS", "chartsight"))
