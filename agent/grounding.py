@@ -233,8 +233,8 @@ def _concept_supported(concept: Term, support: str) -> bool:
 def verify(answer: str, evidence: Mapping[str, str], trusted: Iterable[str] = ()) -> Verification:
     """Check every sentence of ``answer`` against ``evidence`` (id → the text given for it).
     A sentence that is, word for word, one of the ``trusted`` statements (the facts the tools
-    computed from the record) stands as it is."""
-    verbatim = {_normal(t) for t in trusted}
+    computed from the record), or one sentence of one, stands as it is."""
+    verbatim = {_normal(s) for t in trusted for s in split_sentences(t)}
     checks = []
     for sentence in split_sentences(answer):
         check = check_sentence(sentence, evidence)

@@ -130,14 +130,14 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         )
     ]
     measured_words: list[str] = []
-    conditions = []
+    condition_words: list[str] = []
     for _, _, words, term in sorted(spans, key=lambda x: x[0]):
         loinc = any(c.startswith("http://loinc.org|") for c in term.codes)
         snomed = any(c.startswith("http://snomed.info/sct|") for c in term.codes)
         if loinc and not (asks_condition and snomed):
             measured_words.append(words)  # as the clinician wrote it
         elif snomed:
-            conditions.append(term)
+            condition_words.append(words)
     stats = _has(
         q,
         "average",
@@ -171,7 +171,9 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         out.add("active_medications")
     if _has(q, "allerg"):
         out.add("allergies")
-    if conditions or _has(q, "problem", "diagnos", "condition", "comorbid"):
+    for term_words in condition_words:
+        out.add("condition_history", query=term_words)  # any status: active, resolved, ruled out
+    if _has(q, "problem", "diagnos", "condition", "comorbid"):
         out.add("active_problems")
     if _has(q, "procedure", "surgery", "operation"):
         out.add("recent_procedures")

@@ -161,6 +161,13 @@ class SimilarArgs(Args):
     k: int = Field(default=3, ge=1, le=10, description="How many similar cases.")
 
 
+class ConditionArgs(Args):
+    query: str = Field(
+        description="The condition: a name ('pneumonia', 'heart failure'), a SNOMED CT or ICD-10 "
+        "code, or 'system|code'."
+    )
+
+
 class LimitArgs(Args):
     limit: int = Field(default=5, ge=1, le=100, description="How many, newest first.")
 
@@ -322,13 +329,11 @@ def _obs_text(ref: str, ctx: ToolContext) -> str:
     return item.text.rsplit(" [", 1)[0] if item else ref
 
 
-def _voided_note(found: Found) -> str:
+def _voided_clause(found: Found) -> str:
+    """ " (N entered-in-error results left out)", inside a sentence before its citation (every
+    sentence of a statement ends in its citations, so the verifier keeps it)."""
     n = len(found.voided)
-    return (
-        f" {n} result{'s' if n > 1 else ''} entered in error {'were' if n > 1 else 'was'} left out."
-        if n
-        else ""
-    )
+    return f" ({n} entered-in-error result{'s' if n > 1 else ''} left out)" if n else ""
 
 
 # --- the built-in tools ----------------------------------------------------------------------
@@ -427,9 +432,9 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
                 return [
                     Fact(
                         "latest_observation",
-                        f"The record has no {_subject(query, found.points)} value: the latest "
-                        f"attempt, {_obs_text(last.reference, ctx)}.{_cite([last.reference])}"
-                        + _voided_note(found),
+                        f"The record has no {_subject(query, found.points)} value"
+                        f"{_voided_clause(found)}: the latest attempt, "
+                        f"{_obs_text(last.reference, ctx)}.{_cite([last.reference])}",
                         date=last.when.start if last.when else None,
                         evidence=(last.reference,),
                         details={"query": query, "results_in_record": 0, "voided": found.voided},
@@ -438,7 +443,7 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
             return [
                 Fact(
                     "latest_observation",
-                    f"No {query} result in the record." + _voided_note(found),
+                    f"No {query} result in the record{_voided_clause(found)}.",
                     details={"query": query, "voided": found.voided},
                 )
             ]
@@ -465,7 +470,10 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
         label = (
             "Latest" if nth == 1 else "Previous" if nth == 2 else f"Result {nth} from the latest:"
         )
-        statement = f"{label} {_subject(query, found.points)}: {_obs_text(ref, ctx)}.{_cite([ref])}"
+        statement = (
+            f"{label} {_subject(query, found.points)}{_voided_clause(found)}: "
+            f"{_obs_text(ref, ctx)}.{_cite([ref])}"
+        )
         evidence = [ref]
         # newer attempts without a value (cancelled, not done, no result) are said, not used
         newest_when = chosen.when.sort_key if chosen.when else None
@@ -485,7 +493,6 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
             why = f" ({last.absent})" if last.absent else ""
             statement += f" A later attempt on {_point_day(last)} has no result{why}.{_cite([last.reference])}"
             evidence.append(last.reference)
-        statement += _voided_note(found)
         details: dict[str, Any] = {
             "query": query,
             "abnormal": bool(item and item.abnormal),
@@ -550,8 +557,8 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
             return [
                 Fact(
                     "observation_stats",
-                    f"No numeric {_subject(query, [])} result {window}.{_cite([ref])}"
-                    + _voided_note(found),
+                    f"No numeric {_subject(query, [])} result {window}{_voided_clause(found)}."
+                    f"{_cite([ref])}",
                     value=None,
                     evidence=(ref,),
                     details={"query": query, "count": 0, "echo": [window], "voided": found.voided},
@@ -594,6 +601,30 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
             "active_problems",
             _by_category(ctx, "condition", True),
             "No active problem is recorded.",
+        )
+
+    @reg.add(
+        "condition_history",
+        "Every recorded condition matching a name or code, whatever its status: active, "
+        "resolved (with dates), or ruled out (refuted). Entered-in-error ones are left out.",
+        ConditionArgs,
+    )
+    def condition_history(ctx: ToolContext, query: str) -> list[Fact]:
+        codes = {c for t in ctx.terms.matches(query) for c in t.codes}
+        if "|" in query:
+            codes.add(query.strip())
+        words = [w for w in re.findall(r"[a-z0-9]+", query.lower()) if len(w) > 1]
+        found = []
+        for item in _by_category(ctx, "condition", False):
+            name = item.text.rsplit(" [", 1)[0].lower()
+            by_code = bool(codes & set(item.codes)) or any(
+                c.endswith(f"|{query.strip()}") for c in item.codes
+            )
+            if by_code or (not codes and words and all(w in name for w in words)):
+                found.append(item)
+        subject = _subject(query, [])
+        return _listing(
+            ctx, "condition_history", found, f"No {subject} condition is recorded in the chart."
         )
 
     @reg.add(
@@ -732,7 +763,7 @@ def _series_fact(
             f"{_cite(dict.fromkeys(p.reference for p in other_unit))}"
         )
     converted_note = (
-        f" Results in other units were converted to {target}."
+        f"; results in other units converted to {target}"
         if target
         and any(
             p.measurement is not None and not same_unit(p.measurement.unit, target) for p, _ in rows
@@ -743,7 +774,7 @@ def _series_fact(
         ref = f"Patient/{ctx.record.patient_id}"
         return Fact(
             "observation_stats",
-            f"No exact numeric {name} result {window}.{_cite([ref])}{notes}" + _voided_note(found),
+            f"No exact numeric {name} result {window}{_voided_clause(found)}.{_cite([ref])}{notes}",
             evidence=(ref, *dict.fromkeys(p.reference for p in bounds + other_unit)),
             details={"query": query, "count": 0, "echo": [window], "voided": found.voided},
         )
@@ -755,10 +786,10 @@ def _series_fact(
     u = f" {target}" if target else ""
     n = number_text
     statement = (
-        f"{name} {window}: {len(values)} results, mean {n(mean)}{u}, min {n(min(values))}{u}, "
-        f"max {n(max(values))}{u}; {trend} from {n(first[1])} ({_point_day(first[0])}) to "
-        f"{n(last[1])} ({_point_day(last[0])}).{_cite(refs)}{converted_note}{notes}"
-        + _voided_note(found)
+        f"{name} {window}{_voided_clause(found)}: {len(values)} results, mean {n(mean)}{u}, "
+        f"min {n(min(values))}{u}, max {n(max(values))}{u}; {trend} from {n(first[1])} "
+        f"({_point_day(first[0])}) to {n(last[1])} ({_point_day(last[0])}){converted_note}."
+        f"{_cite(refs)}{notes}"
     )
     return Fact(
         "observation_stats",
