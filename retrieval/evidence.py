@@ -446,14 +446,21 @@ def _flag(
             return "", False
         low, high, unit = usual
         label = "usual range"
-    shown_unit = m.unit
     if unit is not None and m.unit is not None and not same_unit(unit, m.unit):
-        converted = convert(m, unit, molar_mass)
-        if converted is None:
+        # the range is put into the value's unit, so the line reads in one unit
+        bounds = [
+            convert(Measurement(b, unit), m.unit, molar_mass) if b is not None else None
+            for b in (low, high)
+        ]
+        if any(
+            b is None for b, given in zip(bounds, (low, high), strict=True) if given is not None
+        ):
             return "", False  # another unit, no conversion: no flag rather than a wrong one
-        m = converted
+        low, high = (b.value if b is not None else None for b in bounds)
+        unit = m.unit
     elif unit is not None and m.unit is None:
         return "", False
+    shown_unit = m.unit
     word = _compare(m, low, high)
     span = (
         f"{_number(low)}–{_number(high)}"
