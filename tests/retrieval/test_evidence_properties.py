@@ -9,6 +9,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from hypothesis import given, note
 from hypothesis import strategies as st
 
@@ -191,3 +192,42 @@ def test_every_compactor_handles_the_record_itself(record: PatientRecord):
         compactor = compactors.resources.get(res.get_resource_type())
         if compactor is not None:
             compactor(res, compactors, context)
+
+
+# Found by the explore profile: fhir.resources keeps a partial date ("2019", "1958-03", allowed
+# for date and dateTime) as a str, and _iso_day calls .isoformat() on it. evidence() then falls
+# back to a bare line ("Patient: no code"), losing the name, sex and birth date, or a Condition's
+# "resolved" date. retrieval/evidence.py is being reworked; these pass once it handles them.
+PARTIAL_DATES = [
+    ({"resourceType": "Patient", "id": "p", "birthDate": "2019"}, "2019"),
+    ({"resourceType": "Patient", "id": "p", "birthDate": "1958-03"}, "1958-03"),
+    ({"resourceType": "Patient", "id": "p", "deceasedDateTime": "2020"}, "2020"),
+    (
+        {
+            "resourceType": "Condition",
+            "id": "c",
+            "subject": {"reference": "Patient/p"},
+            "code": {"text": "gout"},
+            "abatementDateTime": "2019",
+        },
+        "2019",
+    ),
+]
+
+
+@pytest.mark.xfail(
+    strict=False,
+    raises=AttributeError,
+    reason="evidence._iso_day: partial dates are str in fhir.resources ('str' has no isoformat)",
+)
+@pytest.mark.parametrize(("raw", "shown"), PARTIAL_DATES)
+def test_partial_dates_are_compacted_at_their_precision(raw: dict[str, Any], shown: str):
+    resource = validate(raw, "test")
+    assert not isinstance(resource, InvalidResource), resource
+    patient = resource if raw["resourceType"] == "Patient" else validate(PARTIAL_DATES[0][0], "t")
+    record = PatientRecord(patient=patient, source="test", fetched_at=datetime.now(UTC))  # type: ignore[arg-type]
+    record.add(resource)  # type: ignore[arg-type]
+    compactors = default_compactors(plugins=False)
+    made = compactors.resources[raw["resourceType"]](resource, compactors, CompactContext(record))
+    assert made is not None and not isinstance(made, list)
+    assert shown in made.text, made.text
