@@ -197,7 +197,7 @@ def test_every_compactor_handles_the_record_itself(record: PatientRecord):
 # Found by the explore profile: fhir.resources keeps a partial date ("2019", "1958-03", allowed
 # for date and dateTime) as a str, and _iso_day calls .isoformat() on it. evidence() then falls
 # back to a bare line ("Patient: no code"), losing the name, sex and birth date, or a Condition's
-# "resolved" date. retrieval/evidence.py is being reworked; these pass once it handles them.
+# "resolved" date. They are printed at their own precision (retrieval.clinical.fhir_date).
 PARTIAL_DATES = [
     ({"resourceType": "Patient", "id": "p", "birthDate": "2019"}, "2019"),
     ({"resourceType": "Patient", "id": "p", "birthDate": "1958-03"}, "1958-03"),
@@ -215,11 +215,6 @@ PARTIAL_DATES = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    raises=AttributeError,
-    reason="evidence._iso_day: partial dates are str in fhir.resources ('str' has no isoformat)",
-)
 @pytest.mark.parametrize(("raw", "shown"), PARTIAL_DATES)
 def test_partial_dates_are_compacted_at_their_precision(raw: dict[str, Any], shown: str):
     resource = validate(raw, "test")
