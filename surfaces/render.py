@@ -8,11 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from connectors.images import ImageSet
-from connectors.record import PatientRecord
-from connectors.resources import reference_of
-from connectors.store import human_name
-from retrieval.cases import age_of
+from agent import ImageSet, PatientRecord, age_of, human_name, reference_of
 
 
 def concept_text(concept: Any) -> str:
