@@ -1,1 +1,69 @@
-"""ChartSight's agent layer: the question-answering graph and its surfaces (CLI, HTTP, MCP)."""
+"""ChartSight's agent: the LangGraph graph, its tools, model backends and grounding, behind one
+front door, ``ChartSight`` (``agent/service.py``).
+
+The surfaces (``surfaces/``: CLI, HTTP, MCP) import what they need from here: the front door, the
+settings, and the domain types and errors they show or construct. Those types are defined once in
+the lower layers (``retrieval``, ``connectors``) and only re-exported here, so that a surface
+depends on the agent alone (plus ``connectors`` for importing data and administering the store).
+"""
+
+from agent.answer import Answer, Citation
+from agent.index_build import BuildReport, build_index, open_index
+from agent.service import ChartSight, connected, ehr_source
+from agent.settings import Settings, load_settings
+from agent.tools import Fact, ToolError
+from connectors.errors import (
+    ChartSightError,
+    ConfigurationError,
+    ConnectorError,
+    FhirImportError,
+    ResourceNotFound,
+)
+from connectors.images import ImageSet
+from connectors.prefetch import PrefetchSource
+from connectors.record import PatientRecord
+from connectors.resources import display_name, reference_of
+from connectors.source import FhirSource
+from retrieval.cases import Case, ChartSections, age_of, line_label
+from retrieval.clinical import fhir_date, patient_age
+from retrieval.encoders import EncoderRegistry
+from retrieval.evidence import Evidence
+from retrieval.index import CaseFilter, CaseHit
+from retrieval.rank import RankedEvidence
+
+__all__ = [
+    "Answer",
+    "BuildReport",
+    "Case",
+    "CaseFilter",
+    "CaseHit",
+    "ChartSections",
+    "ChartSight",
+    "ChartSightError",
+    "Citation",
+    "ConfigurationError",
+    "ConnectorError",
+    "EncoderRegistry",
+    "Evidence",
+    "Fact",
+    "FhirImportError",
+    "FhirSource",
+    "ImageSet",
+    "PatientRecord",
+    "PrefetchSource",
+    "RankedEvidence",
+    "ResourceNotFound",
+    "Settings",
+    "ToolError",
+    "age_of",
+    "build_index",
+    "connected",
+    "display_name",
+    "ehr_source",
+    "fhir_date",
+    "line_label",
+    "load_settings",
+    "open_index",
+    "patient_age",
+    "reference_of",
+]

@@ -58,7 +58,7 @@ GATHER_NODES = ("tools", "evidence", "images", "similar")  # run in parallel aft
 
 
 @dataclass
-class Runtime:
+class AgentRuntime:
     """What the nodes work with; not part of the (checkpointed) state."""
 
     settings: Settings
@@ -94,8 +94,7 @@ class Runtime:
 
         def similar(k: int) -> list[Any]:
             assert index is not None
-            images = self.images.get(record.patient_id) or ImageSet()
-            case = cases_from_record(record, images)[0]
+            case = self.patient_case(record, self.images.get(record.patient_id) or ImageSet())
             return index.similar(case, k, own_cases_out(case))
 
         return ToolContext(
@@ -129,6 +128,12 @@ class Runtime:
                 return ImageSet()
         return self.images[record.patient_id]
 
+    def patient_case(self, record: PatientRecord, images: ImageSet | None) -> Case:
+        """The asking patient's own case, built like the indexed ones (the index settings' image
+        limit), for a similar-case query."""
+        limit = self.settings.retrieval.index.max_images_per_case
+        return cases_from_record(record, images, max_images=limit)[0]
+
     def emit(self, kind: str, **data: Any) -> None:
         if self.on_event is not None:
             self.on_event(kind, data)
@@ -142,7 +147,7 @@ def own_cases_out(case: Case, flt: CaseFilter | None = None) -> CaseFilter:
     )
 
 
-def runtime(config: RunnableConfig) -> Runtime:
+def runtime(config: RunnableConfig) -> AgentRuntime:
     return config["configurable"]["runtime"]
 
 
@@ -183,7 +188,7 @@ def timed(
 
 
 @timed("resolve")
-async def resolve(state: AskState, rt: Runtime) -> dict[str, Any]:
+async def resolve(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     record = await rt.record(state["patient_key"])
     warnings = [
         f"part of the record could not be fetched: {p.what}: {p.error}" for p in record.problems
@@ -220,7 +225,7 @@ async def resolve(state: AskState, rt: Runtime) -> dict[str, Any]:
 
 
 @timed("plan")
-async def plan(state: AskState, rt: Runtime) -> dict[str, Any]:
+async def plan(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     question = state["question"]
     made = rule_plan(question)
     calls = [asdict(c) for c in made.calls]
@@ -244,12 +249,12 @@ async def plan(state: AskState, rt: Runtime) -> dict[str, Any]:
     }
 
 
-def record_of(state: AskState, rt: Runtime) -> PatientRecord:
+def record_of(state: AskState, rt: AgentRuntime) -> PatientRecord:
     return rt.records[state["patient_id"]]
 
 
 @timed("tools")
-async def gather_tools(state: AskState, rt: Runtime) -> dict[str, Any]:
+async def gather_tools(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     record = record_of(state, rt)
     if any(c["tool"] == "similar_cases" for c in state.get("plan", [])):
         await rt.ensure_images(record, quiet=True)
@@ -278,7 +283,7 @@ async def gather_tools(state: AskState, rt: Runtime) -> dict[str, Any]:
 
 
 @timed("evidence")
-async def gather_evidence(state: AskState, rt: Runtime) -> dict[str, Any]:
+async def gather_evidence(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     items = rt.evidence_items(record_of(state, rt))
     # embedding the question (and new lines) is CPU work: off the event loop
     ranked = await asyncio.to_thread(rt.ranker.rank, state["question"], items)
@@ -290,7 +295,7 @@ async def gather_evidence(state: AskState, rt: Runtime) -> dict[str, Any]:
 
 
 @timed("images")
-async def gather_images(state: AskState, rt: Runtime) -> dict[str, Any]:
+async def gather_images(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     if not state.get("want_images") and not state.get("want_similar"):
         return {"images": []}
     try:
@@ -313,13 +318,13 @@ def _image_dict(image: PatientImage) -> dict[str, Any]:
 
 
 @timed("similar")
-async def gather_similar(state: AskState, rt: Runtime) -> dict[str, Any]:
+async def gather_similar(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     if not state.get("want_similar"):
         return {"similar": []}
     if rt.index is None or len(rt.index) == 0:
         return {"similar": [], "warnings": ["no similar-case index (run `chartsight index build`)"]}
     record = record_of(state, rt)
-    case = cases_from_record(record, await rt.ensure_images(record))[0]
+    case = rt.patient_case(record, await rt.ensure_images(record))
     hits = await asyncio.to_thread(rt.index.similar, case, 3, own_cases_out(case))
     return {
         "similar": [{"key": h.key, "score": round(h.score, 4), "summary": h.summary} for h in hits]
@@ -374,7 +379,7 @@ def _trusted(state: AskState) -> list[str]:
     return [f["statement"] for f in state.get("facts", []) if f.get("evidence")]
 
 
-def _messages(state: AskState, rt: Runtime) -> list[Message]:
+def _messages(state: AskState, rt: AgentRuntime) -> list[Message]:
     version = prompts.DEFAULT_VERSION
     system = prompts.render("system", version, max_sentences=6)
     given = _evidence_for(state)
@@ -406,7 +411,7 @@ def _messages(state: AskState, rt: Runtime) -> list[Message]:
 
 
 @timed("generate")
-async def generate(state: AskState, rt: Runtime) -> dict[str, Any]:
+async def generate(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     attempts = state.get("attempts", 0)
     if rt.backend is None:
         return {"draft": evidence_answer(state), "model": "evidence", "attempts": attempts + 1}
@@ -437,7 +442,7 @@ async def generate(state: AskState, rt: Runtime) -> dict[str, Any]:
 
 
 @timed("verify")
-async def check(state: AskState, rt: Runtime) -> dict[str, Any]:
+async def check(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     result = verify(state.get("draft", ""), _evidence_for(state), _trusted(state))
     checked = [
         {
@@ -461,7 +466,7 @@ def after_check(state: AskState) -> str:
 
 
 @timed("finalize")
-async def finalize(state: AskState, rt: Runtime) -> dict[str, Any]:
+async def finalize(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     given = _evidence_for(state)
     checked = state.get("checked", [])
     kept = [c for c in checked if c["supported"]]

@@ -11,19 +11,22 @@ from retrieval.terms import TermTable, default_terms
 
 
 @dataclass(frozen=True)
-class ToolCall:
+class PlannedCall:
+    """A call the rule planner decided on: a tool's name and its arguments. (A model's request
+    to call a tool is ``agent.backends.ToolCall``.)"""
+
     tool: str
     args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class Plan:
-    calls: list[ToolCall] = field(default_factory=list)
+    calls: list[PlannedCall] = field(default_factory=list)
     similar_cases: bool = False
     images: bool = False
 
     def add(self, tool: str, **args: Any) -> None:
-        call = ToolCall(tool, args)
+        call = PlannedCall(tool, args)
         if call not in self.calls:
             self.calls.append(call)
 

@@ -1,4 +1,6 @@
-"""``ChartSight``: ask questions about patients through the graph, one thread per conversation."""
+"""``ChartSight``: the one front door to everything about a patient (record, images, ranked
+evidence, facts, similar cases, grounded answers through the graph, one thread per conversation).
+The surfaces call these methods and do not reach past them into connectors or retrieval."""
 
 from __future__ import annotations
 
@@ -11,25 +13,26 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from agent.answer import Answer
 from agent.backends import create_backend
 from agent.cache import RecentCache
 from agent.graph import build_graph
-from agent.nodes import Runtime, own_cases_out
+from agent.nodes import AgentRuntime, own_cases_out
 from agent.settings import Settings
 from agent.tools import Fact, ToolError, default_tools
 from connectors.dicomweb import DicomWebClient
 from connectors.errors import ChartSightError, ConfigurationError
 from connectors.fhir_client import FhirClient
-from connectors.images import collect_images
-from connectors.record import PatientRecord, assemble_record
+from connectors.images import ImageSet
+from connectors.record import PatientRecord, find_patients
+from connectors.settings import FhirServerSettings
 from connectors.source import FhirSource
 from connectors.store import FhirStore, StoreSource
-from retrieval.cases import cases_from_record
+from retrieval.cases import Case, ChartSections, chart_sections
 from retrieval.encoders import EncoderRegistry
-from retrieval.index import CaseFilter, CaseHit, CaseIndex, IndexError_
+from retrieval.index import CaseFilter, CaseHit, CaseIndex, CaseIndexError
 from retrieval.rank import EvidenceRanker, RankedEvidence
 
 
@@ -60,6 +63,14 @@ def source_for(settings: Settings) -> FhirSource:
     return StoreSource(FhirStore(settings.store_url))
 
 
+def ehr_source(url: str, token: str | None) -> FhirSource:
+    """A FHIR server a caller names, read with the caller's own bearer token (a CDS Hooks request's
+    ``fhirServer`` and ``fhirAuthorization``, a SMART launch's ``iss``)."""
+    return FhirClient(
+        FhirServerSettings(url=url.rstrip("/"), token=SecretStr(token) if token else None)
+    )
+
+
 @contextlib.asynccontextmanager
 async def connected(settings: Settings) -> AsyncIterator[tuple[FhirSource, DicomWebClient | None]]:
     """The patient source and the PACS (if configured), closed when done."""
@@ -77,6 +88,12 @@ class ChartSight:
     """The agent, with its source, model backend, index and checkpointer opened once.
 
     Use as ``async with ChartSight(settings) as cs: answer = await cs.ask(patient, question)``.
+    ``answering=False`` opens only what reading a patient needs (no model backend, no thread
+    checkpointer: ``ask`` and threads are then unavailable); ``dense=False`` ranks evidence without
+    the text encoder (BM25, codes, recency); ``use_index=False`` leaves the similar-case index shut.
+    Every method that takes ``source`` reads the patient from there instead of the configured
+    source (a CDS Hooks request's prefetch or FHIR server, a SMART launch's EHR), with caches of
+    its own.
     """
 
     def __init__(
@@ -87,23 +104,28 @@ class ChartSight:
         now: datetime | None = None,
         encoders: EncoderRegistry | None = None,
         use_index: bool = True,
+        answering: bool = True,
+        dense: bool = True,
     ) -> None:
         self.settings = settings
         self._source = source
         self.now = now
         self.encoders = encoders
         self.use_index = use_index
+        self.answering = answering
+        self.dense = dense
         self._stack = contextlib.AsyncExitStack()
-        self.runtime: Runtime | None = None
+        self.runtime: AgentRuntime | None = None
         self.graph: Any = None
         self.one_shot: Any = None
+        self._index_error: CaseIndexError | None = None  # why the index could not be opened
 
     async def __aenter__(self) -> ChartSight:
         s = self.settings
         source = self._source or source_for(s)
         if self._source is None:
             self._stack.push_async_callback(source.aclose)
-        backend = create_backend(s.model)
+        backend = create_backend(s.model) if self.answering else None
         if backend is not None:
             self._stack.push_async_callback(backend.aclose)
         dicomweb = DicomWebClient.from_settings(s.dicomweb)
@@ -117,21 +139,23 @@ class ChartSight:
                 index = CaseIndex(
                     s.index_path, r.index, r.fusion, encoders.text(), encoders.image()
                 )
-            except IndexError_:
-                index = None  # reported when a question asks for similar cases
-        self.runtime = Runtime(
+            except CaseIndexError as exc:
+                index = None  # reported when similar cases are asked for
+                self._index_error = exc
+        self.runtime = AgentRuntime(
             settings=s,
             source=source,
             tools=default_tools(),
-            ranker=EvidenceRanker(s.retrieval.rank, encoders.text()),
+            ranker=EvidenceRanker(s.retrieval.rank, encoders.text() if self.dense else None),
             backend=backend,
             index=index,
             dicomweb=dicomweb,
             now=self.now,
         )
-        saver = await _checkpointer(s.threads_url, self._stack)
-        self.graph = build_graph(saver)
-        self.one_shot = build_graph(None)  # questions outside any thread: nothing is kept
+        if self.answering:
+            saver = await _checkpointer(s.threads_url, self._stack)
+            self.graph = build_graph(saver)
+            self.one_shot = build_graph(None)  # questions outside any thread: nothing is kept
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -151,15 +175,10 @@ class ChartSight:
         the record from elsewhere than the configured source (e.g. a CDS Hooks request's FHIR
         server or prefetch), with caches of its own. ``keep=False`` without a thread keeps
         nothing: no checkpoint is written (faster, and no copy of the question is stored)."""
-        assert self.runtime is not None, "use `async with ChartSight(...)`"
+        assert self.graph is not None, "use `async with ChartSight(...)` (answering=True)"
         # one runtime per question (sharing the caches), so concurrent questions keep their own
         # event listeners
-        rt = dataclasses.replace(self.runtime, on_event=on_event)
-        if source is not None:
-            rt = dataclasses.replace(
-                rt, source=source, records=RecentCache(), images=RecentCache(),
-                evidence=RecentCache(),
-            )  # fmt: skip
+        rt = dataclasses.replace(self._runtime(source), on_event=on_event)
         start = {"question": question, "patient_key": patient, "warnings": None, "timings": None}
         if thread_id is None and not keep:
             state = await self.one_shot.ainvoke(start, {"configurable": {"runtime": rt}})
@@ -173,6 +192,7 @@ class ChartSight:
 
     async def pending(self, thread_id: str) -> dict[str, Any] | None:
         """An interrupted run of the thread (its question and the steps still to run), or None."""
+        assert self.graph is not None, "use `async with ChartSight(...)` (answering=True)"
         snapshot = await self.graph.aget_state({"configurable": {"thread_id": thread_id}})
         if not snapshot or not snapshot.next:
             return None
@@ -199,24 +219,49 @@ class ChartSight:
         state = await self.graph.ainvoke(None, config)
         return self._answer(state, thread_id)
 
-    async def record(self, patient: str) -> PatientRecord:
-        """The patient's record (kept for ``settings.cache_ttl_s``)."""
+    def _runtime(self, source: FhirSource | None = None) -> AgentRuntime:
+        """The runtime, or one reading from ``source`` with caches of its own."""
         assert self.runtime is not None, "use `async with ChartSight(...)`"
-        return await self.runtime.record(patient)
+        if source is None:
+            return self.runtime
+        return dataclasses.replace(
+            self.runtime, source=source, records=RecentCache(), images=RecentCache(),
+            evidence=RecentCache(),
+        )  # fmt: skip
+
+    async def record(self, patient: str, source: FhirSource | None = None) -> PatientRecord:
+        """The patient's record (kept for ``settings.cache_ttl_s``)."""
+        return await self._runtime(source).record(patient)
+
+    async def images(self, record: PatientRecord, source: FhirSource | None = None) -> ImageSet:
+        """The record's images with their provenance (Media, attachments, ImagingStudy through
+        DICOMweb), and the images that failed, each with its reason."""
+        return await self._runtime(source).ensure_images(record)
+
+    def sections(self, record: PatientRecord) -> ChartSections:
+        """The record's summary sections (active problems, latest results, active medications,
+        allergies, encounters, imaging) from the same evidence lines the answers cite."""
+        return chart_sections(record, self._runtime().evidence_items(record))
+
+    async def find_patients(self, name: str, born: str | None = None) -> list[Any]:
+        """Patient resources matching a name (given and family) and a birth date (YYYY-MM-DD)."""
+        return await find_patients(self._runtime().source, name, born)
 
     async def evidence(
-        self, patient: str, question: str, token_budget: int | None = None
+        self,
+        patient: str,
+        question: str,
+        token_budget: int | None = None,
+        source: FhirSource | None = None,
     ) -> list[RankedEvidence]:
         """The ranked chart evidence the agent would see for ``question``."""
-        assert self.runtime is not None, "use `async with ChartSight(...)`"
-        rt = self.runtime
-        items = rt.evidence_items(await self.record(patient))
+        rt = self._runtime(source)
+        items = rt.evidence_items(await rt.record(patient))
         return await asyncio.to_thread(rt.ranker.rank, question, items, token_budget=token_budget)
 
     async def facts(self, patient: str, tool: str, args: dict[str, Any]) -> list[Fact]:
         """One structured tool's facts about the patient."""
-        assert self.runtime is not None, "use `async with ChartSight(...)`"
-        rt = self.runtime
+        rt = self._runtime()
         if tool not in rt.tools.tools:
             raise ToolError(f"no tool {tool!r}; tools: {', '.join(sorted(rt.tools.tools))}")
         record = await self.record(patient)
@@ -227,6 +272,12 @@ class ChartSight:
         except ValidationError as exc:
             raise ToolError(f"{tool}: {exc.errors()[0]['msg']} ({exc.errors()[0]['loc']})") from exc
 
+    async def patient_case(self, patient: str, source: FhirSource | None = None) -> Case:
+        """The asking patient's own case (summary and images), built like the indexed ones."""
+        rt = self._runtime(source)
+        record = await rt.record(patient)
+        return rt.patient_case(record, await rt.ensure_images(record))
+
     async def similar(
         self,
         patient: str,
@@ -234,21 +285,35 @@ class ChartSight:
         flt: CaseFilter | None = None,
         source: FhirSource | None = None,
     ) -> list[CaseHit]:
-        """Cases most like the patient's (the patient's own left out); ``source`` reads the
-        patient from elsewhere than the configured source (e.g. a SMART launch's EHR)."""
-        assert self.runtime is not None, "use `async with ChartSight(...)`"
-        rt = self.runtime
-        if rt.index is None or len(rt.index) == 0:
+        """Cases most like the patient's (the patient's own left out)."""
+        index = self._runtime().index
+        if index is None and self._index_error is not None:
+            raise ConfigurationError(str(self._index_error)) from self._index_error
+        if index is None or len(index) == 0:
             raise ConfigurationError("no similar-case index (run `chartsight index build`)")
-        if source is not None:
-            record = await assemble_record(source, patient)
-            images = await collect_images(record, source, rt.settings.images, rt.dicomweb)
-        else:
-            record = await self.record(patient)
-            images = await rt.ensure_images(record)
-        case = cases_from_record(record, images)[0]
-        flt = own_cases_out(case, flt)
-        return await asyncio.to_thread(rt.index.similar, case, k, flt)
+        case = await self.patient_case(patient, source)
+        return await asyncio.to_thread(index.similar, case, k, own_cases_out(case, flt))
+
+    def tool_schemas(self) -> list[dict[str, Any]]:
+        """The structured tools ``facts`` can run, each as its OpenAI function schema."""
+        return [t.schema()["function"] for t in self._runtime().tools.tools.values()]
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the source, backend, index and checkpointer have been opened."""
+        return self.runtime is not None
+
+    @property
+    def model_name(self) -> str:
+        """The model backend answering questions (``evidence``: the embedded evidence answer)."""
+        rt = self.runtime
+        return rt.backend.name if rt is not None and rt.backend is not None else "evidence"
+
+    @property
+    def cases_indexed(self) -> int:
+        """How many cases the similar-case index holds (0 when there is none)."""
+        index = self._runtime().index
+        return len(index) if index is not None else 0
 
     def thumbnail(self, case_key: str) -> bytes | None:
         """The index's PNG preview of a similar case's first image, if any."""
@@ -270,6 +335,7 @@ class ChartSight:
 
     async def history(self, thread_id: str) -> list[dict[str, str]]:
         """The questions and answers of a thread so far."""
+        assert self.graph is not None, "use `async with ChartSight(...)` (answering=True)"
         snapshot = await self.graph.aget_state({"configurable": {"thread_id": thread_id}})
         return list(snapshot.values.get("history", [])) if snapshot else []
 

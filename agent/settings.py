@@ -1,4 +1,5 @@
-"""The one settings object, built at the edge (CLI, server) and passed down.
+"""The agent's settings object, built at the edge (CLI, server) and passed down. A surface adds
+its own sections by subclassing (``surfaces.settings.AppSettings`` adds ``[serve]``).
 
 Sources, highest first: explicit arguments, ``CHARTSIGHT_*`` environment variables (nested with
 ``__``, e.g. ``CHARTSIGHT_FHIR__URL``), a TOML file (``--config``, ``CHARTSIGHT_CONFIG`` or
@@ -9,21 +10,25 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import Field
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
-from agent.api.settings import ServeSettings
 from agent.backends import BackendSettings
 from connectors.errors import ConfigurationError
 from connectors.settings import DicomWebSettings, FhirServerSettings, ImageSettings, StoreSettings
 from retrieval.settings import RetrievalSettings
+
+# Sections of a shared settings file that the surfaces read (``surfaces.settings.AppSettings``
+# adds ``serve``): the agent's own settings pass over them instead of refusing the file.
+EDGE_SECTIONS = frozenset({"serve"})
 
 
 def _config_file() -> Path | None:
@@ -53,7 +58,6 @@ class Settings(BaseSettings):
     images: ImageSettings = ImageSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
     model: BackendSettings = BackendSettings()
-    serve: ServeSettings = ServeSettings()
     cache_patients: int = Field(
         default=256, ge=1, description="Patients whose record a running agent keeps in memory."
     )
@@ -80,7 +84,13 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         path = cls.config_file or _config_file()
         if path is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            toml = TomlConfigSettingsSource(settings_cls, toml_file=path)
+            foreign = EDGE_SECTIONS - set(settings_cls.model_fields)
+            if foreign & set(toml.toml_data):
+                kept = {k: v for k, v in toml.toml_data.items() if k not in foreign}
+                sources.append(InitSettingsSource(settings_cls, kept))
+            else:
+                sources.append(toml)
         return tuple(sources)
 
     @property
@@ -101,11 +111,21 @@ class Settings(BaseSettings):
         return (self.retrieval.index.path or self.home / "index").expanduser()
 
 
-def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
-    """Settings from the environment and a TOML file (``config`` or the default), ``overrides`` on top."""
+S = TypeVar("S", bound=Settings)
+
+
+def settings_from(kind: type[S], config: Path | None = None, **overrides: Any) -> S:
+    """Settings of ``kind`` (``Settings``, or a surface's subclass of it) from the environment and
+    a TOML file (``config`` or the default), ``overrides`` on top."""
     if config is None:
-        return Settings(**overrides)
+        return kind(**overrides)
     if not config.is_file():
         raise ConfigurationError(f"config file {config} does not exist")
-    from_file = type("Settings", (Settings,), {"config_file": config})
+    from_file = type(kind.__name__, (kind,), {"config_file": config})
     return from_file(**overrides)
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """The agent's settings from the environment and a TOML file (``config`` or the default),
+    ``overrides`` on top."""
+    return settings_from(Settings, config, **overrides)

@@ -20,7 +20,7 @@ from langgraph.prebuilt import ToolNode
 
 import prompts
 from agent.backends import BackendError, tool_calling
-from agent.nodes import GATHER_NODES, Runtime, record_of, runtime, timed
+from agent.nodes import GATHER_NODES, AgentRuntime, record_of, runtime, timed
 from agent.state import AskState
 from agent.tools import langchain_tools
 
@@ -47,7 +47,7 @@ def after_think(state: AskState, config: RunnableConfig) -> list[str] | str:
     return list(GATHER_NODES)
 
 
-def _opening(state: AskState, rt: Runtime) -> list[dict[str, Any]]:
+def _opening(state: AskState, rt: AgentRuntime) -> list[dict[str, Any]]:
     version = prompts.DEFAULT_VERSION
     planned = [f"{c['tool']}({json.dumps(c['args'])})" for c in state.get("plan", [])]
     return [
@@ -66,7 +66,7 @@ def _opening(state: AskState, rt: Runtime) -> list[dict[str, Any]]:
 
 
 @timed("think")
-async def think(state: AskState, rt: Runtime) -> dict[str, Any]:
+async def think(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     """One round of the model choosing tools."""
     backend = tool_calling(rt.backend)
     assert backend is not None  # routed here only then
@@ -114,7 +114,7 @@ def _tool_error(exc: Exception) -> str:
 
 
 @timed("act")
-async def act(state: AskState, rt: Runtime) -> dict[str, Any]:
+async def act(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     """Run the model's tool calls through LangGraph's ToolNode, bound to this patient's record."""
     record = record_of(state, rt)
     if any(c["name"] == "similar_cases" for c in state.get("pending_calls", [])):

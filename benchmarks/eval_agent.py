@@ -230,7 +230,7 @@ def cold_start(home: Path, pid: str) -> float:
     env = {**os.environ, "CHARTSIGHT_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "agent.cli", "ask", pid, "What was the last HbA1c?"],
+        [sys.executable, "-m", "surfaces.cli", "ask", pid, "What was the last HbA1c?"],
         check=True,
         capture_output=True,
         env=env,

@@ -26,10 +26,10 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.api.security import key_digest  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
 from connectors.demo import import_demo  # noqa: E402
 from connectors.store import FhirStore  # noqa: E402
+from surfaces.http.security import key_digest  # noqa: E402
 
 KEY = "bench-key"
 QUESTIONS = [

@@ -1,4 +1,7 @@
-"""One exception hierarchy for everything that brings patient data in.
+"""ChartSight's one exception hierarchy. Its root, ``ChartSightError``, lives here because
+``connectors`` is the bottom layer: every layer above (retrieval, agent, surfaces) raises and
+catches it without importing upward, and adds its own subclasses (e.g. ``CaseIndexError``,
+``ToolError``, ``Unauthenticated``).
 
 Each error's message is one line a user can act on; the underlying exception is chained
 (``raise ... from exc``) for developers.

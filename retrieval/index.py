@@ -60,11 +60,11 @@ FORMAT = 1
 EXACT_LIMIT = 50_000  # below this many cases, 'auto' searches exactly
 
 
-class IndexError_(ChartSightError):
+class CaseIndexError(ChartSightError):
     """The case index cannot be used as asked."""
 
 
-class IndexMismatch(IndexError_):
+class IndexMismatch(CaseIndexError):
     """The index was built with other encoders, fusion or dimensions than the settings ask for."""
 
 
@@ -136,7 +136,7 @@ class Fusion:
         if mode == "auto":
             mode = "sum" if shared else "concat"
         if mode == "sum" and not shared:
-            raise IndexError_(
+            raise CaseIndexError(
                 f"fusion mode 'sum' needs image and text encoders in one space; {image.name} and "
                 f"{text.name} are not (use mode 'concat')"
             )
@@ -191,14 +191,14 @@ def _new_index(factory: str, dim: int) -> Any:
     """An empty CPU index that takes our own int64 ids."""
     if "RFlat" in factory or "Refine" in factory:
         # IndexRefine keeps its vectors by position: it can neither take our ids nor remove one
-        raise IndexError_(
+        raise CaseIndexError(
             f"{factory!r}: refinement stages are not supported by the case index; use e.g. "
             "'IVF4096,SQ8' or 'IVF4096,PQ64'"
         )
     try:
         probe = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        raise IndexError_(
+        raise CaseIndexError(
             f"FAISS does not understand the factory string {factory!r}: {exc}"
         ) from exc
     if _is_ivf(probe) or factory.startswith("IDMap"):
@@ -331,7 +331,7 @@ class CaseIndex:
         _compare_space(manifest["space"], self.space(), str(gen))
         index_file = gen / "index.faiss"
         if _sha256_file(index_file) != manifest["index_sha256"]:
-            raise IndexError_(
+            raise CaseIndexError(
                 f"{index_file} does not match its manifest's checksum (a damaged file); "
                 "rebuild it with `chartsight index build --rebuild`"
             )
@@ -503,7 +503,7 @@ class CaseIndex:
             keep = {c.key for c in todo}
             vectors = vectors[[i for i, c in enumerate(cases) if c.key in keep]]
         if vectors.shape != (len(todo), self.fusion.dim):
-            raise IndexError_(
+            raise CaseIndexError(
                 f"expected vectors of shape {(len(todo), self.fusion.dim)}, got {vectors.shape}"
             )
         now = datetime.now(UTC).isoformat(timespec="seconds")
@@ -759,7 +759,7 @@ def _index_ids(index: Any) -> np.ndarray:
                 parts.append(faiss.rev_swig_ptr(ptr, size).copy())
                 invlists.release_ids(lst, ptr)
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
-    raise IndexError_(f"cannot list the ids of a {type(index).__name__}")
+    raise CaseIndexError(f"cannot list the ids of a {type(index).__name__}")
 
 
 def _compare_space(stored: dict[str, Any], wanted: dict[str, Any], where: str) -> None:

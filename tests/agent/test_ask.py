@@ -315,7 +315,7 @@ def test_an_interrupted_run_can_be_inspected_and_resumed(settings: Settings, tom
     asyncio.run(interrupted())
     from typer.testing import CliRunner
 
-    from agent.cli import app
+    from surfaces.cli import app
 
     env = {"CHARTSIGHT_HOME": str(settings.home), "CHARTSIGHT_STORE__URL": settings.store.url}
     shown = CliRunner().invoke(app, ["resume", "crashed", "--show"], env=env)

@@ -230,9 +230,9 @@ def test_a_query_cannot_put_its_own_numbers_into_a_fact(records) -> None:  # typ
 def test_similar_cases_is_a_tool_too(tmp_path: Path, demo_store: FhirStore):
     from typer.testing import CliRunner
 
-    from agent.cli import app
     from agent.service import ChartSight
     from agent.settings import Settings
+    from surfaces.cli import app
 
     settings = Settings(home=tmp_path / "home", store={"url": str(demo_store.engine.url)})
 

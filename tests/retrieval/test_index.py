@@ -17,8 +17,8 @@ from retrieval.encoders import EncoderRegistry
 from retrieval.index import (
     CaseFilter,
     CaseIndex,
+    CaseIndexError,
     Fusion,
-    IndexError_,
     IndexMismatch,
     auto_factory,
 )
@@ -83,7 +83,7 @@ def test_concat_fusion_is_the_weighted_mean_of_cosines(encoders: EncoderRegistry
     a, b = fusion.fuse(t, i)
     expected = (0.36 * (i[0] @ i[1]) + 0.64 * (t[0] @ t[1])) / 1.0
     assert float(a @ b) == pytest.approx(expected, abs=1e-5)
-    with pytest.raises(IndexError_, match="one space"):
+    with pytest.raises(CaseIndexError, match="one space"):
         Fusion(FusionSettings(mode="sum"), encoders.text().info, encoders.image().info)
 
 
@@ -227,7 +227,7 @@ def test_damaged_index_file_is_reported(tmp_path: Path, encoders: EncoderRegistr
     with (gen / "index.faiss").open("r+b") as fh:
         fh.seek(100)
         fh.write(b"\xff\xff\xff\xff")
-    with pytest.raises(IndexError_, match="checksum"):
+    with pytest.raises(CaseIndexError, match="checksum"):
         _open(path, encoders)
 
 
@@ -259,9 +259,9 @@ def test_hnsw_removal_rebuilds_from_sql(tmp_path: Path, encoders: EncoderRegistr
 
 
 def test_bad_factory_string_is_a_clear_error(tmp_path: Path, encoders: EncoderRegistry):
-    with pytest.raises(IndexError_, match="factory string 'IVF,Nonsense'"):
+    with pytest.raises(CaseIndexError, match="factory string 'IVF,Nonsense'"):
         _open(tmp_path / "idx", encoders, factory="IVF,Nonsense")
-    with pytest.raises(IndexError_, match="refinement stages are not supported"):
+    with pytest.raises(CaseIndexError, match="refinement stages are not supported"):
         _open(tmp_path / "idx2", encoders, factory="IVF16,PQ8x4fs,RFlat")
 
 

@@ -18,14 +18,13 @@ from typing import TYPE_CHECKING, Any
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError as McpToolError
 
-from agent.api.security import AuthError, Forbidden, Principal, authorize
-from agent.service import ChartSight
-from connectors.errors import ChartSightError
+from agent import ChartSight, ChartSightError
+from surfaces.http.security import Forbidden, Principal, Unauthenticated, authorize
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from agent.api.app import Service
+    from surfaces.http.deps import Service
 
 LOCAL = Principal("local", "local user", frozenset({"system/*.read"}), kind="local")
 
@@ -56,7 +55,7 @@ class Access:
             who = self.service.auth.from_headers(
                 headers.get("authorization"), headers.get("x-api-key")
             )
-        except AuthError as exc:
+        except Unauthenticated as exc:
             raise McpToolError(f"unauthorized: {exc}") from exc
         if self.service.limiter.take(who.client_id) > 0:
             raise McpToolError("too many requests from this client")
@@ -128,8 +127,7 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
     )
     async def fact_tools(ctx: Context) -> list[dict[str, Any]]:
         agent, _ = access.caller(ctx)
-        assert agent.runtime is not None
-        return [t.schema()["function"] for t in agent.runtime.tools.tools.values()]
+        return agent.tool_schemas()
 
     @server.tool(
         structured_output=True,

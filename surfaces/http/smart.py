@@ -32,13 +32,9 @@ from jinja2 import Environment, select_autoescape
 from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse
 
-from agent.api.app import Service, Svc, answer_stream, http_error
-from agent.api.security import Forbidden, Principal, authorize
-from connectors.errors import ChartSightError
-from connectors.fhir_client import FhirClient
-from connectors.images import collect_images
-from connectors.record import PatientRecord, assemble_record
-from connectors.settings import FhirServerSettings
+from agent import ChartSightError, FhirSource, ImageSet, PatientRecord, display_name, ehr_source
+from surfaces.http.deps import Service, Svc, answer_stream, http_error
+from surfaces.http.security import Forbidden, Principal, authorize
 
 COOKIE = "chartsight_session"
 _closing: set[asyncio.Future[None]] = set()  # FHIR clients of expired sessions being closed
@@ -63,19 +59,16 @@ class AppSession:
     expires: float
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     record: PatientRecord | None = None
-    images: Any = None
-    source: FhirClient | None = None
+    images: ImageSet | None = None
+    source: FhirSource | None = None
 
     def principal(self, client_id: str) -> Principal:
         return Principal(client_id, self.user, frozenset(self.scope.split()), self.patient)
 
-    def fhir(self) -> FhirClient:
+    def fhir(self) -> FhirSource:
+        """The EHR's FHIR server, read with the user's token."""
         if self.source is None:
-            from pydantic import SecretStr
-
-            self.source = FhirClient(
-                FhirServerSettings(url=self.iss, token=SecretStr(self.access_token))
-            )
+            self.source = ehr_source(self.iss, self.access_token)
         return self.source
 
 
@@ -224,13 +217,14 @@ _TEMPLATES = Environment(autoescape=select_autoescape(default=True, default_for_
 
 
 def _page(name: str) -> Any:
-    text = files("agent.api").joinpath("templates", name).read_text(encoding="utf-8")
+    text = files("surfaces.http").joinpath("templates", name).read_text(encoding="utf-8")
     return _TEMPLATES.from_string(text)
 
 
-async def _record(session: AppSession) -> PatientRecord:
+async def _record(svc: Service, session: AppSession) -> PatientRecord:
+    """The launch patient's record from the EHR, kept for the session."""
     if session.record is None:
-        session.record = await assemble_record(session.fhir(), session.patient)
+        session.record = await svc.agent.record(session.patient, source=session.fhir())
     return session.record
 
 
@@ -254,15 +248,12 @@ async def app_page(
 ) -> HTMLResponse:
     session = _session(svc, chartsight_session)
     try:
-        record = await _record(session)
+        record = await _record(svc, session)
     except ChartSightError as exc:
         raise http_error(exc) from exc
     patient = record.patient
-    first = patient.name[0] if patient.name else None
-    parts = [*(first.given or []), first.family or ""] if first else []
-    name = " ".join(str(p) for p in parts if p).strip()
     html = _page("app.html").render(
-        name=name or "Unnamed patient",
+        name=display_name(patient),
         gender=patient.gender or "unknown sex",
         birth_date=str(patient.birthDate or "unknown"),
         patient_id=record.patient_id,
@@ -317,7 +308,7 @@ async def app_resource(
     chartsight_session: Annotated[str | None, Cookie()] = None,
 ) -> Response:
     session = _session(svc, chartsight_session)
-    record = await _record(session)
+    record = await _record(svc, session)
     wanted = f"{resource_type}/{resource_id}"
     for res in record.resources():
         if f"{res.get_resource_type()}/{res.id}" == wanted:  # only this patient's resources
@@ -355,11 +346,9 @@ async def app_image(
     chartsight_session: Annotated[str | None, Cookie()] = None,
 ) -> Response:
     session = _session(svc, chartsight_session)
-    record = await _record(session)
+    record = await _record(svc, session)
     if session.images is None:
-        rt = svc.agent.runtime
-        assert rt is not None
-        session.images = await collect_images(record, session.fhir(), rt.settings.images, None)
+        session.images = await svc.agent.images(record, source=session.fhir())
     for image in session.images.images:
         p = image.provenance
         if p.fhir_reference == ref and (sop is None or p.sop_instance_uid == sop):

@@ -18,7 +18,7 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from connectors.demo import MARTINA_MURAZIK, TOMMY_FRIESEN
 from connectors.store import FhirStore
 from tests.agent.test_ask import _a1cs
-from tests.api.conftest import BOUND_KEY, EHR_KEY, Running
+from tests.surfaces.http.conftest import BOUND_KEY, EHR_KEY, Running
 
 TOOLS = {"patient_evidence", "patient_facts", "fact_tools", "similar_cases", "ask"}
 

@@ -1,8 +1,16 @@
-"""Settings of the HTTP service (``chartsight serve``): limits, authentication, audit, CDS Hooks."""
+"""The surfaces' settings: the agent's ``Settings`` plus the HTTP service's ``[serve]`` section
+(limits, authentication, audit, CDS Hooks, the SMART app), composed here at the edge so that the
+agent knows nothing of the surfaces."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from pydantic import BaseModel, Field, SecretStr
+
+from agent import Settings
+from agent.settings import settings_from
 
 
 class ApiKey(BaseModel):
@@ -45,6 +53,8 @@ class SmartAppSettings(BaseModel):
 
 
 class ServeSettings(BaseModel):
+    """The HTTP service (``chartsight serve``): where it listens, its limits and who may call it."""
+
     host: str = "127.0.0.1"
     port: int = 8080
     public_url: str | None = Field(
@@ -72,3 +82,16 @@ class ServeSettings(BaseModel):
     )
     auth: AuthSettings = AuthSettings()
     smart: SmartAppSettings = SmartAppSettings()
+
+
+class AppSettings(Settings):
+    """The agent's settings and the ``[serve]`` section (``CHARTSIGHT_SERVE__*``): what the
+    command line and the HTTP service are built with."""
+
+    serve: ServeSettings = ServeSettings()
+
+
+def load_app_settings(config: Path | None = None, **overrides: Any) -> AppSettings:
+    """``AppSettings`` from the environment and a TOML file (``config`` or the default),
+    ``overrides`` on top."""
+    return settings_from(AppSettings, config, **overrides)

@@ -21,15 +21,11 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError
 
-from agent.api.app import Caller, Service, Svc, allowed
+from agent import ChartSightError, PrefetchSource, ehr_source
 from agent.grounding import citations, split_sentences, uncited
-from connectors.errors import ChartSightError, ResourceNotFound
-from connectors.fhir_client import FhirClient
-from connectors.resources import InvalidResource, SearchResult, validate
-from connectors.settings import FhirServerSettings
-from connectors.source import BinaryContent, SearchParams
+from surfaces.http.deps import Caller, Service, Svc, allowed
 
 log = logging.getLogger("chartsight.api")
 
@@ -113,70 +109,6 @@ class Discovery(BaseModel):
     services: list[ServiceDescription]
 
 
-# --- a FHIR source over the prefetched resources --------------------------------------------------
-
-
-class PrefetchSource:
-    """The resources the EHR prefetched, as a read-only FhirSource."""
-
-    def __init__(self, prefetch: dict[str, dict[str, Any] | None]) -> None:
-        self.resources: list[Any] = []
-        self.invalid: list[InvalidResource] = []
-        for key, value in prefetch.items():
-            if not value:
-                continue
-            raws = (
-                [e.get("resource") for e in value.get("entry") or []]
-                if value.get("resourceType") == "Bundle"
-                else [value]
-            )
-            for raw in raws:
-                made = validate(raw, f"prefetch {key}")
-                if isinstance(made, InvalidResource):
-                    self.invalid.append(made)
-                else:
-                    self.resources.append(made)
-
-    @property
-    def name(self) -> str:
-        return "CDS Hooks prefetch"
-
-    def has_patient(self, patient_id: str) -> bool:
-        return any(
-            r.get_resource_type() == "Patient" and str(r.id) == patient_id for r in self.resources
-        )
-
-    async def read(self, resource_type: str, resource_id: str) -> Any:
-        for r in self.resources:
-            if r.get_resource_type() == resource_type and str(r.id) == resource_id:
-                return r
-        raise ResourceNotFound(f"{resource_type}/{resource_id}", 404, "not in the prefetch")
-
-    async def search(self, resource_type: str, params: SearchParams | None = None) -> SearchResult:
-        found = [r for r in self.resources if r.get_resource_type() == resource_type]
-        ident = dict(params or {}).get("identifier")
-        if resource_type == "Patient" and ident:
-            value = str(ident).split("|")[-1]
-            found = [
-                r
-                for r in found
-                if any(i.value == value for i in getattr(r, "identifier", []) or [])
-            ]
-        return SearchResult(resources=found, total=len(found), pages=1)
-
-    async def everything(self, patient_id: str) -> SearchResult:
-        return SearchResult(
-            resources=list(self.resources), invalid=list(self.invalid), pages=1,
-            total=len(self.resources),
-        )  # fmt: skip
-
-    async def binary(self, reference: str) -> BinaryContent:
-        raise ResourceNotFound(reference, 404, "binaries are not part of the prefetch")
-
-    async def aclose(self) -> None:
-        return None
-
-
 # --- routes ----------------------------------------------------------------------------------------
 
 
@@ -236,8 +168,7 @@ async def patient_view(request: Request, who: Caller, svc: Svc) -> CardsResponse
         )
         raise HTTPException(502, f"the patient's record could not be read: {exc}") from exc
     finally:
-        if isinstance(source, FhirClient):
-            await source.aclose()
+        await source.aclose()
     data = answer.to_dict()
     await svc.audit.arecord(
         who, "cds-patient-view", "abstained" if answer.abstained else "answered",
@@ -260,13 +191,8 @@ def _source(hook: HookRequest, pid: str) -> Any:
         if prefetched.has_patient(pid):
             return prefetched
     if hook.fhirServer is not None:
-        settings = FhirServerSettings(
-            url=str(hook.fhirServer).rstrip("/"),
-            token=SecretStr(hook.fhirAuthorization.access_token)
-            if hook.fhirAuthorization
-            else None,
-        )
-        return FhirClient(settings)
+        auth = hook.fhirAuthorization
+        return ehr_source(str(hook.fhirServer), auth.access_token if auth else None)
     return None
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agent.cli import app
 from connectors.demo import TOMMY_FRIESEN
+from surfaces.cli import app
 from tests.conftest import load_bundle
 
 runner = CliRunner()

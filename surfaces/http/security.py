@@ -18,15 +18,15 @@ from typing import Any
 import jwt
 from jwt import PyJWKClient
 
-from agent.api.settings import AuthSettings
-from connectors.errors import ChartSightError
+from agent import ChartSightError
+from surfaces.settings import AuthSettings
 
 # scopes that let ChartSight read a whole record, every resource type: SMART v1 `read` or `*`,
 # SMART v2 permissions that include read and search (`rs`, `cruds`, ...)
 _READ_ALL = re.compile(r"^(patient|user|system)/\*\.(read|\*|c?r?u?d?s?)$")
 
 
-class AuthError(ChartSightError):
+class Unauthenticated(ChartSightError):
     """No valid credentials (HTTP 401)."""
 
 
@@ -95,11 +95,11 @@ class Authenticator:
         if authorization:
             scheme, _, credentials = authorization.partition(" ")
             if scheme.lower() != "bearer" or not credentials.strip():
-                raise AuthError("the Authorization header must be 'Bearer <token>'")
+                raise Unauthenticated("the Authorization header must be 'Bearer <token>'")
             return self.bearer(credentials.strip())
         if self.settings.anonymous:
             return Principal("anonymous", "anonymous", frozenset({"user/*.read"}), kind="anonymous")
-        raise AuthError("credentials required: a bearer token or an X-API-Key header")
+        raise Unauthenticated("credentials required: a bearer token or an X-API-Key header")
 
     def api_key(self, key: str) -> Principal:
         digest = key_digest(key)
@@ -112,11 +112,11 @@ class Authenticator:
                     entry.patient,
                     kind="api-key",
                 )
-        raise AuthError("unknown API key")
+        raise Unauthenticated("unknown API key")
 
     def bearer(self, token: str) -> Principal:
         if self._jwks is None or not self.settings.issuer:
-            raise AuthError("bearer tokens are not accepted here (no issuer is configured)")
+            raise Unauthenticated("bearer tokens are not accepted here (no issuer is configured)")
         try:
             key = self._jwks.get_signing_key_from_jwt(token)
             claims: dict[str, Any] = jwt.decode(
@@ -132,9 +132,9 @@ class Authenticator:
                 },
             )
         except jwt.PyJWKClientError as exc:
-            raise AuthError(f"the token's signing key could not be found: {exc}") from exc
+            raise Unauthenticated(f"the token's signing key could not be found: {exc}") from exc
         except jwt.InvalidTokenError as exc:
-            raise AuthError(f"invalid token: {exc}") from exc
+            raise Unauthenticated(f"invalid token: {exc}") from exc
         scope = claims.get("scope") or claims.get("scp") or ""
         scopes = frozenset(scope.split() if isinstance(scope, str) else scope)
         client = str(claims.get("client_id") or claims.get("azp") or claims.get("sub") or "")

@@ -18,23 +18,28 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from agent.answer import Answer
-from agent.indexing import BuildReport, build_index, open_index, patient_case, rank_evidence
-from agent.render import record_as_json, render_answer, render_record
-from agent.service import ChartSight, connected
-from agent.settings import Settings, load_settings
+from agent import (
+    Answer,
+    BuildReport,
+    Case,
+    CaseFilter,
+    ChartSections,
+    ChartSight,
+    ChartSightError,
+    ConfigurationError,
+    EncoderRegistry,
+    FhirImportError,
+    ImageSet,
+    PatientRecord,
+    build_index,
+    connected,
+    display_name,
+    open_index,
+)
 from connectors.demo import TOMMY_FRIESEN, import_demo
-from connectors.dicomweb import DicomWebClient
-from connectors.errors import ChartSightError, ConfigurationError, FhirImportError
-from connectors.images import ImageSet, collect_images
-from connectors.record import PatientRecord, assemble_record, find_patients
-from connectors.resources import display_name
-from connectors.source import FhirSource
 from connectors.store import FhirStore, ImportReport, StoreSource
-from retrieval.cases import Case, chart_sections
-from retrieval.encoders import EncoderRegistry
-from retrieval.evidence import record_evidence
-from retrieval.index import CaseFilter
+from surfaces.render import record_as_json, render_answer, render_record
+from surfaces.settings import AppSettings, load_app_settings
 
 # Model loading draws progress bars of its own; the CLI shows its own progress instead.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -71,13 +76,19 @@ class _State:
 
 def _settings(
     config: Path | None, fhir_url: str | None = None, token: str | None = None
-) -> Settings:
-    settings = load_settings(config)
+) -> AppSettings:
+    settings = load_app_settings(config)
     if fhir_url:
         settings.fhir.url = fhir_url
     if token:
         settings.fhir.token = SecretStr(token)
     return settings
+
+
+def _reader(settings: AppSettings, *, dense: bool = False, use_index: bool = False) -> ChartSight:
+    """ChartSight opened for reading patients only: no model backend, no thread checkpointer
+    (and, unless asked for, neither the text encoder nor the similar-case index)."""
+    return ChartSight(settings, answering=False, dense=dense, use_index=use_index)
 
 
 def _fail(exc: BaseException) -> None:
@@ -219,8 +230,8 @@ def find(
         settings = _settings(config, fhir_url, token)
 
         async def run() -> list[Any]:
-            async with connected(settings) as (source, _):
-                return await find_patients(source, name, born)
+            async with _reader(settings) as agent:
+                return await agent.find_patients(name, born)
 
         found = asyncio.run(run())
     except ChartSightError as exc:
@@ -235,14 +246,12 @@ def find(
 
 
 async def _load(
-    settings: Settings, patient: str, with_images: bool
-) -> tuple[PatientRecord, ImageSet | None]:
-    async with connected(settings) as (source, dicomweb):
-        record = await assemble_record(source, patient)
-        images = (
-            await collect_images(record, source, settings.images, dicomweb) if with_images else None
-        )
-        return record, images
+    settings: AppSettings, patient: str, with_images: bool
+) -> tuple[PatientRecord, ImageSet | None, ChartSections]:
+    async with _reader(settings) as agent:
+        record = await agent.record(patient)
+        images = await agent.images(record) if with_images else None
+        return record, images, agent.sections(record)
 
 
 @app.command()
@@ -262,13 +271,13 @@ def record(
         settings = _settings(config, fhir_url, token)
         if dicomweb_url:
             settings.dicomweb.url = dicomweb_url
-        rec, imgs = asyncio.run(_load(settings, patient, images))
+        rec, imgs, sections = asyncio.run(_load(settings, patient, images))
     except ChartSightError as exc:
         _fail(exc)
     if as_json:
         console.print_json(json.dumps(record_as_json(rec, imgs)))
     else:
-        render_record(console, rec, imgs, chart_sections(rec, record_evidence(rec)))
+        render_record(console, rec, imgs, sections)
 
 
 @app.command()
@@ -287,10 +296,10 @@ def demo(config: ConfigOpt = None) -> None:
         f"{len(store.patients())} patients ({new} resources imported now)."
     )
     try:
-        rec, imgs = asyncio.run(_load(settings, TOMMY_FRIESEN, True))
+        rec, imgs, sections = asyncio.run(_load(settings, TOMMY_FRIESEN, True))
     except ChartSightError as exc:
         _fail(exc)
-    render_record(console, rec, imgs, chart_sections(rec, record_evidence(rec)))
+    render_record(console, rec, imgs, sections)
 
     try:
         encoders = EncoderRegistry(settings.retrieval.encoders)
@@ -364,7 +373,7 @@ def index_build(
         async with connected(settings) as (src, dicomweb):
             return await _build(src, dicomweb)
 
-    async def _build(src: FhirSource, dicomweb: DicomWebClient | None) -> BuildReport:
+    async def _build(src: Any, dicomweb: Any) -> BuildReport:
         with Progress(
             TextColumn("[bold]indexing"),
             BarColumn(),
@@ -415,22 +424,14 @@ def similar(
     """Cases most similar to the patient's (the patient's own cases left out)."""
     try:
         settings = _settings(config, fhir_url, token)
-        encoders = EncoderRegistry(settings.retrieval.encoders)
-        index = open_index(settings, encoders)
+        flt = CaseFilter(modality=modality, sex=sex, age_band=age_band)
 
-        async def own() -> Case:
-            async with connected(settings) as (src, dicomweb):
-                return (await patient_case(src, settings, patient, dicomweb))[1]
+        async def run() -> tuple[Case, list[Any], int]:
+            async with _reader(settings, dense=True, use_index=True) as agent:
+                hits = await agent.similar(patient, k, flt)
+                return await agent.patient_case(patient), hits, agent.cases_indexed
 
-        case = asyncio.run(own())
-        flt = CaseFilter(
-            exclude_patient=case.patient_id,
-            exclude_identifiers=case.identifiers,
-            modality=modality,
-            sex=sex,
-            age_band=age_band,
-        )
-        hits = index.similar(case, k, flt)
+        case, hits, indexed = asyncio.run(run())
     except ChartSightError as exc:
         _fail(exc)
     if as_json:
@@ -439,10 +440,10 @@ def similar(
     console.print(f"[bold]{case.key}[/]: {case.summary}", highlight=False)
     if not hits:
         console.print(
-            f"No similar cases in the index ({len(index)} cases; run `chartsight index build`)."
+            f"No similar cases in the index ({indexed} cases; run `chartsight index build`)."
         )
         return
-    table = Table(title=f"{len(hits)} most similar of {len(index)} cases")
+    table = Table(title=f"{len(hits)} most similar of {indexed} cases")
     for col in ("score", "case", "summary"):
         table.add_column(col, overflow="fold")
     for hit in hits:
@@ -466,9 +467,12 @@ def evidence(
     """The ranked chart evidence the agent would see for a question."""
     try:
         settings = _settings(config, fhir_url, token)
-        rec, _ = asyncio.run(_load(settings, patient, False))
-        encoders = EncoderRegistry(settings.retrieval.encoders) if dense else None
-        ranked = rank_evidence(rec, question, settings, encoders, budget)
+
+        async def run() -> list[Any]:
+            async with _reader(settings, dense=dense) as agent:
+                return await agent.evidence(patient, question, budget)
+
+        ranked = asyncio.run(run())
     except ChartSightError as exc:
         _fail(exc)
     if as_json:
@@ -524,7 +528,7 @@ def _agent_settings(
     model: str | None,
     model_url: str | None,
     model_name: str | None,
-) -> Settings:
+) -> AppSettings:
     """The settings with a command's source and model options applied."""
     settings = _settings(config, fhir_url, token)
     _model_settings(settings, model, model_url, model_name)
@@ -532,7 +536,7 @@ def _agent_settings(
 
 
 def _model_settings(
-    settings: Settings, model: str | None, model_url: str | None, model_name: str | None
+    settings: AppSettings, model: str | None, model_url: str | None, model_name: str | None
 ) -> None:
     if model:
         settings.model.name = model
@@ -638,7 +642,7 @@ def serve(
     """The HTTP service: /v1/ask (+ SSE), similar cases, CDS Hooks, MCP at /mcp/; docs at /docs."""
     import uvicorn
 
-    from agent.api.app import create_app
+    from surfaces.http.app import create_app
 
     try:
         settings = _agent_settings(config, fhir_url, token, model, model_url, model_name)
@@ -666,7 +670,7 @@ def mcp_stdio(
     config: ConfigOpt = None,
 ) -> None:
     """ChartSight's tools over MCP on stdin/stdout (for a local agent or copilot)."""
-    from agent.api.mcp import run_stdio
+    from surfaces.mcp import run_stdio
 
     try:
         settings = _agent_settings(config, fhir_url, token, model, model_url, model_name)
@@ -683,7 +687,7 @@ def api_key(
     """Make an API key: prints the key (give it to the client) and the settings entry (keep that)."""
     import secrets
 
-    from agent.api.security import key_digest
+    from surfaces.http.security import key_digest
 
     key = f"cs_{secrets.token_urlsafe(32)}"
     console.print(f"key (shown once): {key}", highlight=False)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agent.cli import app
 from connectors.demo import MARTINA_MURAZIK, TOMMY_FRIESEN
+from surfaces.cli import app
 
 runner = CliRunner()
 

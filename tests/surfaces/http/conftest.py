@@ -10,12 +10,11 @@ from typing import Any
 import httpx
 import pytest
 
-from agent.api.app import create_app
-from agent.api.security import key_digest
-from agent.api.settings import ApiKey
-from agent.settings import Settings
 from connectors.demo import TOMMY_FRIESEN
 from connectors.store import FhirStore
+from surfaces.http.app import create_app
+from surfaces.http.security import key_digest
+from surfaces.settings import ApiKey, AppSettings
 from tests.peers.asgi import ThreadedServer
 from tests.peers.issuer import Issuer
 
@@ -29,8 +28,8 @@ def issuer() -> Iterator[Issuer]:
         yield server
 
 
-def api_settings(home: Path, store: FhirStore, issuer: Issuer, **serve: Any) -> Settings:
-    settings = Settings(home=home, store={"url": str(store.engine.url)})
+def api_settings(home: Path, store: FhirStore, issuer: Issuer, **serve: Any) -> AppSettings:
+    settings = AppSettings(home=home, store={"url": str(store.engine.url)})
     settings.serve.auth.issuer = issuer.url
     settings.serve.auth.jwks_url = issuer.jwks_url
     settings.serve.auth.audience = "chartsight"
@@ -53,7 +52,7 @@ def api_settings(home: Path, store: FhirStore, issuer: Issuer, **serve: Any) -> 
 class Running:
     """ChartSight's service in a background thread, ready when /readyz says so."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: AppSettings) -> None:
         self.settings = settings
         self.http = ThreadedServer(create_app(settings), access_log=False)
         self.port = self.http.port

@@ -8,12 +8,17 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from connectors.images import ImageSet
-from connectors.record import PatientRecord
-from connectors.resources import display_name, reference_of
-from retrieval.cases import ChartSections, line_label
-from retrieval.clinical import fhir_date, patient_age
-from retrieval.evidence import Evidence
+from agent import (
+    ChartSections,
+    Evidence,
+    ImageSet,
+    PatientRecord,
+    display_name,
+    fhir_date,
+    line_label,
+    patient_age,
+    reference_of,
+)
 
 
 def _row(item: Evidence) -> tuple[str, str, str]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from agent.api.security import Principal
+from surfaces.http.security import Principal
 
 metadata = sa.MetaData()
 audit_log = sa.Table(

@@ -14,8 +14,8 @@ import sqlalchemy as sa
 
 from connectors.demo import MARTINA_MURAZIK, TOMMY_FRIESEN
 from tests.agent.test_ask import _a1cs
-from tests.api.conftest import BOUND_KEY, EHR_KEY, Running
 from tests.peers.issuer import Issuer
+from tests.surfaces.http.conftest import BOUND_KEY, EHR_KEY, Running
 
 EHR = {"X-API-Key": EHR_KEY}
 BOUND = {"X-API-Key": BOUND_KEY}

@@ -12,9 +12,9 @@ import pytest
 
 from connectors.demo import MARTINA_MURAZIK, TOMMY_FRIESEN
 from connectors.store import FhirStore
-from tests.api.conftest import BOUND_KEY, EHR_KEY, Running, api_settings
 from tests.conftest import LoadedServer
 from tests.peers.issuer import Issuer
+from tests.surfaces.http.conftest import BOUND_KEY, EHR_KEY, Running, api_settings
 
 EHR = {"X-API-Key": EHR_KEY}
 URL = "/cds-services/chartsight-patient-view"

@@ -1,4 +1,4 @@
-"""Building the similar-case index from a patient source, and the chart-evidence lookup."""
+"""Building the similar-case index from a patient source (``chartsight index build``)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,7 @@ from connectors.record import PatientRecord, assemble_record
 from connectors.source import FhirSource
 from retrieval.cases import Case, cases_from_record
 from retrieval.encoders import EncoderRegistry
-from retrieval.evidence import record_evidence
 from retrieval.index import CaseIndex
-from retrieval.rank import EvidenceRanker, RankedEvidence
 
 log = logging.getLogger(__name__)
 
@@ -148,25 +146,3 @@ async def build_index(
     if report.added or report.updated or not (index.path / "CURRENT").exists():
         index.save()
     return report
-
-
-async def patient_case(
-    source: FhirSource, settings: Settings, patient: str, dicomweb: DicomWebClient | None = None
-) -> tuple[PatientRecord, Case]:
-    """The asking patient's own case, built the same way as the indexed ones."""
-    record, cases = await _cases_of(source, dicomweb, settings, patient)
-    return record, cases[0]
-
-
-def rank_evidence(
-    record: PatientRecord,
-    question: str,
-    settings: Settings,
-    encoders: EncoderRegistry | None,
-    token_budget: int | None = None,
-) -> list[RankedEvidence]:
-    """The chart evidence the agent would see for ``question``."""
-    ranker = EvidenceRanker(
-        settings.retrieval.rank, encoders.text() if encoders is not None else None
-    )
-    return ranker.rank(question, record_evidence(record), token_budget=token_budget)

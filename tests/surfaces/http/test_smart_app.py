@@ -19,13 +19,13 @@ from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 from typer.testing import CliRunner
 
-from agent.cli import app as cli
 from connectors.demo import TOMMY_FRIESEN
 from connectors.store import FhirStore
-from tests.api.conftest import Running, api_settings
+from surfaces.cli import app as cli
 from tests.conftest import LoadedServer
 from tests.peers.issuer import Issuer
 from tests.peers.smart_ehr import SmartEhr
+from tests.surfaces.http.conftest import Running, api_settings
 
 
 @pytest.fixture(scope="module")

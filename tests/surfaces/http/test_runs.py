@@ -12,9 +12,9 @@ import sqlalchemy as sa
 
 from connectors.demo import TOMMY_FRIESEN
 from connectors.store import FhirStore
-from tests.api.conftest import EHR_KEY, Running, api_settings
 from tests.peers.issuer import Issuer
 from tests.peers.scripted_model import ScriptedModel
+from tests.surfaces.http.conftest import EHR_KEY, Running, api_settings
 
 EHR = {"X-API-Key": EHR_KEY}
 BODY = {"patient": TOMMY_FRIESEN, "question": "What was his last HbA1c?"}

@@ -1,0 +1,220 @@
+"""The HTTP service's routes: ``POST /v1/ask`` (and its Server-Sent Events variant), similar
+cases, health, CDS Hooks (``cds.py``), the SMART app page (``smart.py``) and MCP over streamable
+HTTP (``surfaces/mcp.py``). What the routes share is in ``deps.py``.
+
+One ``ChartSight`` (source, model, index, checkpointer) is opened per process at start-up and shared
+by every request; the CPU-bound steps of a question run in worker threads, off the event loop.
+Every request that touches a patient is authenticated, authorized for that patient, rate limited
+per client and written to the audit log. Logs carry no PHI: no names, no question or answer text,
+no patient ids in paths (uvicorn's access log is off; ``middleware.py`` logs the route template).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse
+
+from agent import Answer, CaseFilter, ChartSight, ChartSightError
+from surfaces.http.cds import router as cds_router
+from surfaces.http.deps import (
+    Caller,
+    Service,
+    Svc,
+    allowed,
+    answer_stream,
+    http_error,
+    run_unless_disconnected,
+)
+from surfaces.http.middleware import AccessLog, BodyLimit
+from surfaces.http.schemas import AnswerOut, AskRequest, CaseHitOut, Problem
+from surfaces.http.smart import router as smart_router
+from surfaces.mcp import mcp_lifespan, mount_mcp
+from surfaces.settings import AppSettings
+
+
+def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAPI:
+    """The ASGI app. ``agent`` (opened by the caller) is used as is; else one is opened at start."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            opened = agent if agent is not None else ChartSight(settings)
+            if agent is None:
+                await stack.enter_async_context(opened)
+            svc = Service(settings, opened)
+            stack.callback(svc.audit.close)
+            app.state.service = svc
+            await stack.enter_async_context(mcp_lifespan(app))
+            yield
+
+    # a library that logs its SQL operations with their arguments would log checkpointed state
+    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.getLogger().level))
+    app = FastAPI(
+        title="ChartSight",
+        version="1",
+        summary="Grounded answers to clinicians' questions about one patient, citing the "
+        "patient's own FHIR resources.",
+        lifespan=lifespan,
+        responses={
+            401: {"model": Problem, "description": "No or invalid credentials."},
+            403: {"model": Problem, "description": "Not allowed for this patient."},
+            413: {"model": Problem, "description": "Request body too large."},
+            429: {"model": Problem, "description": "Rate limit; see Retry-After."},
+        },
+    )
+    app.add_middleware(AccessLog)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.serve.max_body_bytes,
+        larger={"/cds-services/": settings.serve.cds_max_body_bytes},
+    )
+
+    @app.get("/healthz", tags=["health"], summary="Liveness: the process answers.")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        summary="Readiness: the agent is open and the patient source and audit log answer.",
+        responses={503: {"model": Problem}},
+    )
+    async def readyz(request: Request) -> Any:
+        svc: Service | None = getattr(request.app.state, "service", None)
+        if svc is None:
+            return JSONResponse({"status": "starting"}, 503)
+        checks: dict[str, str] = {}
+        try:
+            await asyncio.wait_for(asyncio.to_thread(svc.audit.rows, 1), 5)
+            checks["audit"] = "ok"
+        except Exception as exc:
+            checks["audit"] = f"failing: {type(exc).__name__}"
+        checks["agent"] = "ok" if svc.agent.is_open else "not open"
+        checks["model"] = svc.agent.model_name
+        ok = all(v == "ok" for k, v in checks.items() if k != "model")
+        return JSONResponse(
+            {"status": "ready" if ok else "not ready", **checks}, 200 if ok else 503
+        )
+
+    @app.post(
+        "/v1/ask",
+        response_model=AnswerOut,
+        tags=["ask"],
+        summary="A grounded answer to a question about one patient.",
+        responses={
+            404: {"model": Problem, "description": "No such patient."},
+            422: {"model": Problem, "description": "A malformed request or too long a question."},
+            499: {"model": Problem, "description": "The client went away; the run was stopped."},
+            502: {"model": Problem, "description": "The patient source failed."},
+            504: {"model": Problem, "description": "No answer within the time limit."},
+        },
+    )
+    async def ask(body: AskRequest, request: Request, who: Caller, svc: Svc) -> Any:
+        limit = svc.settings.serve.max_question_chars
+        if len(body.question) > limit:
+            raise HTTPException(422, f"the question is over {limit} characters")
+        await allowed(svc, who, "ask", body.patient, body.question)
+        thread = svc.thread_key(who, body.patient, body.thread) if body.thread else None
+        try:
+            answer: Answer | None = await run_unless_disconnected(
+                request,
+                svc.agent.ask(body.patient, body.question, thread_id=thread, keep=False),
+                svc.settings.serve.request_timeout_s,
+            )
+        except TimeoutError as exc:
+            await svc.audit.arecord(
+                who, "ask", "timeout", patient_id=body.patient, question=body.question
+            )
+            raise HTTPException(504, "no answer within the time limit") from exc
+        except ChartSightError as exc:
+            await svc.audit.arecord(
+                who, "ask", "error", patient_id=body.patient, question=body.question,
+                detail=type(exc).__name__,
+            )  # fmt: skip
+            raise http_error(exc) from exc
+        if answer is None:  # the client went away: the run was cancelled
+            await svc.audit.arecord(
+                who, "ask", "cancelled", patient_id=body.patient, question=body.question
+            )
+            return JSONResponse({"detail": "client disconnected"}, 499)
+        data = answer.to_dict()
+        data["thread_id"] = body.thread
+        await svc.audit.arecord(
+            who,
+            "ask",
+            "abstained" if answer.abstained else "answered",
+            patient_id=answer.patient_id,
+            question=body.question,
+            answer=data,
+        )
+        return data
+
+    @app.post(
+        "/v1/ask/stream",
+        tags=["ask"],
+        summary="The same answer as Server-Sent Events: graph progress and tokens, then `answer`.",
+        response_class=EventSourceResponse,
+        responses={
+            200: {
+                "content": {"text/event-stream": {}},
+                "description": "Events `node_started`, `node_finished`, `plan`, `facts`, "
+                "`evidence`, `tool_calls`, `token`, `verified`, `fallback`, ...; then `answer` "
+                "(the AnswerOut JSON) or `error`.",
+            }
+        },
+    )
+    async def ask_stream(body: AskRequest, who: Caller, svc: Svc) -> EventSourceResponse:
+        limit = svc.settings.serve.max_question_chars
+        if len(body.question) > limit:
+            raise HTTPException(422, f"the question is over {limit} characters")
+        await allowed(svc, who, "ask_stream", body.patient, body.question)
+        thread = svc.thread_key(who, body.patient, body.thread) if body.thread else None
+        return answer_stream(
+            svc,
+            who,
+            "ask_stream",
+            body.patient,
+            body.question,
+            body.thread,
+            lambda on_event: svc.agent.ask(
+                body.patient, body.question, thread_id=thread, on_event=on_event, keep=False
+            ),
+        )
+
+    @app.get(
+        "/v1/patients/{patient_id}/similar",
+        response_model=list[CaseHitOut],
+        tags=["retrieval"],
+        summary="Past cases most similar to the patient's (images and summary), own cases left out.",
+    )
+    async def similar(
+        patient_id: str,
+        who: Caller,
+        svc: Svc,
+        k: Annotated[int, Query(ge=1, le=50)] = 5,
+        modality: str | None = None,
+        sex: Literal["male", "female", "other", "unknown"] | None = None,
+        age_band: Annotated[str | None, Query(pattern=r"^\d{1,3}-\d{1,3}$|^\d{1,3}\+$")] = None,
+    ) -> Any:
+        await allowed(svc, who, "similar", patient_id)
+        try:
+            hits = await svc.agent.similar(
+                patient_id, k, CaseFilter(modality=modality, sex=sex, age_band=age_band)
+            )
+        except ChartSightError as exc:
+            raise http_error(exc) from exc
+        await svc.audit.arecord(who, "similar", "answered", patient_id=patient_id)
+        return [asdict(h) for h in hits]
+
+    app.include_router(cds_router)
+    app.include_router(smart_router)
+    mount_mcp(app)
+    return app

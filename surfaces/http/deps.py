@@ -1,0 +1,191 @@
+"""What the HTTP routes share (``app.py``, ``cds.py``, ``smart.py``, and MCP mounted at ``/mcp/``):
+the service container, the authenticated caller, authorization for a patient, the mapping of
+ChartSight's errors to HTTP statuses, and the Server-Sent Events answer stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any
+
+import anyio
+from fastapi import Depends, HTTPException, Request
+from sse_starlette.sse import EventSourceResponse
+
+from agent import (
+    Answer,
+    ChartSight,
+    ChartSightError,
+    ConfigurationError,
+    ConnectorError,
+    ResourceNotFound,
+    ToolError,
+)
+from surfaces.http.audit import AuditLog
+from surfaces.http.limits import RateLimiter
+from surfaces.http.security import Authenticator, Forbidden, Principal, Unauthenticated, authorize
+from surfaces.settings import AppSettings
+
+
+class Service:
+    """What the routes share: the agent, security, limits and the audit log."""
+
+    def __init__(self, settings: AppSettings, agent: ChartSight) -> None:
+        self.settings = settings
+        self.agent = agent
+        self.auth = Authenticator(settings.serve.auth)
+        self.limiter = RateLimiter(settings.serve.rate_per_minute, settings.serve.rate_burst)
+        home = settings.home.expanduser()
+        home.mkdir(parents=True, exist_ok=True)
+        self.audit = AuditLog(settings.serve.audit_url or f"sqlite:///{home / 'audit.db'}")
+        self.smart_sessions: Any = None  # the SMART app's launches and sessions (smart.py)
+
+    def thread_key(self, principal: Principal, patient: str, thread: str) -> str:
+        """Threads are private to the caller and the patient: another caller's thread id, or the
+        same id about another patient, is a different conversation."""
+        digest = hashlib.sha256(f"{principal.subject}\x00{patient}\x00{thread}".encode())
+        return digest.hexdigest()[:32]
+
+
+def service(request: Request) -> Service:
+    """The process's ``Service``, opened by the app's lifespan."""
+    svc: Service = request.app.state.service
+    return svc
+
+
+async def principal(request: Request, svc: Annotated[Service, Depends(service)]) -> Principal:
+    """The authenticated, rate-limited caller (401, 429 otherwise)."""
+    try:
+        who = svc.auth.from_headers(
+            request.headers.get("authorization"), request.headers.get("x-api-key")
+        )
+    except Unauthenticated as exc:
+        raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from exc
+    wait = svc.limiter.take(who.client_id)
+    if wait > 0:
+        raise HTTPException(
+            429, "too many requests from this client", headers={"Retry-After": f"{wait:.0f}"}
+        )
+    return who
+
+
+Caller = Annotated[Principal, Depends(principal)]
+Svc = Annotated[Service, Depends(service)]
+
+
+async def allowed(
+    svc: Service, who: Principal, endpoint: str, patient: str, question: str | None = None
+) -> None:
+    """403 (audited) unless the caller may read the patient."""
+    try:
+        authorize(who, patient)
+    except Forbidden as exc:
+        await svc.audit.arecord(
+            who, endpoint, "denied", patient_id=patient, question=question, detail=str(exc)
+        )
+        raise HTTPException(403, str(exc)) from exc
+
+
+def http_error(exc: ChartSightError) -> HTTPException:
+    """The HTTP status for a ChartSight error: 404 no such resource, 422 a tool's arguments, 502
+    the patient source failed, 503 not configured, else 500."""
+    if isinstance(exc, ResourceNotFound):
+        return HTTPException(404, str(exc))
+    if isinstance(exc, ToolError):
+        return HTTPException(422, str(exc))
+    if isinstance(exc, ConnectorError):
+        return HTTPException(502, str(exc))
+    if isinstance(exc, ConfigurationError):
+        return HTTPException(503, str(exc))
+    return HTTPException(500, str(exc))
+
+
+async def until_disconnected(request: Request) -> None:
+    """Returns when the client goes away (the request body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run_unless_disconnected(request: Request, work: Awaitable[Any], limit_s: float) -> Any:
+    """``work``'s result; cancelled when the client disconnects (None then) or after ``limit_s``."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(until_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, timeout=limit_s, return_when="FIRST_COMPLETED")
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        if gone in done:
+            return None
+        raise TimeoutError
+    finally:
+        gone.cancel()
+
+
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+def answer_stream(
+    svc: Service,
+    who: Principal,
+    endpoint: str,
+    patient: str,
+    question: str,
+    thread: str | None,
+    ask: Callable[[EventSink], Awaitable[Answer]],
+) -> EventSourceResponse:
+    """A question answered as Server-Sent Events: the run's events as they happen, then
+    ``answer`` (or ``error``). The run has the service's time limit, is audited, and is stopped
+    when the client goes away."""
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    async def run() -> None:
+        try:
+            answer = await asyncio.wait_for(
+                ask(lambda kind, data: queue.put_nowait((kind, data))),
+                svc.settings.serve.request_timeout_s,
+            )
+        except TimeoutError:
+            await svc.audit.arecord(who, endpoint, "timeout", patient_id=patient, question=question)
+            queue.put_nowait(("error", {"status": 504, "detail": "no answer in time"}))
+            return
+        except ChartSightError as exc:
+            err = http_error(exc)
+            await svc.audit.arecord(
+                who, endpoint, "error", patient_id=patient, question=question,
+                detail=type(exc).__name__,
+            )  # fmt: skip
+            queue.put_nowait(("error", {"status": err.status_code, "detail": err.detail}))
+            return
+        data = answer.to_dict()
+        data["thread_id"] = thread
+        await svc.audit.arecord(
+            who, endpoint, "abstained" if answer.abstained else "answered",
+            patient_id=answer.patient_id, question=question, answer=data,
+        )  # fmt: skip
+        queue.put_nowait(("answer", data))
+
+    async def events() -> AsyncIterator[dict[str, str]]:
+        task = asyncio.ensure_future(run())
+        try:
+            while True:
+                kind, data = await queue.get()
+                yield {"event": kind, "data": json.dumps(data, default=str)}
+                if kind in ("answer", "error"):
+                    return
+        finally:
+            if not task.done():  # the client went away mid-stream: stop the run
+                task.cancel()
+                with anyio.CancelScope(shield=True):  # the stream's scope is cancelled
+                    await svc.audit.arecord(
+                        who, endpoint, "cancelled", patient_id=patient, question=question
+                    )
+
+    return EventSourceResponse(events(), ping=15)
