@@ -281,23 +281,29 @@ def find_points(ctx: ToolContext, query: str) -> Found:
     points: list[Point] = []
     voided: list[str] = []
 
-    def hit(point: Point) -> bool:
-        if codes:
-            return bool(codes & set(point.codes))
+    def by_name(point: Point) -> bool:
         name = " ".join(
             [point.name] + [str(c.display or "") for c in _coding_of(point) or []]
         ).lower()
         return bool(words) and all(w in name for w in words)
 
-    for obs in ctx.record.observations:
-        ref = reference_of(obs)
-        if read_status(obs).voided:
+    def by_code(point: Point) -> bool:
+        return bool(codes & set(point.codes))
+
+    series = [
+        (reference_of(obs), read_status(obs).voided, observation_points(obs, reference_of(obs)))
+        for obs in ctx.record.observations
+    ]
+    # by code; a chart that codes none of them (text only, local codes) is searched by name
+    hit = by_code
+    if not codes or not any(by_code(p) for _, _, pts in series for p in pts):
+        hit = by_name
+    for (ref, voided_obs, pts), obs in zip(series, ctx.record.observations, strict=True):
+        if voided_obs:
             if any(hit(p) for p in observation_points(_unvoided(obs), ref)):
                 voided.append(ref)
             continue
-        for point in observation_points(obs, ref):
-            if point.when is not None and hit(point):
-                points.append(point)
+        points.extend(p for p in pts if p.when is not None and hit(p))
     points.sort(key=lambda p: p.when.sort_key if p.when is not None else (NOW_MIN, NOW_MIN))
     return Found(points, voided)
 

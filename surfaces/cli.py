@@ -17,6 +17,7 @@ from pydantic import SecretStr
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from agent import (
     Answer,
@@ -49,8 +50,16 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# Record text (names, notes, summaries, errors quoting an entry) is printed as text, never read as
+# markup: styles are given as Text, not as "[bold]" tags in strings.
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
+
+
+def _styled(style: str, lead: str, rest: object = "") -> Text:
+    """``lead`` in ``style``, then ``rest`` as plain text."""
+    return Text.assemble((lead, style), str(rest))
+
 
 ConfigOpt = Annotated[
     Path | None,
@@ -92,7 +101,7 @@ def _reader(settings: AppSettings, *, dense: bool = False, use_index: bool = Fal
 
 
 def _fail(exc: BaseException) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    err_console.print(_styled("bold red", "error: ", exc), highlight=False)
     if _State.verbose:
         err_console.print_exception()
     raise typer.Exit(1)
@@ -179,7 +188,9 @@ def import_(
         table.add_row(
             Path(failure.path).name,
             "0",
-            f"[red]failed, nothing stored:[/] {failure.reason} ({failure.entry or 'file'})",
+            _styled(
+                "red", "failed, nothing stored: ", f"{failure.reason} ({failure.entry or 'file'})"
+            ),
         )
     console.print(table)
     total = sum(r.count for r in reports)
@@ -319,7 +330,7 @@ def demo(config: ConfigOpt = None) -> None:
                 return [await agent.ask(TOMMY_FRIESEN, q) for q in DEMO_QUESTIONS]
 
         for question, answer in zip(DEMO_QUESTIONS, asyncio.run(answers()), strict=True):
-            console.rule(f"[bold]{question}")
+            console.rule(Text(question, style="bold"))
             render_answer(console, answer)
     except ChartSightError as exc:
         _fail(exc)
@@ -406,7 +417,7 @@ def index_build(
         f"{index.text_encoder.info.name} + {index.image_encoder.info.name})."
     )
     for pid, error in report.failed:
-        err_console.print(f"[yellow]skipped Patient/{pid}:[/] {error}", highlight=False)
+        err_console.print(_styled("yellow", f"skipped Patient/{pid}: ", error), highlight=False)
 
 
 @app.command()
@@ -437,7 +448,7 @@ def similar(
     if as_json:
         console.print_json(json.dumps([asdict(h) for h in hits]))
         return
-    console.print(f"[bold]{case.key}[/]: {case.summary}", highlight=False)
+    console.print(_styled("bold", case.key, f": {case.summary}"), highlight=False)
     if not hits:
         console.print(
             f"No similar cases in the index ({indexed} cases; run `chartsight index build`)."
@@ -570,7 +581,7 @@ def ask(
         if kind == "token":
             err_console.print(data["text"], end="", style="dim", highlight=False)
         elif kind == "node_finished":
-            err_console.print(f"[dim]· {data['node']} {data['ms']:.0f} ms[/]", highlight=False)
+            err_console.print(Text(f"· {data['node']} {data['ms']:.0f} ms", style="dim"))
 
     try:
         settings = _agent_settings(config, fhir_url, token, model, model_url, model_name)
@@ -719,13 +730,13 @@ def chat(
         async with ChartSight(settings) as agent:
             current = thread
             while True:
-                question = await asyncio.to_thread(console.input, "[bold]question>[/] ")
+                question = await asyncio.to_thread(console.input, Text("question> ", style="bold"))
                 if not question.strip():
                     return
                 try:
                     answer = await agent.ask(patient, question, thread_id=current)
                 except ChartSightError as exc:
-                    err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+                    err_console.print(_styled("bold red", "error: ", exc), highlight=False)
                     continue
                 current = answer.thread_id
                 render_answer(console, answer)

@@ -14,12 +14,12 @@ from rich.console import Console
 from agent.answer import Answer, Citation
 from agent.nodes import StepError
 from agent.planner import plan
-from agent.render import render_answer
 from agent.service import ChartSight
 from agent.settings import Settings
 from connectors.demo import TOMMY_FRIESEN
 from connectors.store import FhirStore
 from retrieval.rank import EvidenceRanker
+from surfaces.render import render_answer
 
 NOW = datetime(2021, 1, 1, tzinfo=UTC)
 

@@ -83,3 +83,37 @@ def test_record_from_a_fhir_server(home: Path, sekmet):
     result = runner.invoke(app, ["record", server_id, "--fhir-url", sekmet.base_url])
     assert result.exit_code == 0, result.output
     assert f"Patient/{server_id} from {sekmet.base_url}" in result.output.replace("\n", "")
+
+
+def test_record_text_is_printed_as_text_never_as_markup(home: Path, tmp_path: Path):
+    name = "[red]Eve[/red] [link=https://evil.example]Ng[/link]"
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            {"resource": {"resourceType": "Patient", "id": "mk", "name": [{"text": name}]}},
+            {
+                "resource": {
+                    "resourceType": "Observation",
+                    "id": "mk-glu",
+                    "status": "preliminary",
+                    "code": {"text": "Glucose [bold]fasting[/bold]"},
+                    "subject": {"reference": "Patient/mk"},
+                    "effectiveDateTime": "2026-01-02",
+                    "valueQuantity": {"value": 5, "unit": "mmol/L"},
+                }
+            },
+        ],
+    }
+    path = tmp_path / "[b]markup[_b].json"
+    path.write_text(json.dumps(bundle))
+    assert runner.invoke(app, ["import", str(path)]).exit_code == 0
+    shown = runner.invoke(app, ["record", "mk", "--no-images"], terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    assert name in shown.output
+    assert "Glucose [bold]fasting[/bold]" in " ".join(shown.output.split())
+    asked = runner.invoke(app, ["ask", "mk", "What was the last glucose?"], terminal_width=200)
+    assert asked.exit_code == 0, asked.output
+    said = " ".join(asked.output.split())
+    assert "Latest glucose" in said and "[bold]fasting[/bold]" in said
+    assert "[status preliminary]" in said
