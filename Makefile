@@ -1,5 +1,6 @@
 PY ?= python3
 VENV := .venv
+LLAMA_CPP_VERSION := 0.3.36
 
 .PHONY: demo test lint bench
 
@@ -11,8 +12,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The product with its development tools and the test peers' Python parts (llama.cpp's server is
-# compiled from source once: ~6 min on 2 cores).
+# compiled from source: ~6 min on 2 cores).
+# llama.cpp is built for a baseline x86-64 CPU, not -march=native: a native build may use
+# instructions a virtual machine advertises but traps (AMX, AVX-512: "Illegal instruction"), and
+# pip's wheel cache would hand such a build to the next machine; so no cache for it either.
 $(VENV)/.installed-dev: $(VENV)/.installed
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(VENV)/bin/pip install -q --no-cache-dir \
+		"llama-cpp-python[server]==$(LLAMA_CPP_VERSION)"
 	$(VENV)/bin/pip install -q -e ".[dev]"
 	touch $@
 

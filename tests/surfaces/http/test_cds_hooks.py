@@ -160,3 +160,32 @@ def test_the_cds_service_is_patient_scoped(service: Running, tommy_json):
         },
     )  # fmt: skip
     assert httpx.post(f"{service.url}{URL}", json=mismatch, headers=EHR).status_code == 403
+
+
+def test_the_card_leaves_out_voided_and_refuted_data(service: Running, tommy_json):
+    """An EHR's prefetch with an entered-in-error diagnosis, a refuted one and an entered-in-error
+    medication: the card names none of them as the patient's."""
+    prefetch = _prefetch(tommy_json)
+    subject = {"reference": f"Patient/{TOMMY_FRIESEN}"}
+    prefetch["conditions"]["entry"] += [
+        {"resource": {"resourceType": "Condition", "id": "voided-dx", "subject": subject,
+                      "code": {"text": "Lung cancer"}, "recordedDate": "2021-01-01",
+                      "verificationStatus": {"coding": [{"code": "entered-in-error"}]}}},
+        {"resource": {"resourceType": "Condition", "id": "refuted-dx", "subject": subject,
+                      "code": {"text": "Tuberculosis"}, "recordedDate": "2021-01-02",
+                      "clinicalStatus": {"coding": [{"code": "active"}]},
+                      "verificationStatus": {"coding": [{"code": "refuted"}]}}},
+    ]  # fmt: skip
+    prefetch["medications"]["entry"].append(
+        {"resource": {"resourceType": "MedicationRequest", "id": "voided-rx", "subject": subject,
+                      "status": "entered-in-error", "intent": "order", "authoredOn": "2021-01-01",
+                      "medicationCodeableConcept": {"text": "Warfarin 5 mg"}}}
+    )  # fmt: skip
+    reply = httpx.post(
+        f"{service.url}{URL}", json=_hook(prefetch=prefetch), headers=EHR, timeout=30
+    )
+    assert reply.status_code == 200, reply.text
+    (card,) = reply.json()["cards"]
+    shown = card["summary"] + card["detail"]
+    for gone in ("Lung cancer", "Tuberculosis", "Warfarin", "voided-dx", "refuted-dx", "voided-rx"):
+        assert gone not in shown
