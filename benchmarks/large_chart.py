@@ -422,6 +422,12 @@ def _warm_in_child(home: Path, patient: str, rounds: int) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _row(rows: list[str], row: str) -> None:
+    """Keep a result row, and show it at once (a 50k chart takes minutes)."""
+    rows.append(row)
+    print(row, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000])
@@ -446,10 +452,11 @@ def main() -> None:
         _cli(home, "import", str(tommy))
         small_cold = [_cli(home, "ask", SMALL_PATIENT, QUESTIONS[0]) for _ in range(args.cold_runs)]
         small_warm = _warm_in_child(home, SMALL_PATIENT, args.rounds)
-        rows.append(
+        _row(
+            rows,
             f"| small (demo, 318 resources) | – | {_cli(home, 'record', SMALL_PATIENT, '--no-images'):.1f} s | "
             f"{statistics.median(small_cold):.1f} s | – | {small_warm['p50_ms']:.0f} ms | "
-            f"{small_warm['p95_ms']:.0f} ms | {small_warm['peak_rss_mib']:.0f} MiB |"
+            f"{small_warm['p95_ms']:.0f} ms | {small_warm['peak_rss_mib']:.0f} MiB |",
         )
         stages_lines = []
         for size in args.sizes:
@@ -463,10 +470,11 @@ def main() -> None:
             cold = [_cli(home, "ask", pid, QUESTIONS[0]) for _ in range(args.cold_runs)]
             warm = _warm_in_child(home, pid, args.rounds)
             ratio = statistics.median(cold) / statistics.median(small_cold)
-            rows.append(
+            _row(
+                rows,
                 f"| {size:,} resources | {import_s:.1f} s | {record_s:.1f} s | "
                 f"{statistics.median(cold):.1f} s | {ratio:.2f}× | {warm['p50_ms']:.0f} ms | "
-                f"{warm['p95_ms']:.0f} ms | {warm['peak_rss_mib']:.0f} MiB |"
+                f"{warm['p95_ms']:.0f} ms | {warm['peak_rss_mib']:.0f} MiB |",
             )
             stages = ", ".join(f"{k} {v:.1f} ms" for k, v in warm["stages"].items() if v >= 0.05)
             stages_lines.append(
