@@ -23,6 +23,11 @@ else
   $PY benchmarks/record_fetch.py
   $PY benchmarks/index_search.py "${gpu[@]}"
 fi
+if [ "$quick" = 1 ]; then
+  $PY benchmarks/large_chart.py --sizes 10000 --cold-runs 3 --rounds 2
+else
+  $PY benchmarks/large_chart.py
+fi
 $PY benchmarks/encoders.py
 $PY benchmarks/eval_retrieval.py
 $PY benchmarks/eval_agent.py

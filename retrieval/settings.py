@@ -79,6 +79,20 @@ class RankSettings(BaseModel):
     half_life_days: float = Field(
         default=365.0, gt=0, description="Age at which recency counts half; from the newest item."
     )
+    dense_candidates: int = Field(
+        default=200,
+        ge=0,
+        description=(
+            "Most lines embedded per question: on a larger chart, the best by the other parts, "
+            "newest dense_per_series of each observation series; the rest of a series takes "
+            "the score of its newest embedded line. 0: embed every line."
+        ),
+    )
+    dense_per_series: int = Field(
+        default=3,
+        ge=1,
+        description="Newest lines of one series (same category and codes) that may be embedded.",
+    )
     token_budget: int = Field(default=1500, ge=1, description="Tokens of evidence handed on.")
     max_items: int = Field(default=40, ge=1)
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+
+import numpy as np
 import pytest
 
-from connectors.record import PatientRecord
-from retrieval.encoders import EncoderRegistry
+from benchmarks.large_chart import generate_patient
+from connectors.record import PatientRecord, assemble_record
+from connectors.store import FhirStore, StoreSource
+from retrieval.encoders import EncoderRegistry, TextEncoder
 from retrieval.evidence import record_evidence
 from retrieval.rank import BM25, EvidenceRanker, approx_tokens, tokens
 from retrieval.settings import RankSettings
@@ -99,3 +105,57 @@ def test_parts_explain_the_score(tommy: PatientRecord, encoders: EncoderRegistry
 
 def test_no_evidence_gives_no_ranking():
     assert EvidenceRanker().rank("anything", []) == []
+
+
+class _CountingEncoder:
+    """The real text encoder, counting the texts it is asked to embed."""
+
+    def __init__(self, encoder: TextEncoder) -> None:
+        self.encoder = encoder
+        self.info = encoder.info
+        self.texts: list[str] = []
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        self.texts += texts
+        return self.encoder.encode_texts(texts)
+
+
+@pytest.fixture(scope="module")
+def large_chart(tmp_path_factory: pytest.TempPathFactory) -> PatientRecord:
+    """A generated chart of 3000 resources (benchmarks/large_chart.py), through the real store."""
+    bundle = generate_patient(3000, seed=7)
+    store = FhirStore(f"sqlite:///{tmp_path_factory.mktemp('large')}/store.db")
+    store.import_json(bundle, "large-chart")
+    try:
+        return asyncio.run(
+            assemble_record(StoreSource(store), bundle["entry"][0]["resource"]["id"])
+        )
+    finally:
+        store.close()
+
+
+def test_large_chart_is_narrowed_before_embedding(
+    large_chart: PatientRecord, encoders: EncoderRegistry
+):
+    items = record_evidence(large_chart)
+    assert len(items) > 2900
+    counting = _CountingEncoder(encoders.text())
+    settings = RankSettings(dense_candidates=40)
+    ranker = EvidenceRanker(settings, counting)
+
+    ranked = ranker.score("What was the last A1c?", items)
+    assert ranked[0].evidence.id == _newest(large_chart, "4548-4")
+    assert len(counting.texts) <= settings.dense_candidates + 1  # the lines and the question
+    # an older heart rate was not embedded: it takes its series' newest embedded line's score
+    heart = [r for r in ranked if "http://loinc.org|8867-4" in r.evidence.codes]
+    heart.sort(key=lambda r: r.evidence.date, reverse=True)
+    assert len(heart) > 100 and heart[-1].parts["dense"] == heart[0].parts["dense"] > 0
+
+    active = {f"MedicationRequest/{m.id}" for m in large_chart.medications if m.status == "active"}
+    top = ranker.rank("What medications is she currently taking?", items)
+    assert len(active) == 6 and {r.evidence.id for r in top[: len(active)]} == active
+    assert len(counting.texts) <= 2 * (settings.dense_candidates + 1)
+
+    asked = len(counting.texts)  # the same question again: every vector comes from the cache
+    assert ranker.rank("What was the last A1c?", items)[0].evidence.id == ranked[0].evidence.id
+    assert len(counting.texts) == asked
