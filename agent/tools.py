@@ -290,10 +290,7 @@ def find_points(ctx: ToolContext, query: str) -> Found:
     def by_code(point: Point) -> bool:
         return bool(codes & set(point.codes))
 
-    series = [
-        (reference_of(obs), read_status(obs).voided, observation_points(obs, reference_of(obs)))
-        for obs in ctx.record.observations
-    ]
+    series = _observation_series(ctx.record)
     # by code; a chart that codes none of them (text only, local codes) is searched by name
     hit = by_code
     if not codes or not any(by_code(p) for _, _, pts in series for p in pts):
@@ -306,6 +303,21 @@ def find_points(ctx: ToolContext, query: str) -> Found:
         points.extend(p for p in pts if p.when is not None and hit(p))
     points.sort(key=lambda p: p.when.sort_key if p.when is not None else (NOW_MIN, NOW_MIN))
     return Found(points, voided)
+
+
+def _observation_series(record: PatientRecord) -> list[tuple[str, bool, list[Point]]]:
+    """Each Observation's reference, whether it is voided, and its points; read once per record
+    (a record is not changed once assembled; a new fetch is a new object), so a question on a
+    50k-resource chart does not read every Observation again."""
+    cached = record.derived.get("observation_series")
+    if cached is None or len(cached) != len(record.observations):
+        cached = [
+            (ref, read_status(obs).voided, observation_points(obs, ref))
+            for obs in record.observations
+            for ref in (reference_of(obs),)
+        ]
+        record.derived["observation_series"] = cached
+    return cached
 
 
 def _coding_of(point: Point) -> list[Any]:

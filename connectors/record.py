@@ -118,6 +118,9 @@ class PatientRecord:
     other: list[Resource] = field(default_factory=list)
     invalid: list[InvalidResource] = field(default_factory=list)
     problems: list[FetchProblem] = field(default_factory=list)
+    # what upper layers derive from the assembled record, kept with it (a record is not changed
+    # once assembled; a new fetch is a new object): e.g. the tools' observation series
+    derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     # Resources outside the patient compartment that the chart points at (REFERENCED_TYPES),
     # keyed "Type/id"; not part of ``resources()`` (they are not the patient's data).
     referenced: dict[str, Resource] = field(default_factory=dict)
