@@ -168,7 +168,10 @@ def timed(
             except (ChartSightError, GraphBubbleUp):
                 raise  # already clear (or LangGraph's own control flow)
             except Exception as exc:  # a defect met on odd data: named, never a traceback
-                log.exception("the %s step failed", name)
+                # one line for the user; the traceback for developers (debug logging)
+                log.warning(
+                    "the %s step failed: %s", name, exc, exc_info=log.isEnabledFor(logging.DEBUG)
+                )
                 what = f"{type(exc).__name__}: {exc}"[:300]
                 if name not in SKIPPABLE:
                     raise StepError(f"the {name} step failed ({what})") from exc
@@ -271,7 +274,9 @@ async def gather_tools(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
             warnings.append(str(exc))
             log_entries.append({**call, "by": "rules", "error": True})
         except Exception as exc:  # one tool's defect must not take the others' facts down
-            log.exception("tool %s failed", call["tool"])
+            log.warning(
+                "tool %s failed: %s", call["tool"], exc, exc_info=log.isEnabledFor(logging.DEBUG)
+            )
             warnings.append(
                 f"the {call['tool']} tool failed and was left out ({type(exc).__name__})"
             )
@@ -338,6 +343,13 @@ def _matches(scores: dict[str, float]) -> bool:
     )
 
 
+def _one_sentence(line: str) -> str:
+    """A record line as one sentence: its inner sentence ends become semicolons."""
+    body, sep, cite = line.rpartition(" [")
+    body = re.sub(r"(?<!\d)[.!?]+(?=\s|$)", ";", body).rstrip(";")
+    return f"{body}{sep}{cite}" if sep else re.sub(r"[.!?]+(?=\s|$)", ";", line).rstrip(";")
+
+
 def _similar_line(case: dict[str, Any]) -> str:
     summary = case["summary"][:240].replace(". ", "; ").rstrip(".")
     return f"Similar case (score {case['score']:.2f}): {summary}"
@@ -352,7 +364,9 @@ def evidence_answer(state: AskState) -> str:
         lines = [
             line for ref, line in state.get("evidence", {}).items() if _matches(scores.get(ref, {}))
         ][:3]
-        sentences = [f"Relevant record entry: {line}" for line in lines]
+        # a record line is quoted as one sentence: a note's own full stops must not turn its words
+        # ("The patient is healthy.") into a sentence of the answer that stands on its own
+        sentences = [f"Relevant record entry: {_one_sentence(line)}" for line in lines]
     for case in state.get("similar", []):
         sentences.append(f"{_similar_line(case)} [{case['key']}]")
     return " ".join(s if s.rstrip().endswith((".", "]")) else s + "." for s in sentences)

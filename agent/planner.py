@@ -57,10 +57,16 @@ _VALUE_OF = re.compile(
 )
 
 
+_STAT_WORDS = re.compile(
+    r"^(?:(?:average|mean|median|trend|trends|change|highest|lowest|maximum|minimum|max|min|"
+    r"latest|last|recent|current|most\s+recent)\s+(?:of\s+(?:the\s+|his\s+|her\s+)?)?)+"
+)
+
+
 def analyte_words(phrase: str) -> str | None:
-    """``phrase`` as the name of a test, or None when it is a time phrase ("last month") or a
-    request word ("last visit")."""
-    phrase = phrase.strip()
+    """``phrase`` as the name of a test ("average troponin" → "troponin"), or None when it is a
+    time phrase ("last month") or a request word ("last visit")."""
+    phrase = _STAT_WORDS.sub("", phrase.strip()).strip()
     return None if not phrase or _NOT_ANALYTE.search(phrase) else phrase
 
 

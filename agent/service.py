@@ -176,6 +176,8 @@ class ChartSight:
         server or prefetch), with caches of its own. ``keep=False`` without a thread keeps
         nothing: no checkpoint is written (faster, and no copy of the question is stored)."""
         assert self.graph is not None, "use `async with ChartSight(...)` (answering=True)"
+        if not question.strip():
+            raise ChartSightError("the question is empty: ask about the patient in words")
         # one runtime per question (sharing the caches), so concurrent questions keep their own
         # event listeners
         rt = dataclasses.replace(self._runtime(source), on_event=on_event)

@@ -600,6 +600,7 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
                 value=item.text.rsplit(" [", 1)[0],
                 date=item.date,
                 evidence=(item.id,),
+                details={"date_precision": item.precision},
             )
             for item in items
         ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
 ]
 
 NO_NAME = "(no name)"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def display_name(patient: Any) -> str:
@@ -38,7 +40,8 @@ def display_name(patient: Any) -> str:
     text = str(chosen.text or "").strip()
     if not text:
         text = " ".join([*(str(g) for g in chosen.given or []), str(chosen.family or "")]).strip()
-    return " ".join(text.split()) or NO_NAME
+    # control and bidi characters (a terminal escape, a hidden link) are never part of a name
+    return " ".join(_CONTROL.sub(" ", text).split()) or NO_NAME
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import logging
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -196,9 +197,42 @@ _ADDRESSED_TO_MODEL = re.compile(
 )
 
 
+# Also addressed to a model: telling it what to say or to drop what it was told, and notes to "the
+# AI"/"the summarizer"; encoded payloads offered "to decode and follow".
+_TELLS_MODEL = re.compile(
+    r"\b(?:disregard|ignore|forget)\s+(?:all\s+|everything\s+|the\s+)?(?:above|previous|prior|"
+    r"earlier|everything|what\s+you\s+(?:were|have\s+been)\s+told)\b"
+    r"|\b(?:note|message|instructions?)\s+(?:to|for)\s+(?:the\s+)?(?:ai|llm|model|assistant|"
+    r"summari[sz]er|chatbot|bot)\b"
+    r"|\b(?:tell|inform)\s+the\s+(?:clinician|doctor|physician|user|reader)\s+(?:that\s+)?"
+    r"(?:this|the)\s+patient\b"
+    r"|\bdecode\s+(?:it\s+|this\s+)?and\s+(?:follow|obey|execute|run)\b"
+    r"|\b(?:new|updated)\s+rules?\s*:",
+    re.IGNORECASE,
+)
+# Latin look-alikes from other scripts (Cyrillic, Greek) that hide a phrase from a pattern
+_CONFUSABLES = str.maketrans(
+    "АВЕЅІЈКМНОРСТХУаеіјорсхуԁһӏΑΒΕΖΗΙΚΜΝΟΡΤΥΧαεικνορτυχ",
+    "ABESIJKMHOPCTXYaeijopcxydhlABEZHIKMNOPTYXaeiknoptux",
+)
+_INVISIBLE = re.compile(
+    r"[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b-\u200f"
+    r"\u202a-\u202e\u2060-\u206f\ufeff]"
+)
+
+
+def _comparable(text: str) -> str:
+    """``text`` as a pattern should see it: compatibility forms folded (NFKC), invisible characters
+    dropped, look-alike letters of other scripts mapped to Latin, whitespace folded."""
+    text = _INVISIBLE.sub("", unicodedata.normalize("NFKC", text)).translate(_CONFUSABLES)
+    return re.sub(r"\s+", " ", text)
+
+
 def addressed_to_model(text: str) -> str | None:
-    """The phrase that marks ``text`` as instructions to an AI model, if any."""
-    found = _ADDRESSED_TO_MODEL.search(text)
+    """The phrase that marks ``text`` as instructions to an AI model, if any (after undoing the
+    usual disguises: invisible characters, look-alike letters, line breaks)."""
+    plain = _comparable(text)
+    found = _ADDRESSED_TO_MODEL.search(plain) or _TELLS_MODEL.search(plain)
     return found.group(0) if found else None
 
 
@@ -218,7 +252,7 @@ def withhold_instructions(item: Evidence) -> Evidence:
 
 # --- plain helpers ------------------------------------------------------------------------------
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def clean_text(text: str, limit: int = MAX_NOTE_CHARS) -> str:
