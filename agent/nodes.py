@@ -358,7 +358,10 @@ def _similar_line(case: dict[str, Any]) -> str:
 def evidence_answer(state: AskState) -> str:
     """The embedded default: the facts, else the evidence lines that share words or codes with the
     question; each sentence cited. Empty when nothing matches (the answer then abstains)."""
-    sentences = [f["statement"] for f in state.get("facts", []) if f.get("evidence")]
+    # each statement once (two tools may list the same condition)
+    sentences = list(
+        dict.fromkeys(f["statement"] for f in state.get("facts", []) if f.get("evidence"))
+    )
     if not sentences:
         scores = state.get("evidence_scores", {})
         lines = [

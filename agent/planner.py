@@ -143,9 +143,12 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
     for _, _, words, term in sorted(spans, key=lambda x: x[0]):
         loinc = any(c.startswith("http://loinc.org|") for c in term.codes)
         snomed = any(c.startswith("http://snomed.info/sct|") for c in term.codes)
-        if loinc and not (asks_condition and snomed):
+        # "does she have a fever?": a diagnosis, and the measurement that shows it (a term with a
+        # unit is measured itself; "diabetes" is not an HbA1c value)
+        measured = loinc and (not (asks_condition and snomed) or term.unit is not None)
+        if measured:
             measured_words.append(words)  # as the clinician wrote it
-        elif snomed:
+        if snomed and (asks_condition or not measured):
             condition_words.append(words)
     stats = _has(
         q,

@@ -643,7 +643,10 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
                 found.append(item)
         subject = _subject(query, [])
         return _listing(
-            ctx, "condition_history", found, f"No {subject} condition is recorded in the chart."
+            ctx,
+            "condition_history",
+            found,
+            f"No {subject} diagnosis is in the record's conditions.",
         )
 
     @reg.add(
@@ -805,7 +808,8 @@ def _series_fact(
     u = f" {target}" if target else ""
     n = number_text
     statement = (
-        f"{name} {window}{_voided_clause(found)}: {len(values)} results, mean {n(mean)}{u}, "
+        f"{name} {window}{_voided_clause(found)}: {len(values)} result{'s' if len(values) > 1 else ''}, "
+        f"mean {n(mean)}{u}, "
         f"min {n(min(values))}{u}, max {n(max(values))}{u}; {trend} from {n(first[1])} "
         f"({_point_day(first[0])}) to {n(last[1])} ({_point_day(last[0])}){converted_note}."
         f"{_cite(refs)}{notes}"

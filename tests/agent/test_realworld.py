@@ -213,6 +213,8 @@ def test_patient_without_a_name(chart):
     answer = c.ask("What was the last temperature?")
     assert "38.4 Cel" in answer.text and not answer.abstained
     assert "(no name)" in c.ask("What is the patient's name?").text
+    fever = c.ask("Does the patient have a fever?")  # a measurement shows it, not a diagnosis
+    assert "38.4 Cel (high" in fever.text and "Observation/bug18-temp" in fever.text
 
 
 # --- more of each kind: other resource types and fields -----------------------------------------
@@ -368,5 +370,5 @@ def test_a_ruled_out_condition_asked_about(chart):
     assert "Pneumonia" in answer.text and "ruled out" in answer.text
     assert "Condition/bug03-pna-refuted" in {x.reference for x in answer.citations}
     diabetes = c.ask("Does she have diabetes?")
-    assert "No diabetes condition is recorded" in diabetes.text
+    assert "No diabetes diagnosis is in the record's conditions" in diabetes.text
     assert "bug03-dm-eie" not in str(diabetes.to_dict())
