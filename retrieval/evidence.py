@@ -200,8 +200,9 @@ _ADDRESSED_TO_MODEL = re.compile(
 # Also addressed to a model: telling it what to say or to drop what it was told, and notes to "the
 # AI"/"the summarizer"; encoded payloads offered "to decode and follow".
 _TELLS_MODEL = re.compile(
-    r"\b(?:disregard|ignore|forget)\s+(?:all\s+|everything\s+|the\s+)?(?:above|previous|prior|"
-    r"earlier|everything|what\s+you\s+(?:were|have\s+been)\s+told)\b"
+    r"\b(?:disregard|ignore|forget)\s+(?:all\s+|the\s+)?(?:above|previous|prior|earlier)\s+"
+    r"(?:guidance|instructions?|prompts?|rules|messages?|context|directions)\b"
+    r"|\bforget\s+(?:everything|what\s+you\s+(?:were|have\s+been)\s+told)\b"
     r"|\b(?:note|message|instructions?)\s+(?:to|for)\s+(?:the\s+)?(?:ai|llm|model|assistant|"
     r"summari[sz]er|chatbot|bot)\b"
     r"|\b(?:tell|inform)\s+the\s+(?:clinician|doctor|physician|user|reader)\s+(?:that\s+)?"

@@ -18,6 +18,7 @@ import pytest
 from agent.service import ChartSight
 from agent.settings import Settings
 from connectors.store import FhirStore
+from tests.peers.servers import Sekmet
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "realworld"
 NOW = datetime(2026, 11, 29, 12, tzinfo=UTC)
@@ -105,6 +106,13 @@ def _transaction(doc: dict[str, Any]) -> dict[str, Any]:
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
+@pytest.fixture(scope="module")
+def own_sekmet() -> Iterator[Any]:
+    """A SEKMET of this module's own: its patients must not show up in other tests' server."""
+    with Sekmet() as server:
+        yield server
+
+
 @pytest.fixture(params=["store", "sekmet"])
 def chart(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     """``chart(bundle) -> Chart``: the bundle loaded into the local store, or into SEKMET."""
@@ -120,7 +128,7 @@ def chart(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
             store.import_json(doc, f"{pid}.json")
             settings = Settings(home=tmp_path / "home", store={"url": str(store.engine.url)})
         else:
-            server = request.getfixturevalue("sekmet")
+            server = request.getfixturevalue("own_sekmet")
             reply = httpx.post(
                 server.base_url,
                 json=_transaction(doc),
