@@ -365,7 +365,7 @@ def _cli(home: Path, *args: str) -> float:
     }
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "surfaces.cli", *args], env=env, capture_output=True, text=True
     )
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
