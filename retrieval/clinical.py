@@ -221,7 +221,6 @@ _WHEN = (
     "onsetDateTime",
     "performedDateTime",
     "occurrenceDateTime",
-    "effectiveDateTime",
     "authoredOn",
     "started",
     "recordedDate",
