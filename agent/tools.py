@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.errors import ChartSightError
 from connectors.record import PatientRecord
-from connectors.resources import reference_of
 from retrieval.clinical import (
     Measurement,
     Point,
@@ -31,8 +30,8 @@ from retrieval.clinical import (
     fhir_date,
     number_text,
     observation_points,
+    observation_series,
     patient_age,
-    read_status,
     same_unit,
 )
 from retrieval.evidence import Compactors, Evidence, default_compactors
@@ -267,10 +266,6 @@ class Found:
     points: list[Point]
     voided: list[str]
 
-    def observations(self) -> list[str]:
-        """References of the matched Observations, oldest first, each once."""
-        return list(dict.fromkeys(p.reference for p in self.points))
-
 
 def find_points(ctx: ToolContext, query: str) -> Found:
     """The results a query stands for (by code, else by name): Observations' own values and their
@@ -290,7 +285,7 @@ def find_points(ctx: ToolContext, query: str) -> Found:
     def by_code(point: Point) -> bool:
         return bool(codes & set(point.codes))
 
-    series = _observation_series(ctx.record)
+    series = observation_series(ctx.record)
     # by code; a chart that codes none of them (text only, local codes) is searched by name
     hit = by_code
     if not codes or not any(by_code(p) for _, _, pts in series for p in pts):
@@ -305,21 +300,6 @@ def find_points(ctx: ToolContext, query: str) -> Found:
     return Found(points, voided)
 
 
-def _observation_series(record: PatientRecord) -> list[tuple[str, bool, list[Point]]]:
-    """Each Observation's reference, whether it is voided, and its points; read once per record
-    (a record is not changed once assembled; a new fetch is a new object), so a question on a
-    50k-resource chart does not read every Observation again."""
-    cached = record.derived.get("observation_series")
-    if cached is None or len(cached) != len(record.observations):
-        cached = [
-            (ref, read_status(obs).voided, observation_points(obs, ref))
-            for obs in record.observations
-            for ref in (reference_of(obs),)
-        ]
-        record.derived["observation_series"] = cached
-    return cached
-
-
 def _coding_of(point: Point) -> list[Any]:
     element = (
         point.observation.component[point.component]
@@ -332,14 +312,6 @@ def _coding_of(point: Point) -> list[Any]:
 def _unvoided(obs: Any) -> Any:
     """A copy of an entered-in-error Observation read as final: only to see what it measured."""
     return obs.model_copy(update={"status": "final"})
-
-
-def find_observations(ctx: ToolContext, query: str) -> list[Any]:
-    """Observations for a query (by code, else by name), oldest first; undated and
-    entered-in-error ones left out."""
-    found = find_points(ctx, query)
-    by_ref = {reference_of(o): o for o in ctx.record.observations}
-    return [by_ref[r] for r in found.observations()]
 
 
 def _obs_text(ref: str, ctx: ToolContext) -> str:

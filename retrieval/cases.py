@@ -6,14 +6,12 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any
 
 from PIL import Image
 
 from connectors.images import ImageSet, PatientImage
 from connectors.record import PatientRecord
-from connectors.resources import reference_of
-from retrieval.clinical import is_voided, observation_points, patient_age
+from retrieval.clinical import is_voided, observation_series, patient_age
 from retrieval.evidence import Compactors, Evidence, clean_text, default_compactors
 
 # Longest summary text; the text encoders read ~256 tokens at most anyway.
@@ -114,7 +112,7 @@ def chart_sections(record: PatientRecord, evidence: list[Evidence]) -> ChartSect
     for item in evidence:
         by_category.setdefault(item.category, []).append(item)
     latest: dict[tuple[str, ...], Evidence] = {}
-    valued = {reference_of(o) for o in record.observations if _has_value(o)}
+    valued = {ref for ref, _, pts in observation_series(record) if any(p.has_value for p in pts)}
     for item in sorted(
         by_category.get("observation", []),
         key=lambda e: e.date or datetime.min.replace(tzinfo=UTC),
@@ -133,10 +131,6 @@ def chart_sections(record: PatientRecord, evidence: list[Evidence]) -> ChartSect
         ),
         voided=sum(1 for r in record.resources() if is_voided(r)),
     )
-
-
-def _has_value(obs: Any) -> bool:
-    return any(p.has_value for p in observation_points(obs, reference_of(obs)))
 
 
 def summarise(record: PatientRecord, evidence: list[Evidence], on: date | None = None) -> str:

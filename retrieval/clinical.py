@@ -25,7 +25,7 @@ from datetime import UTC, date, datetime, timedelta
 from functools import cache
 from typing import Any, Literal
 
-from connectors.resources import NO_NAME, display_name
+from connectors.resources import NO_NAME, display_name, reference_of
 
 __all__ = ["NO_NAME", "display_name"]  # the patient's name is read in connectors (patient lists)
 
@@ -496,3 +496,17 @@ def observation_points(obs: Any, reference: str) -> list[Point]:
             )
         )  # fmt: skip
     return points
+
+
+def observation_series(record: Any) -> list[tuple[str, bool, list[Point]]]:
+    """Each Observation of a ``PatientRecord``: its reference, whether it is voided, its points.
+    Read once per record and kept in ``record.derived`` (a record is not changed once assembled; a
+    new fetch is a new object), so questions on a 50k-resource chart do not read them again."""
+    cached = record.derived.get("observation_series")
+    if cached is None or len(cached) != len(record.observations):
+        cached = []
+        for obs in record.observations:
+            ref = reference_of(obs)
+            cached.append((ref, read_status(obs).voided, observation_points(obs, ref)))
+        record.derived["observation_series"] = cached
+    return cached

@@ -271,13 +271,6 @@ def _iso_day(value: date | datetime) -> str:
     return value.date().isoformat() if isinstance(value, datetime) else value.isoformat()
 
 
-def clinical_date(resource: Any) -> datetime | None:
-    """When a resource happened (else when it was recorded), timezone-aware; a partial date is the
-    start of its interval (see ``retrieval.clinical.when_of`` for the precision)."""
-    found = when_of(resource)
-    return found.start if found is not None else None
-
-
 def _date_text(value: Any) -> str:
     found = fhir_date(value)
     return found.text if found is not None else ""
