@@ -107,17 +107,24 @@ _LABELS = {
 }
 
 
+def _element(resource: Any, name: str) -> Any:
+    """``resource.<name>`` or None; a fhir.resources model keeps its elements in ``__dict__``,
+    and reading it there spares pydantic's slow ``__getattr__`` for elements a type lacks."""
+    elements = getattr(resource, "__dict__", None)
+    return elements.get(name) if elements is not None else getattr(resource, name, None)
+
+
 def read_status(resource: Any) -> StatusReading:
     """The clinical meaning of ``resource``'s status elements (see ``StatusReading``)."""
     kind = resource.get_resource_type()
-    status = str(getattr(resource, "status", None) or "")
-    verification = code_of(getattr(resource, "verificationStatus", None))
-    doc_status = str(getattr(resource, "docStatus", None) or "")
-    lifecycle = str(getattr(resource, "lifecycleStatus", None) or "")  # Goal
+    status = str(_element(resource, "status") or "")
+    verification = code_of(_element(resource, "verificationStatus"))
+    doc_status = str(_element(resource, "docStatus") or "")
+    lifecycle = str(_element(resource, "lifecycleStatus") or "")  # Goal
     if ENTERED_IN_ERROR in (status, verification, doc_status, lifecycle):
         return StatusReading(voided=True, label="entered in error")
     if kind in ("Condition", "AllergyIntolerance"):
-        clinical = code_of(getattr(resource, "clinicalStatus", None))
+        clinical = code_of(_element(resource, "clinicalStatus"))
         if verification == "refuted":
             return StatusReading(refuted=True, label="ruled out")
         if kind == "AllergyIntolerance":
