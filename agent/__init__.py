@@ -24,7 +24,7 @@ from connectors.prefetch import PrefetchSource
 from connectors.record import PatientRecord
 from connectors.resources import display_name, reference_of
 from connectors.source import FhirSource
-from retrieval.cases import Case, ChartSections, age_of, line_label
+from retrieval.cases import Case, CasePrivacy, ChartSections, age_of, line_label
 from retrieval.clinical import fhir_date, patient_age
 from retrieval.encoders import EncoderRegistry
 from retrieval.evidence import Evidence
@@ -37,6 +37,7 @@ __all__ = [
     "Case",
     "CaseFilter",
     "CaseHit",
+    "CasePrivacy",
     "ChartSections",
     "ChartSight",
     "ChartSightError",

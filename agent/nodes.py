@@ -31,9 +31,9 @@ from connectors.errors import ChartSightError
 from connectors.images import ImageSet, PatientImage, collect_images
 from connectors.record import PatientRecord, assemble_record
 from connectors.source import FhirSource
-from retrieval.cases import Case, cases_from_record
+from retrieval.cases import Case, CasePrivacy, cases_from_record
 from retrieval.evidence import Evidence, record_evidence
-from retrieval.index import CaseFilter, CaseIndex
+from retrieval.index import CaseFilter, CaseIndex, generalised_hit
 from retrieval.rank import EvidenceRanker
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,9 @@ class AgentRuntime:
             cache.ttl_s = self.settings.cache_ttl_s
 
     on_event: Callable[[str, dict[str, Any]], None] | None = None
+    # "generalised" for a caller who may read only one patient: similar cases reach the prompt
+    # and the answer without keys, patient ids, dates or free text (retrieval.index.generalised_hit)
+    case_privacy: CasePrivacy = "full"
 
     def evidence_items(self, record: PatientRecord) -> list[Evidence]:
         """The record's evidence lines, compacted once per patient (records are cached too)."""
@@ -331,6 +334,8 @@ async def gather_similar(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     record = record_of(state, rt)
     case = rt.patient_case(record, await rt.ensure_images(record))
     hits = await asyncio.to_thread(rt.index.similar, case, 3, own_cases_out(case))
+    if rt.case_privacy == "generalised":
+        hits = [generalised_hit(h, n) for n, h in enumerate(hits, 1)]
     return {
         "similar": [{"key": h.key, "score": round(h.score, 4), "summary": h.summary} for h in hits]
     }

@@ -30,9 +30,9 @@ from connectors.record import PatientRecord, find_patients
 from connectors.settings import FhirServerSettings
 from connectors.source import FhirSource
 from connectors.store import FhirStore, StoreSource
-from retrieval.cases import Case, ChartSections, chart_sections
+from retrieval.cases import Case, CasePrivacy, ChartSections, chart_sections
 from retrieval.encoders import EncoderRegistry
-from retrieval.index import CaseFilter, CaseHit, CaseIndex, CaseIndexError
+from retrieval.index import CaseFilter, CaseHit, CaseIndex, CaseIndexError, generalised_hit
 from retrieval.rank import EvidenceRanker, RankedEvidence
 
 
@@ -170,17 +170,22 @@ class ChartSight:
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         source: FhirSource | None = None,
         keep: bool = True,
+        case_privacy: CasePrivacy = "full",
     ) -> Answer:
         """A grounded answer; the same ``thread_id`` continues a conversation. ``source`` reads
         the record from elsewhere than the configured source (e.g. a CDS Hooks request's FHIR
         server or prefetch), with caches of its own. ``keep=False`` without a thread keeps
-        nothing: no checkpoint is written (faster, and no copy of the question is stored)."""
+        nothing: no checkpoint is written (faster, and no copy of the question is stored).
+        ``case_privacy="generalised"`` (a caller bound to this one patient) shows similar cases
+        to the model and in the answer without keys, ids, dates or free text."""
         assert self.graph is not None, "use `async with ChartSight(...)` (answering=True)"
         if not question.strip():
             raise ChartSightError("the question is empty: ask about the patient in words")
         # one runtime per question (sharing the caches), so concurrent questions keep their own
         # event listeners
-        rt = dataclasses.replace(self._runtime(source), on_event=on_event)
+        rt = dataclasses.replace(
+            self._runtime(source), on_event=on_event, case_privacy=case_privacy
+        )
         start = {"question": question, "patient_key": patient, "warnings": None, "timings": None}
         if thread_id is None and not keep:
             state = await self.one_shot.ainvoke(start, {"configurable": {"runtime": rt}})
@@ -286,15 +291,20 @@ class ChartSight:
         k: int = 5,
         flt: CaseFilter | None = None,
         source: FhirSource | None = None,
+        privacy: CasePrivacy = "full",
     ) -> list[CaseHit]:
-        """Cases most like the patient's (the patient's own left out)."""
+        """Cases most like the patient's (the patient's own left out); ``privacy="generalised"``
+        for a caller bound to this one patient (``retrieval.index.generalised_hit``)."""
         index = self._runtime().index
         if index is None and self._index_error is not None:
             raise ConfigurationError(str(self._index_error)) from self._index_error
         if index is None or len(index) == 0:
             raise ConfigurationError("no similar-case index (run `chartsight index build`)")
         case = await self.patient_case(patient, source)
-        return await asyncio.to_thread(index.similar, case, k, own_cases_out(case, flt))
+        hits = await asyncio.to_thread(index.similar, case, k, own_cases_out(case, flt))
+        if privacy == "generalised":
+            return [generalised_hit(h, n) for n, h in enumerate(hits, 1)]
+        return hits
 
     def tool_schemas(self) -> list[dict[str, Any]]:
         """The structured tools ``facts`` can run, each as its OpenAI function schema."""

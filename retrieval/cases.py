@@ -6,6 +6,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from typing import Literal
 
 from PIL import Image
 
@@ -16,6 +17,10 @@ from retrieval.evidence import Compactors, Evidence, clean_text, default_compact
 
 # Longest summary text; the text encoders read ~256 tokens at most anyway.
 MAX_SUMMARY_CHARS = 1500
+
+# How similar cases are shown: "full" (keys, ids, summaries) to callers who may read any patient
+# (user/system scopes), "generalised" (``generalised_summary``) to callers bound to one patient.
+CasePrivacy = Literal["full", "generalised"]
 
 
 @dataclass
@@ -169,6 +174,54 @@ def summarise(record: PatientRecord, evidence: list[Evidence], on: date | None =
     if sections.imaging:
         parts.append("Imaging: " + "; ".join(names(sections.imaging)[-3:]) + ".")
     return clean_text(" ".join(parts), MAX_SUMMARY_CHARS)
+
+
+# --- similar cases shown to a caller who may read only one patient --------------------------------
+
+_SECTIONS = (
+    "Active problems",
+    "Abnormal results",
+    "Report impressions",
+    "Active medications",
+    "Allergies",
+    "Imaging",
+)
+_KEPT_SECTIONS = ("Active problems", "Abnormal results", "Active medications", "Allergies")
+_DEMOGRAPHICS = re.compile(r"\b(Male|Female|Other|Unknown|Unknown sex)(?:, age (\d+)-(\d+))?\.")
+_DATES = re.compile(
+    r"\s*\(\d{4}(?:-\d{2}(?:-\d{2})?)?\)"  # "(2020-04-01)" after a result
+    r"|\b\d{4}-\d{2}(?:-\d{2})?(?:T[0-9:.]+(?:Z|[+-]\d{2}:?\d{2})?)?\b"  # any other date
+)
+
+
+def generalised_summary(summary: str) -> str:
+    """A case summary (``summarise``'s, or a study case's) reduced to what may be shown to a caller
+    whose access is one patient's record: sex, age band (90 and over as "90+", after HIPAA Safe
+    Harbor, 45 CFR 164.514(b)(2)(i)(C)), and the coded sections (active problems, abnormal results,
+    active medications, allergies) with every date removed. Free text (report impressions, study
+    descriptions, imaging lines) and anything not recognised as one of those sections is left out.
+    """
+    parts = []
+    demo = _DEMOGRAPHICS.search(summary)
+    if demo is not None:
+        summary = summary[demo.end() :]  # a study case's free-text description comes before it
+        sex, low = demo.group(1), demo.group(2)
+        if low is None:
+            parts.append(f"{sex}.")
+        elif int(low) >= 90:
+            parts.append(f"{sex}, age 90+.")
+        else:
+            parts.append(f"{sex}, age {low}-{demo.group(3)}.")
+    following = "|".join(re.escape(s) for s in _SECTIONS)
+    for section in _KEPT_SECTIONS:
+        found = re.search(
+            rf"(?:^|\.?\s)({re.escape(section)}: .*?)(?:\.(?=\s(?:{following}):)|\.?$)",
+            summary,
+        )
+        if found is not None:
+            text = _DATES.sub("", found.group(1)).strip()
+            parts.append(text.removesuffix("…").rstrip(" ;,") + ".")
+    return " ".join(parts) or "A similar case."
 
 
 def cases_from_record(

@@ -222,17 +222,33 @@ _INVISIBLE = re.compile(
 )
 
 
+_SPACES = re.compile(r"\s+")
+
+
 def _comparable(text: str) -> str:
     """``text`` as a pattern should see it: compatibility forms folded (NFKC), invisible characters
     dropped, look-alike letters of other scripts mapped to Latin, whitespace folded."""
     text = _INVISIBLE.sub("", unicodedata.normalize("NFKC", text)).translate(_CONFUSABLES)
-    return re.sub(r"\s+", " ", text)
+    return _SPACES.sub(" ", text)
+
+
+# Words one of the patterns above needs (every alternative contains one, lower-cased): text
+# without any cannot match, and skips the costlier searches (10k chart lines: 0.6 s → 0.1 s)
+_ANCHORS = (
+    "ignor", "disregard", "forget", "overrid", "system", "developer", "you", "act", "pretend",
+    "ai", "language", "instruction", "<", "patient", "rule", "llm", "model", "assistant",
+    "summari", "bot", "tell", "inform", "decode",
+)  # fmt: skip
 
 
 def addressed_to_model(text: str) -> str | None:
     """The phrase that marks ``text`` as instructions to an AI model, if any (after undoing the
     usual disguises: invisible characters, look-alike letters, line breaks)."""
-    plain = _comparable(text)
+    # (ASCII has no compatibility forms, invisible characters or look-alikes to undo)
+    plain = _SPACES.sub(" ", text) if text.isascii() else _comparable(text)
+    lower = plain.lower()
+    if not any(word in lower for word in _ANCHORS):
+        return None
     found = _ADDRESSED_TO_MODEL.search(plain) or _TELLS_MODEL.search(plain)
     return found.group(0) if found else None
 

@@ -25,7 +25,7 @@ import os
 import shutil
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 
 from connectors.errors import ChartSightError
-from retrieval.cases import Case
+from retrieval.cases import Case, generalised_summary
 from retrieval.encoders import EncoderInfo, ImageEncoder, TextEncoder
 from retrieval.settings import FusionSettings, IndexSettings
 
@@ -234,6 +234,22 @@ class CaseHit:
     modalities: tuple[str, ...]
     label: str | None
     kind: str
+
+
+def generalised_hit(hit: CaseHit, n: int) -> CaseHit:
+    """``hit`` as a caller who may read only one patient's record sees it: no case key and no
+    patient id (the case is "similar-case-<n>"), the summary ``generalised_summary``'s; sex, age
+    band (90+ pooled), modalities, label, kind and score are kept."""
+    band = hit.age_band
+    if band is not None and band[:2].isdigit() and int(band.split("-")[0].rstrip("+")) >= 90:
+        band = "90+"
+    return replace(
+        hit,
+        key=f"similar-case-{n}",
+        patient_id="",
+        summary=generalised_summary(hit.summary),
+        age_band=band,
+    )
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from the HTTP request's headers and authorized for its patient exactly like the 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,14 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError as McpToolError
 
 from agent import ChartSight, ChartSightError
-from surfaces.http.security import Forbidden, Principal, Unauthenticated, authorize
+from surfaces.http.security import (
+    Forbidden,
+    Principal,
+    Unauthenticated,
+    authorize,
+    case_privacy,
+    thread_key,
+)
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -60,6 +68,10 @@ class Access:
         if self.service.limiter.take(who.client_id) > 0:
             raise McpToolError("too many requests from this client")
         return self.service.agent, who
+
+    def thread_key(self, who: Principal, patient: str, thread: str) -> str:
+        """The thread's checkpoint key, private to the caller and the patient (as over REST)."""
+        return thread_key(who, patient, thread)
 
     async def check(
         self, who: Principal, tool: str, patient: str, question: str | None = None
@@ -138,7 +150,7 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         agent, who = access.caller(ctx)
         await access.check(who, "similar_cases", patient)
         try:
-            hits = await agent.similar(patient, max(1, min(k, 50)))
+            hits = await agent.similar(patient, max(1, min(k, 50)), privacy=case_privacy(who))
         except ChartSightError as exc:
             raise McpToolError(str(exc)) from exc
         await access.audit(who, "similar_cases", "answered", patient)
@@ -147,13 +159,22 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
     @server.tool(
         structured_output=True,
         description="A grounded answer to a clinician's question about the patient: every "
-        "sentence cites the patient's resources and was checked against them.",
+        "sentence cites the patient's resources and was checked against them. Without `thread` "
+        "nothing is kept; the same `thread` continues a conversation (private to the caller).",
     )
-    async def ask(patient: str, question: str, ctx: Context) -> dict[str, Any]:
+    async def ask(
+        patient: str, question: str, ctx: Context, thread: str | None = None
+    ) -> dict[str, Any]:
         agent, who = access.caller(ctx)
         await access.check(who, "ask", patient, question)
         try:
-            answer = await agent.ask(patient, question)
+            answer = await agent.ask(
+                patient,
+                question,
+                thread_id=access.thread_key(who, patient, thread) if thread else None,
+                keep=False,  # outside a thread nothing is kept, as over REST
+                case_privacy=case_privacy(who),
+            )
         except ChartSightError as exc:
             raise McpToolError(str(exc)) from exc
         data = answer.to_dict()
@@ -166,12 +187,47 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
 # --- mounted in the HTTP service --------------------------------------------------------------------
 
 
+class _Authenticated:
+    """ASGI wrapper of the MCP endpoint: every request (``initialize`` and ``tools/list``
+    included) needs the REST service's credentials, else 401 with ``WWW-Authenticate``."""
+
+    def __init__(self, inner: Any, access: Access) -> None:
+        self.inner = inner
+        self.access = access
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        service = self.access.service
+        if scope["type"] == "http" and service is not None:
+            headers = {
+                k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
+            }
+            try:
+                service.auth.from_headers(headers.get("authorization"), headers.get("x-api-key"))
+            except Unauthenticated as exc:
+                body = json.dumps({"detail": f"unauthorized: {exc}"}).encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 401,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"www-authenticate", b'Bearer realm="chartsight"'),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.inner(scope, receive, send)
+
+
 def mount_mcp(app: FastAPI) -> None:
-    """Serve MCP over streamable HTTP at ``/mcp/`` (the app's lifespan runs its sessions)."""
+    """Serve MCP over streamable HTTP at ``/mcp/`` (the app's lifespan runs its sessions); every
+    MCP request is authenticated like a REST call."""
     access = Access()
     server = build_server(access)
     app.state.mcp = (server, access)
-    app.mount("/mcp", server.streamable_http_app(streamable_http_path="/", stateless_http=True))
+    inner = server.streamable_http_app(streamable_http_path="/", stateless_http=True)
+    app.mount("/mcp", _Authenticated(inner, access))
 
 
 @contextlib.asynccontextmanager

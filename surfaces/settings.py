@@ -76,6 +76,12 @@ class ServeSettings(BaseModel):
     cds_budget_s: float = Field(
         default=2.0, gt=0, description="How long a CDS Hooks call may take before an info card."
     )
+    cds_fhir_servers: list[str] = Field(
+        default=[],
+        description="FHIR base URLs a CDS Hooks request's fhirServer may name (with the "
+        "configured fhir.url); any other is refused with 400 before a connection is made, and "
+        "the request's fhirAuthorization token is never sent to it.",
+    )
     cds_question: str = Field(
         default="What are the active problems, current medications and latest abnormal results?",
         description="The question the patient-view service answers.",

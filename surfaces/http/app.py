@@ -35,6 +35,7 @@ from surfaces.http.deps import (
 )
 from surfaces.http.middleware import AccessLog, BodyLimit
 from surfaces.http.schemas import AnswerOut, AskRequest, CaseHitOut, Problem
+from surfaces.http.security import case_privacy
 from surfaces.http.smart import router as smart_router
 from surfaces.mcp import mcp_lifespan, mount_mcp
 from surfaces.settings import AppSettings
@@ -126,7 +127,13 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
         try:
             answer: Answer | None = await run_unless_disconnected(
                 request,
-                svc.agent.ask(body.patient, body.question, thread_id=thread, keep=False),
+                svc.agent.ask(
+                    body.patient,
+                    body.question,
+                    thread_id=thread,
+                    keep=False,
+                    case_privacy=case_privacy(who),
+                ),
                 svc.settings.serve.request_timeout_s,
             )
         except TimeoutError as exc:
@@ -185,7 +192,12 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
             body.question,
             body.thread,
             lambda on_event: svc.agent.ask(
-                body.patient, body.question, thread_id=thread, on_event=on_event, keep=False
+                body.patient,
+                body.question,
+                thread_id=thread,
+                on_event=on_event,
+                keep=False,
+                case_privacy=case_privacy(who),
             ),
         )
 
@@ -207,7 +219,10 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
         await allowed(svc, who, "similar", patient_id)
         try:
             hits = await svc.agent.similar(
-                patient_id, k, CaseFilter(modality=modality, sex=sex, age_band=age_band)
+                patient_id,
+                k,
+                CaseFilter(modality=modality, sex=sex, age_band=age_band),
+                privacy=case_privacy(who),
             )
         except ChartSightError as exc:
             raise http_error(exc) from exc

@@ -26,6 +26,7 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError
 from agent import ChartSightError, PrefetchSource, ehr_source
 from agent.grounding import citations, split_sentences, uncited
 from surfaces.http.deps import Caller, Service, Svc, allowed
+from surfaces.http.security import case_privacy, listed_fhir_base
 
 log = logging.getLogger("chartsight.api")
 
@@ -148,7 +149,7 @@ async def patient_view(request: Request, who: Caller, svc: Svc) -> CardsResponse
     if auth is not None and auth.patient and auth.patient != pid:
         raise HTTPException(403, "fhirAuthorization is bound to another patient")
     await allowed(svc, who, "cds-patient-view", pid)
-    source = _source(hook, pid)
+    source = _source(svc, hook, pid)
     if source is None:
         raise HTTPException(
             400, "no data: send prefetch with the Patient, or fhirServer with fhirAuthorization"
@@ -156,7 +157,7 @@ async def patient_view(request: Request, who: Caller, svc: Svc) -> CardsResponse
     question = svc.settings.serve.cds_question
     try:
         answer = await asyncio.wait_for(
-            svc.agent.ask(pid, question, source=source, keep=False),
+            svc.agent.ask(pid, question, source=source, keep=False, case_privacy=case_privacy(who)),
             svc.settings.serve.cds_budget_s,
         )
     except TimeoutError:
@@ -185,12 +186,25 @@ def _first_error(exc: Exception) -> str:
     return str(exc)
 
 
-def _source(hook: HookRequest, pid: str) -> Any:
+def _source(svc: Service, hook: HookRequest, pid: str) -> Any:
+    """The prefetch when it holds the patient, else the request's fhirServer, but only when it is
+    one the service is configured to read (``serve.cds_fhir_servers`` or ``fhir.url``): any other
+    URL is refused before a connection is made, so a request cannot make the service fetch (and
+    send the fhirAuthorization token to) a URL of its choosing."""
     if hook.prefetch:
         prefetched = PrefetchSource(hook.prefetch)
         if prefetched.has_patient(pid):
             return prefetched
     if hook.fhirServer is not None:
+        allowed = list(svc.settings.serve.cds_fhir_servers)
+        if svc.settings.fhir.url:
+            allowed.append(str(svc.settings.fhir.url))
+        if not listed_fhir_base(str(hook.fhirServer), allowed):
+            raise HTTPException(
+                400,
+                "fhirServer is not a FHIR server this service is configured to read "
+                "(serve.cds_fhir_servers); send prefetch instead",
+            )
         auth = hook.fhirAuthorization
         return ehr_source(str(hook.fhirServer), auth.access_token if auth else None)
     return None

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
@@ -26,7 +25,14 @@ from agent import (
 )
 from surfaces.http.audit import AuditLog
 from surfaces.http.limits import RateLimiter
-from surfaces.http.security import Authenticator, Forbidden, Principal, Unauthenticated, authorize
+from surfaces.http.security import (
+    Authenticator,
+    Forbidden,
+    Principal,
+    Unauthenticated,
+    authorize,
+    thread_key,
+)
 from surfaces.settings import AppSettings
 
 
@@ -46,8 +52,7 @@ class Service:
     def thread_key(self, principal: Principal, patient: str, thread: str) -> str:
         """Threads are private to the caller and the patient: another caller's thread id, or the
         same id about another patient, is a different conversation."""
-        digest = hashlib.sha256(f"{principal.subject}\x00{patient}\x00{thread}".encode())
-        return digest.hexdigest()[:32]
+        return thread_key(principal, patient, thread)
 
 
 def service(request: Request) -> Service:

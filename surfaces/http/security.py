@@ -14,11 +14,12 @@ import hmac
 import re
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 from jwt import PyJWKClient
 
-from agent import ChartSightError
+from agent import CasePrivacy, ChartSightError
 from surfaces.settings import AuthSettings
 
 # scopes that let ChartSight read a whole record, every resource type: SMART v1 `read` or `*`,
@@ -72,6 +73,44 @@ def authorize(principal: Principal, patient_id: str) -> None:
         raise Forbidden("a patient-level token without a patient in its launch context")
     if principal.patient != patient_id:
         raise Forbidden("the token is bound to another patient")
+
+
+def case_privacy(principal: Principal) -> CasePrivacy:
+    """How similar cases are shown to ``principal``: in full (keys, patient ids, summaries) at the
+    user or system level, whose access to any patient the EHR governs; "generalised" (no ids, no
+    dates, no free text: ``retrieval.index.generalised_hit``) to a caller bound to one patient,
+    who has no right to another patient's record. Every surface applies this one rule."""
+    return "full" if principal.levels & {"user", "system"} else "generalised"
+
+
+def fhir_base(url: str) -> str:
+    """A FHIR base URL in the form two spellings of one server share: scheme and host lower-cased,
+    the scheme's default port dropped, no trailing slash, no query or fragment (RFC 3986 6.2.3)."""
+    parts = urlsplit(url.strip())
+    host = (parts.hostname or "").lower()
+    port = parts.port
+    default = {"http": 80, "https": 443}.get(parts.scheme.lower())
+    netloc = host if port is None or port == default else f"{host}:{port}"
+    return f"{parts.scheme.lower()}://{netloc}{parts.path.rstrip('/')}"
+
+
+def listed_fhir_base(url: str, allowed: list[str]) -> bool:
+    """Whether ``url`` is one of the ``allowed`` FHIR base URLs (compared by ``fhir_base``; a
+    userinfo part, another port or a longer path is another server)."""
+    try:
+        if urlsplit(url.strip()).username is not None:
+            return False
+        wanted = fhir_base(url)
+        return any(wanted == fhir_base(a) for a in allowed)
+    except ValueError:  # a malformed port
+        return False
+
+
+def thread_key(principal: Principal, patient: str, thread: str) -> str:
+    """A conversation's checkpoint key: private to the caller and the patient (another caller's
+    thread id, or the same id about another patient, is a different conversation)."""
+    digest = hashlib.sha256(f"{principal.subject}\x00{patient}\x00{thread}".encode())
+    return digest.hexdigest()[:32]
 
 
 def key_digest(key: str) -> str:

@@ -34,7 +34,13 @@ from sse_starlette.sse import EventSourceResponse
 
 from agent import ChartSightError, FhirSource, ImageSet, PatientRecord, display_name, ehr_source
 from surfaces.http.deps import Service, Svc, answer_stream, http_error
-from surfaces.http.security import Forbidden, Principal, authorize
+from surfaces.http.security import (
+    Forbidden,
+    Principal,
+    authorize,
+    case_privacy,
+    listed_fhir_base,
+)
 
 COOKIE = "chartsight_session"
 _closing: set[asyncio.Future[None]] = set()  # FHIR clients of expired sessions being closed
@@ -128,7 +134,7 @@ async def launch(
 ) -> RedirectResponse:
     smart = svc.settings.serve.smart
     iss = iss.rstrip("/")
-    if iss not in {i.rstrip("/") for i in smart.issuers}:
+    if not listed_fhir_base(iss, smart.issuers):
         raise HTTPException(400, "this EHR (iss) is not configured for ChartSight")
     try:
         async with httpx.AsyncClient(timeout=10) as client:
@@ -296,6 +302,7 @@ async def app_ask(
             thread_id=thread,
             source=session.fhir(),
             on_event=on_event,
+            case_privacy=case_privacy(who),
         ),
     )
 
@@ -323,14 +330,16 @@ async def app_similar(
     svc: Svc, chartsight_session: Annotated[str | None, Cookie()] = None
 ) -> list[dict[str, Any]]:
     session = _session(svc, chartsight_session)
+    privacy = case_privacy(session.principal(svc.settings.serve.smart.client_id))
     try:
-        hits = await svc.agent.similar(session.patient, 4, source=session.fhir())
+        hits = await svc.agent.similar(session.patient, 4, source=session.fhir(), privacy=privacy)
     except ChartSightError as exc:
         raise http_error(exc) from exc
     out = []
     for hit in hits:
         item = asdict(hit)
-        thumb = svc.agent.thumbnail(hit.key)
+        # another patient's picture is not shown to a caller bound to one patient
+        thumb = svc.agent.thumbnail(hit.key) if privacy == "full" else None
         item["thumbnail"] = (
             f"data:image/png;base64,{base64.b64encode(thumb).decode()}" if thumb else None
         )

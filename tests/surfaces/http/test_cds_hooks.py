@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -90,8 +91,11 @@ def test_patient_view_from_prefetch_gives_a_cited_card(service: Running, tommy_j
 
 
 def test_patient_view_reads_the_fhir_server_with_the_requests_token(
-    service: Running, sekmet: LoadedServer
+    tmp_path: Path, demo_store: FhirStore, issuer: Issuer, sekmet: LoadedServer
 ):
+    settings = api_settings(
+        tmp_path / "home", demo_store, issuer, cds_fhir_servers=[sekmet.base_url + "/"]
+    )
     pid = sekmet.patient_ids[TOMMY_FRIESEN]
     hook = _hook(
         pid,
@@ -105,10 +109,45 @@ def test_patient_view_reads_the_fhir_server_with_the_requests_token(
             "patient": pid,
         },
     )
-    reply = httpx.post(f"{service.url}{URL}", json=hook, headers=EHR, timeout=60)
+    with Running(settings) as running:
+        reply = httpx.post(f"{running.url}{URL}", json=hook, headers=EHR, timeout=60)
     assert reply.status_code == 200, reply.text
     (card,) = reply.json()["cards"]
     assert "`MedicationRequest/" in card["detail"] or "`Condition/" in card["detail"]
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "http://127.0.0.1:{port}/fhir",
+        "http://localhost:{port}/fhir",
+        "http://user:pw@127.0.0.1:{port}/fhir",
+        "http://127.0.0.1:{port}/fhir/../admin",
+    ],
+)
+def test_a_fhir_server_not_configured_is_refused_without_a_connection(
+    service: Running, spelling: str
+):
+    """SSRF: a CDS request cannot make the service fetch a URL of its choosing (nor send its
+    fhirAuthorization token there): 400, and the listener behind that URL sees no connection."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.settimeout(0.5)
+        port = listener.getsockname()[1]
+        hook = _hook(
+            fhirServer=spelling.format(port=port),
+            fhirAuthorization={
+                "access_token": "secret-token", "token_type": "Bearer", "expires_in": 60,
+                "scope": "patient/*.read", "subject": "x", "patient": TOMMY_FRIESEN,
+            },
+        )  # fmt: skip
+        reply = httpx.post(f"{service.url}{URL}", json=hook, headers=EHR)
+        assert reply.status_code == 400, reply.text
+        assert "not a FHIR server this service is configured to read" in reply.json()["detail"]
+        assert str(port) not in reply.text and "secret-token" not in reply.text
+        with pytest.raises(TimeoutError):
+            listener.accept()
 
 
 def test_a_slow_answer_gets_an_information_card_in_budget(

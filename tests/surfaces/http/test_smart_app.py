@@ -5,6 +5,7 @@ clicking a citation, similar-case cards. Screenshots are kept in test-artifacts/
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,6 +130,11 @@ def test_the_app_refuses_what_the_launch_does_not_allow(launched: Any):
     similar = client.get("/app/similar")
     assert similar.status_code == 200 and similar.json()
     assert all(h["patient_id"] != TOMMY_FRIESEN for h in similar.json())
+    # the launch's scopes are patient-level: other patients' cases come without ids, dates,
+    # free text or pictures (tests/surfaces/http/test_case_privacy.py has the rule)
+    for n, hit in enumerate(similar.json(), 1):
+        assert hit["key"] == f"similar-case-{n}" and hit["patient_id"] == ""
+        assert hit["thumbnail"] is None and not re.search(r"\b20\d\d-\d\d", hit["summary"])
 
 
 def test_resource_paths_are_validated(launched: Any):
