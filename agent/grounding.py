@@ -184,7 +184,9 @@ def check_sentence(sentence: str, evidence: Mapping[str, str]) -> SentenceCheck:
         if not cited:
             problems.append("cites no evidence")
         return SentenceCheck(sentence, cited, False, tuple(problems))
-    support = " ".join(evidence[c] for c in known)
+    # each distinct piece once: a fact citing a thousand results is under each of their ids, and
+    # joining it a thousand times made one mean over 1,078 glucose results take 7 s and 550 MB
+    support = " ".join(dict.fromkeys(p for c in known for p in evidence[c].split("\n")))
     support_dates, support_rest = _dates(support)
     support_numbers = _numbers(support_rest)
     body = _strip_citations(sentence)
@@ -257,12 +259,13 @@ def evidence_map(
     """Evidence text by id: the evidence lines, plus each fact's statement under every id it cites
     (a computed age or mean is then supported by the Patient or Observations it rests on). What a
     fact only echoes from its call (a time window, a date asked about: third element) is left out,
-    so that a model cannot make a date "evidence" by asking a tool about it."""
+    so that a model cannot make a date "evidence" by asking a tool about it. A text holds its line
+    and each statement as separate lines ("\n"-joined), so a reader can take each piece once."""
     out = dict(items)
     for fact in facts:
         statement, refs = fact[0], fact[1]
         for echoed in fact[2] if len(fact) > 2 else ():
             statement = statement.replace(echoed, " ")
-        for ref in refs:
-            out[ref] = f"{out.get(ref, '')} {statement}".strip()
+        for ref in refs:  # pieces on lines of their own (``check_sentence`` reads each once)
+            out[ref] = "\n".join(p for p in (out.get(ref, ""), statement.strip()) if p)
     return out

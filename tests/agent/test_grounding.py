@@ -144,3 +144,20 @@ def test_what_a_fact_only_echoes_from_its_call_supports_nothing():
     # without the echo marked, the date would have passed
     loose = evidence_map({"Patient/p": patient}, [(absence, ("Patient/p",))])
     assert verify("He was seen on 1999-01-01 [Patient/p].", loose).supported_fraction == 1.0
+
+
+def test_a_fact_citing_many_results_is_read_once_per_sentence():
+    """A mean over 1,000 results cites each of them: every id holds its line and the statement as
+    separate pieces, and a sentence citing them all is checked against the statement once."""
+    lines = {
+        f"Observation/g{i}": f"2026-01-{i % 28 + 1:02d} Glucose: {100 + i % 50} mg/dL"
+        for i in range(1000)
+    }
+    statement = "Glucose from 2025-12-01 to 2026-11-29: 1000 results, mean 124.5 mg/dL."
+    merged = evidence_map(lines, [(statement, tuple(lines))])
+    assert all(merged[ref].split("\n") == [lines[ref], statement] for ref in lines)
+    sentence = statement[:-1] + " " + " ".join(f"[{ref}]" for ref in lines) + "."
+    check = check_sentence(sentence, merged)
+    assert check.supported, check.problems
+    wrong = check_sentence(sentence.replace("124.5", "131.5"), merged)
+    assert wrong.problems == ("the number 131.5 is not in the cited evidence",)
