@@ -26,7 +26,7 @@ from connectors.dicomweb import DicomWebClient
 from connectors.errors import ChartSightError, ConfigurationError
 from connectors.fhir_client import FhirClient
 from connectors.images import ImageSet
-from connectors.record import PatientRecord, find_patients
+from connectors.record import PatientRecord, find_patients, resolve_patient
 from connectors.settings import FhirServerSettings
 from connectors.source import FhirSource
 from connectors.store import FhirStore, StoreSource
@@ -249,6 +249,12 @@ class ChartSight:
         """The record's summary sections (active problems, latest results, active medications,
         allergies, encounters, imaging) from the same evidence lines the answers cite."""
         return chart_sections(record, self._runtime().evidence_items(record))
+
+    async def patient_id(self, key: str, source: FhirSource | None = None) -> str:
+        """The Patient id a key names: an id, or an identifier (``system|value`` or a bare value).
+        Raises ``ResourceNotFound`` (none) or ``ChartSightError`` (several patients)."""
+        patient = await resolve_patient(self._runtime(source).source, key)
+        return str(patient.id)
 
     async def find_patients(self, name: str, born: str | None = None) -> list[Any]:
         """Patient resources matching a name (given and family) and a birth date (YYYY-MM-DD)."""

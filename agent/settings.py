@@ -9,10 +9,11 @@ Sources, highest first: explicit arguments, ``CHARTSIGHT_*`` environment variabl
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -123,13 +124,25 @@ S = TypeVar("S", bound=Settings)
 
 def settings_from(kind: type[S], config: Path | None = None, **overrides: Any) -> S:
     """Settings of ``kind`` (``Settings``, or a surface's subclass of it) from the environment and
-    a TOML file (``config`` or the default), ``overrides`` on top."""
-    if config is None:
-        return kind(**overrides)
-    if not config.is_file():
-        raise ConfigurationError(f"config file {config} does not exist")
-    from_file = type(kind.__name__, (kind,), {"config_file": config})
-    return from_file(**overrides)
+    a TOML file (``config`` or the default), ``overrides`` on top. Raises ``ConfigurationError``
+    naming the file, line and setting when the file is not TOML or a value is wrong."""
+    path = config or _config_file()
+    try:
+        if config is None:
+            return kind(**overrides)
+        if not config.is_file():
+            raise ConfigurationError(f"config file {config} does not exist")
+        from_file = type(kind.__name__, (kind,), {"config_file": config})
+        return from_file(**overrides)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"{path} is not valid TOML: {exc}") from exc
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        origin = f" in {path} or the CHARTSIGHT_ environment" if path else ""
+        raise ConfigurationError(f"setting {where}{origin}: {first.get('msg')}{more}") from exc
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:

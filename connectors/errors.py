@@ -9,9 +9,34 @@ Each error's message is one line a user can act on; the underlying exception is 
 
 from __future__ import annotations
 
+import re
+
+# what a message for a caller outside the deployment never shows: URLs and file paths
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>)]+")
+_PATH = re.compile(r"(?<![\w.\]])(?:[A-Za-z]:)?[/\\](?:[\w.@%+~-]+[/\\])+[\w.@%+~-]*")
+_REFERENCE = re.compile(r"(?:^|[/#])([A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64})$")
+
+
+def scrub(text: str) -> str:
+    """``text`` with every URL and file path replaced by "<url>" / "<path>"."""
+    return _PATH.sub("<path>", _URL.sub("<url>", text))
+
+
+def _reference_in(url: str) -> str | None:
+    """The ``Type/id`` a URL or "<source>#Type/id" names, if any."""
+    found = _REFERENCE.search(url.split("?")[0].rstrip("/"))
+    return found.group(1) if found else None
+
 
 class ChartSightError(Exception):
     """Base of every error ChartSight raises on purpose."""
+
+    @property
+    def public(self) -> str:
+        """The message for a caller outside this deployment (HTTP, CDS Hooks, MCP): what they
+        sent and what went wrong, never a server's URL, a file path or a setting. The full
+        message (``str(exc)``) is for the operator's terminal and logs."""
+        return scrub(str(self))
 
 
 class ConnectorError(ChartSightError):
@@ -28,9 +53,17 @@ class HttpStatusError(ConnectorError):
         msg = f"{url} answered HTTP {status}"
         super().__init__(f"{msg}: {detail}" if detail else msg)
 
+    @property
+    def public(self) -> str:
+        return f"the patient's data source answered HTTP {self.status}"
+
 
 class ResourceNotFound(HttpStatusError):
     """The resource does not exist (HTTP 404, or absent from the local store)."""
+
+    @property
+    def public(self) -> str:
+        return f"{_reference_in(self.url) or 'the resource'} was not found"
 
 
 class TransportError(ConnectorError):
@@ -41,6 +74,10 @@ class TransportError(ConnectorError):
         self.reason = reason
         super().__init__(f"{url}: {reason}")
 
+    @property
+    def public(self) -> str:
+        return "the patient's data source could not be reached in time"
+
 
 class InvalidResponse(ConnectorError):
     """The server answered 2xx with a body that is not what the protocol requires."""
@@ -49,6 +86,10 @@ class InvalidResponse(ConnectorError):
         self.url = url
         self.reason = reason
         super().__init__(f"{url}: {reason}")
+
+    @property
+    def public(self) -> str:
+        return "the patient's data source gave an answer that could not be used"
 
 
 class IncompletePaging(ConnectorError):
@@ -61,17 +102,33 @@ class IncompletePaging(ConnectorError):
         of = f" of {total}" if total is not None else ""
         super().__init__(f"{url}: fetched {fetched}{of} resources, then {reason}")
 
+    @property
+    def public(self) -> str:
+        return "the patient's record could not be read to its end"
+
 
 class AuthError(ConnectorError):
     """Authorization with the FHIR server or its token endpoint failed."""
+
+    @property
+    def public(self) -> str:
+        return "ChartSight could not authorize with the patient's data source"
 
 
 class StoreError(ConnectorError):
     """The local FHIR store could not do what was asked."""
 
+    @property
+    def public(self) -> str:
+        return "the local store could not do what was asked"
+
 
 class UnsupportedSearch(StoreError):
     """A search parameter the local store does not index."""
+
+    @property
+    def public(self) -> str:
+        return scrub(str(self))  # names the caller's own parameter
 
 
 class FhirImportError(StoreError):
@@ -83,6 +140,10 @@ class FhirImportError(StoreError):
         self.reason = reason
         where = f"{path} ({entry})" if entry else path
         super().__init__(f"{where}: {reason}")
+
+    @property
+    def public(self) -> str:
+        return scrub(f"{self.entry}: {self.reason}" if self.entry else self.reason)
 
 
 class ImageError(ConnectorError):

@@ -662,6 +662,13 @@ def serve(
     s = settings.serve
     if s.auth.anonymous and (host or s.host) not in ("127.0.0.1", "localhost", "::1"):
         _fail(ConfigurationError("serve.auth.anonymous is for a loopback address only"))
+    if not (s.auth.api_keys or s.auth.issuer or s.auth.anonymous):
+        err_console.print(
+            "warning: no credentials are configured, so every request will be refused (401): "
+            "add a key (`chartsight api-key`) under [[serve.auth.api_keys]], or serve.auth.issuer "
+            "and jwks_url for SMART tokens",
+            highlight=False,
+        )
     uvicorn.run(
         create_app(settings),
         host=host or s.host,
@@ -694,18 +701,33 @@ def mcp_stdio(
 def api_key(
     client_id: Annotated[str, typer.Argument(help="The service account's name.")],
     scopes: Annotated[str, typer.Option(help="SMART scopes granted.")] = "system/*.read",
+    patient: Annotated[
+        str | None,
+        typer.Option(help="Bind the key to this patient (with patient/... scopes)."),
+    ] = None,
 ) -> None:
     """Make an API key: prints the key (give it to the client) and the settings entry (keep that)."""
+    import json
     import secrets
 
-    from surfaces.http.security import key_digest
+    from surfaces.http.security import Principal, key_digest
 
+    levels = Principal("x", "x", frozenset(scopes.split())).levels
+    if not levels:
+        _fail(ConfigurationError(f"the scopes {scopes!r} do not let the key read any record"))
+    if levels == {"patient"} and not patient:
+        _fail(ConfigurationError("patient/... scopes need --patient (the patient the key is for)"))
     key = f"cs_{secrets.token_urlsafe(32)}"
     console.print(f"key (shown once): {key}", highlight=False)
-    entry = (
-        f'[[serve.auth.api_keys]]\nclient_id = "{client_id}"\n'
-        f'key_sha256 = "{key_digest(key)}"\nscopes = "{scopes}"'
-    )
+    lines = [
+        "[[serve.auth.api_keys]]",
+        f"client_id = {json.dumps(client_id)}",  # a JSON string is a valid TOML basic string
+        f"key_sha256 = {json.dumps(key_digest(key))}",
+        f"scopes = {json.dumps(scopes)}",
+    ]
+    if patient:
+        lines.append(f"patient = {json.dumps(patient)}")
+    entry = "\n".join(lines)
     console.print(f"settings entry (chartsight.toml):\n{entry}", highlight=False)
 
 

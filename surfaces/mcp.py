@@ -20,6 +20,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError as McpToolError
 
 from agent import ChartSight, ChartSightError
+from surfaces.http.deps import authorize_key
 from surfaces.http.security import (
     Forbidden,
     Principal,
@@ -64,7 +65,7 @@ class Access:
                 headers.get("authorization"), headers.get("x-api-key")
             )
         except Unauthenticated as exc:
-            raise McpToolError(f"unauthorized: {exc}") from exc
+            raise McpToolError(f"unauthorized: {exc.public}") from exc
         if self.service.limiter.take(who.client_id) > 0:
             raise McpToolError("too many requests from this client")
         return self.service.agent, who
@@ -76,11 +77,15 @@ class Access:
     async def check(
         self, who: Principal, tool: str, patient: str, question: str | None = None
     ) -> None:
+        agent = self.service.agent if self.service is not None else self.agent
         try:
-            authorize(who, patient)
+            if agent is None:
+                authorize(who, patient)
+            else:
+                await authorize_key(agent, who, patient)
         except Forbidden as exc:
             await self.audit(who, tool, "denied", patient, question, detail=str(exc))
-            raise McpToolError(f"forbidden: {exc}") from exc
+            raise McpToolError(f"forbidden: {exc.public}") from exc
 
     async def audit(self, who: Principal, tool: str, outcome: str, patient: str, question: str | None = None, **kw: Any) -> None:  # fmt: skip
         if self.service is not None:
@@ -107,7 +112,7 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         try:
             ranked = await agent.evidence(patient, question, max(50, min(token_budget, 8000)))
         except ChartSightError as exc:
-            raise McpToolError(str(exc)) from exc
+            raise McpToolError(exc.public) from exc
         await access.audit(who, "patient_evidence", "answered", patient, question)
         return [
             {"id": r.evidence.id, "text": r.evidence.text, "score": round(r.score, 4)}
@@ -129,7 +134,7 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         try:
             facts = await agent.facts(patient, tool, arguments or {})
         except ChartSightError as exc:
-            raise McpToolError(str(exc)) from exc
+            raise McpToolError(exc.public) from exc
         await access.audit(who, "patient_facts", "answered", patient)
         return [f.to_dict() for f in facts]
 
@@ -152,7 +157,7 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         try:
             hits = await agent.similar(patient, max(1, min(k, 50)), privacy=case_privacy(who))
         except ChartSightError as exc:
-            raise McpToolError(str(exc)) from exc
+            raise McpToolError(exc.public) from exc
         await access.audit(who, "similar_cases", "answered", patient)
         return [asdict(h) for h in hits]
 
@@ -176,7 +181,7 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
                 case_privacy=case_privacy(who),
             )
         except ChartSightError as exc:
-            raise McpToolError(str(exc)) from exc
+            raise McpToolError(exc.public) from exc
         data = answer.to_dict()
         await access.audit(who, "ask", "answered", patient, question, answer=data)
         return data
@@ -204,7 +209,7 @@ class _Authenticated:
             try:
                 service.auth.from_headers(headers.get("authorization"), headers.get("x-api-key"))
             except Unauthenticated as exc:
-                body = json.dumps({"detail": f"unauthorized: {exc}"}).encode()
+                body = json.dumps({"detail": f"unauthorized: {exc.public}"}).encode()
                 await send(
                     {
                         "type": "http.response.start",

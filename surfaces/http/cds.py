@@ -167,7 +167,7 @@ async def patient_view(request: Request, who: Caller, svc: Svc) -> CardsResponse
         await svc.audit.arecord(
             who, "cds-patient-view", "error", patient_id=pid, detail=str(exc)[:200]
         )
-        raise HTTPException(502, f"the patient's record could not be read: {exc}") from exc
+        raise HTTPException(502, f"the patient's record could not be read: {exc.public}") from exc
     finally:
         await source.aclose()
     data = answer.to_dict()

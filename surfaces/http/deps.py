@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
@@ -24,7 +25,7 @@ from agent import (
     ToolError,
 )
 from surfaces.http.audit import AuditLog
-from surfaces.http.limits import RateLimiter
+from surfaces.http.limits import RateLimiter, retry_after
 from surfaces.http.security import (
     Authenticator,
     Forbidden,
@@ -34,6 +35,8 @@ from surfaces.http.security import (
     thread_key,
 )
 from surfaces.settings import AppSettings
+
+log = logging.getLogger(__name__)
 
 
 class Service:
@@ -68,11 +71,11 @@ async def principal(request: Request, svc: Annotated[Service, Depends(service)])
             request.headers.get("authorization"), request.headers.get("x-api-key")
         )
     except Unauthenticated as exc:
-        raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from exc
+        raise HTTPException(401, exc.public, headers={"WWW-Authenticate": "Bearer"}) from exc
     wait = svc.limiter.take(who.client_id)
     if wait > 0:
         raise HTTPException(
-            429, "too many requests from this client", headers={"Retry-After": f"{wait:.0f}"}
+            429, "too many requests from this client", headers={"Retry-After": retry_after(wait)}
         )
     return who
 
@@ -81,31 +84,50 @@ Caller = Annotated[Principal, Depends(principal)]
 Svc = Annotated[Service, Depends(service)]
 
 
+async def authorize_key(agent: ChartSight, who: Principal, patient: str) -> None:
+    """``authorize`` for a patient key as callers send it: a caller bound to a patient may name
+    that patient by an identifier (``system|value``) as well as by id; the key is resolved to the
+    Patient id only when it is not the bound id itself (and a failed resolution is a refusal,
+    naming no other patient). Raises ``Forbidden``."""
+    try:
+        authorize(who, patient)
+    except Forbidden:
+        if who.patient is None or not who.levels:
+            raise
+        try:
+            resolved = await agent.patient_id(patient)
+        except ChartSightError:
+            resolved = None
+        if resolved != who.patient:
+            raise
+
+
 async def allowed(
     svc: Service, who: Principal, endpoint: str, patient: str, question: str | None = None
 ) -> None:
     """403 (audited) unless the caller may read the patient."""
     try:
-        authorize(who, patient)
+        await authorize_key(svc.agent, who, patient)
     except Forbidden as exc:
         await svc.audit.arecord(
             who, endpoint, "denied", patient_id=patient, question=question, detail=str(exc)
         )
-        raise HTTPException(403, str(exc)) from exc
+        raise HTTPException(403, exc.public) from exc
 
 
 def http_error(exc: ChartSightError) -> HTTPException:
     """The HTTP status for a ChartSight error: 404 no such resource, 422 a tool's arguments, 502
     the patient source failed, 503 not configured, else 500."""
+    log.debug("%s: %s", type(exc).__name__, exc)  # the full message, for the operator
     if isinstance(exc, ResourceNotFound):
-        return HTTPException(404, str(exc))
+        return HTTPException(404, exc.public)
     if isinstance(exc, ToolError):
-        return HTTPException(422, str(exc))
+        return HTTPException(422, exc.public)
     if isinstance(exc, ConnectorError):
-        return HTTPException(502, str(exc))
+        return HTTPException(502, exc.public)
     if isinstance(exc, ConfigurationError):
-        return HTTPException(503, str(exc))
-    return HTTPException(500, str(exc))
+        return HTTPException(503, exc.public)
+    return HTTPException(500, exc.public)
 
 
 async def until_disconnected(request: Request) -> None:

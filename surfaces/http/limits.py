@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass
+
+
+def retry_after(wait_s: float) -> str:
+    """The ``Retry-After`` value for a wait: whole seconds, rounded up, at least 1 (RFC 9110
+    10.2.3 allows only a non-negative integer; "0" would invite an immediate retry that is
+    refused again)."""
+    return str(max(1, math.ceil(wait_s)))
 
 
 @dataclass

@@ -34,6 +34,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from agent import ChartSightError, FhirSource, ImageSet, PatientRecord, display_name, ehr_source
 from surfaces.http.deps import Service, Svc, answer_stream, http_error
+from surfaces.http.limits import retry_after
 from surfaces.http.security import (
     Forbidden,
     Principal,
@@ -142,7 +143,9 @@ async def launch(
             reply.raise_for_status()
             config = reply.json()
     except (httpx.HTTPError, ValueError) as exc:
-        raise HTTPException(502, f"the EHR's SMART configuration could not be read: {exc}") from exc
+        raise HTTPException(
+            502, f"the EHR's SMART configuration could not be read ({type(exc).__name__})"
+        ) from exc
     if "S256" not in config.get("code_challenge_methods_supported", ["S256"]):
         raise HTTPException(502, "the EHR does not support PKCE S256")
     try:
@@ -199,7 +202,7 @@ async def callback(
             reply = await client.post(pending.token_endpoint, data=form, headers=headers)
             token = reply.json()
     except (httpx.HTTPError, ValueError) as exc:
-        raise HTTPException(502, f"the token request failed: {exc}") from exc
+        raise HTTPException(502, f"the token request failed ({type(exc).__name__})") from exc
     if reply.status_code != 200 or "access_token" not in token:
         raise HTTPException(502, f"the EHR refused the token request: {token.get('error')}")
     if not token.get("patient"):
@@ -239,12 +242,12 @@ def _session(svc: Service, sid: str | None) -> AppSession:
     wait = svc.limiter.take(f"smart-app:{hashlib.sha256((sid or '').encode()).hexdigest()[:16]}")
     if wait > 0:
         raise HTTPException(
-            429, "too many requests from this session", headers={"Retry-After": f"{wait:.0f}"}
+            429, "too many requests from this session", headers={"Retry-After": retry_after(wait)}
         )
     try:
         authorize(session.principal(svc.settings.serve.smart.client_id), session.patient)
     except Forbidden as exc:
-        raise HTTPException(403, str(exc)) from exc
+        raise HTTPException(403, exc.public) from exc
     return session
 
 

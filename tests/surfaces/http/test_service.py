@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import socket
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,9 +15,10 @@ import pytest
 import sqlalchemy as sa
 
 from connectors.demo import MARTINA_MURAZIK, TOMMY_FRIESEN
+from connectors.store import FhirStore
 from tests.agent.test_ask import _a1cs
 from tests.peers.issuer import Issuer
-from tests.surfaces.http.conftest import BOUND_KEY, EHR_KEY, Running
+from tests.surfaces.http.conftest import BOUND_KEY, EHR_KEY, Running, api_settings
 
 EHR = {"X-API-Key": EHR_KEY}
 BOUND = {"X-API-Key": BOUND_KEY}
@@ -213,3 +216,64 @@ def test_the_audit_log_is_append_only(service: Running):
     with pytest.raises(sa.exc.DatabaseError, match="append-only"), engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM audit_log"))
     engine.dispose()
+
+
+def test_errors_name_what_was_sent_never_internals(
+    service: Running, tmp_path: Path, demo_store: FhirStore, issuer: Issuer
+):
+    """Error bodies say what the caller sent and what went wrong: no store path, server URL,
+    port or setting (the operator's log and terminal keep the full message)."""
+    missing = _ask(service, EHR, patient="no-such-patient")
+    assert missing.status_code == 404
+    assert missing.json()["detail"] == "Patient/no-such-patient was not found"
+    home = str(service.settings.home)
+    for internal in (home, "sqlite", "store.db", "/tmp", "file:"):
+        assert internal not in missing.text
+    # an upstream FHIR server that is down: 502 without its address
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed once the block ends: nothing listens there
+    settings = api_settings(tmp_path / "home", demo_store, issuer)
+    settings.fhir.url = f"http://127.0.0.1:{port}/secret-fhir"
+    settings.fhir.http.max_retries = 0
+    with Running(settings) as running:
+        down = _ask(running, EHR)
+    assert down.status_code == 502, down.text
+    for internal in ("127.0.0.1", str(port), "secret-fhir", "http://"):
+        assert internal not in down.text
+    assert "could not be reached" in down.json()["detail"]
+
+
+def test_rate_limit_says_how_long_to_wait(tmp_path: Path, demo_store: FhirStore, issuer: Issuer):
+    """429 with ``Retry-After`` in whole seconds, never 0: here a token comes back every 0.1 s,
+    and the header still says 1."""
+    from surfaces.http.limits import RateLimiter, retry_after
+
+    assert [retry_after(w) for w in (0.0, 0.1, 0.99, 1.0, 1.01, 59.5)] == [
+        "1", "1", "1", "1", "2", "60",
+    ]  # fmt: skip
+    limiter = RateLimiter(rate_per_minute=600, burst=1)
+    assert limiter.take("a") == 0 and 0 < limiter.take("a") <= 0.1
+    settings = api_settings(tmp_path / "home", demo_store, issuer, rate_burst=1)
+    settings.serve.rate_per_minute = 600
+    with Running(settings) as running:
+        url = f"{running.url}/v1/patients/{TOMMY_FRIESEN}/similar"
+        replies = [httpx.get(url, headers=EHR) for _ in range(3)]
+    limited = [r for r in replies if r.status_code == 429]
+    assert limited and all(r.headers["retry-after"] == "1" for r in limited)
+
+
+def test_a_bound_key_reads_its_patient_by_identifier_too(
+    service: Running, tommy_json, issuer: Issuer
+):
+    """A key bound to a patient may name that patient by identifier (system|value) as well as by
+    id; another patient's identifier is refused (403), naming no one."""
+    patient = next(r for r in tommy_json if r["resourceType"] == "Patient")
+    ident = next(i for i in patient["identifier"] if i.get("system") and i.get("value"))
+    key = f"{ident['system']}|{ident['value']}"
+    assert _ask(service, EHR, patient=key).status_code == 200
+    assert _ask(service, BOUND, patient=key).status_code == 200
+    token = {"Authorization": f"Bearer {issuer.token('patient/*.read', TOMMY_FRIESEN)}"}
+    assert _ask(service, token, patient=key).status_code == 200
+    other = _ask(service, BOUND, patient=f"{ident['system']}|no-such-value")
+    assert other.status_code == 403 and "another patient" in other.json()["detail"]
