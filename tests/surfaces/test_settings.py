@@ -85,7 +85,6 @@ def test_a_broken_config_file_is_a_clear_error_in_every_command(
             assert says in " ".join(result.output.split()), (command, result.output)
             assert "Traceback" not in result.output
             assert result.exception is None or isinstance(result.exception, SystemExit)
-            )
 
 
 def test_api_key_prints_a_settings_entry_that_loads(
