@@ -367,7 +367,12 @@ def evidence_answer(state: AskState) -> str:
     sentences = list(
         dict.fromkeys(f["statement"] for f in state.get("facts", []) if f.get("evidence"))
     )
-    if not sentences:
+    measured = {"latest_observation", "observation_stats"}
+    if not sentences and any(f.get("tool") in measured for f in state.get("facts", [])):
+        # a result was asked for and the record has none: other lines that share a word with the
+        # question (hemoglobin for an A1c, HDL for an LDL) are never offered as the answer
+        sentences = []
+    elif not sentences:
         scores = state.get("evidence_scores", {})
         lines = [
             line for ref, line in state.get("evidence", {}).items() if _matches(scores.get(ref, {}))
@@ -495,6 +500,7 @@ async def finalize(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     warnings: list[str] = []
     model = state.get("model", "evidence")
     fallback = state.get("fallback", False)
+    shown = checked  # the checks of the sentences the answer shows
     if not kept and model != "evidence":
         # nothing the model said held up: give the evidence answer instead, and say so
         draft = evidence_answer(state)
@@ -509,6 +515,7 @@ async def finalize(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
             for s in result.sentences
         ]
         kept = [c for c in checked_fallback if c["supported"]]
+        shown = checked_fallback
         warnings.append(
             "no sentence of the model's answer was supported; the evidence answer is given instead"
         )
@@ -554,8 +561,10 @@ async def finalize(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
         if model != "evidence"
         else "evidence (fallback)",
         prompt_version=prompts.DEFAULT_VERSION,
-        supported_fraction=round(len([c for c in checked if c["supported"]]) / len(checked), 4)
-        if checked
+        # over the sentences shown (after a fallback: the evidence answer's), so that it means the
+        # same on every path; the model's removed sentences stay listed in ``rejected``
+        supported_fraction=round(len([c for c in shown if c["supported"]]) / len(shown), 4)
+        if shown
         else 0.0,
         abstained=abstained,
         fallback_used=fallback,

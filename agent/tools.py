@@ -247,6 +247,13 @@ def matching_codes(query: str, terms: TermTable) -> set[str]:
     return codes
 
 
+def _first_codes(codes: list[str], shown: int = 3) -> str:
+    """'4548-4, 17856-6 or 2 more codes' style: the first few codes searched."""
+    more = len(codes) - shown
+    head = ", ".join(codes[:shown])
+    return f"{head} (or {more} more)" if more > 0 else head
+
+
 def _subject(query: str, found: list[Point]) -> str:
     """How a statement names what was asked for. The query can come from a model, and a statement
     is evidence for the sentences that cite it, so its numbers must come from the record: a code
@@ -430,11 +437,29 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
                         details={"query": query, "results_in_record": 0, "voided": found.voided},
                     )
                 ]
+            codes = sorted(c.partition("|")[2] for c in matching_codes(query, ctx.terms))
+            if not codes:
+                # not a test the term table knows: nothing to say it is missing (the question
+                # may not be about a result at all), so no citable fact; the answer abstains
+                return [
+                    Fact(
+                        "latest_observation",
+                        f"No {query} result in the record{_voided_clause(found)}.",
+                        details={"query": query, "voided": found.voided},
+                    )
+                ]
+            # a known test that is absent: the absence rests on the whole record, cited by its
+            # Patient, and says what was searched; it is the answer (never a result of another
+            # test that shares a word)
+            ref = f"Patient/{ctx.record.patient_id}"
             return [
                 Fact(
                     "latest_observation",
-                    f"No {query} result in the record{_voided_clause(found)}.",
-                    details={"query": query, "voided": found.voided},
+                    f"No {_subject(query, [])} result in the record{_voided_clause(found)}: none "
+                    f"of its {len(ctx.record.observations)} Observations has LOINC "
+                    f"{_first_codes(codes)} or the name {_subject(query, [])!r}.{_cite([ref])}",
+                    evidence=(ref,),
+                    details={"query": query, "voided": found.voided, "codes": codes},
                 )
             ]
         if nth > len(with_value):

@@ -345,3 +345,17 @@ def test_an_interrupted_run_can_be_inspected_and_resumed(settings: Settings, tom
     assert after is None
     done = CliRunner().invoke(app, ["resume", "crashed"], env=env)
     assert done.exit_code == 0 and "has no interrupted run" in done.output
+
+
+@pytest.mark.parametrize("reply", ["", "   ", "The evidence supporting this answer is:"])
+def test_supported_fraction_means_the_same_on_every_fallback(settings: Settings, reply: str):
+    """A model that says nothing, or nothing that cites: the evidence answer is shown, and
+    ``supported_fraction`` is over the sentences shown (1.0 here), as on every other path."""
+    from tests.peers.scripted_model import ScriptedModel
+
+    settings.model.name = "openai"
+    with ScriptedModel([[]], [reply]) as model:
+        settings.model.base_url = model.base_url
+        answer = _ask(settings, "What was his last HbA1c?")
+    assert answer.fallback_used and answer.model.startswith("evidence (fallback from openai")
+    assert answer.text.startswith("Latest HbA1c:") and answer.supported_fraction == 1.0

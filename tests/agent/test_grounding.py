@@ -161,3 +161,27 @@ def test_a_fact_citing_many_results_is_read_once_per_sentence():
     assert check.supported, check.problems
     wrong = check_sentence(sentence.replace("124.5", "131.5"), merged)
     assert wrong.problems == ("the number 131.5 is not in the cited evidence",)
+
+
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "The last HbA1c was 13.7 g/dL [Observation/hb].",
+        "His hemoglobin A1c was 13.7 [Observation/hb].",
+        "Glycated hemoglobin 13.7 [Observation/hb].",
+        "The last LDL was 45 mg/dL [Observation/hdl].",
+        "Latest LDL cholesterol was 210 mg/dL [Observation/chol].",
+        "Sodium was 45 [Observation/hdl].",
+    ],
+)
+def test_a_sentence_about_another_test_than_it_cites_is_rejected(sentence: str):
+    """The concept a sentence names must be the one its evidence measures: a hemoglobin line does
+    not support an A1c, nor an HDL or total cholesterol line an LDL."""
+    evidence = {
+        "Observation/hb": "2024-05-01 Hemoglobin [Mass/volume] in Blood (LOINC 718-7) 13.7 g/dL",
+        "Observation/chol": "2024-05-01 Cholesterol [Mass/volume] in Serum or Plasma (LOINC 2093-3) 210 mg/dL",
+        "Observation/hdl": "2024-05-01 Cholesterol in HDL [Mass/volume] in Serum or Plasma (LOINC 2085-9) 45 mg/dL",
+    }
+    check = check_sentence(sentence, evidence)
+    assert not check.supported and "is not in the cited evidence" in check.problems[0]
+    assert check_sentence("The last hemoglobin was 13.7 g/dL [Observation/hb].", evidence).supported

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -380,3 +381,44 @@ def test_a_ruled_out_condition_asked_about(chart):
     diabetes = c.ask("Does she have diabetes?")
     assert "No diabetes diagnosis is in the record's conditions" in diabetes.text
     assert "bug03-dm-eie" not in str(diabetes.to_dict())
+
+
+# --- the analyte asked for, or an honest "no" --------------------------------------------------
+
+
+def test_a_test_not_in_the_chart_is_never_answered_with_another(chart):
+    """Asked for HbA1c, LDL, sodium or troponin on a chart that has hemoglobin, total and HDL
+    cholesterol, creatinine and triglycerides from one draw: the answer says the test is not in
+    the record and what was searched, citing the Patient; never another test's value (a
+    hemoglobin of 13.7 g/dL "for" an A1c is the worst error a grounded tool can make)."""
+    pid = "panel-pat"
+    draw = "2024-05-01T08:00:00Z"
+    c = chart(
+        bundle(
+            patient(pid),
+            obs("hb", pid, "718-7", draw, 13.7, "g/dL", text="Hemoglobin [Mass/volume] in Blood"),
+            obs("chol", pid, "2093-3", draw, 210, "mg/dL", text="Cholesterol [Mass/volume]"),
+            obs("hdl", pid, "2085-9", draw, 45, "mg/dL", text="Cholesterol in HDL"),
+            obs("tg", pid, "2571-8", draw, 150, "mg/dL", text="Triglyceride [Mass/volume]"),
+            obs("cr", pid, "2160-0", draw, 1.1, "mg/dL", text="Creatinine [Mass/volume]"),
+        )
+    )
+    for question, named in (
+        ("What was the last hemoglobin A1c?", "hemoglobin A1c"),
+        ("What was the last HbA1c?", "HbA1c"),
+        ("Latest LDL?", "LDL"),
+        ("What was his LDL cholesterol?", "LDL cholesterol"),
+        ("latest serum sodium?", "sodium"),
+        ("What is the latest troponin?", "troponin"),
+    ):
+        answer = c.ask(question)
+        assert answer.text.startswith(f"No {named} result in the record: none of its 5 "), (
+            question,
+            answer.text,
+        )
+        assert [x.reference for x in answer.citations] == [f"Patient/{pid}"], answer.text
+        for other in ("13.7", "210", "45", "150", "1.1"):  # no value of another test
+            assert not re.search(rf"(?<![\d.-]){re.escape(other)}(?![\d.-])", answer.text)
+    # the tests it has are answered as before
+    assert c.ask("What was the last hemoglobin?").citations[0].reference == "Observation/hb"
+    assert c.ask("Latest HDL?").citations[0].reference == "Observation/hdl"
