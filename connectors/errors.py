@@ -66,30 +66,31 @@ class ResourceNotFound(HttpStatusError):
         return f"{_reference_in(self.url) or 'the resource'} was not found"
 
 
-class TransportError(ConnectorError):
+class _AtUrl(ConnectorError):
+    """A failure at a server's URL, with its reason; callers outside are told ``said`` only."""
+
+    said = ""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(f"{url}: {reason}")
+
+    @property
+    def public(self) -> str:
+        return self.said
+
+
+class TransportError(_AtUrl):
     """The server could not be reached or did not answer in time (after any retries)."""
 
-    def __init__(self, url: str, reason: str) -> None:
-        self.url = url
-        self.reason = reason
-        super().__init__(f"{url}: {reason}")
-
-    @property
-    def public(self) -> str:
-        return "the patient's data source could not be reached in time"
+    said = "the patient's data source could not be reached in time"
 
 
-class InvalidResponse(ConnectorError):
+class InvalidResponse(_AtUrl):
     """The server answered 2xx with a body that is not what the protocol requires."""
 
-    def __init__(self, url: str, reason: str) -> None:
-        self.url = url
-        self.reason = reason
-        super().__init__(f"{url}: {reason}")
-
-    @property
-    def public(self) -> str:
-        return "the patient's data source gave an answer that could not be used"
+    said = "the patient's data source gave an answer that could not be used"
 
 
 class IncompletePaging(ConnectorError):
