@@ -101,7 +101,7 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
     terms = terms or default_terms()
     q = " " + question.lower() + " "
     out = Plan()
-    if _has(q, "how old", "age ", "aged"):
+    if re.search(r"\b(?:how old|age|aged)\b", q):  # "what is his age?", never "average"
         out.add("age")
     if _has(
         q,

@@ -116,6 +116,22 @@ def test_planner_words_are_not_tests(question: str, query: str | None):
     assert queries == ({query} if query else set())
 
 
+@pytest.mark.parametrize(
+    ("question", "asks_age"),
+    [
+        ("What is his age?", True),
+        ("age?", True),
+        ("How old is she?", True),
+        ("Patient aged how many years?", True),
+        ("What is the average glucose?", False),
+        ("Any imaging?", False),
+        ("What stage is the cancer?", False),
+    ],
+)
+def test_age_in_any_wording(question: str, asks_age: bool):
+    assert ("age" in {c.tool for c in plan(question).calls}) is asks_age
+
+
 def test_an_empty_question_is_refused(settings: Settings):
     with pytest.raises(ChartSightError, match="the question is empty"):
         _ask(settings, "   ")
