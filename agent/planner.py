@@ -117,7 +117,9 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         "deceased",
     ):
         out.add("demographics")
-    asks_condition = _has(q, "have", "has ", "diagnos", "history of", "suffer", "comorbid")
+    asks_condition = _has(q, "have", "has ", "diagnos", "history of", "suffer", "comorbid") or bool(
+        re.search(r"\b(?:is|was) (?:he|she|they|the patient|this patient)\b(?! on\b)", q)
+    )  # "is he diabetic?" (but "is he on ...?" asks for a drug)
     # each matched term by its longest phrase in the question; a phrase inside a longer one
     # ("hemoglobin" in "hemoglobin A1c") belongs to the longer one's term
     spans: list[tuple[int, int, str, Any]] = []
@@ -145,7 +147,9 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         snomed = any(c.startswith("http://snomed.info/sct|") for c in term.codes)
         # "does she have a fever?": a diagnosis, and the measurement that shows it (a term with a
         # unit is measured itself; "diabetes" is not an HbA1c value)
-        measured = loinc and (not (asks_condition and snomed) or term.unit is not None)
+        measured = loinc and (
+            not (asks_condition and snomed) or term.unit is not None or term.observed
+        )
         if measured:
             measured_words.append(words)  # as the clinician wrote it
         if snomed and (asks_condition or not measured):
@@ -185,8 +189,8 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         out.add("allergies")
     for term_words in condition_words:
         out.add("condition_history", query=term_words)  # any status: active, resolved, ruled out
-    if _has(q, "problem", "diagnos", "condition", "comorbid"):
-        out.add("active_problems")
+    if _has(q, "problem", "diagnos", "condition", "comorbid") and not condition_words:
+        out.add("active_problems")  # (a question naming a diagnosis gets that one, not the list)
     if _has(q, "procedure", "surgery", "operation"):
         out.add("recent_procedures")
     if _has(q, "visit", "encounter", "admission", "admitted", "seen"):

@@ -626,25 +626,47 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
         ConditionArgs,
     )
     def condition_history(ctx: ToolContext, query: str) -> list[Fact]:
-        codes = {c for t in ctx.terms.matches(query) for c in t.codes}
+        matched = ctx.terms.matches(query)
+        # the table links related concepts through codes for ranking (diabetes lists
+        # prediabetes's code); a diagnosis asked about is only its own: a code that another term,
+        # not asked about, stands for is left out ("diabetes?" is not answered with prediabetes)
+        others = {c for t in ctx.terms.terms if t not in matched for c in t.codes}
+        codes = {c for t in matched for c in t.codes if c not in others}
         if "|" in query:
             codes.add(query.strip())
+        related = {c for t in matched for c in t.codes} - codes
         words = [w for w in re.findall(r"[a-z0-9]+", query.lower()) if len(w) > 1]
-        found = []
+        found, near = [], []
         for item in _by_category(ctx, "condition", False):
             name = item.text.rsplit(" [", 1)[0].lower()
             by_code = bool(codes & set(item.codes)) or any(
                 c.endswith(f"|{query.strip()}") for c in item.codes
             )
-            if by_code or (not codes and words and all(w in name for w in words)):
+            by_name = all(re.search(rf"\b{re.escape(w)}", name) for w in words)
+            if by_code or (not codes and words and by_name):
                 found.append(item)
+            elif related & set(item.codes):
+                near.append(item)
         subject = _subject(query, [])
-        return _listing(
+        facts = _listing(
             ctx,
             "condition_history",
             found,
             f"No {subject} diagnosis is in the record's conditions.",
         )
+        if not found:  # an honest "no", and what the record has that is close to it
+            facts += [
+                Fact(
+                    "condition_history",
+                    f"A related condition is recorded: {item.text}",
+                    value=item.text.rsplit(" [", 1)[0],
+                    date=item.date,
+                    evidence=(item.id,),
+                    details={"date_precision": item.precision, "related_to": query},
+                )
+                for item in near
+            ]
+        return facts
 
     @reg.add(
         "active_medications", "Medications the patient is on (active requests and statements)."

@@ -21,6 +21,7 @@ class Term:
     high: float | None = None
     unit: str | None = None  # UCUM unit of low/high; a term with a unit is an analyte
     molar_mass: float | None = None  # g/mol: converts molar and mass concentrations of it
+    observed: bool = False  # charted as an Observation even when asked about as a condition
 
 
 def _tokens(text: str) -> list[str]:
@@ -97,6 +98,7 @@ def default_terms() -> TermTable:
                 high=_num(high),
                 unit=row.get("unit"),
                 molar_mass=_num(row.get("molar_mass")),
+                observed=bool(row.get("observed", False)),
             )
         )
     return TermTable(terms)

@@ -422,3 +422,52 @@ def test_a_test_not_in_the_chart_is_never_answered_with_another(chart):
     # the tests it has are answered as before
     assert c.ask("What was the last hemoglobin?").citations[0].reference == "Observation/hb"
     assert c.ask("Latest HDL?").citations[0].reference == "Observation/hdl"
+
+
+def _condition(cid: str, pid: str, code: str, display: str, onset: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Condition",
+        "id": cid,
+        "subject": {"reference": f"Patient/{pid}"},
+        "code": {
+            "coding": [{"system": "http://snomed.info/sct", "code": code, "display": display}]
+        },
+        "clinicalStatus": {"coding": [{"code": "active"}]},
+        "verificationStatus": {"coding": [{"code": "confirmed"}]},
+        "onsetDateTime": onset,
+    }
+
+
+def test_a_diagnosis_asked_about_is_that_diagnosis(chart):
+    """ "Does she have diabetes?" on a chart with prediabetes and a high HbA1c: no, with the related
+    condition named apart; never "yes" by prediabetes, never an HbA1c labelled "diabetic", never
+    the whole problem list. With type 2 diabetes charted, that Condition is the answer."""
+    pid = "dm-pat"
+    c = chart(
+        bundle(
+            patient(pid),
+            _condition("pre", pid, "15777000", "Prediabetes", "2019-02-01"),
+            _condition("hf", pid, "88805009", "Chronic congestive heart failure", "2020-01-01"),
+            obs("a1c", pid, "4548-4", "2024-05-01", 6.3, "%", text="Hemoglobin A1c"),
+        )
+    )
+    for question in (
+        "Does she have diabetes?",
+        "Is she diabetic?",
+        "Was she ever diagnosed with diabetes?",
+    ):
+        answer = c.ask(question)
+        assert answer.text.startswith("No diabet"), (question, answer.text)
+        assert "A related condition is recorded: " in answer.text and "Prediabetes" in answer.text
+        refs = [x.reference for x in answer.citations]
+        assert refs == [f"Patient/{pid}", "Condition/pre"], (question, refs)
+    assert c.ask("Does she have prediabetes?").citations[0].reference == "Condition/pre"
+    t2 = chart(
+        bundle(
+            patient("dm2-pat"),
+            _condition("t2", "dm2-pat", "44054006", "Diabetes mellitus type 2", "2015-06-01"),
+            _condition("pre2", "dm2-pat", "15777000", "Prediabetes", "2010-01-01"),
+        )
+    )
+    answer = t2.ask("Does she have diabetes?")
+    assert [x.reference for x in answer.citations] == ["Condition/t2"], answer.text

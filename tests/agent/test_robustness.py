@@ -185,3 +185,20 @@ def test_names_carry_no_terminal_escapes():
         )
     )
     assert "\x1b" not in name and "\x07" not in name
+
+
+@pytest.mark.parametrize(
+    ("question", "tools"),
+    [
+        ("Is he diabetic?", {"condition_history"}),
+        ("Does she have diabetes?", {"condition_history"}),
+        ("Was he ever diagnosed with diabetes?", {"condition_history"}),
+        ("What are his active problems?", {"active_problems"}),
+        ("Is he a smoker?", {"latest_observation", "condition_history"}),
+        ("What was his last HbA1c?", {"latest_observation"}),
+    ],
+)
+def test_a_named_diagnosis_is_asked_for_itself(question: str, tools: set[str]):
+    """A condition word asks for that diagnosis (any status), not for a test linked to it in the
+    term table nor for the whole problem list; a status charted as an Observation stays one."""
+    assert {c.tool for c in plan(question).calls} == tools
