@@ -7,9 +7,6 @@ import io
 from pathlib import Path
 from typing import Any
 
-import pydicom
-from pydicom.data import get_testdata_file
-
 from connectors.images import window_dicom
 from connectors.store import FhirStore, ImportReport
 
@@ -26,6 +23,7 @@ def demo_bundles() -> list[Path]:
 
 
 def _png_of(path: str | Path) -> bytes:
+    import pydicom
     from PIL import Image
 
     ds = pydicom.dcmread(path)
@@ -36,6 +34,9 @@ def _png_of(path: str | Path) -> bytes:
 
 def demo_images_bundle() -> dict[str, Any]:
     """A transaction Bundle attaching pydicom's test images to two demo patients."""
+    import pydicom  # (here, not at import: every CLI command imports this module)
+    from pydicom.data import get_testdata_file
+
     ct = get_testdata_file("CT_small.dcm")
     mr = get_testdata_file("MR_small.dcm")
     if not isinstance(ct, str) or not isinstance(
