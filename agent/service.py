@@ -27,7 +27,7 @@ from connectors.errors import ChartSightError, ConfigurationError
 from connectors.fhir_client import FhirClient
 from connectors.images import ImageSet
 from connectors.record import PatientRecord, find_patients, resolve_patient
-from connectors.settings import FhirServerSettings
+from connectors.settings import FhirServerSettings, HttpSettings
 from connectors.source import FhirSource
 from connectors.store import FhirStore, StoreSource
 from retrieval.cases import Case, CasePrivacy, ChartSections, chart_sections
@@ -65,9 +65,15 @@ def source_for(settings: Settings) -> FhirSource:
 
 def ehr_source(url: str, token: str | None) -> FhirSource:
     """A FHIR server a caller names, read with the caller's own bearer token (a CDS Hooks request's
-    ``fhirServer`` and ``fhirAuthorization``, a SMART launch's ``iss``)."""
+    ``fhirServer`` and ``fhirAuthorization``, a SMART launch's ``iss``). Redirects are not
+    followed: the caller's URL was checked against the operator's list, and a 3xx from it must not
+    take the service (an SSRF) to an address nobody listed."""
     return FhirClient(
-        FhirServerSettings(url=url.rstrip("/"), token=SecretStr(token) if token else None)
+        FhirServerSettings(
+            url=url.rstrip("/"),
+            token=SecretStr(token) if token else None,
+            http=HttpSettings(follow_redirects=False),
+        )
     )
 
 
