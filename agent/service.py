@@ -278,9 +278,17 @@ class ChartSight:
         items = rt.evidence_items(await rt.record(patient))
         return await asyncio.to_thread(rt.ranker.rank, question, items, token_budget=token_budget)
 
-    async def facts(self, patient: str, tool: str, args: dict[str, Any]) -> list[Fact]:
-        """One structured tool's facts about the patient."""
-        rt = self._runtime()
+    async def facts(
+        self,
+        patient: str,
+        tool: str,
+        args: dict[str, Any],
+        case_privacy: CasePrivacy = "full",
+    ) -> list[Fact]:
+        """One structured tool's facts about the patient; ``case_privacy="generalised"`` (a
+        caller bound to this one patient) shows ``similar_cases`` without keys, ids, dates or free
+        text, as ``ask`` and ``similar`` do."""
+        rt = dataclasses.replace(self._runtime(), case_privacy=case_privacy)
         if tool not in rt.tools.tools:
             raise ToolError(f"no tool {tool!r}; tools: {', '.join(sorted(rt.tools.tools))}")
         record = await self.record(patient)
