@@ -14,6 +14,7 @@ a malformed request gets a 400 naming what is wrong.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import uuid
@@ -140,8 +141,9 @@ async def discovery() -> Discovery:
 )
 async def patient_view(request: Request, who: Caller, svc: Svc) -> CardsResponse:
     try:
-        hook = HookRequest.model_validate(await request.json())
-    except ValueError as exc:
+        # RecursionError: JSON nested deeper than the parser's stack (a body of "[[[[…")
+        hook = HookRequest.model_validate(json.loads(await request.body()))
+    except (ValueError, RecursionError) as exc:
         raise HTTPException(400, f"malformed CDS Hooks request: {_first_error(exc)}") from exc
     if hook.hook != "patient-view":
         raise HTTPException(400, f"this service answers the patient-view hook, not {hook.hook!r}")
@@ -184,6 +186,8 @@ def _first_error(exc: Exception) -> str:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err.get("loc", ()))
         return f"{where}: {err.get('msg')}"
+    if isinstance(exc, RecursionError):
+        return "the JSON is nested too deeply"
     return str(exc)
 
 

@@ -251,10 +251,12 @@ def test_malformed_hook_requests_get_400(service: Running, change: Any, message:
     change(hook)
     reply = httpx.post(f"{service.url}{URL}", json=hook, headers=EHR)
     assert reply.status_code == 400 and message in reply.json()["detail"]
-    not_json = httpx.post(
-        f"{service.url}{URL}", content=b"{", headers={**EHR, "content-type": "application/json"}
-    )
-    assert not_json.status_code == 400
+    for body in (b"{", b"[" * 100_000 + b"]" * 100_000):  # not JSON; nested past the parser
+        not_json = httpx.post(
+            f"{service.url}{URL}", content=body, headers={**EHR, "content-type": "application/json"}
+        )
+        assert not_json.status_code == 400, not_json.text
+        assert "recursion" not in not_json.text
 
 
 def test_the_cds_service_is_patient_scoped(service: Running, tommy_json):
