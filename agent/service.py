@@ -90,6 +90,11 @@ async def connected(settings: Settings) -> AsyncIterator[tuple[FhirSource, Dicom
             await dicomweb.aclose()
 
 
+class QuestionError(ChartSightError):
+    """A question that cannot be answered as asked (empty, or only whitespace): the caller's to
+    fix (HTTP 422), not a failure of the service."""
+
+
 class ChartSight:
     """The agent, with its source, model backend, index and checkpointer opened once.
 
@@ -186,7 +191,7 @@ class ChartSight:
         to the model and in the answer without keys, ids, dates or free text."""
         assert self.graph is not None, "use `async with ChartSight(...)` (answering=True)"
         if not question.strip():
-            raise ChartSightError("the question is empty: ask about the patient in words")
+            raise QuestionError("the question is empty: ask about the patient in words")
         # one runtime per question (sharing the caches), so concurrent questions keep their own
         # event listeners
         rt = dataclasses.replace(

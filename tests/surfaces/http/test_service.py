@@ -258,6 +258,21 @@ def test_a_value_json_cannot_encode_gets_422_not_500(service: Running):
     assert "secret-marker-7" not in reply.text and "input" not in reply.text
 
 
+def test_a_blank_question_is_the_callers_to_fix(service: Running):
+    """A question of spaces only is 422 (what was sent), not a 500 (a failure of the service),
+    over REST and in the stream's error event."""
+    blank = _ask(service, EHR, question="   ")
+    assert blank.status_code == 422, blank.text
+    assert "the question is empty" in blank.json()["detail"]
+    stream = httpx.post(
+        f"{service.url}/v1/ask/stream",
+        json={"patient": TOMMY_FRIESEN, "question": " \t "},
+        headers=EHR,
+        timeout=30,
+    )
+    assert '"status": 422' in stream.text, stream.text
+
+
 def test_rate_limit_says_how_long_to_wait(tmp_path: Path, demo_store: FhirStore, issuer: Issuer):
     """429 with ``Retry-After`` in whole seconds, never 0: here a token comes back every 0.1 s,
     and the header still says 1."""
