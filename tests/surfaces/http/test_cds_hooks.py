@@ -330,3 +330,25 @@ def test_record_text_in_the_card_is_literal_markdown(service: Running, tommy_jso
     for markup in ("![", "](", "<img", "\n# Heading"):
         assert markup not in unescaped, markup
     assert r"\!\[x\]\(https://evil.example/beacon.png\)" in detail
+
+
+def test_a_prefetch_with_another_patients_data_or_a_broken_bundle(service: Running, tommy_json):
+    """A prefetch is the EHR's, not always right: a Condition in another patient's compartment
+    (a search run without the patient) is not put on this patient's card, and a Bundle whose
+    ``entry`` is not a list is one invalid item, not a 500."""
+    prefetch = _prefetch(tommy_json)
+    prefetch["conditions"]["entry"].append(
+        {"resource": {"resourceType": "Condition", "id": "elsewhere-dx",
+                      "subject": {"reference": f"Patient/{MARTINA_MURAZIK}"},
+                      "clinicalStatus": {"coding": [{"code": "active"}]},
+                      "code": {"text": "Marker-condition of another chart"},
+                      "recordedDate": "2026-01-01"}}
+    )  # fmt: skip
+    prefetch["observations"] = {"resourceType": "Bundle", "type": "searchset", "entry": "x"}
+    reply = httpx.post(
+        f"{service.url}{URL}", json=_hook(prefetch=prefetch), headers=EHR, timeout=30
+    )
+    assert reply.status_code == 200, reply.text
+    detail = reply.json()["cards"][0]["detail"]
+    assert "Marker-condition" not in detail and "Condition/elsewhere-dx]" not in detail
+    assert "`Condition/" in detail  # Tommy's own conditions are still there
