@@ -9,7 +9,7 @@ depends on the agent alone (plus ``connectors`` for importing data and administe
 
 from agent.answer import Answer, Citation
 from agent.index_build import BuildReport, build_index, open_index
-from agent.service import ChartSight, connected, ehr_source
+from agent.service import ChartSight, QuestionError, connected, ehr_source
 from agent.settings import Settings, load_settings
 from agent.tools import Fact, ToolError
 from connectors.errors import (
@@ -52,6 +52,7 @@ __all__ = [
     "ImageSet",
     "PatientRecord",
     "PrefetchSource",
+    "QuestionError",
     "RankedEvidence",
     "ResourceNotFound",
     "Settings",

@@ -91,14 +91,20 @@ class AgentRuntime:
         return self.evidence[record.patient_id]
 
     def context(self, record: PatientRecord) -> ToolContext:
-        """A tool context that reuses the cached evidence lines."""
+        """A tool context that reuses the cached evidence lines. Its similar cases follow
+        ``case_privacy`` (generalised for a caller bound to one patient), as ``gather_similar``'s
+        do: the ``similar_cases`` tool is reachable by the model and by MCP's ``patient_facts``."""
         items = self.evidence_items(record)
         index = self.index
+        privacy = self.case_privacy
 
         def similar(k: int) -> list[Any]:
             assert index is not None
             case = self.patient_case(record, self.images.get(record.patient_id) or ImageSet())
-            return index.similar(case, k, own_cases_out(case))
+            hits = index.similar(case, k, own_cases_out(case))
+            if privacy == "generalised":
+                return [generalised_hit(h, n) for n, h in enumerate(hits, 1)]
+            return hits
 
         return ToolContext(
             record,

@@ -27,7 +27,7 @@ from connectors.errors import ChartSightError, ConfigurationError
 from connectors.fhir_client import FhirClient
 from connectors.images import ImageSet
 from connectors.record import PatientRecord, find_patients, resolve_patient
-from connectors.settings import FhirServerSettings
+from connectors.settings import FhirServerSettings, HttpSettings
 from connectors.source import FhirSource
 from connectors.store import FhirStore, StoreSource
 from retrieval.cases import Case, CasePrivacy, ChartSections, chart_sections
@@ -65,9 +65,15 @@ def source_for(settings: Settings) -> FhirSource:
 
 def ehr_source(url: str, token: str | None) -> FhirSource:
     """A FHIR server a caller names, read with the caller's own bearer token (a CDS Hooks request's
-    ``fhirServer`` and ``fhirAuthorization``, a SMART launch's ``iss``)."""
+    ``fhirServer`` and ``fhirAuthorization``, a SMART launch's ``iss``). Redirects are not
+    followed: the caller's URL was checked against the operator's list, and a 3xx from it must not
+    take the service (an SSRF) to an address nobody listed."""
     return FhirClient(
-        FhirServerSettings(url=url.rstrip("/"), token=SecretStr(token) if token else None)
+        FhirServerSettings(
+            url=url.rstrip("/"),
+            token=SecretStr(token) if token else None,
+            http=HttpSettings(follow_redirects=False),
+        )
     )
 
 
@@ -82,6 +88,11 @@ async def connected(settings: Settings) -> AsyncIterator[tuple[FhirSource, Dicom
         await source.aclose()
         if dicomweb is not None:
             await dicomweb.aclose()
+
+
+class QuestionError(ChartSightError):
+    """A question that cannot be answered as asked (empty, or only whitespace): the caller's to
+    fix (HTTP 422), not a failure of the service."""
 
 
 class ChartSight:
@@ -180,7 +191,7 @@ class ChartSight:
         to the model and in the answer without keys, ids, dates or free text."""
         assert self.graph is not None, "use `async with ChartSight(...)` (answering=True)"
         if not question.strip():
-            raise ChartSightError("the question is empty: ask about the patient in words")
+            raise QuestionError("the question is empty: ask about the patient in words")
         # one runtime per question (sharing the caches), so concurrent questions keep their own
         # event listeners
         rt = dataclasses.replace(
@@ -272,9 +283,17 @@ class ChartSight:
         items = rt.evidence_items(await rt.record(patient))
         return await asyncio.to_thread(rt.ranker.rank, question, items, token_budget=token_budget)
 
-    async def facts(self, patient: str, tool: str, args: dict[str, Any]) -> list[Fact]:
-        """One structured tool's facts about the patient."""
-        rt = self._runtime()
+    async def facts(
+        self,
+        patient: str,
+        tool: str,
+        args: dict[str, Any],
+        case_privacy: CasePrivacy = "full",
+    ) -> list[Fact]:
+        """One structured tool's facts about the patient; ``case_privacy="generalised"`` (a
+        caller bound to this one patient) shows ``similar_cases`` without keys, ids, dates or free
+        text, as ``ask`` and ``similar`` do."""
+        rt = dataclasses.replace(self._runtime(), case_privacy=case_privacy)
         if tool not in rt.tools.tools:
             raise ToolError(f"no tool {tool!r}; tools: {', '.join(sorted(rt.tools.tools))}")
         record = await self.record(patient)

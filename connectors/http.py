@@ -68,7 +68,7 @@ class RetryingHttp:
             auth=auth,
             headers=dict(headers or {}),
             verify=settings.verify_tls,
-            follow_redirects=True,
+            follow_redirects=settings.follow_redirects,
             transport=transport,
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from connectors.errors import ResourceNotFound
+from connectors.indexing import compartment_patient
 from connectors.resources import InvalidResource, SearchResult, validate
 from connectors.source import BinaryContent, SearchParams
 
@@ -23,11 +24,17 @@ class PrefetchSource:
         for key, value in prefetch.items():
             if not value:
                 continue
-            raws = (
-                [e.get("resource") for e in value.get("entry") or []]
-                if value.get("resourceType") == "Bundle"
-                else [value]
-            )
+            raws: list[Any] = [value]
+            if value.get("resourceType") == "Bundle":
+                entries = value.get("entry") or []
+                if not isinstance(entries, list):  # kept, with the reason, like any bad resource
+                    self.invalid.append(
+                        InvalidResource(
+                            "Bundle", None, value, "Bundle.entry is not a list", f"prefetch {key}"
+                        )
+                    )
+                    entries = []
+                raws = [e.get("resource") if isinstance(e, dict) else e for e in entries]
             for raw in raws:
                 made = validate(raw, f"prefetch {key}")
                 if isinstance(made, InvalidResource):
@@ -63,10 +70,25 @@ class PrefetchSource:
         return SearchResult(resources=found, total=len(found), pages=1)
 
     async def everything(self, patient_id: str) -> SearchResult:
-        return SearchResult(
-            resources=list(self.resources), invalid=list(self.invalid), pages=1,
-            total=len(self.resources),
-        )  # fmt: skip
+        """The patient, the resources in the patient's compartment and those in none (a
+        Medication, a Practitioner). A resource in another patient's compartment (a prefetch
+        search the EHR ran without the patient, a Bundle of the wrong chart) is left out of the
+        record and listed as invalid: it is not this patient's data."""
+        mine: list[Any] = []
+        invalid = list(self.invalid)
+        for r in self.resources:
+            raw = r.model_dump(mode="json", by_alias=True, exclude_none=True)
+            owner = compartment_patient(raw)
+            if owner is None or owner == patient_id:
+                mine.append(r)
+            else:
+                invalid.append(
+                    InvalidResource(
+                        r.get_resource_type(), str(r.id), raw,
+                        "in another patient's compartment", "prefetch",
+                    )
+                )  # fmt: skip
+        return SearchResult(resources=mine, invalid=invalid, pages=1, total=len(mine))
 
     async def binary(self, reference: str) -> BinaryContent:
         raise ResourceNotFound(reference, 404, "binaries are not part of the prefetch")

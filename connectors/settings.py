@@ -34,6 +34,11 @@ class HttpSettings(BaseModel):
         default=30.0, description="Cap of one backoff, Retry-After included."
     )
     verify_tls: bool = True
+    follow_redirects: bool = Field(
+        default=True,
+        description="Follow 3xx answers. Off for a server a caller names (a CDS request's "
+        "fhirServer, a SMART launch's iss): only the listed address may be reached.",
+    )
 
 
 class FhirServerSettings(BaseModel):

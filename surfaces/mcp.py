@@ -132,7 +132,9 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         agent, who = access.caller(ctx)
         await access.check(who, "patient_facts", patient)
         try:
-            facts = await agent.facts(patient, tool, arguments or {})
+            facts = await agent.facts(
+                patient, tool, arguments or {}, case_privacy=case_privacy(who)
+            )
         except ChartSightError as exc:
             raise McpToolError(exc.public) from exc
         await access.audit(who, "patient_facts", "answered", patient)

@@ -19,6 +19,7 @@ from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
@@ -71,6 +72,18 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
             429: {"model": Problem, "description": "Rate limit; see Retry-After."},
         },
     )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 naming where and what is wrong (``type``, ``loc``, ``msg``), without echoing the
+        caller's input: FastAPI's default body repeats it, and a value JSON cannot encode (a lone
+        UTF-16 surrogate such as ``"\\ud800"`` in the patient id) turned the 422 into a 500."""
+        errors = [
+            {"type": e.get("type"), "loc": list(e.get("loc", ())), "msg": e.get("msg")}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": errors}, 422)
+
     app.add_middleware(AccessLog)
     app.add_middleware(
         BodyLimit,

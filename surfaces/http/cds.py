@@ -14,7 +14,9 @@ a malformed request gets a 400 naming what is wrong.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import uuid
 from typing import Any, Literal
 from urllib.parse import urlencode
@@ -139,8 +141,9 @@ async def discovery() -> Discovery:
 )
 async def patient_view(request: Request, who: Caller, svc: Svc) -> CardsResponse:
     try:
-        hook = HookRequest.model_validate(await request.json())
-    except ValueError as exc:
+        # RecursionError: JSON nested deeper than the parser's stack (a body of "[[[[…")
+        hook = HookRequest.model_validate(json.loads(await request.body()))
+    except (ValueError, RecursionError) as exc:
         raise HTTPException(400, f"malformed CDS Hooks request: {_first_error(exc)}") from exc
     if hook.hook != "patient-view":
         raise HTTPException(400, f"this service answers the patient-view hook, not {hook.hook!r}")
@@ -183,6 +186,8 @@ def _first_error(exc: Exception) -> str:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err.get("loc", ()))
         return f"{where}: {err.get('msg')}"
+    if isinstance(exc, RecursionError):
+        return "the JSON is nested too deeply"
     return str(exc)
 
 
@@ -232,11 +237,13 @@ def _answer_card(svc: Service, pid: str, data: dict[str, Any]) -> Card:
     text = data["text"]
     first = text.split(". ")[0]
     summary = ("ChartSight: " + _uncite(first))[:139]
-    lines = [f"- {_uncite(s).strip()} {_refs(s)}" for s in _sentences(text)]
-    cites = "\n".join(f"- `{c['reference']}`: {c['text']}" for c in data["citations"][:20])
+    lines = [f"- {_markdown_text(_uncite(s))} {_refs(s)}" for s in _sentences(text)]
+    cites = "\n".join(
+        f"- `{c['reference']}`: {_markdown_text(c['text'])}" for c in data["citations"][:20]
+    )
     detail = "\n".join(lines) + ("\n\n**Evidence**\n\n" + cites if cites else "")
     if data.get("warnings"):
-        detail += "\n\n_" + "; ".join(data["warnings"][:3]) + "_"
+        detail += "\n\n_" + _markdown_text("; ".join(data["warnings"][:3])) + "_"
     return Card(
         uuid=str(uuid.uuid4()),
         summary=summary if len(summary) <= 140 else summary[:137] + "…",
@@ -264,6 +271,19 @@ def _sentences(text: str) -> list[str]:
 
 def _refs(sentence: str) -> str:
     return " ".join(f"[{r}]" for r in citations(sentence))
+
+
+# CommonMark/GFM characters that start markup (links, images, emphasis, code, HTML, tables)
+_MARKDOWN = re.compile(r"([\\`*_\[\]()<>!#|~&{}])")
+
+
+def _markdown_text(text: str) -> str:
+    """``text`` from the record (a note, a coding's display, a name) as literal markdown: every
+    character that starts markup backslash-escaped (CommonMark 2.4), whitespace runs (line breaks
+    too) made one space. A record is not the card's author: without this, a display such as
+    ``![x](https://host/beacon)`` or ``<img onerror=…>`` would render in the EHR as an image
+    fetched from that host, a link or HTML."""
+    return _MARKDOWN.sub(r"\\\1", " ".join(text.split()))
 
 
 def _uncite(sentence: str) -> str:

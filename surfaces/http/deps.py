@@ -21,6 +21,7 @@ from agent import (
     ChartSightError,
     ConfigurationError,
     ConnectorError,
+    QuestionError,
     ResourceNotFound,
     ToolError,
 )
@@ -116,12 +117,13 @@ async def allowed(
 
 
 def http_error(exc: ChartSightError) -> HTTPException:
-    """The HTTP status for a ChartSight error: 404 no such resource, 422 a tool's arguments, 502
-    the patient source failed, 503 not configured, else 500."""
+    """The HTTP status for a ChartSight error: 404 no such resource, 422 a tool's arguments or a
+    question that cannot be asked (empty), 502 the patient source failed, 503 not configured,
+    else 500."""
     log.debug("%s: %s", type(exc).__name__, exc)  # the full message, for the operator
     if isinstance(exc, ResourceNotFound):
         return HTTPException(404, exc.public)
-    if isinstance(exc, ToolError):
+    if isinstance(exc, ToolError | QuestionError):
         return HTTPException(422, exc.public)
     if isinstance(exc, ConnectorError):
         return HTTPException(502, exc.public)

@@ -96,9 +96,13 @@ def fhir_base(url: str) -> str:
 
 def listed_fhir_base(url: str, allowed: list[str]) -> bool:
     """Whether ``url`` is one of the ``allowed`` FHIR base URLs (compared by ``fhir_base``; a
-    userinfo part, another port or a longer path is another server)."""
+    userinfo part, another port or a longer path is another server). A base URL with a query or
+    a fragment is refused: a FHIR base has neither (FHIR R4 http 3.1.0.1.1), and the caller's
+    spelling is the one requests are built on, so ``…/fhir?x=`` would send every search to
+    ``/fhir`` with a query of the caller's choosing."""
     try:
-        if urlsplit(url.strip()).username is not None:
+        parts = urlsplit(url.strip())
+        if parts.username is not None or "?" in url or "#" in url:
             return False
         wanted = fhir_base(url)
         return any(wanted == fhir_base(a) for a in allowed)

@@ -106,3 +106,31 @@ def test_mcp_applies_the_same_rule(indexed: Running):
 
     _assert_generalised(asyncio.run(run(BOUND_KEY)), others)
     assert all(h["patient_id"] in others for h in asyncio.run(run(EHR_KEY)))
+
+
+def test_mcp_patient_facts_similar_cases_applies_the_same_rule(indexed: Running):
+    """``patient_facts`` runs any structured tool, ``similar_cases`` among them: a bound caller
+    gets the same generalised cases there (no case key, patient id or date in the statement, the
+    evidence or the details) as from the ``similar_cases`` tool."""
+    others = {h["patient_id"] for h in _similar(indexed, {"X-API-Key": EHR_KEY})}
+
+    async def run(key: str) -> Any:
+        http = create_mcp_http_client({"X-API-Key": key})
+        async with Client(streamable_http_client(f"{indexed.url}/mcp/", http_client=http)) as c:
+            result = await c.call_tool(
+                "patient_facts",
+                {"patient": TOMMY_FRIESEN, "tool": "similar_cases", "arguments": {"k": 4}},
+            )
+        assert not result.is_error, result.content
+        data = result.structured_content
+        return data.get("result", data) if isinstance(data, dict) else data
+
+    bound = run(BOUND_KEY)
+    facts = asyncio.run(bound)
+    assert facts
+    for n, fact in enumerate(facts, 1):
+        assert fact["evidence"] == [f"similar-case-{n}"], fact
+        assert not any(pid in str(fact) for pid in others), fact
+        assert not DATE.search(fact["statement"]), fact["statement"]
+    full = asyncio.run(run(EHR_KEY))
+    assert all(f["evidence"][0].startswith("Patient/") for f in full)

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import http.server
+import re
 import socket
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -150,6 +153,74 @@ def test_a_fhir_server_not_configured_is_refused_without_a_connection(
             listener.accept()
 
 
+def _token() -> dict[str, Any]:
+    return {
+        "access_token": "secret-token", "token_type": "Bearer", "expires_in": 60,
+        "scope": "patient/*.read", "subject": "x", "patient": TOMMY_FRIESEN,
+    }  # fmt: skip
+
+
+def test_a_configured_fhir_server_with_a_query_or_fragment_is_refused(
+    tmp_path: Path, demo_store: FhirStore, issuer: Issuer
+):
+    """The caller's spelling of fhirServer is the base every request is built on: a listed server
+    with ``?…`` or ``#…`` appended would send each search to the base path with a query of the
+    caller's choosing (``/fhir?x=/Patient/…``). 400, and no connection."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.settimeout(0.5)
+        base = f"http://127.0.0.1:{listener.getsockname()[1]}/fhir"
+        settings = api_settings(tmp_path / "home", demo_store, issuer, cds_fhir_servers=[base])
+        with Running(settings) as running:
+            for spelling in (f"{base}?_x=@127.0.0.1:9", f"{base}#@127.0.0.1:9"):
+                hook = _hook(fhirServer=spelling, fhirAuthorization=_token())
+                reply = httpx.post(f"{running.url}{URL}", json=hook, headers=EHR)
+                assert reply.status_code == 400, (spelling, reply.text)
+                assert "not a FHIR server" in reply.json()["detail"]
+        with pytest.raises(TimeoutError):
+            listener.accept()
+
+
+def test_a_configured_fhir_server_cannot_redirect_the_service_elsewhere(
+    tmp_path: Path, demo_store: FhirStore, issuer: Issuer
+):
+    """SSRF through a listed server: a 3xx from it to another address is not followed (the
+    request would reach an address neither the operator nor the EHR listed). The card request
+    fails with 502 and the redirect's target sees no connection."""
+    with socket.socket() as target:
+        target.bind(("127.0.0.1", 0))
+        target.listen(8)
+        target.settimeout(0.5)
+        elsewhere = f"http://127.0.0.1:{target.getsockname()[1]}/internal"
+
+        class Redirect(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(302)
+                self.send_header("Location", elsewhere + self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        redirector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+        threading.Thread(target=redirector.serve_forever, daemon=True).start()
+        try:
+            base = f"http://127.0.0.1:{redirector.server_address[1]}/fhir"
+            settings = api_settings(tmp_path / "home", demo_store, issuer, cds_fhir_servers=[base])
+            with Running(settings) as running:
+                hook = _hook(fhirServer=base, fhirAuthorization=_token())
+                reply = httpx.post(f"{running.url}{URL}", json=hook, headers=EHR, timeout=60)
+        finally:
+            redirector.shutdown()
+            redirector.server_close()
+        assert reply.status_code == 502, reply.text
+        assert str(target.getsockname()[1]) not in reply.text
+        with pytest.raises(TimeoutError):
+            target.accept()
+
+
 def test_a_slow_answer_gets_an_information_card_in_budget(
     tmp_path: Path, demo_store: FhirStore, issuer: Issuer, tommy_json
 ):
@@ -180,10 +251,12 @@ def test_malformed_hook_requests_get_400(service: Running, change: Any, message:
     change(hook)
     reply = httpx.post(f"{service.url}{URL}", json=hook, headers=EHR)
     assert reply.status_code == 400 and message in reply.json()["detail"]
-    not_json = httpx.post(
-        f"{service.url}{URL}", content=b"{", headers={**EHR, "content-type": "application/json"}
-    )
-    assert not_json.status_code == 400
+    for body in (b"{", b"[" * 100_000 + b"]" * 100_000):  # not JSON; nested past the parser
+        not_json = httpx.post(
+            f"{service.url}{URL}", content=body, headers={**EHR, "content-type": "application/json"}
+        )
+        assert not_json.status_code == 400, not_json.text
+        assert "recursion" not in not_json.text
 
 
 def test_the_cds_service_is_patient_scoped(service: Running, tommy_json):
@@ -228,3 +301,54 @@ def test_the_card_leaves_out_voided_and_refuted_data(service: Running, tommy_jso
     shown = card["summary"] + card["detail"]
     for gone in ("Lung cancer", "Tuberculosis", "Warfarin", "voided-dx", "refuted-dx", "voided-rx"):
         assert gone not in shown
+
+
+def test_record_text_in_the_card_is_literal_markdown(service: Running, tommy_json):
+    """The card's detail is markdown the EHR renders: text from the record (a name, a coding's
+    display) must not become an image fetched from another host, a link or HTML."""
+    hostile = (
+        "Hypertension ![x](https://evil.example/beacon.png) [open](javascript:alert(1)) "
+        "<img src=x onerror=alert(2)>\n# Heading"
+    )
+    prefetch = _prefetch(tommy_json)
+    prefetch["patient"] = {**prefetch["patient"], "name": [{"text": hostile}]}
+    prefetch["conditions"]["entry"].append(
+        {"resource": {"resourceType": "Condition", "id": "hostile-dx",
+                      "subject": {"reference": f"Patient/{TOMMY_FRIESEN}"},
+                      "clinicalStatus": {"coding": [{"code": "active"}]},
+                      "code": {"coding": [{"system": "http://snomed.info/sct",
+                                           "code": "38341003", "display": hostile}]},
+                      "recordedDate": "2026-01-01"}}
+    )  # fmt: skip
+    reply = httpx.post(
+        f"{service.url}{URL}", json=_hook(prefetch=prefetch), headers=EHR, timeout=30
+    )
+    assert reply.status_code == 200, reply.text
+    detail = reply.json()["cards"][0]["detail"]
+    assert "evil.example" in detail  # the text is shown, as text
+    unescaped = re.sub(r"\\.", "", detail)  # the markup left once escaped characters are out
+    for markup in ("![", "](", "<img", "\n# Heading"):
+        assert markup not in unescaped, markup
+    assert r"\!\[x\]\(https://evil.example/beacon.png\)" in detail
+
+
+def test_a_prefetch_with_another_patients_data_or_a_broken_bundle(service: Running, tommy_json):
+    """A prefetch is the EHR's, not always right: a Condition in another patient's compartment
+    (a search run without the patient) is not put on this patient's card, and a Bundle whose
+    ``entry`` is not a list is one invalid item, not a 500."""
+    prefetch = _prefetch(tommy_json)
+    prefetch["conditions"]["entry"].append(
+        {"resource": {"resourceType": "Condition", "id": "elsewhere-dx",
+                      "subject": {"reference": f"Patient/{MARTINA_MURAZIK}"},
+                      "clinicalStatus": {"coding": [{"code": "active"}]},
+                      "code": {"text": "Marker-condition of another chart"},
+                      "recordedDate": "2026-01-01"}}
+    )  # fmt: skip
+    prefetch["observations"] = {"resourceType": "Bundle", "type": "searchset", "entry": "x"}
+    reply = httpx.post(
+        f"{service.url}{URL}", json=_hook(prefetch=prefetch), headers=EHR, timeout=30
+    )
+    assert reply.status_code == 200, reply.text
+    detail = reply.json()["cards"][0]["detail"]
+    assert "Marker-condition" not in detail and "Condition/elsewhere-dx]" not in detail
+    assert "`Condition/" in detail  # Tommy's own conditions are still there

@@ -244,6 +244,35 @@ def test_errors_name_what_was_sent_never_internals(
     assert "could not be reached" in down.json()["detail"]
 
 
+def test_a_value_json_cannot_encode_gets_422_not_500(service: Running):
+    """A lone UTF-16 surrogate (``"\\ud800"``) is valid JSON but no valid string: 422 naming
+    the field, not a 500 from echoing it back; the body repeats none of the caller's input."""
+    body = b'{"patient": "\\ud800", "question": "secret-marker-7 \\udfff"}'
+    reply = httpx.post(
+        f"{service.url}/v1/ask",
+        content=body,
+        headers={**EHR, "content-type": "application/json"},
+    )
+    assert reply.status_code == 422, reply.text
+    assert ["body", "patient"] in [e["loc"] for e in reply.json()["detail"]]
+    assert "secret-marker-7" not in reply.text and "input" not in reply.text
+
+
+def test_a_blank_question_is_the_callers_to_fix(service: Running):
+    """A question of spaces only is 422 (what was sent), not a 500 (a failure of the service),
+    over REST and in the stream's error event."""
+    blank = _ask(service, EHR, question="   ")
+    assert blank.status_code == 422, blank.text
+    assert "the question is empty" in blank.json()["detail"]
+    stream = httpx.post(
+        f"{service.url}/v1/ask/stream",
+        json={"patient": TOMMY_FRIESEN, "question": " \t "},
+        headers=EHR,
+        timeout=30,
+    )
+    assert '"status": 422' in stream.text, stream.text
+
+
 def test_rate_limit_says_how_long_to_wait(tmp_path: Path, demo_store: FhirStore, issuer: Issuer):
     """429 with ``Retry-After`` in whole seconds, never 0: here a token comes back every 0.1 s,
     and the header still says 1."""
