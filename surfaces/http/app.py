@@ -98,7 +98,8 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
     @app.get(
         "/readyz",
         tags=["health"],
-        summary="Readiness: the agent is open and the patient source and audit log answer.",
+        summary="Readiness: the agent is open and the audit log answers (the patient source is "
+        "reached per request: CDS prefetch and EHR-named servers need no configured one).",
         responses={503: {"model": Problem}},
     )
     async def readyz(request: Request) -> Any:
