@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from retrieval.terms import TermTable, default_terms
@@ -91,6 +92,93 @@ _FOLLOW_UP = re.compile(
 )
 
 
+_MONTHS = [
+    "january",
+    "february",
+    "march",
+    "april",
+    "may",
+    "june",
+    "july",
+    "august",
+    "september",
+    "october",
+    "november",
+    "december",
+]
+_MONTH = r"(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*\.?"
+# a date as clinicians write one: 2019-03-17, 2019-03, 2019, March 2019, March 17(th), 2019, 17 March 2019
+_DATE = (
+    r"(?:\d{4}-\d{2}-\d{2}|\d{4}-\d{2}|(?:\d{1,2}\s+)?"
+    + _MONTH
+    + r"(?:\s+\d{1,2}(?:st|nd|rd|th)?,?)?"
+    r"\s+(?:19|20)\d{2}|(?<![\d-])(?:19|20)\d{2}(?![\d-]))"
+)
+_PERIOD = re.compile(
+    rf"\b(?P<between>between|from)\s+(?P<a>{_DATE})\s+(?:and|to|until|through|till|-)\s+"
+    rf"(?P<b>{_DATE})"
+    rf"|\b(?P<since>since|after|from)\s+(?P<s>{_DATE})"
+    rf"|\b(?P<before>before|until|till|up to|through)\s+(?P<u>{_DATE})"
+    rf"|\b(?P<during>in|during|on|for)\s+(?P<d>{_DATE})",
+    re.IGNORECASE,
+)
+
+
+def _date_interval(text: str) -> tuple[datetime, datetime] | None:
+    """A written date as the interval it covers, [start, end): "2019" is the whole year."""
+    text = text.strip().lower().replace(",", " ")
+    iso = re.fullmatch(r"(\d{4})(?:-(\d{2}))?(?:-(\d{2}))?", text)
+    try:
+        if iso:
+            year, month, day = int(iso.group(1)), iso.group(2), iso.group(3)
+        else:
+            parts = re.findall(r"[a-z]+|\d+", text)
+            month_word = next(p for p in parts if p.isalpha())
+            month = next(i for i, m in enumerate(_MONTHS, 1) if m.startswith(month_word[:3]))
+            numbers = [int(p) for p in parts if p.isdigit()]
+            year = next(n for n in numbers if n > 31)
+            days = [n for n in numbers if n <= 31]
+            month, day = f"{month:02d}", f"{days[0]:02d}" if days else None
+        if day is not None and month is not None:
+            start = datetime(year, int(month), int(day), tzinfo=UTC)
+            return start, start + timedelta(days=1)
+        if month is not None:
+            start = datetime(year, int(month), 1, tzinfo=UTC)
+            nxt = datetime(year + (int(month) == 12), int(month) % 12 + 1, 1, tzinfo=UTC)
+            return start, nxt
+        return datetime(year, 1, 1, tzinfo=UTC), datetime(year + 1, 1, 1, tzinfo=UTC)
+    except (StopIteration, ValueError):
+        return None
+
+
+def explicit_period(question: str) -> tuple[datetime | None, datetime | None] | None:
+    """The period a question names, as (since, until), until inclusive to the microsecond:
+    "between 2012-01-01 and 2020-12-31", "from March 2019 to June 2020", "since 2015", "after
+    2018", "before 2020", "until 2019-06", "in 2019", "in March 2019", "on 2019-03-17". None when
+    it names none ("last 3 years" is ``window_days``'s)."""
+    m = _PERIOD.search(question)
+    if m is None:
+        return None
+    tick = timedelta(microseconds=1)
+    if m.group("between"):
+        a, b = _date_interval(m.group("a")), _date_interval(m.group("b"))
+        if a is None or b is None:
+            return None
+        return a[0], b[1] - tick
+    if m.group("since"):
+        s = _date_interval(m.group("s"))
+        if s is None:
+            return None
+        return (s[1] if m.group("since").lower() == "after" else s[0]), None
+    if m.group("before"):
+        u = _date_interval(m.group("u"))
+        if u is None:
+            return None
+        return None, (u[0] if m.group("before").lower() == "before" else u[1]) - tick
+    d = _date_interval(m.group("d"))
+    return (d[0], d[1] - tick) if d is not None else None
+
+
 def is_follow_up(question: str) -> bool:
     """Whether a question leans on the one before it ('and before that?', 'what about June?')."""
     return len(question.split()) <= 8 and bool(_FOLLOW_UP.search(question))
@@ -147,9 +235,9 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         snomed = any(c.startswith("http://snomed.info/sct|") for c in term.codes)
         # "does she have a fever?": a diagnosis, and the measurement that shows it (a term with a
         # unit is measured itself; "diabetes" is not an HbA1c value)
-        measured = loinc and (
-            not (asks_condition and snomed) or term.unit is not None or term.observed
-        )
+        # a term with SNOMED codes and no unit is a condition ("is his hypertension
+        # controlled?" is not a search for a result named hypertension)
+        measured = loinc and (not snomed or term.unit is not None or term.observed)
         if measured:
             measured_words.append(words)  # as the clinician wrote it
         if snomed and (asks_condition or not measured):
@@ -168,11 +256,20 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         "lowest",
     )
     days = window_days(question)
+    period = explicit_period(question)
+    # an explicit period wins over "last N days"; each statistic and "latest" honours it
+    bounds: dict[str, Any] = {}
+    if period is not None:
+        bounds = {  # ISO strings: a plan is JSON (events, checkpoints); the tools parse them
+            k: v.isoformat() for k, v in zip(("since", "until"), period, strict=True) if v
+        }
+    elif days is not None:
+        bounds = {"days": days}
     for word in measured_words:
         if stats or days is not None:
-            out.add("observation_stats", query=word, **({"days": days} if days else {}))
+            out.add("observation_stats", query=word, **bounds)
         if not stats:
-            out.add("latest_observation", query=word)
+            out.add("latest_observation", query=word, **(bounds if period is not None else {}))
     if not measured_words:
         # a test the term table lacks is looked up by its display text in the record
         m = _LATEST_OF.search(q) or _VALUE_OF.search(q)

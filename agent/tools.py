@@ -148,6 +148,8 @@ class ObservationArgs(Args):
 
 class LatestArgs(ObservationArgs):
     nth: int = Field(default=1, ge=1, description="1: the latest; 2: the one before it; ...")
+    since: datetime | None = Field(default=None, description="Only results from this time on.")
+    until: datetime | None = Field(default=None, description="Only results up to this time.")
 
 
 class WindowArgs(ObservationArgs):
@@ -307,6 +309,66 @@ def find_points(ctx: ToolContext, query: str) -> Found:
     return Found(points, voided)
 
 
+def _period_text(since: datetime | None, until: datetime | None) -> str:
+    """ "from 2019-01-01 to 2019-12-31", "from 2015-01-01", "up to 2019-12-31"."""
+    if since is not None and until is not None:
+        return f"from {since.date().isoformat()} to {until.date().isoformat()}"
+    if since is not None:
+        return f"from {since.date().isoformat()}"
+    return f"up to {until.date().isoformat()}" if until is not None else ""
+
+
+def _latest_in_period(
+    ctx: ToolContext,
+    query: str,
+    found: Found,
+    since: datetime | None,
+    until: datetime | None,
+) -> list[Fact]:
+    """The latest result with a value whose date lies in [since, until] ("glucose in 2019",
+    "blood pressure on 2019-03-17"), or an honest "none in that period" that says when the
+    results there are (the nearest before and after), citing the Patient and those results."""
+    since = since.replace(tzinfo=UTC) if since is not None and since.tzinfo is None else since
+    until = until.replace(tzinfo=UTC) if until is not None and until.tzinfo is None else until
+    period = _period_text(since, until)
+    valued = [p for p in found.points if p.has_value and p.when is not None]
+    inside = [
+        p
+        for p in valued
+        if (since is None or p.when.start >= since) and (until is None or p.when.start <= until)  # type: ignore[union-attr]
+    ]
+    subject = _subject(query, found.points)
+    details = {"query": query, "echo": [period], "voided": found.voided}
+    if inside:
+        ref = inside[-1].reference
+        return [
+            Fact(
+                "latest_observation",
+                f"Latest {subject} {period}{_voided_clause(found)}: {_obs_text(ref, ctx)}."
+                f"{_cite([ref])}",
+                date=inside[-1].when.start if inside[-1].when else None,
+                evidence=(ref,),
+                details={**details, "results_in_period": len({p.reference for p in inside})},
+            )
+        ]
+    patient = f"Patient/{ctx.record.patient_id}"
+    before = [p for p in valued if since is not None and p.when.start < since]  # type: ignore[union-attr]
+    after = [p for p in valued if until is not None and p.when.start > until]  # type: ignore[union-attr]
+    near = [x.reference for x in (before[-1:] + after[:1])]
+    nearest = (
+        " Nearest results: " + "; ".join(_obs_text(r, ctx) for r in near) + "." if near else ""
+    )
+    return [
+        Fact(
+            "latest_observation",
+            f"No {subject} result {period} in the record{_voided_clause(found)}.{_cite([patient])}"
+            f"{nearest}{_cite(near)}",
+            evidence=(patient, *near),
+            details={**details, "results_in_period": 0},
+        )
+    ]
+
+
 def _coding_of(point: Point) -> list[Any]:
     element = (
         point.observation.component[point.component]
@@ -410,11 +472,19 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
     @reg.add(
         "latest_observation",
         "The most recent result of a test or measurement: value, unit, date, range and flag "
-        "(or, with nth, the one before it).",
+        "(or, with nth, the one before it; with since/until, the latest in that period).",
         LatestArgs,
     )
-    def latest_observation(ctx: ToolContext, query: str, nth: int = 1) -> list[Fact]:
+    def latest_observation(
+        ctx: ToolContext,
+        query: str,
+        nth: int = 1,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[Fact]:
         found = find_points(ctx, query)
+        if since is not None or until is not None:
+            return _latest_in_period(ctx, query, found, since, until)
         # a result is one Observation; it counts as a value when it (or a matched component) has one
         with_value: list[str] = []
         for point in found.points:

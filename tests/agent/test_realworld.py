@@ -471,3 +471,40 @@ def test_a_diagnosis_asked_about_is_that_diagnosis(chart):
     )
     answer = t2.ask("Does she have diabetes?")
     assert [x.reference for x in answer.citations] == ["Condition/t2"], answer.text
+
+
+def test_every_statistic_and_latest_value_honours_the_period_asked(chart):
+    """ "Average glucose in 2020", "between … and …", "since 2018", "glucose in 2019": computed over
+    that period only (expected values computed here from the data), and a period without results
+    says so and names the nearest ones, never a value from outside it as if it were inside."""
+    pid = "period-pat"
+    values = {
+        "g1": ("2012-02-05", 66.0),
+        "g2": ("2017-06-01", 90.0),
+        "g3": ("2019-03-17", 71.0),
+        "g4": ("2020-03-22", 96.0),
+        "g5": ("2020-06-15", 84.0),
+        "g6": ("2020-12-13", 70.0),
+    }
+    c = chart(
+        bundle(
+            patient(pid),
+            *(obs(k, pid, "2339-0", d, v, "mg/dL", text="Glucose") for k, (d, v) in values.items()),
+        )
+    )
+
+    def mean(lo: str, hi: str) -> float:
+        picked = [v for d, v in values.values() if lo <= d <= hi]
+        return round(sum(picked) / len(picked), 2)
+
+    in_2020 = c.ask("What was the average glucose in 2020?").text
+    assert "3 results" in in_2020 and f"mean {mean('2020-01-01', '2020-12-31'):g} mg/dL" in in_2020
+    between = c.ask("average glucose between 2019-01-01 and 2020-12-31").text
+    assert "4 results" in between and f"mean {mean('2019-01-01', '2020-12-31'):g}" in between
+    since = c.ask("Mean glucose since 2018?").text
+    assert "4 results" in since and f"mean {mean('2018-01-01', '2026-12-31'):g}" in since
+    latest_2019 = c.ask("What was her glucose in 2019?")
+    assert [x.reference for x in latest_2019.citations] == ["Observation/g3"]
+    none = c.ask("What was her glucose in 2005?")
+    assert none.text.startswith("No glucose result from 2005-01-01 to 2005-12-31 in the record.")
+    assert [x.reference for x in none.citations] == [f"Patient/{pid}", "Observation/g1"]

@@ -202,3 +202,49 @@ def test_a_named_diagnosis_is_asked_for_itself(question: str, tools: set[str]):
     """A condition word asks for that diagnosis (any status), not for a test linked to it in the
     term table nor for the whole problem list; a status charted as an Observation stays one."""
     assert {c.tool for c in plan(question).calls} == tools
+
+
+@pytest.mark.parametrize(
+    ("question", "since", "until"),
+    [
+        ("average glucose between 2012-01-01 and 2020-12-31", "2012-01-01", "2020-12-31"),
+        ("mean glucose from March 2019 to June 2020", "2019-03-01", "2020-06-30"),
+        ("average systolic since 2015?", "2015-01-01", None),
+        ("average A1c after 2018", "2019-01-01", None),
+        ("average glucose before 2020", None, "2019-12-31"),
+        ("average glucose until 2019-06", None, "2019-06-30"),
+        ("What was his glucose in 2019?", "2019-01-01", "2019-12-31"),
+        ("glucose in March 2019", "2019-03-01", "2019-03-31"),
+        ("blood pressure on 2019-03-17", "2019-03-17", "2019-03-17"),
+        ("blood pressure on March 17, 2019", "2019-03-17", "2019-03-17"),
+    ],
+)
+def test_an_explicit_period_is_read(question: str, since: str | None, until: str | None):
+    from agent.planner import explicit_period
+
+    period = explicit_period(question)
+    assert period is not None
+    got = tuple(d.date().isoformat() if d else None for d in period)
+    assert got == (since, until)
+    calls = [
+        c for c in plan(question).calls if c.tool in ("observation_stats", "latest_observation")
+    ]
+    assert calls and all(
+        c.args.get("since", "")[:10] == (since or "")
+        and c.args.get("until", "")[:10] == (until or "")
+        for c in calls
+    )
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        "metformin 1000 mg daily?",
+        "average glucose over the last 3 years",
+        "What was his last HbA1c?",
+    ],
+)
+def test_no_period_where_none_is_named(question: str):
+    from agent.planner import explicit_period
+
+    assert explicit_period(question) is None
