@@ -362,7 +362,10 @@ def _one_sentence(line: str) -> str:
 
 
 def _similar_line(case: dict[str, Any]) -> str:
-    summary = case["summary"][:240].replace(". ", "; ").rstrip(".")
+    summary = case["summary"]
+    if len(summary) > 240:  # cut at a word, and say so (never "Systolic Blood Pressur")
+        summary = summary[:240].rsplit(" ", 1)[0].rstrip(" ;,.") + " …"
+    summary = summary.replace(". ", "; ").rstrip(".")
     return f"Similar case (score {case['score']:.2f}): {summary}"
 
 

@@ -220,9 +220,27 @@ def patients(
         found = FhirStore(settings.store_url).patients(search, limit=limit)
     except ChartSightError as exc:
         _fail(exc)
-    table = Table(title=f"{len(found)} patients" + (f" matching {search!r}" if search else ""))
+    table = Table(
+        title=f"{len(found)} patients" + (f" matching {search!r}" if search else ""),
+        box=None,  # borders would push a full id and name past 80 columns
+        pad_edge=False,
+        collapse_padding=True,
+    )
     for col in ("id", "name", "gender", "born", "resources"):
-        table.add_column(col, justify="right" if col == "resources" else "left")
+        # an id is copied, never cut: the other columns give way in a narrow terminal
+        table.add_column(
+            col,
+            justify="right" if col == "resources" else "left",
+            no_wrap=True,
+            min_width=(
+                len(max((p.id for p in found), key=len, default=""))
+                if col == "id"
+                else 10
+                if col == "born"
+                else None
+            ),
+            overflow="ellipsis",
+        )
     for p in found:
         table.add_row(p.id, p.name, p.gender or "", p.birth_date or "", str(p.resources))
     console.print(table)

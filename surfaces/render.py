@@ -56,7 +56,8 @@ def render_record(
 
     def section(title: str, items: list[Evidence], cols: tuple[str, str, str]) -> None:
         if not items:
-            console.print(Text.assemble((f"{title}:", "bold"), " none"))
+            # "none recorded", not "none": an empty section is not "no known allergies"
+            console.print(Text.assemble((f"{title}:", "bold"), " none recorded"))
             return
         table = Table(title=title, title_justify="left", title_style="bold", show_edge=False)
         for col in cols:
