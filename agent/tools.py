@@ -289,7 +289,9 @@ def find_points(ctx: ToolContext, query: str) -> Found:
         name = " ".join(
             [point.name] + [str(c.display or "") for c in _coding_of(point) or []]
         ).lower()
-        return bool(words) and all(w in name for w in words)
+        # whole words from their start ("bnp" is not inside "nt-probnp"; "creatin" finds
+        # "creatinine")
+        return bool(words) and all(re.search(rf"(?<![a-z0-9]){re.escape(w)}", name) for w in words)
 
     def by_code(point: Point) -> bool:
         return bool(codes & set(point.codes))

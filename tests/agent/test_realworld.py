@@ -508,3 +508,22 @@ def test_every_statistic_and_latest_value_honours_the_period_asked(chart):
     none = c.ask("What was her glucose in 2005?")
     assert none.text.startswith("No glucose result from 2005-01-01 to 2005-12-31 in the record.")
     assert [x.reference for x in none.citations] == [f"Patient/{pid}", "Observation/g1"]
+
+
+def test_bnp_and_nt_probnp_are_two_tests(chart):
+    """BNP and NT-proBNP are different assays with different cut-offs: asked for BNP on a chart
+    with only NT-proBNP (coded, or a local code named by text), the answer is an honest no."""
+    pid = "bnp-pat"
+    local = obs("local", pid, "X-1", "2024-05-02", 700, "pg/mL", text="NT-proBNP (local)")
+    local["code"] = {"coding": [{"system": "urn:local", "code": "X-1"}], "text": "NT-proBNP"}
+    c = chart(
+        bundle(
+            patient(pid),
+            obs("nt", pid, "33762-6", "2024-05-01", 616.4, "pg/mL", text="NT-proBNP"),
+            local,
+        )
+    )
+    answer = c.ask("What is his BNP?")
+    assert answer.text.startswith("No BNP result in the record"), answer.text
+    assert "616.4" not in answer.text and "700" not in answer.text
+    assert c.ask("Latest NT-proBNP?").citations[0].reference == "Observation/nt"
