@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from connectors.resources import is_resource_type
+from retrieval.clinical import MONTH_NAMES
 from retrieval.terms import Term, default_terms
 
 # [Observation/abc] or [Observation/abc, Condition/def] or [Observation/abc; Patient/x]
@@ -25,23 +26,9 @@ _CITATION = re.compile(
 )
 _REF = re.compile(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.#]+")
 _ISO_DATE = re.compile(r"\b(\d{4})-(\d{2})(?:-(\d{2}))?\b")
-_MONTHS = [
-    "january",
-    "february",
-    "march",
-    "april",
-    "may",
-    "june",
-    "july",
-    "august",
-    "september",
-    "october",
-    "november",
-    "december",
-]
 _TEXT_DATE = re.compile(
     r"\b(?:(\d{1,2})\s+)?("
-    + "|".join(m[:3] for m in _MONTHS)
+    + "|".join(m[:3] for m in MONTH_NAMES)
     + r")[a-z]*\.?\s+(?:(\d{1,2}),?\s+)?(\d{4})\b",
     re.IGNORECASE,
 )
@@ -141,7 +128,9 @@ def _dates(text: str) -> tuple[set[str], str]:
 
     def textual(m: re.Match[str]) -> str:
         day = m.group(1) or m.group(3)
-        month = next(i for i, name in enumerate(_MONTHS, 1) if name.startswith(m.group(2).lower()))
+        month = next(
+            i for i, name in enumerate(MONTH_NAMES, 1) if name.startswith(m.group(2).lower())
+        )
         year = m.group(4)
         found.add(f"{year}-{month:02d}-{int(day):02d}" if day else f"{year}-{month:02d}")
         return " "

@@ -33,7 +33,7 @@ from connectors.record import PatientRecord, assemble_record
 from connectors.source import FhirSource
 from retrieval.cases import Case, CasePrivacy, cases_from_record
 from retrieval.evidence import Evidence, record_evidence
-from retrieval.index import CaseFilter, CaseIndex, generalised_hit
+from retrieval.index import CaseFilter, CaseIndex, shown_to
 from retrieval.rank import EvidenceRanker
 
 log = logging.getLogger(__name__)
@@ -101,10 +101,7 @@ class AgentRuntime:
         def similar(k: int) -> list[Any]:
             assert index is not None
             case = self.patient_case(record, self.images.get(record.patient_id) or ImageSet())
-            hits = index.similar(case, k, own_cases_out(case))
-            if privacy == "generalised":
-                return [generalised_hit(h, n) for n, h in enumerate(hits, 1)]
-            return hits
+            return shown_to(index.similar(case, k, own_cases_out(case)), privacy)
 
         return ToolContext(
             record,
@@ -340,8 +337,7 @@ async def gather_similar(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     record = record_of(state, rt)
     case = rt.patient_case(record, await rt.ensure_images(record))
     hits = await asyncio.to_thread(rt.index.similar, case, 3, own_cases_out(case))
-    if rt.case_privacy == "generalised":
-        hits = [generalised_hit(h, n) for n, h in enumerate(hits, 1)]
+    hits = shown_to(hits, rt.case_privacy)
     return {
         "similar": [{"key": h.key, "score": round(h.score, 4), "summary": h.summary} for h in hits]
     }
@@ -376,12 +372,11 @@ def evidence_answer(state: AskState) -> str:
     sentences = list(
         dict.fromkeys(f["statement"] for f in state.get("facts", []) if f.get("evidence"))
     )
+    # when a result was asked for and the record has none, other lines that share a word with the
+    # question (hemoglobin for an A1c, HDL for an LDL) are never offered as the answer
     measured = {"latest_observation", "observation_stats"}
-    if not sentences and any(f.get("tool") in measured for f in state.get("facts", [])):
-        # a result was asked for and the record has none: other lines that share a word with the
-        # question (hemoglobin for an A1c, HDL for an LDL) are never offered as the answer
-        sentences = []
-    elif not sentences:
+    asked_for_a_result = any(f.get("tool") in measured for f in state.get("facts", []))
+    if not sentences and not asked_for_a_result:
         scores = state.get("evidence_scores", {})
         lines = [
             line for ref, line in state.get("evidence", {}).items() if _matches(scores.get(ref, {}))

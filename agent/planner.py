@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from retrieval.clinical import MONTH_NAMES
 from retrieval.terms import TermTable, default_terms
 
 
@@ -92,20 +93,6 @@ _FOLLOW_UP = re.compile(
 )
 
 
-_MONTHS = [
-    "january",
-    "february",
-    "march",
-    "april",
-    "may",
-    "june",
-    "july",
-    "august",
-    "september",
-    "october",
-    "november",
-    "december",
-]
 _MONTH = r"(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*\.?"
 # a date as clinicians write one: 2019-03-17, 2019-03, 2019, March 2019, March 17(th), 2019, 17 March 2019
 _DATE = (
@@ -134,7 +121,7 @@ def _date_interval(text: str) -> tuple[datetime, datetime] | None:
         else:
             parts = re.findall(r"[a-z]+|\d+", text)
             month_word = next(p for p in parts if p.isalpha())
-            month = next(i for i, m in enumerate(_MONTHS, 1) if m.startswith(month_word[:3]))
+            month = next(i for i, m in enumerate(MONTH_NAMES, 1) if m.startswith(month_word[:3]))
             numbers = [int(p) for p in parts if p.isdigit()]
             year = next(n for n in numbers if n > 31)
             days = [n for n in numbers if n <= 31]

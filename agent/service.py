@@ -32,7 +32,7 @@ from connectors.source import FhirSource
 from connectors.store import FhirStore, StoreSource
 from retrieval.cases import Case, CasePrivacy, ChartSections, chart_sections
 from retrieval.encoders import EncoderRegistry
-from retrieval.index import CaseFilter, CaseHit, CaseIndex, CaseIndexError, generalised_hit
+from retrieval.index import CaseFilter, CaseHit, CaseIndex, CaseIndexError, shown_to
 from retrieval.rank import EvidenceRanker, RankedEvidence
 
 
@@ -316,10 +316,10 @@ class ChartSight:
         k: int = 5,
         flt: CaseFilter | None = None,
         source: FhirSource | None = None,
-        privacy: CasePrivacy = "full",
+        case_privacy: CasePrivacy = "full",
     ) -> list[CaseHit]:
-        """Cases most like the patient's (the patient's own left out); ``privacy="generalised"``
-        for a caller bound to this one patient (``retrieval.index.generalised_hit``)."""
+        """Cases most like the patient's (the patient's own left out); ``case_privacy=
+        "generalised"`` for a caller bound to this one patient (``retrieval.index.shown_to``)."""
         index = self._runtime().index
         if index is None and self._index_error is not None:
             raise ConfigurationError(str(self._index_error)) from self._index_error
@@ -327,9 +327,7 @@ class ChartSight:
             raise ConfigurationError("no similar-case index (run `chartsight index build`)")
         case = await self.patient_case(patient, source)
         hits = await asyncio.to_thread(index.similar, case, k, own_cases_out(case, flt))
-        if privacy == "generalised":
-            return [generalised_hit(h, n) for n, h in enumerate(hits, 1)]
-        return hits
+        return shown_to(hits, case_privacy)
 
     def tool_schemas(self) -> list[dict[str, Any]]:
         """The structured tools ``facts`` can run, each as its OpenAI function schema."""

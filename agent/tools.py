@@ -25,6 +25,7 @@ from connectors.record import PatientRecord
 from retrieval.clinical import (
     Measurement,
     Point,
+    aware,
     convert,
     display_name,
     fhir_date,
@@ -330,8 +331,8 @@ def _latest_in_period(
     """The latest result with a value whose date lies in [since, until] ("glucose in 2019",
     "blood pressure on 2019-03-17"), or an honest "none in that period" that says when the
     results there are (the nearest before and after), citing the Patient and those results."""
-    since = since.replace(tzinfo=UTC) if since is not None and since.tzinfo is None else since
-    until = until.replace(tzinfo=UTC) if until is not None and until.tzinfo is None else until
+    since = aware(since) if since is not None else None
+    until = aware(until) if until is not None else None
     period = _period_text(since, until)
     valued = [p for p in found.points if p.has_value and p.when is not None]
     inside = [
@@ -617,16 +618,9 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
         until: datetime | None = None,
     ) -> list[Fact]:
         start = since or (ctx.now - timedelta(days=days) if days else None)
-        end = until or ctx.now
-        if start is not None and start.tzinfo is None:
-            start = start.replace(tzinfo=UTC)
-        if end.tzinfo is None:
-            end = end.replace(tzinfo=UTC)
-        window = (
-            f"from {start.date().isoformat()} to {end.date().isoformat()}"
-            if start
-            else f"up to {end.date().isoformat()}"
-        )
+        start = aware(start) if start is not None else None
+        end = aware(until or ctx.now)
+        window = _period_text(start, end)
         found = find_points(ctx, query)
         # one series per measured concept: a panel's systolic and diastolic are two series
         series: dict[str, list[Point]] = {}
@@ -662,14 +656,20 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
             # an absence rests on the whole record, cited by its Patient
             ref = f"Patient/{ctx.record.patient_id}"
             return [Fact(name, f"{empty}{_cite([ref])}", value=[], evidence=(ref,))]
+        return _item_facts(name, items)
+
+    def _item_facts(
+        name: str, items: list[Evidence], prefix: str = "", **details: Any
+    ) -> list[Fact]:
+        """One fact per evidence line: its text (after ``prefix``), value, date and citation."""
         return [
             Fact(
                 name,
-                item.text,
+                f"{prefix}{item.text}",
                 value=item.text.rsplit(" [", 1)[0],
                 date=item.date,
                 evidence=(item.id,),
-                details={"date_precision": item.precision},
+                details={"date_precision": item.precision, **details},
             )
             for item in items
         ]
@@ -727,17 +727,9 @@ def default_tools(*, plugins: bool = True) -> ToolRegistry:
             f"No {subject} diagnosis is in the record's conditions.",
         )
         if not found:  # an honest "no", and what the record has that is close to it
-            facts += [
-                Fact(
-                    "condition_history",
-                    f"A related condition is recorded: {item.text}",
-                    value=item.text.rsplit(" [", 1)[0],
-                    date=item.date,
-                    evidence=(item.id,),
-                    details={"date_precision": item.precision, "related_to": query},
-                )
-                for item in near
-            ]
+            facts += _item_facts(
+                "condition_history", near, "A related condition is recorded: ", related_to=query
+            )
         return facts
 
     @reg.add(

@@ -188,14 +188,23 @@ class FhirDate:
         return (self.start, self.end)
 
 
-def _aware(value: datetime) -> datetime:
+# month names as written in English text ("March 2019", "17 Mar 2019"); a name's first three
+# letters identify its month
+MONTH_NAMES = (
+    "january", "february", "march", "april", "may", "june",
+    "july", "august", "september", "october", "november", "december",
+)  # fmt: skip
+
+
+def aware(value: datetime) -> datetime:
+    """``value`` with a timezone (UTC when it has none)."""
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def fhir_date(value: Any) -> FhirDate | None:
     """A FHIR date of any precision (``date``, ``datetime`` or a partial string), or None."""
     if isinstance(value, datetime):
-        start = _aware(value)
+        start = aware(value)
         return FhirDate(start, start, "time")
     if isinstance(value, date):
         start = datetime(value.year, value.month, value.day, tzinfo=UTC)

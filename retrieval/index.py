@@ -47,7 +47,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 
 from connectors.errors import ChartSightError
-from retrieval.cases import Case, generalised_summary
+from retrieval.cases import Case, CasePrivacy, generalised_summary
 from retrieval.encoders import EncoderInfo, ImageEncoder, TextEncoder
 from retrieval.settings import FusionSettings, IndexSettings
 
@@ -250,6 +250,14 @@ def generalised_hit(hit: CaseHit, n: int) -> CaseHit:
         summary=generalised_summary(hit.summary),
         age_band=band,
     )
+
+
+def shown_to(hits: list[CaseHit], privacy: CasePrivacy) -> list[CaseHit]:
+    """``hits`` as a caller with ``privacy`` may see them: as they are ("full"), or each
+    ``generalised_hit`` ("generalised", numbered from 1 in rank order)."""
+    if privacy == "generalised":
+        return [generalised_hit(h, n) for n, h in enumerate(hits, 1)]
+    return hits
 
 
 @dataclass(frozen=True)

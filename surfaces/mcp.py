@@ -157,7 +157,7 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         agent, who = access.caller(ctx)
         await access.check(who, "similar_cases", patient)
         try:
-            hits = await agent.similar(patient, max(1, min(k, 50)), privacy=case_privacy(who))
+            hits = await agent.similar(patient, max(1, min(k, 50)), case_privacy=case_privacy(who))
         except ChartSightError as exc:
             raise McpToolError(exc.public) from exc
         await access.audit(who, "similar_cases", "answered", patient)

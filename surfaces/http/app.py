@@ -236,7 +236,7 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
                 patient_id,
                 k,
                 CaseFilter(modality=modality, sex=sex, age_band=age_band),
-                privacy=case_privacy(who),
+                case_privacy=case_privacy(who),
             )
         except ChartSightError as exc:
             raise http_error(exc) from exc

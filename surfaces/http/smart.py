@@ -335,7 +335,9 @@ async def app_similar(
     session = _session(svc, chartsight_session)
     privacy = case_privacy(session.principal(svc.settings.serve.smart.client_id))
     try:
-        hits = await svc.agent.similar(session.patient, 4, source=session.fhir(), privacy=privacy)
+        hits = await svc.agent.similar(
+            session.patient, 4, source=session.fhir(), case_privacy=privacy
+        )
     except ChartSightError as exc:
         raise http_error(exc) from exc
     out = []
