@@ -1,72 +1,131 @@
-"""What every surface returns: an ``Answer`` with its citations, facts and provenance."""
+"""What every surface returns: an ``Answer`` with its citations, facts and provenance.
+
+These pydantic models are the one shape of an answer from the graph's ``finalize`` step to the JSON
+the HTTP API, CDS Hooks, MCP and the CLI print (the API uses ``Answer`` as its response model). The
+graph's state keeps them as they are; the checkpointer stores them (``CHECKPOINT_TYPES``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 
-@dataclass(frozen=True)
-class Citation:
-    """An evidence item the answer cites: its FHIR reference and the line the model saw."""
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class Citation(_Frozen):
+    """An evidence item the answer cites: its FHIR reference (``Observation/…``, a similar case's
+    key, or ``Patient/…`` for an absence, which rests on the whole record) and its evidence line."""
 
     reference: str
     text: str
 
 
-@dataclass(frozen=True)
-class FactUsed:
-    tool: str
+class FactUsed(_Frozen):
+    """A fact a tool computed from the record (``agent.tools.Fact.used`` makes it), as the answer
+    carries it. ``statement`` is one sentence with its evidence cited in brackets; it stands word
+    for word in the answer (it was computed, not written by a model)."""
+
+    tool: str = Field(description="The tool that computed it, e.g. latest_observation.")
     statement: str
-    value: Any
-    unit: str | None
-    date: str | None  # at the record's own precision: "2026", "2026-03" or an ISO date-time
-    evidence: tuple[str, ...]
-    comparator: str | None = None  # "<", "<=", ">=", ">": the value is a bound, not exact
+    value: Any = None
+    unit: str | None = Field(default=None, description="UCUM unit of ``value``, when it has one.")
+    date: str | None = Field(
+        default=None, description="At the record's own precision: 2026, 2026-03 or a date-time."
+    )
+    evidence: tuple[str, ...] = Field(default=(), description="The resources it rests on.")
+    comparator: str | None = Field(
+        default=None, description='"<", "<=", ">=" or ">": the value is a bound, not exact.'
+    )
+    echo: tuple[str, ...] = Field(
+        default=(),
+        description="Words of the question the statement repeats (a period such as 'in the last "
+        "3 years'), which the verifier does not read as claims.",
+    )
 
 
-@dataclass(frozen=True)
-class SimilarCase:
+class SimilarCase(_Frozen):
+    """A similar past case: its key in the case index, cosine similarity and de-identified summary
+    (generalised for a caller bound to one patient: ``retrieval.index.generalised_hit``)."""
+
     key: str
     score: float
     summary: str
 
 
-@dataclass(frozen=True)
-class ImageUsed:
+class ImageUsed(_Frozen):
+    """An image sent to the model, by where it came from (a FHIR reference and DICOM UIDs)."""
+
     reference: str
-    modality: str | None
-    study_uid: str | None
-    series_uid: str | None
-    sop_instance_uid: str | None
+    modality: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    sop_instance_uid: str | None = None
 
 
-@dataclass
-class Answer:
-    """A grounded answer to one question about one patient."""
+class SentenceCheck(_Frozen):
+    """The verifier's finding on one sentence of a draft (``agent.grounding.verify``)."""
+
+    text: str
+    citations: tuple[str, ...] = ()
+    supported: bool
+    problems: tuple[str, ...] = ()
+
+
+class ToolCallMade(_Frozen):
+    """One tool call made for a question: by the rule planner or by the model."""
+
+    tool: str
+    args: dict[str, Any] | str = Field(
+        default_factory=dict,
+        description="The arguments; a model's text as it wrote it when that was not a JSON object.",
+    )
+    by: Literal["rules", "model"]
+    error: bool = False
+
+
+class Answer(BaseModel):
+    """A grounded answer to one question about one patient: every sentence of ``text`` cites the
+    patient's own resources (or a similar case) listed in ``citations``; ``abstained`` when the
+    record does not answer it. ``latency_ms`` maps each graph step to its time in milliseconds."""
 
     question: str
     patient_id: str
     text: str
-    citations: list[Citation] = field(default_factory=list)
-    facts: list[FactUsed] = field(default_factory=list)
-    similar_cases: list[SimilarCase] = field(default_factory=list)
-    images: list[ImageUsed] = field(default_factory=list)
-    model: str = ""
+    citations: list[Citation] = Field(default_factory=list)
+    facts: list[FactUsed] = Field(default_factory=list)
+    similar_cases: list[SimilarCase] = Field(default_factory=list)
+    images: list[ImageUsed] = Field(default_factory=list)
+    model: str = Field(default="", description="The backend that wrote it, e.g. 'evidence'.")
     prompt_version: str = ""
-    supported_fraction: float = 1.0
+    supported_fraction: float = Field(
+        default=1.0, description="Share of the shown sentences the verifier found supported."
+    )
     abstained: bool = False
     fallback_used: bool = False
-    warnings: list[str] = field(default_factory=list)
-    rejected: list[dict[str, Any]] = field(default_factory=list)
-    latency_ms: dict[str, float] = field(default_factory=dict)
-    # every tool call made: {"tool", "args", "by": "rules" | "model", "error"}
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+    rejected: list[SentenceCheck] = Field(
+        default_factory=list, description="The model's sentences removed as unsupported."
+    )
+    latency_ms: dict[str, float] = Field(default_factory=dict)
+    tool_calls: list[ToolCallMade] = Field(default_factory=list)
     thread_id: str | None = None
-    created_at: str = field(
+    created_at: str = Field(
         default_factory=lambda: datetime.now().astimezone().isoformat(timespec="seconds")
     )
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+# the types the graph's state holds; the checkpointer may rebuild only these (and plain values)
+CHECKPOINT_TYPES: tuple[type[BaseModel], ...] = (
+    Answer,
+    Citation,
+    FactUsed,
+    SimilarCase,
+    ImageUsed,
+    SentenceCheck,
+    ToolCallMade,
+)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+from agent.answer import FactUsed, SentenceCheck
 from connectors.resources import is_resource_type
 from retrieval.clinical import MONTH_NAMES
 from retrieval.terms import Term, default_terms
@@ -36,16 +36,6 @@ _NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:[.,]\d+)?(?![\w])")
 # an abbreviation: two or more capitals, digits allowed (HIV, COPD, HbA1c, eGFR, CT)
 _ABBREVIATION = re.compile(r"\b(?=(?:[a-z0-9]*[A-Z]){2})[A-Za-z][A-Za-z0-9]{1,7}\b")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\[(\"'])|\n+")
-
-
-@dataclass(frozen=True)
-class SentenceCheck:
-    """One sentence of an answer and what the verifier found."""
-
-    text: str
-    citations: tuple[str, ...]
-    supported: bool
-    problems: tuple[str, ...] = ()
 
 
 @dataclass
@@ -172,7 +162,9 @@ def check_sentence(sentence: str, evidence: Mapping[str, str]) -> SentenceCheck:
     if not known:
         if not cited:
             problems.append("cites no evidence")
-        return SentenceCheck(sentence, cited, False, tuple(problems))
+        return SentenceCheck(
+            text=sentence, citations=cited, supported=False, problems=tuple(problems)
+        )
     # each distinct piece once: a fact citing a thousand results is under each of their ids, and
     # joining it a thousand times made one mean over 1,078 glucose results take 7 s and 550 MB
     support = " ".join(dict.fromkeys(p for c in known for p in evidence[c].split("\n")))
@@ -199,7 +191,9 @@ def check_sentence(sentence: str, evidence: Mapping[str, str]) -> SentenceCheck:
             )
             if named.upper() not in {t.upper() for t in _abbreviations(rest)}:  # said once
                 problems.append(f"{named!r} is not in the cited evidence")
-    return SentenceCheck(sentence, cited, not problems, tuple(problems))
+    return SentenceCheck(
+        text=sentence, citations=cited, supported=not problems, problems=tuple(problems)
+    )
 
 
 def _abbreviations(text: str) -> list[str]:
@@ -232,7 +226,7 @@ def verify(answer: str, evidence: Mapping[str, str], trusted: Iterable[str] = ()
         if not check.supported and _normal(sentence) in verbatim and check.citations:
             known = all(c in evidence for c in check.citations)
             if known:
-                check = SentenceCheck(sentence, check.citations, True)
+                check = SentenceCheck(text=sentence, citations=check.citations, supported=True)
         checks.append(check)
     return Verification(checks)
 
@@ -241,20 +235,19 @@ def _normal(text: str) -> str:
     return " ".join(text.split()).rstrip(".")
 
 
-def evidence_map(
-    items: Mapping[str, str],
-    facts: Sequence[tuple[Any, ...]],
-) -> dict[str, str]:
+def evidence_map(items: Mapping[str, str], facts: Sequence[FactUsed]) -> dict[str, str]:
     """Evidence text by id: the evidence lines, plus each fact's statement under every id it cites
     (a computed age or mean is then supported by the Patient or Observations it rests on). What a
-    fact only echoes from its call (a time window, a date asked about: third element) is left out,
-    so that a model cannot make a date "evidence" by asking a tool about it. A text holds its line
-    and each statement as separate lines ("\n"-joined), so a reader can take each piece once."""
+    fact only echoes from its call (``FactUsed.echo``: a time window, a date asked about) is left
+    out, so that a model cannot make a date "evidence" by asking a tool about it. A text holds its
+    line and each statement as separate lines ("\n"-joined), so a reader can take each piece once."""
     out = dict(items)
     for fact in facts:
-        statement, refs = fact[0], fact[1]
-        for echoed in fact[2] if len(fact) > 2 else ():
+        statement = fact.statement
+        for echoed in fact.echo:
             statement = statement.replace(echoed, " ")
-        for ref in refs:  # pieces on lines of their own (``check_sentence`` reads each once)
+        for (
+            ref
+        ) in fact.evidence:  # pieces on lines of their own (``check_sentence`` reads each once)
             out[ref] = "\n".join(p for p in (out.get(ref, ""), statement.strip()) if p)
     return out

@@ -1,13 +1,23 @@
 """The rule-based planner: which tools a question needs, read from its words. It always works,
-with or without a model; a tool-calling model may add calls of its own."""
+with or without a model; a tool-calling model may add calls of its own.
+
+``plan`` holds the built-in rules. A ``Planner`` adds the extensible ones: a tool that declares the
+questions it answers (``agent.tools.Tool.questions``) is called when one matches, and installed
+packages add rules through the ``chartsight.planner_rules`` entry point group (``register(registry)``
+calling ``registry.add(name, rule)`` with ``rule(question, plan) -> None``, which may add calls to
+the plan; see ``connectors.plugins``).
+"""
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from connectors.plugins import PluginError, Registry
 from retrieval.clinical import MONTH_NAMES
 from retrieval.terms import TermTable, default_terms
 
@@ -23,11 +33,15 @@ class PlannedCall:
 
 @dataclass
 class Plan:
+    """The calls a question needs (each once, in order), and whether it wants the patient's images
+    or similar cases."""
+
     calls: list[PlannedCall] = field(default_factory=list)
     similar_cases: bool = False
     images: bool = False
 
     def add(self, tool: str, **args: Any) -> None:
+        """Add a call of ``tool`` with ``args`` (JSON values), unless the same call is planned."""
         call = PlannedCall(tool, args)
         if call not in self.calls:
             self.calls.append(call)
@@ -287,3 +301,69 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
     if _has(q, "similar", "like this", "comparable", "other patients"):
         out.similar_cases = True
     return out
+
+
+log = logging.getLogger(__name__)
+
+PlannerRule = Callable[[str, Plan], None]
+"""A rule: given the question and the plan so far, add the calls it needs (``plan.add``)."""
+
+
+class PlannerRules(Registry[PlannerRule]):
+    """Planner rules by name (``chartsight.planner_rules`` plug-ins), run after the built-in ones
+    in registration order."""
+
+    kind = "planner rule"
+    group = "chartsight.planner_rules"
+
+    def check(self, name: str, item: PlannerRule) -> None:
+        """A rule is a callable ``(question, plan) -> None``."""
+        super().check(name, item)
+        if not callable(item):
+            raise PluginError(f"planner rule {name!r} must be callable, not {item!r}")
+
+
+def question_rule(tool: str, patterns: Iterable[str]) -> PlannerRule:
+    """A rule calling ``tool`` when the question matches one of ``patterns`` (regular expressions,
+    case-insensitive), with the match's named groups (stripped, lower-cased) as arguments."""
+    compiled = [re.compile(p, re.IGNORECASE) for p in patterns]
+
+    def rule(question: str, out: Plan) -> None:
+        for pattern in compiled:
+            m = pattern.search(question)
+            if m is not None:
+                args = {k: v.strip().lower() for k, v in m.groupdict().items() if v and v.strip()}
+                out.add(tool, **args)
+                return
+
+    return rule
+
+
+@dataclass
+class Planner:
+    """The built-in rules (``plan``) and the registered ones."""
+
+    terms: TermTable = field(default_factory=default_terms)
+    rules: PlannerRules = field(default_factory=PlannerRules)
+
+    def plan(self, question: str) -> Plan:
+        """The calls for ``question``. A rule that raises is logged and left out."""
+        out = plan(question, self.terms)
+        for name, rule in self.rules.items.items():
+            try:
+                rule(question, out)
+            except Exception as exc:  # a plug-in's defect must not lose the built-in plan
+                log.warning("planner rule %s failed: %s", name, exc)
+        return out
+
+
+def default_planner(tools: Iterable[Any] = (), *, plugins: bool = True) -> Planner:
+    """A planner whose rules are the ``questions`` the given tools declare (``Tool`` objects), then
+    (``plugins``) the installed planner rules."""
+    rules = PlannerRules()
+    for t in tools:
+        if getattr(t, "questions", ()):
+            rules.add(f"tool:{t.name}", question_rule(t.name, t.questions))
+    if plugins:
+        rules.load_entry_points()
+    return Planner(default_terms(), rules)

@@ -15,11 +15,13 @@ from typing import Any
 
 from pydantic import SecretStr, ValidationError
 
-from agent.answer import Answer
+from agent.answer import CHECKPOINT_TYPES, Answer
 from agent.backends import create_backend
+from agent.backends.evidence import EvidenceBackend
 from agent.cache import RecentCache
 from agent.graph import build_graph
-from agent.nodes import AgentRuntime, own_cases_out
+from agent.planner import default_planner
+from agent.runtime import AgentRuntime, own_cases_out
 from agent.settings import Settings
 from agent.tools import Fact, ToolError, default_tools
 from connectors.dicomweb import DicomWebClient
@@ -36,6 +38,17 @@ from retrieval.index import CaseFilter, CaseHit, CaseIndex, CaseIndexError, show
 from retrieval.rank import EvidenceRanker, RankedEvidence
 
 
+def _serde() -> Any:
+    """The checkpointer's serializer: it rebuilds only plain values and the answer's own models
+    (``agent.answer.CHECKPOINT_TYPES``), so a tampered checkpoint database cannot make it
+    construct anything else."""
+    from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+
+    return JsonPlusSerializer(
+        allowed_msgpack_modules=[(c.__module__, c.__name__) for c in CHECKPOINT_TYPES]
+    )
+
+
 async def _checkpointer(url: str, stack: contextlib.AsyncExitStack) -> Any:
     """A LangGraph checkpointer for a SQLite path or a PostgreSQL URL."""
     if url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
@@ -47,13 +60,16 @@ async def _checkpointer(url: str, stack: contextlib.AsyncExitStack) -> Any:
                 "a PostgreSQL checkpointer needs `pip install langgraph-checkpoint-postgres`"
             ) from exc
         saver = await stack.enter_async_context(AsyncPostgresSaver.from_conn_string(url))
+        saver.serde = _serde()
         await saver.setup()
         return saver
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
     path = url.removeprefix("sqlite:///")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return await stack.enter_async_context(AsyncSqliteSaver.from_conn_string(path))
+    sqlite = await stack.enter_async_context(AsyncSqliteSaver.from_conn_string(path))
+    sqlite.serde = _serde()
+    return sqlite
 
 
 def source_for(settings: Settings) -> FhirSource:
@@ -136,9 +152,8 @@ class ChartSight:
         source = self._source or source_for(s)
         if self._source is None:
             self._stack.push_async_callback(source.aclose)
-        backend = create_backend(s.model) if self.answering else None
-        if backend is not None:
-            self._stack.push_async_callback(backend.aclose)
+        backend = create_backend(s.model) if self.answering else EvidenceBackend()
+        self._stack.push_async_callback(backend.aclose)
         dicomweb = DicomWebClient.from_settings(s.dicomweb)
         if dicomweb is not None:
             self._stack.push_async_callback(dicomweb.aclose)
@@ -153,10 +168,12 @@ class ChartSight:
             except CaseIndexError as exc:
                 index = None  # reported when similar cases are asked for
                 self._index_error = exc
+        tools = default_tools()
         self.runtime = AgentRuntime(
             settings=s,
             source=source,
-            tools=default_tools(),
+            tools=tools,
+            planner=default_planner(tools.tools.values()),
             ranker=EvidenceRanker(s.retrieval.rank, encoders.text() if self.dense else None),
             backend=backend,
             index=index,
@@ -200,9 +217,7 @@ class ChartSight:
         start = {"question": question, "patient_key": patient, "warnings": None, "timings": None}
         if thread_id is None and not keep:
             state = await self.one_shot.ainvoke(start, {"configurable": {"runtime": rt}})
-            answer = self._answer(state, "")
-            answer.thread_id = None
-            return answer
+            return self._answer(state, None)
         thread = thread_id or uuid.uuid4().hex
         config = {"configurable": {"thread_id": thread, "runtime": rt}}
         state = await self.graph.ainvoke(start, config)
@@ -342,7 +357,7 @@ class ChartSight:
     def model_name(self) -> str:
         """The model backend answering questions (``evidence``: the embedded evidence answer)."""
         rt = self.runtime
-        return rt.backend.name if rt is not None and rt.backend is not None else "evidence"
+        return rt.backend.name if rt is not None else "evidence"
 
     @property
     def cases_indexed(self) -> int:
@@ -357,36 +372,15 @@ class ChartSight:
             return None
         return rt.index.thumbnail(case_key)
 
-    def _answer(self, state: dict[str, Any], thread: str) -> Answer:
-        data = state["answer"]
-        answer = Answer(**{k: v for k, v in data.items() if k not in _NESTED})
-        answer.citations = [_nested("citations", c) for c in data["citations"]]
-        answer.facts = [_nested("facts", f) for f in data["facts"]]
-        answer.similar_cases = [_nested("similar_cases", c) for c in data["similar_cases"]]
-        answer.images = [_nested("images", i) for i in data["images"]]
-        answer.thread_id = thread
-        answer.latency_ms = dict(state.get("timings", {}))  # finalize's own time included
-        return answer
+    def _answer(self, state: dict[str, Any], thread: str | None) -> Answer:
+        answer: Answer = state["answer"]
+        # finalize's own time included
+        return answer.model_copy(
+            update={"thread_id": thread, "latency_ms": dict(state.get("timings", {}))}
+        )
 
     async def history(self, thread_id: str) -> list[dict[str, str]]:
         """The questions and answers of a thread so far."""
         assert self.graph is not None, "use `async with ChartSight(...)` (answering=True)"
         snapshot = await self.graph.aget_state({"configurable": {"thread_id": thread_id}})
         return list(snapshot.values.get("history", [])) if snapshot else []
-
-
-_NESTED = ("citations", "facts", "similar_cases", "images")
-
-
-def _nested(kind: str, value: dict[str, Any]) -> Any:
-    from agent import answer as a
-
-    cls = {
-        "citations": a.Citation,
-        "facts": a.FactUsed,
-        "similar_cases": a.SimilarCase,
-        "images": a.ImageUsed,
-    }[kind]
-    if kind == "facts":
-        value = {**value, "evidence": tuple(value["evidence"])}
-    return cls(**value)

@@ -1,4 +1,5 @@
-"""The graph's state: plain, JSON-friendly values, so a checkpointer can store every step.
+"""The graph's state: plain JSON values and the answer's own pydantic models (``agent.answer``),
+which the checkpointer stores and may rebuild (``agent.answer.CHECKPOINT_TYPES``, an allow-list).
 
 The patient's record itself is not in the state (it is large and re-fetchable); nodes read it from
 the runtime's cache by patient id.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import operator
 from typing import Annotated, Any, TypedDict
+
+from agent.answer import Answer, FactUsed, ImageUsed, SentenceCheck, SimilarCase, ToolCallMade
 
 
 def _merge(left: dict[str, Any] | None, right: dict[str, Any] | None) -> dict[str, Any]:
@@ -31,23 +34,23 @@ class AskState(TypedDict, total=False):
     plan: list[dict[str, Any]]  # tool calls: {"tool": ..., "args": {...}}
     want_images: bool
     want_similar: bool
-    facts: list[dict[str, Any]]  # Fact as a dict
+    facts: list[FactUsed]
     evidence: dict[str, str]  # id → the line the model sees (ranked order)
     all_lines: dict[str, str]  # every evidence line of the record, for citations of facts
-    similar: list[dict[str, Any]]
-    images: list[dict[str, Any]]  # provenance of the images sent
+    similar: list[SimilarCase]
+    images: list[ImageUsed]  # provenance of the images sent
     draft: str
     model: str
-    checked: list[dict[str, Any]]  # sentence checks of the latest draft
+    checked: list[SentenceCheck]  # sentence checks of the latest draft
     attempts: int
     fallback: bool
     warnings: Annotated[list[str], _collect]
     timings: Annotated[dict[str, float], _merge]
     evidence_scores: dict[str, dict[str, float]]
-    answer: dict[str, Any]
+    answer: Answer
     # the model's tool loop (agent/tool_planner.py), when the model calls tools
     transcript: list[dict[str, Any]]  # OpenAI wire-format messages of the loop
     tool_steps: int
     pending_calls: list[dict[str, Any]]
-    model_facts: list[dict[str, Any]]  # facts from the model's tool calls
-    tool_log: Annotated[list[dict[str, Any]], _collect]  # every tool call, by rules or model
+    model_facts: list[FactUsed]  # facts from the model's tool calls
+    tool_log: Annotated[list[ToolCallMade], _collect]  # every tool call, by rules or model

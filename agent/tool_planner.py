@@ -19,8 +19,10 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.prebuilt import ToolNode
 
 import prompts
+from agent.answer import ToolCallMade
 from agent.backends import BackendError, tool_calling
-from agent.nodes import GATHER_NODES, AgentRuntime, record_of, runtime, timed
+from agent.nodes import GATHER_NODES, record_of, timed
+from agent.runtime import AgentRuntime, runtime
 from agent.state import AskState
 from agent.tools import langchain_tools
 
@@ -149,12 +151,12 @@ async def act(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
             {"role": "tool", "tool_call_id": call["id"], "content": answered.get(call["id"], "")}
         )
         log_entries.append(
-            {
-                "tool": call["name"],
-                "args": parsed.get(call["id"], call["arguments"]),
-                "by": "model",
-                "error": call["id"] in failed,
-            }
+            ToolCallMade(
+                tool=call["name"],
+                args=parsed.get(call["id"], call["arguments"]),
+                by="model",
+                error=call["id"] in failed,
+            )
         )
     rt.emit("tool_results", count=len(facts))
     return {

@@ -545,7 +545,7 @@ ModelNameOpt = Annotated[str | None, typer.Option("--model-name", help="Model na
 
 def _print_answer(answer: Answer, as_json: bool) -> None:
     if as_json:
-        console.print_json(json.dumps(answer.to_dict(), default=str))
+        console.print_json(answer.model_dump_json())
     else:
         render_answer(console, answer)
 

@@ -138,7 +138,7 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         except ChartSightError as exc:
             raise McpToolError(exc.public) from exc
         await access.audit(who, "patient_facts", "answered", patient)
-        return [f.to_dict() for f in facts]
+        return [f.used().model_dump(mode="json") for f in facts]
 
     @server.tool(
         structured_output=True,
@@ -184,7 +184,7 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
             )
         except ChartSightError as exc:
             raise McpToolError(exc.public) from exc
-        data = answer.to_dict()
+        data = answer.model_dump(mode="json")
         await access.audit(who, "ask", "answered", patient, question, answer=data)
         return data
 

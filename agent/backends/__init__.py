@@ -1,24 +1,29 @@
 """Model backends behind one interface, found by name in a registry.
 
-Built in: ``evidence`` (the embedded default: a templated answer from facts and evidence, no model),
-``openai`` (any OpenAI-compatible Chat Completions server) and ``llama-cpp`` (a GGUF file
-in-process). Installed packages add backends
-through the ``chartsight.backends`` entry point group: the entry point's name is the backend's, its
-value a factory ``(BackendSettings) -> Backend``.
+Built in: ``evidence`` (the embedded default: a cited answer composed from the facts and evidence,
+no model; ``agent.backends.evidence``), ``openai`` (any OpenAI-compatible Chat Completions server),
+``llama-cpp`` (a GGUF file in-process) and ``transformers`` (a Hugging Face model in-process). Every
+backend gets the prompt (``messages``) and the ``Grounds`` it was written from; a model writes from
+the first, the evidence backend composes from the second. Installed packages add or replace
+backends through the ``chartsight.backends`` entry point group (``register(registry)`` calling
+``registry.add(name, factory)`` with a factory ``(BackendSettings) -> Backend``; see
+``connectors.plugins``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field, SecretStr
 
+from agent.answer import FactUsed, SimilarCase
 from connectors.errors import ChartSightError, ConfigurationError
 from connectors.images import PatientImage
+from connectors.plugins import PluginError, Registry
 from connectors.settings import HttpSettings
 
 log = logging.getLogger(__name__)
@@ -73,6 +78,8 @@ class BackendSettings(BaseModel):
 
 @dataclass(frozen=True)
 class Message:
+    """One chat message; ``images`` travel with a user message to a vision-language model."""
+
     role: Literal["system", "user", "assistant"]
     content: str
     images: tuple[PatientImage, ...] = ()
@@ -80,6 +87,8 @@ class Message:
 
 @dataclass(frozen=True)
 class Generation:
+    """A backend's reply: its text, the model that wrote it, and token usage when it reports it."""
+
     text: str
     model: str
     usage: dict[str, Any] = field(default_factory=dict)
@@ -103,14 +112,32 @@ class ToolTurn:
     model: str
 
 
+@dataclass(frozen=True)
+class Grounds:
+    """What an answer is written from (the graph's state for one question): the tools' facts, the
+    ranked evidence lines by id with their scores (``{"score", "lexical", "dense", "code", ...}``),
+    and the similar cases."""
+
+    facts: tuple[FactUsed, ...] = ()
+    evidence: dict[str, str] = field(default_factory=dict)
+    evidence_scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    similar: tuple[SimilarCase, ...] = ()
+
+
 class Backend(Protocol):
+    """A model backend. ``generate`` returns the reply to ``messages`` (the prompt built from
+    ``grounds``); raises ``BackendError`` when the model cannot be reached or gives no usable
+    answer (the graph then falls back to the evidence backend and says so)."""
+
     name: str
 
-    async def generate(self, messages: list[Message]) -> Generation:
+    async def generate(self, messages: list[Message], grounds: Grounds | None = None) -> Generation:
         """The model's reply to the conversation."""
         ...
 
-    async def aclose(self) -> None: ...
+    async def aclose(self) -> None:
+        """Release the model (connections, weights)."""
+        ...
 
 
 @runtime_checkable
@@ -133,31 +160,87 @@ def tool_calling(backend: Backend | None) -> ToolCallingBackend | None:
     return None
 
 
+class InProcessBackend:
+    """A model run in this process (llama.cpp, transformers): subclasses implement the blocking
+    ``_complete(messages) -> Generation``, which runs off the event loop; its ``RuntimeError`` or
+    ``ValueError`` becomes a ``BackendError`` naming the backend."""
+
+    name: str
+
+    def _complete(self, messages: list[Message]) -> Generation:
+        raise NotImplementedError
+
+    async def generate(self, messages: list[Message], grounds: Grounds | None = None) -> Generation:
+        """The model's reply to ``messages`` (``grounds`` are in the prompt already)."""
+        try:
+            return await asyncio.to_thread(self._complete, messages)
+        except (RuntimeError, ValueError) as exc:
+            raise BackendError(f"{self.name}: {exc}") from exc
+
+
 Factory = Callable[[BackendSettings], Backend]
 
 
-def _builtin() -> dict[str, Factory]:
-    from agent.backends.llamacpp import LlamaCppBackend
+def _evidence(settings: BackendSettings) -> Backend:
+    from agent.backends.evidence import EvidenceBackend
+
+    return EvidenceBackend()
+
+
+def _openai(settings: BackendSettings) -> Backend:
     from agent.backends.openai import OpenAIBackend
+
+    return OpenAIBackend(settings)
+
+
+def _llama_cpp(settings: BackendSettings) -> Backend:
+    from agent.backends.llamacpp import LlamaCppBackend
+
+    return LlamaCppBackend(settings)
+
+
+def _transformers(settings: BackendSettings) -> Backend:
     from agent.backends.transformers import TransformersBackend
 
-    return {
-        "openai": OpenAIBackend,
-        "llama-cpp": LlamaCppBackend,
-        "transformers": TransformersBackend,
-    }
+    return TransformersBackend(settings)
 
 
-def create_backend(settings: BackendSettings) -> Backend | None:
-    """The configured model backend; None for the embedded evidence answer."""
-    if settings.name == "evidence":
-        return None
-    factories: dict[str, Factory] = _builtin()
-    for ep in entry_points(group="chartsight.backends"):
-        factories.setdefault(ep.name, ep.load())
-    factory = factories.get(settings.name)
+class BackendRegistry(Registry[Factory]):
+    """Backend factories by name (``chartsight.backends`` plug-ins); each module is imported only
+    when its backend is created."""
+
+    kind = "model backend"
+    group = "chartsight.backends"
+
+    def check(self, name: str, item: Factory) -> None:
+        """A backend is registered as a factory ``(BackendSettings) -> Backend``."""
+        super().check(name, item)
+        if not callable(item):
+            raise PluginError(f"model backend {name!r} must be a factory, not {item!r}")
+
+
+def default_backends(*, plugins: bool = True) -> BackendRegistry:
+    """The built-in backends, then (``plugins``) the installed ones."""
+    reg = BackendRegistry()
+    for name, factory in (
+        ("evidence", _evidence),
+        ("openai", _openai),
+        ("llama-cpp", _llama_cpp),
+        ("transformers", _transformers),
+    ):
+        reg.add(name, factory)
+    if plugins:
+        reg.load_entry_points()
+    return reg
+
+
+def create_backend(settings: BackendSettings, registry: BackendRegistry | None = None) -> Backend:
+    """The configured model backend. Raises ``ConfigurationError`` for an unknown name (naming
+    the known ones)."""
+    registry = registry or default_backends()
+    factory = registry.get(settings.name)
     if factory is None:
         raise ConfigurationError(
-            f"unknown model backend {settings.name!r}; known: evidence, {', '.join(sorted(factories))}"
+            f"unknown model backend {settings.name!r}; known: {', '.join(registry.names())}"
         )
     return factory(settings)

@@ -7,17 +7,16 @@ passed to the model through llama.cpp's LLaVA-style chat handler.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import threading
 from pathlib import Path
 from typing import Any
 
-from agent.backends import BackendError, BackendSettings, Generation, Message
+from agent.backends import BackendError, BackendSettings, Generation, InProcessBackend, Message
 from connectors.errors import ConfigurationError
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(InProcessBackend):
     """A local GGUF model; generation runs in a worker thread, one request at a time."""
 
     def __init__(self, settings: BackendSettings) -> None:
@@ -73,12 +72,6 @@ class LlamaCppBackend:
         except (KeyError, IndexError, TypeError) as exc:
             raise BackendError(f"{self.name} gave no chat completion") from exc
         return Generation(text=text.strip(), model=self.name, usage=dict(reply.get("usage") or {}))  # type: ignore[union-attr]
-
-    async def generate(self, messages: list[Message]) -> Generation:
-        try:
-            return await asyncio.to_thread(self._complete, messages)
-        except (RuntimeError, ValueError) as exc:
-            raise BackendError(f"{self.name}: {exc}") from exc
 
     async def aclose(self) -> None:
         close = getattr(self.llm, "close", None)

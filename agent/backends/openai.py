@@ -14,6 +14,7 @@ from agent.backends import (
     BackendError,
     BackendSettings,
     Generation,
+    Grounds,
     Message,
     ToolCall,
     ToolTurn,
@@ -82,7 +83,7 @@ class OpenAIBackend:
             ) from exc
         return reply, message
 
-    async def generate(self, messages: list[Message]) -> Generation:
+    async def generate(self, messages: list[Message], grounds: Grounds | None = None) -> Generation:
         reply, message = await self._complete(self._body(self._wire(messages), stream=False))
         return Generation(
             text=(message.get("content") or "").strip(),

@@ -8,15 +8,14 @@ is a Hub id (with network access) or a local folder. GPU and bf16 when present.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from typing import Any
 
-from agent.backends import BackendError, BackendSettings, Generation, Message
+from agent.backends import BackendSettings, Generation, InProcessBackend, Message
 from connectors.errors import ConfigurationError
 
 
-class TransformersBackend:
+class TransformersBackend(InProcessBackend):
     """A local Hugging Face model; one generation at a time, in a worker thread."""
 
     def __init__(self, settings: BackendSettings) -> None:
@@ -100,12 +99,6 @@ class TransformersBackend:
         return Generation(
             text=text.strip(), model=self.name, usage={"completion_tokens": int(new.shape[0])}
         )
-
-    async def generate(self, messages: list[Message]) -> Generation:
-        try:
-            return await asyncio.to_thread(self._complete, messages)
-        except (RuntimeError, ValueError) as exc:
-            raise BackendError(f"{self.name}: {exc}") from exc
 
     async def aclose(self) -> None:
         return None

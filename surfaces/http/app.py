@@ -35,7 +35,7 @@ from surfaces.http.deps import (
     run_unless_disconnected,
 )
 from surfaces.http.middleware import AccessLog, BodyLimit
-from surfaces.http.schemas import AnswerOut, AskRequest, CaseHitOut, Problem
+from surfaces.http.schemas import AskRequest, CaseHitOut, Problem
 from surfaces.http.security import case_privacy
 from surfaces.http.smart import router as smart_router
 from surfaces.mcp import mcp_lifespan, mount_mcp
@@ -121,7 +121,7 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
 
     @app.post(
         "/v1/ask",
-        response_model=AnswerOut,
+        response_model=Answer,
         tags=["ask"],
         summary="A grounded answer to a question about one patient.",
         responses={
@@ -166,17 +166,15 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
                 who, "ask", "cancelled", patient_id=body.patient, question=body.question
             )
             return JSONResponse({"detail": "client disconnected"}, 499)
-        data = answer.to_dict()
-        data["thread_id"] = body.thread
         await svc.audit.arecord(
             who,
             "ask",
             "abstained" if answer.abstained else "answered",
             patient_id=answer.patient_id,
             question=body.question,
-            answer=data,
+            answer=answer.model_dump(mode="json"),
         )
-        return data
+        return answer
 
     @app.post(
         "/v1/ask/stream",
@@ -188,7 +186,7 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
                 "content": {"text/event-stream": {}},
                 "description": "Events `node_started`, `node_finished`, `plan`, `facts`, "
                 "`evidence`, `tool_calls`, `token`, `verified`, `fallback`, ...; then `answer` "
-                "(the AnswerOut JSON) or `error`.",
+                "(the Answer JSON) or `error`.",
             }
         },
     )

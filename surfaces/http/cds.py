@@ -25,7 +25,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError
 
-from agent import ChartSightError, PrefetchSource, ehr_source
+from agent import Answer, ChartSightError, PrefetchSource, ehr_source
 from agent.grounding import citations, split_sentences, uncited
 from surfaces.http.deps import Caller, Service, Svc, allowed
 from surfaces.http.security import case_privacy, listed_fhir_base
@@ -173,12 +173,11 @@ async def patient_view(request: Request, who: Caller, svc: Svc) -> CardsResponse
         raise HTTPException(502, f"the patient's record could not be read: {exc.public}") from exc
     finally:
         await source.aclose()
-    data = answer.to_dict()
     await svc.audit.arecord(
         who, "cds-patient-view", "abstained" if answer.abstained else "answered",
-        patient_id=pid, question=question, answer=data,
+        patient_id=pid, question=question, answer=answer.model_dump(mode="json"),
     )  # fmt: skip
-    return CardsResponse(cards=[_answer_card(svc, pid, data)])
+    return CardsResponse(cards=[_answer_card(svc, pid, answer)])
 
 
 def _first_error(exc: Exception) -> str:
@@ -233,17 +232,15 @@ def _app_link(svc: Service, pid: str) -> list[Link]:
     ]
 
 
-def _answer_card(svc: Service, pid: str, data: dict[str, Any]) -> Card:
-    text = data["text"]
+def _answer_card(svc: Service, pid: str, answer: Answer) -> Card:
+    text = answer.text
     first = text.split(". ")[0]
     summary = ("ChartSight: " + _uncite(first))[:139]
     lines = [f"- {_markdown_text(_uncite(s))} {_refs(s)}" for s in _sentences(text)]
-    cites = "\n".join(
-        f"- `{c['reference']}`: {_markdown_text(c['text'])}" for c in data["citations"][:20]
-    )
+    cites = "\n".join(f"- `{c.reference}`: {_markdown_text(c.text)}" for c in answer.citations[:20])
     detail = "\n".join(lines) + ("\n\n**Evidence**\n\n" + cites if cites else "")
-    if data.get("warnings"):
-        detail += "\n\n_" + _markdown_text("; ".join(data["warnings"][:3])) + "_"
+    if answer.warnings:
+        detail += "\n\n_" + _markdown_text("; ".join(answer.warnings[:3])) + "_"
     return Card(
         uuid=str(uuid.uuid4()),
         summary=summary if len(summary) <= 140 else summary[:137] + "…",

@@ -193,8 +193,7 @@ def answer_stream(
             )  # fmt: skip
             queue.put_nowait(("error", {"status": err.status_code, "detail": err.detail}))
             return
-        data = answer.to_dict()
-        data["thread_id"] = thread
+        data = answer.model_dump(mode="json")
         await svc.audit.arecord(
             who, endpoint, "abstained" if answer.abstained else "answered",
             patient_id=answer.patient_id, question=question, answer=data,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, Field
 
 
@@ -16,62 +14,6 @@ class AskRequest(BaseModel):
         pattern=r"^[A-Za-z0-9._:-]+$",
         description="Continue this conversation thread (yours, about this patient).",
     )
-
-
-class CitationOut(BaseModel):
-    reference: str
-    text: str
-
-
-class FactOut(BaseModel):
-    tool: str
-    statement: str
-    value: Any = None
-    unit: str | None = None
-    date: str | None = Field(
-        default=None, description="At the record's own precision: 2026, 2026-03 or a date-time."
-    )
-    evidence: list[str]
-    comparator: str | None = Field(
-        default=None, description='"<", "<=", ">=" or ">": the value is a bound, not exact.'
-    )
-
-
-class SimilarCaseOut(BaseModel):
-    key: str
-    score: float
-    summary: str
-
-
-class ImageOut(BaseModel):
-    reference: str
-    modality: str | None = None
-    study_uid: str | None = None
-    series_uid: str | None = None
-    sop_instance_uid: str | None = None
-
-
-class AnswerOut(BaseModel):
-    """A grounded answer: every sentence cites the patient's own resources."""
-
-    question: str
-    patient_id: str
-    text: str
-    citations: list[CitationOut]
-    facts: list[FactOut]
-    similar_cases: list[SimilarCaseOut]
-    images: list[ImageOut]
-    model: str
-    prompt_version: str
-    supported_fraction: float
-    abstained: bool
-    fallback_used: bool
-    warnings: list[str]
-    rejected: list[dict[str, Any]]
-    latency_ms: dict[str, float]
-    tool_calls: list[dict[str, Any]]
-    thread_id: str | None
-    created_at: str
 
 
 class CaseHitOut(BaseModel):

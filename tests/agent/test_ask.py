@@ -232,7 +232,7 @@ def test_a_real_model_server_is_verified_and_falls_back(settings: Settings, llam
     )
     assert answer.rejected or answer.supported_fraction == 1.0
     if answer.rejected:
-        assert all(r["problems"] for r in answer.rejected)
+        assert all(r.problems for r in answer.rejected)
 
 
 def test_a_stopped_model_server_falls_back_to_the_evidence_answer(settings: Settings):
@@ -278,8 +278,8 @@ def test_a_real_model_calls_tools_through_the_server(
     settings.model.tool_choice = "latest_observation"
     settings.model.max_tool_steps = 1
     answer = _ask(settings, "What was his last HbA1c?")
-    by_model = [c for c in answer.tool_calls if c["by"] == "model"]
-    assert by_model and all(c["tool"] == "latest_observation" for c in by_model)
+    by_model = [c for c in answer.tool_calls if c.by == "model"]
+    assert by_model and all(c.tool == "latest_observation" for c in by_model)
     assert all(isinstance(c["args"], dict) and "query" in c["args"] for c in by_model)
     # whatever the model asked for, facts come from the record and cite it
     ids = {f"{r['resourceType']}/{r['id']}" for r in tommy_json}

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from agent.answer import FactUsed
 from agent.grounding import check_sentence, citations, evidence_map, split_sentences, verify
+
+
+def _fact(statement: str, evidence: tuple[str, ...], echo: tuple[str, ...] = ()) -> FactUsed:
+    return FactUsed(tool="t", statement=statement, evidence=evidence, echo=echo)
+
 
 EVIDENCE = {
     "Observation/a1c": (
@@ -91,8 +97,8 @@ def test_sentence_splitting_keeps_decimals_citations_and_list_items():
 
 def test_facts_support_the_values_they_computed():
     facts = [
-        ("Age on 2021-01-01: 73 years.", ("Patient/p",)),
-        ("A1c mean 6.14 % over 10 results.", ("Observation/a1c",)),
+        _fact("Age on 2021-01-01: 73 years.", ("Patient/p",)),
+        _fact("A1c mean 6.14 % over 10 results.", ("Observation/a1c",)),
     ]
     merged = evidence_map(EVIDENCE, facts)
     assert check_sentence("He is 73 years old [Patient/p].", merged).supported
@@ -134,7 +140,7 @@ def test_what_a_fact_only_echoes_from_its_call_supports_nothing():
     patient = "Patient: Tommy Friesen, male, born 1947-06-15 [Patient/p]"
     window = "from 1999-01-01 to 2021-01-01"
     absence = f"No numeric A1c result {window}. [Patient/p]"
-    given = evidence_map({"Patient/p": patient}, [(absence, ("Patient/p",), (window,))])
+    given = evidence_map({"Patient/p": patient}, [_fact(absence, ("Patient/p",), (window,))])
     # the tool's own statement stands, word for word
     assert verify(absence, given, [absence]).supported_fraction == 1.0
     # but a model cannot borrow the window's dates for a claim of its own
@@ -142,7 +148,7 @@ def test_what_a_fact_only_echoes_from_its_call_supports_nothing():
     assert not claim.sentences[0].supported
     assert "1999-01-01" in claim.sentences[0].problems[0]
     # without the echo marked, the date would have passed
-    loose = evidence_map({"Patient/p": patient}, [(absence, ("Patient/p",))])
+    loose = evidence_map({"Patient/p": patient}, [_fact(absence, ("Patient/p",))])
     assert verify("He was seen on 1999-01-01 [Patient/p].", loose).supported_fraction == 1.0
 
 
@@ -154,7 +160,7 @@ def test_a_fact_citing_many_results_is_read_once_per_sentence():
         for i in range(1000)
     }
     statement = "Glucose from 2025-12-01 to 2026-11-29: 1000 results, mean 124.5 mg/dL."
-    merged = evidence_map(lines, [(statement, tuple(lines))])
+    merged = evidence_map(lines, [_fact(statement, tuple(lines))])
     assert all(merged[ref].split("\n") == [lines[ref], statement] for ref in lines)
     sentence = statement[:-1] + " " + " ".join(f"[{ref}]" for ref in lines) + "."
     check = check_sentence(sentence, merged)

@@ -366,7 +366,7 @@ def test_components_units_bounds_and_offsets(chart):
     assert tn_latest.value == 0.4
     troponin_first = c.facts("latest_observation", query="troponin", nth=2)[0]
     assert troponin_first.value == "<0.01 ng/mL"
-    assert troponin_first.to_dict()["comparator"] == "<"
+    assert troponin_first.used().comparator == "<"
     (na,) = c.facts("latest_observation", query="sodium")
     assert na.value == 140 and na.evidence == ("Observation/na1",)
     age = c.ask("How old is he?")
@@ -380,7 +380,7 @@ def test_a_ruled_out_condition_asked_about(chart):
     assert "Condition/bug03-pna-refuted" in {x.reference for x in answer.citations}
     diabetes = c.ask("Does she have diabetes?")
     assert "No diabetes diagnosis is in the record's conditions" in diabetes.text
-    assert "bug03-dm-eie" not in str(diabetes.to_dict())
+    assert "bug03-dm-eie" not in str(diabetes.used())
 
 
 # --- the analyte asked for, or an honest "no" --------------------------------------------------

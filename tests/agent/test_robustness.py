@@ -167,11 +167,11 @@ def test_clinical_notes_are_not_withheld(note: str):
 
 
 def test_a_quoted_record_line_stays_one_sentence():
+    from agent.backends.evidence import one_sentence
     from agent.grounding import split_sentences
-    from agent.nodes import _one_sentence
 
     line = "2026-01-02 Visit note: Seen today. The patient is healthy. [Observation/oh]"
-    assert len(split_sentences(f"Relevant record entry: {_one_sentence(line)}")) == 1
+    assert len(split_sentences(f"Relevant record entry: {one_sentence(line)}")) == 1
 
 
 def test_names_carry_no_terminal_escapes():

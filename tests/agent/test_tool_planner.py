@@ -88,22 +88,22 @@ def test_the_models_tool_calls_add_cited_facts_and_the_loop_is_bounded(
     assert "not a JSON object" in replies["c3"]
     assert replies["c4"].startswith("Error") and "patient" in replies["c4"]
 
-    by_model = [c for c in answer.tool_calls if c["by"] == "model"]
-    assert [(c["tool"], c["error"]) for c in by_model] == [
+    by_model = [c for c in answer.tool_calls if c.by == "model"]
+    assert [(c.tool, c.error) for c in by_model] == [
         ("latest_observation", False),
         ("drop_all_tables", True),
         ("observation_stats", True),
         ("latest_observation", True),
         ("active_medications", False),
     ]
-    assert any(c["by"] == "rules" for c in answer.tool_calls)
+    assert any(c.by == "rules" for c in answer.tool_calls)
     # the model's medication call added facts the rule plan did not ask for, cited from the record
     med_facts = [f for f in answer.facts if f.tool == "active_medications"]
     assert med_facts and {e for f in med_facts for e in f.evidence} == meds
     # the answer the model then wrote was verified: the supported sentence stays, the other goes
     assert answer.model.startswith("openai:"), answer.rejected
     assert value in answer.text and "stroke" not in answer.text
-    assert any("stroke" in r["text"] for r in answer.rejected)
+    assert any("stroke" in r.text for r in answer.rejected)
     assert {"think", "act"} <= set(answer.latency_ms)
     kinds = [k for k, _ in events]
     assert kinds.count("tool_calls") == 2 and "tool_results" in kinds
@@ -114,7 +114,7 @@ def test_a_model_that_calls_nothing_leaves_the_rule_plan(settings: Settings):
         settings.model.base_url = model.base_url
         answer = _ask(settings, "What was his last HbA1c?")
     assert len(model.tool_requests) == 1
-    assert [c["by"] for c in answer.tool_calls] == ["rules"]
+    assert [c.by for c in answer.tool_calls] == ["rules"]
     assert answer.facts and answer.fallback_used  # nothing the model wrote held up
 
 

@@ -182,12 +182,13 @@ def test_tools_come_from_entry_points(records, tmp_path: Path, monkeypatch: pyte
         tmp_path,
         monkeypatch,
         "cs_tool",
-        "from agent.tools import Fact\n"
+        "from agent.tools import Fact, tool\n"
+        "@tool('encounter_count', 'How many encounters.')\n"
+        "def count(ctx):\n"
+        "    n = len(ctx.record.encounters)\n"
+        "    return [Fact('encounter_count', f'{n} encounters.', value=n)]\n"
         "def register(reg):\n"
-        "    @reg.add('encounter_count', 'How many encounters.')\n"
-        "    def count(ctx):\n"
-        "        n = len(ctx.record.encounters)\n"
-        "        return [Fact('encounter_count', f'{n} encounters.', value=n)]\n",
+        "    reg.add(count.name, count)\n",
         "chartsight.tools",
         "count = cs_tool:register",
     )

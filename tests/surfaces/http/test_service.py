@@ -55,10 +55,10 @@ def test_health_readiness_and_openapi(service: Running):
     } <= set(spec["paths"])
     ask = spec["paths"]["/v1/ask"]["post"]
     assert ask["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
-        "AnswerOut"
+        "/Answer"
     )
     assert {"401", "403", "429"} <= set(ask["responses"])
-    answer = spec["components"]["schemas"]["AnswerOut"]["properties"]
+    answer = spec["components"]["schemas"]["Answer"]["properties"]
     assert {"text", "citations", "facts", "supported_fraction", "tool_calls"} <= set(answer)
 
 

@@ -1,0 +1,133 @@
+"""The container the graph's steps work with: settings, the FHIR source, tools, ranker, model
+backend, case index, and per-patient caches (record, images, evidence lines). It is not part of the
+checkpointed state; each run finds it in its config (``runtime(config)``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from langchain_core.runnables import RunnableConfig
+
+from agent.backends import Backend
+from agent.backends.evidence import EvidenceBackend
+from agent.cache import RecentCache
+from agent.planner import Planner
+from agent.settings import Settings
+from agent.tools import ToolContext, ToolRegistry
+from connectors.dicomweb import DicomWebClient
+from connectors.errors import ChartSightError
+from connectors.images import ImageSet, collect_images
+from connectors.record import PatientRecord, assemble_record
+from connectors.source import FhirSource
+from retrieval.cases import Case, CasePrivacy, cases_from_record
+from retrieval.evidence import Evidence, record_evidence
+from retrieval.index import CaseFilter, CaseIndex, shown_to
+from retrieval.rank import EvidenceRanker
+
+
+@dataclass
+class AgentRuntime:
+    """What the nodes work with; not part of the (checkpointed) state."""
+
+    settings: Settings
+    source: FhirSource
+    tools: ToolRegistry
+    ranker: EvidenceRanker
+    planner: Planner = field(default_factory=Planner)
+    backend: Backend = field(default_factory=EvidenceBackend)
+    index: CaseIndex | None = None
+    dicomweb: DicomWebClient | None = None
+    now: datetime | None = None  # the date that counts as now (default: the wall clock)
+    # per-patient data, bounded; a record older than settings.cache_ttl_s is fetched again
+    records: RecentCache[PatientRecord] = field(default_factory=RecentCache)
+    images: RecentCache[ImageSet] = field(default_factory=RecentCache)
+    evidence: RecentCache[list[Evidence]] = field(default_factory=RecentCache)
+
+    def __post_init__(self) -> None:
+        for cache in (self.records, self.images, self.evidence):
+            cache.max_items = self.settings.cache_patients
+            cache.ttl_s = self.settings.cache_ttl_s
+
+    on_event: Callable[[str, dict[str, Any]], None] | None = None
+    # "generalised" for a caller who may read only one patient: similar cases reach the prompt
+    # and the answer without keys, patient ids, dates or free text (retrieval.index.generalised_hit)
+    case_privacy: CasePrivacy = "full"
+
+    def evidence_items(self, record: PatientRecord) -> list[Evidence]:
+        """The record's evidence lines, compacted once per patient (records are cached too)."""
+        if record.patient_id not in self.evidence:
+            self.evidence[record.patient_id] = record_evidence(record)
+        return self.evidence[record.patient_id]
+
+    def context(self, record: PatientRecord) -> ToolContext:
+        """A tool context that reuses the cached evidence lines. Its similar cases follow
+        ``case_privacy`` (generalised for a caller bound to one patient), as ``gather_similar``'s
+        do: the ``similar_cases`` tool is reachable by the model and by MCP's ``patient_facts``."""
+        items = self.evidence_items(record)
+        index = self.index
+        privacy = self.case_privacy
+
+        def similar(k: int) -> list[Any]:
+            assert index is not None
+            case = self.patient_case(record, self.images.get(record.patient_id) or ImageSet())
+            return shown_to(index.similar(case, k, own_cases_out(case)), privacy)
+
+        return ToolContext(
+            record,
+            now=self.now or datetime.now().astimezone(),
+            _evidence={e.id: e for e in items},
+            similar=similar if index is not None and len(index) else None,
+        )
+
+    async def record(self, key: str) -> PatientRecord:
+        """The patient's record, from the cache while it is fresh (``settings.cache_ttl_s``)."""
+        record = self.records.fresh(key)
+        if record is None:
+            record = await assemble_record(self.source, key)
+            for derived in (self.evidence, self.images):  # made from the previous copy
+                derived.pop(record.patient_id, None)
+            self.records[key] = self.records[record.patient_id] = record
+        return record
+
+    async def ensure_images(self, record: PatientRecord, *, quiet: bool = False) -> ImageSet:
+        """The patient's images, collected once (a similar-case query uses them). ``quiet``: an
+        image source that fails gives no images rather than an error."""
+        if record.patient_id not in self.images:
+            try:
+                self.images[record.patient_id] = await collect_images(
+                    record, self.source, self.settings.images, self.dicomweb
+                )
+            except ChartSightError:
+                if not quiet:
+                    raise
+                return ImageSet()
+        return self.images[record.patient_id]
+
+    def patient_case(self, record: PatientRecord, images: ImageSet | None) -> Case:
+        """The asking patient's own case, built like the indexed ones (the index settings' image
+        limit), for a similar-case query."""
+        limit = self.settings.retrieval.index.max_images_per_case
+        return cases_from_record(record, images, max_images=limit)[0]
+
+    def emit(self, kind: str, **data: Any) -> None:
+        """Tell the listener (``on_event``, e.g. a server-sent-event stream) that ``kind``
+        happened, with ``data`` (JSON values)."""
+        if self.on_event is not None:
+            self.on_event(kind, data)
+
+
+def own_cases_out(case: Case, flt: CaseFilter | None = None) -> CaseFilter:
+    """``flt`` leaving out the patient's own cases: by id, and by identifier (the same person
+    indexed from another source has another id)."""
+    return dataclasses.replace(
+        flt or CaseFilter(), exclude_patient=case.patient_id, exclude_identifiers=case.identifiers
+    )
+
+
+def runtime(config: RunnableConfig) -> AgentRuntime:
+    """The runtime a graph run was given (``config["configurable"]["runtime"]``)."""
+    return config["configurable"]["runtime"]

@@ -1,0 +1,254 @@
+"""What every tool is made of: ``Fact`` (a result with its evidence), ``ToolContext`` (what a
+tool computes from), argument models, ``Tool`` and the ``ToolRegistry``."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.answer import FactUsed
+from connectors.errors import ChartSightError
+from connectors.plugins import PluginError, Registry
+from connectors.record import PatientRecord
+from retrieval.clinical import (
+    Point,
+)
+from retrieval.evidence import Compactors, Evidence, default_compactors
+from retrieval.terms import TermTable, default_terms
+
+log = logging.getLogger(__name__)
+
+
+NOW_MIN = datetime.min.replace(tzinfo=UTC)  # sorts undated items first
+
+
+class ToolError(ChartSightError):
+    """A tool was called with arguments it cannot use."""
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A result computed from the record, with the evidence it rests on."""
+
+    tool: str
+    statement: str  # one readable sentence, its evidence cited in brackets
+    value: Any = None
+    unit: str | None = None
+    date: datetime | None = None
+    evidence: tuple[str, ...] = ()
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def used(self) -> FactUsed:
+        """The fact as an answer carries it: a partial date written at its own precision
+        ("2026-03"), a censored value with its ``comparator``, the words it echoes from its call."""
+        precision = self.details.get("date_precision")
+        if self.date is None:
+            when = None
+        elif precision == "year":
+            when = f"{self.date.year:04d}"
+        elif precision == "month":
+            when = f"{self.date.year:04d}-{self.date.month:02d}"
+        else:
+            when = self.date.isoformat()
+        return FactUsed(
+            tool=self.tool,
+            statement=self.statement,
+            value=self.value,
+            unit=self.unit,
+            comparator=self.details.get("comparator"),
+            date=when,
+            evidence=tuple(self.evidence),
+            echo=tuple(self.details.get("echo", ())),
+        )
+
+
+@dataclass
+class ToolContext:
+    """What tools compute from: the record, its evidence lines, and the date that counts as now."""
+
+    record: PatientRecord
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    terms: TermTable = field(default_factory=default_terms)
+    compactors: Compactors | None = None
+    _evidence: dict[str, Evidence] | None = None
+    # k → similar cases (CaseHit) from the case index, when there is one
+    similar: Callable[[int], list[Any]] | None = None
+
+    @property
+    def evidence(self) -> dict[str, Evidence]:
+        """Evidence items by id (built once)."""
+        if self._evidence is None:
+            items = (self.compactors or default_compactors()).evidence(self.record)
+            self._evidence = {e.id: e for e in items}
+        return self._evidence
+
+
+def _cite(refs: Iterable[str]) -> str:
+    return "".join(f" [{r}]" for r in refs)
+
+
+def _day(value: datetime | None, precision: str = "day") -> str:
+    if value is None:
+        return "an unknown date"
+    if precision == "year":
+        return f"{value.year:04d}"
+    if precision == "month":
+        return f"{value.year:04d}-{value.month:02d}"
+    return value.date().isoformat()
+
+
+def _point_day(point: Point) -> str:
+    return point.when.text if point.when is not None else "an unknown date"
+
+
+# --- arguments -----------------------------------------------------------------------------
+
+
+class Args(BaseModel):
+    """Tool arguments; unknown names are refused, so a model that invents one is told so."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class NoArgs(Args):
+    pass
+
+
+class AgeArgs(Args):
+    on: date | None = Field(default=None, description="Age on this date (default: now).")
+
+
+class ObservationArgs(Args):
+    query: str = Field(
+        description="What was measured: a name ('A1c', 'blood pressure', 'creatinine'), a LOINC "
+        "code ('4548-4') or 'system|code'."
+    )
+
+
+class LatestArgs(ObservationArgs):
+    nth: int = Field(default=1, ge=1, description="1: the latest; 2: the one before it; ...")
+    since: datetime | None = Field(default=None, description="Only results from this time on.")
+    until: datetime | None = Field(default=None, description="Only results up to this time.")
+
+
+class WindowArgs(ObservationArgs):
+    days: float | None = Field(default=None, gt=0, description="Only the last N days.")
+    since: datetime | None = Field(default=None, description="Only from this time on.")
+    until: datetime | None = Field(default=None, description="Only up to this time.")
+
+
+class SimilarArgs(Args):
+    k: int = Field(default=3, ge=1, le=10, description="How many similar cases.")
+
+
+class ConditionArgs(Args):
+    query: str = Field(
+        description="The condition: a name ('pneumonia', 'heart failure'), a SNOMED CT or ICD-10 "
+        "code, or 'system|code'."
+    )
+
+
+class LimitArgs(Args):
+    limit: int = Field(default=5, ge=1, le=100, description="How many, newest first.")
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A named, described, typed function of the record: ``tool(ctx, **args) -> list[Fact]``.
+
+    ``args`` is the pydantic model of its arguments (unknown names refused; its JSON schema is what
+    a tool-calling model sees). ``questions`` are regular expressions (case-insensitive) of the
+    questions it answers: when one matches, the rule planner calls the tool, with the pattern's
+    named groups as arguments (``r"code status"``; ``r"notes? about (?P<query>[a-z ]+)"``), so a
+    plug-in tool is used by ``chartsight ask`` without a model. Raises ``ToolError`` on arguments
+    it cannot use."""
+
+    name: str
+    description: str
+    args: type[BaseModel]
+    fn: Callable[..., list[Fact]]
+    questions: tuple[str, ...] = ()
+
+    def __call__(self, ctx: ToolContext, **kwargs: Any) -> list[Fact]:
+        try:
+            parsed = self.args(**kwargs)
+        except ValueError as exc:
+            raise ToolError(f"{self.name}: bad arguments {kwargs}: {exc}") from exc
+        return self.fn(ctx, **parsed.model_dump())
+
+    def schema(self) -> dict[str, Any]:
+        """An OpenAI-style function description, for tool-calling models."""
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.args.model_json_schema(),
+            },
+        }
+
+
+def tool(
+    name: str,
+    description: str,
+    args: type[BaseModel] | None = None,
+    *,
+    questions: tuple[str, ...] = (),
+) -> Callable[[Callable[..., list[Fact]]], Tool]:
+    """Make a module-level function ``fn(ctx, **args) -> list[Fact]`` a ``Tool`` (the decorated
+    name is then the tool, importable and callable with validated arguments). ``args`` defaults to
+    no arguments; ``questions`` as in ``Tool``. Raises ``PluginError`` for a pattern that does not
+    compile."""
+
+    for pattern in questions:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise PluginError(f"tool {name!r}: question pattern {pattern!r}: {exc}") from exc
+
+    def make(fn: Callable[..., list[Fact]]) -> Tool:
+        return Tool(name, description, args or NoArgs, fn, tuple(questions))
+
+    return make
+
+
+class ToolRegistry(Registry[Tool]):
+    """Tools by name (``chartsight.tools`` plug-ins: ``register(registry)`` calling
+    ``registry.add(tool.name, tool)``)."""
+
+    kind = "tool"
+    group = "chartsight.tools"
+
+    def check(self, name: str, item: Tool) -> None:
+        """A tool is registered under its own name."""
+        super().check(name, item)
+        if not isinstance(item, Tool) or item.name != name:
+            raise PluginError(f"{name!r} must be registered as a Tool of that name, not {item!r}")
+
+    def __getitem__(self, name: str) -> Tool:
+        try:
+            return self.items[name]
+        except KeyError:
+            raise ToolError(f"no tool {name!r}; known: {', '.join(sorted(self.items))}") from None
+
+    @property
+    def tools(self) -> dict[str, Tool]:
+        """The tools by name, in registration order."""
+        return self.items
+
+
+def _subject(query: str, found: list[Point]) -> str:
+    """How a statement names what was asked for. The query can come from a model, and a statement
+    is evidence for the sentences that cite it, so its numbers must come from the record: a code
+    that the found results carry is kept, any other number is dropped."""
+    codes = {c for p in found for c in p.codes}
+    if query in codes or any(c.endswith(f"|{query}") for c in codes):
+        return query
+    bare_numbers = r"(?<![A-Za-z])\d+(?:[.,:/-]\d+)*(?![A-Za-z])"  # not the 1 of "A1c"
+    return " ".join(re.sub(bare_numbers, " ", query).split())[:80] or "matching"

@@ -1,0 +1,230 @@
+"""Tools over the rest of the chart: demographics and age, problems and condition history,
+medications, allergies, procedures, encounters and imaging."""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import UTC, date, datetime
+from typing import Any
+
+from agent.tools.base import (
+    AgeArgs,
+    ConditionArgs,
+    Fact,
+    LimitArgs,
+    ToolContext,
+    _cite,
+    _subject,
+    tool,
+)
+from retrieval.clinical import (
+    display_name,
+    fhir_date,
+    patient_age,
+)
+from retrieval.evidence import Evidence
+
+log = logging.getLogger(__name__)
+
+
+@tool("demographics", "The patient's name, sex, birth date, age and vital status.")
+def demographics(ctx: ToolContext) -> list[Fact]:
+    p = ctx.record.patient
+    ref = f"Patient/{p.id}"
+    name = display_name(p)
+    age = patient_age(p, ctx.now.date())
+    born = fhir_date(p.birthDate)
+    died = fhir_date(p.deceasedDateTime)
+    parts = [name, f"{p.gender or 'unknown sex'}"]
+    if born:
+        parts.append(f"born {born.text}")
+    if age is not None:
+        parts.append(
+            f"age {age.text}"
+            + (" (approximate: partial birth date)" if age.approximate else "")
+            + (" at death" if age.at_death else "")
+        )
+    if died:
+        parts.append(f"died {died.text}")
+    elif p.deceasedBoolean:
+        parts.append("deceased")
+    return [
+        Fact(
+            "demographics",
+            ", ".join(parts) + "." + _cite([ref]),
+            value={
+                "name": name,
+                "sex": p.gender,
+                "birth_date": born.text if born else None,
+                "age": age.years if age else None,
+                "age_approximate": bool(age and age.approximate),
+                "deceased": died.text if died else (True if p.deceasedBoolean else None),
+            },
+            evidence=(ref,),
+        )
+    ]
+
+
+@tool("age", "The patient's age in whole years on a date (default: now).", AgeArgs)
+def age(ctx: ToolContext, on: date | None = None) -> list[Fact]:
+    when = on or ctx.now.date()
+    reading = patient_age(ctx.record.patient, when)
+    ref = f"Patient/{ctx.record.patient_id}"
+    if reading is None:
+        return [Fact("age", f"The record gives no birth date.{_cite([ref])}", evidence=(ref,))]
+    if reading.at_death:
+        died = fhir_date(ctx.record.patient.deceasedDateTime)
+        text = f"The patient died on {died.text if died else 'an unknown date'}, aged {reading.text} years"
+    else:
+        text = f"Age on {when.isoformat()}: {reading.text} years"
+    if reading.approximate:
+        text += " (approximate: the record gives only a partial birth date)"
+    return [
+        Fact(
+            "age",
+            f"{text}.{_cite([ref])}",
+            value=reading.years,
+            unit="years",
+            evidence=(ref,),
+            # a date the caller chose is not evidence of anything (see grounding.evidence_map)
+            details={
+                **({"echo": [when.isoformat()]} if on else {}),
+                "approximate": reading.approximate,
+                "at_death": reading.at_death,
+            },
+        )
+    ]
+
+
+def _listing(ctx: ToolContext, name: str, items: list[Evidence], empty: str) -> list[Fact]:
+    if not items:
+        # an absence rests on the whole record, cited by its Patient
+        ref = f"Patient/{ctx.record.patient_id}"
+        return [Fact(name, f"{empty}{_cite([ref])}", value=[], evidence=(ref,))]
+    return _item_facts(name, items)
+
+
+def _item_facts(name: str, items: list[Evidence], prefix: str = "", **details: Any) -> list[Fact]:
+    """One fact per evidence line: its text (after ``prefix``), value, date and citation."""
+    return [
+        Fact(
+            name,
+            f"{prefix}{item.text}",
+            value=item.text.rsplit(" [", 1)[0],
+            date=item.date,
+            evidence=(item.id,),
+            details={"date_precision": item.precision, **details},
+        )
+        for item in items
+    ]
+
+
+def _by_category(ctx: ToolContext, category: str, active_only: bool) -> list[Evidence]:
+    items = [
+        e for e in ctx.evidence.values() if e.category == category and (e.active or not active_only)
+    ]
+    return sorted(items, key=lambda e: e.date or datetime.min.replace(tzinfo=UTC), reverse=True)
+
+
+@tool("active_problems", "The patient's active conditions.")
+def active_problems(ctx: ToolContext) -> list[Fact]:
+    return _listing(
+        ctx,
+        "active_problems",
+        _by_category(ctx, "condition", True),
+        "No active problem is recorded.",
+    )
+
+
+@tool(
+    "condition_history",
+    "Every recorded condition matching a name or code, whatever its status: active, "
+    "resolved (with dates), or ruled out (refuted). Entered-in-error ones are left out.",
+    ConditionArgs,
+)
+def condition_history(ctx: ToolContext, query: str) -> list[Fact]:
+    matched = ctx.terms.matches(query)
+    # the table links related concepts through codes for ranking (diabetes lists
+    # prediabetes's code); a diagnosis asked about is only its own: a code that another term,
+    # not asked about, stands for is left out ("diabetes?" is not answered with prediabetes)
+    others = {c for t in ctx.terms.terms if t not in matched for c in t.codes}
+    codes = {c for t in matched for c in t.codes if c not in others}
+    if "|" in query:
+        codes.add(query.strip())
+    related = {c for t in matched for c in t.codes} - codes
+    words = [w for w in re.findall(r"[a-z0-9]+", query.lower()) if len(w) > 1]
+    found, near = [], []
+    for item in _by_category(ctx, "condition", False):
+        name = item.text.rsplit(" [", 1)[0].lower()
+        by_code = bool(codes & set(item.codes)) or any(
+            c.endswith(f"|{query.strip()}") for c in item.codes
+        )
+        by_name = all(re.search(rf"\b{re.escape(w)}", name) for w in words)
+        if by_code or (not codes and words and by_name):
+            found.append(item)
+        elif related & set(item.codes):
+            near.append(item)
+    subject = _subject(query, [])
+    facts = _listing(
+        ctx,
+        "condition_history",
+        found,
+        f"No {subject} diagnosis is in the record's conditions.",
+    )
+    if not found:  # an honest "no", and what the record has that is close to it
+        facts += _item_facts(
+            "condition_history", near, "A related condition is recorded: ", related_to=query
+        )
+    return facts
+
+
+@tool("active_medications", "Medications the patient is on (active requests and statements).")
+def active_medications(ctx: ToolContext) -> list[Fact]:
+    return _listing(
+        ctx,
+        "active_medications",
+        _by_category(ctx, "medication", True),
+        "No active medication is recorded.",
+    )
+
+
+@tool("allergies", "Recorded allergies and intolerances.")
+def allergies(ctx: ToolContext) -> list[Fact]:
+    return _listing(
+        ctx, "allergies", _by_category(ctx, "allergy", False), "No allergy is recorded."
+    )
+
+
+@tool("recent_procedures", "The most recent procedures.", LimitArgs)
+def recent_procedures(ctx: ToolContext, limit: int = 5) -> list[Fact]:
+    return _listing(
+        ctx,
+        "recent_procedures",
+        _by_category(ctx, "procedure", False)[:limit],
+        "No procedure is recorded.",
+    )
+
+
+@tool("recent_encounters", "The most recent encounters (visits, admissions).", LimitArgs)
+def recent_encounters(ctx: ToolContext, limit: int = 5) -> list[Fact]:
+    return _listing(
+        ctx,
+        "recent_encounters",
+        _by_category(ctx, "encounter", False)[:limit],
+        "No encounter is recorded.",
+    )
+
+
+@tool("imaging", "Imaging studies and images, and the impressions of imaging reports.", LimitArgs)
+def imaging(ctx: ToolContext, limit: int = 5) -> list[Fact]:
+    items = _by_category(ctx, "imaging", False) + _by_category(ctx, "image", False)
+    reports = [
+        e
+        for e in _by_category(ctx, "report", False)
+        if "conclusion:" in e.text or "text:" in e.text
+    ]
+    items = sorted(
+        items + reports, key=lambda e: e.date or datetime.min.replace(tzinfo=UTC), reverse=True
+    )
+    return _listing(ctx, "imaging", items[:limit], "No imaging is recorded.")

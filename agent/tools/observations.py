@@ -1,0 +1,484 @@
+"""Tools over results (Observations and their components): the latest value of a test, and
+statistics of a series over a period, in one UCUM unit."""
+
+from __future__ import annotations
+
+import logging
+import re
+import statistics
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from agent.tools.base import (
+    NOW_MIN,
+    Fact,
+    LatestArgs,
+    ToolContext,
+    WindowArgs,
+    _cite,
+    _point_day,
+    _subject,
+    tool,
+)
+from retrieval.clinical import (
+    Measurement,
+    Point,
+    aware,
+    convert,
+    number_text,
+    observation_points,
+    observation_series,
+    same_unit,
+)
+from retrieval.terms import TermTable
+
+log = logging.getLogger(__name__)
+
+
+# --- observation lookup ------------------------------------------------------------------------
+
+_CODE = re.compile(r"^(?:(?P<system>\S+)\|)?(?P<code>\d{1,7}-\d)$")
+
+
+def matching_codes(query: str, terms: TermTable) -> set[str]:
+    """``system|code`` strings a query stands for: a LOINC code, or a term's codes."""
+    m = _CODE.match(query.strip())
+    if m:
+        return {f"{m.group('system') or 'http://loinc.org'}|{m.group('code')}"}
+    codes: set[str] = set()
+    for term in terms.matches(query):
+        codes |= {c for c in term.codes if c.startswith("http://loinc.org|")}
+    return codes
+
+
+def _first_codes(codes: list[str], shown: int = 3) -> str:
+    """'4548-4, 17856-6 or 2 more codes' style: the first few codes searched."""
+    more = len(codes) - shown
+    head = ", ".join(codes[:shown])
+    return f"{head} (or {more} more)" if more > 0 else head
+
+
+@dataclass
+class Found:
+    """The results a query matched: dated points (oldest first; entered-in-error ones left out,
+    counted in ``voided``)."""
+
+    points: list[Point]
+    voided: list[str]
+
+
+def find_points(ctx: ToolContext, query: str) -> Found:
+    """The results a query stands for (by code, else by name): Observations' own values and their
+    components, dated, oldest first. Molar and mass codes of one analyte match alike (the term
+    table lists both); entered-in-error Observations are left out and counted."""
+    codes = matching_codes(query, ctx.terms)
+    words = [w for w in re.findall(r"[a-z0-9]+", query.lower()) if len(w) > 1]
+    points: list[Point] = []
+    voided: list[str] = []
+
+    def by_name(point: Point) -> bool:
+        name = " ".join(
+            [point.name] + [str(c.display or "") for c in _coding_of(point) or []]
+        ).lower()
+        # whole words from their start ("bnp" is not inside "nt-probnp"; "creatin" finds
+        # "creatinine")
+        return bool(words) and all(re.search(rf"(?<![a-z0-9]){re.escape(w)}", name) for w in words)
+
+    def by_code(point: Point) -> bool:
+        return bool(codes & set(point.codes))
+
+    series = observation_series(ctx.record)
+    # by code; a chart that codes none of them (text only, local codes) is searched by name
+    hit = by_code
+    if not codes or not any(by_code(p) for _, _, pts in series for p in pts):
+        hit = by_name
+    for (ref, voided_obs, pts), obs in zip(series, ctx.record.observations, strict=True):
+        if voided_obs:
+            if any(hit(p) for p in observation_points(_unvoided(obs), ref)):
+                voided.append(ref)
+            continue
+        points.extend(p for p in pts if p.when is not None and hit(p))
+    points.sort(key=lambda p: p.when.sort_key if p.when is not None else (NOW_MIN, NOW_MIN))
+    return Found(points, voided)
+
+
+def _period_text(since: datetime | None, until: datetime | None) -> str:
+    """ "from 2019-01-01 to 2019-12-31", "from 2015-01-01", "up to 2019-12-31"."""
+    if since is not None and until is not None:
+        return f"from {since.date().isoformat()} to {until.date().isoformat()}"
+    if since is not None:
+        return f"from {since.date().isoformat()}"
+    return f"up to {until.date().isoformat()}" if until is not None else ""
+
+
+def _latest_in_period(
+    ctx: ToolContext,
+    query: str,
+    found: Found,
+    since: datetime | None,
+    until: datetime | None,
+) -> list[Fact]:
+    """The latest result with a value whose date lies in [since, until] ("glucose in 2019",
+    "blood pressure on 2019-03-17"), or an honest "none in that period" that says when the
+    results there are (the nearest before and after), citing the Patient and those results."""
+    since = aware(since) if since is not None else None
+    until = aware(until) if until is not None else None
+    period = _period_text(since, until)
+    valued = [p for p in found.points if p.has_value and p.when is not None]
+    inside = [
+        p
+        for p in valued
+        if (since is None or p.when.start >= since) and (until is None or p.when.start <= until)  # type: ignore[union-attr]
+    ]
+    subject = _subject(query, found.points)
+    details = {"query": query, "echo": [period], "voided": found.voided}
+    if inside:
+        ref = inside[-1].reference
+        return [
+            Fact(
+                "latest_observation",
+                f"Latest {subject} {period}{_voided_clause(found)}: {_obs_text(ref, ctx)}."
+                f"{_cite([ref])}",
+                date=inside[-1].when.start if inside[-1].when else None,
+                evidence=(ref,),
+                details={**details, "results_in_period": len({p.reference for p in inside})},
+            )
+        ]
+    patient = f"Patient/{ctx.record.patient_id}"
+    before = [p for p in valued if since is not None and p.when.start < since]  # type: ignore[union-attr]
+    after = [p for p in valued if until is not None and p.when.start > until]  # type: ignore[union-attr]
+    near = [x.reference for x in (before[-1:] + after[:1])]
+    nearest = (
+        " Nearest results: " + "; ".join(_obs_text(r, ctx) for r in near) + "." if near else ""
+    )
+    return [
+        Fact(
+            "latest_observation",
+            f"No {subject} result {period} in the record{_voided_clause(found)}.{_cite([patient])}"
+            f"{nearest}{_cite(near)}",
+            evidence=(patient, *near),
+            details={**details, "results_in_period": 0},
+        )
+    ]
+
+
+def _coding_of(point: Point) -> list[Any]:
+    element = (
+        point.observation.component[point.component]
+        if point.component is not None
+        else point.observation
+    )
+    return list(getattr(element.code, "coding", None) or [])
+
+
+def _unvoided(obs: Any) -> Any:
+    """A copy of an entered-in-error Observation read as final: only to see what it measured."""
+    return obs.model_copy(update={"status": "final"})
+
+
+def _obs_text(ref: str, ctx: ToolContext) -> str:
+    item = ctx.evidence.get(ref)
+    return item.text.rsplit(" [", 1)[0] if item else ref
+
+
+def _voided_clause(found: Found) -> str:
+    """ " (N entered-in-error results left out)", inside a sentence before its citation (every
+    sentence of a statement ends in its citations, so the verifier keeps it)."""
+    n = len(found.voided)
+    return f" ({n} entered-in-error result{'s' if n > 1 else ''} left out)" if n else ""
+
+
+@tool(
+    "latest_observation",
+    "The most recent result of a test or measurement: value, unit, date, range and flag "
+    "(or, with nth, the one before it; with since/until, the latest in that period).",
+    LatestArgs,
+)
+def latest_observation(
+    ctx: ToolContext,
+    query: str,
+    nth: int = 1,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[Fact]:
+    found = find_points(ctx, query)
+    if since is not None or until is not None:
+        return _latest_in_period(ctx, query, found, since, until)
+    # a result is one Observation; it counts as a value when it (or a matched component) has one
+    with_value: list[str] = []
+    for point in found.points:
+        if point.has_value and point.reference not in with_value:
+            with_value.append(point.reference)
+        elif point.has_value:
+            with_value.remove(point.reference)
+            with_value.append(point.reference)
+    if not with_value:
+        if found.points:
+            last = found.points[-1]
+            return [
+                Fact(
+                    "latest_observation",
+                    f"The record has no {_subject(query, found.points)} value"
+                    f"{_voided_clause(found)}: the latest attempt, "
+                    f"{_obs_text(last.reference, ctx)}.{_cite([last.reference])}",
+                    date=last.when.start if last.when else None,
+                    evidence=(last.reference,),
+                    details={"query": query, "results_in_record": 0, "voided": found.voided},
+                )
+            ]
+        codes = sorted(c.partition("|")[2] for c in matching_codes(query, ctx.terms))
+        if not codes:
+            # not a test the term table knows: nothing to say it is missing (the question
+            # may not be about a result at all), so no citable fact; the answer abstains
+            return [
+                Fact(
+                    "latest_observation",
+                    f"No {query} result in the record{_voided_clause(found)}.",
+                    details={"query": query, "voided": found.voided},
+                )
+            ]
+        # a known test that is absent: the absence rests on the whole record, cited by its
+        # Patient, and says what was searched; it is the answer (never a result of another
+        # test that shares a word)
+        ref = f"Patient/{ctx.record.patient_id}"
+        return [
+            Fact(
+                "latest_observation",
+                f"No {_subject(query, [])} result in the record{_voided_clause(found)}: none "
+                f"of its {len(ctx.record.observations)} Observations has LOINC "
+                f"{_first_codes(codes)} or the name {_subject(query, [])!r}.{_cite([ref])}",
+                evidence=(ref,),
+                details={"query": query, "voided": found.voided, "codes": codes},
+            )
+        ]
+    if nth > len(with_value):
+        # no result that far back: say which one is the oldest, citing it
+        ref = with_value[0]
+        first = next(p for p in found.points if p.reference == ref)
+        return [
+            Fact(
+                "latest_observation",
+                f"There is no earlier {_subject(query, found.points)} result; the oldest in "
+                f"the record is {_obs_text(ref, ctx)}.{_cite([ref])}",
+                date=first.when.start if first.when else None,
+                evidence=(ref,),
+                details={"query": query, "results_in_record": len(with_value)},
+            )
+        ]
+    ref = with_value[-nth]
+    mine = [p for p in found.points if p.reference == ref and p.has_value]
+    numeric = [p for p in mine if p.measurement is not None]
+    chosen: Point = numeric[0] if len(numeric) == 1 else mine[0]
+    m = chosen.measurement if len(numeric) == 1 else None
+    item = ctx.evidence.get(ref)
+    label = "Latest" if nth == 1 else "Previous" if nth == 2 else f"Result {nth} from the latest:"
+    statement = (
+        f"{label} {_subject(query, found.points)}{_voided_clause(found)}: "
+        f"{_obs_text(ref, ctx)}.{_cite([ref])}"
+    )
+    evidence = [ref]
+    # newer attempts without a value (cancelled, not done, no result) are said, not used
+    newest_when = chosen.when.sort_key if chosen.when else None
+    later = [
+        p
+        for p in found.points
+        if nth == 1
+        and not p.has_value
+        and p.component is None
+        and p.reference not in with_value
+        and p.when is not None
+        and newest_when is not None
+        and p.when.sort_key > newest_when
+    ]
+    if later:
+        last = later[-1]
+        why = f" ({last.absent})" if last.absent else ""
+        statement += (
+            f" A later attempt on {_point_day(last)} has no result{why}.{_cite([last.reference])}"
+        )
+        evidence.append(last.reference)
+    details: dict[str, Any] = {
+        "query": query,
+        "abnormal": bool(item and item.abnormal),
+        "results_in_record": len(with_value),
+        "voided": found.voided,
+    }
+    if chosen.when is not None:
+        details["date_precision"] = chosen.when.precision
+    if m is not None and m.comparator:
+        details["comparator"] = m.comparator
+    return [
+        Fact(
+            "latest_observation",
+            statement,
+            value=m.value
+            if m is not None and m.exact
+            else (m.text if m is not None else _obs_text(ref, ctx)),
+            unit=m.unit if m is not None else None,
+            date=chosen.when.start if chosen.when else None,
+            evidence=tuple(evidence),
+            details=details,
+        )
+    ]
+
+
+@tool(
+    "observation_stats",
+    "Count, mean, minimum, maximum and trend of a numeric result over a time window.",
+    WindowArgs,
+)
+def observation_stats(
+    ctx: ToolContext,
+    query: str,
+    days: float | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[Fact]:
+    start = since or (ctx.now - timedelta(days=days) if days else None)
+    start = aware(start) if start is not None else None
+    end = aware(until or ctx.now)
+    window = _period_text(start, end)
+    found = find_points(ctx, query)
+    # one series per measured concept: a panel's systolic and diastolic are two series
+    series: dict[str, list[Point]] = {}
+    for point in found.points:
+        when = point.when
+        if point.measurement is None or when is None:
+            continue
+        # a result counts when its date interval lies in the window (a "2026-03" result is in
+        # a window from 2026-03-15 only in part, and then left out)
+        if when.start > end or (start is not None and when.start < start):
+            continue
+        series.setdefault(_series_key(point, ctx), []).append(point)
+    if not series:
+        ref = f"Patient/{ctx.record.patient_id}"
+        return [
+            Fact(
+                "observation_stats",
+                f"No numeric {_subject(query, [])} result {window}{_voided_clause(found)}."
+                f"{_cite([ref])}",
+                value=None,
+                evidence=(ref,),
+                details={"query": query, "count": 0, "echo": [window], "voided": found.voided},
+            )
+        ]
+    facts = [
+        _series_fact(ctx, query, found, points, window, multiple=len(series) > 1)
+        for points in series.values()
+    ]
+    return facts
+
+
+def _series_key(point: Point, ctx: ToolContext) -> str:
+    """What a point measures: its analyte (mass and molar codes alike), else its first code."""
+    for code in point.codes:
+        analyte = ctx.terms.analyte(code)
+        if analyte is not None:
+            return "analyte:" + analyte.words[0]
+    return point.codes[0] if point.codes else point.name.lower()
+
+
+def _series_fact(
+    ctx: ToolContext, query: str, found: Found, points: list[Point], window: str, multiple: bool
+) -> Fact:
+    """Statistics of one series: exact values in one unit. Values given as bounds ("<5") and
+    values in a unit that cannot be converted to the series' unit are left out and said so."""
+    analyte = next((a for a in (ctx.terms.analyte(c) for p in points for c in p.codes) if a), None)
+    units = [p.measurement.unit for p in points if p.measurement is not None]
+    distinct = {u for u in units if u}
+    if len(distinct) <= 1:
+        target = next(iter(distinct), None)
+    elif analyte is not None and analyte.unit is not None:
+        target = analyte.unit
+    else:  # no analyte to convert through: the most common unit, the others left out
+        target = max(distinct, key=units.count)
+    rows: list[tuple[Point, float]] = []
+    bounds: list[Point] = []
+    other_unit: list[Point] = []
+    for p in points:
+        m: Measurement | None = p.measurement
+        assert m is not None
+        if not m.exact:
+            bounds.append(p)
+            continue
+        if target is not None and not same_unit(m.unit, target):
+            converted = convert(m, target, analyte.molar_mass if analyte else None)
+            if converted is None:
+                other_unit.append(p)
+                continue
+            m = converted
+        rows.append((p, m.value))
+    name = points[0].name if multiple else _subject(query, found.points)
+    refs = tuple(dict.fromkeys(p.reference for p, _ in rows))
+    notes = ""
+    if bounds:
+        shown = ", ".join(
+            f"{b.measurement.text} on {_point_day(b)}" for b in bounds[:3] if b.measurement
+        )
+        notes += (
+            f" {len(bounds)} result{'s' if len(bounds) > 1 else ''} reported as a bound "
+            f"({shown}) {'are' if len(bounds) > 1 else 'is'} not counted in the mean, minimum "
+            f"or maximum.{_cite(dict.fromkeys(b.reference for b in bounds))}"
+        )
+    if other_unit:
+        kinds = ", ".join(sorted({str(p.measurement.unit) for p in other_unit if p.measurement}))
+        notes += (
+            f" {len(other_unit)} result{'s' if len(other_unit) > 1 else ''} in {kinds} could not be "
+            f"converted to {target} and {'were' if len(other_unit) > 1 else 'was'} left out."
+            f"{_cite(dict.fromkeys(p.reference for p in other_unit))}"
+        )
+    converted_note = (
+        f"; results in other units converted to {target}"
+        if target
+        and any(
+            p.measurement is not None and not same_unit(p.measurement.unit, target) for p, _ in rows
+        )
+        else ""
+    )
+    if not rows:
+        ref = f"Patient/{ctx.record.patient_id}"
+        return Fact(
+            "observation_stats",
+            f"No exact numeric {name} result {window}{_voided_clause(found)}.{_cite([ref])}{notes}",
+            evidence=(ref, *dict.fromkeys(p.reference for p in bounds + other_unit)),
+            details={"query": query, "count": 0, "echo": [window], "voided": found.voided},
+        )
+    values = [v for _, v in rows]
+    first, last = rows[0], rows[-1]
+    change = last[1] - first[1]
+    trend = "rising" if change > 0 else "falling" if change < 0 else "unchanged"
+    mean = statistics.fmean(values)
+    u = f" {target}" if target else ""
+    n = number_text
+    statement = (
+        f"{name} {window}{_voided_clause(found)}: {len(values)} result{'s' if len(values) > 1 else ''}, "
+        f"mean {n(mean)}{u}, "
+        f"min {n(min(values))}{u}, max {n(max(values))}{u}; {trend} from {n(first[1])} "
+        f"({_point_day(first[0])}) to {n(last[1])} ({_point_day(last[0])}){converted_note}."
+        f"{_cite(refs)}{notes}"
+    )
+    return Fact(
+        "observation_stats",
+        statement,
+        value=mean,
+        unit=target,
+        date=last[0].when.start if last[0].when else None,
+        evidence=refs + tuple(p.reference for p in bounds + other_unit if p.reference not in refs),
+        details={
+            "echo": [window],  # the window is the caller's, not the record's
+            "query": query,
+            "series": name,
+            "count": len(values),
+            "mean": mean,
+            "min": min(values),
+            "max": max(values),
+            "first": first[1],
+            "last": last[1],
+            "trend": trend,
+            "mixed_units": len(distinct) > 1,
+            "bounds_left_out": len(bounds),
+            "other_units_left_out": len(other_unit),
+            "voided": found.voided,
+        },
+    )

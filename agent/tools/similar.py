@@ -1,0 +1,39 @@
+"""The similar-cases tool: past cases most like this patient's, from the case index."""
+
+from __future__ import annotations
+
+import logging
+
+from agent.tools.base import (
+    Fact,
+    SimilarArgs,
+    ToolContext,
+    ToolError,
+    _cite,
+    tool,
+)
+
+log = logging.getLogger(__name__)
+
+
+@tool(
+    "similar_cases",
+    "Past cases most similar to this patient's (images and summary), the patient's own left "
+    "out: each with its similarity score and a de-identified summary.",
+    SimilarArgs,
+)
+def similar_cases(ctx: ToolContext, k: int = 3) -> list[Fact]:
+    if ctx.similar is None:
+        raise ToolError("no similar-case index (run `chartsight index build`)")
+    return [
+        Fact(
+            "similar_cases",
+            # one sentence: the summary's own full stops would split it from its citation
+            f"Similar case (score {hit.score:.2f}): "
+            f"{hit.summary[:240].replace('. ', '; ').rstrip('.')}{_cite([hit.key])}",
+            value=round(float(hit.score), 4),
+            evidence=(hit.key,),
+            details={"key": hit.key, "patient_id": hit.patient_id},
+        )
+        for hit in ctx.similar(k)
+    ]
