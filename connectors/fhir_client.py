@@ -261,10 +261,7 @@ class FhirClient:
             raise
         for page in await asyncio.gather(*validations):
             for checked in page:
-                if isinstance(checked, InvalidResource):
-                    result.invalid.append(checked)
-                else:
-                    result.resources.append(checked)
+                result.add(checked)
         return result
 
     @staticmethod
