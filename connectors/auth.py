@@ -24,6 +24,7 @@ class BearerAuth(httpx.Auth):
         self._header = f"Bearer {token}"
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        """httpx's hook: send ``request`` once with ``Authorization: Bearer {token}``."""
         request.headers["Authorization"] = self._header
         yield request
 
@@ -97,6 +98,11 @@ class SmartBackendAuth(httpx.Auth):
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        """httpx's hook: send ``request`` with ``Authorization: Bearer {access token}``, first
+        fetching a token when none is cached or it expires within ``EXPIRY_MARGIN_S`` (the token
+        endpoint from ``fhir.smart.token_url``, else from ``.well-known/smart-configuration``,
+        SMART App Launch 2.0, conformance.html); on a 401 answer, fetch a new token and send once
+        more. Raises ``AuthError`` when no token endpoint is named or the endpoint refuses."""
         for attempt in range(2):
             async with self._lock:
                 if attempt == 1 or not self._valid():
@@ -124,4 +130,6 @@ class SmartBackendAuth(httpx.Auth):
     def sync_auth_flow(
         self, request: httpx.Request
     ) -> Generator[httpx.Request, httpx.Response, None]:
+        """httpx's hook for a synchronous client: always raises ``AuthError`` (the token cache is
+        guarded by an asyncio lock, so only ``httpx.AsyncClient`` is supported)."""
         raise AuthError("SmartBackendAuth works with the async client only")

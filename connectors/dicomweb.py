@@ -79,12 +79,15 @@ class DicomWebClient:
 
     @classmethod
     def from_settings(cls, settings: DicomWebSettings) -> DicomWebClient | None:
+        """A client for ``settings.url`` with its HTTP settings and bearer token; ``None`` when no
+        DICOMweb URL is configured (images then come from FHIR attachments only)."""
         if not settings.url:
             return None
         token = settings.token.get_secret_value() if settings.token else None
         return cls(settings.url, http=settings.http, token=token)
 
     async def aclose(self) -> None:
+        """Close the HTTP connections; the client is not used after."""
         await self.http.aclose()
 
     async def __aenter__(self) -> DicomWebClient:

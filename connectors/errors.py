@@ -31,12 +31,16 @@ def _reference_in(url: str) -> str | None:
 class ChartSightError(Exception):
     """Base of every error ChartSight raises on purpose."""
 
+    # What a caller outside is told where the message itself names internals (a server, a
+    # database); None: the message, scrubbed. A subclass sets it or overrides ``public``.
+    said: str | None = None
+
     @property
     def public(self) -> str:
         """The message for a caller outside this deployment (HTTP, CDS Hooks, MCP): what they
         sent and what went wrong, never a server's URL, a file path or a setting. The full
         message (``str(exc)``) is for the operator's terminal and logs."""
-        return scrub(str(self))
+        return scrub(str(self)) if self.said is None else self.said
 
 
 class ConnectorError(ChartSightError):
@@ -55,6 +59,7 @@ class HttpStatusError(ConnectorError):
 
     @property
     def public(self) -> str:
+        """``"the patient's data source answered HTTP {status}"``, without the URL or body."""
         return f"the patient's data source answered HTTP {self.status}"
 
 
@@ -63,22 +68,18 @@ class ResourceNotFound(HttpStatusError):
 
     @property
     def public(self) -> str:
+        """``"{Type/id} was not found"`` (``"the resource was not found"`` when the URL names
+        none): the caller's own reference, without the server's URL."""
         return f"{_reference_in(self.url) or 'the resource'} was not found"
 
 
 class _AtUrl(ConnectorError):
     """A failure at a server's URL, with its reason; callers outside are told ``said`` only."""
 
-    said = ""
-
     def __init__(self, url: str, reason: str) -> None:
         self.url = url
         self.reason = reason
         super().__init__(f"{url}: {reason}")
-
-    @property
-    def public(self) -> str:
-        return self.said
 
 
 class TransportError(_AtUrl):
@@ -96,6 +97,8 @@ class InvalidResponse(_AtUrl):
 class IncompletePaging(ConnectorError):
     """A search could not be read to its end; never returned as a silent partial result."""
 
+    said = "the patient's record could not be read to its end"
+
     def __init__(self, url: str, fetched: int, total: int | None, reason: str) -> None:
         self.url = url
         self.fetched = fetched
@@ -103,33 +106,23 @@ class IncompletePaging(ConnectorError):
         of = f" of {total}" if total is not None else ""
         super().__init__(f"{url}: fetched {fetched}{of} resources, then {reason}")
 
-    @property
-    def public(self) -> str:
-        return "the patient's record could not be read to its end"
-
 
 class AuthError(ConnectorError):
     """Authorization with the FHIR server or its token endpoint failed."""
 
-    @property
-    def public(self) -> str:
-        return "ChartSight could not authorize with the patient's data source"
+    said = "ChartSight could not authorize with the patient's data source"
 
 
 class StoreError(ConnectorError):
     """The local FHIR store could not do what was asked."""
 
-    @property
-    def public(self) -> str:
-        return "the local store could not do what was asked"
+    said: str | None = "the local store could not do what was asked"
 
 
 class UnsupportedSearch(StoreError):
     """A search parameter the local store does not index."""
 
-    @property
-    def public(self) -> str:
-        return scrub(str(self))  # names the caller's own parameter
+    said = None  # the message, scrubbed: it names the caller's own parameter
 
 
 class FhirImportError(StoreError):
@@ -144,6 +137,7 @@ class FhirImportError(StoreError):
 
     @property
     def public(self) -> str:
+        """``"{entry}: {reason}"`` (or the reason alone), scrubbed: without the file's path."""
         return scrub(f"{self.entry}: {self.reason}" if self.entry else self.reason)
 
 

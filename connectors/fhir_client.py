@@ -83,6 +83,7 @@ class FhirClient:
 
     @property
     def name(self) -> str:
+        """The server's base URL (without a trailing ``/``): the provenance of its data."""
         return self.base_url
 
     async def __aenter__(self) -> FhirClient:
@@ -92,9 +93,11 @@ class FhirClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Close the HTTP connections; the client is not used after."""
         await self.http.aclose()
 
     def url(self, path: str) -> str:
+        """The absolute URL of ``path`` (e.g. ``Patient/123``) under the server's base URL."""
         return f"{self.base_url}/{path.lstrip('/')}"
 
     async def _get_json(self, url: str, params: list[tuple[str, str]] | None = None) -> Any:
@@ -138,6 +141,9 @@ class FhirClient:
         return False
 
     async def read(self, resource_type: str, resource_id: str) -> Resource:
+        """``GET [base]/{type}/{id}`` as its FHIR R4 model. Raises ``ResourceNotFound`` (404),
+        ``InvalidResponse`` when the body is not a valid resource, or another
+        ``ConnectorError`` from ``RetryingHttp``."""
         url = self.url(f"{resource_type}/{resource_id}")
         body = await self._get_json(url)
         result = validate(body, url)
@@ -146,12 +152,18 @@ class FhirClient:
         return result
 
     async def search(self, resource_type: str, params: SearchParams | None = None) -> SearchResult:
+        """Every match of ``GET [base]/{type}?params``, all pages read (``_count`` defaults to
+        ``fhir.page_size``); included resources kept. Raises ``IncompletePaging`` when the pages
+        end before the matches, or another ``ConnectorError``."""
         query = _params(params)
         if not any(k == "_count" for k, _ in query):
             query.append(("_count", str(self.settings.page_size)))
         return await self._collect(self.url(resource_type), query, resource_type)
 
     async def everything(self, patient_id: str) -> SearchResult:
+        """The patient and the patient's compartment: ``Patient/{id}/$everything`` when
+        ``fhir.use_everything`` and the CapabilityStatement offers it, else one search per type
+        (``everything_by_type``). Raises ``ResourceNotFound`` or another ``ConnectorError``."""
         if self.settings.use_everything and await self.supports_everything():
             url = self.url(f"Patient/{patient_id}/$everything")
             return await self._collect(url, [("_count", str(self.settings.page_size))])
@@ -261,10 +273,7 @@ class FhirClient:
             raise
         for page in await asyncio.gather(*validations):
             for checked in page:
-                if isinstance(checked, InvalidResource):
-                    result.invalid.append(checked)
-                else:
-                    result.resources.append(checked)
+                result.add(checked)
         return result
 
     @staticmethod

@@ -74,6 +74,7 @@ class RetryingHttp:
         )
 
     async def aclose(self) -> None:
+        """Close the underlying ``httpx.AsyncClient``; no request is sent after."""
         await self.client.aclose()
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:

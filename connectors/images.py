@@ -58,12 +58,15 @@ class PatientImage:
 
     @property
     def size(self) -> tuple[int, int]:
+        """``(width, height)`` in pixels."""
         return int(self.pixels.shape[1]), int(self.pixels.shape[0])
 
     def to_pil(self) -> Image.Image:
+        """The pixels as a PIL image (mode "L" for grey, "RGB" for colour)."""
         return Image.fromarray(self.pixels)
 
     def png_bytes(self) -> bytes:
+        """The pixels encoded as PNG (lossless)."""
         buf = io.BytesIO()
         self.to_pil().save(buf, format="PNG")
         return buf.getvalue()
@@ -79,6 +82,9 @@ class ImageFailure:
 
 @dataclass
 class ImageSet:
+    """A record's images: those fetched and decoded, and one ``ImageFailure`` per image that
+    could not be had (so no image is left out silently)."""
+
     images: list[PatientImage] = field(default_factory=list)
     failures: list[ImageFailure] = field(default_factory=list)
 

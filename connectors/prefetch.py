@@ -44,20 +44,26 @@ class PrefetchSource:
 
     @property
     def name(self) -> str:
+        """``"CDS Hooks prefetch"``: the provenance of its data."""
         return "CDS Hooks prefetch"
 
     def has_patient(self, patient_id: str) -> bool:
+        """Whether the prefetch holds a valid Patient with this id."""
         return any(
             r.get_resource_type() == "Patient" and str(r.id) == patient_id for r in self.resources
         )
 
     async def read(self, resource_type: str, resource_id: str) -> Any:
+        """The prefetched resource ``{type}/{id}``; raises ``ResourceNotFound`` if not sent."""
         for r in self.resources:
             if r.get_resource_type() == resource_type and str(r.id) == resource_id:
                 return r
         raise ResourceNotFound(f"{resource_type}/{resource_id}", 404, "not in the prefetch")
 
     async def search(self, resource_type: str, params: SearchParams | None = None) -> SearchResult:
+        """Every prefetched resource of ``resource_type``; of the parameters only a Patient's
+        ``identifier`` filters (by value, the system ignored): the rest of the chart comes from
+        ``everything``."""
         found = [r for r in self.resources if r.get_resource_type() == resource_type]
         ident = dict(params or {}).get("identifier")
         if resource_type == "Patient" and ident:
@@ -91,7 +97,9 @@ class PrefetchSource:
         return SearchResult(resources=mine, invalid=invalid, pages=1, total=len(mine))
 
     async def binary(self, reference: str) -> BinaryContent:
+        """Always raises ``ResourceNotFound``: a prefetch carries no binaries."""
         raise ResourceNotFound(reference, 404, "binaries are not part of the prefetch")
 
     async def aclose(self) -> None:
+        """Nothing to release: the prefetch is in memory."""
         return None

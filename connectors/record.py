@@ -129,6 +129,7 @@ class PatientRecord:
 
     @property
     def patient_id(self) -> str:
+        """The Patient's ``id`` (the logical id, without ``Patient/``)."""
         return str(self.patient.id)
 
     @property

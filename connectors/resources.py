@@ -56,6 +56,7 @@ class InvalidResource:
 
     @property
     def reference(self) -> str:
+        """``Type/id`` of the resource as read (``id`` may be ``None`` when it had none)."""
         return f"{self.resource_type}/{self.id}"
 
 
@@ -68,7 +69,16 @@ class SearchResult:
     total: int | None = None
     pages: int = 0
 
+    def add(self, checked: Resource | InvalidResource) -> None:
+        """File what ``validate`` returned: a model under ``resources``, an ``InvalidResource``
+        under ``invalid`` (``total`` is left to the caller)."""
+        if isinstance(checked, InvalidResource):
+            self.invalid.append(checked)
+        else:
+            self.resources.append(checked)
+
     def of_type(self, resource_type: str) -> list[Resource]:
+        """The resources of ``resource_type`` (e.g. "Observation"), in result order."""
         return [r for r in self.resources if r.get_resource_type() == resource_type]
 
 
