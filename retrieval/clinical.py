@@ -173,6 +173,7 @@ class FhirDate:
 
     @property
     def text(self) -> str:
+        """The date at its own precision: "2019", "2026-03", or "2026-03-04" (also for a time)."""
         if self.precision == "year":
             return f"{self.start.year:04d}"
         if self.precision == "month":
@@ -275,6 +276,7 @@ class AgeReading:
 
     @property
     def text(self) -> str:
+        """The age in years as a line says it: "67", or "about 67" when approximate."""
         return ("about " if self.approximate else "") + f"{self.years}"
 
 
@@ -323,10 +325,12 @@ class Measurement:
 
     @property
     def exact(self) -> bool:
+        """True unless the value is a bound (it has a comparator)."""
         return self.comparator is None
 
     @property
     def text(self) -> str:
+        """Comparator, number (``number_text``) and unit: "<0.5 ng/mL", "6.3 %", "12"."""
         return f"{self.comparator or ''}{number_text(self.value)} {self.unit or ''}".strip()
 
 

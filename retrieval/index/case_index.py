@@ -1,0 +1,302 @@
+"""``CaseIndex``: the similar-case index, built from cases and searched with filters.
+
+SQL (``schema``, ``rows``) is the source of truth; the FAISS index (``kinds``) is derived from it
+and saved as generations (``manifest``). Opening an index checks its vector space, loads the live
+generation and catches up with SQL without encoding anything again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import create_engine, insert, select
+from sqlalchemy.engine import Engine
+
+from retrieval.cases import Case
+from retrieval.encoders import ImageEncoder, TextEncoder
+from retrieval.index import filters, kinds, manifest, rows
+from retrieval.index.errors import CaseIndexError
+from retrieval.index.fusion import Fusion, mean_direction
+from retrieval.index.hits import CaseFilter, CaseHit
+from retrieval.index.schema import meta_t, metadata
+from retrieval.settings import FusionSettings, IndexSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildStats:
+    """What one ``CaseIndex.upsert`` did, in cases: ``added`` (new keys), ``updated`` (keys whose
+    fingerprint changed), ``unchanged`` (same fingerprint, not encoded) and ``removed``."""
+
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    removed: int = 0
+
+
+class CaseIndex:
+    """Similar cases: add, update and remove by key; search with filters; save generations.
+
+    ``path`` is the index folder (``cases.db`` there unless ``sql_url`` names another database).
+    Opening raises IndexMismatch when the folder was built in another vector space, and
+    CaseIndexError when its live generation is damaged. Thread-safe: changes and searches hold
+    one lock.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        settings: IndexSettings,
+        fusion_settings: FusionSettings,
+        text_encoder: TextEncoder,
+        image_encoder: ImageEncoder,
+        *,
+        sql_url: str | None = None,
+    ) -> None:
+        self.path = path
+        self.settings = settings
+        self.text_encoder = text_encoder
+        self.image_encoder = image_encoder
+        self.fusion = Fusion(fusion_settings, text_encoder.info, image_encoder.info)
+        path.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = create_engine(sql_url or f"sqlite:///{path / 'cases.db'}")
+        metadata.create_all(self.engine)
+        self._lock = threading.RLock()
+        self._gpu: Any = None
+        self._gpu_resources: Any = None
+        self._gpu_stale = True
+        self._check_space()
+        self.index, self.factory = self._open()
+
+    # --- identity of the vector space ---
+
+    def space(self) -> dict[str, Any]:
+        """What the vectors depend on (``manifest.vector_space``): compared on every open."""
+        return manifest.vector_space(self.text_encoder.info, self.image_encoder.info, self.fusion)
+
+    def _check_space(self) -> None:
+        """Record the space in a new database; raise IndexMismatch when a database has another."""
+        with self.engine.begin() as conn:
+            row = conn.execute(select(meta_t.c.value).where(meta_t.c.name == "space")).first()
+            if row is None:
+                conn.execute(insert(meta_t).values(name="space", value=json.dumps(self.space())))
+                return
+        manifest.compare_space(json.loads(row[0]), self.space(), str(self.path))
+
+    # --- the FAISS index, from SQL and generations ---
+
+    def _open(self) -> tuple[Any, str]:
+        """The live generation, brought up to date with SQL; built from SQL when there is none."""
+        gen = manifest.current_generation(self.path)
+        in_sql = set(rows.sql_state(self.engine))
+        if gen is None:
+            index, factory = self._build_from_sql(self._choose_factory(len(in_sql)))
+            if in_sql:
+                self.save(index=index, factory=factory)
+            return index, factory
+        index, ids, factory = manifest.read_generation(gen, self.space())
+        in_index = set(ids.tolist())
+        if in_index != in_sql:
+            # a build committed to SQL but did not finish its generation: catch up, no encoding
+            log.info(
+                "index %s is behind its database (%d to add, %d to remove); catching up",
+                gen.name,
+                len(in_sql - in_index),
+                len(in_index - in_sql),
+            )
+            self._apply(index, add=sorted(in_sql - in_index), remove=sorted(in_index - in_sql))
+            self.save(index=index, factory=factory)
+        return index, factory
+
+    def _choose_factory(self, n: int) -> str:
+        return kinds.choose_factory(self.settings, n, self.fusion.dim)
+
+    def _vectors(self, ids: Sequence[int]) -> np.ndarray:
+        """The fused vectors of ``ids`` from SQL, shape (len(ids), dim)."""
+        return rows.read_vectors(self.engine, ids, self.fusion.dim)
+
+    def _build_from_sql(self, factory: str) -> tuple[Any, str]:
+        """A fresh index of the cases in SQL, and the factory it really has."""
+        ids = sorted(rows.sql_state(self.engine))
+        index, factory = kinds.train(
+            kinds.new_index(factory, self.fusion.dim), factory, self.fusion.dim, ids, self._vectors
+        )
+        kinds.add_ids(index, ids, self._vectors)
+        return index, factory
+
+    def _apply(self, index: Any, add: Sequence[int], remove: Sequence[int]) -> Any:
+        """``index`` with ``remove`` taken out and ``add`` put in (their vectors from SQL)."""
+        if remove:
+            try:
+                index.remove_ids(np.asarray(remove, dtype=np.int64))
+            except RuntimeError:
+                # HNSW cannot delete: rebuild from SQL (still no encoding)
+                return self._build_from_sql(self.factory)[0]
+        kinds.add_ids(index, add, self._vectors)
+        return index
+
+    def save(self, *, index: Any = None, factory: str | None = None) -> Path:
+        """Write a new generation (``manifest.write_generation``) and make it live atomically;
+        older ones are removed. Returns the generation's folder."""
+        index = index if index is not None else self.index
+        factory = factory or self.factory
+        with self._lock:
+            return manifest.write_generation(self.path, index, factory, self.space())
+
+    # --- changing the cases ---
+
+    def thumbnail(self, key: str) -> bytes | None:
+        """The PNG preview of a case's first image (greyscale, at most 128 px), if it has one."""
+        return rows.thumbnail(self.engine, key)
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def fingerprints(self) -> dict[str, str]:
+        """Key → fingerprint of every case held."""
+        return rows.fingerprints(self.engine)
+
+    def encode(self, cases: Sequence[Case]) -> np.ndarray:
+        """Fused vectors of cases, float32 (len(cases), dim): text of the summaries, the unit mean
+        of each case's image vectors (zero for a case without images)."""
+        text = self.text_encoder.encode_texts([c.summary for c in cases])
+        image = np.zeros((len(cases), self.image_encoder.info.dim), dtype=np.float32)
+        flat = [im for c in cases for im in c.images]
+        if flat:
+            vectors = self.image_encoder.encode_images(flat)
+            at = 0
+            for row, case in enumerate(cases):
+                if case.images:
+                    image[row] = mean_direction(vectors[at : at + len(case.images)])
+                    at += len(case.images)
+        return self.fusion.fuse(text, image)
+
+    def upsert(self, cases: Sequence[Case], vectors: np.ndarray | None = None) -> BuildStats:
+        """Add new cases and replace changed ones (by key), in one SQL transaction; unchanged
+        fingerprints are skipped without encoding. ``vectors`` (one fused row per case, in the
+        order of ``cases``) skips encoding; a wrong shape raises CaseIndexError."""
+        if not cases:
+            return BuildStats()
+        held = self.fingerprints()
+        todo = [c for c in cases if held.get(c.key) != c.fingerprint()]
+        unchanged = len(cases) - len(todo)
+        if not todo:
+            return BuildStats(unchanged=unchanged)
+        if vectors is None:
+            vectors = self.encode(todo)
+        else:
+            keep = {c.key for c in todo}
+            vectors = vectors[[i for i, c in enumerate(cases) if c.key in keep]]
+        if vectors.shape != (len(todo), self.fusion.dim):
+            raise CaseIndexError(
+                f"expected vectors of shape {(len(todo), self.fusion.dim)}, got {vectors.shape}"
+            )
+        with self._lock:
+            new_ids, old_ids = rows.replace_cases(self.engine, todo, vectors)
+            self._grow_or_apply(add=new_ids, remove=old_ids)
+        return BuildStats(added=len(todo) - len(old_ids), updated=len(old_ids), unchanged=unchanged)
+
+    def remove(self, keys: Iterable[str]) -> int:
+        """Remove cases by key; returns how many were held."""
+        keys = list(keys)
+        with self._lock:
+            ids = rows.delete_cases(self.engine, keys)
+            if ids:
+                self._grow_or_apply(add=[], remove=ids)
+        return len(ids)
+
+    def _grow_or_apply(self, add: list[int], remove: list[int]) -> None:
+        wanted = self._choose_factory(int(self.index.ntotal) + len(add) - len(remove))
+        if wanted != self.factory:
+            # the kind changed with size (exact → IVF), or an IVF index can now be trained
+            self.index, self.factory = self._build_from_sql(wanted)
+        else:
+            self.index = self._apply(self.index, add, remove)
+        self._gpu_stale = True
+
+    # --- search ---
+
+    def _gpu_index(self) -> Any:
+        """A GPU copy of the index when the settings ask for one and a GPU is visible, refreshed
+        after a change; else None."""
+        if not self.settings.use_gpu or kinds.faiss.get_num_gpus() == 0:
+            return None
+        if self._gpu_stale or self._gpu is None:
+            self._gpu, self._gpu_resources = kinds.gpu_copy(self.index, self.settings.nprobe)
+            self._gpu_stale = False
+        return self._gpu
+
+    def search_vectors(
+        self, queries: np.ndarray, k: int = 5, flt: CaseFilter | None = None
+    ) -> list[list[tuple[int, float]]]:
+        """(FAISS id, score) of the best ``k`` allowed cases for each query row (queries: float32
+        (n, dim) in the fused space); one list per row, best first, shorter when fewer match."""
+        flt = flt or CaseFilter()
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        with self._lock:
+            if self.index.ntotal == 0:
+                return [[] for _ in range(len(queries))]
+            selector, excluded, nothing = filters.selector(self.engine, flt)
+            if nothing:
+                return [[] for _ in range(len(queries))]
+            gpu = self._gpu_index()
+            if gpu is not None and (selector is None or excluded is not None):
+                # GPU indexes ignore IDSelectors: a small exclusion set is searched exactly by
+                # asking for k + |excluded| and dropping them; allow-lists go to the CPU index.
+                extra = len(excluded or ())
+                scores, ids = gpu.search(queries, min(k + extra, int(self.index.ntotal)))
+            else:
+                params = kinds.search_parameters(self.index, self.factory, self.settings, selector)
+                scores, ids = self.index.search(
+                    queries, min(k, int(self.index.ntotal)), params=params
+                )
+        out = []
+        for row_ids, row_scores in zip(ids, scores, strict=True):
+            hits = [
+                (int(i), float(s))
+                for i, s in zip(row_ids, row_scores, strict=True)
+                if i >= 0 and not (excluded and int(i) in excluded)
+            ]
+            out.append(hits[:k])
+        return out
+
+    def hits(self, found: list[tuple[int, float]]) -> list[CaseHit]:
+        """Case rows for search results (``search_vectors``' lists), in their order."""
+        return rows.case_hits(self.engine, found)
+
+    def similar(
+        self,
+        case: Case,
+        k: int = 5,
+        flt: CaseFilter | None = None,
+        *,
+        image_weight: float | None = None,
+        text_weight: float | None = None,
+    ) -> list[CaseHit]:
+        """Cases most like ``case`` (its images and summary, fused as configured, or with the
+        weights given), best first, at most ``k``."""
+        text = self.text_encoder.encode_texts([case.summary])
+        image = None
+        if case.images:
+            image = mean_direction(self.image_encoder.encode_images(case.images))[None, :]
+        query = self.fusion.fuse(text, image, image_weight, text_weight)
+        return self.hits(self.search_vectors(query, k, flt)[0])
+
+    def search_text(self, text: str, k: int = 5, flt: CaseFilter | None = None) -> list[CaseHit]:
+        """Cases matching a text query, best first, at most ``k``. With a shared image-text space
+        (``sum`` fusion) this reaches images too; with ``concat`` it compares with the case
+        summaries only."""
+        vec = self.text_encoder.encode_texts([text])
+        if self.fusion.mode == "sum":
+            query = vec
+        else:
+            query = self.fusion.fuse(vec, None, image_weight=0.0, text_weight=1.0)
+        return self.hits(self.search_vectors(query, k, flt)[0])
