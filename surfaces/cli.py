@@ -214,19 +214,25 @@ def _files(paths: list[Path]) -> Iterator[Path]:
             yield path
 
 
+def _progress(doing: str, detail: str) -> Progress:
+    """A transient progress bar on the console: ``doing`` in bold, the bar, done/total, the time
+    elapsed, then the task's field ``detail`` (set with ``progress.update(task, detail=...)``)."""
+    return Progress(
+        TextColumn(f"[bold]{doing}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn(f"{{task.fields[{detail}]}}"),
+        console=console,
+        transient=True,
+    )
+
+
 def _import(
     store: FhirStore, files: list[Path], force: bool
 ) -> tuple[list[ImportReport], list[FhirImportError]]:
     reports, failures = [], []
-    with Progress(
-        TextColumn("[bold]importing"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[name]}"),
-        console=console,
-        transient=True,
-    ) as progress:
+    with _progress("importing", "name") as progress:
         task = progress.add_task("import", total=len(files), name="")
         for path in files:
             progress.update(task, name=path.name)
@@ -484,15 +490,7 @@ def index_build(
             return await _build(src, dicomweb)
 
     async def _build(src: Any, dicomweb: Any) -> BuildReport:
-        with Progress(
-            TextColumn("[bold]indexing"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[rate]}"),
-            console=console,
-            transient=True,
-        ) as progress:
+        with _progress("indexing", "rate") as progress:
             task = progress.add_task("index", total=None, rate="")
 
             def advance(done: int, total: int, cases: int) -> None:
