@@ -52,6 +52,10 @@ class Access:
         self.agent: ChartSight | None = None  # stdio: the process's own agent
 
     def caller(self, ctx: Context) -> tuple[ChartSight, Principal]:
+        """The agent and the caller of a tool call: over stdio the process's agent and the local
+        caller; over HTTP the service's agent and the principal of the request's credentials,
+        rate limited. Raises ``McpToolError`` when ChartSight is not open, credentials are
+        missing or invalid, or the client is over its rate."""
         request = ctx.request_context.request if ctx.request_context else None
         if self.service is None:
             if self.agent is None:
@@ -77,6 +81,8 @@ class Access:
     async def check(
         self, who: Principal, tool: str, patient: str, question: str | None = None
     ) -> None:
+        """Raise ``McpToolError`` (and audit the denial) unless ``who`` may read ``patient``; a
+        caller bound to a patient may name it by an identifier too (``authorize_key``)."""
         agent = self.service.agent if self.service is not None else self.agent
         try:
             if agent is None:
@@ -88,6 +94,9 @@ class Access:
             raise McpToolError(f"forbidden: {exc.public}") from exc
 
     async def audit(self, who: Principal, tool: str, outcome: str, patient: str, question: str | None = None, **kw: Any) -> None:  # fmt: skip
+        """One audit row for a tool call under the endpoint ``mcp:<tool>`` (``AuditLog.record``'s
+        ``answer`` and ``detail`` in ``kw``); over stdio there is no audit log, and nothing is
+        written."""
         if self.service is not None:
             await self.service.audit.arecord(
                 who, f"mcp:{tool}", outcome, patient_id=patient, question=question, **kw
@@ -95,6 +104,9 @@ class Access:
 
 
 def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> MCPServer:
+    """The MCP server ``chartsight`` with its tools: ``patient_evidence``, ``patient_facts``,
+    ``fact_tools``, ``similar_cases`` and ``ask``, each authorized and audited through
+    ``access``; ``lifespan`` opens the agent (stdio)."""
     server: MCPServer = MCPServer(
         name="chartsight", instructions=INSTRUCTIONS, version="1", lifespan=lifespan
     )
@@ -239,6 +251,8 @@ def mount_mcp(app: FastAPI) -> None:
 
 @contextlib.asynccontextmanager
 async def mcp_lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """The mounted MCP server's sessions for the app's lifetime, its tools using the app's
+    ``Service`` (entered in the app's lifespan, after the service is opened)."""
     server, access = app.state.mcp
     access.service = app.state.service
     async with server.session_manager.run():

@@ -8,6 +8,8 @@ from pydantic import BaseModel, Field
 
 
 class AskRequest(BaseModel):
+    """A question about one patient (``POST /v1/ask`` and ``/v1/ask/stream``)."""
+
     patient: str = Field(min_length=1, max_length=200, description="Patient id (or identifier).")
     question: str = Field(min_length=1, description="The clinician's question.")
     thread: str | None = Field(
@@ -19,11 +21,17 @@ class AskRequest(BaseModel):
 
 
 class CitationOut(BaseModel):
+    """A cited resource: its FHIR reference (``Observation/abc``) and the evidence line the
+    answer was checked against."""
+
     reference: str
     text: str
 
 
 class FactOut(BaseModel):
+    """A fact a structured tool computed from the record: the tool, its statement, the value and
+    UCUM unit, the date and the references of the evidence it rests on."""
+
     tool: str
     statement: str
     value: Any = None
@@ -38,12 +46,18 @@ class FactOut(BaseModel):
 
 
 class SimilarCaseOut(BaseModel):
+    """A past case the answer drew on: its key, score (the inner product of fused vectors: the
+    weighted mean of image and text cosines, at most 1) and summary."""
+
     key: str
     score: float
     summary: str
 
 
 class ImageOut(BaseModel):
+    """An image the answer used: the FHIR reference it came from (Media, DocumentReference or
+    ImagingStudy) and, for DICOM, its study, series and SOP instance UIDs."""
+
     reference: str
     modality: str | None = None
     study_uid: str | None = None
@@ -75,6 +89,10 @@ class AnswerOut(BaseModel):
 
 
 class CaseHitOut(BaseModel):
+    """A similar case (``GET /v1/patients/{patient_id}/similar``): its key and patient, the score
+    (the weighted mean of image and text cosines, at most 1), summary, and the metadata that
+    filters use (sex, age band, modalities, label, kind)."""
+
     key: str
     patient_id: str
     score: float
@@ -87,4 +105,6 @@ class CaseHitOut(BaseModel):
 
 
 class Problem(BaseModel):
+    """An error response: ``detail`` says what was wrong, without echoing PHI."""
+
     detail: str
