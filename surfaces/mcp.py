@@ -74,10 +74,6 @@ class Access:
             raise McpToolError("too many requests from this client")
         return self.service.agent, who
 
-    def thread_key(self, who: Principal, patient: str, thread: str) -> str:
-        """The thread's checkpoint key, private to the caller and the patient (as over REST)."""
-        return thread_key(who, patient, thread)
-
     async def check(
         self, who: Principal, tool: str, patient: str, question: str | None = None
     ) -> None:
@@ -190,7 +186,7 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
             answer = await agent.ask(
                 patient,
                 question,
-                thread_id=access.thread_key(who, patient, thread) if thread else None,
+                thread_id=thread_key(who, patient, thread) if thread else None,
                 keep=False,  # outside a thread nothing is kept, as over REST
                 case_privacy=case_privacy(who),
             )

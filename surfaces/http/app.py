@@ -37,7 +37,7 @@ from surfaces.http.deps import (
 )
 from surfaces.http.middleware import AccessLog, BodyLimit
 from surfaces.http.schemas import AnswerOut, AskRequest, CaseHitOut, Problem
-from surfaces.http.security import case_privacy
+from surfaces.http.security import case_privacy, thread_key
 from surfaces.http.smart import router as smart_router
 from surfaces.mcp import mcp_lifespan, mount_mcp
 from surfaces.settings import AppSettings
@@ -145,7 +145,7 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
         request is audited (the question's SHA-256, never its text)."""
         check_question(svc, body.question)
         await allowed(svc, who, "ask", body.patient, body.question)
-        thread = svc.thread_key(who, body.patient, body.thread) if body.thread else None
+        thread = thread_key(who, body.patient, body.thread) if body.thread else None
         try:
             answer: Answer | None = await run_unless_disconnected(
                 request,

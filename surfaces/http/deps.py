@@ -54,11 +54,6 @@ class Service:
         self.audit = AuditLog(settings.serve.audit_url or f"sqlite:///{home / 'audit.db'}")
         self.smart_sessions: Any = None  # the SMART app's launches and sessions (smart.py)
 
-    def thread_key(self, principal: Principal, patient: str, thread: str) -> str:
-        """Threads are private to the caller and the patient: another caller's thread id, or the
-        same id about another patient, is a different conversation."""
-        return thread_key(principal, patient, thread)
-
 
 def service(request: Request) -> Service:
     """The process's ``Service``, opened by the app's lifespan."""
@@ -183,13 +178,13 @@ def answer_stream(
     they happen (``node_started``, ``token``, ``verified``, ...: ``{"event": kind, "data": JSON}``),
     then ``answer`` (the answer's JSON, ``thread_id`` the caller's own ``thread``) or ``error``
     (``{"status", "detail"}``: 504 past ``serve.request_timeout_s``, else ``http_error``'s).
-    ``thread`` is kept apart per caller and patient (``Service.thread_key``); the similar cases
+    ``thread`` is kept apart per caller and patient (``security.thread_key``); the similar cases
     shown follow ``case_privacy(who)``; ``source`` and ``keep`` are ``ChartSight.ask``'s. The run
     is audited under ``endpoint`` (answered, abstained, error, timeout, cancelled) and is stopped
     when the client goes away. Authorization (``allowed``) and ``check_question`` come first, in
     the route."""
     queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    thread_id = svc.thread_key(who, patient, thread) if thread else None
+    thread_id = thread_key(who, patient, thread) if thread else None
 
     async def run() -> None:
         try:
