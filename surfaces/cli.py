@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_type_hints
 
 import typer
 from pydantic import SecretStr
@@ -75,6 +77,27 @@ TokenOpt = Annotated[
         "--token", help="Bearer token for the FHIR server.", envvar="CHARTSIGHT_FHIR__TOKEN"
     ),
 ]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", help="Model backend: 'evidence' (no model), 'openai', or a plug-in."),
+]
+ModelUrlOpt = Annotated[
+    str | None, typer.Option("--model-url", help="Root of an OpenAI-compatible API (…/v1).")
+]
+ModelNameOpt = Annotated[str | None, typer.Option("--model-name", help="Model name to request.")]
+PatientArg = Annotated[str, typer.Argument(help="Patient id, or an identifier value.")]
+QuestionArg = Annotated[str, typer.Argument(help="The clinician's question.")]
+ThreadOpt = Annotated[str | None, typer.Option(help="Continue this conversation thread.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+AnswerJsonOpt = Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")]
+
+# The options every command that reads a patient, or also answers, shares (see ``_configured``).
+_SOURCE_OPTIONS: tuple[tuple[str, Any], ...] = (("fhir_url", FhirUrlOpt), ("token", TokenOpt))
+_MODEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("model", ModelOpt),
+    ("model_url", ModelUrlOpt),
+    ("model_name", ModelNameOpt),
+)
 
 IMPORTABLE = (".json", ".ndjson", ".jsonl", ".json.gz", ".ndjson.gz", ".jsonl.gz")
 
@@ -84,14 +107,75 @@ class _State:
 
 
 def _settings(
-    config: Path | None, fhir_url: str | None = None, token: str | None = None
+    config: Path | None,
+    fhir_url: str | None = None,
+    token: str | None = None,
+    model: str | None = None,
+    model_url: str | None = None,
+    model_name: str | None = None,
 ) -> AppSettings:
+    """The settings of ``config`` (else the default file and the environment) with the given
+    command-line options applied; ``--model-url`` alone means the ``openai`` backend."""
     settings = load_app_settings(config)
     if fhir_url:
         settings.fhir.url = fhir_url
     if token:
         settings.fhir.token = SecretStr(token)
+    if model:
+        settings.model.name = model
+    if model_url:
+        settings.model.base_url = model_url
+        if not model:
+            settings.model.name = "openai"
+    if model_name:
+        settings.model.model = model_name
     return settings
+
+
+Command = Callable[..., None]
+
+
+def _configured(*, source: bool = False, model: bool = False) -> Callable[[Command], Command]:
+    """Decorator for a command that takes ``settings: AppSettings``: on the command line that
+    parameter becomes the shared options, in its place (``--fhir-url``/``--token`` with
+    ``source``, then ``--model``/``--model-url``/``--model-name`` with ``model``), and
+    ``--config`` comes last. The command is called with the settings built from them (the TOML
+    file and ``CHARTSIGHT_`` environment, then the options); a settings error is the one-line
+    ``error:`` and exit status 1 before the command runs."""
+    shared = [*(_SOURCE_OPTIONS if source else ()), *(_MODEL_OPTIONS if model else ())]
+
+    def decorate(command: Command) -> Command:
+        hints = get_type_hints(command, include_extras=True)
+        params: list[inspect.Parameter] = []
+        for param in inspect.signature(command).parameters.values():
+            if param.name == "settings":
+                params += [
+                    inspect.Parameter(name, param.kind, default=None, annotation=hint)
+                    for name, hint in shared
+                ]
+            else:
+                params.append(param.replace(annotation=hints[param.name]))
+        params.append(
+            inspect.Parameter(
+                "config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ConfigOpt
+            )
+        )
+
+        @functools.wraps(command)
+        def configured(**options: Any) -> None:
+            given = {name: options.pop(name) for name, _ in [*shared, ("config", ConfigOpt)]}
+            try:
+                settings = _settings(**given)
+            except ChartSightError as exc:
+                _fail(exc)
+            command(settings=settings, **options)
+
+        # Typer reads a command's options from its signature and annotations.
+        configured.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
+        configured.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+        return configured
+
+    return decorate
 
 
 def _reader(settings: AppSettings, *, dense: bool = False, use_index: bool = False) -> ChartSight:
@@ -130,19 +214,25 @@ def _files(paths: list[Path]) -> Iterator[Path]:
             yield path
 
 
+def _progress(doing: str, detail: str) -> Progress:
+    """A transient progress bar on the console: ``doing`` in bold, the bar, done/total, the time
+    elapsed, then the task's field ``detail`` (set with ``progress.update(task, detail=...)``)."""
+    return Progress(
+        TextColumn(f"[bold]{doing}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn(f"{{task.fields[{detail}]}}"),
+        console=console,
+        transient=True,
+    )
+
+
 def _import(
     store: FhirStore, files: list[Path], force: bool
 ) -> tuple[list[ImportReport], list[FhirImportError]]:
     reports, failures = [], []
-    with Progress(
-        TextColumn("[bold]importing"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[name]}"),
-        console=console,
-        transient=True,
-    ) as progress:
+    with _progress("importing", "name") as progress:
         task = progress.add_task("import", total=len(files), name="")
         for path in files:
             progress.update(task, name=path.name)
@@ -155,17 +245,17 @@ def _import(
 
 
 @app.command("import")
+@_configured()
 def import_(
     paths: Annotated[
         list[Path],
         typer.Argument(help="Bundle / NDJSON / resource files or folders (.gz accepted)."),
     ],
-    config: ConfigOpt = None,
+    settings: AppSettings,
     force: Annotated[bool, typer.Option(help="Import files again even if unchanged.")] = False,
 ) -> None:
     """Import FHIR Bundles, NDJSON (Bulk Data) and resources into the local store."""
     try:
-        settings = _settings(config)
         store = FhirStore(settings.store_url, batch_size=settings.store.batch_size)
     except ChartSightError as exc:
         _fail(exc)
@@ -209,14 +299,15 @@ def import_(
 
 
 @app.command()
+@_configured()
 def patients(
     search: Annotated[str | None, typer.Option("--search", "-s", help="Name starts with.")] = None,
     limit: Annotated[int, typer.Option(help="Most patients listed.")] = 50,
-    config: ConfigOpt = None,
+    *,
+    settings: AppSettings,
 ) -> None:
     """List the patients in the local store."""
     try:
-        settings = _settings(config)
         found = FhirStore(settings.store_url).patients(search, limit=limit)
     except ChartSightError as exc:
         _fail(exc)
@@ -247,16 +338,15 @@ def patients(
 
 
 @app.command()
+@_configured(source=True)
 def find(
     name: Annotated[str, typer.Argument(help="Given and family name, e.g. 'Tommy Friesen'.")],
     born: Annotated[str | None, typer.Option(help="Birth date, YYYY-MM-DD.")] = None,
-    fhir_url: FhirUrlOpt = None,
-    token: TokenOpt = None,
-    config: ConfigOpt = None,
+    *,
+    settings: AppSettings,
 ) -> None:
     """Find a patient's id by name and birth date ('Patient not found' when there is none)."""
     try:
-        settings = _settings(config, fhir_url, token)
 
         async def run() -> list[Any]:
             async with _reader(settings) as agent:
@@ -284,20 +374,18 @@ async def _load(
 
 
 @app.command()
+@_configured(source=True)
 def record(
-    patient: Annotated[str, typer.Argument(help="Patient id, or an identifier value.")],
-    fhir_url: FhirUrlOpt = None,
-    token: TokenOpt = None,
+    patient: PatientArg,
+    settings: AppSettings,
     dicomweb_url: Annotated[
         str | None, typer.Option("--dicomweb-url", help="DICOMweb root for ImagingStudy pixels.")
     ] = None,
     images: Annotated[bool, typer.Option(help="Fetch and decode the patient's images.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
-    config: ConfigOpt = None,
 ) -> None:
     """Print a readable summary of a patient's assembled record."""
     try:
-        settings = _settings(config, fhir_url, token)
         if dicomweb_url:
             settings.dicomweb.url = dicomweb_url
         rec, imgs, sections = asyncio.run(_load(settings, patient, images))
@@ -310,11 +398,11 @@ def record(
 
 
 @app.command()
-def demo(config: ConfigOpt = None) -> None:
+@_configured()
+def demo(settings: AppSettings) -> None:
     """Set up the embedded default (demo patients in the local store, the case index) and answer a
     few questions about one patient, every sentence cited and verified."""
     try:
-        settings = _settings(config)
         store = FhirStore(settings.store_url)
         reports = import_demo(store)
     except ChartSightError as exc:
@@ -366,6 +454,7 @@ app.add_typer(index_app, name="index")
 
 
 @index_app.command("build")
+@_configured(source=True)
 def index_build(
     source: Annotated[
         str | None,
@@ -375,17 +464,15 @@ def index_build(
             "settings). Default: the FHIR server when one is given, else the local store.",
         ),
     ] = None,
-    fhir_url: FhirUrlOpt = None,
-    token: TokenOpt = None,
+    *,
+    settings: AppSettings,
     rebuild: Annotated[
         bool, typer.Option(help="Start from an empty index (after changing encoders).")
     ] = False,
-    config: ConfigOpt = None,
 ) -> None:
     """Add every patient of the source to the similar-case index (only new or changed ones are
     encoded)."""
     try:
-        settings = _settings(config, fhir_url, token)
         if source not in (None, "local", "fhir"):
             raise ConfigurationError(f"--source is 'local' or 'fhir', not {source!r}")
         if source == "local":
@@ -403,15 +490,7 @@ def index_build(
             return await _build(src, dicomweb)
 
     async def _build(src: Any, dicomweb: Any) -> BuildReport:
-        with Progress(
-            TextColumn("[bold]indexing"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[rate]}"),
-            console=console,
-            transient=True,
-        ) as progress:
+        with _progress("indexing", "rate") as progress:
             task = progress.add_task("index", total=None, rate="")
 
             def advance(done: int, total: int, cases: int) -> None:
@@ -439,20 +518,19 @@ def index_build(
 
 
 @app.command()
+@_configured(source=True)
 def similar(
-    patient: Annotated[str, typer.Argument(help="Patient id, or an identifier value.")],
+    patient: PatientArg,
     k: Annotated[int, typer.Option("--k", "-k", help="How many similar cases.")] = 5,
     modality: Annotated[str | None, typer.Option(help="Only cases with this modality.")] = None,
     sex: Annotated[str | None, typer.Option(help="Only cases of this sex.")] = None,
     age_band: Annotated[str | None, typer.Option(help="Only this age band, e.g. 70-79.")] = None,
-    fhir_url: FhirUrlOpt = None,
-    token: TokenOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    config: ConfigOpt = None,
+    *,
+    settings: AppSettings,
+    as_json: JsonOpt = False,
 ) -> None:
     """Cases most similar to the patient's (the patient's own cases left out)."""
     try:
-        settings = _settings(config, fhir_url, token)
         flt = CaseFilter(modality=modality, sex=sex, age_band=age_band)
 
         async def run() -> tuple[Case, list[Any], int]:
@@ -481,21 +559,20 @@ def similar(
 
 
 @app.command()
+@_configured(source=True)
 def evidence(
-    patient: Annotated[str, typer.Argument(help="Patient id, or an identifier value.")],
-    question: Annotated[str, typer.Argument(help="The clinician's question.")],
+    patient: PatientArg,
+    question: QuestionArg,
     budget: Annotated[
         int | None, typer.Option(help="Token budget (default from settings).")
     ] = None,
     dense: Annotated[bool, typer.Option(help="Use the text encoder as well as BM25.")] = True,
-    fhir_url: FhirUrlOpt = None,
-    token: TokenOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    config: ConfigOpt = None,
+    *,
+    settings: AppSettings,
+    as_json: JsonOpt = False,
 ) -> None:
     """The ranked chart evidence the agent would see for a question."""
     try:
-        settings = _settings(config, fhir_url, token)
 
         async def run() -> list[Any]:
             async with _reader(settings, dense=dense) as agent:
@@ -533,16 +610,6 @@ def evidence(
     console.print(table)
 
 
-ModelOpt = Annotated[
-    str | None,
-    typer.Option("--model", help="Model backend: 'evidence' (no model), 'openai', or a plug-in."),
-]
-ModelUrlOpt = Annotated[
-    str | None, typer.Option("--model-url", help="Root of an OpenAI-compatible API (…/v1).")
-]
-ModelNameOpt = Annotated[str | None, typer.Option("--model-name", help="Model name to request.")]
-
-
 def _print_answer(answer: Answer, as_json: bool) -> None:
     if as_json:
         console.print_json(answer.model_dump_json())
@@ -550,48 +617,17 @@ def _print_answer(answer: Answer, as_json: bool) -> None:
         render_answer(console, answer)
 
 
-def _agent_settings(
-    config: Path | None,
-    fhir_url: str | None,
-    token: str | None,
-    model: str | None,
-    model_url: str | None,
-    model_name: str | None,
-) -> AppSettings:
-    """The settings with a command's source and model options applied."""
-    settings = _settings(config, fhir_url, token)
-    _model_settings(settings, model, model_url, model_name)
-    return settings
-
-
-def _model_settings(
-    settings: AppSettings, model: str | None, model_url: str | None, model_name: str | None
-) -> None:
-    if model:
-        settings.model.name = model
-    if model_url:
-        settings.model.base_url = model_url
-        if not model:
-            settings.model.name = "openai"
-    if model_name:
-        settings.model.model = model_name
-
-
 @app.command()
+@_configured(source=True, model=True)
 def ask(
-    patient: Annotated[str, typer.Argument(help="Patient id, or an identifier value.")],
-    question: Annotated[str, typer.Argument(help="The clinician's question.")],
-    fhir_url: FhirUrlOpt = None,
-    token: TokenOpt = None,
-    model: ModelOpt = None,
-    model_url: ModelUrlOpt = None,
-    model_name: ModelNameOpt = None,
-    thread: Annotated[str | None, typer.Option(help="Continue this conversation thread.")] = None,
+    patient: PatientArg,
+    question: QuestionArg,
+    settings: AppSettings,
+    thread: ThreadOpt = None,
     stream: Annotated[
         bool, typer.Option(help="Show the stages and the model's draft as they happen.")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
-    config: ConfigOpt = None,
+    as_json: AnswerJsonOpt = False,
 ) -> None:
     """Answer a question about one patient, every sentence cited and checked against the record."""
 
@@ -602,7 +638,6 @@ def ask(
             err_console.print(Text(f"· {data['node']} {data['ms']:.0f} ms", style="dim"))
 
     try:
-        settings = _agent_settings(config, fhir_url, token, model, model_url, model_name)
 
         async def run() -> Answer:
             async with ChartSight(settings) as agent:
@@ -617,22 +652,17 @@ def ask(
 
 
 @app.command()
+@_configured(source=True, model=True)
 def resume(
     thread: Annotated[str, typer.Argument(help="The thread whose interrupted run to finish.")],
-    fhir_url: FhirUrlOpt = None,
-    token: TokenOpt = None,
-    model: ModelOpt = None,
-    model_url: ModelUrlOpt = None,
-    model_name: ModelNameOpt = None,
+    settings: AppSettings,
     show_only: Annotated[
         bool, typer.Option("--show", help="Only show what is pending; run nothing.")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
-    config: ConfigOpt = None,
+    as_json: AnswerJsonOpt = False,
 ) -> None:
     """Inspect or finish a question whose run was interrupted (a crash, a stopped process)."""
     try:
-        settings = _agent_settings(config, fhir_url, token, model, model_url, model_name)
 
         async def run() -> tuple[dict[str, Any] | None, Answer | None]:
             async with ChartSight(settings) as agent:
@@ -658,25 +688,18 @@ def resume(
 
 
 @app.command()
+@_configured(source=True, model=True)
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
-    fhir_url: FhirUrlOpt = None,
-    token: TokenOpt = None,
-    model: ModelOpt = None,
-    model_url: ModelUrlOpt = None,
-    model_name: ModelNameOpt = None,
-    config: ConfigOpt = None,
+    *,
+    settings: AppSettings,
 ) -> None:
     """The HTTP service: /v1/ask (+ SSE), similar cases, CDS Hooks, MCP at /mcp/; docs at /docs."""
     import uvicorn
 
     from surfaces.http.app import create_app
 
-    try:
-        settings = _agent_settings(config, fhir_url, token, model, model_url, model_name)
-    except ChartSightError as exc:
-        _fail(exc)
     s = settings.serve
     if s.auth.anonymous and (host or s.host) not in ("127.0.0.1", "localhost", "::1"):
         _fail(ConfigurationError("serve.auth.anonymous is for a loopback address only"))
@@ -697,21 +720,11 @@ def serve(
 
 
 @app.command("mcp")
-def mcp_stdio(
-    fhir_url: FhirUrlOpt = None,
-    token: TokenOpt = None,
-    model: ModelOpt = None,
-    model_url: ModelUrlOpt = None,
-    model_name: ModelNameOpt = None,
-    config: ConfigOpt = None,
-) -> None:
+@_configured(source=True, model=True)
+def mcp_stdio(settings: AppSettings) -> None:
     """ChartSight's tools over MCP on stdin/stdout (for a local agent or copilot)."""
     from surfaces.mcp import run_stdio
 
-    try:
-        settings = _agent_settings(config, fhir_url, token, model, model_url, model_name)
-    except ChartSightError as exc:
-        _fail(exc)
     run_stdio(lambda: ChartSight(settings))
 
 
@@ -750,21 +763,9 @@ def api_key(
 
 
 @app.command()
-def chat(
-    patient: Annotated[str, typer.Argument(help="Patient id, or an identifier value.")],
-    fhir_url: FhirUrlOpt = None,
-    token: TokenOpt = None,
-    model: ModelOpt = None,
-    model_url: ModelUrlOpt = None,
-    model_name: ModelNameOpt = None,
-    thread: Annotated[str | None, typer.Option(help="Continue this conversation thread.")] = None,
-    config: ConfigOpt = None,
-) -> None:
+@_configured(source=True, model=True)
+def chat(patient: PatientArg, settings: AppSettings, thread: ThreadOpt = None) -> None:
     """Questions and follow-ups about one patient in one thread (an empty line ends it)."""
-    try:
-        settings = _agent_settings(config, fhir_url, token, model, model_url, model_name)
-    except ChartSightError as exc:
-        _fail(exc)
 
     async def run() -> None:
         async with ChartSight(settings) as agent:

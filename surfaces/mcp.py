@@ -52,6 +52,10 @@ class Access:
         self.agent: ChartSight | None = None  # stdio: the process's own agent
 
     def caller(self, ctx: Context) -> tuple[ChartSight, Principal]:
+        """The agent and the caller of a tool call: over stdio the process's agent and the local
+        caller; over HTTP the service's agent and the principal of the request's credentials,
+        rate limited. Raises ``McpToolError`` when ChartSight is not open, credentials are
+        missing or invalid, or the client is over its rate."""
         request = ctx.request_context.request if ctx.request_context else None
         if self.service is None:
             if self.agent is None:
@@ -70,13 +74,11 @@ class Access:
             raise McpToolError("too many requests from this client")
         return self.service.agent, who
 
-    def thread_key(self, who: Principal, patient: str, thread: str) -> str:
-        """The thread's checkpoint key, private to the caller and the patient (as over REST)."""
-        return thread_key(who, patient, thread)
-
     async def check(
         self, who: Principal, tool: str, patient: str, question: str | None = None
     ) -> None:
+        """Raise ``McpToolError`` (and audit the denial) unless ``who`` may read ``patient``; a
+        caller bound to a patient may name it by an identifier too (``authorize_key``)."""
         agent = self.service.agent if self.service is not None else self.agent
         try:
             if agent is None:
@@ -88,6 +90,9 @@ class Access:
             raise McpToolError(f"forbidden: {exc.public}") from exc
 
     async def audit(self, who: Principal, tool: str, outcome: str, patient: str, question: str | None = None, **kw: Any) -> None:  # fmt: skip
+        """One audit row for a tool call under the endpoint ``mcp:<tool>`` (``AuditLog.record``'s
+        ``answer`` and ``detail`` in ``kw``); over stdio there is no audit log, and nothing is
+        written."""
         if self.service is not None:
             await self.service.audit.arecord(
                 who, f"mcp:{tool}", outcome, patient_id=patient, question=question, **kw
@@ -95,6 +100,9 @@ class Access:
 
 
 def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> MCPServer:
+    """The MCP server ``chartsight`` with its tools: ``patient_evidence``, ``patient_facts``,
+    ``fact_tools``, ``similar_cases`` and ``ask``, each authorized and audited through
+    ``access``; ``lifespan`` opens the agent (stdio)."""
     server: MCPServer = MCPServer(
         name="chartsight", instructions=INSTRUCTIONS, version="1", lifespan=lifespan
     )
@@ -178,13 +186,14 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
             answer = await agent.ask(
                 patient,
                 question,
-                thread_id=access.thread_key(who, patient, thread) if thread else None,
+                thread_id=thread_key(who, patient, thread) if thread else None,
                 keep=False,  # outside a thread nothing is kept, as over REST
                 case_privacy=case_privacy(who),
             )
         except ChartSightError as exc:
             raise McpToolError(exc.public) from exc
-        data = answer.model_dump(mode="json")
+        # the thread as the caller named it (the stored key is per caller and patient)
+        data = answer.model_copy(update={"thread_id": thread}).model_dump(mode="json")
         await access.audit(who, "ask", "answered", patient, question, answer=data)
         return data
 
@@ -239,6 +248,8 @@ def mount_mcp(app: FastAPI) -> None:
 
 @contextlib.asynccontextmanager
 async def mcp_lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """The mounted MCP server's sessions for the app's lifetime, its tools using the app's
+    ``Service`` (entered in the app's lifespan, after the service is opened)."""
     server, access = app.state.mcp
     access.service = app.state.service
     async with server.session_manager.run():

@@ -31,12 +31,13 @@ from surfaces.http.deps import (
     Svc,
     allowed,
     answer_stream,
+    check_question,
     http_error,
     run_unless_disconnected,
 )
 from surfaces.http.middleware import AccessLog, BodyLimit
 from surfaces.http.schemas import AskRequest, CaseHitOut, Problem
-from surfaces.http.security import case_privacy
+from surfaces.http.security import case_privacy, thread_key
 from surfaces.http.smart import router as smart_router
 from surfaces.mcp import mcp_lifespan, mount_mcp
 from surfaces.settings import AppSettings
@@ -93,6 +94,7 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers.")
     async def healthz() -> dict[str, str]:
+        """``{"status": "ok"}`` whenever the process serves requests; no credentials needed."""
         return {"status": "ok"}
 
     @app.get(
@@ -103,6 +105,9 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
         responses={503: {"model": Problem}},
     )
     async def readyz(request: Request) -> Any:
+        """``{"status": "ready", "audit": "ok", "agent": "ok", "model": <backend>}``, or 503 with
+        ``"not ready"`` (or ``"starting"``) and the failing check: the audit log must answer a
+        read within 5 s and the agent be open. No credentials needed."""
         svc: Service | None = getattr(request.app.state, "service", None)
         if svc is None:
             return JSONResponse({"status": "starting"}, 503)
@@ -133,11 +138,14 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
         },
     )
     async def ask(body: AskRequest, request: Request, who: Caller, svc: Svc) -> Any:
-        limit = svc.settings.serve.max_question_chars
-        if len(body.question) > limit:
-            raise HTTPException(422, f"the question is over {limit} characters")
+        """The answer to ``question`` about ``patient``: its text, every sentence citing the
+        patient's resources (``citations``), the structured facts, similar cases and images it
+        used, the model and prompt version, and warnings. Without ``thread`` nothing is kept;
+        with one, the conversation continues (private to the caller and the patient). Every
+        request is audited (the question's SHA-256, never its text)."""
+        check_question(svc, body.question)
         await allowed(svc, who, "ask", body.patient, body.question)
-        thread = svc.thread_key(who, body.patient, body.thread) if body.thread else None
+        thread = thread_key(who, body.patient, body.thread) if body.thread else None
         try:
             answer: Answer | None = await run_unless_disconnected(
                 request,
@@ -166,6 +174,7 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
                 who, "ask", "cancelled", patient_id=body.patient, question=body.question
             )
             return JSONResponse({"detail": "client disconnected"}, 499)
+        answer = answer.model_copy(update={"thread_id": body.thread})  # the caller's own name
         await svc.audit.arecord(
             who,
             "ask",
@@ -191,26 +200,14 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
         },
     )
     async def ask_stream(body: AskRequest, who: Caller, svc: Svc) -> EventSourceResponse:
-        limit = svc.settings.serve.max_question_chars
-        if len(body.question) > limit:
-            raise HTTPException(422, f"the question is over {limit} characters")
+        """The run of ``POST /v1/ask`` as it happens: each event's ``data`` is JSON; the last
+        event is ``answer`` (the Answer JSON) or ``error`` (``{"status", "detail"}``: 504 past
+        the time limit, else the status ``/v1/ask`` would return). Closing the connection stops
+        the run."""
+        check_question(svc, body.question)
         await allowed(svc, who, "ask_stream", body.patient, body.question)
-        thread = svc.thread_key(who, body.patient, body.thread) if body.thread else None
         return answer_stream(
-            svc,
-            who,
-            "ask_stream",
-            body.patient,
-            body.question,
-            body.thread,
-            lambda on_event: svc.agent.ask(
-                body.patient,
-                body.question,
-                thread_id=thread,
-                on_event=on_event,
-                keep=False,
-                case_privacy=case_privacy(who),
-            ),
+            svc, who, "ask_stream", body.patient, body.question, body.thread, keep=False
         )
 
     @app.get(
@@ -228,6 +225,10 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
         sex: Literal["male", "female", "other", "unknown"] | None = None,
         age_band: Annotated[str | None, Query(pattern=r"^\d{1,3}-\d{1,3}$|^\d{1,3}\+$")] = None,
     ) -> Any:
+        """Up to ``k`` past cases (1 to 50) nearest the patient's own in the similar-case index,
+        best first, optionally only of a modality (``CT``), sex or age band (``70-79``, ``90+``).
+        A caller bound to one patient sees them generalised: no case keys, patient ids, dates or
+        free text."""
         await allowed(svc, who, "similar", patient_id)
         try:
             hits = await svc.agent.similar(

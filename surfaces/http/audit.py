@@ -52,10 +52,16 @@ _POSTGRES_GUARDS = [
 
 
 def question_hash(question: str) -> str:
+    """The question's SHA-256 as 64 lower-case hex digits (of its UTF-8 bytes): what the audit log
+    keeps instead of the text, so a known question can be matched without the log holding PHI."""
     return hashlib.sha256(question.encode()).hexdigest()
 
 
 class AuditLog:
+    """The append-only ``audit_log`` table at a SQLAlchemy URL (``serve.audit_url``, else
+    ``sqlite:///<home>/audit.db``): created on first use, with the UPDATE/DELETE-refusing triggers
+    on SQLite and PostgreSQL."""
+
     def __init__(self, url: str) -> None:
         self.engine = sa.create_engine(url)
         metadata.create_all(self.engine)
@@ -77,6 +83,12 @@ class AuditLog:
         answer: dict[str, Any] | None = None,
         detail: str | None = None,
     ) -> None:
+        """Insert one row, committed before returning: ``principal``'s client id (cut to 200
+        characters) and subject (400), ``endpoint`` (e.g. ``ask``, ``mcp:ask``), the ``outcome``
+        (answered, abstained, denied, error, timeout, cancelled, over budget), the patient id, the
+        question's ``question_hash``, and from ``answer`` (an answer's JSON) the cited references,
+        model and prompt version; ``detail`` (an error's name) cut to 300 characters. Raises
+        SQLAlchemy's errors when the database refuses the write."""
         cited = [c["reference"] for c in (answer or {}).get("citations", [])]
         with self.engine.begin() as conn:
             conn.execute(
@@ -100,9 +112,13 @@ class AuditLog:
         await asyncio.to_thread(self.record, *args, **kwargs)
 
     def rows(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """The first ``limit`` rows, oldest first, as dicts keyed by column (``at`` a timezone-
+        aware datetime, ``cited`` a JSON list); the readiness check reads one to see that the
+        database answers."""
         with self.engine.connect() as conn:
             result = conn.execute(audit_log.select().order_by(audit_log.c.id).limit(limit))
             return [dict(r._mapping) for r in result]
 
     def close(self) -> None:
+        """Close the engine's pooled connections (at the service's shutdown)."""
         self.engine.dispose()

@@ -47,6 +47,9 @@ router = APIRouter(tags=["CDS Hooks"])
 
 
 class FhirAuthorization(BaseModel):
+    """The hook request's ``fhirAuthorization``: an OAuth 2.0 bearer token for ``fhirServer``,
+    its lifetime in seconds, scopes and subject, and the patient it is bound to, if any."""
+
     model_config = ConfigDict(extra="allow")
     access_token: str = Field(min_length=1)
     token_type: Literal["Bearer"]
@@ -57,6 +60,9 @@ class FhirAuthorization(BaseModel):
 
 
 class PatientViewContext(BaseModel):
+    """``patient-view``'s context: the user (``Practitioner/123``), the patient's id and the
+    encounter, if any."""
+
     model_config = ConfigDict(extra="allow")
     userId: str = Field(min_length=1)
     patientId: str = Field(min_length=1, max_length=200)
@@ -64,6 +70,10 @@ class PatientViewContext(BaseModel):
 
 
 class HookRequest(BaseModel):
+    """A CDS Hooks 2.0 request: the hook, its instance id, where the record may be read
+    (``fhirServer`` with ``fhirAuthorization``) and the ``prefetch`` results keyed as in
+    ``PREFETCH`` (a null result allowed)."""
+
     model_config = ConfigDict(extra="allow")
     hook: str
     hookInstance: uuid.UUID
@@ -74,12 +84,17 @@ class HookRequest(BaseModel):
 
 
 class Source(BaseModel):
+    """A card's source: the label the EHR shows, a link about it and a coded topic."""
+
     label: str
     url: str | None = None
     topic: dict[str, str] | None = None
 
 
 class Link(BaseModel):
+    """A card's link: ``absolute`` to a web page, or ``smart`` to launch a SMART app (with its
+    ``appContext``)."""
+
     label: str
     url: str
     type: Literal["absolute", "smart"]
@@ -87,6 +102,9 @@ class Link(BaseModel):
 
 
 class Card(BaseModel):
+    """A CDS Hooks card: a summary of at most 140 characters, a markdown detail, an indicator
+    (info, warning, critical), its source and links."""
+
     uuid: str
     summary: str = Field(max_length=140)
     detail: str | None = None
@@ -96,10 +114,15 @@ class Card(BaseModel):
 
 
 class CardsResponse(BaseModel):
+    """A service's response: the cards (none when there is nothing to say)."""
+
     cards: list[Card]
 
 
 class ServiceDescription(BaseModel):
+    """One service in the discovery response: its hook, id, title, description, the prefetch
+    templates it asks for, and what it needs to be granted."""
+
     hook: str
     id: str
     title: str
@@ -109,6 +132,8 @@ class ServiceDescription(BaseModel):
 
 
 class Discovery(BaseModel):
+    """The discovery response (``GET /cds-services``): the services offered."""
+
     services: list[ServiceDescription]
 
 
@@ -117,6 +142,8 @@ class Discovery(BaseModel):
 
 @router.get("/cds-services", response_model=Discovery, summary="CDS Hooks discovery.")
 async def discovery() -> Discovery:
+    """The one service ChartSight offers: ``patient-view``, with the prefetch templates of its
+    Patient, active Conditions, the 100 latest Observations and active MedicationRequests."""
     return Discovery(
         services=[
             ServiceDescription(
@@ -140,6 +167,16 @@ async def discovery() -> Discovery:
     responses={400: {"description": "A malformed hook request."}},
 )
 async def patient_view(request: Request, who: Caller, svc: Svc) -> CardsResponse:
+    """One info card with ChartSight's answer to ``serve.cds_question`` about
+    ``context.patientId``: the first sentence as the summary, each sentence with the references
+    it cites and the cited evidence lines as the markdown detail, and (with ``serve.public_url``)
+    a link that launches the SMART app. The record is the prefetch when it holds the Patient,
+    else the request's ``fhirServer`` (only one configured in ``serve.cds_fhir_servers`` or
+    ``fhir.url``) read with ``fhirAuthorization``. Past ``serve.cds_budget_s`` (default 2 s) the
+    card says the summary is not ready and the run is stopped. 400 for a malformed request,
+    another hook, an unlisted ``fhirServer`` or no data; 403
+    when the caller or the token may not read this patient; 502 when the record cannot be
+    read."""
     try:
         # RecursionError: JSON nested deeper than the parser's stack (a body of "[[[[…")
         hook = HookRequest.model_validate(json.loads(await request.body()))

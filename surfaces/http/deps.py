@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, Any
 
 import anyio
@@ -16,11 +16,11 @@ from fastapi import Depends, HTTPException, Request
 from sse_starlette.sse import EventSourceResponse
 
 from agent import (
-    Answer,
     ChartSight,
     ChartSightError,
     ConfigurationError,
     ConnectorError,
+    FhirSource,
     QuestionError,
     ResourceNotFound,
     ToolError,
@@ -33,6 +33,7 @@ from surfaces.http.security import (
     Principal,
     Unauthenticated,
     authorize,
+    case_privacy,
     thread_key,
 )
 from surfaces.settings import AppSettings
@@ -52,11 +53,6 @@ class Service:
         home.mkdir(parents=True, exist_ok=True)
         self.audit = AuditLog(settings.serve.audit_url or f"sqlite:///{home / 'audit.db'}")
         self.smart_sessions: Any = None  # the SMART app's launches and sessions (smart.py)
-
-    def thread_key(self, principal: Principal, patient: str, thread: str) -> str:
-        """Threads are private to the caller and the patient: another caller's thread id, or the
-        same id about another patient, is a different conversation."""
-        return thread_key(principal, patient, thread)
 
 
 def service(request: Request) -> Service:
@@ -116,6 +112,15 @@ async def allowed(
         raise HTTPException(403, exc.public) from exc
 
 
+def check_question(svc: Service, question: str) -> None:
+    """422 when the question is longer than ``serve.max_question_chars`` characters (the
+    settings' default 2000): a longer text is not a question, and it would fill the model's
+    prompt."""
+    limit = svc.settings.serve.max_question_chars
+    if len(question) > limit:
+        raise HTTPException(422, f"the question is over {limit} characters")
+
+
 def http_error(exc: ChartSightError) -> HTTPException:
     """The HTTP status for a ChartSight error: 404 no such resource, 422 a tool's arguments or a
     question that cannot be asked (empty), 502 the patient source failed, 503 not configured,
@@ -158,9 +163,6 @@ async def run_unless_disconnected(request: Request, work: Awaitable[Any], limit_
         gone.cancel()
 
 
-EventSink = Callable[[str, dict[str, Any]], None]
-
-
 def answer_stream(
     svc: Service,
     who: Principal,
@@ -168,17 +170,34 @@ def answer_stream(
     patient: str,
     question: str,
     thread: str | None,
-    ask: Callable[[EventSink], Awaitable[Answer]],
+    *,
+    source: FhirSource | None = None,
+    keep: bool = True,
 ) -> EventSourceResponse:
-    """A question answered as Server-Sent Events: the run's events as they happen, then
-    ``answer`` (or ``error``). The run has the service's time limit, is audited, and is stopped
-    when the client goes away."""
+    """``who``'s question about ``patient`` answered as Server-Sent Events: the run's events as
+    they happen (``node_started``, ``token``, ``verified``, ...: ``{"event": kind, "data": JSON}``),
+    then ``answer`` (the answer's JSON, ``thread_id`` the caller's own ``thread``) or ``error``
+    (``{"status", "detail"}``: 504 past ``serve.request_timeout_s``, else ``http_error``'s).
+    ``thread`` is kept apart per caller and patient (``security.thread_key``); the similar cases
+    shown follow ``case_privacy(who)``; ``source`` and ``keep`` are ``ChartSight.ask``'s. The run
+    is audited under ``endpoint`` (answered, abstained, error, timeout, cancelled) and is stopped
+    when the client goes away. Authorization (``allowed``) and ``check_question`` come first, in
+    the route."""
     queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    thread_id = thread_key(who, patient, thread) if thread else None
 
     async def run() -> None:
         try:
             answer = await asyncio.wait_for(
-                ask(lambda kind, data: queue.put_nowait((kind, data))),
+                svc.agent.ask(
+                    patient,
+                    question,
+                    thread_id=thread_id,
+                    on_event=lambda kind, data: queue.put_nowait((kind, data)),
+                    source=source,
+                    keep=keep,
+                    case_privacy=case_privacy(who),
+                ),
                 svc.settings.serve.request_timeout_s,
             )
         except TimeoutError:
@@ -193,7 +212,7 @@ def answer_stream(
             )  # fmt: skip
             queue.put_nowait(("error", {"status": err.status_code, "detail": err.detail}))
             return
-        data = answer.model_dump(mode="json")
+        data = answer.model_copy(update={"thread_id": thread}).model_dump(mode="json")
         await svc.audit.arecord(
             who, endpoint, "abstained" if answer.abstained else "answered",
             patient_id=answer.patient_id, question=question, answer=data,

@@ -6,6 +6,8 @@ from pydantic import BaseModel, Field
 
 
 class AskRequest(BaseModel):
+    """A question about one patient (``POST /v1/ask`` and ``/v1/ask/stream``)."""
+
     patient: str = Field(min_length=1, max_length=200, description="Patient id (or identifier).")
     question: str = Field(min_length=1, description="The clinician's question.")
     thread: str | None = Field(
@@ -17,6 +19,10 @@ class AskRequest(BaseModel):
 
 
 class CaseHitOut(BaseModel):
+    """A similar case (``GET /v1/patients/{patient_id}/similar``): its key and patient, the score
+    (the weighted mean of image and text cosines, at most 1), summary, and the metadata that
+    filters use (sex, age band, modalities, label, kind)."""
+
     key: str
     patient_id: str
     score: float
@@ -29,4 +35,6 @@ class CaseHitOut(BaseModel):
 
 
 class Problem(BaseModel):
+    """An error response: ``detail`` says what was wrong, without echoing PHI."""
+
     detail: str

@@ -118,6 +118,8 @@ def thread_key(principal: Principal, patient: str, thread: str) -> str:
 
 
 def key_digest(key: str) -> str:
+    """An API key's SHA-256 as 64 lower-case hex digits: what the settings keep
+    (``serve.auth.api_keys[].key_sha256``), never the key itself."""
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -133,6 +135,10 @@ class Authenticator:
         )
 
     def from_headers(self, authorization: str | None, api_key: str | None) -> Principal:
+        """The caller of a request from its ``X-API-Key`` header (checked first) or its
+        ``Authorization: Bearer <token>`` header; with neither, the anonymous local caller
+        (``user/*.read``) when ``serve.auth.anonymous`` is set. Raises ``Unauthenticated`` for a
+        malformed header, an unknown key, an invalid token, or no credentials."""
         if api_key:
             return self.api_key(api_key)
         if authorization:
@@ -145,6 +151,9 @@ class Authenticator:
         raise Unauthenticated("credentials required: a bearer token or an X-API-Key header")
 
     def api_key(self, key: str) -> Principal:
+        """The service account whose configured ``key_sha256`` is the key's digest (compared in
+        constant time), with its scopes and bound patient. Raises ``Unauthenticated`` for an
+        unknown key."""
         digest = key_digest(key)
         for entry in self.settings.api_keys:
             if hmac.compare_digest(entry.key_sha256.lower(), digest):
@@ -158,6 +167,12 @@ class Authenticator:
         raise Unauthenticated("unknown API key")
 
     def bearer(self, token: str) -> Principal:
+        """The caller of a JWT signed by a key of ``serve.auth.jwks_url``, from
+        ``serve.auth.issuer`` (and for ``audience`` when one is set), with ``exp`` and ``iss``
+        required: client from ``client_id``/``azp``/``sub``, user from ``fhirUser``/``sub``,
+        scopes from ``scope`` or ``scp``, the launch's ``patient`` (SMART App Launch token
+        response claims). Raises ``Unauthenticated`` when no issuer is configured, the signing key
+        is not found, or the token is invalid or expired."""
         if self._jwks is None or not self.settings.issuer:
             raise Unauthenticated("bearer tokens are not accepted here (no issuer is configured)")
         try:

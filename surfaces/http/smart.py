@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse
 
 from agent import ChartSightError, FhirSource, ImageSet, PatientRecord, display_name, ehr_source
-from surfaces.http.deps import Service, Svc, answer_stream, http_error
+from surfaces.http.deps import Service, Svc, answer_stream, check_question, http_error
 from surfaces.http.limits import retry_after
 from surfaces.http.security import (
     Forbidden,
@@ -58,6 +58,11 @@ class _Pending:
 
 @dataclass
 class AppSession:
+    """One clinician's session of the app after an EHR launch: the EHR's FHIR base (``iss``),
+    the user's access token, the launch's patient, the granted scopes, the user (``fhirUser``),
+    the expiry (``time.monotonic()`` seconds, at most 12 h after the launch), the CSRF token the
+    page sends back, and the record, images and FHIR client kept for the session."""
+
     iss: str
     access_token: str
     patient: str
@@ -70,6 +75,8 @@ class AppSession:
     source: FhirSource | None = None
 
     def principal(self, client_id: str) -> Principal:
+        """The session's caller for authorization and the audit log: the app's ``client_id``, the
+        user, the granted scopes, bound to the launch's patient."""
         return Principal(client_id, self.user, frozenset(self.scope.split()), self.patient)
 
     def fhir(self) -> FhirSource:
@@ -88,6 +95,8 @@ class Sessions:
         self.max_items = max_items
 
     def add_pending(self, state: str, pending: _Pending) -> None:
+        """Keep a launch under its OAuth ``state`` until the callback, dropping launches older
+        than 10 minutes. Raises HTTP 503 when ``max_items`` launches are in progress."""
         now = time.monotonic()
         self.pending = {k: v for k, v in self.pending.items() if now - v.created < 600}
         if len(self.pending) >= self.max_items:
@@ -95,6 +104,9 @@ class Sessions:
         self.pending[state] = pending
 
     def add(self, session: AppSession) -> str:
+        """Keep ``session`` and return its new id (the cookie's value, 32 random bytes in base64
+        URL form). Expired sessions are dropped (their FHIR clients closed in the background),
+        and the oldest when ``max_items`` are kept."""
         now = time.monotonic()
         for sid in [k for k, v in self.sessions.items() if v.expires < now]:
             expired = self.sessions.pop(sid)
@@ -108,6 +120,8 @@ class Sessions:
         return sid
 
     def get(self, sid: str | None) -> AppSession:
+        """The live session of the cookie ``sid``. Raises HTTP 401 when there is none or it has
+        expired (the clinician launches the app from the EHR again)."""
         session = self.sessions.get(sid or "")
         if session is None or session.expires < time.monotonic():
             raise HTTPException(401, "no app session: launch ChartSight from the EHR")
@@ -133,6 +147,11 @@ async def launch(
     iss: Annotated[str, Query(max_length=500)],
     launch: Annotated[str, Query(max_length=500)],
 ) -> RedirectResponse:
+    """302 to the EHR's authorization endpoint (authorization code with PKCE S256, ``aud`` the
+    FHIR base, the ``launch`` context, ``serve.smart.scope``), found in
+    ``{iss}/.well-known/smart-configuration``. 400 when ``iss`` is not one of
+    ``serve.smart.issuers``; 502 when the configuration cannot be read, lacks an endpoint, or the
+    EHR does not support S256."""
     smart = svc.settings.serve.smart
     iss = iss.rstrip("/")
     if not listed_fhir_base(iss, smart.issuers):
@@ -180,6 +199,11 @@ async def callback(
     code: Annotated[str, Query(max_length=2000)] = "",
     error: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Response:
+    """Exchange the authorization code (with the PKCE verifier, and the client secret for a
+    confidential client) for a token with the patient in context, open a session and 303 to
+    ``/app`` with its HttpOnly cookie. 400 for an unknown or expired ``state`` (over 10 minutes),
+    an EHR error, or a token without a patient; 502 when the token request fails or is
+    refused."""
     pending = _sessions(svc).pending.pop(state, None)
     if pending is None or time.monotonic() - pending.created > 600:
         raise HTTPException(400, "unknown or expired launch; launch ChartSight again from the EHR")
@@ -255,6 +279,9 @@ def _session(svc: Service, sid: str | None) -> AppSession:
 async def app_page(
     svc: Svc, chartsight_session: Annotated[str | None, Cookie()] = None
 ) -> HTMLResponse:
+    """The page for the launch's patient (banner with name, sex, birth date and id; the question
+    box), never cached. 401 without a live session; 429 past the session's rate; the record's
+    errors as ``http_error`` maps them."""
     session = _session(svc, chartsight_session)
     try:
         record = await _record(svc, session)
@@ -274,6 +301,8 @@ async def app_page(
 
 
 class PageAsk(BaseModel):
+    """The page's question, and the thread to continue (the caller's own, about this patient)."""
+
     question: str = Field(min_length=1)
     thread: str | None = Field(default=None, max_length=100, pattern=r"^[A-Za-z0-9._:-]+$")
 
@@ -285,28 +314,17 @@ async def app_ask(
     x_csrf_token: Annotated[str | None, Header()] = None,
     chartsight_session: Annotated[str | None, Cookie()] = None,
 ) -> EventSourceResponse:
+    """The answer to the page's question about the launch's patient, read from the EHR with the
+    user's token, as Server-Sent Events (``answer_stream``'s events, then ``answer`` or
+    ``error``). 403 without the session's CSRF token (``X-CSRF-Token``); 422 for a question over
+    ``serve.max_question_chars``."""
     session = _session(svc, chartsight_session)
     if not x_csrf_token or not secrets.compare_digest(x_csrf_token, session.csrf):
         raise HTTPException(403, "missing or wrong CSRF token")
-    if len(body.question) > svc.settings.serve.max_question_chars:
-        raise HTTPException(422, "the question is too long")
+    check_question(svc, body.question)
     who = session.principal(svc.settings.serve.smart.client_id)
-    thread = svc.thread_key(who, session.patient, body.thread) if body.thread else None
     return answer_stream(
-        svc,
-        who,
-        "app_ask",
-        session.patient,
-        body.question,
-        body.thread,
-        lambda on_event: svc.agent.ask(
-            session.patient,
-            body.question,
-            thread_id=thread,
-            source=session.fhir(),
-            on_event=on_event,
-            case_privacy=case_privacy(who),
-        ),
+        svc, who, "app_ask", session.patient, body.question, body.thread, source=session.fhir()
     )
 
 
@@ -317,6 +335,8 @@ async def app_resource(
     svc: Svc,
     chartsight_session: Annotated[str | None, Cookie()] = None,
 ) -> Response:
+    """A cited resource's JSON (``application/fhir+json``), only from the launch patient's
+    record. 404 when the record holds no such resource."""
     session = _session(svc, chartsight_session)
     record = await _record(svc, session)
     wanted = f"{resource_type}/{resource_id}"
@@ -332,6 +352,9 @@ async def app_resource(
 async def app_similar(
     svc: Svc, chartsight_session: Annotated[str | None, Cookie()] = None
 ) -> list[dict[str, Any]]:
+    """The 4 cases most similar to the launch's patient, as ``CaseHitOut`` plus ``thumbnail``
+    (a PNG data URL, or null): in full with a thumbnail for a caller who may read other
+    patients' records, else generalised without one (``case_privacy``)."""
     session = _session(svc, chartsight_session)
     privacy = case_privacy(session.principal(svc.settings.serve.smart.client_id))
     try:
@@ -359,6 +382,9 @@ async def app_image(
     sop: Annotated[str | None, Query(max_length=128)] = None,
     chartsight_session: Annotated[str | None, Cookie()] = None,
 ) -> Response:
+    """A PNG thumbnail (at most 256×256 pixels) of the patient's image from the FHIR resource
+    ``ref`` (and the DICOM SOP instance ``sop``, for a study). 404 when the patient has no such
+    image."""
     session = _session(svc, chartsight_session)
     record = await _record(svc, session)
     if session.images is None:
