@@ -151,7 +151,7 @@ def test_a_malformed_prompt_is_a_syntax_error_naming_the_line(tree: Path):
     _write(tree, "v1", "broken", "line one\n{% for x in items %}\n- {{ x }}\n")
     with pytest.raises(jinja2.TemplateSyntaxError) as raised:
         prompts.render("broken", "v1", items=[1])
-    assert raised.value.lineno == 3 and "'endfor'" in raised.value.message
+    assert raised.value.lineno == 3 and "'endfor'" in str(raised.value.message)
 
 
 def test_a_prompt_is_read_as_utf8_and_trimmed(tree: Path):
