@@ -47,6 +47,7 @@ class Plan:
             self.calls.append(call)
 
 
+_RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm|"
 _UNITS = {"hour": 1 / 24, "day": 1, "week": 7, "month": 30.4375, "year": 365.25}
 _WINDOW = re.compile(
     r"\b(?:last|past|previous)\s+(\d+|a|one|two|three|six|twelve)?\s*(hour|day|week|month|year)s?\b"
@@ -75,7 +76,7 @@ _VALUE_OF = re.compile(
 
 _STAT_WORDS = re.compile(
     r"^(?:(?:average|mean|median|trend|trends|change|highest|lowest|maximum|minimum|max|min|"
-    r"latest|last|recent|current|most\s+recent)\s+(?:of\s+(?:the\s+|his\s+|her\s+)?)?)+"
+    r"latest|last|recent|current|most\s+recent)(?:\s+|$)(?:of\s+(?:the\s+|his\s+|her\s+)?)?)+"
 )
 
 
@@ -84,6 +85,10 @@ def analyte_words(phrase: str) -> str | None:
     time phrase ("last month") or a request word ("last visit")."""
     phrase = _STAT_WORDS.sub("", phrase.strip()).strip()
     return None if not phrase or _NOT_ANALYTE.search(phrase) else phrase
+
+
+# words that ask for encounters ("when was he last seen?"), never the name of a test
+_ENCOUNTER_WORDS = ("visit", "encounter", "admission", "admitted", "seen", "hospitali")
 
 
 def _has(words: str, *needles: str) -> bool:
@@ -113,7 +118,8 @@ _DATE = (
     r"(?:\d{4}-\d{2}-\d{2}|\d{4}-\d{2}|(?:\d{1,2}\s+)?"
     + _MONTH
     + r"(?:\s+\d{1,2}(?:st|nd|rd|th)?,?)?"
-    r"\s+(?:19|20)\d{2}|(?<![\d-])(?:19|20)\d{2}(?![\d-]))"
+    r"\s+(?:19|20)\d{2}|(?<![\d-])(?:19|20)\d{2}(?![\d-])"
+    r"(?!\s*(?:mg|mcg|ug|g|ml|units?|iu|mmol|meq)\b))"  # "2000 mg" is a dose, not a year
 )
 _PERIOD = re.compile(
     rf"\b(?P<between>between|from)\s+(?P<a>{_DATE})\s+(?:and|to|until|through|till|-)\s+"
@@ -231,9 +237,11 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
     ]
     measured_words: list[str] = []
     condition_words: list[str] = []
+    names_drug = False  # a term with RxNorm codes ("metformin") asks for the medications
     for _, _, words, term in sorted(spans, key=lambda x: x[0]):
         loinc = any(c.startswith("http://loinc.org|") for c in term.codes)
         snomed = any(c.startswith("http://snomed.info/sct|") for c in term.codes)
+        names_drug |= any(c.startswith(_RXNORM) for c in term.codes)
         # "does she have a fever?": a diagnosis, and the measurement that shows it (a term with a
         # unit is measured itself; "diabetes" is not an HbA1c value)
         # a term with SNOMED codes and no unit is a condition ("is his hypertension
@@ -277,11 +285,15 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         name = analyte_words(m.group(1)) if m else None
         if name and not _has(
             name,
-            "visit", "encounter", "procedure", "medication", "med", "image", "scan", "name",
+            *_ENCOUNTER_WORDS, "procedure", "medication", "med", "image", "scan", "name",
             "age", "sex", "gender", "diagnos", "problem", "allerg", "condition", "birth",
         ):  # fmt: skip
             out.add("observation_stats" if stats or days else "latest_observation", query=name)
-    if _has(q, "medication", "meds", "drug", "taking", "prescri", "on any"):
+    if (
+        names_drug
+        or _has(q, "medication", "meds", "drug", "taking", "prescri", "on any")
+        or re.search(r"\b(?:is|was) (?:he|she|they|the patient|this patient) on\b", q)
+    ):
         out.add("active_medications")
     if _has(q, "allerg"):
         out.add("allergies")
@@ -291,10 +303,10 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         out.add("active_problems")  # (a question naming a diagnosis gets that one, not the list)
     if _has(q, "procedure", "surgery", "operation"):
         out.add("recent_procedures")
-    if _has(q, "visit", "encounter", "admission", "admitted", "seen"):
+    if _has(q, *_ENCOUNTER_WORDS):
         out.add("recent_encounters")
-    if _has(
-        q, "imaging", "x-ray", "xray", "ct ", "mri", "scan", "ultrasound", "radiograph", "image"
+    if _has(q, "imaging", "x-ray", "xray", "mri", "scan", "ultrasound", "radiograph", "image") or (
+        re.search(r"\bct\b", q)
     ):
         out.add("imaging")
         out.images = True
