@@ -46,14 +46,17 @@ class Verification:
 
     @property
     def kept(self) -> list[SentenceCheck]:
+        """The supported sentences, in order."""
         return [s for s in self.sentences if s.supported]
 
     @property
     def rejected(self) -> list[SentenceCheck]:
+        """The unsupported sentences, each with its problems."""
         return [s for s in self.sentences if not s.supported]
 
     @property
     def supported_fraction(self) -> float:
+        """Supported sentences / all sentences (0.0 for an empty answer)."""
         return len(self.kept) / len(self.sentences) if self.sentences else 0.0
 
     @property

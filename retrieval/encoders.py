@@ -16,7 +16,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from importlib.metadata import PackageNotFoundError, entry_points, version
+from importlib.metadata import PackageNotFoundError, version
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from connectors.errors import ConfigurationError
+from connectors.plugins import PluginError, Registry
 from retrieval.settings import EncoderSettings
 
 log = logging.getLogger(__name__)
@@ -505,15 +506,33 @@ BUILTIN: dict[str, Factory] = {
 }
 
 
+class EncoderFactories(Registry[Factory]):
+    """Encoder factories by kind (the part of a spec before ":"): ``factory(argument, settings)``
+    returns a text or image encoder. Plug-ins (``chartsight.encoders``: ``register(registry)``
+    calling ``registry.add(kind, factory)``) add kinds, and replace a built-in kind only with
+    ``replace=True`` (see ``connectors.plugins``)."""
+
+    kind = "encoder"
+    group = "chartsight.encoders"
+
+    def check(self, name: str, item: Factory) -> None:
+        """A kind has no ":" and its factory is callable."""
+        super().check(name, item)
+        if ":" in name or not callable(item):
+            raise PluginError(f"encoder kind {name!r} needs a callable factory and no ':'")
+
+
 class EncoderRegistry:
-    """Encoders by spec; each spec is built once and shared (a CLIP model serves both towers)."""
+    """Encoders by spec; each spec is built once and shared (a CLIP model serves both towers).
+    ``factories`` holds the built-in kinds and, with ``plugins``, the installed ones."""
 
     def __init__(self, settings: EncoderSettings, *, plugins: bool = True) -> None:
         self.settings = settings
-        self.factories: dict[str, Factory] = dict(BUILTIN)
+        self.factories = EncoderFactories()
+        for kind, factory in BUILTIN.items():
+            self.factories.add(kind, factory)
         if plugins:
-            for ep in entry_points(group="chartsight.encoders"):
-                self.factories.setdefault(ep.name, _lazy(ep))
+            self.factories.load_entry_points()
         self._built: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -525,7 +544,7 @@ class EncoderRegistry:
                 kind, _, argument = spec.partition(":")
                 factory = self.factories.get(kind)
                 if factory is None:
-                    known = ", ".join(sorted(self.factories))
+                    known = ", ".join(self.factories.names())
                     raise ConfigurationError(f"unknown encoder {spec!r}; known kinds: {known}")
                 self._built[spec] = factory(argument, self.settings)
             return self._built[spec]
@@ -554,10 +573,3 @@ class EncoderRegistry:
         if not isinstance(encoder, LazyImageEncoder) and not isinstance(encoder, ImageEncoder):
             raise ConfigurationError(f"{spec!r} does not encode images")
         return encoder  # type: ignore[return-value]
-
-
-def _lazy(ep: Any) -> Factory:
-    def factory(argument: str, settings: EncoderSettings) -> Any:
-        return ep.load()(argument, settings)
-
-    return factory

@@ -150,7 +150,10 @@ class ToolCallingBackend(Protocol):
 
     async def call_tools(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
-    ) -> ToolTurn: ...
+    ) -> ToolTurn:
+        """One round of the model choosing tools: the reply to ``messages`` with ``tools``
+        offered. Raises ``BackendError`` when the server fails or replies with no message."""
+        ...
 
 
 def tool_calling(backend: Backend | None) -> ToolCallingBackend | None:

@@ -74,6 +74,7 @@ class LlamaCppBackend(InProcessBackend):
         return Generation(text=text.strip(), model=self.name, usage=dict(reply.get("usage") or {}))  # type: ignore[union-attr]
 
     async def aclose(self) -> None:
+        """Free the llama.cpp model (its weights and context)."""
         close = getattr(self.llm, "close", None)
         if close is not None:
             close()

@@ -101,4 +101,5 @@ class TransformersBackend(InProcessBackend):
         )
 
     async def aclose(self) -> None:
+        """Nothing to release: the weights go with the object."""
         return None

@@ -117,14 +117,20 @@ class Args(BaseModel):
 
 
 class NoArgs(Args):
+    """No arguments."""
+
     pass
 
 
 class AgeArgs(Args):
+    """``on``: the date to compute the age on (default: now)."""
+
     on: date | None = Field(default=None, description="Age on this date (default: now).")
 
 
 class ObservationArgs(Args):
+    """``query``: what was measured (a name, a LOINC code or ``system|code``)."""
+
     query: str = Field(
         description="What was measured: a name ('A1c', 'blood pressure', 'creatinine'), a LOINC "
         "code ('4548-4') or 'system|code'."
@@ -132,22 +138,30 @@ class ObservationArgs(Args):
 
 
 class LatestArgs(ObservationArgs):
+    """``query``; ``nth`` (1: the latest, 2: the one before, ...); ``since``/``until``: the latest within that period."""
+
     nth: int = Field(default=1, ge=1, description="1: the latest; 2: the one before it; ...")
     since: datetime | None = Field(default=None, description="Only results from this time on.")
     until: datetime | None = Field(default=None, description="Only results up to this time.")
 
 
 class WindowArgs(ObservationArgs):
+    """``query``; the period: the last ``days``, or ``since``/``until`` (ISO date-times)."""
+
     days: float | None = Field(default=None, gt=0, description="Only the last N days.")
     since: datetime | None = Field(default=None, description="Only from this time on.")
     until: datetime | None = Field(default=None, description="Only up to this time.")
 
 
 class SimilarArgs(Args):
+    """``k``: how many similar cases (1-10)."""
+
     k: int = Field(default=3, ge=1, le=10, description="How many similar cases.")
 
 
 class ConditionArgs(Args):
+    """``query``: the condition (a name, a SNOMED CT or ICD-10 code, or ``system|code``)."""
+
     query: str = Field(
         description="The condition: a name ('pneumonia', 'heart failure'), a SNOMED CT or ICD-10 "
         "code, or 'system|code'."
@@ -155,6 +169,8 @@ class ConditionArgs(Args):
 
 
 class LimitArgs(Args):
+    """``limit``: how many, newest first (1-100)."""
+
     limit: int = Field(default=5, ge=1, le=100, description="How many, newest first.")
 
 

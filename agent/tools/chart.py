@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 @tool("demographics", "The patient's name, sex, birth date, age and vital status.")
 def demographics(ctx: ToolContext) -> list[Fact]:
+    """One fact: name, sex, birth date (at its precision), age (approximate for a partial birth date; at death for a deceased patient) and vital status; ``value`` is a dict of these; cites the Patient."""
     p = ctx.record.patient
     ref = f"Patient/{p.id}"
     name = display_name(p)
@@ -68,6 +69,7 @@ def demographics(ctx: ToolContext) -> list[Fact]:
 
 @tool("age", "The patient's age in whole years on a date (default: now).", AgeArgs)
 def age(ctx: ToolContext, on: date | None = None) -> list[Fact]:
+    """One fact: the age in whole years on ``on`` (default: now) or at death, ``unit`` "years"; "The record gives no birth date" when it has none. The date asked about is echoed, never evidence."""
     when = on or ctx.now.date()
     reading = patient_age(ctx.record.patient, when)
     ref = f"Patient/{ctx.record.patient_id}"
@@ -129,6 +131,7 @@ def _by_category(ctx: ToolContext, category: str, active_only: bool) -> list[Evi
 
 @tool("active_problems", "The patient's active conditions.")
 def active_problems(ctx: ToolContext) -> list[Fact]:
+    """One fact per active Condition (newest first), or one absence citing the Patient."""
     return _listing(
         ctx,
         "active_problems",
@@ -144,6 +147,7 @@ def active_problems(ctx: ToolContext) -> list[Fact]:
     ConditionArgs,
 )
 def condition_history(ctx: ToolContext, query: str) -> list[Fact]:
+    """The conditions of ``query``'s own codes (or, for an uncoded chart, its words), whatever their clinical status; when none is recorded, an absence citing the Patient and the related conditions recorded ("A related condition is recorded: ...")."""
     matched = ctx.terms.matches(query)
     # the table links related concepts through codes for ranking (diabetes lists
     # prediabetes's code); a diagnosis asked about is only its own: a code that another term,
@@ -181,6 +185,7 @@ def condition_history(ctx: ToolContext, query: str) -> list[Fact]:
 
 @tool("active_medications", "Medications the patient is on (active requests and statements).")
 def active_medications(ctx: ToolContext) -> list[Fact]:
+    """One fact per active MedicationRequest or MedicationStatement (newest first), or one absence citing the Patient."""
     return _listing(
         ctx,
         "active_medications",
@@ -191,6 +196,7 @@ def active_medications(ctx: ToolContext) -> list[Fact]:
 
 @tool("allergies", "Recorded allergies and intolerances.")
 def allergies(ctx: ToolContext) -> list[Fact]:
+    """One fact per AllergyIntolerance (any status, newest first), or one absence citing the Patient."""
     return _listing(
         ctx, "allergies", _by_category(ctx, "allergy", False), "No allergy is recorded."
     )
@@ -198,6 +204,7 @@ def allergies(ctx: ToolContext) -> list[Fact]:
 
 @tool("recent_procedures", "The most recent procedures.", LimitArgs)
 def recent_procedures(ctx: ToolContext, limit: int = 5) -> list[Fact]:
+    """The newest ``limit`` Procedures, one fact each, or one absence citing the Patient."""
     return _listing(
         ctx,
         "recent_procedures",
@@ -208,6 +215,7 @@ def recent_procedures(ctx: ToolContext, limit: int = 5) -> list[Fact]:
 
 @tool("recent_encounters", "The most recent encounters (visits, admissions).", LimitArgs)
 def recent_encounters(ctx: ToolContext, limit: int = 5) -> list[Fact]:
+    """The newest ``limit`` Encounters, one fact each, or one absence citing the Patient."""
     return _listing(
         ctx,
         "recent_encounters",
@@ -218,6 +226,7 @@ def recent_encounters(ctx: ToolContext, limit: int = 5) -> list[Fact]:
 
 @tool("imaging", "Imaging studies and images, and the impressions of imaging reports.", LimitArgs)
 def imaging(ctx: ToolContext, limit: int = 5) -> list[Fact]:
+    """The newest ``limit`` imaging items: ImagingStudy, images, and reports with a conclusion or text, one fact each, or one absence citing the Patient."""
     items = _by_category(ctx, "imaging", False) + _by_category(ctx, "image", False)
     reports = [
         e

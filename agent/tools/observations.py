@@ -202,6 +202,7 @@ def latest_observation(
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> list[Fact]:
+    """The latest result of ``query`` with a value (or the ``nth`` latest; or the latest within ``since``/``until``): value, UCUM unit, date at its precision, reference range and flag, citing the Observation. An honest absence (citing the Patient, naming the codes searched) when the record has none; entered-in-error results are left out and counted."""
     found = find_points(ctx, query)
     if since is not None or until is not None:
         return _latest_in_period(ctx, query, found, since, until)
@@ -335,6 +336,7 @@ def observation_stats(
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> list[Fact]:
+    """Count, mean, minimum, maximum, first and last, and the trend of ``query``'s numeric results in the period (the last ``days``, or ``since``/``until``), one fact per series in one UCUM unit (values in other units converted with UCUM, bounds such as "<5" left out and counted), citing every result used."""
     start = since or (ctx.now - timedelta(days=days) if days else None)
     start = aware(start) if start is not None else None
     end = aware(until or ctx.now)

@@ -152,9 +152,11 @@ def test_plugin_encoders_come_from_entry_points(tmp_path: Path, monkeypatch: pyt
         "            out[i, hash(t) % 8] = 1\n"
         "        return out\n"
         "def make(argument, settings):\n"
-        "    return Hashing()\n",
+        "    return Hashing()\n"
+        "def register(registry):\n"
+        "    registry.add('hashing', make)\n",
         "chartsight.encoders",
-        "hashing = cs_encoder:make",
+        "hashing = cs_encoder:register",
     )
     registry = EncoderRegistry(EncoderSettings())
     enc = registry.text("hashing")
