@@ -15,7 +15,7 @@ from connectors.errors import ChartSightError
 from connectors.images import collect_images
 from connectors.record import PatientRecord, assemble_record
 from connectors.source import FhirSource
-from retrieval.cases import Case, cases_from_record
+from retrieval.cases import Case, indexed_cases
 from retrieval.encoders import EncoderRegistry
 from retrieval.index import CaseIndex
 
@@ -58,12 +58,7 @@ async def _cases_of(
     images = None
     if settings.retrieval.index.max_images_per_case > 0:
         images = await collect_images(record, source, settings.images, dicomweb)
-    return record, cases_from_record(
-        record,
-        images,
-        kind=settings.retrieval.index.case_kind,
-        max_images=settings.retrieval.index.max_images_per_case,
-    )
+    return record, indexed_cases(record, images, settings.retrieval.index)
 
 
 async def _records(

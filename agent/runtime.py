@@ -23,7 +23,7 @@ from connectors.errors import ChartSightError
 from connectors.images import ImageSet, collect_images
 from connectors.record import PatientRecord, assemble_record
 from connectors.source import FhirSource
-from retrieval.cases import Case, CasePrivacy, cases_from_record
+from retrieval.cases import Case, CasePrivacy, indexed_cases
 from retrieval.evidence import Evidence, record_evidence
 from retrieval.index import CaseFilter, CaseIndex, shown_to
 from retrieval.rank import EvidenceRanker
@@ -110,8 +110,7 @@ class AgentRuntime:
     def patient_case(self, record: PatientRecord, images: ImageSet | None) -> Case:
         """The asking patient's own case, built like the indexed ones (the index settings' image
         limit), for a similar-case query."""
-        limit = self.settings.retrieval.index.max_images_per_case
-        return cases_from_record(record, images, max_images=limit)[0]
+        return indexed_cases(record, images, self.settings.retrieval.index)[0]
 
     def emit(self, kind: str, **data: Any) -> None:
         """Tell the listener (``on_event``, e.g. a server-sent-event stream) that ``kind``

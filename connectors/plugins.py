@@ -87,7 +87,7 @@ class Registry(Generic[T]):
         returns the names of the entry points that loaded. Failures are logged, not raised."""
         loaded = []
         for ep in entry_points(group=group or self.group):
-            self._loading = f"plug-in {ep.name!r} ({ep.value})"
+            self._loading = f"plug-in {ep.name} ({ep.value})"
             try:
                 register: Callable[[Registry[T]], None] = ep.load()
                 register(self)

@@ -29,6 +29,8 @@ def versions() -> list[str]:
 
 @cache
 def template_text(name: str, version: str = DEFAULT_VERSION) -> str:
+    """The Jinja source of ``prompts/<version>/<name>.jinja`` (read once). Raises ``KeyError``
+    naming the versions shipped when there is no such prompt."""
     path = files("prompts").joinpath(version, f"{name}.jinja")
     if not path.is_file():
         raise KeyError(f"no prompt {name!r} in version {version!r} (have: {', '.join(versions())})")

@@ -14,6 +14,7 @@ from connectors.images import ImageSet, PatientImage
 from connectors.record import PatientRecord
 from retrieval.clinical import is_voided, observation_series, patient_age
 from retrieval.evidence import Compactors, Evidence, clean_text, default_compactors
+from retrieval.settings import IndexSettings
 
 # Longest summary text; the text encoders read ~256 tokens at most anyway.
 MAX_SUMMARY_CHARS = 1500
@@ -222,6 +223,20 @@ def generalised_summary(summary: str) -> str:
             text = _DATES.sub("", found.group(1)).strip()
             parts.append(text.removesuffix("…").rstrip(" ;,") + ".")
     return " ".join(parts) or "A similar case."
+
+
+def indexed_cases(
+    record: PatientRecord, images: ImageSet | None, settings: IndexSettings
+) -> list[Case]:
+    """The cases the index holds for ``record`` (and the query a similar-case search makes for it,
+    so both are fused alike): ``settings.case_kind``, at most ``settings.max_images_per_case``
+    images (none at 0, whatever ``images`` holds)."""
+    return cases_from_record(
+        record,
+        images if settings.max_images_per_case > 0 else None,
+        kind=settings.case_kind,
+        max_images=settings.max_images_per_case,
+    )
 
 
 def cases_from_record(

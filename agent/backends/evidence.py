@@ -46,8 +46,8 @@ def similar_line(case: SimilarCase) -> str:
 
 
 def compose(grounds: Grounds) -> str:
-    """The evidence answer's text for ``grounds``: every sentence cited; empty when nothing
-    matches."""
+    """The evidence answer's text for ``grounds``: one cited sentence per line; empty when
+    nothing matches."""
     sentences = list(dict.fromkeys(f.statement for f in grounds.facts if f.evidence))
     asked_for_a_result = any(f.tool in MEASURED_TOOLS for f in grounds.facts)
     if not sentences and not asked_for_a_result:
@@ -59,7 +59,9 @@ def compose(grounds: Grounds) -> str:
         sentences = [f"Relevant record entry: {one_sentence(line)}" for line in lines]
     for case in grounds.similar:
         sentences.append(f"{similar_line(case)} [{case.key}]")
-    return " ".join(s if s.rstrip().endswith((".", "]")) else s + "." for s in sentences)
+    # one line each: a listed chart line ends in its citation, not a full stop, and must still be
+    # a sentence of its own (``agent.grounding.split_sentences`` splits at line ends)
+    return "\n".join(s if s.rstrip().endswith((".", "]")) else s + "." for s in sentences)
 
 
 class EvidenceBackend:

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -23,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
-from agent import Answer, CaseFilter, ChartSight, ChartSightError
+from agent import Answer, CaseFilter, CaseHit, ChartSight, ChartSightError
 from surfaces.http.cds import router as cds_router
 from surfaces.http.deps import (
     Caller,
@@ -36,7 +35,7 @@ from surfaces.http.deps import (
     run_unless_disconnected,
 )
 from surfaces.http.middleware import AccessLog, BodyLimit
-from surfaces.http.schemas import AskRequest, CaseHitOut, Problem
+from surfaces.http.schemas import AskRequest, Problem
 from surfaces.http.security import case_privacy, thread_key
 from surfaces.http.smart import router as smart_router
 from surfaces.mcp import mcp_lifespan, mount_mcp
@@ -212,7 +211,7 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
 
     @app.get(
         "/v1/patients/{patient_id}/similar",
-        response_model=list[CaseHitOut],
+        response_model=list[CaseHit],
         tags=["retrieval"],
         summary="Past cases most similar to the patient's (images and summary), own cases left out.",
     )
@@ -240,7 +239,7 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
         except ChartSightError as exc:
             raise http_error(exc) from exc
         await svc.audit.arecord(who, "similar", "answered", patient_id=patient_id)
-        return [asdict(h) for h in hits]
+        return hits
 
     app.include_router(cds_router)
     app.include_router(smart_router)

@@ -18,22 +18,6 @@ class AskRequest(BaseModel):
     )
 
 
-class CaseHitOut(BaseModel):
-    """A similar case (``GET /v1/patients/{patient_id}/similar``): its key and patient, the score
-    (the weighted mean of image and text cosines, at most 1), summary, and the metadata that
-    filters use (sex, age band, modalities, label, kind)."""
-
-    key: str
-    patient_id: str
-    score: float
-    summary: str
-    sex: str | None
-    age_band: str | None
-    modalities: list[str]
-    label: str | None
-    kind: str
-
-
 class Problem(BaseModel):
     """An error response: ``detail`` says what was wrong, without echoing PHI."""
 

@@ -352,7 +352,7 @@ async def app_resource(
 async def app_similar(
     svc: Svc, chartsight_session: Annotated[str | None, Cookie()] = None
 ) -> list[dict[str, Any]]:
-    """The 4 cases most similar to the launch's patient, as ``CaseHitOut`` plus ``thumbnail``
+    """The 4 cases most similar to the launch's patient, as ``CaseHit`` plus ``thumbnail``
     (a PNG data URL, or null): in full with a thumbnail for a caller who may read other
     patients' records, else generalised without one (``case_privacy``)."""
     session = _session(svc, chartsight_session)
