@@ -1,0 +1,158 @@
+"""The graph's steps one at a time (``agent/nodes.py``), on states built here: what each reads and
+writes, without the rest of the graph."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import nodes
+from agent.answer import FactUsed, SentenceCheck, SimilarCase
+from agent.backends import Grounds
+from agent.backends.evidence import compose, similar_line
+from agent.runtime import AgentRuntime
+from agent.settings import Settings
+from agent.tools import ToolRegistry, default_tools, tool
+from tests.agent.test_tools import records as records  # the demo records fixture
+
+A1C = FactUsed(
+    tool="latest_observation",
+    statement="Latest A1c: 2020-12-13 Hemoglobin A1c 6.3 %. [Observation/a]",
+    value=6.3,
+    unit="%",
+    evidence=("Observation/a",),
+)
+LINE = "2020-01-02 Visit note: Seen today. Doing well. [DocumentReference/n]"
+
+
+def _runtime(tmp_path: Path, tools: ToolRegistry | None = None) -> AgentRuntime:
+    return AgentRuntime(
+        settings=Settings(home=tmp_path / "home"),
+        source=None,  # type: ignore[arg-type]  (the steps tested here read no source)
+        tools=tools or default_tools(plugins=False),
+        ranker=None,  # type: ignore[arg-type]
+    )
+
+
+def _run(step: Any, state: dict[str, Any], rt: AgentRuntime) -> dict[str, Any]:
+    return asyncio.run(step(state, {"configurable": {"runtime": rt}}))
+
+
+def test_the_evidence_backend_gives_one_line_per_sentence():
+    listed = FactUsed(
+        tool="active_medications", statement="2020-01-01 Metformin [MedicationRequest/m]",
+        evidence=("MedicationRequest/m",),
+    )  # fmt: skip
+    case = SimilarCase(key="Patient/x", score=0.91, summary="Male. " + "word " * 80)
+    text = compose(Grounds(facts=(A1C, listed, A1C), similar=(case,)))
+    lines = text.split("\n")
+    assert lines[:2] == [A1C.statement, listed.statement]  # each statement once
+    assert lines[2].startswith("Similar case (score 0.91): Male; word") and lines[2].endswith(
+        "… [Patient/x]"
+    )
+    assert len(similar_line(case)) < 300
+
+
+def test_the_evidence_backend_quotes_matching_lines_only_when_no_result_was_asked_for():
+    scores = {"DocumentReference/n": {"lexical": 1.0}, "Observation/z": {"dense": 0.9}}
+    evidence = {"DocumentReference/n": LINE, "Observation/z": "2020 Weight 80 kg [Observation/z]"}
+    quoted = compose(Grounds(evidence=evidence, evidence_scores=scores))
+    # one sentence: the note's own full stops become semicolons; no match by meaning alone
+    assert quoted == (
+        "Relevant record entry: 2020-01-02 Visit note: Seen today; Doing well [DocumentReference/n]"
+    )
+    absent = A1C.model_copy(update={"statement": "No A1c result.", "evidence": ()})
+    assert compose(Grounds(facts=(absent,), evidence=evidence, evidence_scores=scores)) == ""
+
+
+def test_after_check_retries_a_model_once():
+    bad = [SentenceCheck(text="x", supported=False)]
+    assert nodes.after_check({"checked": bad, "model": "openai:m", "attempts": 1}) == "generate"
+    assert nodes.after_check({"checked": bad, "model": "openai:m", "attempts": 2}) == "finalize"
+    assert nodes.after_check({"checked": bad, "model": "evidence", "attempts": 1}) == "finalize"
+
+
+def _verified(text: str, facts: list[FactUsed]) -> list[SentenceCheck]:
+    from agent.grounding import evidence_map, verify
+
+    return verify(text, evidence_map({}, facts), [f.statement for f in facts]).sentences
+
+
+def test_finalize_keeps_supported_sentences_and_abstains_without_them(tmp_path: Path):
+    rt = _runtime(tmp_path)
+    base = {"question": "q", "patient_id": "p", "facts": [A1C], "timings": {"plan": 1.0}}
+    checked = _verified(A1C.statement + " He is on insulin [Observation/a].", [A1C])
+    out = _run(nodes.finalize, {**base, "checked": checked, "model": "openai:m"}, rt)
+    answer = out["answer"]
+    assert answer.text == A1C.statement and [c.reference for c in answer.citations] == [
+        "Observation/a"
+    ]
+    assert answer.supported_fraction == 0.5 and len(answer.rejected) == 1
+    assert "1 unsupported sentence(s) removed" in answer.warnings
+    assert answer.facts == [A1C] and answer.latency_ms["plan"] == 1.0
+    assert out["history"] == [{"question": "q", "answer": answer.text}]
+    # nothing held up and no fact: an abstention that names the closest evidence
+    none = _run(
+        nodes.finalize,
+        {
+            **base,
+            "facts": [],
+            "checked": [],
+            "model": "evidence",
+            "evidence": {"Observation/z": "z"},
+        },
+        rt,
+    )["answer"]
+    assert none.abstained and none.text.startswith("The record does not answer this question.")
+
+
+def test_finalize_falls_back_to_the_evidence_answer_when_no_model_sentence_holds(tmp_path: Path):
+    rt = _runtime(tmp_path)
+    checked = _verified("He is on insulin [Observation/a].", [A1C])
+    state = {"question": "q", "patient_id": "p", "facts": [A1C], "checked": checked}
+    answer = _run(nodes.finalize, {**state, "model": "openai:m"}, rt)["answer"]
+    assert answer.text == A1C.statement and answer.fallback_used
+    assert answer.model == "evidence (fallback from openai:m)"
+    assert any("evidence answer is given instead" in w for w in answer.warnings)
+
+
+def test_gather_tools_keeps_the_others_when_one_tool_fails(tmp_path: Path, records):  # type: ignore[no-untyped-def]
+    from connectors.demo import TOMMY_FRIESEN
+
+    @tool("broken", "Always fails.")
+    def broken(ctx):  # type: ignore[no-untyped-def]
+        raise RuntimeError("a defect")
+
+    tools = default_tools(plugins=False)
+    tools.add("broken", broken)
+    rt = _runtime(tmp_path, tools)
+    record = records[TOMMY_FRIESEN]
+    rt.records[record.patient_id] = record
+    plan = [
+        {"tool": "broken", "args": {}},
+        {"tool": "latest_observation", "args": {"query": "A1c"}},
+    ]
+    out = _run(nodes.gather_tools, {"patient_id": record.patient_id, "plan": plan}, rt)
+    assert [f.tool for f in out["facts"]] == ["latest_observation"]
+    assert out["warnings"] == ["the broken tool failed and was left out (RuntimeError)"]
+    assert [(c.tool, c.error, c.by) for c in out["tool_log"]] == [
+        ("broken", True, "rules"),
+        ("latest_observation", False, "rules"),
+    ]
+    assert "tools" in out["timings"]
+
+
+@pytest.mark.parametrize("bad", [{"query": 3}, {"nope": 1}])
+def test_gather_tools_reports_bad_arguments(tmp_path: Path, records, bad):  # type: ignore[no-untyped-def]
+    from connectors.demo import TOMMY_FRIESEN
+
+    rt = _runtime(tmp_path)
+    record = records[TOMMY_FRIESEN]
+    rt.records[record.patient_id] = record
+    plan = [{"tool": "latest_observation", "args": bad}]
+    out = _run(nodes.gather_tools, {"patient_id": record.patient_id, "plan": plan}, rt)
+    assert out["facts"] == [] and out["warnings"][0].startswith("latest_observation: bad arguments")
+    assert out["tool_log"][0].error
