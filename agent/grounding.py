@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from agent.answer import FactUsed, SentenceCheck
 from connectors.resources import is_resource_type
 from retrieval.clinical import MONTH_NAMES
+from retrieval.drugs import default_drugs
 from retrieval.terms import Term, default_terms
 
 # [Observation/abc] or [Observation/abc, Condition/def] or [Observation/abc; Patient/x]
@@ -194,9 +195,27 @@ def check_sentence(sentence: str, evidence: Mapping[str, str]) -> SentenceCheck:
             )
             if named.upper() not in {t.upper() for t in _abbreviations(rest)}:  # said once
                 problems.append(f"{named!r} is not in the cited evidence")
+    problems += _drug_problems(rest, support)
     return SentenceCheck(
         text=sentence, citations=cited, supported=not problems, problems=tuple(problems)
     )
+
+
+def _drug_problems(claim: str, support: str) -> list[str]:
+    """A drug or drug class the sentence names ("on a statin", "atorvastatin") must be in what it
+    cites: a member ingredient or brand of it (``retrieval.drugs``), or its own word (a tool's
+    "none ... is a statin" supports "he is not on a statin")."""
+    drugs = default_drugs()
+    low = support.lower()
+    problems = []
+    for word in drugs.named_in(claim):
+        found = drugs.get(word)
+        if found is None or found.members_in(support):
+            continue
+        if re.search(rf"(?<![a-z0-9]){re.escape(word)}(?![a-z0-9])", low):
+            continue
+        problems.append(f"{word!r} is not in the cited evidence")
+    return problems
 
 
 def _abbreviations(text: str) -> list[str]:

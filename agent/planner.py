@@ -19,6 +19,7 @@ from typing import Any
 
 from connectors.plugins import PluginError, Registry
 from retrieval.clinical import MONTH_NAMES
+from retrieval.drugs import default_drugs
 from retrieval.terms import TermTable, default_terms
 
 
@@ -199,7 +200,7 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
     if re.search(r"\b(?:how old|age|aged)\b", q):  # "what is his age?", never "average"
         out.add("age")
     if _has(
-        q,
+        q.replace("birth control", ""),  # a contraceptive, not a birth date
         "born",
         "birth",
         "name",
@@ -289,10 +290,17 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
             "age", "sex", "gender", "diagnos", "problem", "allerg", "condition", "birth",
         ):  # fmt: skip
             out.add("observation_stats" if stats or days else "latest_observation", query=name)
-    if (
-        names_drug
-        or _has(q, "medication", "meds", "drug", "taking", "prescri", "on any")
-        or re.search(r"\b(?:is|was) (?:he|she|they|the patient|this patient) on\b", q)
+    # a drug class or drug named ("on a beta blocker?", "any blood thinners?", "taking Lasix?"):
+    # answered yes or no from the members recorded; the whole list only when it is asked for
+    drugs_named = [] if _has(q, "allerg") else default_drugs().named_in(question)
+    for drug in drugs_named:
+        out.add("medication_use", query=drug)
+    if (not drugs_named and names_drug) or (
+        (
+            _has(q, "medication", "meds", "drug", "taking", "prescri", "on any")
+            or re.search(r"\b(?:is|was) (?:he|she|they|the patient|this patient) on\b", q)
+        )
+        and not (drugs_named and not _has(q, "medications", "meds", "list", "all "))
     ):
         out.add("active_medications")
     if _has(q, "allerg"):

@@ -3,7 +3,7 @@
 Every tool returns ``Fact`` objects: a value (number, text or list), its unit and date where it has
 them, a one-line statement, and the FHIR references it rests on. The model may phrase facts; it never
 computes them. Each built-in tool is a module-level ``Tool`` (``agent.tools.observations``,
-``agent.tools.chart``, ``agent.tools.similar``), importable and callable by itself
+``agent.tools.chart``, ``agent.tools.medications``, ``agent.tools.similar``), importable and callable by itself
 (``latest_observation(ctx, query="A1c")``); ``default_tools()`` registers them by name, then the
 installed plug-ins (``chartsight.tools``: ``register(registry)``, see ``connectors.plugins``). A tool
 declares its arguments as a pydantic model, which also gives the JSON schema for tool-calling models,
@@ -35,6 +35,7 @@ from agent.tools.chart import (
     recent_encounters,
     recent_procedures,
 )
+from agent.tools.medications import medication_use
 from agent.tools.observations import (
     find_points,
     latest_observation,
@@ -51,6 +52,7 @@ BUILTIN_TOOLS: tuple[Tool, ...] = (
     active_problems,
     condition_history,
     active_medications,
+    medication_use,
     allergies,
     recent_procedures,
     recent_encounters,

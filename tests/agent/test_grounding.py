@@ -191,3 +191,37 @@ def test_a_sentence_about_another_test_than_it_cites_is_rejected(sentence: str):
     check = check_sentence(sentence, evidence)
     assert not check.supported and "is not in the cited evidence" in check.problems[0]
     assert check_sentence("The last hemoglobin was 13.7 g/dL [Observation/hb].", evidence).supported
+
+
+def test_a_drug_or_drug_class_must_be_in_what_the_sentence_cites():
+    given = {
+        "MedicationRequest/f": "2020-07-06 Medication: Lasix 40mg (RxNorm 315971), active "
+        "[MedicationRequest/f]",
+        "Observation/ldl": "2020-01-01 Low Density Lipoprotein Cholesterol 90.22 mg/dL "
+        "[Observation/ldl]",
+    }
+    # the cases found by hand and through a 1.5B model (issue 12)
+    assert not verify("He is on atorvastatin 40mg daily [MedicationRequest/f].", given).kept
+    statin = verify(
+        "The patient is on a statin, and the last LDL was 90.22 mg/dL [Observation/ldl].", given
+    )
+    assert (
+        not statin.kept and "'statin' is not in the cited evidence" in statin.rejected[0].problems
+    )
+    # a brand is its ingredient; a class is any of its members
+    for claim in (
+        "He takes furosemide",
+        "He is on Lasix",
+        "He is on a loop diuretic",
+        "He is on a diuretic",
+    ):
+        assert verify(f"{claim} [MedicationRequest/f].", given).supported_fraction == 1.0, claim
+    assert not verify("He is on a thiazide [MedicationRequest/f].", given).kept
+    # a tool's absence names the class, so "not on a statin" stands on it
+    absence = _fact(
+        "No: none of the 1 active medication is a statin (searched by ingredient: atorvastatin; "
+        "ATC C10AA). [Patient/p]",
+        ("Patient/p",),
+    )
+    merged = evidence_map({"Patient/p": "Patient p [Patient/p]"}, [absence])
+    assert verify("He is not on a statin [Patient/p].", merged).supported_fraction == 1.0

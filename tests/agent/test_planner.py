@@ -111,7 +111,15 @@ def _iso(day: str, end: bool = False) -> str:
         # the lists
         ("What problems does he have?", [("active_problems", {})]),
         ("What are his current medications?", [("active_medications", {})]),
-        ("Was he prescribed metformin?", [("active_medications", {})]),
+        ("Was he prescribed metformin?", [("medication_use", {"query": "metformin"})]),
+        ("Is he on a beta blocker?", [("medication_use", {"query": "beta blocker"})]),
+        ("Any blood thinners?", [("medication_use", {"query": "blood thinners"})]),
+        ("Is she on birth control?", [("medication_use", {"query": "birth control"})]),
+        (
+            "List his medications; is he on a statin?",
+            [("medication_use", {"query": "statin"}), ("active_medications", {})],
+        ),
+        ("Is he allergic to aspirin?", [("allergies", {})]),
         ("Any allergies?", [("allergies", {})]),
         ("Any surgery?", [("recent_procedures", {})]),
         ("What was his most recent visit?", [("recent_encounters", {})]),
@@ -139,9 +147,9 @@ def test_a_question_plans_these_calls(question: str, calls: list[tuple[str, dict
         ("What was the most recent?", []),
         ("What is the trend?", []),
         # "is he on ...?" and a drug named ask for the medications
-        ("Is he on insulin?", [("active_medications", {})]),
-        ("Is she on lisinopril?", [("active_medications", {})]),
-        ("Does he take metformin?", [("active_medications", {})]),
+        ("Is he on insulin?", [("medication_use", {"query": "insulin"})]),
+        ("Is she on lisinopril?", [("medication_use", {"query": "lisinopril"})]),
+        ("Does he take metformin?", [("medication_use", {"query": "metformin"})]),
     ],
 )
 def test_request_words_plan_their_list_not_a_test(
