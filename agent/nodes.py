@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
+from datetime import datetime, timedelta
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
@@ -158,7 +159,12 @@ async def plan(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
         for call in state.get("plan", []):
             args = dict(call["args"])
             if earlier and call["tool"] == "latest_observation":
-                args["nth"] = int(args.get("nth", 1)) + 1
+                if args.get("since"):  # "on 2019-03-17" → the latest before that day
+                    since = datetime.fromisoformat(args.pop("since"))
+                    args["until"] = (since - timedelta(seconds=1)).isoformat()
+                    args.pop("nth", None)
+                else:
+                    args["nth"] = int(args.get("nth", 1)) + 1
             calls.append({"tool": call["tool"], "args": args})
         if not calls:
             made = rt.planner.plan(f"{state['history'][-1]['question']} {question}")

@@ -15,13 +15,20 @@ from __future__ import annotations
 from typing import Any
 
 from agent.tools.base import (
+    AgeArgs,
     Args,
+    ConditionArgs,
     Fact,
+    LatestArgs,
+    LimitArgs,
     NoArgs,
+    ObservationArgs,
+    SimilarArgs,
     Tool,
     ToolContext,
     ToolError,
     ToolRegistry,
+    WindowArgs,
     tool,
 )
 from agent.tools.chart import (
@@ -62,7 +69,14 @@ BUILTIN_TOOLS: tuple[Tool, ...] = (
 
 __all__ = [
     "BUILTIN_TOOLS",
+    "AgeArgs",
     "Args",
+    "ConditionArgs",
+    "LatestArgs",
+    "LimitArgs",
+    "ObservationArgs",
+    "SimilarArgs",
+    "WindowArgs",
     "Fact",
     "NoArgs",
     "Tool",

@@ -70,7 +70,15 @@ class Fact:
 
 @dataclass
 class ToolContext:
-    """What tools compute from: the record, its evidence lines, and the date that counts as now."""
+    """What tools compute from: ``record`` (the ``PatientRecord``), ``evidence`` (its evidence
+    lines by FHIR reference: ``retrieval.evidence.Evidence``, whose ``category`` is one of
+    demographics, condition, observation, medication, allergy, procedure, encounter, report,
+    document, imaging, image, immunization, care-plan, goal), ``now`` (the date that counts as now) and ``similar``
+    (k → similar cases, when there is an index). A test builds one from a record:
+    ``ToolContext(record, now=datetime(2021, 1, 1, tzinfo=UTC))``; records come from
+    ``ChartSight.record`` or ``connectors.record.assemble_record(source, patient_id)``. A fact's
+    ``details["echo"]`` lists words of the statement that only repeat the call's arguments (a
+    period), which the verifier does not count as evidence."""
 
     record: PatientRecord
     now: datetime = field(default_factory=lambda: datetime.now(UTC))

@@ -118,10 +118,12 @@ def _latest_in_period(
     found: Found,
     since: datetime | None,
     until: datetime | None,
+    nth: int = 1,
 ) -> list[Fact]:
     """The latest result with a value whose date lies in [since, until] ("glucose in 2019",
-    "blood pressure on 2019-03-17"), or an honest "none in that period" that says when the
-    results there are (the nearest before and after), citing the Patient and those results."""
+    "blood pressure on 2019-03-17"; with ``nth``, the nth latest there), or an honest "none in
+    that period" that says when the results there are (the nearest before and after), citing the
+    Patient and those results."""
     since = aware(since) if since is not None else None
     until = aware(until) if until is not None else None
     period = _period_text(since, until)
@@ -133,16 +135,31 @@ def _latest_in_period(
     ]
     subject = _subject(query, found.points)
     details = {"query": query, "echo": [period], "voided": found.voided}
-    if inside:
-        ref = inside[-1].reference
+    refs = list(dict.fromkeys(p.reference for p in inside))  # oldest first
+    when = {p.reference: p.when.start for p in inside if p.when is not None}
+    if refs and nth > len(refs):
+        oldest = refs[0]
         return [
             Fact(
                 "latest_observation",
-                f"Latest {subject} {period}{_voided_clause(found)}: {_obs_text(ref, ctx)}."
+                f"There is no earlier {subject} result {period}; the oldest there is "
+                f"{_obs_text(oldest, ctx)}.{_cite([oldest])}",
+                date=when.get(oldest),
+                evidence=(oldest,),
+                details={**details, "results_in_period": len(refs)},
+            )
+        ]
+    if refs:
+        ref = refs[-nth]
+        which = "Latest" if nth == 1 else f"Result {nth} back"
+        return [
+            Fact(
+                "latest_observation",
+                f"{which} {subject} {period}{_voided_clause(found)}: {_obs_text(ref, ctx)}."
                 f"{_cite([ref])}",
-                date=inside[-1].when.start if inside[-1].when else None,
+                date=when.get(ref),
                 evidence=(ref,),
-                details={**details, "results_in_period": len({p.reference for p in inside})},
+                details={**details, "results_in_period": len(refs)},
             )
         ]
     patient = f"Patient/{ctx.record.patient_id}"
@@ -155,7 +172,8 @@ def _latest_in_period(
     return [
         Fact(
             "latest_observation",
-            f"No {subject} result {period} in the record{_voided_clause(found)}.{_cite([patient])}"
+            f"No {subject} result {period} in the record{_voided_clause(found)}"
+            f"{'' if valued else ' (none at any date)'}.{_cite([patient])}"
             f"{nearest}{_cite(near)}",
             evidence=(patient, *near),
             details={**details, "results_in_period": 0},
@@ -205,7 +223,7 @@ def latest_observation(
     """The latest result of ``query`` with a value (or the ``nth`` latest; or the latest within ``since``/``until``): value, UCUM unit, date at its precision, reference range and flag, citing the Observation. An honest absence (citing the Patient, naming the codes searched) when the record has none; entered-in-error results are left out and counted."""
     found = find_points(ctx, query)
     if since is not None or until is not None:
-        return _latest_in_period(ctx, query, found, since, until)
+        return _latest_in_period(ctx, query, found, since, until, nth)
     # a result is one Observation; it counts as a value when it (or a matched component) has one
     with_value: list[str] = []
     for point in found.points:
@@ -358,7 +376,8 @@ def observation_stats(
         return [
             Fact(
                 "observation_stats",
-                f"No numeric {_subject(query, [])} result {window}{_voided_clause(found)}."
+                f"No numeric {_subject(query, [])} result {window}{_voided_clause(found)}"
+                f"{'' if any(p.measurement is not None for p in found.points) else ' (none at any date)'}."
                 f"{_cite([ref])}",
                 value=None,
                 evidence=(ref,),

@@ -156,3 +156,29 @@ def test_gather_tools_reports_bad_arguments(tmp_path: Path, records, bad):  # ty
     out = _run(nodes.gather_tools, {"patient_id": record.patient_id, "plan": plan}, rt)
     assert out["facts"] == [] and out["warnings"][0].startswith("latest_observation: bad arguments")
     assert out["tool_log"][0].error
+
+
+def test_and_before_that_steps_back_from_a_dated_question(tmp_path: Path):
+    rt = _runtime(tmp_path)
+    day = {
+        "query": "blood pressure",
+        "since": "2019-03-17T00:00:00",
+        "until": "2019-03-17T23:59:59",
+    }
+    state = {
+        "question": "and before that?",
+        "history": [{"question": "Blood pressure on 2019-03-17?", "answer": "..."}],
+        "plan": [{"tool": "latest_observation", "args": day}],
+    }
+    out = _run(nodes.plan, state, rt)
+    # the latest before that day, not the same reading again
+    assert out["plan"] == [
+        {
+            "tool": "latest_observation",
+            "args": {"query": "blood pressure", "until": "2019-03-16T23:59:59"},
+        }
+    ]
+    plain = {**state, "plan": [{"tool": "latest_observation", "args": {"query": "A1c"}}]}
+    assert _run(nodes.plan, plain, rt)["plan"] == [
+        {"tool": "latest_observation", "args": {"query": "A1c", "nth": 2}}
+    ]

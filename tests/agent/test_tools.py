@@ -252,3 +252,19 @@ def test_similar_cases_is_a_tool_too(tmp_path: Path, demo_store: FhirStore):
     assert [f.evidence for f in found] == [(h.key,) for h in hits] and len(found) == 2
     assert all(h.patient_id != TOMMY_FRIESEN for h in hits)
     assert all(f.statement.startswith("Similar case (score ") for f in found)
+
+
+def test_the_nth_latest_in_a_period_and_an_absence_at_any_date(records):  # type: ignore[no-untyped-def]
+    from agent.tools import latest_observation, observation_stats
+
+    ctx = ToolContext(records[TOMMY_FRIESEN], now=datetime(2021, 1, 1, tzinfo=UTC))
+    since, until = datetime(2015, 1, 1, tzinfo=UTC), datetime(2020, 12, 31, tzinfo=UTC)
+    first = latest_observation(ctx, query="A1c", since=since, until=until)[0]
+    second = latest_observation(ctx, query="A1c", since=since, until=until, nth=2)[0]
+    assert first.statement.startswith("Latest A1c from 2015-01-01 to 2020-12-31:")
+    assert second.statement.startswith("Result 2 back A1c") and second.date < first.date
+    beyond = latest_observation(ctx, query="A1c", since=since, until=until, nth=1000)[0]
+    assert beyond.statement.startswith("There is no earlier A1c result from 2015-01-01")
+    # a test the chart never has: "none at any date", not only "none in that period"
+    none = observation_stats(ctx, query="troponin", since=since, until=until)[0]
+    assert "(none at any date)" in none.statement

@@ -1,6 +1,7 @@
 """A plug-in model backend: ``facts-only``, the tools' statements and nothing else (no quoted
-record lines, no similar cases): for a site that shows only computed facts. It abstains when no
-tool answered."""
+record lines, no similar cases). When no tool answered it writes nothing; the graph then treats it
+like a model none of whose sentences held up: it gives the evidence answer instead and flags the
+fallback (``Answer.fallback_used``, ``model`` "evidence (fallback from facts-only)")."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ class FactsOnly:
     name = "facts-only"
 
     async def generate(self, messages: list[Message], grounds: Grounds | None = None) -> Generation:
-        """The facts' statements joined; empty (the answer abstains) when there are none."""
+        """The facts' statements, one per line; empty when there are none."""
         facts = grounds.facts if grounds is not None else ()
-        text = " ".join(dict.fromkeys(f.statement for f in facts if f.evidence))
+        text = "\n".join(dict.fromkeys(f.statement for f in facts if f.evidence))
         return Generation(text, self.name)
 
     async def aclose(self) -> None:

@@ -1,5 +1,5 @@
-"""A plug-in planner rule: "kidney function" (or "renal function") is read from the latest
-creatinine and eGFR, which the built-in planner does not know to ask for."""
+"""A plug-in planner rule: "kidney function" (or "renal function") also asks for the latest eGFR.
+The built-in planner reads "kidney function" as creatinine alone (``retrieval/terms.toml``)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ _KIDNEY = re.compile(r"\b(?:kidney|renal) function\b", re.IGNORECASE)
 
 
 def kidney_function(question: str, plan: Plan) -> None:
-    """Add the latest creatinine and eGFR when the question asks about kidney function."""
+    """Add the latest eGFR when the question asks about kidney function."""
     if _KIDNEY.search(question):
-        plan.add("latest_observation", query="creatinine")
         plan.add("latest_observation", query="eGFR")
 
 
