@@ -17,7 +17,9 @@ V = TypeVar("V")
 
 
 class RecentCache(MutableMapping[str, V], Generic[V]):
-    """A bounded mapping of the most recently used entries (``max_items``, least recently used dropped first), each entry fresh for ``ttl_s`` seconds (``fresh``; ``None``: forever). Not thread-safe: used from one event loop."""
+    """A bounded mapping of the most recently used entries (``max_items``, least recently used
+    dropped first), each entry fresh for ``ttl_s`` seconds (``fresh``; ``None``: forever). Not
+    thread-safe: used from one event loop."""
 
     def __init__(self, max_items: int = 256, ttl_s: float = 300.0) -> None:
         self.max_items = max_items

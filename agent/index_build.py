@@ -35,7 +35,8 @@ def open_index(
 
 @dataclass
 class BuildReport:
-    """What an index build did: cases added, updated and removed, patients that failed (with reasons), the generation written and its timings."""
+    """What an index build did: cases added, updated and removed, patients that failed (with
+    reasons), the generation written and its timings."""
 
     patients: int = 0
     cases: int = 0

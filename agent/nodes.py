@@ -449,7 +449,9 @@ async def finalize(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
         )
         cited = [ref for ref, _ in closest]
     else:
-        text = " ".join(c.text for c in kept)
+        # the evidence answer is a list of facts: one per line; a model's prose stays prose
+        sep = "\n" if model == EVIDENCE.name or fallback else " "
+        text = sep.join(c.text for c in kept)
         cited = list(dict.fromkeys(ref for c in kept for ref in c.citations))
     lines = {**state.get("all_lines", {}), **state.get("evidence", {})}
     answer = Answer(

@@ -89,7 +89,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Settings come from init arguments, then ``CHARTSIGHT_*`` environment variables (``__`` between levels), then the TOML file, then defaults."""
+        """Settings come from init arguments, then ``CHARTSIGHT_*`` environment variables (``__``
+        between levels), then the TOML file, then defaults."""
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         path = cls.config_file or _config_file()
         if path is not None:

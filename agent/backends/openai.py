@@ -84,7 +84,9 @@ class OpenAIBackend:
         return reply, message
 
     async def generate(self, messages: list[Message], grounds: Grounds | None = None) -> Generation:
-        """The server's chat completion for ``messages`` (images as data URLs when ``send_images``). Raises ``BackendError`` on an HTTP error, a timeout or a reply without a message."""
+        """The server's chat completion for ``messages`` (images as data URLs when
+        ``send_images``). Raises ``BackendError`` on an HTTP error, a timeout or a reply without
+        a message."""
         reply, message = await self._complete(self._body(self._wire(messages), stream=False))
         return Generation(
             text=(message.get("content") or "").strip(),

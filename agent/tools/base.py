@@ -146,7 +146,8 @@ class ObservationArgs(Args):
 
 
 class LatestArgs(ObservationArgs):
-    """``query``; ``nth`` (1: the latest, 2: the one before, ...); ``since``/``until``: the latest within that period."""
+    """``query``; ``nth`` (1: the latest, 2: the one before, ...); ``since``/``until``: the latest
+    within that period."""
 
     nth: int = Field(default=1, ge=1, description="1: the latest; 2: the one before it; ...")
     since: datetime | None = Field(default=None, description="Only results from this time on.")

@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 
 @tool("demographics", "The patient's name, sex, birth date, age and vital status.")
 def demographics(ctx: ToolContext) -> list[Fact]:
-    """One fact: name, sex, birth date (at its precision), age (approximate for a partial birth date; at death for a deceased patient) and vital status; ``value`` is a dict of these; cites the Patient."""
+    """One fact: name, sex, birth date (at its precision), age (approximate for a partial birth
+    date; at death for a deceased patient) and vital status; ``value`` is a dict of these; cites
+    the Patient."""
     p = ctx.record.patient
     ref = f"Patient/{p.id}"
     name = display_name(p)
@@ -99,12 +101,26 @@ def age(ctx: ToolContext, on: date | None = None) -> list[Fact]:
     ]
 
 
-def _listing(ctx: ToolContext, name: str, items: list[Evidence], empty: str) -> list[Fact]:
+def _listing(
+    ctx: ToolContext, name: str, items: list[Evidence], empty: str, counted: str = ""
+) -> list[Fact]:
+    """One fact per item; ``empty`` (citing the Patient: an absence rests on the whole record)
+    when there is none. With ``counted`` ("active medications"), two or more items are headed by
+    their count ("3 active medications are recorded, newest first."), citing each."""
     if not items:
-        # an absence rests on the whole record, cited by its Patient
         ref = f"Patient/{ctx.record.patient_id}"
         return [Fact(name, f"{empty}{_cite([ref])}", value=[], evidence=(ref,))]
-    return _item_facts(name, items)
+    facts = _item_facts(name, items)
+    if counted and len(items) > 1:
+        head = Fact(
+            name,
+            f"{len(items)} {counted} are recorded, newest first.{_cite(e.id for e in items)}",
+            value=len(items),
+            evidence=tuple(e.id for e in items),
+            details={"count": len(items)},
+        )
+        facts.insert(0, head)
+    return facts
 
 
 def _item_facts(name: str, items: list[Evidence], prefix: str = "", **details: Any) -> list[Fact]:
@@ -137,6 +153,7 @@ def active_problems(ctx: ToolContext) -> list[Fact]:
         "active_problems",
         _by_category(ctx, "condition", True),
         "No active problem is recorded.",
+        counted="active problems",
     )
 
 
@@ -185,20 +202,27 @@ def condition_history(ctx: ToolContext, query: str) -> list[Fact]:
 
 @tool("active_medications", "Medications the patient is on (active requests and statements).")
 def active_medications(ctx: ToolContext) -> list[Fact]:
-    """One fact per active MedicationRequest or MedicationStatement (newest first), or one absence citing the Patient."""
+    """One fact per active MedicationRequest or MedicationStatement (newest first), or one absence
+    citing the Patient."""
     return _listing(
         ctx,
         "active_medications",
         _by_category(ctx, "medication", True),
         "No active medication is recorded.",
+        counted="active medications",
     )
 
 
 @tool("allergies", "Recorded allergies and intolerances.")
 def allergies(ctx: ToolContext) -> list[Fact]:
-    """One fact per AllergyIntolerance (any status, newest first), or one absence citing the Patient."""
+    """One fact per AllergyIntolerance (any status, newest first), or one absence citing the
+    Patient."""
     return _listing(
-        ctx, "allergies", _by_category(ctx, "allergy", False), "No allergy is recorded."
+        ctx,
+        "allergies",
+        _by_category(ctx, "allergy", False),
+        "No allergy is recorded.",
+        counted="allergies or intolerances",
     )
 
 
@@ -226,7 +250,8 @@ def recent_encounters(ctx: ToolContext, limit: int = 5) -> list[Fact]:
 
 @tool("imaging", "Imaging studies and images, and the impressions of imaging reports.", LimitArgs)
 def imaging(ctx: ToolContext, limit: int = 5) -> list[Fact]:
-    """The newest ``limit`` imaging items: ImagingStudy, images, and reports with a conclusion or text, one fact each, or one absence citing the Patient."""
+    """The newest ``limit`` imaging items: ImagingStudy, images, and reports with a conclusion or
+    text, one fact each, or one absence citing the Patient."""
     items = _by_category(ctx, "imaging", False) + _by_category(ctx, "image", False)
     reports = [
         e

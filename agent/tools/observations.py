@@ -220,7 +220,10 @@ def latest_observation(
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> list[Fact]:
-    """The latest result of ``query`` with a value (or the ``nth`` latest; or the latest within ``since``/``until``): value, UCUM unit, date at its precision, reference range and flag, citing the Observation. An honest absence (citing the Patient, naming the codes searched) when the record has none; entered-in-error results are left out and counted."""
+    """The latest result of ``query`` with a value (or the ``nth`` latest; or the latest within
+    ``since``/``until``): value, UCUM unit, date at its precision, reference range and flag,
+    citing the Observation. An honest absence (citing the Patient, naming the codes searched)
+    when the record has none; entered-in-error results are left out and counted."""
     found = find_points(ctx, query)
     if since is not None or until is not None:
         return _latest_in_period(ctx, query, found, since, until, nth)

@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
     SimilarArgs,
 )
 def similar_cases(ctx: ToolContext, k: int = 3) -> list[Fact]:
-    """The ``k`` cases most like this patient's (the patient's own left out), one fact each with its score and summary, citing the case key. Raises ``ToolError`` when there is no case index."""
+    """The ``k`` cases most like this patient's (the patient's own left out), one fact each with
+    its score and summary, citing the case key. Raises ``ToolError`` when there is no case
+    index."""
     if ctx.similar is None:
         raise ToolError("no similar-case index (run `chartsight index build`)")
     return [
