@@ -19,9 +19,11 @@ from agent.tools.base import (
     tool,
 )
 from retrieval.clinical import (
+    StatusReading,
     display_name,
     fhir_date,
     patient_age,
+    read_status,
 )
 from retrieval.evidence import Evidence
 
@@ -197,7 +199,38 @@ def condition_history(ctx: ToolContext, query: str) -> list[Fact]:
         facts += _item_facts(
             "condition_history", near, "A related condition is recorded: ", related_to=query
         )
+    else:
+        facts.insert(0, _diagnosis_answer(ctx, subject, found))
     return facts
+
+
+def _diagnosis_answer(ctx: ToolContext, subject: str, found: list[Evidence]) -> Fact:
+    """The direct answer to "does he have <subject>?" from the conditions found: "Yes: ... is
+    recorded as active (since <earliest onset>)", else "In the past: ... is recorded, not active
+    now", else "No: ... was ruled out" (every one refuted), citing the conditions it rests on."""
+    readings = {e.id: _status(ctx, e.id) for e in found}
+    active = [e for e in found if readings[e.id].active and not readings[e.id].refuted]
+    past = [e for e in found if not readings[e.id].active and not readings[e.id].refuted]
+    if active:
+        dated = [e for e in active if e.date is not None]
+        first = min(dated, key=lambda e: e.date) if dated else None  # type: ignore[arg-type, return-value]
+        since = f" (since {first.day})" if first is not None else ""
+        text, cited, value = f"Yes: {subject} is recorded as active{since}.", active, "active"
+    elif past:
+        text, cited, value = f"In the past: {subject} is recorded, not active now.", past, "past"
+    else:
+        text, cited, value = f"No: {subject} was ruled out.", found, "ruled out"
+    return Fact(
+        "condition_history",
+        f"{text}{_cite(e.id for e in cited)}",
+        value=value,
+        evidence=tuple(e.id for e in cited),
+    )
+
+
+def _status(ctx: ToolContext, reference: str) -> StatusReading:
+    resource = ctx.record.get(reference)
+    return read_status(resource) if resource is not None else StatusReading()
 
 
 @tool("active_medications", "Medications the patient is on (active requests and statements).")

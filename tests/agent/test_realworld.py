@@ -380,7 +380,7 @@ def test_a_ruled_out_condition_asked_about(chart):
     assert "Condition/bug03-pna-refuted" in {x.reference for x in answer.citations}
     diabetes = c.ask("Does she have diabetes?")
     assert "No diabetes diagnosis is in the record's conditions" in diabetes.text
-    assert "bug03-dm-eie" not in str(diabetes.used())
+    assert "bug03-dm-eie" not in diabetes.model_dump_json()
 
 
 # --- the analyte asked for, or an honest "no" --------------------------------------------------
@@ -527,3 +527,12 @@ def test_bnp_and_nt_probnp_are_two_tests(chart):
     assert answer.text.startswith("No BNP result in the record"), answer.text
     assert "616.4" not in answer.text and "700" not in answer.text
     assert c.ask("Latest NT-proBNP?").citations[0].reference == "Observation/nt"
+
+
+def test_a_diagnosis_question_is_answered_yes_or_no_first(chart):
+    c = chart(fixture("03"))
+    # every pneumonia Condition of this chart is refuted (or entered in error)
+    pneumonia = c.ask("Does she have pneumonia?")
+    assert pneumonia.text.startswith("No: pneumonia was ruled out."), pneumonia.text
+    diabetes = c.ask("Does she have diabetes?")
+    assert diabetes.text.startswith("No diabetes diagnosis is in the record's conditions")

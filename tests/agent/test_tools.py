@@ -268,3 +268,21 @@ def test_the_nth_latest_in_a_period_and_an_absence_at_any_date(records):  # type
     # a test the chart never has: "none at any date", not only "none in that period"
     none = observation_stats(ctx, query="troponin", since=since, until=until)[0]
     assert "(none at any date)" in none.statement
+
+
+def test_a_diagnosis_found_is_answered_yes_first_with_its_onset(records, tommy_json):  # type: ignore[no-untyped-def]
+    from agent.tools import condition_history
+
+    hf = [
+        r
+        for r in tommy_json
+        if r["resourceType"] == "Condition"
+        and any(c["code"] == "88805009" for c in r["code"]["coding"])
+    ]
+    assert hf and all(r["clinicalStatus"]["coding"][0]["code"] == "active" for r in hf)
+    onset = min(r["onsetDateTime"][:10] for r in hf)
+    facts = condition_history(ToolContext(records[TOMMY_FRIESEN], now=NOW), query="heart failure")
+    assert facts[0].statement.startswith(
+        f"Yes: heart failure is recorded as active (since {onset})."
+    )
+    assert set(facts[0].evidence) == {f"Condition/{r['id']}" for r in hf}
