@@ -64,7 +64,8 @@ _LATEST_OF = re.compile(
 _NOT_ANALYTE = re.compile(
     r"^(?:\d+\s*|a\s+|one\s+|two\s+|three\s+|six\s+|twelve\s+|few\s+|couple\s+of\s+)?"
     r"(?:hours?|days?|weeks?|months?|years?|decades?|time|times|night|visit|encounter|"
-    r"admission|appointment|result|results|value|values|test|tests|lab|labs|one|few|month's|week's)$"
+    r"admission|appointment|result|results|value|values|test|tests|lab|labs|one|few|month's|week's|"
+    r"vitals?|vital signs?|blood ?work|blood tests?|lab results|laboratory)$"
     r"|^(?:january|february|march|april|may|june|july|august|september|october|november|"
     r"december|spring|summer|autumn|fall|winter)\b"
 )
@@ -303,6 +304,13 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         and not (drugs_named and not _has(q, "medications", "meds", "list", "all "))
     ):
         out.add("active_medications")
+    # "latest labs", "recent blood work", "his vitals": every result of the latest day
+    if re.search(r"\b(?:labs?|lab results|laboratory|blood ?work|blood tests?)\b", q) and not (
+        measured_words
+    ):
+        out.add("recent_results", category="laboratory")
+    if re.search(r"\bvitals?\b|\bvital signs?\b", q) and not measured_words:
+        out.add("recent_results", category="vital-signs")
     if _has(q, "allerg"):
         out.add("allergies")
     for term_words in condition_words:

@@ -48,6 +48,7 @@ from agent.tools.observations import (
     latest_observation,
     matching_codes,
     observation_stats,
+    recent_results,
 )
 from agent.tools.similar import similar_cases
 
@@ -56,6 +57,7 @@ BUILTIN_TOOLS: tuple[Tool, ...] = (
     age,
     latest_observation,
     observation_stats,
+    recent_results,
     active_problems,
     condition_history,
     active_medications,

@@ -8,10 +8,13 @@ import re
 import statistics
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from agent.tools.base import (
     NOW_MIN,
+    Args,
     Fact,
     LatestArgs,
     ToolContext,
@@ -506,3 +509,68 @@ def _series_fact(
             "voided": found.voided,
         },
     )
+
+
+class RecentResultsArgs(Args):
+    """``category``: the Observation category (``laboratory`` or ``vital-signs``)."""
+
+    category: Literal["laboratory", "vital-signs"] = Field(
+        default="laboratory", description="'laboratory' (labs) or 'vital-signs' (vitals)."
+    )
+
+
+MAX_RECENT_RESULTS = 25
+
+
+@tool(
+    "recent_results",
+    "The newest results of a category (laboratory by default, or vital signs): every result of "
+    "the latest day that has one, newest first.",
+    RecentResultsArgs,
+)
+def recent_results(ctx: ToolContext, category: str = "laboratory") -> list[Fact]:
+    """ "What are his latest labs?": the Observations of ``category`` (Observation.category, HL7
+    observation-category codes) with a value on the latest day that has any, at most
+    ``MAX_RECENT_RESULTS``: a head ("12 laboratory results on 2020-12-13, the latest day with
+    any.") citing them, then one fact per result line. Entered-in-error ones are left out. An
+    absence citing the Patient when there is none."""
+    words = "laboratory results" if category == "laboratory" else "vital sign results"
+    dated: list[tuple[datetime, str]] = []
+    for (ref, voided, points), obs in zip(
+        observation_series(ctx.record), ctx.record.observations, strict=True
+    ):
+        if voided or not any(p.has_value for p in points):
+            continue
+        codes = {c.code for cat in obs.category or [] for c in cat.coding or []}
+        when = next((p.when for p in points if p.when is not None), None)
+        if category in codes and when is not None:
+            dated.append((when.start, ref))
+    if not dated:
+        ref = f"Patient/{ctx.record.patient_id}"
+        return [Fact("recent_results", f"No {words} are recorded.{_cite([ref])}", evidence=(ref,))]
+    day = max(d for d, _ in dated).date()
+    refs = list(dict.fromkeys(r for d, r in sorted(dated, reverse=True) if d.date() == day))
+    shown = refs[:MAX_RECENT_RESULTS]
+    more = f" ({len(refs) - len(shown)} more not shown)" if len(refs) > len(shown) else ""
+    n = len(refs)
+    head = Fact(
+        "recent_results",
+        f"{n} {words if n > 1 else words[:-1]} on {day.isoformat()}, the latest day with any"
+        f"{more}.{_cite(shown)}",
+        value=n,
+        date=max(d for d, _ in dated),
+        evidence=tuple(shown),
+        details={"category": category, "day": day.isoformat()},
+    )
+    lines = [
+        Fact(
+            "recent_results",
+            ctx.evidence[r].text,
+            value=ctx.evidence[r].text.rsplit(" [", 1)[0],
+            date=ctx.evidence[r].date,
+            evidence=(r,),
+        )
+        for r in shown
+        if r in ctx.evidence
+    ]
+    return [head, *lines]

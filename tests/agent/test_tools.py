@@ -286,3 +286,26 @@ def test_a_diagnosis_found_is_answered_yes_first_with_its_onset(records, tommy_j
         f"Yes: heart failure is recorded as active (since {onset})."
     )
     assert set(facts[0].evidence) == {f"Condition/{r['id']}" for r in hf}
+
+
+@pytest.mark.parametrize("category", ["laboratory", "vital-signs"])
+def test_recent_results_are_every_result_of_the_latest_day(records, tommy_json, category):  # type: ignore[no-untyped-def]
+    from agent.tools import recent_results
+
+    # from the JSON: Observations of the category with a value, on the newest day among them
+    rows = [
+        r
+        for r in tommy_json
+        if r["resourceType"] == "Observation"
+        and r.get("status") != "entered-in-error"
+        and any(c["code"] == category for cat in r.get("category", []) for c in cat["coding"])
+        and ("valueQuantity" in r or "valueCodeableConcept" in r or "component" in r)
+    ]
+    day = max(r["effectiveDateTime"][:10] for r in rows)
+    expected = {f"Observation/{r['id']}" for r in rows if r["effectiveDateTime"][:10] == day}
+    head, *lines = recent_results(ToolContext(records[TOMMY_FRIESEN], now=NOW), category=category)
+    assert (
+        head.statement.startswith(f"{len(expected)} ")
+        and f"on {day}, the latest day" in head.statement
+    )
+    assert set(head.evidence) == expected == {f.evidence[0] for f in lines}
