@@ -3,7 +3,9 @@
 Structured questions over the Synthea patients (``synthea-r4-smart`` from ``--data``, else the demo
 patients), modelled on MedAgentBench's query task types: patient lookup by name and birth date, age,
 the latest value of a test and its date, the last HbA1c, the average over a time window; plus
-active medications, active problems and allergies. Expected answers are computed here from the FHIR JSON, independently of ChartSight. An
+active medications, active problems and allergies; whether the patient is on a drug class (yes or
+no first, with hand-written ingredient lists); and the latest labs (every laboratory result of the
+newest day). Expected answers are computed here from the FHIR JSON, independently of ChartSight. An
 answer is exact when its text states the expected value (and date) and cites exactly the expected
 resources. Latency: per stage and end to end for warm questions; cold start of `chartsight ask`
 as a fresh process. Results are appended to ``benchmarks/results.md``.
@@ -53,8 +55,12 @@ def _obs(resources: list[dict[str, Any]], loinc: str) -> list[dict[str, Any]]:
     return sorted(found, key=lambda r: r["effectiveDateTime"])
 
 
+def _cited(answer: Any, prefix: str) -> set[str]:
+    return {c.reference for c in answer.citations if c.reference.startswith(prefix)}
+
+
 def _cites(answer: Any, expected: set[str], prefix: str) -> bool:
-    return {c.reference for c in answer.citations if c.reference.startswith(prefix)} == expected
+    return _cited(answer, prefix) == expected
 
 
 def questions(resources: list[dict[str, Any]]) -> list[tuple[str, str, Check]]:
@@ -176,7 +182,76 @@ def questions(resources: list[dict[str, Any]]) -> list[tuple[str, str, Check]]:
             ),
         )
     )
+    pid = f"Patient/{patient['id']}"
+    for question, words in DRUG_QUESTIONS.items():
+        members = {
+            f"MedicationRequest/{r['id']}": r.get("status") == "active"
+            for r in resources
+            if r["resourceType"] == "MedicationRequest" and _names_any(_med_display(r), words)
+        }
+        active = {ref for ref, on in members.items() if on}
+        # yes/no first; every active member cited; nothing cited that is not a member (those no
+        # longer active are listed as such)
+        out.append(
+            (
+                "on a drug class (yes/no first)",
+                question,
+                lambda a, m=active, every=set(members), p=pid: (
+                    a.text.startswith("Yes: on " if m else "No: ")
+                    and m <= _cited(a, "MedicationRequest/") <= every
+                    and (bool(m) or p in {c.reference for c in a.citations})
+                ),
+            )
+        )
+    labs = [
+        r
+        for r in resources
+        if r["resourceType"] == "Observation"
+        and r.get("status") != "entered-in-error"
+        and any(
+            c.get("code") == "laboratory"
+            for cat in r.get("category", [])
+            for c in cat.get("coding", [])
+        )
+        and ("valueQuantity" in r or "valueCodeableConcept" in r or "component" in r)
+        and "effectiveDateTime" in r
+    ]
+    if labs:
+        day = max(r["effectiveDateTime"][:10] for r in labs)
+        newest = {f"Observation/{r['id']}" for r in labs if r["effectiveDateTime"][:10] == day}
+        out.append(
+            (
+                "latest labs",
+                "What are the patient's latest labs?",
+                lambda a, d=day, n=newest: (
+                    f"on {d}, the latest day" in a.text and _cites(a, n, "Observation/")
+                ),
+            )
+        )
     return out
+
+
+# drug class questions → ingredient and brand words (written here, not ChartSight's table)
+DRUG_QUESTIONS = {
+    "Is the patient on an anticoagulant?": ("warfarin", "apixaban", "rivaroxaban", "dabigatran", "heparin", "enoxaparin"),
+    "Is the patient on a beta blocker?": ("metoprolol", "atenolol", "carvedilol", "propranolol", "bisoprolol", "toprol"),
+    "Is the patient on an opioid?": ("hydrocodone", "oxycodone", "morphine", "fentanyl", "tramadol", "meperidine", "codeine", "vicodin"),
+    "Is the patient on birth control?": ("levora", "natazia", "yaz", "nuvaring", "jolivette", "camila", "errin", "trinessa", "seasonique", "mirena", "liletta", "ethinyl estradiol", "norelgestromin", "medroxyprogesterone", "levonorgestrel", "norethindrone"),
+}  # fmt: skip
+
+
+def _med_display(resource: dict[str, Any]) -> str:
+    concept = resource.get("medicationCodeableConcept") or {}
+    return " ".join(
+        [str(concept.get("text", ""))]
+        + [str(c.get("display", "")) for c in concept.get("coding", [])]
+    ).lower()
+
+
+def _names_any(text: str, words: tuple[str, ...]) -> bool:
+    import re
+
+    return any(re.search(rf"(?<![a-z]){re.escape(w)}(?![a-z])", text) for w in words)
 
 
 async def evaluate(

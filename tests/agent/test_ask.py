@@ -280,7 +280,7 @@ def test_a_real_model_calls_tools_through_the_server(
     answer = _ask(settings, "What was his last HbA1c?")
     by_model = [c for c in answer.tool_calls if c.by == "model"]
     assert by_model and all(c.tool == "latest_observation" for c in by_model)
-    assert all(isinstance(c["args"], dict) and "query" in c["args"] for c in by_model)
+    assert all(isinstance(c.args, dict) and "query" in c.args for c in by_model)
     # whatever the model asked for, facts come from the record and cite it
     ids = {f"{r['resourceType']}/{r['id']}" for r in tommy_json}
     assert all(set(f.evidence) <= ids for f in answer.facts)

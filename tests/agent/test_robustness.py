@@ -89,7 +89,11 @@ def test_record_text_is_never_terminal_markup():
             question="q",
             patient_id="p",
             text=text + " [Observation/1]",
-            citations=[Citation("Observation/1", "[red]note[/red] [status entered-in-error]")],
+            citations=[
+                Citation(
+                    reference="Observation/1", text="[red]note[/red] [status entered-in-error]"
+                )
+            ],
             warnings=["[blink]w[/blink]"],
         ),
     )

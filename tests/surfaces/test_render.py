@@ -42,7 +42,10 @@ def _answer(**kw: object) -> Answer:
         "patient_id": "p1",
         "text": "The latest HbA1c was 6.3 % on 2024-03-04 [Observation/a1c-2].",
         "citations": [
-            Citation("Observation/a1c-2", "2024-03-04 Hemoglobin A1c 6.3 % [Observation/a1c-2]")
+            Citation(
+                reference="Observation/a1c-2",
+                text="2024-03-04 Hemoglobin A1c 6.3 % [Observation/a1c-2]",
+            )
         ],
         "model": "evidence",
         "prompt_version": "v7",
@@ -72,7 +75,7 @@ def test_an_answer_prints_its_text_citations_and_provenance():
 
 
 def test_every_citation_is_a_row_and_no_citations_is_no_table():
-    cited = [Citation(f"Condition/c{i}", f"Condition {i} line") for i in range(3)]
+    cited = [Citation(reference=f"Condition/c{i}", text=f"Condition {i} line") for i in range(3)]
     console = _console()
     render_answer(console, _answer(citations=cited))
     out = _plain(console)
@@ -112,7 +115,12 @@ def test_facts_are_not_printed_apart_from_the_answer_text():
     """The terminal shows the answer and what it cites; the tools' facts reach the reader
     through the answer's own sentences (and in full with ``--json``)."""
     fact = FactUsed(
-        "latest_observation", "Latest hemoglobin A1c: 6.3 %", 6.3, "%", "2024-03-04", ("a",)
+        tool="latest_observation",
+        statement="Latest hemoglobin A1c: 6.3 %",
+        value=6.3,
+        unit="%",
+        date="2024-03-04",
+        evidence=("a",),
     )
     console = _console()
     render_answer(console, _answer(text="No answer text here.", citations=[], facts=[fact]))
@@ -125,7 +133,7 @@ def test_answer_citation_and_warning_text_is_never_markup():
         console,
         _answer(
             text=f"Glucose {HOSTILE} [Observation/g1]",
-            citations=[Citation("Observation/g1", f"note {HOSTILE}")],
+            citations=[Citation(reference="Observation/g1", text=f"note {HOSTILE}")],
             warnings=[f"odd {HOSTILE}"],
             thread_id="[bold]t[/]",
         ),
