@@ -132,6 +132,7 @@ async def resolve(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
         "similar": [],
         "images": [],
         "draft": "",
+        "given": {},
         "checked": [],
         "transcript": [],
         "tool_steps": 0,
@@ -313,10 +314,15 @@ def _trusted(state: AskState) -> list[str]:
     return [f.statement for f in state.get("facts", []) if f.evidence]
 
 
-def _messages(state: AskState, rt: AgentRuntime) -> list[Message]:
+def _citable(state: AskState) -> dict[str, str]:
+    """What a sentence may cite: ``given`` as ``generate`` made it once per question, else made
+    now (``_evidence_for``)."""
+    return state.get("given") or _evidence_for(state)
+
+
+def _messages(state: AskState, rt: AgentRuntime, given: dict[str, str]) -> list[Message]:
     version = prompts.DEFAULT_VERSION
     system = prompts.render("system", version, max_sentences=6)
-    given = _evidence_for(state)
     lines = [v for k, v in given.items() if not k.startswith("Patient/")][:40]
     user = prompts.render(
         "answer",
@@ -354,15 +360,17 @@ async def generate(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
 
     Reads the gathered keys (``facts``, ``evidence``, ``evidence_scores``, ``similar``,
     ``images``, ``patient_line``, ``history``) and, on a retry, ``draft`` and ``checked``. Writes
-    ``draft``, ``model``, ``attempts``; on a fallback also ``fallback`` and ``warnings``."""
+    ``draft``, ``given`` (what a sentence may cite, made once per question), ``model``,
+    ``attempts``; on a fallback also ``fallback`` and ``warnings``."""
     attempts = state.get("attempts", 0)
     backend = rt.backend
     given = grounds(state)
+    citable = _citable(state)
     try:
         if backend.name == EVIDENCE.name:
             reply = await backend.generate([], given)
         else:
-            messages = _messages(state, rt)
+            messages = _messages(state, rt, citable)
             stream = getattr(backend, "stream", None)
             if rt.on_event is not None and stream is not None:
                 # listeners get the answer token by token as the model writes it
@@ -377,6 +385,7 @@ async def generate(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
         rt.emit("fallback", reason=str(exc))
         return {
             "draft": (await EVIDENCE.generate([], given)).text,
+            "given": citable,
             "model": EVIDENCE.name,
             "fallback": True,
             "attempts": MAX_ATTEMPTS,
@@ -385,7 +394,12 @@ async def generate(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
             ],
         }
     rt.emit("generated", model=reply.model, chars=len(reply.text))
-    return {"draft": reply.text, "model": backend.name, "attempts": attempts + 1}
+    return {
+        "draft": reply.text,
+        "given": citable,
+        "model": backend.name,
+        "attempts": attempts + 1,
+    }
 
 
 @timed("verify")
@@ -393,7 +407,7 @@ async def check(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     """Check each sentence of the draft against the evidence it cites (``agent.grounding``).
 
     Reads ``draft`` and the gathered keys. Writes ``checked`` (``SentenceCheck`` per sentence)."""
-    result = verify(state.get("draft", ""), _evidence_for(state), _trusted(state))
+    result = verify(state.get("draft", ""), _citable(state), _trusted(state))
     rt.emit("verified", supported=len(result.kept), rejected=len(result.rejected))
     return {"checked": list(result.sentences)}
 
@@ -422,7 +436,7 @@ async def finalize(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     Reads ``question``, ``patient_id``, ``checked``, ``model``, ``fallback``, ``facts``,
     ``similar``, ``images``, ``evidence``, ``all_lines``, ``warnings``, ``timings``, ``tool_log``.
     Writes ``answer`` and appends the turn to ``history``."""
-    given = _evidence_for(state)
+    given = _citable(state)
     checked: list[SentenceCheck] = list(state.get("checked", []))
     kept = [c for c in checked if c.supported]
     warnings: list[str] = []

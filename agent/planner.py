@@ -5,7 +5,7 @@ with or without a model; a tool-calling model may add calls of its own.
 questions it answers (``agent.tools.Tool.questions``) is called when one matches, and installed
 packages add rules through the ``chartsight.planner_rules`` entry point group (``register(registry)``
 calling ``registry.add(name, rule)`` with ``rule(question, plan) -> None``, which may add calls to
-the plan; see ``connectors.plugins``).
+the plan; see ``common.plugins``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from connectors.plugins import PluginError, Registry
+from common.plugins import PluginError, Registry
 from retrieval.clinical import MONTH_NAMES
 from retrieval.drugs import default_drugs
 from retrieval.terms import TermTable, default_terms

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
@@ -146,6 +147,8 @@ class ChartSight:
         self.graph: Any = None
         self.one_shot: Any = None
         self._index_error: CaseIndexError | None = None  # why the index could not be opened
+        # runtimes reading from a caller's source (a SMART session's EHR), while it lives
+        self._by_source: weakref.WeakKeyDictionary[Any, AgentRuntime] = weakref.WeakKeyDictionary()
 
     async def __aenter__(self) -> ChartSight:
         s = self.settings
@@ -253,14 +256,25 @@ class ChartSight:
         return self._answer(state, thread_id)
 
     def _runtime(self, source: FhirSource | None = None) -> AgentRuntime:
-        """The runtime, or one reading from ``source`` with caches of its own."""
+        """The runtime, or one reading from ``source`` with caches of its own, kept as long as
+        ``source`` lives: a SMART session's questions reuse the record it fetched, and a CDS
+        request's prefetch is read once."""
         assert self.runtime is not None, "use `async with ChartSight(...)`"
         if source is None:
             return self.runtime
-        return dataclasses.replace(
+        try:
+            known = self._by_source.get(source)
+        except TypeError:  # a source that cannot be weakly referenced: caches for this call
+            known = None
+        if known is not None:
+            return known
+        made = dataclasses.replace(
             self.runtime, source=source, records=RecentCache(), images=RecentCache(),
             evidence=RecentCache(),
         )  # fmt: skip
+        with contextlib.suppress(TypeError):
+            self._by_source[source] = made
+        return made
 
     async def record(self, patient: str, source: FhirSource | None = None) -> PatientRecord:
         """The patient's record (kept for ``settings.cache_ttl_s``)."""

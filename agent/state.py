@@ -40,6 +40,7 @@ class AskState(TypedDict, total=False):
     similar: list[SimilarCase]
     images: list[ImageUsed]  # provenance of the images sent
     draft: str
+    given: dict[str, str]  # what a sentence may cite (evidence_map), made once by generate
     model: str
     checked: list[SentenceCheck]  # sentence checks of the latest draft
     attempts: int

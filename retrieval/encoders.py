@@ -24,8 +24,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from common.plugins import PluginError, Registry
 from connectors.errors import ConfigurationError
-from connectors.plugins import PluginError, Registry
 from retrieval.settings import EncoderSettings
 
 log = logging.getLogger(__name__)
@@ -510,7 +510,7 @@ class EncoderFactories(Registry[Factory]):
     """Encoder factories by kind (the part of a spec before ":"): ``factory(argument, settings)``
     returns a text or image encoder. Plug-ins (``chartsight.encoders``: ``register(registry)``
     calling ``registry.add(kind, factory)``) add kinds, and replace a built-in kind only with
-    ``replace=True`` (see ``connectors.plugins``)."""
+    ``replace=True`` (see ``common.plugins``)."""
 
     kind = "encoder"
     group = "chartsight.encoders"

@@ -38,7 +38,7 @@ def test_every_public_definition_has_a_docstring():
     import ast
 
     missing = []
-    for package in ("agent", "retrieval", "connectors", "surfaces", "prompts"):
+    for package in ("agent", "retrieval", "connectors", "surfaces", "prompts", "common"):
         for path in sorted((ROOT / package).rglob("*.py")):
             tree = ast.parse(path.read_text(encoding="utf-8"))
             for node in tree.body:

@@ -1,4 +1,4 @@
-"""The plug-in contract (``connectors/plugins.py``), tested through the complete example package in
+"""The plug-in contract (``common/plugins.py``), tested through the complete example package in
 ``examples/plugins``: one plug-in of each kind (tool, planner rule, compactor, encoder, model
 backend), installed the way pip would (a dist-info with its entry points on ``sys.path``)."""
 
@@ -20,8 +20,8 @@ from agent import ChartSight, Settings
 from agent.backends import default_backends
 from agent.planner import default_planner
 from agent.tools import ToolRegistry, default_tools, tool
+from common.plugins import PluginError
 from connectors.demo import TOMMY_FRIESEN
-from connectors.plugins import PluginError
 from connectors.record import PatientRecord
 from connectors.store import FhirStore
 from retrieval.encoders import EncoderRegistry

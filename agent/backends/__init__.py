@@ -7,7 +7,7 @@ backend gets the prompt (``messages``) and the ``Grounds`` it was written from; 
 the first, the evidence backend composes from the second. Installed packages add or replace
 backends through the ``chartsight.backends`` entry point group (``register(registry)`` calling
 ``registry.add(name, factory)`` with a factory ``(BackendSettings) -> Backend``; see
-``connectors.plugins``).
+``common.plugins``).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, Field, SecretStr
 
 from agent.answer import FactUsed, SimilarCase
+from common.plugins import PluginError, Registry
 from connectors.errors import ChartSightError, ConfigurationError
 from connectors.images import PatientImage
-from connectors.plugins import PluginError, Registry
 from connectors.settings import HttpSettings
 
 log = logging.getLogger(__name__)

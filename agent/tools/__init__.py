@@ -5,7 +5,7 @@ them, a one-line statement, and the FHIR references it rests on. The model may p
 computes them. Each built-in tool is a module-level ``Tool`` (``agent.tools.observations``,
 ``agent.tools.chart``, ``agent.tools.medications``, ``agent.tools.similar``), importable and callable by itself
 (``latest_observation(ctx, query="A1c")``); ``default_tools()`` registers them by name, then the
-installed plug-ins (``chartsight.tools``: ``register(registry)``, see ``connectors.plugins``). A tool
+installed plug-ins (``chartsight.tools``: ``register(registry)``, see ``common.plugins``). A tool
 declares its arguments as a pydantic model, which also gives the JSON schema for tool-calling models,
 and may declare the questions it answers (``Tool.questions``) so that the rule planner calls it.
 """

@@ -13,8 +13,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.answer import FactUsed
+from common.plugins import PluginError, Registry
 from connectors.errors import ChartSightError
-from connectors.plugins import PluginError, Registry
 from connectors.record import PatientRecord
 from retrieval.clinical import (
     Point,

@@ -361,3 +361,54 @@ def test_supported_fraction_means_the_same_on_every_fallback(settings: Settings,
         answer = _ask(settings, "What was his last HbA1c?")
     assert answer.fallback_used and answer.model.startswith("evidence (fallback from openai")
     assert answer.text.startswith("Latest HbA1c:") and answer.supported_fraction == 1.0
+
+
+class _CountingSource:
+    """A FhirSource that counts what it is asked (a SMART session's EHR, here the demo store)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    async def read(self, *a: Any) -> Any:
+        self.calls += 1
+        return await self.inner.read(*a)
+
+    async def search(self, *a: Any) -> Any:
+        self.calls += 1
+        return await self.inner.search(*a)
+
+    async def everything(self, *a: Any) -> Any:
+        self.calls += 1
+        return await self.inner.everything(*a)
+
+    async def binary(self, *a: Any) -> Any:
+        self.calls += 1
+        return await self.inner.binary(*a)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_questions_from_one_source_reuse_its_record(settings: Settings, demo_store: FhirStore):
+    """A SMART session asks through its own source: the record is read once, not per question."""
+    from connectors.store import StoreSource
+
+    async def go() -> tuple[int, int, int]:
+        source = _CountingSource(StoreSource(demo_store))
+        async with ChartSight(settings, use_index=False) as cs:
+            await cs.ask(TOMMY_FRIESEN, "What was his last HbA1c?", source=source, keep=False)
+            first = source.calls
+            await cs.ask(TOMMY_FRIESEN, "How old is he?", source=source, keep=False)
+            again = source.calls
+            other = _CountingSource(StoreSource(demo_store))
+            await cs.ask(TOMMY_FRIESEN, "How old is he?", source=other, keep=False)
+            return first, again, other.calls
+
+    first, again, other = asyncio.run(go())
+    assert first > 0 and again == first  # the second question fetched nothing
+    assert other == first  # another source (another session) reads for itself

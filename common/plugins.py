@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
-from connectors.errors import ChartSightError
+from common.errors import ChartSightError
 
 log = logging.getLogger(__name__)
 
