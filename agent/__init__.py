@@ -18,6 +18,7 @@ from connectors.errors import (
     ConnectorError,
     FhirImportError,
     ResourceNotFound,
+    scrub,
 )
 from connectors.images import ImageSet
 from connectors.prefetch import PrefetchSource
@@ -68,4 +69,5 @@ __all__ = [
     "open_index",
     "patient_age",
     "reference_of",
+    "scrub",
 ]

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from connectors.errors import scrub
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -117,6 +119,17 @@ class Answer(BaseModel):
     created_at: str = Field(
         default_factory=lambda: datetime.now().astimezone().isoformat(timespec="seconds")
     )
+
+    def shown(self, thread: str | None) -> Answer:
+        """The answer as a caller outside this deployment gets it (HTTP, its stream, CDS Hooks,
+        the SMART page, MCP): ``thread_id`` the caller's own ``thread`` name (the stored key is
+        per caller and patient: ``surfaces.http.security.thread_key``), and every warning without
+        URLs or file paths (``connectors.errors.scrub``: "not found at local store <url>", "model
+        server <url>"), which would name the deployment's database, FHIR or model server. The
+        CLI, the operator's, keeps them whole."""
+        return self.model_copy(
+            update={"thread_id": thread, "warnings": [scrub(w) for w in self.warnings]}
+        )
 
 
 # the types the graph's state holds; the checkpointer may rebuild only these (and plain values)

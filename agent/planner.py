@@ -156,7 +156,7 @@ def _date_interval(text: str) -> tuple[datetime, datetime] | None:
             nxt = datetime(year + (int(month) == 12), int(month) % 12 + 1, 1, tzinfo=UTC)
             return start, nxt
         return datetime(year, 1, 1, tzinfo=UTC), datetime(year + 1, 1, 1, tzinfo=UTC)
-    except (StopIteration, ValueError):
+    except (StopIteration, ValueError, OverflowError):  # OverflowError: 9999-12-31's next day
         return None
 
 
@@ -168,6 +168,15 @@ def explicit_period(question: str) -> tuple[datetime | None, datetime | None] | 
     m = _PERIOD.search(question)
     if m is None:
         return None
+    try:
+        return _period(m)
+    except OverflowError:  # "before 0001-01-01": no instant precedes it
+        return None
+
+
+def _period(m: re.Match[str]) -> tuple[datetime | None, datetime | None] | None:
+    """``explicit_period`` of a ``_PERIOD`` match; raises ``OverflowError`` for a bound outside
+    ``datetime``'s range (years 1 to 9999)."""
     tick = timedelta(microseconds=1)
     if m.group("between"):
         a, b = _date_interval(m.group("a")), _date_interval(m.group("b"))

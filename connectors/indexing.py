@@ -119,12 +119,15 @@ def date_range(value: str) -> tuple[str, str] | None:
     if m:
         year, month, day = int(m[1]), int(m[2] or 1), int(m[3] or 1)
         start = datetime(year, month, day)
-        if m[3]:
-            end = start + timedelta(days=1)
-        elif m[2]:
-            end = datetime(year + (month == 12), month % 12 + 1, 1)
-        else:
-            end = datetime(year + 1, 1, 1)
+        try:
+            if m[3]:
+                end = start + timedelta(days=1)
+            elif m[2]:
+                end = datetime(year + (month == 12), month % 12 + 1, 1)
+            else:
+                end = datetime(year + 1, 1, 1)
+        except (OverflowError, ValueError):  # the last day, month or year of 9999 (a common
+            return _fmt(start), _fmt(datetime.max)  # "no end" in EHR data): nothing comes later
         return _fmt(start), _fmt(end - timedelta(microseconds=1))
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))

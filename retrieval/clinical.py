@@ -209,6 +209,8 @@ def fhir_date(value: Any) -> FhirDate | None:
         return FhirDate(start, start, "time")
     if isinstance(value, date):
         start = datetime(value.year, value.month, value.day, tzinfo=UTC)
+        if value == date.max:  # 9999-12-31, a common "no end" in EHR data: no next day exists
+            return FhirDate(start, datetime.max.replace(tzinfo=UTC), "day")
         return FhirDate(start, start + timedelta(days=1), "day")
     if not isinstance(value, str) or not value.strip():
         return None

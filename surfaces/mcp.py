@@ -89,6 +89,17 @@ class Access:
             await self.audit(who, tool, "denied", patient, question, detail=str(exc))
             raise McpToolError(f"forbidden: {exc.public}") from exc
 
+    def check_question(self, question: str) -> None:
+        """Raise ``McpToolError`` for a question over ``serve.max_question_chars`` characters
+        when mounted in the HTTP service, as ``POST /v1/ask`` refuses it (422): a longer text is
+        not a question, and it would fill the model's prompt. Over stdio (the local user's own
+        process) nothing is refused."""
+        if self.service is None:
+            return
+        limit = self.service.settings.serve.max_question_chars
+        if len(question) > limit:
+            raise McpToolError(f"the question is over {limit} characters")
+
     async def audit(self, who: Principal, tool: str, outcome: str, patient: str, question: str | None = None, **kw: Any) -> None:  # fmt: skip
         """One audit row for a tool call under the endpoint ``mcp:<tool>`` (``AuditLog.record``'s
         ``answer`` and ``detail`` in ``kw``); over stdio there is no audit log, and nothing is
@@ -116,6 +127,7 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         patient: str, question: str, ctx: Context, token_budget: int = 800
     ) -> list[dict[str, Any]]:
         agent, who = access.caller(ctx)
+        access.check_question(question)
         await access.check(who, "patient_evidence", patient, question)
         try:
             ranked = await agent.evidence(patient, question, max(50, min(token_budget, 8000)))
@@ -181,6 +193,7 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         patient: str, question: str, ctx: Context, thread: str | None = None
     ) -> dict[str, Any]:
         agent, who = access.caller(ctx)
+        access.check_question(question)
         await access.check(who, "ask", patient, question)
         try:
             answer = await agent.ask(
@@ -193,7 +206,7 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         except ChartSightError as exc:
             raise McpToolError(exc.public) from exc
         # the thread as the caller named it (the stored key is per caller and patient)
-        data = answer.model_copy(update={"thread_id": thread}).model_dump(mode="json")
+        data = answer.shown(thread).model_dump(mode="json")
         await access.audit(who, "ask", "answered", patient, question, answer=data)
         return data
 

@@ -200,7 +200,9 @@ class Tool:
     fn: Callable[..., list[Fact]]
     questions: tuple[str, ...] = ()
 
-    def __call__(self, ctx: ToolContext, **kwargs: Any) -> list[Fact]:
+    def __call__(self, ctx: ToolContext, /, **kwargs: Any) -> list[Fact]:
+        # ``ctx`` positional-only: an argument named "ctx" or "self" (an MCP caller's, a model's)
+        # is then checked against ``args`` like any other, not a TypeError
         try:
             parsed = self.args(**kwargs)
         except ValueError as exc:

@@ -361,7 +361,12 @@ def observation_stats(
     until: datetime | None = None,
 ) -> list[Fact]:
     """Count, mean, minimum, maximum, first and last, and the trend of ``query``'s numeric results in the period (the last ``days``, or ``since``/``until``), one fact per series in one UCUM unit (values in other units converted with UCUM, bounds such as "<5" left out and counted), citing every result used."""
-    start = since or (ctx.now - timedelta(days=days) if days else None)
+    start = since
+    if start is None and days:
+        try:
+            start = ctx.now - timedelta(days=days)
+        except OverflowError:  # "the last 99999 months" reaches before year 1: the whole record
+            start = None
     start = aware(start) if start is not None else None
     end = aware(until or ctx.now)
     window = _period_text(start, end)

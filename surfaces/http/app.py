@@ -173,7 +173,7 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
                 who, "ask", "cancelled", patient_id=body.patient, question=body.question
             )
             return JSONResponse({"detail": "client disconnected"}, 499)
-        answer = answer.model_copy(update={"thread_id": body.thread})  # the caller's own name
+        answer = answer.shown(body.thread)  # the caller's own thread name, no internal URLs
         await svc.audit.arecord(
             who,
             "ask",

@@ -214,7 +214,7 @@ async def patient_view(request: Request, who: Caller, svc: Svc) -> CardsResponse
         who, "cds-patient-view", "abstained" if answer.abstained else "answered",
         patient_id=pid, question=question, answer=answer.model_dump(mode="json"),
     )  # fmt: skip
-    return CardsResponse(cards=[_answer_card(svc, pid, answer)])
+    return CardsResponse(cards=[_answer_card(svc, pid, answer.shown(None))])
 
 
 def _first_error(exc: Exception) -> str:

@@ -24,6 +24,7 @@ from agent import (
     QuestionError,
     ResourceNotFound,
     ToolError,
+    scrub,
 )
 from surfaces.http.audit import AuditLog
 from surfaces.http.limits import RateLimiter, retry_after
@@ -163,6 +164,14 @@ async def run_unless_disconnected(request: Request, work: Awaitable[Any], limit_
         gone.cancel()
 
 
+def _public(data: dict[str, Any]) -> dict[str, Any]:
+    """A run event's data as a caller outside may see it: a ``reason`` (``fallback``,
+    ``tool_planner_failed``: a backend's error, which names the model server's URL) without URLs
+    or file paths (``connectors.errors.scrub``)."""
+    reason = data.get("reason")
+    return {**data, "reason": scrub(reason)} if isinstance(reason, str) else data
+
+
 def answer_stream(
     svc: Service,
     who: Principal,
@@ -193,7 +202,7 @@ def answer_stream(
                     patient,
                     question,
                     thread_id=thread_id,
-                    on_event=lambda kind, data: queue.put_nowait((kind, data)),
+                    on_event=lambda kind, data: queue.put_nowait((kind, _public(data))),
                     source=source,
                     keep=keep,
                     case_privacy=case_privacy(who),
@@ -212,7 +221,18 @@ def answer_stream(
             )  # fmt: skip
             queue.put_nowait(("error", {"status": err.status_code, "detail": err.detail}))
             return
-        data = answer.model_copy(update={"thread_id": thread}).model_dump(mode="json")
+        except Exception as exc:  # e.g. the thread store failing: the stream must still end
+            log.warning(
+                "%s failed: %s", endpoint, type(exc).__name__,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )  # fmt: skip
+            await svc.audit.arecord(
+                who, endpoint, "error", patient_id=patient, question=question,
+                detail=type(exc).__name__,
+            )  # fmt: skip
+            queue.put_nowait(("error", {"status": 500, "detail": "the answer failed"}))
+            return
+        data = answer.shown(thread).model_dump(mode="json")
         await svc.audit.arecord(
             who, endpoint, "abstained" if answer.abstained else "answered",
             patient_id=answer.patient_id, question=question, answer=data,

@@ -324,8 +324,9 @@ async def app_ask(
     check_question(svc, body.question)
     who = session.principal(svc.settings.serve.smart.client_id)
     return answer_stream(
-        svc, who, "app_ask", session.patient, body.question, body.thread, source=session.fhir()
-    )
+        svc, who, "app_ask", session.patient, body.question, body.thread,
+        source=session.fhir(), keep=False,  # no thread: nothing kept, as over REST and MCP
+    )  # fmt: skip
 
 
 @router.get("/app/resource/{resource_type}/{resource_id}", summary="A cited resource's JSON.")

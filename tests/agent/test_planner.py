@@ -306,6 +306,10 @@ def test_an_explicit_period_is_the_interval_it_names(
         "Was he on 2000 mg of metformin?",  # a dose is not a year
         "Is he on 1000 units of insulin?",
         "metformin for 2000 mg",
+        # bounds outside ``datetime``'s years 1 to 9999: no period, not an OverflowError (a 500)
+        "glucose before 0001-01-01",
+        "glucose after 9999-12-31",
+        "average glucose between 9999-12-31 and 0001-01-01",
     ],
 )
 def test_no_explicit_period(question: str):

@@ -175,6 +175,19 @@ def test_bad_arguments_and_unknown_tools_fail_clearly(records):
         tools["nope"]
     schema = tools["observation_stats"].schema()["function"]
     assert schema["name"] == "observation_stats" and "query" in schema["parameters"]["required"]
+    # an argument named like the record's context is an unknown argument, not a TypeError
+    for name in ("ctx", "self"):
+        with pytest.raises(ToolError, match=f"latest_observation: bad arguments.*{name}"):
+            tools["latest_observation"](ctx, query="A1c", **{name: 1})
+
+
+def test_a_window_reaching_before_year_1_is_the_whole_record(records):
+    """'the last 99999 months' (or a caller's ``days`` of 1e9) starts before ``datetime``'s
+    first year: the statistics of every result, not an OverflowError."""
+    ctx = ToolContext(records[TOMMY_FRIESEN], now=NOW)
+    stats = default_tools()["observation_stats"]
+    whole = _one(stats(ctx, query="A1c"))
+    assert _one(stats(ctx, query="A1c", days=1e9)).details == whole.details
 
 
 def test_tools_come_from_entry_points(records, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

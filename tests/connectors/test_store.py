@@ -157,6 +157,24 @@ def test_conditional_reference_resolves_against_stored_identifier(store, tmp_pat
         store.import_json(bundle, "b2")
 
 
+def test_dates_in_the_year_9999_import_and_search(store: FhirStore):
+    """The last day, month and year ``datetime`` has (9999-12-31 is EHRs' "no end") are indexed
+    up to the last instant, not an OverflowError that fails the import."""
+    for n, when in enumerate(("9999-12-31", "9999-12", "9999")):
+        store.import_json(
+            {
+                "resourceType": "Condition",
+                "id": f"c{n}",
+                "subject": {"reference": "Patient/p"},
+                "code": {"text": "Hypertension"},
+                "onsetDateTime": when,
+            },
+            f"c{n}",
+        )
+    found = store.search("Condition", {"onset-date": "ge9999-12-31"})
+    assert {c.id for c in found.resources} == {"c0", "c1", "c2"}
+
+
 def test_search_by_code_date_identifier_and_name(demo_store: FhirStore):
     patients = demo_store.patients()
     assert len(patients) == 5

@@ -245,3 +245,13 @@ def test_components_are_measurements_and_absent_values_say_why():
                     dataAbsentReason={"text": "Not Performed"})  # fmt: skip
     (point,) = observation_points(cancelled, "Observation/c")
     assert not point.has_value and point.absent == "cancelled; Not Performed"
+
+
+def test_the_last_day_datetime_has_is_a_day_not_an_overflow():
+    """9999-12-31, EHRs' "no end" date, has no next day in ``datetime``: it is the interval up to
+    the last instant, from a date and from its text alike."""
+    for value in (date(9999, 12, 31), "9999-12-31"):
+        found = fhir_date(value)
+        assert found is not None and found.precision == "day"
+        assert found.start == datetime(9999, 12, 31, tzinfo=UTC)
+        assert found.end == datetime.max.replace(tzinfo=UTC)
