@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from connectors.errors import scrub
+from common.errors import scrub
 
 
 class _Frozen(BaseModel):
@@ -124,7 +124,7 @@ class Answer(BaseModel):
         """The answer as a caller outside this deployment gets it (HTTP, its stream, CDS Hooks,
         the SMART page, MCP): ``thread_id`` the caller's own ``thread`` name (the stored key is
         per caller and patient: ``surfaces.http.security.thread_key``), and every warning without
-        URLs or file paths (``connectors.errors.scrub``: "not found at local store <url>", "model
+        URLs or file paths (``common.errors.scrub``: "not found at local store <url>", "model
         server <url>"), which would name the deployment's database, FHIR or model server. The
         CLI, the operator's, keeps them whole."""
         return self.model_copy(
