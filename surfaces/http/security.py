@@ -44,6 +44,7 @@ class Principal:
     scopes: frozenset[str]
     patient: str | None = None  # the launch context's patient, for patient-level scopes
     kind: str = "jwt"  # "jwt" | "api-key" | "anonymous" | "local"
+    realm: str = ""  # where the identity comes from: the EHR's FHIR base for a SMART session
 
     @property
     def levels(self) -> set[str]:
@@ -111,9 +112,12 @@ def listed_fhir_base(url: str, allowed: list[str]) -> bool:
 
 
 def thread_key(principal: Principal, patient: str, thread: str) -> str:
-    """A conversation's checkpoint key: private to the caller and the patient (another caller's
-    thread id, or the same id about another patient, is a different conversation)."""
-    digest = hashlib.sha256(f"{principal.subject}\x00{patient}\x00{thread}".encode())
+    """A conversation's checkpoint key: private to the caller (its kind of credential, realm,
+    client and subject: two EHRs' users, or an API key and a token of the same name, never share
+    one) and the patient (another caller's thread id, or the same id about another patient, is a
+    different conversation)."""
+    who = (principal.kind, principal.realm, principal.client_id, principal.subject)
+    digest = hashlib.sha256("\x00".join((*who, patient, thread)).encode())
     return digest.hexdigest()[:32]
 
 

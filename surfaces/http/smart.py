@@ -76,8 +76,11 @@ class AppSession:
 
     def principal(self, client_id: str) -> Principal:
         """The session's caller for authorization and the audit log: the app's ``client_id``, the
-        user, the granted scopes, bound to the launch's patient."""
-        return Principal(client_id, self.user, frozenset(self.scope.split()), self.patient)
+        user, the granted scopes, bound to the launch's patient; its realm is the EHR, so two EHRs'
+        users (or users without ``fhirUser``, all "SMART user") never share a thread."""
+        return Principal(
+            client_id, self.user, frozenset(self.scope.split()), self.patient, realm=self.iss
+        )
 
     def fhir(self) -> FhirSource:
         """The EHR's FHIR server, read with the user's token."""

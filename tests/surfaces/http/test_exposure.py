@@ -8,6 +8,7 @@ server is down, so the answer carries warnings that name both."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import sqlite3
@@ -196,3 +197,22 @@ def test_a_failing_thread_store_ends_the_stream_with_an_error(exposed: Exposed):
         rows = conn.execute(sa.text("SELECT endpoint, outcome FROM audit_log")).all()
     engine.dispose()
     assert ("ask_stream", "error") in [tuple(r) for r in rows]
+
+
+def test_thread_keys_are_private_to_the_credential_kind_realm_and_client():
+    from surfaces.http.security import Principal, thread_key
+
+    base = Principal(
+        "app", "SMART user", frozenset({"patient/*.read"}), "p1", realm="https://ehr-a/fhir"
+    )
+    keys = {
+        thread_key(base, "p1", "page-1"),
+        thread_key(dataclasses.replace(base, realm="https://ehr-b/fhir"), "p1", "page-1"),
+        thread_key(dataclasses.replace(base, client_id="other-app"), "p1", "page-1"),
+        thread_key(dataclasses.replace(base, kind="api-key"), "p1", "page-1"),
+        thread_key(dataclasses.replace(base, subject="Practitioner/2"), "p1", "page-1"),
+        thread_key(base, "p2", "page-1"),
+        thread_key(base, "p1", "page-2"),
+    }
+    assert len(keys) == 7  # two users without fhirUser at two EHRs never share a conversation
+    assert thread_key(base, "p1", "page-1") == thread_key(base, "p1", "page-1")
