@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -210,7 +211,7 @@ class ChartSight:
         ``case_privacy="generalised"`` (a caller bound to this one patient) shows similar cases
         to the model and in the answer without keys, ids, dates or free text."""
         assert self.graph is not None, "use `async with ChartSight(...)` (answering=True)"
-        if not question.strip():
+        if not re.search(r"[^\W_]", question):  # only blanks, control or invisible characters
             raise QuestionError("the question is empty: ask about the patient in words")
         # one runtime per question (sharing the caches), so concurrent questions keep their own
         # event listeners

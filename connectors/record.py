@@ -259,7 +259,10 @@ async def find_patients(
 
 
 async def resolve_patient(source: FhirSource, key: str) -> Patient:
-    """Find a patient by id, or by an identifier value (``system|value`` or a bare value)."""
+    """Find a patient by id (also written ``Patient/<id>``), or by an identifier value
+    (``system|value`` or a bare value)."""
+    if re.fullmatch(r"Patient/[A-Za-z0-9\-.]{1,64}", key):
+        key = key.removeprefix("Patient/")
     try:
         found = await source.read("Patient", key)
         if isinstance(found, Patient):

@@ -287,7 +287,8 @@ def _whole_years(born: date, on: date) -> int:
 
 
 def patient_age(patient: Any, on: date | None = None) -> AgeReading | None:
-    """The patient's age on ``on`` (today by default), or at death; None without a birth date.
+    """The patient's age on ``on`` (today by default), or at death; None without a birth date,
+    or when the birth date is after ``on`` (a data error: no age is better than a negative one).
 
     A partial birth date ("1958", "1958-07") gives the age at the middle of its possible range,
     marked approximate."""
@@ -295,6 +296,8 @@ def patient_age(patient: Any, on: date | None = None) -> AgeReading | None:
     if born is None:
         return None
     end = on or datetime.now(UTC).date()
+    if born.start.date() > end:
+        return None
     died = fhir_date(getattr(patient, "deceasedDateTime", None))
     at_death = died is not None and died.start.date() <= end
     if died is not None and at_death:

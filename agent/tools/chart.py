@@ -78,7 +78,13 @@ def age(ctx: ToolContext, on: date | None = None) -> list[Fact]:
     reading = patient_age(ctx.record.patient, when)
     ref = f"Patient/{ctx.record.patient_id}"
     if reading is None:
-        return [Fact("age", f"The record gives no birth date.{_cite([ref])}", evidence=(ref,))]
+        born = fhir_date(ctx.record.patient.birthDate)
+        text = (
+            f"The record's birth date, {born.text}, is after {when.isoformat()}: no age can be given."
+            if born is not None
+            else "The record gives no birth date."
+        )
+        return [Fact("age", f"{text}{_cite([ref])}", evidence=(ref,))]
     if reading.at_death:
         died = fhir_date(ctx.record.patient.deceasedDateTime)
         text = f"The patient died on {died.text if died else 'an unknown date'}, aged {reading.text} years"

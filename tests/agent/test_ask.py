@@ -38,10 +38,16 @@ def settings(tmp_path: Path, demo_store: FhirStore) -> Settings:
     return Settings(home=tmp_path / "home", store={"url": str(demo_store.engine.url)})
 
 
-def _ask(settings: Settings, question: str, thread: str | None = None, **kw: Any):  # type: ignore[no-untyped-def]
+def _ask(  # type: ignore[no-untyped-def]
+    settings: Settings,
+    question: str,
+    thread: str | None = None,
+    patient: str = TOMMY_FRIESEN,
+    **kw: Any,
+):
     async def run():  # type: ignore[no-untyped-def]
         async with ChartSight(settings, now=NOW, **kw) as agent:
-            return await agent.ask(TOMMY_FRIESEN, question, thread_id=thread)
+            return await agent.ask(patient, question, thread_id=thread)
 
     return asyncio.run(run())
 
@@ -412,3 +418,16 @@ def test_questions_from_one_source_reuse_its_record(settings: Settings, demo_sto
     first, again, other = asyncio.run(go())
     assert first > 0 and again == first  # the second question fetched nothing
     assert other == first  # another source (another session) reads for itself
+
+
+@pytest.mark.parametrize("question", ["\u200b\u200b", "\x00\x00", " \u2066 ", "___"])
+def test_a_question_without_words_is_refused(settings: Settings, question: str):
+    from agent.service import QuestionError
+
+    with pytest.raises(QuestionError, match="the question is empty"):
+        _ask(settings, question)
+
+
+def test_a_patient_may_be_named_as_a_reference(settings: Settings):
+    answer = _ask(settings, "How old is he?", patient=f"Patient/{TOMMY_FRIESEN}")
+    assert answer.patient_id == TOMMY_FRIESEN and "years" in answer.text

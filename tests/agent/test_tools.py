@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import statistics
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -322,3 +323,17 @@ def test_recent_results_are_every_result_of_the_latest_day(records, tommy_json, 
         and f"on {day}, the latest day" in head.statement
     )
     assert set(head.evidence) == expected == {f.evidence[0] for f in lines}
+
+
+def test_a_birth_date_after_today_gives_no_age(records):  # type: ignore[no-untyped-def]
+    from agent.tools import age
+
+    record = records[TOMMY_FRIESEN]
+    future = dataclasses.replace(
+        record, patient=record.patient.model_copy(update={"birthDate": date(2100, 1, 1)})
+    )
+    (fact,) = age(ToolContext(future, now=NOW))
+    assert fact.statement.startswith(
+        "The record's birth date, 2100-01-01, is after 2021-01-01: no age can be given."
+    )
+    assert fact.value is None
