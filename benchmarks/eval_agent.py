@@ -203,6 +203,38 @@ def questions(resources: list[dict[str, Any]]) -> list[tuple[str, str, Check]]:
                 ),
             )
         )
+    for name, words in DIAGNOSES.items():
+        conditions = [
+            r
+            for r in resources
+            if r["resourceType"] == "Condition"
+            and _names_any(_concept_text(r.get("code")), words)
+            and _status(r, "verificationStatus") != "entered-in-error"
+        ]
+        refuted = {id(r) for r in conditions if _status(r, "verificationStatus") == "refuted"}
+        active = {
+            f"Condition/{r['id']}"
+            for r in conditions
+            if id(r) not in refuted
+            and _status(r, "clinicalStatus") in ("active", "recurrence", "relapse")
+        }
+        past = {f"Condition/{r['id']}" for r in conditions if id(r) not in refuted} - active
+        if active:
+            want = ("Yes: ", active)
+        elif past:
+            want = ("In the past: ", past)
+        else:
+            want = ("No ", set())
+        out.append(
+            (
+                "diagnosis (yes/no first)",
+                f"Does the patient have {name}?",
+                lambda a, w=want, p=pid: (
+                    a.text.startswith(w[0])
+                    and (w[1] <= _cited(a, "Condition/") if w[1] else p in _cited(a, "Patient/"))
+                ),
+            )
+        )
     labs = [
         r
         for r in resources
@@ -238,6 +270,28 @@ DRUG_QUESTIONS = {
     "Is the patient on an opioid?": ("hydrocodone", "oxycodone", "morphine", "fentanyl", "tramadol", "meperidine", "codeine", "vicodin"),
     "Is the patient on birth control?": ("levora", "natazia", "yaz", "nuvaring", "jolivette", "camila", "errin", "trinessa", "seasonique", "mirena", "liletta", "ethinyl estradiol", "norelgestromin", "medroxyprogesterone", "levonorgestrel", "norethindrone"),
 }  # fmt: skip
+
+
+# diagnoses asked about → words of their displays (written here, not ChartSight's term table)
+DIAGNOSES = {
+    "hypertension": ("hypertension", "hypertensive disorder"),
+    "heart failure": ("heart failure",),
+    "asthma": ("asthma",),
+    "a stroke": ("stroke",),
+}
+
+
+def _concept_text(concept: dict[str, Any] | None) -> str:
+    concept = concept or {}
+    return " ".join(
+        [str(concept.get("text", ""))]
+        + [str(c.get("display", "")) for c in concept.get("coding", [])]
+    ).lower()
+
+
+def _status(resource: dict[str, Any], element: str) -> str:
+    codings = (resource.get(element) or {}).get("coding") or [{}]
+    return str(codings[0].get("code", ""))
 
 
 def _med_display(resource: dict[str, Any]) -> str:
