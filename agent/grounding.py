@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from agent.answer import FactUsed, SentenceCheck
 from connectors.resources import is_resource_type
 from retrieval.clinical import MONTH_NAMES
-from retrieval.drugs import default_drugs
+from retrieval.drugs import default_drugs, has_word
 from retrieval.terms import Term, default_terms
 
 # [Observation/abc] or [Observation/abc, Condition/def] or [Observation/abc; Patient/x]
@@ -212,7 +212,7 @@ def _drug_problems(claim: str, support: str) -> list[str]:
         found = drugs.get(word)
         if found is None or found.members_in(support):
             continue
-        if re.search(rf"(?<![a-z0-9]){re.escape(word)}(?![a-z0-9])", low):
+        if has_word(low, word):
             continue
         problems.append(f"{word!r} is not in the cited evidence")
     return problems

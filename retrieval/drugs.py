@@ -42,13 +42,15 @@ class DrugClass:
         """The member ingredients ``text`` names (a brand counts as its ingredient; a member dose
         form as itself), each once, in the order of the class's list."""
         low = text.lower()
-        found = [i for i in self.ingredients if _has_word(low, i)]
-        found += [i for b, i in self.brands.items() if _has_word(low, b) and i not in found]
+        found = [i for i in self.ingredients if has_word(low, i)]
+        found += [i for b, i in self.brands.items() if has_word(low, b) and i not in found]
         found += [f for f in self.forms if f in low and f not in found]
         return list(dict.fromkeys(found))
 
 
-def _has_word(text: str, word: str) -> bool:
+def has_word(text: str, word: str) -> bool:
+    """Whether lower-case ``text`` holds ``word`` as a whole word (letters or digits around it
+    do not count: "insulinoma" does not hold "insulin")."""
     return re.search(rf"(?<![a-z0-9]){re.escape(word)}(?![a-z0-9])", text) is not None
 
 
@@ -58,11 +60,10 @@ class DrugTable:
     def __init__(self, classes: list[DrugClass]) -> None:
         self.classes = classes
         self.by_name = {c.name.lower(): c for c in classes}
-        self._ingredients = tuple(
-            sorted({i for c in classes for i in (*c.ingredients, *c.brands)}, key=len)
-        )
         self._class_words = _words_pattern(tuple(w for c in classes for w in c.words))
-        self._drug_words = _words_pattern(self._ingredients)
+        self._drug_words = _words_pattern(
+            tuple({i for c in classes for i in (*c.ingredients, *c.brands)})
+        )
 
     def get(self, query: str) -> DrugClass | None:
         """The class a name or word stands for ("statins", "beta-blocker", "ACE inhibitor"), or

@@ -279,3 +279,27 @@ def _subject(query: str, found: list[Point]) -> str:
         return query
     bare_numbers = r"(?<![A-Za-z])\d+(?:[.,:/-]\d+)*(?![A-Za-z])"  # not the 1 of "A1c"
     return " ".join(re.sub(bare_numbers, " ", query).split())[:80] or "matching"
+
+
+def _item_facts(name: str, items: list[Evidence], prefix: str = "", **details: Any) -> list[Fact]:
+    """One fact per evidence line: its text (after ``prefix``), value, date and citation."""
+    return [
+        Fact(
+            name,
+            f"{prefix}{item.text}",
+            value=item.text.rsplit(" [", 1)[0],
+            date=item.date,
+            evidence=(item.id,),
+            details={"date_precision": item.precision, **details},
+        )
+        for item in items
+    ]
+
+
+def _by_category(ctx: ToolContext, category: str, active_only: bool) -> list[Evidence]:
+    """The record's evidence lines of ``category`` (only the active ones with ``active_only``),
+    newest first, undated last."""
+    items = [
+        e for e in ctx.evidence.values() if e.category == category and (e.active or not active_only)
+    ]
+    return sorted(items, key=lambda e: e.date or NOW_MIN, reverse=True)

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import logging
 import re
-from datetime import UTC, date, datetime
-from typing import Any
+from datetime import date
 
 from agent.tools.base import (
+    NOW_MIN,
     AgeArgs,
     ConditionArgs,
     Fact,
     LimitArgs,
     ToolContext,
+    _by_category,
     _cite,
+    _item_facts,
     _subject,
     tool,
 )
@@ -129,28 +131,6 @@ def _listing(
         )
         facts.insert(0, head)
     return facts
-
-
-def _item_facts(name: str, items: list[Evidence], prefix: str = "", **details: Any) -> list[Fact]:
-    """One fact per evidence line: its text (after ``prefix``), value, date and citation."""
-    return [
-        Fact(
-            name,
-            f"{prefix}{item.text}",
-            value=item.text.rsplit(" [", 1)[0],
-            date=item.date,
-            evidence=(item.id,),
-            details={"date_precision": item.precision, **details},
-        )
-        for item in items
-    ]
-
-
-def _by_category(ctx: ToolContext, category: str, active_only: bool) -> list[Evidence]:
-    items = [
-        e for e in ctx.evidence.values() if e.category == category and (e.active or not active_only)
-    ]
-    return sorted(items, key=lambda e: e.date or datetime.min.replace(tzinfo=UTC), reverse=True)
 
 
 @tool("active_problems", "The patient's active conditions.")
@@ -297,7 +277,5 @@ def imaging(ctx: ToolContext, limit: int = 5) -> list[Fact]:
         for e in _by_category(ctx, "report", False)
         if "conclusion:" in e.text or "text:" in e.text
     ]
-    items = sorted(
-        items + reports, key=lambda e: e.date or datetime.min.replace(tzinfo=UTC), reverse=True
-    )
+    items = sorted(items + reports, key=lambda e: e.date or NOW_MIN, reverse=True)
     return _listing(ctx, "imaging", items[:limit], "No imaging is recorded.")

@@ -4,11 +4,20 @@ a member (``retrieval.drugs``: membership by ingredient, with the table's source
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 from pydantic import Field
 
-from agent.tools.base import Args, Fact, ToolContext, ToolError, _cite, tool
+from agent.tools.base import (
+    Args,
+    Fact,
+    ToolContext,
+    ToolError,
+    _by_category,
+    _cite,
+    _item_facts,
+    tool,
+)
 from retrieval.drugs import DrugClass, default_drugs
 from retrieval.evidence import Evidence
 
@@ -36,10 +45,6 @@ def _drug_text(item: Evidence) -> str:
     return item.text.rsplit(" [", 1)[0].split(";")[0]
 
 
-def _newest_first(items: list[Evidence]) -> list[Evidence]:
-    return sorted(items, key=lambda e: e.date or datetime.min.replace(tzinfo=UTC), reverse=True)
-
-
 @tool(
     "medication_use",
     "Whether the patient is on a drug class or a drug (yes or no first): the active medications "
@@ -59,7 +64,7 @@ def medication_use(ctx: ToolContext, query: str) -> list[Fact]:
         known = ", ".join(c.name for c in drugs.classes)
         raise ToolError(f"medication_use: unknown drug class or drug {query!r}; classes: {known}")
     label, is_class = _label(found)
-    meds = _newest_first([e for e in ctx.evidence.values() if e.category == "medication"])
+    meds = _by_category(ctx, "medication", active_only=False)
     members = {e.id: found.members_in(_drug_text(e)) for e in meds}
     active = [e for e in meds if e.active and members[e.id]]
     before = [e for e in meds if not e.active and members[e.id]]
@@ -103,10 +108,11 @@ def medication_use(ctx: ToolContext, query: str) -> list[Fact]:
             evidence=(patient,),
             details={**details, "active": []},
         )
-    facts = [head]
-    facts += [_line_fact(e, "") for e in active]
-    facts += [_line_fact(e, "Not active now: ") for e in before]
-    return facts
+    return [
+        head,
+        *_item_facts("medication_use", active),
+        *_item_facts("medication_use", before, "Not active now: "),
+    ]
 
 
 def _age_note(item: Evidence, now: datetime) -> str:
@@ -124,14 +130,3 @@ def _label(found: DrugClass) -> tuple[str, bool]:
     """How statements name it, and whether it is a class (a drug's own class is its ingredient)."""
     is_class = bool(found.atc) or len(found.ingredients) > 1
     return found.name, is_class
-
-
-def _line_fact(item: Evidence, prefix: str) -> Fact:
-    return Fact(
-        "medication_use",
-        f"{prefix}{item.text}",
-        value=item.text.rsplit(" [", 1)[0],
-        date=item.date,
-        evidence=(item.id,),
-        details={"date_precision": item.precision},
-    )

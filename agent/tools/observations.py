@@ -20,6 +20,7 @@ from agent.tools.base import (
     ToolContext,
     WindowArgs,
     _cite,
+    _item_facts,
     _point_day,
     _subject,
     tool,
@@ -140,26 +141,19 @@ def _latest_in_period(
     details = {"query": query, "echo": [period], "voided": found.voided}
     refs = list(dict.fromkeys(p.reference for p in inside))  # oldest first
     when = {p.reference: p.when.start for p in inside if p.when is not None}
-    if refs and nth > len(refs):
-        oldest = refs[0]
-        return [
-            Fact(
-                "latest_observation",
-                f"There is no earlier {subject} result {period}; the oldest there is "
-                f"{_obs_text(oldest, ctx)}.{_cite([oldest])}",
-                date=when.get(oldest),
-                evidence=(oldest,),
-                details={**details, "results_in_period": len(refs)},
-            )
-        ]
     if refs:
-        ref = refs[-nth]
-        which = "Latest" if nth == 1 else f"Result {nth} back"
+        if nth > len(refs):  # asked further back than the period goes
+            ref = refs[0]
+            text = f"There is no earlier {subject} result {period}; the oldest there is "
+            text += f"{_obs_text(ref, ctx)}."
+        else:
+            ref = refs[-nth]
+            which = "Latest" if nth == 1 else f"Result {nth} back"
+            text = f"{which} {subject} {period}{_voided_clause(found)}: {_obs_text(ref, ctx)}."
         return [
             Fact(
                 "latest_observation",
-                f"{which} {subject} {period}{_voided_clause(found)}: {_obs_text(ref, ctx)}."
-                f"{_cite([ref])}",
+                f"{text}{_cite([ref])}",
                 date=when.get(ref),
                 evidence=(ref,),
                 details={**details, "results_in_period": len(refs)},
@@ -567,15 +561,7 @@ def recent_results(ctx: ToolContext, category: str = "laboratory") -> list[Fact]
         evidence=tuple(shown),
         details={"category": category, "day": day.isoformat()},
     )
-    lines = [
-        Fact(
-            "recent_results",
-            ctx.evidence[r].text,
-            value=ctx.evidence[r].text.rsplit(" [", 1)[0],
-            date=ctx.evidence[r].date,
-            evidence=(r,),
-        )
-        for r in shown
-        if r in ctx.evidence
+    return [
+        head,
+        *_item_facts("recent_results", [ctx.evidence[r] for r in shown if r in ctx.evidence]),
     ]
-    return [head, *lines]
