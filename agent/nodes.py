@@ -146,10 +146,10 @@ async def resolve(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
 async def plan(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     """Decide the tool calls by rules (``agent.planner``, with the plug-in rules and the tools'
     declared questions). A short follow-up ("and before that?") takes its subject from the
-    thread's previous plan or question.
+    thread's previous plan or question. Typos read as clinical words are said in ``warnings``.
 
     Reads ``question``, ``history``, ``plan`` (the previous question's). Writes ``plan`` (a list of
-    ``{"tool", "args"}``), ``want_images``, ``want_similar``."""
+    ``{"tool", "args"}``), ``want_images``, ``want_similar``, ``warnings``."""
     question = state["question"]
     made = rt.planner.plan(question)
     calls = [asdict(c) for c in made.calls]
@@ -175,6 +175,7 @@ async def plan(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
         "plan": calls,
         "want_images": made.images,
         "want_similar": made.similar_cases,
+        "warnings": [f"read {c.written!r} as {c.read!r}" for c in made.corrections],
     }
 
 

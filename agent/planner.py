@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from agent.tools.care import CARE_TEAM_QUESTION
 from common.plugins import PluginError, Registry
 from retrieval.clinical import MONTH_NAMES
 from retrieval.drugs import default_drugs
+from retrieval.spelling import Correction, Speller, default_speller
 from retrieval.terms import TermTable, default_terms
 
 
@@ -40,6 +42,8 @@ class Plan:
     calls: list[PlannedCall] = field(default_factory=list)
     similar_cases: bool = False
     images: bool = False
+    # words of the question read as the clinical words meant ("potasium" → potassium)
+    corrections: list[Correction] = field(default_factory=list)
 
     def add(self, tool: str, **args: Any) -> None:
         """Add a call of ``tool`` with ``args`` (JSON values), unless the same call is planned."""
@@ -197,6 +201,14 @@ def _period(m: re.Match[str]) -> tuple[datetime | None, datetime | None] | None:
     return (d[0], d[1] - tick) if d is not None else None
 
 
+# vaccines by the names clinicians use (agent.tools.care.VACCINE_WORDS reads them)
+_VACCINE = re.compile(
+    r"\b(flu|influenza|tetanus|tdap|pneumonia|pneumococcal|shingles|zoster|covid|hpv|"
+    r"hepatitis [ab]|mmr|measles|polio|chickenpox|varicella|meningococcal)\s*"
+    r"(?:shots?|vaccin\w*|jabs?|immuni[sz]ations?|boosters?)"
+)
+
+
 def is_follow_up(question: str) -> bool:
     """Whether a question leans on the one before it ('and before that?', 'what about June?')."""
     return len(question.split()) <= 8 and bool(_FOLLOW_UP.search(question))
@@ -209,8 +221,10 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
     out = Plan()
     if re.search(r"\b(?:how old|age|aged)\b", q):  # "what is his age?", never "average"
         out.add("age")
+    asks_care_team = bool(re.search(CARE_TEAM_QUESTION, q))
     if _has(
-        q.replace("birth control", ""),  # a contraceptive, not a birth date
+        q.replace("birth control", "").replace("who is on", "").replace("who is treating", ""),
+        # (a contraceptive is not a birth date; "who is his doctor?" is the care team's)
         "born",
         "birth",
         "name",
@@ -221,7 +235,7 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         "alive",
         "died",
         "deceased",
-    ):
+    ) and not (asks_care_team and not _has(q, "born", "birth", "sex", "gender", "age")):
         out.add("demographics")
     asks_condition = _has(q, "have", "has ", "diagnos", "history of", "suffer", "comorbid") or bool(
         re.search(r"\b(?:is|was) (?:he|she|they|the patient|this patient)\b(?! on\b)", q)
@@ -271,12 +285,22 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         "range of",
         "min",
         "max",
-        "how many times",
+        "how many",
+        "number of",
+        "count of",
+        "change",
+        "over time",
         "highest",
         "lowest",
+        "peak",
     )
     days = window_days(question)
     period = explicit_period(question)
+    bounds_of_period = (
+        {k: v.isoformat() for k, v in zip(("since", "until"), period, strict=True) if v}
+        if period is not None
+        else {}
+    )
     # an explicit period wins over "last N days"; each statistic and "latest" honours it
     bounds: dict[str, Any] = {}
     if period is not None:
@@ -285,9 +309,16 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         }
     elif days is not None:
         bounds = {"days": days}
+    focus: dict[str, str] = {}
+    if re.search(r"\b(?:how many|number of|count of|how often)\b", q):
+        focus = {"focus": "count"}
+    elif re.search(r"\b(?:highest|maximum|max|peak)\b", q):
+        focus = {"focus": "highest"}
+    elif re.search(r"\b(?:lowest|minimum|min)\b", q):
+        focus = {"focus": "lowest"}
     for word in measured_words:
         if stats or days is not None:
-            out.add("observation_stats", query=word, **bounds)
+            out.add("observation_stats", query=word, **bounds, **focus)
         if not stats:
             out.add("latest_observation", query=word, **(bounds if period is not None else {}))
     if not measured_words:
@@ -298,6 +329,8 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
             name,
             *_ENCOUNTER_WORDS, "procedure", "medication", "med", "image", "scan", "name",
             "age", "sex", "gender", "diagnos", "problem", "allerg", "condition", "birth",
+            "status", "directive", "doctor", "physician", "provider", "team", "note", "vaccin",
+            "immuni", "shot", "pcp", "gp",
         ):  # fmt: skip
             out.add("observation_stats" if stats or days else "latest_observation", query=name)
     # a drug class or drug named ("on a beta blocker?", "any blood thinners?", "taking Lasix?"):
@@ -322,14 +355,33 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         out.add("recent_results", category="vital-signs")
     if _has(q, "allerg"):
         out.add("allergies")
+    vaccine = _VACCINE.search(q)
     for term_words in condition_words:
+        if vaccine and term_words.lower() in vaccine.group(0):
+            continue  # "pneumonia vaccine" asks for a vaccine, not the disease
         out.add("condition_history", query=term_words)  # any status: active, resolved, ruled out
     if _has(q, "problem", "diagnos", "condition", "comorbid") and not condition_words:
         out.add("active_problems")  # (a question naming a diagnosis gets that one, not the list)
     if _has(q, "procedure", "surgery", "operation"):
         out.add("recent_procedures")
     if _has(q, *_ENCOUNTER_WORDS):
-        out.add("recent_encounters")
+        counted = re.search(r"\b(?:how many|number of|how often|count)\b", q)
+        if counted or period is not None:
+            inpatient = _has(q, "admission", "admitted", "hospitali", "inpatient")
+            out.add(
+                "encounters_in_period",
+                **bounds_of_period,
+                **({"inpatient": True} if inpatient else {}),
+            )
+        else:
+            out.add("recent_encounters")
+    if vaccine or re.search(r"\b(?:vaccin|immuni[sz]|shots?\b|jabs?\b|boosters?\b)", q):
+        due = bool(re.search(r"\b(?:due|overdue|needs?|missing|up to date|owed)\b", q))
+        out.add(
+            "immunizations",
+            **({"vaccine": vaccine.group(1)} if vaccine else {}),
+            **({"due": True} if due else {}),
+        )
     if _has(q, "imaging", "x-ray", "xray", "mri", "scan", "ultrasound", "radiograph", "image") or (
         re.search(r"\bct\b", q)
     ):
@@ -378,14 +430,20 @@ def question_rule(tool: str, patterns: Iterable[str]) -> PlannerRule:
 
 @dataclass
 class Planner:
-    """The built-in rules (``plan``) and the registered ones."""
+    """The built-in rules (``plan``) and the registered ones, over the question with its typos
+    read as the clinical words meant (``speller``; ``Plan.corrections`` lists them)."""
 
     terms: TermTable = field(default_factory=default_terms)
     rules: PlannerRules = field(default_factory=PlannerRules)
+    speller: Speller | None = field(default_factory=default_speller)
 
     def plan(self, question: str) -> Plan:
         """The calls for ``question``. A rule that raises is logged and left out."""
+        corrections: list[Correction] = []
+        if self.speller is not None:
+            question, corrections = self.speller.correct(question)
         out = plan(question, self.terms)
+        out.corrections = corrections
         for name, rule in self.rules.items.items():
             try:
                 rule(question, out)
@@ -403,4 +461,4 @@ def default_planner(tools: Iterable[Any] = (), *, plugins: bool = True) -> Plann
             rules.add(f"tool:{t.name}", question_rule(t.name, t.questions))
     if plugins:
         rules.load_entry_points()
-    return Planner(default_terms(), rules)
+    return Planner(default_terms(), rules, default_speller())

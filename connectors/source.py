@@ -27,6 +27,8 @@ PATIENT_COMPARTMENT_SEARCHES: tuple[tuple[str, str], ...] = (
     ("Immunization", "patient"),
     ("CarePlan", "patient"),
     ("Goal", "patient"),
+    ("CareTeam", "patient"),
+    ("Consent", "patient"),
 )
 
 

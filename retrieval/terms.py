@@ -22,6 +22,34 @@ class Term:
     unit: str | None = None  # UCUM unit of low/high; a term with a unit is an analyte
     molar_mass: float | None = None  # g/mol: converts molar and mass concentrations of it
     observed: bool = False  # charted as an Observation even when asked about as a condition
+    rising: str | None = None  # what a rise means ("kidney function worsening")
+    falling: str | None = None
+    meaningful_change: float | None = None  # in ``unit``: a smaller change means nothing
+    meaningful_change_percent: float | None = None  # of the first value
+
+    def meaning(self, first: float, last: float) -> str | None:
+        """What the change from ``first`` to ``last`` (in ``unit``) means clinically ("kidney
+        function worsening"), "no meaningful change in <what>" when it is below the term's
+        threshold, or None when the term says nothing about its changes."""
+        if self.rising is None or self.falling is None:
+            return None
+        change = last - first
+        small = (self.meaningful_change is not None and abs(change) < self.meaningful_change) or (
+            self.meaningful_change_percent is not None
+            and first != 0
+            and abs(change) / abs(first) * 100 < self.meaningful_change_percent
+        )
+        what = self.rising.rsplit(" ", 1)[0]  # "kidney function"
+        if change == 0:
+            return f"no change in {what}"
+        if small:
+            limit = (
+                f"{self.meaningful_change:g} {self.unit}"
+                if self.meaningful_change is not None
+                else f"{self.meaningful_change_percent:g} %"
+            )
+            return f"a change under {limit}: no meaningful change in {what}"
+        return self.rising if change > 0 else self.falling
 
 
 def _tokens(text: str) -> list[str]:
@@ -99,6 +127,10 @@ def default_terms() -> TermTable:
                 unit=row.get("unit"),
                 molar_mass=_num(row.get("molar_mass")),
                 observed=bool(row.get("observed", False)),
+                rising=row.get("rising"),
+                falling=row.get("falling"),
+                meaningful_change=_num(row.get("meaningful_change")),
+                meaningful_change_percent=_num(row.get("meaningful_change_percent")),
             )
         )
     return TermTable(terms)

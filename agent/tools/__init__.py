@@ -3,7 +3,7 @@
 Every tool returns ``Fact`` objects: a value (number, text or list), its unit and date where it has
 them, a one-line statement, and the FHIR references it rests on. The model may phrase facts; it never
 computes them. Each built-in tool is a module-level ``Tool`` (``agent.tools.observations``,
-``agent.tools.chart``, ``agent.tools.medications``, ``agent.tools.similar``), importable and callable by itself
+``agent.tools.chart``, ``agent.tools.medications``, ``agent.tools.care``, ``agent.tools.similar``), importable and callable by itself
 (``latest_observation(ctx, query="A1c")``); ``default_tools()`` registers them by name, then the
 installed plug-ins (``chartsight.tools``: ``register(registry)``, see ``common.plugins``). A tool
 declares its arguments as a pydantic model, which also gives the JSON schema for tool-calling models,
@@ -31,6 +31,7 @@ from agent.tools.base import (
     WindowArgs,
     tool,
 )
+from agent.tools.care import care_team, code_status, encounters_in_period, immunizations, notes
 from agent.tools.chart import (
     active_medications,
     active_problems,
@@ -65,6 +66,11 @@ BUILTIN_TOOLS: tuple[Tool, ...] = (
     allergies,
     recent_procedures,
     recent_encounters,
+    encounters_in_period,
+    immunizations,
+    care_team,
+    code_status,
+    notes,
     imaging,
     similar_cases,
 )

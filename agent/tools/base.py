@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -155,11 +155,16 @@ class LatestArgs(ObservationArgs):
 
 
 class WindowArgs(ObservationArgs):
-    """``query``; the period: the last ``days``, or ``since``/``until`` (ISO date-times)."""
+    """``query``; the period: the last ``days``, or ``since``/``until`` (ISO date-times);
+    ``focus``: what the question asks first (``count``, ``highest``, ``lowest``), said before the
+    summary."""
 
     days: float | None = Field(default=None, gt=0, description="Only the last N days.")
     since: datetime | None = Field(default=None, description="Only from this time on.")
     until: datetime | None = Field(default=None, description="Only up to this time.")
+    focus: Literal["count", "highest", "lowest"] | None = Field(
+        default=None, description="Say this first: the count, the highest or the lowest result."
+    )
 
 
 class SimilarArgs(Args):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 from datetime import date
 
 from agent.tools.base import (
@@ -258,13 +259,17 @@ def recent_procedures(ctx: ToolContext, limit: int = 5) -> list[Fact]:
 
 @tool("recent_encounters", "The most recent encounters (visits, admissions).", LimitArgs)
 def recent_encounters(ctx: ToolContext, limit: int = 5) -> list[Fact]:
-    """The newest ``limit`` Encounters, one fact each, or one absence citing the Patient."""
-    return _listing(
-        ctx,
-        "recent_encounters",
-        _by_category(ctx, "encounter", False)[:limit],
-        "No encounter is recorded.",
-    )
+    """The newest ``limit`` Encounters, one fact each, the newest first also said as "Last
+    encounter: <line>" (its date, kind and reason), or one absence citing the Patient."""
+    items = _by_category(ctx, "encounter", False)[:limit]
+    facts = _listing(ctx, "recent_encounters", items, "No encounter is recorded.")
+    if items:
+        first = items[0]
+        reason = "" if "; reason " in first.text else " (no reason recorded)"
+        head = _item_facts("recent_encounters", [first], "Last encounter: ")[0]
+        text = head.statement.rsplit(" [", 1)
+        facts[0] = replace(head, statement=f"{text[0]}{reason} [{text[1]}")
+    return facts
 
 
 @tool("imaging", "Imaging studies and images, and the impressions of imaging reports.", LimitArgs)

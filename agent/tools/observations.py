@@ -197,6 +197,59 @@ def _obs_text(ref: str, ctx: ToolContext) -> str:
     return item.text.rsplit(" [", 1)[0] if item else ref
 
 
+EGFR_CODES = {"33914-3", "62238-1", "48643-1", "98979-8"}
+
+
+def ckd_epi_2021(creatinine_mg_dl: float, age_years: int, female: bool) -> float:
+    """eGFR in mL/min/1.73 m² from serum creatinine (mg/dL), age (years) and sex by the CKD-EPI
+    2021 equation without race (Inker LA et al., N Engl J Med 2021;385:1737-49):
+    142 × min(Scr/κ, 1)^α × max(Scr/κ, 1)^-1.200 × 0.9938^age × 1.012 [female], with κ 0.7
+    (female) or 0.9 (male) and α -0.241 (female) or -0.302 (male). Raises ``ValueError`` for a
+    creatinine that is not positive."""
+    if creatinine_mg_dl <= 0:
+        raise ValueError(f"creatinine must be positive, not {creatinine_mg_dl}")
+    kappa, alpha = (0.7, -0.241) if female else (0.9, -0.302)
+    ratio = creatinine_mg_dl / kappa
+    egfr = 142 * min(ratio, 1) ** alpha * max(ratio, 1) ** -1.200 * 0.9938**age_years
+    return egfr * (1.012 if female else 1.0)
+
+
+def computed_egfr(ctx: ToolContext) -> Fact | None:
+    """When the record has no eGFR result and one is asked for: an eGFR computed from the latest
+    serum creatinine with the patient's age on that day and sex (``ckd_epi_2021``), stated as
+    computed and citing the creatinine and the Patient; None without a creatinine in mg/dL (or
+    convertible), a birth date, or a sex of male or female."""
+    from retrieval.clinical import patient_age
+
+    patient = ctx.record.patient
+    if patient.gender not in ("male", "female"):
+        return None
+    found = [p for p in find_points(ctx, "creatinine").points if p.measurement is not None]
+    found = [p for p in found if p.measurement and p.measurement.exact and p.when is not None]
+    if not found:
+        return None
+    last = found[-1]
+    assert last.measurement is not None and last.when is not None
+    term = next((ctx.terms.analyte(c) for c in last.codes if ctx.terms.analyte(c)), None)
+    mg = convert(last.measurement, "mg/dL", term.molar_mass if term else None)
+    age = patient_age(patient, last.when.start.date())
+    if mg is None or mg.value <= 0 or age is None:
+        return None
+    egfr = ckd_epi_2021(mg.value, age.years, patient.gender == "female")
+    ref, pref = last.reference, f"Patient/{patient.id}"
+    return Fact(
+        "latest_observation",
+        f"Computed, not a measured result: eGFR {egfr:.0f} mL/min/1.73m2 by the CKD-EPI 2021 "
+        f"equation from the creatinine of {_point_day(last)} ({number_text(mg.value)} mg/dL), "
+        f"age {age.years} and {patient.gender} sex.{_cite([ref, pref])}",
+        value=round(egfr),
+        unit="mL/min/{1.73_m2}",
+        date=last.when.start,
+        evidence=(ref, pref),
+        details={"computed": "CKD-EPI 2021", "creatinine_mg_dl": mg.value, "age": age.years},
+    )
+
+
 def _voided_clause(found: Found) -> str:
     """ " (N entered-in-error results left out)", inside a sentence before its citation (every
     sentence of a statement ends in its citations, so the verifier keeps it)."""
@@ -261,16 +314,16 @@ def latest_observation(
         # Patient, and says what was searched; it is the answer (never a result of another
         # test that shares a word)
         ref = f"Patient/{ctx.record.patient_id}"
-        return [
-            Fact(
-                "latest_observation",
-                f"No {_subject(query, [])} result in the record{_voided_clause(found)}: none "
-                f"of its {len(ctx.record.observations)} Observations has LOINC "
-                f"{_first_codes(codes)} or the name {_subject(query, [])!r}.{_cite([ref])}",
-                evidence=(ref,),
-                details={"query": query, "voided": found.voided, "codes": codes},
-            )
-        ]
+        absent = Fact(
+            "latest_observation",
+            f"No {_subject(query, [])} result in the record{_voided_clause(found)}: none "
+            f"of its {len(ctx.record.observations)} Observations has LOINC "
+            f"{_first_codes(codes)} or the name {_subject(query, [])!r}.{_cite([ref])}",
+            evidence=(ref,),
+            details={"query": query, "voided": found.voided, "codes": codes},
+        )
+        computed = computed_egfr(ctx) if set(codes) & EGFR_CODES else None
+        return [absent] + ([computed] if computed is not None else [])
     if nth > len(with_value):
         # no result that far back: say which one is the oldest, citing it
         ref = with_value[0]
@@ -353,8 +406,9 @@ def observation_stats(
     days: float | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    focus: str | None = None,
 ) -> list[Fact]:
-    """Count, mean, minimum, maximum, first and last, and the trend of ``query``'s numeric results in the period (the last ``days``, or ``since``/``until``), one fact per series in one UCUM unit (values in other units converted with UCUM, bounds such as "<5" left out and counted), citing every result used."""
+    """Count, mean, minimum, maximum (each with its date), first and last, and the trend of ``query``'s numeric results in the period (the last ``days``, or ``since``/``until``), one fact per series in one UCUM unit (values in other units converted with UCUM, bounds such as "<5" left out and counted), citing every result used; with ``focus`` (count, highest, lowest) a direct answer first ("Highest glucose up to 2021-01-01: 95.92 mg/dL on 2020-03-22", citing that result)."""
     start = since
     if start is None and days:
         try:
@@ -393,7 +447,34 @@ def observation_stats(
         _series_fact(ctx, query, found, points, window, multiple=len(series) > 1)
         for points in series.values()
     ]
+    if focus is not None:
+        facts = [f for fact in facts for f in (*_focus_fact(fact, focus, window), fact)]
     return facts
+
+
+def _focus_fact(fact: Fact, focus: str, window: str) -> list[Fact]:
+    """The direct answer a statistic's question asks for, from its summary fact: the count, or
+    the highest or lowest result with its date, citing what it rests on."""
+    d = fact.details
+    if not d.get("count"):
+        return []
+    name, u = d["series"], f" {fact.unit}" if fact.unit else ""
+    if focus == "count":
+        n = d["count"]
+        refs = tuple(r for r in fact.evidence)
+        text = f"{n} numeric {name} result{'s' if n > 1 else ''} {window}."
+        return [
+            Fact("observation_stats", f"{text}{_cite(refs)}", value=n, evidence=refs,
+                 details={"echo": [window], "count": n})
+        ]  # fmt: skip
+    ref = d["max_reference"] if focus == "highest" else d["min_reference"]
+    value = d["max"] if focus == "highest" else d["min"]
+    day = d["max_day"] if focus == "highest" else d["min_day"]
+    text = f"{focus.capitalize()} {name} {window}: {number_text(value)}{u} on {day}."
+    return [
+        Fact("observation_stats", f"{text}{_cite([ref])}", value=value, unit=fact.unit,
+             evidence=(ref,), details={"echo": [window]})
+    ]  # fmt: skip
 
 
 def _series_key(point: Point, ctx: ToolContext) -> str:
@@ -436,6 +517,15 @@ def _series_fact(
             m = converted
         rows.append((p, m.value))
     name = points[0].name if multiple else _subject(query, found.points)
+    if (
+        not multiple
+        and points[0].name
+        and not all(
+            re.search(rf"\b{re.escape(w)}", points[0].name.lower()) for w in name.lower().split()
+        )
+    ):
+        # asked by a concept ("kidney function"): the series is named by what was measured
+        name = f"{points[0].name} (asked as {name})"
     refs = tuple(dict.fromkeys(p.reference for p, _ in rows))
     notes = ""
     if bounds:
@@ -474,14 +564,23 @@ def _series_fact(
     first, last = rows[0], rows[-1]
     change = last[1] - first[1]
     trend = "rising" if change > 0 else "falling" if change < 0 else "unchanged"
+    # what the change means clinically ("creatinine rising: kidney function worsening"), by the
+    # term table's rule for the analyte, in its unit
+    meaning = None
+    if analyte is not None and len(rows) > 1 and (target is None or target == analyte.unit):
+        meaning = analyte.meaning(first[1], last[1])
     mean = statistics.fmean(values)
+    low = min(rows, key=lambda r: r[1])
+    high = max(rows, key=lambda r: r[1])
     u = f" {target}" if target else ""
     n = number_text
     statement = (
         f"{name} {window}{_voided_clause(found)}: {len(values)} result{'s' if len(values) > 1 else ''}, "
         f"mean {n(mean)}{u}, "
-        f"min {n(min(values))}{u}, max {n(max(values))}{u}; {trend} from {n(first[1])} "
-        f"({_point_day(first[0])}) to {n(last[1])} ({_point_day(last[0])}){converted_note}."
+        f"min {n(low[1])}{u} ({_point_day(low[0])}), max {n(high[1])}{u} ({_point_day(high[0])}); "
+        f"{trend} from {n(first[1])} "
+        f"({_point_day(first[0])}) to {n(last[1])} ({_point_day(last[0])})"
+        f"{f' ({meaning})' if meaning else ''}{converted_note}."
         f"{_cite(refs)}{notes}"
     )
     return Fact(
@@ -502,6 +601,11 @@ def _series_fact(
             "first": first[1],
             "last": last[1],
             "trend": trend,
+            "meaning": meaning,
+            "min_reference": low[0].reference,
+            "max_reference": high[0].reference,
+            "min_day": _point_day(low[0]),
+            "max_day": _point_day(high[0]),
             "mixed_units": len(distinct) > 1,
             "bounds_left_out": len(bounds),
             "other_units_left_out": len(other_unit),

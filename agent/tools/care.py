@@ -1,0 +1,484 @@
+"""Tools over the rest of care: immunizations, encounters in a period, the care team and primary
+care provider, code status and advance directives, and clinical notes.
+
+Each answers first (the last flu vaccine, a count, a name, "the record does not say") and says
+what it searched when the record has nothing, citing the Patient for an absence.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+
+from pydantic import Field
+
+from agent.tools.base import (
+    NOW_MIN,
+    Args,
+    Fact,
+    ToolContext,
+    _by_category,
+    _cite,
+    _item_facts,
+    tool,
+)
+from retrieval.clinical import aware, display_name, read_status
+from retrieval.evidence import Evidence
+
+# --- immunizations ---------------------------------------------------------------------------
+
+# what clinicians call a vaccine → words of its CVX display names (CDC CVX code set,
+# https://www2a.cdc.gov/vaccines/iis/iisstandards/vaccines.asp?rpt=cvx)
+VACCINE_WORDS: dict[str, tuple[str, ...]] = {
+    "flu": ("influenza",),
+    "influenza": ("influenza",),
+    "tetanus": ("td", "tdap", "dtap", "tetanus"),
+    "tdap": ("tdap",),
+    "pneumonia": ("pneumococcal",),
+    "pneumococcal": ("pneumococcal",),
+    "shingles": ("zoster",),
+    "zoster": ("zoster",),
+    "covid": ("sars-cov-2", "covid"),
+    "hpv": ("hpv",),
+    "hepatitis b": ("hep b", "hepatitis b"),
+    "hepatitis a": ("hep a", "hepatitis a"),
+    "mmr": ("mmr", "measles"),
+    "measles": ("mmr", "measles"),
+    "polio": ("ipv", "polio"),
+    "chickenpox": ("varicella",),
+    "varicella": ("varicella",),
+    "meningococcal": ("meningococcal", "mcv4", "menacwy"),
+    "rotavirus": ("rotavirus",),
+    "hib": ("hib",),
+}
+
+
+class ImmunizationArgs(Args):
+    """``vaccine``: which vaccine ('flu', 'tetanus', a CVX display word; empty: all);
+    ``due``: the question asks which are due."""
+
+    vaccine: str | None = Field(
+        default=None, description="A vaccine ('flu', 'tetanus'); empty: all."
+    )
+    due: bool = Field(default=False, description="The question asks which vaccines are due.")
+
+
+def _vaccine_key(item: Evidence) -> str:
+    """One vaccine: its CVX code, else its line's name."""
+    cvx = [c for c in item.codes if c.startswith("http://hl7.org/fhir/sid/cvx|")]
+    return cvx[0] if cvx else item.text.split(",", 1)[0].lower()
+
+
+@tool(
+    "immunizations",
+    "Vaccines given: the last of each (or of one vaccine asked about), newest first. Which are "
+    "due needs a schedule rule ChartSight does not have, and the answer says so.",
+    ImmunizationArgs,
+)
+def immunizations(ctx: ToolContext, vaccine: str | None = None, due: bool = False) -> list[Fact]:
+    """The last completed Immunization of each vaccine (CVX code), newest first, one fact each;
+    with ``vaccine`` only those whose display names its words ("Last influenza vaccine:
+    2020-03-22 ..."); with ``due`` first a statement that ChartSight has no schedule rule and
+    cannot tell what is due. Not-given ones (status not-done) are left out. An absence cites the
+    Patient and says how many immunizations were searched."""
+    patient = f"Patient/{ctx.record.patient_id}"
+    given = [
+        e
+        for e in _by_category(ctx, "immunization", False)
+        if (r := ctx.record.get(e.id)) is not None and getattr(r, "status", None) == "completed"
+    ]
+    facts: list[Fact] = []
+    due = due or bool(vaccine and re.search(r"\bdue\b", vaccine))
+    if due:
+        facts.append(
+            Fact(
+                "immunizations",
+                "Which vaccines are due cannot be told: ChartSight has no immunization schedule "
+                f"rule; the last of each recorded vaccine is listed.{_cite([patient])}",
+                evidence=(patient,),
+            )
+        )
+    words: tuple[str, ...] = ()
+    if vaccine and vaccine.strip().lower() not in ("", "due"):
+        v = vaccine.strip().lower()
+        words = VACCINE_WORDS.get(v, (v,))
+        given = [
+            e
+            for e in given
+            if any(re.search(rf"\b{re.escape(w)}\b", e.text.lower()) for w in words)
+        ]
+    last: dict[str, Evidence] = {}
+    for e in given:  # newest first: the first of each vaccine is its last
+        last.setdefault(_vaccine_key(e), e)
+    items = list(last.values())
+    if not items:
+        what = f"{vaccine} vaccine" if words else "vaccine"
+        facts.append(
+            Fact(
+                "immunizations",
+                f"No {what} is recorded as given (searched "
+                f"{len(ctx.record.immunizations)} immunizations).{_cite([patient])}",
+                value=[],
+                evidence=(patient,),
+            )
+        )
+        return facts
+    if words:
+        first = items[0]
+        facts.append(
+            Fact(
+                "immunizations",
+                f"Last {vaccine} vaccine: {first.day}.{_cite([first.id])}",
+                value=first.day,
+                date=first.date,
+                evidence=(first.id,),
+                details={"date_precision": first.precision},
+            )
+        )
+    elif len(items) > 1:
+        facts.append(
+            Fact(
+                "immunizations",
+                f"{len(items)} vaccines are recorded as given; the last of each, newest first."
+                f"{_cite(e.id for e in items)}",
+                value=len(items),
+                evidence=tuple(e.id for e in items),
+            )
+        )
+    return facts + _item_facts("immunizations", items)
+
+
+# --- encounters in a period ------------------------------------------------------------------
+
+
+class EncounterArgs(Args):
+    """``since``/``until``: the period (ISO date-times); ``inpatient``: admissions only."""
+
+    since: datetime | None = Field(default=None, description="Only from this time on.")
+    until: datetime | None = Field(default=None, description="Only up to this time.")
+    inpatient: bool = Field(default=False, description="Only admissions (inpatient stays).")
+
+
+_INPATIENT = {"IMP", "ACUTE", "NONAC"}  # v3 ActCode inpatient classes
+
+
+@tool(
+    "encounters_in_period",
+    "How many encounters (visits, or admissions only) the record has in a period, and which.",
+    EncounterArgs,
+)
+def encounters_in_period(
+    ctx: ToolContext,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    inpatient: bool = False,
+) -> list[Fact]:
+    """A count first ("4 encounters from 2019-01-01 to 2019-12-31.", citing them; echoing the
+    period), then one fact per encounter, newest first (at most 10 listed). Admissions are
+    Encounter.class IMP, ACUTE or NONAC (HL7 v3 ActCode)."""
+    start = aware(since) if since else None
+    end = aware(until) if until else ctx.now
+    kind = "admissions" if inpatient else "encounters"
+    items = []
+    for e in _by_category(ctx, "encounter", False):
+        if e.date is None or e.date > end or (start is not None and e.date < start):
+            continue
+        if inpatient:
+            r = ctx.record.get(e.id)
+            cls = getattr(getattr(r, "class_fhir", None), "code", None)
+            if cls not in _INPATIENT:
+                continue
+        items.append(e)
+    if start is not None:
+        window = f"from {start.date().isoformat()} to {end.date().isoformat()}"
+    else:
+        window = f"up to {end.date().isoformat()}"
+    n = len(items)
+    if not items:
+        patient = f"Patient/{ctx.record.patient_id}"
+        return [
+            Fact(
+                "encounters_in_period",
+                f"No {kind[:-1]} is recorded {window}.{_cite([patient])}",
+                value=0,
+                evidence=(patient,),
+                details={"echo": [window], "count": 0},
+            )
+        ]
+    head = Fact(
+        "encounters_in_period",
+        f"{n} {kind if n > 1 else kind[:-1]} {window}.{_cite(e.id for e in items)}",
+        value=n,
+        evidence=tuple(e.id for e in items),
+        details={"echo": [window], "count": n},
+    )
+    return [head, *_item_facts("encounters_in_period", items[:10])]
+
+
+# --- care team ---------------------------------------------------------------------------------
+
+# "who is his doctor?", "primary care physician", "care team": the question the care_team tool
+# answers (the planner also reads it, so that such a question is not a demographics one)
+CARE_TEAM_QUESTION = (
+    r"\b(?:primary care|pcp|gp\b|general practitioner|family (?:doctor|physician)|care team|"
+    r"(?:his|her|their|the patient's) (?:doctor|physician|provider)|who (?:is|are) (?:treating|"
+    r"looking after|caring for))"
+)
+
+
+def _named(ctx: ToolContext, reference: Any) -> str | None:
+    """The name a Reference points at: its display, else the referenced Practitioner's,
+    PractitionerRole's or Organization's name."""
+    if reference is None:
+        return None
+    if getattr(reference, "display", None):
+        return str(reference.display)
+    ref = getattr(reference, "reference", None)
+    target = ctx.record.referenced.get(str(ref)) if ref else None
+    if target is None:
+        return None
+    if getattr(target, "resource_type", "") == "Organization":
+        return str(target.name) if getattr(target, "name", None) else None
+    return display_name(target) if getattr(target, "name", None) else None
+
+
+@tool(
+    "care_team",
+    "The patient's primary care provider (Patient.generalPractitioner), care teams (CareTeam) and "
+    "the clinicians of the latest encounters.",
+    questions=(CARE_TEAM_QUESTION,),
+)
+def care_team(ctx: ToolContext) -> list[Fact]:
+    """The primary care provider(s) named by Patient.generalPractitioner (citing the Patient),
+    each CareTeam with its participants (citing it), and, when neither is recorded, a statement
+    that the record does not name one, followed by the clinicians of the latest encounter that
+    names any ("Seen most recently by Dr X on 2020-12-13", citing the Encounter)."""
+    p = ctx.record.patient
+    patient = f"Patient/{p.id}"
+    facts: list[Fact] = []
+    gps = [n for n in (_named(ctx, r) for r in p.generalPractitioner or []) if n]
+    if gps:
+        facts.append(
+            Fact(
+                "care_team",
+                f"Primary care provider: {', '.join(gps)}.{_cite([patient])}",
+                value=gps,
+                evidence=(patient,),
+            )
+        )
+    for team in (r for r in ctx.record.other if r.__resource_type__ == "CareTeam"):
+        if read_status(team).voided:
+            continue
+        members = []
+        for part in team.participant or []:
+            who = _named(ctx, part.member)
+            role = ", ".join(
+                str(c.text or (c.coding[0].display if c.coding else "")) for c in part.role or []
+            )
+            if who:
+                members.append(f"{who} ({role})" if role else who)
+        name = team.name or "care team"
+        status = f", {team.status}" if team.status else ""
+        ref = f"CareTeam/{team.id}"
+        facts.append(
+            Fact(
+                "care_team",
+                f"Care team {name}{status}: {', '.join(members) or 'no participant named'}."
+                f"{_cite([ref])}",
+                value=members,
+                evidence=(ref,),
+            )
+        )
+    if facts:
+        return facts
+    facts.append(
+        Fact(
+            "care_team",
+            "The record names no primary care provider (Patient.generalPractitioner is empty) and "
+            f"holds no care team.{_cite([patient])}",
+            evidence=(patient,),
+        )
+    )
+    for e in _by_category(ctx, "encounter", False):
+        r = ctx.record.get(e.id)
+        names = [
+            n
+            for n in (_named(ctx, pt.individual) for pt in getattr(r, "participant", None) or [])
+            if n
+        ]
+        if names:
+            facts.append(
+                Fact(
+                    "care_team",
+                    f"Seen most recently by {', '.join(names)} on {e.day}.{_cite([e.id])}",
+                    value=names,
+                    date=e.date,
+                    evidence=(e.id,),
+                )
+            )
+            break
+    return facts
+
+
+# --- code status and advance directives -----------------------------------------------------
+
+# words of code status and advance care planning in charts (HL7 Consent category "acd" advance
+# care directive, "dnr"; LOINC 75320-2 Advance directive, 42348-3 Advance healthcare directives,
+# 75781-5 Code status; SNOMED 304253006 Not for resuscitation)
+CODE_STATUS_CODES = frozenset(
+    {
+        "http://loinc.org|75320-2",
+        "http://loinc.org|42348-3",
+        "http://loinc.org|75781-5",
+        "http://snomed.info/sct|304253006",
+        "http://snomed.info/sct|450476008",
+    }
+)
+_CODE_STATUS_WORDS = re.compile(
+    r"\b(?:code status|full code|dnr|dnar|do not (?:attempt )?resuscitat\w*|not for resuscitation|"
+    r"resuscitation|polst|molst|advance(?:d)? (?:care )?directives?|living wills?|"
+    r"health ?care proxy|power of attorney)\b",
+    re.IGNORECASE,
+)
+
+
+@tool(
+    "code_status",
+    "Code status (full code, DNR) and advance directives, where the record holds them.",
+    questions=(
+        r"\b(?:code status|full code|dnr|dnar|resuscitat\w*|polst|molst|advance(?:d)? (?:care )?"
+        r"directives?|living wills?|health ?care proxy|power of attorney)\b",
+    ),
+)
+def code_status(ctx: ToolContext) -> list[Fact]:
+    """Every record item about code status or advance care planning: Consent resources, and
+    evidence lines coded with ``CODE_STATUS_CODES`` or naming resuscitation, DNR, POLST/MOLST, an
+    advance directive, a living will or a health care proxy (newest first, one fact each); when
+    none, "The record holds no code status or advance directive" with what was searched, citing
+    the Patient. Never inferred from anything else."""
+    found = [
+        e
+        for e in ctx.evidence.values()
+        if e.category == "consent"
+        or CODE_STATUS_CODES & set(e.codes)
+        or _CODE_STATUS_WORDS.search(e.text)
+    ]
+    found.sort(key=lambda e: e.date or NOW_MIN, reverse=True)
+    if found:
+        return _item_facts("code_status", found, "Recorded: ")
+    patient = f"Patient/{ctx.record.patient_id}"
+    return [
+        Fact(
+            "code_status",
+            "The record holds no code status or advance directive: no Consent, and none of its "
+            f"{len(ctx.evidence)} items is coded as or mentions code status, resuscitation, DNR, "
+            f"POLST, an advance directive or a health care proxy.{_cite([patient])}",
+            evidence=(patient,),
+        )
+    ]
+
+
+# --- notes ---------------------------------------------------------------------------------------
+
+
+class NotesArgs(Args):
+    """``query``: words to find in the notes (empty: the latest note)."""
+
+    query: str | None = Field(default=None, description="Words to find (empty: the latest note).")
+
+
+def _note_body(item: Evidence) -> str:
+    text = item.text.rsplit(" [", 1)[0]
+    for marker in ("; text: ", "; conclusion: "):
+        if marker in text:
+            return text.split(marker, 1)[1]
+    return ""
+
+
+@tool(
+    "notes",
+    "What the clinical notes say: DocumentReference text and report text, quoted and cited.",
+    NotesArgs,
+    questions=(
+        r"\bnotes?\s+(?:about|on|mention\w*|say\w*\s+about)\s+(?P<query>[a-z][a-z \-]{1,40}?)\s*(?:\?|$)",
+        r"\b(?:last|latest|recent|most recent)\s+(?:clinical\s+|progress\s+|discharge\s+)?"
+        r"(?:note|summary)\b",
+        r"\bwhat did the (?:\w+ )?(?:note|notes|report) say\b",
+    ),
+)
+def notes(ctx: ToolContext, query: str | None = None) -> list[Fact]:
+    """Notes are DocumentReference and DiagnosticReport items with text (inline attachments,
+    conclusions). Without ``query``: the latest note, quoted (at most 400 characters). With it:
+    every note holding all its words, the sentence that holds them quoted, newest first (5 at
+    most). An absence cites the Patient and says how many notes were searched."""
+    patient = f"Patient/{ctx.record.patient_id}"
+    items = [
+        e
+        for e in _by_category(ctx, "document", False) + _by_category(ctx, "report", False)
+        if _note_body(e)
+    ]
+    items.sort(key=lambda e: e.date or NOW_MIN, reverse=True)
+    if not items:
+        return [
+            Fact(
+                "notes",
+                "The record holds no clinical notes (no DocumentReference or report with text)."
+                f"{_cite([patient])}",
+                evidence=(patient,),
+            )
+        ]
+    words = [w for w in re.findall(r"[a-z0-9]+", (query or "").lower()) if len(w) > 2]
+    if not words:
+        latest = items[0]
+        body = _note_body(latest)
+        quote = body if len(body) <= 400 else body[:400].rsplit(" ", 1)[0] + " …"
+        return [
+            Fact(
+                "notes",
+                f"The latest note ({latest.day}) says: \u201c{quote}\u201d{_cite([latest.id])}",
+                date=latest.date,
+                evidence=(latest.id,),
+            )
+        ]
+    facts = []
+    for e in items:
+        body = _note_body(e)
+        if all(re.search(rf"\b{re.escape(w)}", body.lower()) for w in words):
+            sentence = next(
+                (
+                    s
+                    for s in re.split(r"(?<=[.!?])\s+", body)
+                    if any(re.search(rf"\b{re.escape(w)}", s.lower()) for w in words)
+                ),
+                body,
+            )[:300]
+            facts.append(
+                Fact(
+                    "notes",
+                    f"A note of {e.day} says: \u201c{sentence}\u201d{_cite([e.id])}",
+                    date=e.date,
+                    evidence=(e.id,),
+                )
+            )
+        if len(facts) == 5:
+            break
+    if not facts:
+        return [
+            Fact(
+                "notes",
+                f"None of the record's {len(items)} notes mentions {query!r}.{_cite([patient])}",
+                evidence=(patient,),
+                details={"echo": [str(query)]},
+            )
+        ]
+    return facts
+
+
+__all__ = [
+    "care_team",
+    "code_status",
+    "encounters_in_period",
+    "immunizations",
+    "notes",
+]
