@@ -39,7 +39,7 @@ from agent import (
     display_name,
     open_index,
 )
-from connectors.demo import TOMMY_FRIESEN, import_demo
+from connectors.demo import TOMMY_FRIESEN, demo_bundles, import_demo
 from connectors.store import FhirStore, ImportReport, StoreSource
 from surfaces.render import record_as_json, render_answer, render_record
 from surfaces.settings import AppSettings, load_app_settings
@@ -608,6 +608,119 @@ def evidence(
     for r in ranked:
         table.add_row(f"{r.score:.2f}", r.evidence.text)
     console.print(table)
+
+
+SUITES_DIR = Path(__file__).resolve().parents[1] / "agent" / "suites"
+
+
+@app.command("eval")
+@_configured(source=True, model=True)
+def eval_(
+    suites: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Suite files (JSON Lines, see the README); default: the shipped demo suite.",
+            show_default=False,
+        ),
+    ] = None,
+    bundles: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--bundles",
+            help="FHIR files or folders to evaluate on, imported into a throwaway store "
+            "(default for the shipped demo suite: the demo patients; otherwise the configured "
+            "source is used).",
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option(help="Folder for report.md, report.html and results.jsonl.")
+    ] = Path("chartsight-eval"),
+    family: Annotated[list[str] | None, typer.Option(help="Only these question families.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N questions.", min=1)] = None,
+    fail_under: Annotated[
+        float | None,
+        typer.Option(
+            help="Exit with status 1 when the right-or-rightly-abstained share (percent) is lower."
+        ),
+    ] = None,
+    *,
+    settings: AppSettings,
+) -> None:
+    """Run a question suite with expected answers and score ChartSight on it: value, citations,
+    abstention and latency per family, written as a Markdown report, an HTML page with plots and
+    the results of every question."""
+    import tempfile
+
+    from agent.evaluation import EvalError, load_suite, run_suite, suite_now
+    from surfaces.eval_report import overall, write_report
+
+    paths = suites or [SUITES_DIR / "demo.jsonl"]
+    if not suites and not bundles and not settings.fhir.url:
+        bundles = list(demo_bundles())
+    try:
+        items = load_suite(paths)
+    except EvalError as exc:
+        _fail(exc)
+    if family:
+        items = [i for i in items if i.family in set(family)]
+    items = items[:limit] if limit else items
+    if not items:
+        _fail(EvalError("no questions to run (check --family)"))
+    with tempfile.TemporaryDirectory(prefix="chartsight-eval-") as tmp:
+        if bundles:
+            settings = settings.model_copy(deep=True)
+            settings.home = Path(tmp)
+            settings.store.url = f"sqlite:///{Path(tmp) / 'store.db'}"
+            store = FhirStore(settings.store_url)
+            _, failures = _import(store, list(_files(bundles)), force=False)
+            for failure in failures:
+                err_console.print(_styled("yellow", "not imported: ", failure), highlight=False)
+        try:
+            now = suite_now(items)
+
+            async def run() -> list[Any]:
+                async with ChartSight(settings, now=now, use_index=False) as agent:
+                    with _progress("asking", "question") as progress:
+                        task = progress.add_task("eval", total=len(items), question="")
+
+                        def advance(done: int, total: int) -> None:
+                            progress.update(task, completed=done, question=items[done - 1].id)
+
+                        return await run_suite(agent, items, advance)
+
+            results = asyncio.run(run())
+        except ChartSightError as exc:
+            _fail(exc)
+    where = "the bundles given" if bundles else "the configured source"
+    setup = (
+        f"Suites: {', '.join(p.name for p in paths)}; {len(items)} questions on {where}; "
+        f"model backend {settings.model.name}; now = {now.date() if now else 'today'}."
+    )
+    written = write_report(results, out, title="ChartSight evaluation", setup=setup)
+    t = overall(results)
+    table = Table(
+        title=f"{t['right']:.0f}/{t['items']:.0f} right or rightly abstained ({t['rate']:.1%})",
+        title_justify="left",
+    )
+    for col in ("family", "items", "right", "wrong", "abstained", "p50 ms"):
+        table.add_column(col, justify="left" if col == "family" else "right")
+    from surfaces.eval_report import summarise
+
+    for f in summarise(results):
+        table.add_row(
+            f.family,
+            str(f.items),
+            f"{f.right / f.items:.1%}",
+            str(f.wrong),
+            str(f.abstained),
+            f"{f.p50_ms:.0f}",
+        )
+    console.print(table)
+    console.print(
+        f"Report: {written['markdown']}, {written['html']}; every answer: {written['results']}"
+    )
+    if fail_under is not None and 100 * t["rate"] < fail_under:
+        raise typer.Exit(1)
 
 
 def _print_answer(answer: Answer, as_json: bool) -> None:

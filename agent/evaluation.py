@@ -1,0 +1,247 @@
+"""Evaluation: run a suite of questions with expected answers against any source and backend, and
+score each answer — for a hospital validating ChartSight on its own data before go-live.
+
+A suite is a JSON Lines file, one question per line (``SuiteItem``)::
+
+    {"id": "demo-0001", "family": "latest lab value", "patient": "6234b038-…",
+     "question": "What was the most recent HbA1c?", "now": "2021-01-01",
+     "expect": {"contains": ["5.9", "2020-12-13"], "cites": ["Observation/ab…"],
+                "cite_types": ["Observation"], "may_cite": [], "abstain": false}}
+
+``expect`` (all parts optional, all must hold):
+
+- ``starts_with``: the answer's first words ("Yes: on", "No: ");
+- ``contains``: phrases the answer states (case-insensitive, whitespace-normalised);
+- ``cites``: references that must be cited; ``one_of``: equally right resources (results repeated
+  at one instant), at least one cited; with ``cite_types``, the citations of those resource types
+  must lie within ``cites`` ∪ ``one_of`` ∪ ``may_cite`` (exactly the expected resources);
+- ``abstain``: true when the right answer is that the record does not hold it (an honest "no"
+  naming what was searched counts, as does the graph's abstention); the ``contains`` phrases then
+  say which words the honest "no" must use.
+
+Scores per item: ``value`` (starts_with and contains), ``citations`` (cites and cite_types),
+``abstention`` (abstained exactly when it should), ``right`` (all three), and the outcome
+``right`` | ``rightly abstained`` | ``abstained`` (wrongly: the record had the answer) | ``wrong``
+(a statement that is not the expected one). Latency is the wall time of ``ChartSight.ask``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent.answer import Answer
+from connectors.errors import ChartSightError
+
+
+class EvalError(ChartSightError):
+    """A suite file that cannot be read (not JSON Lines, an item of the wrong shape)."""
+
+
+class Expect(BaseModel):
+    """What a right answer does (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    starts_with: str | None = None
+    contains: list[str] = Field(default_factory=list)
+    cites: list[str] = Field(default_factory=list)
+    one_of: list[str] = Field(default_factory=list)
+    cite_types: list[str] = Field(default_factory=list)
+    may_cite: list[str] = Field(default_factory=list)
+    abstain: bool = False
+
+
+class SuiteItem(BaseModel):
+    """One question of a suite: ``patient`` (a Patient id or identifier), ``now`` (the date that
+    counts as today for it, ISO; default: today), ``tuned`` (the question's wording was used while
+    building ChartSight's rules: reported apart)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    family: str
+    patient: str
+    question: str
+    expect: Expect
+    now: str | None = None
+    tuned: bool = False
+
+
+def load_suite(paths: Iterable[Path]) -> list[SuiteItem]:
+    """The items of JSON Lines suite files, in order (blank lines and ``#`` comments skipped).
+    Raises ``EvalError`` naming the file and line of an item that is not valid."""
+    items: list[SuiteItem] = []
+    for path in paths:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise EvalError(f"cannot read suite {path}: {exc}") from exc
+        for n, line in enumerate(lines, 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            try:
+                items.append(SuiteItem.model_validate(json.loads(line)))
+            except (json.JSONDecodeError, ValidationError) as exc:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise EvalError(f"{path}:{n}: not a suite item: {first}") from exc
+    ids = [i.id for i in items]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise EvalError(f"suite item id {dup!r} is used twice")
+    return items
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+@dataclass
+class ItemResult:
+    """The score of one item: its parts, the outcome, the answer's text and citations, and the
+    latency in milliseconds."""
+
+    item: SuiteItem
+    value: bool
+    citations: bool
+    abstention: bool
+    outcome: str
+    latency_ms: float
+    text: str
+    cited: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def right(self) -> bool:
+        """Value, citations and abstention all as expected."""
+        return self.value and self.citations and self.abstention
+
+
+def _abstained(answer: Answer) -> bool:
+    """The graph's abstention, or an answer whose every citation is the Patient (an absence:
+    "No eGFR result in the record ... [Patient/x]")."""
+    if answer.abstained:
+        return True
+    refs = {c.reference for c in answer.citations}
+    return (
+        bool(refs)
+        and all(r.startswith("Patient/") for r in refs)
+        and bool(
+            re.match(r"^(?:no\b|the record (?:holds|has|names|does) no)", answer.text.strip(), re.I)
+        )
+    )
+
+
+def score(item: SuiteItem, answer: Answer, latency_ms: float) -> ItemResult:
+    """Score ``answer`` against ``item.expect`` (see the module docstring)."""
+    e = item.expect
+    text = _norm(answer.text)
+    value = (e.starts_with is None or text.startswith(_norm(e.starts_with))) and all(
+        _norm(c) in text for c in e.contains
+    )
+    cited = [c.reference for c in answer.citations]
+    citations = set(e.cites) <= set(cited) and (not e.one_of or bool(set(e.one_of) & set(cited)))
+    if e.cite_types:
+        allowed = set(e.cites) | set(e.one_of) | set(e.may_cite)
+        typed = {r for r in cited if r.split("/", 1)[0] in e.cite_types}
+        citations = citations and typed <= allowed
+    abstained = _abstained(answer)
+    abstention = abstained == e.abstain
+    if value and citations and abstention:
+        outcome = "rightly abstained" if e.abstain else "right"
+    elif abstained and not e.abstain:
+        outcome = "abstained"
+    else:
+        outcome = "wrong"
+    return ItemResult(item, value, citations, abstention, outcome, latency_ms, answer.text, cited)
+
+
+async def run_suite(
+    agent: Any, items: Sequence[SuiteItem], progress: Any = None
+) -> list[ItemResult]:
+    """Ask every item's question of ``agent`` (a ``ChartSight``) and score it; an item whose ask
+    fails (unknown patient, a source error) is scored wrong with the error's message.
+    ``progress(done, total)`` is called after each item."""
+    results: list[ItemResult] = []
+    for n, item in enumerate(items, 1):
+        start = time.perf_counter()
+        try:
+            answer = await agent.ask(item.patient, item.question)
+        except ChartSightError as exc:
+            elapsed = (time.perf_counter() - start) * 1000
+            results.append(
+                ItemResult(item, False, False, False, "wrong", elapsed, "", error=str(exc))
+            )
+        else:
+            results.append(score(item, answer, (time.perf_counter() - start) * 1000))
+        if progress is not None:
+            progress(n, len(items))
+    return results
+
+
+def suite_now(items: Sequence[SuiteItem]) -> datetime | None:
+    """The one ``now`` the items share (None when they give none). Raises ``EvalError`` when they
+    give several: one run has one today."""
+    nows = {i.now for i in items if i.now}
+    if len(nows) > 1:
+        raise EvalError(f"the suite's items give several dates as now: {sorted(nows)}")
+    if not nows:
+        return None
+    try:
+        day = datetime.fromisoformat(nows.pop())
+    except ValueError as exc:
+        raise EvalError(f"suite 'now' is not an ISO date: {exc}") from exc
+    return day if day.tzinfo else day.replace(tzinfo=UTC)
+
+
+@dataclass
+class FamilyScore:
+    """Per family: items, right (incl. rightly abstained), each part's rate, wrong and wrongly
+    abstained counts, latency p50 and p95 (ms)."""
+
+    family: str
+    items: int
+    right: int
+    value: float
+    citations: float
+    abstention: float
+    wrong: int
+    abstained: int
+    p50_ms: float
+    p95_ms: float
+    tuned: bool
+
+
+def summarise(results: Sequence[ItemResult]) -> list[FamilyScore]:
+    """One ``FamilyScore`` per family, in order of first appearance."""
+    by: dict[str, list[ItemResult]] = {}
+    for r in results:
+        by.setdefault(r.item.family, []).append(r)
+    out = []
+    for family, rs in by.items():
+        lat = sorted(r.latency_ms for r in rs)
+        out.append(
+            FamilyScore(
+                family,
+                len(rs),
+                sum(r.right for r in rs),
+                sum(r.value for r in rs) / len(rs),
+                sum(r.citations for r in rs) / len(rs),
+                sum(r.abstention for r in rs) / len(rs),
+                sum(r.outcome == "wrong" for r in rs),
+                sum(r.outcome == "abstained" for r in rs),
+                statistics.median(lat),
+                lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))],
+                any(r.item.tuned for r in rs),
+            )
+        )
+    return out
