@@ -26,14 +26,14 @@ from agent.tools.base import (
     tool,
 )
 from retrieval.clinical import (
-    Measurement,
     Point,
     aware,
-    convert,
+    in_one_unit,
     number_text,
     observation_points,
     observation_series,
     same_unit,
+    series_key,
 )
 from retrieval.terms import TermTable
 
@@ -398,11 +398,7 @@ def observation_stats(
 
 def _series_key(point: Point, ctx: ToolContext) -> str:
     """What a point measures: its analyte (mass and molar codes alike), else its first code."""
-    for code in point.codes:
-        analyte = ctx.terms.analyte(code)
-        if analyte is not None:
-            return "analyte:" + analyte.words[0]
-    return point.codes[0] if point.codes else point.name.lower()
+    return series_key(point, ctx.terms)
 
 
 def _series_fact(
@@ -410,31 +406,9 @@ def _series_fact(
 ) -> Fact:
     """Statistics of one series: exact values in one unit. Values given as bounds ("<5") and
     values in a unit that cannot be converted to the series' unit are left out and said so."""
-    analyte = next((a for a in (ctx.terms.analyte(c) for p in points for c in p.codes) if a), None)
-    units = [p.measurement.unit for p in points if p.measurement is not None]
-    distinct = {u for u in units if u}
-    if len(distinct) <= 1:
-        target = next(iter(distinct), None)
-    elif analyte is not None and analyte.unit is not None:
-        target = analyte.unit
-    else:  # no analyte to convert through: the most common unit, the others left out
-        target = max(distinct, key=units.count)
-    rows: list[tuple[Point, float]] = []
-    bounds: list[Point] = []
-    other_unit: list[Point] = []
-    for p in points:
-        m: Measurement | None = p.measurement
-        assert m is not None
-        if not m.exact:
-            bounds.append(p)
-            continue
-        if target is not None and not same_unit(m.unit, target):
-            converted = convert(m, target, analyte.molar_mass if analyte else None)
-            if converted is None:
-                other_unit.append(p)
-                continue
-            m = converted
-        rows.append((p, m.value))
+    values_in = in_one_unit(points, ctx.terms)
+    target, rows = values_in.unit, values_in.rows
+    bounds, other_unit = values_in.bounds, values_in.other_unit
     name = points[0].name if multiple else _subject(query, found.points)
     refs = tuple(dict.fromkeys(p.reference for p, _ in rows))
     notes = ""
@@ -502,7 +476,7 @@ def _series_fact(
             "first": first[1],
             "last": last[1],
             "trend": trend,
-            "mixed_units": len(distinct) > 1,
+            "mixed_units": values_in.mixed,
             "bounds_left_out": len(bounds),
             "other_units_left_out": len(other_unit),
             "voided": found.voided,
