@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import threading
 import unicodedata
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -25,6 +26,9 @@ XLINK_NS = "http://www.w3.org/1999/xlink"
 WIDTH_PX, HEIGHT_PX = 480, 200
 _DPI = 96  # CSS pixels per inch: a figure of 5 × 2.08 in is 480 × 200 px
 REFERENCE = re.compile(r"^[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}$")  # a FHIR literal reference
+# matplotlib reads the SVG settings from its global rcParams while it writes: one writer at a time,
+# so that a server rendering in threads never writes one plot under another's settings
+_WRITING = threading.Lock()
 _INK, _MUTED, _ACCENT, _BAND = (
     "#1b2430",
     "#5b6675",
@@ -68,8 +72,15 @@ def _svg(fig: Any, titles: Sequence[str] = ()) -> str:
 
     buf = io.StringIO()
     # text as <text>, fixed ids and no date: the same plot is the same text (cacheable, testable)
-    with matplotlib.rc_context(
-        {"svg.fonttype": "none", "svg.hashsalt": "chartsight", "font.sans-serif": ["DejaVu Sans"]}
+    with (
+        _WRITING,
+        matplotlib.rc_context(
+            {
+                "svg.fonttype": "none",
+                "svg.hashsalt": "chartsight",
+                "font.sans-serif": ["DejaVu Sans"],
+            }
+        ),
     ):
         fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None, "Type": None})
     ET.register_namespace("", SVG_NS)
