@@ -116,10 +116,12 @@ def trend_svg(
     unit: str,
     low: float | None = None,
     high: float | None = None,
+    range_label: str = "reference range",
 ) -> str:
     """A result over time: ``points`` as ``(datetime, value in unit, 'Type/id')`` (any order; drawn
-    by date, joined by a line), the usual range ``low``–``high`` (either may be None: open on
-    that side) shaded as a band (``<g id="reference-range">``), each point a marker wrapped in
+    by date, joined by a line), the range ``low``–``high`` (either may be None: open on that side)
+    shaded as a band (``<g id="reference-range">``) and named in the top right corner
+    (``"<range_label> 4–5.6 %"``, ``"< 100"``, ``"> 60"``), each point a marker wrapped in
     ``<a xlink:href="#Type/id">`` with the tooltip ``"YYYY-MM-DD: value unit"``, so that a page
     can show the resource a point comes from. Returns the ``<svg>`` element's text (480×200 px).
     Raises ValueError for no points, a value that is not finite, or a reference that is not a FHIR
@@ -141,9 +143,9 @@ def trend_svg(
     dots.set_gid("points")
     dots.set_urls([f"#{ref}" for _, _, ref in rows])
     if low is not None or high is not None:
-        span = [v for v in (*values, low, high) if v is not None]
-        pad = (max(span) - min(span)) * 0.1 or abs(span[0]) * 0.1 or 1.0
-        bottom, top = min(span) - pad, max(span) + pad
+        extent = [v for v in (*values, low, high) if v is not None]
+        pad = (max(extent) - min(extent)) * 0.1 or abs(extent[0]) * 0.1 or 1.0
+        bottom, top = min(extent) - pad, max(extent) + pad
         ax.set_ylim(bottom, top)
         band = ax.axhspan(
             bottom if low is None else low,
@@ -154,6 +156,9 @@ def trend_svg(
             zorder=1,
         )
         band.set_gid("reference-range")
+        named = clean_text(f"{range_label} {_span(low, high)} {unit}", 60)
+        ax.text(1.0, 1.02, named, transform=ax.transAxes, ha="right", va="bottom", fontsize=7)
+        ax.texts[-1].set(color=_BAND, parse_math=False)
     locator = AutoDateLocator(minticks=3, maxticks=6)
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
@@ -172,6 +177,14 @@ def trend_svg(
 
 def _number(value: float) -> str:
     return f"{value:.4g}"
+
+
+def _span(low: float | None, high: float | None) -> str:
+    if low is not None and high is not None:
+        return f"{_number(low)}–{_number(high)}"
+    if high is not None:
+        return f"< {_number(high)}"
+    return f"> {_number(low)}" if low is not None else ""
 
 
 def bar_svg(labels: Sequence[str], values: Sequence[float], *, title: str, unit: str = "%") -> str:

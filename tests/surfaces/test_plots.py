@@ -53,7 +53,7 @@ def test_trend_has_one_linked_point_per_value_in_date_order_and_the_band():
     assert all(len(list(a.iter(f"{S}use"))) == 1 for a in links)  # one marker each
     band = [g for g in root.iter(f"{S}g") if g.get("id") == "reference-range"]
     assert len(band) == 1 and band[0].find(f"{S}path") is not None
-    assert "Hemoglobin A1c" in _texts(root)
+    assert "Hemoglobin A1c" in _texts(root) and "reference range 4–5.6 %" in _texts(root)
     assert root.get("width") == "360pt" and root.get("height") == "150pt"  # 480 × 200 px
     assert not _external_urls(svg) and "<?xml" not in svg and "DOCTYPE" not in svg
 
@@ -62,8 +62,13 @@ def test_trend_without_a_range_has_no_band_and_a_range_open_on_one_side_has_one(
     root = _parse(trend_svg(_points(3), title="Weight", unit="kg"))
     assert not [g for g in root.iter(f"{S}g") if g.get("id") == "reference-range"]
     assert len(list(root.iter(f"{S}a"))) == 3
-    root = _parse(trend_svg(_points(3), title="LDL", unit="mg/dL", high=100.0))
+    root = _parse(
+        trend_svg(_points(3), title="LDL", unit="mg/dL", high=100.0, range_label="usual range")
+    )
     assert [g for g in root.iter(f"{S}g") if g.get("id") == "reference-range"]
+    assert "usual range < 100 mg/dL" in _texts(root)
+    root = _parse(trend_svg(_points(3), title="eGFR", unit="mL/min", low=60.0))
+    assert "reference range > 60 mL/min" in _texts(root)
 
 
 def test_one_point_on_one_day_still_plots():
