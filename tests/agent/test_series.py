@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,36 +10,12 @@ from fhir.resources.R4B.observation import ObservationReferenceRange
 
 from agent import cited_series
 from connectors.demo import MARTINA_MURAZIK, TOMMY_FRIESEN
-from connectors.record import PatientRecord, assemble_record
-from connectors.store import FhirStore, StoreSource
-from tests.conftest import load_bundle
+from connectors.record import PatientRecord
+from tests.agent.test_tools import _observations
+from tests.agent.test_tools import raw as raw  # the demo patients' JSON, by Synthea id
+from tests.agent.test_tools import records as records  # their records, from the local store
 
 CREATININE, GLUCOSE = "38483-4", "2339-0"
-
-
-@pytest.fixture(scope="module")
-def raw(bundles: list[Path]) -> dict[str, list[dict[str, Any]]]:
-    out = {}
-    for path in bundles:
-        resources = [e["resource"] for e in load_bundle(path)["entry"]]
-        out[resources[0]["id"]] = resources
-    return out
-
-
-@pytest.fixture(scope="module")
-def records(demo_store: FhirStore) -> dict[str, PatientRecord]:
-    source = StoreSource(demo_store)
-    return {p: asyncio.run(assemble_record(source, p)) for p in (TOMMY_FRIESEN, MARTINA_MURAZIK)}
-
-
-def _results(resources: list[dict[str, Any]], loinc: str) -> list[dict[str, Any]]:
-    found = [
-        r
-        for r in resources
-        if r["resourceType"] == "Observation"
-        and any(c.get("code") == loinc for c in r["code"].get("coding", []))
-    ]
-    return sorted(found, key=lambda r: r["effectiveDateTime"])
 
 
 def _with(record: PatientRecord, observations: list[Any]) -> PatientRecord:
@@ -49,10 +23,10 @@ def _with(record: PatientRecord, observations: list[Any]) -> PatientRecord:
 
 
 def test_the_cited_results_oldest_first_with_the_usual_range(raw, records):
-    json = _results(raw[TOMMY_FRIESEN], CREATININE)
+    json = _observations(raw[TOMMY_FRIESEN], CREATININE)
     refs = [f"Observation/{r['id']}" for r in json]
     # cited in another order, with other resources and a glucose beside them
-    glucose = _results(raw[TOMMY_FRIESEN], GLUCOSE)[0]["id"]
+    glucose = _observations(raw[TOMMY_FRIESEN], GLUCOSE)[0]["id"]
     cited = [*reversed(refs), f"Patient/{TOMMY_FRIESEN}", f"Observation/{glucose}"]
     series = cited_series(records[TOMMY_FRIESEN], cited)
     assert series is not None
@@ -66,26 +40,26 @@ def test_the_cited_results_oldest_first_with_the_usual_range(raw, records):
 
 
 def test_fewer_than_three_cited_results_of_one_test_are_no_series(raw, records):
-    refs = [f"Observation/{r['id']}" for r in _results(raw[TOMMY_FRIESEN], CREATININE)]
+    refs = [f"Observation/{r['id']}" for r in _observations(raw[TOMMY_FRIESEN], CREATININE)]
     assert cited_series(records[TOMMY_FRIESEN], refs[:2]) is None
     assert cited_series(records[TOMMY_FRIESEN], []) is None
     # two creatinines and two glucoses are two series of two, not one of four
-    glucose = [f"Observation/{r['id']}" for r in _results(raw[TOMMY_FRIESEN], GLUCOSE)]
+    glucose = [f"Observation/{r['id']}" for r in _observations(raw[TOMMY_FRIESEN], GLUCOSE)]
     assert cited_series(records[TOMMY_FRIESEN], refs[:2] + glucose[:2]) is None
 
 
 def test_another_patients_results_are_never_read(raw, records):
-    hers = [f"Observation/{r['id']}" for r in _results(raw[MARTINA_MURAZIK], "2093-3")]
+    hers = [f"Observation/{r['id']}" for r in _observations(raw[MARTINA_MURAZIK], "2093-3")]
     assert len(hers) >= 3
     assert cited_series(records[TOMMY_FRIESEN], hers) is None
-    mine = [f"Observation/{r['id']}" for r in _results(raw[TOMMY_FRIESEN], CREATININE)][:3]
+    mine = [f"Observation/{r['id']}" for r in _observations(raw[TOMMY_FRIESEN], CREATININE)][:3]
     series = cited_series(records[TOMMY_FRIESEN], hers + mine)
     assert series is not None and [ref for _, _, ref in series.points] == mine
 
 
 def test_values_in_another_unit_are_converted_and_the_labs_range_is_used(raw, records):
     record = records[TOMMY_FRIESEN]
-    ids = [r["id"] for r in _results(raw[TOMMY_FRIESEN], GLUCOSE)][:3]
+    ids = [r["id"] for r in _observations(raw[TOMMY_FRIESEN], GLUCOSE)][:3]
     observations = []
     for obs in record.observations:
         if obs.id == ids[0]:  # the same result reported in mmol/L (glucose: 180.156 g/mol)
@@ -106,7 +80,7 @@ def test_values_in_another_unit_are_converted_and_the_labs_range_is_used(raw, re
         observations.append(obs)
     series = cited_series(_with(record, observations), [f"Observation/{i}" for i in ids])
     assert series is not None and series.unit == "mg/dL"
-    expected = [r["valueQuantity"]["value"] for r in _results(raw[TOMMY_FRIESEN], GLUCOSE)[:3]]
+    expected = [r["valueQuantity"]["value"] for r in _observations(raw[TOMMY_FRIESEN], GLUCOSE)[:3]]
     assert [v for _, v, _ in series.points] == pytest.approx(expected, rel=1e-6)
     assert series.range_label == "ref"
     assert (series.low, series.high) == pytest.approx((3.9 * 18.0156, 5.5 * 18.0156), rel=1e-6)
@@ -114,7 +88,7 @@ def test_values_in_another_unit_are_converted_and_the_labs_range_is_used(raw, re
 
 def test_bounds_are_left_out(raw, records):
     record = records[TOMMY_FRIESEN]
-    ids = [r["id"] for r in _results(raw[TOMMY_FRIESEN], CREATININE)][:4]
+    ids = [r["id"] for r in _observations(raw[TOMMY_FRIESEN], CREATININE)][:4]
     observations = [
         obs.model_copy(
             update={"valueQuantity": obs.valueQuantity.model_copy(update={"comparator": "<"})}
