@@ -267,7 +267,9 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         "average",
         "mean",
         "trend",
-        "over the",
+        "chang",  # "how has his weight changed?": the series, not only the latest value
+        "over time",
+        "trajector",
         "range of",
         "min",
         "max",
