@@ -9,6 +9,7 @@ depends on the agent alone (plus ``connectors`` for importing data and administe
 
 from agent.answer import Answer, Citation
 from agent.index_build import BuildReport, build_index, open_index
+from agent.series import CitedSeries, cited_series
 from agent.service import ChartSight, QuestionError, connected, ehr_source
 from agent.settings import Settings, load_settings
 from agent.tools import Fact, ToolError
@@ -43,6 +44,7 @@ __all__ = [
     "ChartSight",
     "ChartSightError",
     "Citation",
+    "CitedSeries",
     "ConfigurationError",
     "ConnectorError",
     "EncoderRegistry",
@@ -60,6 +62,7 @@ __all__ = [
     "ToolError",
     "age_of",
     "build_index",
+    "cited_series",
     "connected",
     "display_name",
     "ehr_source",

@@ -23,9 +23,12 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import cache
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from connectors.resources import NO_NAME, display_name, reference_of
+
+if TYPE_CHECKING:
+    from retrieval.terms import TermTable
 
 __all__ = ["NO_NAME", "display_name"]  # the patient's name is read in connectors (patient lists)
 
@@ -535,3 +538,62 @@ def observation_series(record: Any) -> list[tuple[str, bool, list[Point]]]:
             cached.append((ref, read_status(obs).voided, observation_points(obs, ref)))
         record.derived["observation_series"] = cached
     return cached
+
+
+def series_key(point: Point, terms: TermTable) -> str:
+    """What a point measures, to put it in one series with others: its analyte (mass and molar
+    codes alike, from the term table: ``"analyte:<first word>"``), else its first ``system|code``,
+    else its name in lower case."""
+    for code in point.codes:
+        analyte = terms.analyte(code)
+        if analyte is not None:
+            return "analyte:" + analyte.words[0]
+    return point.codes[0] if point.codes else point.name.lower()
+
+
+@dataclass(frozen=True)
+class OneUnit:
+    """A series' exact values in one unit: ``rows`` (point, value in ``unit``) in the points'
+    order; ``bounds`` the points given as a bound ("<5"), ``other_unit`` those whose unit could not
+    be converted to ``unit``, both left out of ``rows``; ``mixed`` when the points came in more
+    than one unit; ``molar_mass`` (g/mol) of the analyte, for converting a range too."""
+
+    unit: str | None
+    rows: list[tuple[Point, float]]
+    bounds: list[Point]
+    other_unit: list[Point]
+    mixed: bool
+    molar_mass: float | None = None
+
+
+def in_one_unit(points: list[Point], terms: TermTable) -> OneUnit:
+    """The numeric ``points`` of one series (points without a measurement are skipped) in one UCUM
+    unit: the unit they all share; else the analyte's unit from the term table, the others
+    converted to it (``convert``); else the most common unit, the others left out."""
+    measured = [p for p in points if p.measurement is not None]
+    analyte = next((a for a in (terms.analyte(c) for p in measured for c in p.codes) if a), None)
+    molar_mass = analyte.molar_mass if analyte else None
+    units = [p.measurement.unit for p in measured if p.measurement is not None]
+    distinct = {u for u in units if u}
+    if len(distinct) <= 1:
+        target = next(iter(distinct), None)
+    elif analyte is not None and analyte.unit is not None:
+        target = analyte.unit
+    else:  # no analyte to convert through: the most common unit, the others left out
+        target = max(distinct, key=units.count)
+    rows: list[tuple[Point, float]] = []
+    bounds: list[Point] = []
+    other_unit: list[Point] = []
+    for p in measured:
+        m: Measurement | None = p.measurement
+        assert m is not None
+        if not m.exact:
+            bounds.append(p)
+            continue
+        if target is not None and not same_unit(m.unit, target):
+            m = convert(m, target, molar_mass)
+            if m is None:
+                other_unit.append(p)
+                continue
+        rows.append((p, m.value))
+    return OneUnit(target, rows, bounds, other_unit, len(distinct) > 1, molar_mass)

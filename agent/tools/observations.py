@@ -26,14 +26,15 @@ from agent.tools.base import (
     tool,
 )
 from retrieval.clinical import (
-    Measurement,
     Point,
     aware,
     convert,
+    in_one_unit,
     number_text,
     observation_points,
     observation_series,
     same_unit,
+    series_key,
 )
 from retrieval.terms import TermTable
 
@@ -479,11 +480,7 @@ def _focus_fact(fact: Fact, focus: str, window: str) -> list[Fact]:
 
 def _series_key(point: Point, ctx: ToolContext) -> str:
     """What a point measures: its analyte (mass and molar codes alike), else its first code."""
-    for code in point.codes:
-        analyte = ctx.terms.analyte(code)
-        if analyte is not None:
-            return "analyte:" + analyte.words[0]
-    return point.codes[0] if point.codes else point.name.lower()
+    return series_key(point, ctx.terms)
 
 
 def _series_fact(
@@ -491,31 +488,9 @@ def _series_fact(
 ) -> Fact:
     """Statistics of one series: exact values in one unit. Values given as bounds ("<5") and
     values in a unit that cannot be converted to the series' unit are left out and said so."""
-    analyte = next((a for a in (ctx.terms.analyte(c) for p in points for c in p.codes) if a), None)
-    units = [p.measurement.unit for p in points if p.measurement is not None]
-    distinct = {u for u in units if u}
-    if len(distinct) <= 1:
-        target = next(iter(distinct), None)
-    elif analyte is not None and analyte.unit is not None:
-        target = analyte.unit
-    else:  # no analyte to convert through: the most common unit, the others left out
-        target = max(distinct, key=units.count)
-    rows: list[tuple[Point, float]] = []
-    bounds: list[Point] = []
-    other_unit: list[Point] = []
-    for p in points:
-        m: Measurement | None = p.measurement
-        assert m is not None
-        if not m.exact:
-            bounds.append(p)
-            continue
-        if target is not None and not same_unit(m.unit, target):
-            converted = convert(m, target, analyte.molar_mass if analyte else None)
-            if converted is None:
-                other_unit.append(p)
-                continue
-            m = converted
-        rows.append((p, m.value))
+    values_in = in_one_unit(points, ctx.terms)
+    target, rows = values_in.unit, values_in.rows
+    bounds, other_unit = values_in.bounds, values_in.other_unit
     name = points[0].name if multiple else _subject(query, found.points)
     if (
         not multiple
@@ -567,6 +542,7 @@ def _series_fact(
     # what the change means clinically ("creatinine rising: kidney function worsening"), by the
     # term table's rule for the analyte, in its unit
     meaning = None
+    analyte = next((a for a in (ctx.terms.analyte(c) for p in points for c in p.codes) if a), None)
     if analyte is not None and len(rows) > 1 and (target is None or target == analyte.unit):
         meaning = analyte.meaning(first[1], last[1])
     mean = statistics.fmean(values)
@@ -606,7 +582,7 @@ def _series_fact(
             "max_reference": high[0].reference,
             "min_day": _point_day(low[0]),
             "max_day": _point_day(high[0]),
-            "mixed_units": len(distinct) > 1,
+            "mixed_units": values_in.mixed,
             "bounds_left_out": len(bounds),
             "other_units_left_out": len(other_unit),
             "voided": found.voided,

@@ -47,6 +47,39 @@ def _compare(m: Measurement, low: float | None, high: float | None) -> str:
     return ""
 
 
+def range_in_unit(
+    ranges: list[Any], codes: tuple[str, ...], terms: TermTable, unit: str | None
+) -> tuple[float | None, float | None, str] | None:
+    """The range a value in ``unit`` is read against, as (low, high, label) in ``unit``: the
+    resource's own reference range (the first of ``ranges``, FHIR Range elements, with a bound;
+    label "ref") first, else the project's usual range for one of ``codes`` ("system|code";
+    label "usual range"). A range in another UCUM unit is converted into ``unit`` (through the
+    analyte's molar mass where one applies). None when there is no range, or it cannot be put
+    into ``unit`` (no conversion, or the range has a unit and the value none)."""
+    rng = next((r for r in ranges if r.low is not None or r.high is not None), None)
+    if rng is not None:
+        low, high, given, label = _bound(rng.low), _bound(rng.high), _range_unit(rng), "ref"
+    else:
+        usual = next((u for u in (terms.usual_range(c) for c in codes) if u), None)
+        if usual is None:
+            return None
+        low, high, given = usual
+        label = "usual range"
+    if given is not None and unit is not None and not same_unit(given, unit):
+        analyte = next((a for a in (terms.analyte(c) for c in codes) if a), None)
+        molar_mass = analyte.molar_mass if analyte is not None else None
+        bounds = [
+            convert(Measurement(b, given), unit, molar_mass) if b is not None else None
+            for b in (low, high)
+        ]
+        if any(b is None for b, was in zip(bounds, (low, high), strict=True) if was is not None):
+            return None  # another unit, no conversion: no range rather than a wrong one
+        low, high = (b.value if b is not None else None for b in bounds)
+    elif given is not None and unit is None:
+        return None
+    return low, high, label
+
+
 def range_flag(
     value: Any,
     ranges: list[Any],
@@ -73,31 +106,10 @@ def range_flag(
     m = measurement_of(value)
     if m is None:
         return "", False
-    analyte = next((a for a in (terms.analyte(c) for c in codes) if a), None)
-    molar_mass = analyte.molar_mass if analyte is not None else None
-    if rng is not None:
-        low, high, unit, label = _bound(rng.low), _bound(rng.high), _range_unit(rng), "ref"
-    else:
-        usual = next((u for u in (terms.usual_range(c) for c in codes) if u), None)
-        if usual is None:
-            return "", False
-        low, high, unit = usual
-        label = "usual range"
-    if unit is not None and m.unit is not None and not same_unit(unit, m.unit):
-        # the range is put into the value's unit, so the line reads in one unit
-        bounds = [
-            convert(Measurement(b, unit), m.unit, molar_mass) if b is not None else None
-            for b in (low, high)
-        ]
-        if any(
-            b is None for b, given in zip(bounds, (low, high), strict=True) if given is not None
-        ):
-            return "", False  # another unit, no conversion: no flag rather than a wrong one
-        low, high = (b.value if b is not None else None for b in bounds)
-        unit = m.unit
-    elif unit is not None and m.unit is None:
+    found = range_in_unit(ranges, codes, terms, m.unit)
+    if found is None:
         return "", False
-    shown_unit = m.unit
+    low, high, label = found
     word = _compare(m, low, high)
     span = (
         f"{number(low)}–{number(high)}"
@@ -106,8 +118,6 @@ def range_flag(
         if high is not None
         else f"> {number(low)}"
     )
-    # a range in another unit than the value's says which (the value was converted to compare)
-    span += f" {unit}" if unit and not same_unit(unit, shown_unit) else ""
     if rng is not None:
         return (f"{word}; {label} {span}" if word else f"{label} {span}"), bool(word)
     return (f"{word}; {label} {span}" if word else ""), bool(word)

@@ -5,7 +5,8 @@ EHR launch (SMART App Launch 2.x): ``/launch?iss=…&launch=…`` discovers the 
 code with PKCE S256, ``aud`` = the FHIR base, the ``launch`` context); ``/callback`` exchanges the
 code for a token with the patient in context and opens ``/app``: a server-rendered page with the
 patient banner, a question box, the answer streaming in, clickable citations (the cited resource's
-evidence line and JSON), similar-case cards and the images used.
+evidence line and JSON), a small plot of the cited results when they are a series over time
+(``/app/trend``: each point links to its citation), similar-case cards and the images used.
 
 The page reads the record from the EHR's own FHIR server with the user's token, never from
 ChartSight's configured source, and every call is scoped to the launch's patient. Only EHRs listed
@@ -32,7 +33,15 @@ from jinja2 import Environment, select_autoescape
 from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse
 
-from agent import ChartSightError, FhirSource, ImageSet, PatientRecord, display_name, ehr_source
+from agent import (
+    ChartSightError,
+    FhirSource,
+    ImageSet,
+    PatientRecord,
+    cited_series,
+    display_name,
+    ehr_source,
+)
 from surfaces.http.deps import Service, Svc, answer_stream, check_question, http_error
 from surfaces.http.limits import retry_after
 from surfaces.http.security import (
@@ -42,6 +51,7 @@ from surfaces.http.security import (
     case_privacy,
     listed_fhir_base,
 )
+from surfaces.plots import trend_svg
 
 COOKIE = "chartsight_session"
 _closing: set[asyncio.Future[None]] = set()  # FHIR clients of expired sessions being closed
@@ -303,6 +313,11 @@ async def app_page(
     return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
 
+def _check_csrf(session: AppSession, token: str | None) -> None:
+    if not token or not secrets.compare_digest(token, session.csrf):
+        raise HTTPException(403, "missing or wrong CSRF token")
+
+
 class PageAsk(BaseModel):
     """The page's question, and the thread to continue (the caller's own, about this patient)."""
 
@@ -322,14 +337,53 @@ async def app_ask(
     ``error``). 403 without the session's CSRF token (``X-CSRF-Token``); 422 for a question over
     ``serve.max_question_chars``."""
     session = _session(svc, chartsight_session)
-    if not x_csrf_token or not secrets.compare_digest(x_csrf_token, session.csrf):
-        raise HTTPException(403, "missing or wrong CSRF token")
+    _check_csrf(session, x_csrf_token)
     check_question(svc, body.question)
     who = session.principal(svc.settings.serve.smart.client_id)
     return answer_stream(
         svc, who, "app_ask", session.patient, body.question, body.thread,
         source=session.fhir(), keep=False,  # no thread: nothing kept, as over REST and MCP
     )  # fmt: skip
+
+
+# how the page names the shaded band: the lab's own range, or terms.toml's usual adult range
+_RANGE_NAMES = {"ref": "reference range", "usual range": "usual range"}
+
+
+class PageTrend(BaseModel):
+    """The references an answer cites (``Citation.reference``: ``Type/id``, at most 2,000)."""
+
+    references: list[Annotated[str, Field(max_length=200)]] = Field(max_length=2000)
+
+
+@router.post("/app/trend", summary="A plot of the answer's cited results over time, or nothing.")
+async def app_trend(
+    body: PageTrend,
+    svc: Svc,
+    x_csrf_token: Annotated[str | None, Header()] = None,
+    chartsight_session: Annotated[str | None, Cookie()] = None,
+) -> Response:
+    """An SVG (``image/svg+xml``, about 480×200 px, ``surfaces.plots.trend_svg``) of the cited
+    results of one measured concept over time, read from the launch patient's record
+    (``agent.cited_series``: at least 3 cited Observations with exact numeric values; references
+    not in this patient's record are ignored), with the lab's reference range (else the usual
+    range) shaded and each point linked to ``#Observation/<id>``; 204 when the citations are no
+    such series. 403 without the session's CSRF token; the record's errors as ``http_error``
+    maps them."""
+    session = _session(svc, chartsight_session)
+    _check_csrf(session, x_csrf_token)
+    try:
+        record = await _record(svc, session)
+    except ChartSightError as exc:
+        raise http_error(exc) from exc
+    series = cited_series(record, body.references)
+    if series is None:
+        return Response(status_code=204, headers={"Cache-Control": "no-store"})
+    svg = await asyncio.to_thread(
+        trend_svg, series.points, title=series.name, unit=series.unit or "",
+        low=series.low, high=series.high, range_label=_RANGE_NAMES.get(series.range_label or "", ""),
+    )  # fmt: skip
+    return Response(svg, media_type="image/svg+xml", headers={"Cache-Control": "no-store"})
 
 
 @router.get("/app/resource/{resource_type}/{resource_id}", summary="A cited resource's JSON.")

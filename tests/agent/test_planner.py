@@ -45,6 +45,8 @@ def _iso(day: str, end: bool = False) -> str:
         ("What is the average BMI?", [("observation_stats", {"query": "BMI"})]),
         ("What was his min glucose?", [("observation_stats", {"query": "glucose"})]),
         ("how many times was glucose measured", [("observation_stats", {"query": "glucose"})]),
+        ("how has his weight changed?", [("observation_stats", {"query": "weight"})]),
+        ("HbA1c change over time", [("observation_stats", {"query": "HbA1c"})]),
         # a window: statistics over it, and the latest value (which does not take the window)
         (
             "average glucose over the last 3 months",

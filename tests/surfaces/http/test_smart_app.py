@@ -1,12 +1,15 @@
 """The SMART on FHIR app page in a real headless browser (Debian's chromium, driven by Selenium):
 EHR launch with PKCE against an authorization server built from the SMART App Launch spec, the page
 reading the record from the EHR's FHIR server with the user's token, asking, a streamed answer,
-clicking a citation, similar-case cards. Screenshots are kept in test-artifacts/."""
+clicking a citation, a trend plot whose points open their citations, similar-case cards.
+Screenshots are kept in test-artifacts/."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -146,3 +149,118 @@ def test_resource_paths_are_validated(launched: Any):
     assert client.get("/app/resource/Patient/" + "x" * 65).status_code == 422
     own = client.get(f"/app/resource/Patient/{pid}")
     assert own.status_code == 200 and own.json()["id"] == pid
+
+
+def _creatinines(tommy_json: list[dict[str, Any]]) -> int:
+    return sum(
+        1
+        for r in tommy_json
+        if r["resourceType"] == "Observation"
+        and "valueQuantity" in r
+        and any(c.get("code") == "38483-4" for c in r["code"].get("coding", []))
+    )
+
+
+def test_a_trend_question_shows_a_plot_whose_points_open_their_citations(
+    browser: Any, launched: Any, artifacts: Path, tommy_json: list[dict[str, Any]]
+):
+    running, ehr, pid = launched
+    wait = WebDriverWait(browser, 90)
+    browser.get(f"{running.url}/launch?iss={ehr.fhir_url}&launch={ehr.launch(pid)}")
+    wait.until(ec.text_to_be_present_in_element((By.ID, "banner"), "Friesen"))
+    browser.find_element(By.ID, "question").send_keys("creatinine trend")
+    browser.find_element(By.ID, "send").click()
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#trend svg")))
+    points = browser.find_elements(By.CSS_SELECTOR, "#trend svg a")
+    cited = {
+        a.get_attribute("data-ref")
+        for a in browser.find_elements(By.CSS_SELECTOR, "#answer a.cite")
+    }
+    expected = _creatinines(tommy_json)
+    assert expected >= 3 and len(points) == expected
+    targets = [
+        browser.execute_script(
+            "return arguments[0].getAttributeNS('http://www.w3.org/1999/xlink', 'href')", p
+        )
+        for p in points
+    ]
+    assert all(t.startswith("#Observation/") for t in targets), targets
+    assert {t[1:] for t in targets} == cited  # every point is one of the answer's citations
+    size = browser.find_element(By.CSS_SELECTOR, "#trend svg").size
+    assert 300 <= size["width"] <= 700 and 120 <= size["height"] <= 300
+    assert "Creatinine" in browser.find_element(By.ID, "trend").text
+    browser.save_screenshot(str(artifacts / "smart-app-4-trend.png"))
+
+    # a point opens its resource in the cited-evidence panel, as a citation in the text does
+    last = points[-1]
+    last.find_element(By.CSS_SELECTOR, "use").click()  # the marker itself, as a mouse clicks it
+    wait.until(ec.text_to_be_present_in_element((By.ID, "cited-json"), '"resourceType"'))
+    assert targets[-1][len("#Observation/") :] in browser.find_element(By.ID, "cited-json").text
+    assert "Creatinine" in browser.find_element(By.ID, "cited-line").text
+    assert browser.execute_script("return arguments[0].classList.contains('active')", last)
+    browser.save_screenshot(str(artifacts / "smart-app-5-trend-point.png"))
+
+    # the next question, not about a series, clears the plot
+    box = browser.find_element(By.ID, "question")
+    box.clear()
+    box.send_keys("What was his last HbA1c?")
+    browser.find_element(By.ID, "send").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "answer"), "%"))
+    assert not browser.find_elements(By.CSS_SELECTOR, "#trend svg")
+
+
+def _page_session(running: Running, ehr: SmartEhr, pid: str) -> tuple[httpx.Client, str]:
+    """A launched session over plain HTTP, and the page's CSRF token."""
+    client = httpx.Client(base_url=running.url, follow_redirects=False, timeout=120)
+    start = client.get("/launch", params={"iss": ehr.fhir_url, "launch": ehr.launch(pid)})
+    client.get(httpx.get(start.headers["location"]).headers["location"])
+    found = re.search(r'name="csrf-token" content="([^"]+)"', client.get("/app").text)
+    assert found
+    return client, found.group(1)
+
+
+def _ask(client: httpx.Client, csrf: str, question: str) -> dict[str, Any]:
+    reply = client.post("/app/ask", json={"question": question}, headers={"X-CSRF-Token": csrf})
+    assert reply.status_code == 200
+    answer = re.search(r"event: answer\r?\ndata: (.*)", reply.text)
+    assert answer, reply.text[-500:]
+    data: dict[str, Any] = json.loads(answer.group(1))
+    return data
+
+
+def test_the_trend_endpoint_plots_only_a_series_of_this_patients_results(launched: Any):
+    running, ehr, pid = launched
+    client, csrf = _page_session(running, ehr, pid)
+    plain = _ask(client, csrf, "What was his last HbA1c?")
+    refs = [c["reference"] for c in plain["citations"]]
+    assert refs and all(r.startswith("Observation/") for r in refs)
+    # not a trend: no plot (the page asks only with 3 or more Observations; the server checks too)
+    reply = client.post("/app/trend", json={"references": refs}, headers={"X-CSRF-Token": csrf})
+    assert reply.status_code == 204 and not reply.content
+
+    trend = _ask(client, csrf, "creatinine trend")
+    refs = [c["reference"] for c in trend["citations"] if c["reference"].startswith("Observation/")]
+    assert len(refs) >= 3
+    assert client.post("/app/trend", json={"references": refs}).status_code == 403  # no CSRF
+    reply = client.post("/app/trend", json={"references": refs}, headers={"X-CSRF-Token": csrf})
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("image/svg+xml")
+    assert reply.headers["cache-control"] == "no-store"
+    root = ET.fromstring(reply.text)
+    hrefs = [
+        a.get("{http://www.w3.org/1999/xlink}href")
+        for a in root.iter("{http://www.w3.org/2000/svg}a")
+    ]
+    assert sorted(h[1:] for h in hrefs if h) == sorted(refs)
+    assert [
+        g for g in root.iter("{http://www.w3.org/2000/svg}g") if g.get("id") == "reference-range"
+    ]
+
+    # references of resources outside this patient's record are not read: no series is left
+    foreign = [f"Observation/not-{n}" for n in range(5)]
+    reply = client.post("/app/trend", json={"references": foreign}, headers={"X-CSRF-Token": csrf})
+    assert reply.status_code == 204
+    too_many = {"references": ["Observation/x"] * 2001}
+    assert (
+        client.post("/app/trend", json=too_many, headers={"X-CSRF-Token": csrf}).status_code == 422
+    )
