@@ -89,6 +89,7 @@ REFERENCE_PATHS: dict[str, tuple[str, ...]] = {
     "Immunization": ("performer.actor", "location"),
     "ImagingStudy": ("referrer", "interpreter", "location"),
     "DocumentReference": ("author", "custodian"),
+    "CareTeam": ("participant.member", "managingOrganization"),
 }
 
 # Ids asked for in one ``_id=a,b,c`` search (keeps the URL well under common 8 KiB limits).

@@ -246,6 +246,7 @@ _WHEN = (
     "authoredOn",
     "started",
     "recordedDate",
+    "dateTime",  # Consent
     "dateAsserted",
     "createdDateTime",
     "date",

@@ -235,7 +235,7 @@ def _named(ctx: ToolContext, reference: Any) -> str | None:
     if getattr(reference, "display", None):
         return str(reference.display)
     ref = getattr(reference, "reference", None)
-    target = ctx.record.referenced.get(str(ref)) if ref else None
+    target: Any = ctx.record.referenced.get(str(ref)) if ref else None
     if target is None:
         return None
     if getattr(target, "resource_type", "") == "Organization":
@@ -267,7 +267,8 @@ def care_team(ctx: ToolContext) -> list[Fact]:
                 evidence=(patient,),
             )
         )
-    for team in (r for r in ctx.record.other if r.__resource_type__ == "CareTeam"):
+    teams: list[Any] = [r for r in ctx.record.other if r.__resource_type__ == "CareTeam"]
+    for team in teams:
         if read_status(team).voided:
             continue
         members = []

@@ -459,6 +459,43 @@ def goal(g: Any, reg: Compactors, ctx: CompactContext) -> Evidence:
     return evidence_line(g, body, "goal", codes_of(g.description))
 
 
+def care_team(t: Any, reg: Compactors, ctx: CompactContext) -> Evidence:
+    """CareTeam: "Care team: <name or category>, <status>; <member> (<role>), ..." (each member by
+    its display, else the referenced Practitioner's or Organization's name)."""
+    body = (
+        f"Care team: {t.name or reg.text(t.category) or 'unnamed'}, {t.status or 'unknown status'}"
+    )
+    members = []
+    for part in t.participant or []:
+        who = reg.text(part.member) if part.member is not None else ""
+        target: Any = ctx.resolve(str(part.member.reference or ""), t) if part.member else None
+        if target is not None and getattr(target, "name", None):
+            name = target.name
+            who = str(name) if isinstance(name, str) else reg.text(name[0])
+        role = ", ".join(reg.text(r) for r in part.role or [])
+        if who:
+            members.append(f"{who} ({role})" if role else who)
+    if members:
+        body += f"; {', '.join(members)}"
+    return evidence_line(
+        t, body, "care-team", codes_of(t.category or []), active=t.status == "active"
+    )
+
+
+def consent(c: Any, reg: Compactors, ctx: CompactContext) -> Evidence:
+    """Consent (advance directives, DNR orders, privacy consents): "Consent: <categories>, <status>;
+    scope <scope>; <provision type>"."""
+    kinds = "; ".join(reg.text(k) for k in c.category or []) or "consent"
+    body = f"Consent: {kinds}, {c.status}"
+    if c.scope is not None:
+        body += f"; scope {reg.text(c.scope)}"
+    if c.provision is not None and c.provision.type:
+        body += f"; provision {c.provision.type}"
+    return evidence_line(
+        c, body, "consent", codes_of(c.category or [], c.scope), active=c.status == "active"
+    )
+
+
 def _label_or(status: Any, label: str) -> str:
     """The status as words ("not done", "on hold"), else the status code itself."""
     return label or str(status or "unknown status")
@@ -506,6 +543,8 @@ RESOURCES: dict[str, ResourceCompactor] = {
     "Immunization": immunization,
     "CarePlan": care_plan,
     "Goal": goal,
+    "CareTeam": care_team,
+    "Consent": consent,
 }
 
 

@@ -43,8 +43,14 @@ def _iso(day: str, end: bool = False) -> str:
         ),
         # a statistic: observation_stats only, not also the latest value
         ("What is the average BMI?", [("observation_stats", {"query": "BMI"})]),
-        ("What was his min glucose?", [("observation_stats", {"query": "glucose"})]),
-        ("how many times was glucose measured", [("observation_stats", {"query": "glucose"})]),
+        (
+            "What was his min glucose?",
+            [("observation_stats", {"query": "glucose", "focus": "lowest"})],
+        ),
+        (
+            "how many times was glucose measured",
+            [("observation_stats", {"query": "glucose", "focus": "count"})],
+        ),
         ("how has his weight changed?", [("observation_stats", {"query": "weight"})]),
         ("HbA1c change over time", [("observation_stats", {"query": "HbA1c"})]),
         # a window: statistics over it, and the latest value (which does not take the window)
@@ -69,6 +75,7 @@ def _iso(day: str, end: bool = False) -> str:
                         "query": "glucose",
                         "since": _iso("2019-01-01"),
                         "until": _iso("2019-12-31", end=True),
+                        "focus": "highest",
                     },
                 )
             ],

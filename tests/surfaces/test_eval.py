@@ -1,0 +1,142 @@
+"""``chartsight eval``: suite files, scoring, the report, and the shipped suites."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from agent.answer import Answer, Citation
+from agent.evaluation import EvalError, Expect, SuiteItem, load_suite, score, summarise
+from surfaces.cli import SUITES_DIR, app
+
+
+def _item(**expect: object) -> SuiteItem:
+    return SuiteItem(
+        id="x-1",
+        family="f",
+        patient="p",
+        question="q?",
+        expect=Expect.model_validate(expect),
+    )
+
+
+def _answer(text: str, refs: list[str], abstained: bool = False) -> Answer:
+    return Answer(
+        question="q?",
+        patient_id="p",
+        text=text,
+        citations=[Citation(reference=r, text=r) for r in refs],
+        abstained=abstained,
+    )
+
+
+def test_scores_value_citations_and_abstention() -> None:
+    item = _item(
+        contains=["5.9 %", "2020-12-13"],
+        one_of=["Observation/a", "Observation/b"],
+        cite_types=["Observation"],
+    )
+    right = score(item, _answer("Latest HbA1c: 2020-12-13 … 5.9  %.", ["Observation/b"]), 10)
+    assert right.right and right.outcome == "right"
+    extra = score(item, _answer("5.9 % on 2020-12-13", ["Observation/b", "Observation/c"]), 10)
+    assert extra.value and not extra.citations and extra.outcome == "wrong"
+    wrong = score(item, _answer("Latest hemoglobin: 13.7 g/dL", ["Observation/h"]), 10)
+    assert not wrong.value and wrong.outcome == "wrong"
+    gave_up = score(item, _answer("The record does not answer this question.", [], True), 10)
+    assert gave_up.outcome == "abstained"
+    absent = _item(contains=["No troponin result"], cites=["Patient/p"], abstain=True)
+    honest = score(absent, _answer("No troponin result in the record: …", ["Patient/p"]), 10)
+    assert honest.right and honest.outcome == "rightly abstained"
+    invented = score(absent, _answer("Troponin 0.01 ng/mL [Observation/t]", ["Observation/t"]), 10)
+    assert invented.outcome == "wrong"
+    (fam,) = summarise([right, extra, wrong, gave_up])
+    assert (fam.items, fam.right, fam.wrong, fam.abstained) == (4, 1, 2, 1)
+
+
+def test_a_bad_suite_line_is_named(tmp_path: Path) -> None:
+    good = json.dumps({"id": "a", "family": "f", "patient": "p", "question": "q", "expect": {}})
+    path = tmp_path / "suite.jsonl"
+    path.write_text(f"# comment\n{good}\n{{not json\n")
+    with pytest.raises(EvalError, match=r"suite.jsonl:3: not a suite item"):
+        load_suite([path])
+    path.write_text(f"{good}\n{good}\n")
+    with pytest.raises(EvalError, match="used twice"):
+        load_suite([path])
+    path.write_text(good.replace('"expect": {}', '"expect": {"contain": ["x"]}') + "\n")
+    with pytest.raises(EvalError, match=r"suite.jsonl:1"):
+        load_suite([path])
+
+
+def test_the_shipped_suites_cover_30_families_and_400_questions() -> None:
+    demo = load_suite([SUITES_DIR / "demo.jsonl"])
+    synthea = load_suite([SUITES_DIR / "synthea-r4-smart.jsonl"])
+    families = {i.family for i in demo + synthea}
+    assert len(demo) + len(synthea) >= 400 and len(families) >= 30
+    # questions whose right answer is that the record does not hold it are part of it
+    assert sum(i.expect.abstain for i in demo + synthea) >= 100
+
+
+def test_the_demo_suite_is_what_the_generator_writes_from_the_bundles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import make_eval_suite
+    from connectors.demo import demo_bundles
+
+    monkeypatch.setattr(make_eval_suite, "OUT", tmp_path)
+    make_eval_suite.write_suite("demo", demo_bundles(), tuned=True)
+    assert (tmp_path / "demo.jsonl").read_text() == (SUITES_DIR / "demo.jsonl").read_text()
+
+
+def test_chartsight_eval_writes_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHARTSIGHT_HOME", str(tmp_path / "home"))
+    out = tmp_path / "report"
+    result = CliRunner().invoke(
+        app,
+        ["eval", "--limit", "30", "--out", str(out), "--fail-under", "95"],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    assert "30/30 right or rightly abstained" in result.output
+    md = (out / "report.md").read_text()
+    assert "| family | items | right |" in md and "| age | 1 | 100.0% |" in md
+    page = (out / "report.html").read_text()
+    assert page.count("<svg") == 2 and "http://" not in page.replace("http://www.w3.org", "")
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 30 and all(
+        json.loads(line)["outcome"] in ("right", "rightly abstained") for line in lines
+    )
+    # nothing of the user's own store was touched: the demo patients went to a throwaway one
+    assert not (tmp_path / "home" / "store.db").exists()
+
+
+def test_chartsight_eval_fails_under_a_threshold_and_on_a_bad_suite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHARTSIGHT_HOME", str(tmp_path / "home"))
+    suite = tmp_path / "s.jsonl"
+    suite.write_text(
+        json.dumps(
+            {
+                "id": "impossible",
+                "family": "f",
+                "patient": "6234b038-fa0d-476f-b373-6c22de018cf7",
+                "question": "How old is he?",
+                "now": "2021-01-01",
+                "expect": {"contains": ["999 years"]},
+            }
+        )
+        + "\n"
+    )
+    from connectors.demo import demo_bundles
+
+    args = ["eval", str(suite), "--out", str(tmp_path / "r"), "--fail-under", "50"]
+    args += [x for b in demo_bundles()[-1:] for x in ("--bundles", str(b))]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "0/1 right" in result.output
+    suite.write_text("{oops\n")
+    result = CliRunner().invoke(app, ["eval", str(suite)])
+    assert result.exit_code == 1 and "not a suite item" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
