@@ -108,6 +108,11 @@ class Answer(BaseModel):
         default=1.0, description="Share of the shown sentences the verifier found supported."
     )
     abstained: bool = False
+    nearest: list[Citation] = Field(
+        default_factory=list,
+        description="When abstained: the record's lines closest to the question, shown apart "
+        "from the citations (they support no statement).",
+    )
     fallback_used: bool = False
     warnings: list[str] = Field(default_factory=list)
     rejected: list[SentenceCheck] = Field(

@@ -432,7 +432,7 @@ def _model_label(model: str, fallback: bool) -> str:
 async def finalize(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     """Make the ``Answer``: the supported sentences with their citations, or the evidence answer
     when none of the model's held up, or an abstention ("The record does not answer this
-    question.") with the closest evidence.
+    question.") with the closest evidence lines in ``nearest``, apart from the citations.
 
     Reads ``question``, ``patient_id``, ``checked``, ``model``, ``fallback``, ``facts``,
     ``similar``, ``images``, ``evidence``, ``all_lines``, ``warnings``, ``timings``, ``tool_log``.
@@ -457,12 +457,15 @@ async def finalize(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     if rejected:
         warnings.append(f"{len(rejected)} unsupported sentence(s) removed")
     abstained = not kept
+    nearest: list[Citation] = []
     if abstained:
-        closest = list(state.get("evidence", {}).items())[:3]
-        text = "The record does not answer this question." + (
-            " Closest evidence: " + " ".join(line for _, line in closest) if closest else ""
-        )
-        cited = [ref for ref, _ in closest]
+        # the closest lines are kept apart: they support no statement, so they are no citation
+        text = "The record does not answer this question."
+        cited = []
+        nearest = [
+            Citation(reference=ref, text=line)
+            for ref, line in list(state.get("evidence", {}).items())[:3]
+        ]
     else:
         # the evidence answer is a list of facts: one per line; a model's prose stays prose
         sep = "\n" if model == EVIDENCE.name or fallback else " "
@@ -487,6 +490,7 @@ async def finalize(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
         if shown
         else 0.0,
         abstained=abstained,
+        nearest=nearest,
         fallback_used=fallback,
         warnings=[*state.get("warnings", []), *warnings],
         rejected=rejected,

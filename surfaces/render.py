@@ -143,6 +143,17 @@ def render_answer(console: Console, answer: Any) -> None:
         for c in answer.citations:
             table.add_row(Text(c.reference), Text(c.text))
         console.print(table)
+    if getattr(answer, "nearest", None):
+        table = Table(
+            title="Nearest in the record (not cited: they do not answer it)",
+            title_justify="left",
+            show_edge=False,
+        )
+        table.add_column("reference")
+        table.add_column("line", overflow="fold")
+        for c in answer.nearest:
+            table.add_row(Text(c.reference), Text(c.text), style="dim")
+        console.print(table)
     for warning in answer.warnings:
         console.print(Text.assemble(("warning: ", "yellow"), str(warning)))
     stages = ", ".join(f"{k} {v:.0f}" for k, v in answer.latency_ms.items())

@@ -83,7 +83,9 @@ def test_structured_answers_match_the_fhir_json(settings: Settings, tommy_json):
 
 def test_unanswerable_questions_abstain(settings: Settings):
     answer = _ask(settings, "What is his favourite colour?")
-    assert answer.abstained and answer.text.startswith("The record does not answer this question.")
+    assert answer.abstained and answer.text == "The record does not answer this question."
+    # the nearest lines come apart from the citations, and are the patient's own
+    assert answer.citations == [] and 0 < len(answer.nearest) <= 3
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

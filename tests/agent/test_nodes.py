@@ -106,7 +106,11 @@ def test_finalize_keeps_supported_sentences_and_abstains_without_them(tmp_path: 
         },
         rt,
     )["answer"]
-    assert none.abstained and none.text.startswith("The record does not answer this question.")
+    assert none.abstained and none.text == "The record does not answer this question."
+    # the closest lines are shown apart: no citation rests on them
+    assert none.citations == [] and [(c.reference, c.text) for c in none.nearest] == [
+        ("Observation/z", "z")
+    ]
 
 
 def test_finalize_falls_back_to_the_evidence_answer_when_no_model_sentence_holds(tmp_path: Path):
