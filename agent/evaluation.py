@@ -119,6 +119,11 @@ class ItemResult:
     text: str
     cited: list[str] = field(default_factory=list)
     error: str | None = None
+    # the model path: the share of shown sentences supported, the model's sentences the verifier
+    # removed, and whether the evidence answer stood in for the model's
+    supported_fraction: float = 1.0
+    rejected: int = 0
+    fallback: bool = False
 
     @property
     def right(self) -> bool:
@@ -162,7 +167,19 @@ def score(item: SuiteItem, answer: Answer, latency_ms: float) -> ItemResult:
         outcome = "abstained"
     else:
         outcome = "wrong"
-    return ItemResult(item, value, citations, abstention, outcome, latency_ms, answer.text, cited)
+    return ItemResult(
+        item,
+        value,
+        citations,
+        abstention,
+        outcome,
+        latency_ms,
+        answer.text,
+        cited,
+        supported_fraction=answer.supported_fraction,
+        rejected=len(answer.rejected),
+        fallback=answer.fallback_used,
+    )
 
 
 async def run_suite(

@@ -131,7 +131,8 @@ def questions(resources: list[dict[str, Any]]) -> list[tuple[str, str, Check]]:
                     "average over a window",
                     q,
                     lambda a, m=mean, rs=refs: (
-                        f"mean {m:.4g}" in a.text and _cites(a, rs, "Observation/")
+                        (f"mean {m:.4g}" if len(rs) > 1 else f"only 1 result, {m:.4g}") in a.text
+                        and _cites(a, rs, "Observation/")
                     ),
                 )
             )

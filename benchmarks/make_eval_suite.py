@@ -66,6 +66,11 @@ def _n(v: float) -> str:
     return f"{float(v):.4g}"
 
 
+def _mean_phrase(mean: float, n: int) -> str:
+    """How the answer states a mean: "mean 77.21", or the one value when there is one result."""
+    return f"mean {_n(mean)}" if n > 1 else f"only 1 result, {_n(mean)}"
+
+
 def _codes(r: R, element: str = "code") -> set[str]:
     return {str(c.get("code")) for c in (r.get(element) or {}).get("coding", [])}
 
@@ -195,7 +200,7 @@ def items_for(res: list[R]) -> list[tuple[str, str, dict[str, Any]]]:
         if rows:
             mean = statistics.fmean(float(r["valueQuantity"]["value"]) for r in rows)
             add("average over the last years", q, {
-                "contains": [f"mean {_n(mean)}"], "cites": [_ref(r) for r in rows],
+                "contains": [_mean_phrase(mean, len(rows))], "cites": [_ref(r) for r in rows],
                 "cite_types": ["Observation"],
             })  # fmt: skip
         else:
@@ -206,7 +211,7 @@ def items_for(res: list[R]) -> list[tuple[str, str, dict[str, Any]]]:
     if rows:
         mean = statistics.fmean(float(r["valueQuantity"]["value"]) for r in rows)
         add("average between two dates", q, {
-            "contains": [f"mean {_n(mean)}", "from 2015-01-01 to 2018-12-31"],
+            "contains": [_mean_phrase(mean, len(rows)), "from 2015-01-01 to 2018-12-31"],
             "cites": [_ref(r) for r in rows], "cite_types": ["Observation"],
         })  # fmt: skip
     else:

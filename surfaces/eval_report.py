@@ -34,6 +34,9 @@ def overall(results: Sequence[ItemResult]) -> dict[str, float]:
         "abstained": sum(r.outcome == "abstained" for r in results),
         "p50_ms": statistics.median(lat),
         "p95_ms": lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))],
+        "supported": statistics.fmean(r.supported_fraction for r in results) if n else 0.0,
+        "rejected": sum(r.rejected for r in results),
+        "fallbacks": sum(r.fallback for r in results),
     }
 
 
@@ -50,6 +53,10 @@ def markdown(results: Sequence[ItemResult], title: str, setup: str) -> str:
         f"**{t['right']:.0f} of {t['items']:.0f} right or rightly abstained "
         f"({_pct(t['rate'])})**; {t['wrong']:.0f} wrong, {t['abstained']:.0f} abstained where the "
         f"record had the answer; latency p50 {t['p50_ms']:.0f} ms, p95 {t['p95_ms']:.0f} ms.",
+        "",
+        f"Model path: mean supported-sentence fraction {t['supported']:.3f}; "
+        f"{t['rejected']:.0f} sentences removed by the verifier; "
+        f"{t['fallbacks']:.0f} answers fell back to the evidence answer.",
         "",
         "| family | items | right | value | citations | abstention | wrong | abstained | p50 ms | p95 ms | tuned |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -147,6 +154,9 @@ def write_report(
                         "text": r.text,
                         "cited": r.cited,
                         "error": r.error,
+                        "supported_fraction": r.supported_fraction,
+                        "rejected": r.rejected,
+                        "fallback": r.fallback,
                     },
                     ensure_ascii=False,
                 )

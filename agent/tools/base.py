@@ -111,6 +111,15 @@ def _day(value: datetime | None, precision: str = "day") -> str:
     return value.date().isoformat()
 
 
+def _ago(when: datetime | None, now: datetime) -> str:
+    """ " (25 years ago)" when ``when`` is a year or more before ``now``, else "": a "current" or
+    "latest" item that old is said to be old."""
+    if when is None:
+        return ""
+    years = int((now - when).days / 365.25)
+    return f" ({years} year{'s' if years > 1 else ''} ago)" if years >= 1 else ""
+
+
 def _point_day(point: Point) -> str:
     return point.when.text if point.when is not None else "an unknown date"
 

@@ -13,6 +13,7 @@ from agent.tools.base import (
     Fact,
     ToolContext,
     ToolError,
+    _ago,
     _by_category,
     _cite,
     _item_facts,
@@ -118,12 +119,8 @@ def medication_use(ctx: ToolContext, query: str) -> list[Fact]:
 def _age_note(item: Evidence, now: datetime) -> str:
     """ ", recorded 1995-09-02 (25 years ago)" when the newest active member is over a year old:
     an "active" order that old may no longer be taken."""
-    if item.date is None:
-        return ""
-    years = (now - item.date).days / 365.25
-    if years < 1:
-        return ""
-    return f", recorded {item.day} ({int(years)} year{'s' if int(years) > 1 else ''} ago)"
+    ago = _ago(item.date, now)
+    return f", recorded {item.day}{ago}" if ago else ""
 
 
 def _label(found: DrugClass) -> tuple[str, bool]:

@@ -19,6 +19,7 @@ from agent.tools.base import (
     LatestArgs,
     ToolContext,
     WindowArgs,
+    _ago,
     _cite,
     _item_facts,
     _point_day,
@@ -346,9 +347,11 @@ def latest_observation(
     m = chosen.measurement if len(numeric) == 1 else None
     item = ctx.evidence.get(ref)
     label = "Latest" if nth == 1 else "Previous" if nth == 2 else f"Result {nth} from the latest:"
+    # a latest result a year old or more says so ("current" values that old may not be)
+    ago = _ago(chosen.when.start, ctx.now) if nth == 1 and chosen.when is not None else ""
     statement = (
         f"{label} {_subject(query, found.points)}{_voided_clause(found)}: "
-        f"{_obs_text(ref, ctx)}.{_cite([ref])}"
+        f"{_obs_text(ref, ctx)}{ago}.{_cite([ref])}"
     )
     evidence = [ref]
     # newer attempts without a value (cancelled, not done, no result) are said, not used
@@ -433,17 +436,32 @@ def observation_stats(
         series.setdefault(_series_key(point, ctx), []).append(point)
     if not series:
         ref = f"Patient/{ctx.record.patient_id}"
-        return [
+        numeric = [p for p in found.points if p.measurement is not None]
+        facts = [
             Fact(
                 "observation_stats",
                 f"No numeric {_subject(query, [])} result {window}{_voided_clause(found)}"
-                f"{'' if any(p.measurement is not None for p in found.points) else ' (none at any date)'}."
+                f"{'' if numeric else ' (none at any date)'}."
                 f"{_cite([ref])}",
                 value=None,
                 evidence=(ref,),
                 details={"query": query, "count": 0, "echo": [window], "voided": found.voided},
             )
         ]
+        if numeric:  # the data stops (or starts) elsewhere: say where the nearest result is
+            newest = numeric[-1]
+            side = "newest" if newest.when and newest.when.start < (start or end) else "oldest"
+            near = newest if side == "newest" else numeric[0]
+            facts.append(
+                Fact(
+                    "observation_stats",
+                    f"The {side} {_subject(query, [])} result in the record is "
+                    f"{_obs_text(near.reference, ctx)}.{_cite([near.reference])}",
+                    date=near.when.start if near.when else None,
+                    evidence=(near.reference,),
+                )
+            )
+        return facts
     facts = [
         _series_fact(ctx, query, found, points, window, multiple=len(series) > 1)
         for points in series.values()
@@ -550,15 +568,21 @@ def _series_fact(
     high = max(rows, key=lambda r: r[1])
     u = f" {target}" if target else ""
     n = number_text
-    statement = (
-        f"{name} {window}{_voided_clause(found)}: {len(values)} result{'s' if len(values) > 1 else ''}, "
-        f"mean {n(mean)}{u}, "
-        f"min {n(low[1])}{u} ({_point_day(low[0])}), max {n(high[1])}{u} ({_point_day(high[0])}); "
-        f"{trend} from {n(first[1])} "
-        f"({_point_day(first[0])}) to {n(last[1])} ({_point_day(last[0])})"
-        f"{f' ({meaning})' if meaning else ''}{converted_note}."
-        f"{_cite(refs)}{notes}"
-    )
+    if len(values) == 1:  # one result: no mean, range or trend to speak of
+        statement = (
+            f"{name} {window}{_voided_clause(found)}: only 1 result, {n(values[0])}{u} on "
+            f"{_point_day(first[0])}{converted_note}.{_cite(refs)}{notes}"
+        )
+    else:
+        statement = (
+            f"{name} {window}{_voided_clause(found)}: {len(values)} result{'s' if len(values) > 1 else ''}, "
+            f"mean {n(mean)}{u}, "
+            f"min {n(low[1])}{u} ({_point_day(low[0])}), max {n(high[1])}{u} ({_point_day(high[0])}); "
+            f"{trend} from {n(first[1])} "
+            f"({_point_day(first[0])}) to {n(last[1])} ({_point_day(last[0])})"
+            f"{f' ({meaning})' if meaning else ''}{converted_note}."
+            f"{_cite(refs)}{notes}"
+        )
     return Fact(
         "observation_stats",
         statement,
