@@ -37,6 +37,7 @@ from agent.tools import ToolError
 from connectors.errors import ChartSightError
 from connectors.images import PatientImage
 from connectors.record import PatientRecord
+from retrieval.evidence import clean_text
 from retrieval.index import shown_to
 
 log = logging.getLogger(__name__)
@@ -332,7 +333,7 @@ def _messages(state: AskState, rt: AgentRuntime, given: dict[str, str]) -> list[
         question=state["question"],
         facts=[f.statement for f in state.get("facts", [])],
         evidence=lines,
-        similar=[f"{c.summary[:200]} [{c.key}]" for c in state.get("similar", [])],
+        similar=[f"{clean_text(c.summary, 200)} [{c.key}]" for c in state.get("similar", [])],
         images=[f"{i.modality or 'image'} [{i.reference}]" for i in state.get("images", [])],
     )
     history = []

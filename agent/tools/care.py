@@ -24,7 +24,7 @@ from agent.tools.base import (
     tool,
 )
 from retrieval.clinical import aware, display_name, read_status
-from retrieval.evidence import Evidence
+from retrieval.evidence import Evidence, clean_text
 
 # --- immunizations ---------------------------------------------------------------------------
 
@@ -433,7 +433,7 @@ def notes(ctx: ToolContext, query: str | None = None) -> list[Fact]:
     if not words:
         latest = items[0]
         body = _note_body(latest)
-        quote = body if len(body) <= 400 else body[:400].rsplit(" ", 1)[0] + " …"
+        quote = clean_text(body, 400)
         return [
             Fact(
                 "notes",
@@ -453,7 +453,8 @@ def notes(ctx: ToolContext, query: str | None = None) -> list[Fact]:
                     if any(re.search(rf"\b{re.escape(w)}", s.lower()) for w in words)
                 ),
                 body,
-            )[:300]
+            )
+            sentence = clean_text(sentence, 300)
             facts.append(
                 Fact(
                     "notes",

@@ -12,6 +12,7 @@ from agent.tools.base import (
     _cite,
     tool,
 )
+from retrieval.evidence import clean_text
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def similar_cases(ctx: ToolContext, k: int = 3) -> list[Fact]:
             "similar_cases",
             # one sentence: the summary's own full stops would split it from its citation
             f"Similar case (score {hit.score:.2f}): "
-            f"{hit.summary[:240].replace('. ', '; ').rstrip('.')}{_cite([hit.key])}",
+            f"{clean_text(hit.summary, 240).replace('. ', '; ').rstrip('.')}{_cite([hit.key])}",
             value=round(float(hit.score), 4),
             evidence=(hit.key,),
             details={"key": hit.key, "patient_id": hit.patient_id},

@@ -17,10 +17,16 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u
 
 def clean_text(text: str, limit: int = MAX_NOTE_CHARS) -> str:
     """One line of plain text: control and bidi characters dropped, whitespace folded, bounded to
-    ``limit`` characters (a longer text ends in "…")."""
+    ``limit`` characters (a longer text is cut at a word boundary when one lies in its second half,
+    and ends in "…": never mid-word)."""
     text = _CONTROL.sub(" ", text)
     text = re.sub(r"\s+", " ", text).strip()
-    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    if " " in cut[limit // 2 :] and not text[limit - 1].isspace():
+        cut = cut.rsplit(" ", 1)[0]
+    return cut.rstrip(" ;,.") + "…"
 
 
 def number(value: Any) -> str:

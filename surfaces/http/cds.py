@@ -27,6 +27,7 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError
 
 from agent import Answer, ChartSightError, PrefetchSource, ehr_source
 from agent.grounding import citations, split_sentences, uncited
+from retrieval.evidence import clean_text
 from surfaces.http.deps import Caller, Service, Svc, allowed
 from surfaces.http.security import case_privacy, listed_fhir_base
 
@@ -280,7 +281,7 @@ def _answer_card(svc: Service, pid: str, answer: Answer) -> Card:
         detail += "\n\n_" + _markdown_text("; ".join(answer.warnings[:3])) + "_"
     return Card(
         uuid=str(uuid.uuid4()),
-        summary=summary if len(summary) <= 140 else summary[:137] + "…",
+        summary=clean_text(summary, 140),
         detail=detail,
         indicator="info",
         source=_card_source(svc),

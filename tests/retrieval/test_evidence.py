@@ -158,6 +158,9 @@ def test_hostile_note_text_is_one_bounded_clean_line(tommy: PatientRecord, attac
 def test_clean_text_folds_whitespace_and_bounds_length():
     assert clean_text("a\n\tb\r\n  c") == "a b c"
     assert clean_text("y" * 50, limit=10) == "y" * 9 + "…"
+    # a longer text is cut at a word, never mid-word (similar-case summaries were cut so)
+    said = clean_text("Patient is a 67 year old man with heart failure", limit=36)
+    assert said == "Patient is a 67 year old man with…" and len(said) <= 36
 
 
 def test_active_flags_for_problems_and_medications(martina: PatientRecord):
