@@ -53,7 +53,7 @@ _TEXT_DATE = re.compile(
 # a number, also glued to its unit ("40mg"), with thousands separators ("1,078") or a decimal
 # comma ("6,3"); not inside a word ("HbA1c", "T2DM") nor an ordinal ("3rd")
 _NUMBER = re.compile(
-    r"(?<![\w.,])[-+]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:[.,]\d+)?(?!\d|st\b|nd\b|rd\b|th\b)"
+    r"(?<![\w.])[-+]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:[.,]\d+)?(?!\d|st\b|nd\b|rd\b|th\b)"
 )
 # a time window said with the question's own numbers: "over the last 3 years", "past 6 months",
 # "since 2018-01-01" (dates are blanked to "@" before numbers are read)

@@ -52,7 +52,8 @@ _NEG_BEFORE = re.compile(
 )
 # a denial after the concept: "stroke was ruled out", "is absent", "was excluded"
 _NEG_AFTER = re.compile(
-    r"^\W*(?:\w+\W+){0,3}?(?:(not)\s+)?(?:ruled out|excluded|refuted|absent|negative)\b",
+    r"^\W*(?:\w+\W+){0,3}?(?:(?:(not)\s+)?(?:ruled out|excluded|refuted|absent|negative)|"
+    r"(?:not|never)\s+(?:been\s+)?(?:recorded|documented|present|found|noted|seen|diagnosed))\b",
     re.IGNORECASE,
 )
 # words between a denial and the concept that make it about the status, not the existence
@@ -95,8 +96,8 @@ def _line_body(piece: str) -> str:
     return re.sub(r"^\d{4}(?:-\d{2}){0,2}(?:T[\d:.+\-Z]+)?\s+", "", body)
 
 
-def _stance(piece: str, span: tuple[int, int] | None = None) -> str:
-    """What ``piece`` records of the concept it names (at ``span`` in it, when known)."""
+def _stance(piece: str, spans: Sequence[tuple[int, int]] = ()) -> str:
+    """What ``piece`` records of the concept it names (at ``spans`` in it, when known)."""
     body = _line_body(piece)
     low = body.lower()
     if "ruled out" in low or "refuted" in low or "not allergic" in low:
@@ -119,7 +120,7 @@ def _stance(piece: str, span: tuple[int, int] | None = None) -> str:
         if status is None:
             return "recorded"
         return "active" if status.group(1) in ("active", "recurrence", "relapse") else "past"
-    if span is not None and _denied_at(piece, span):
+    if any(_denied_at(piece, span) for span in spans):
         return "absent"  # a note's own "no signs of stroke"
     return "recorded"
 
@@ -179,6 +180,8 @@ def polarity_problems(claim: str, pieces: Sequence[str]) -> list[str]:
     for term in default_terms().matches(claim):
         if term.categories and not term.codes and "allergy" not in term.categories:
             continue  # "no other medications", "no procedures": a listing, not one concept
+        if term.observed:
+            continue  # a status charted as an Observation ("former smoker"), not an existence
         words = tuple(w for w in term.words if w not in GENERIC_WORDS)
         for span in _spans(claim, words):
             concepts.append((low[span[0] : span[1]], words, span))
@@ -195,7 +198,7 @@ def polarity_problems(claim: str, pieces: Sequence[str]) -> list[str]:
         for piece in pieces:
             found = _spans(piece, words)
             if found or (set(words) <= _name_words(piece) and words):
-                stances.append(_stance(piece, found[0] if found else None))
+                stances.append(_stance(piece, found))
         if not stances or named in done:
             continue
         backed = "absent" in stances or "refuted" in stances  # a tool's absence, a refutation
@@ -276,17 +279,21 @@ _VALUE = re.compile(
 )
 
 
-def _claimed_flags(claim: str) -> frozenset[str] | None:
-    """The cited flags a sentence's judgement agrees with, or None when it judges nothing;
-    a judgement denied ("not high", "not normal") agrees with the other flags."""
-    low = claim.lower()
+def _claimed_flags(clause: str) -> frozenset[str] | None:
+    """The cited flags a clause's judgement agrees with, or None when it judges nothing; the
+    longest wording counts ("above the normal range" is not "normal"), and a judgement denied
+    ("not high", "not normal") agrees with the other flags."""
+    low = clause.lower()
+    said: list[tuple[int, int, frozenset[str]]] = []
     for pattern, agrees in _CLAIM_FLAGS:
         for m in re.finditer(rf"(?<![a-z\-])(?:{pattern})(?![a-z])", low):
-            if _NOT_A_FLAG.match(low, m.end()):
-                continue
-            denied = re.search(r"\b(?:not|never|no longer|n't)\s+(?:\w+\s+)?$", low[: m.start()])
-            return _ALL_FLAGS - agrees if denied else agrees
-    return None
+            if not _NOT_A_FLAG.match(low, m.end()):
+                said.append((m.start(), -m.end(), agrees))
+    if not said:
+        return None
+    start, _, agrees = min(said, key=lambda x: (x[0], x[1]))
+    denied = re.search(r"\b(?:not|never|no longer|n't)\s+(?:\w+\s+)?$", low[:start])
+    return _ALL_FLAGS - agrees if denied else agrees
 
 
 def _piece_flags(piece: str, words: Sequence[str]) -> list[str]:
@@ -323,19 +330,22 @@ def flag_problems(claim: str, pieces: Sequence[str]) -> list[str]:
     of the cited values: "normal" needs every cited value of the concept named to be unflagged,
     an abnormal word needs one whose flag agrees. Values the pieces show no judgement of are not
     counted."""
-    agrees = _claimed_flags(claim)
-    if agrees is None:
-        return []
-    words = [w for t in default_terms().matches(claim) for w in _concept_words(t, claim)]
-    flags = [f for p in pieces for f in _piece_flags(p, words)]
-    if not flags:
-        return []
-    if agrees == frozenset({"normal"}):
-        bad = sorted(set(flags) - agrees)
-        return [f"the cited evidence flags the value {bad[0]}"] if bad else []
-    if not set(flags) & agrees:
-        return [f"the cited evidence flags the value {sorted(set(flags))[0]}"]
-    return []
+    problems: list[str] = []
+    start = 0
+    for end in [m.start() for m in _CLAUSE.finditer(claim)] + [len(claim)]:
+        clause, start = claim[start:end], end
+        agrees = _claimed_flags(clause)
+        if agrees is None:
+            continue
+        words = [w for t in default_terms().matches(clause) for w in _concept_words(t, clause)]
+        flags = {f for p in pieces for f in _piece_flags(p, words)}
+        if not flags:
+            continue
+        if agrees == frozenset({"normal"}) and flags - agrees:
+            problems.append(f"the cited evidence flags the value {sorted(flags - agrees)[0]}")
+        elif agrees != frozenset({"normal"}) and not flags & agrees:
+            problems.append(f"the cited evidence flags the value {sorted(flags)[0]}")
+    return problems
 
 
 def _concept_words(term: Term, claim: str) -> list[str]:

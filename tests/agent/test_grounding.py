@@ -289,6 +289,7 @@ def _claims(*facts: str) -> dict[str, str]:
         "He has had a stroke [Condition/stroke-refuted].",  # affirmed, but ruled out
         "He has had a stroke [Condition/stroke-void].",  # entered in error: the record says nil
         "He has diabetes [Patient/p].",  # the cited absence says none is recorded
+        "A stroke is not recorded [Condition/stroke-active].",
     ],
 )
 def test_a_claim_whose_cited_evidence_says_the_opposite_is_rejected(sentence: str):
@@ -309,10 +310,20 @@ def test_a_claim_whose_cited_evidence_says_the_opposite_is_rejected(sentence: st
         "No diabetes diagnosis is recorded [Patient/p].",
         "He does not have diabetes [Patient/p].",
         "He is allergic to penicillin [AllergyIntolerance/pcn].",
+        "Stroke was not ruled out [Condition/stroke-active].",
+        "The visit note found no signs of stroke [DocumentReference/n].",  # the note's own words
+        "He does not smoke [Observation/smoking].",  # a status, not a diagnosis denied
     ],
 )
 def test_a_claim_that_agrees_with_its_cited_evidence_stands(sentence: str):
-    check = check_sentence(sentence, _claims(NO_DIABETES))
+    given = {
+        **_claims(NO_DIABETES),
+        "DocumentReference/n": "2020-01-02 Visit note: no signs of stroke; BP normal "
+        "[DocumentReference/n]",
+        "Observation/smoking": "2020-01-01 Tobacco smoking status NHIS (LOINC 72166-2) Former "
+        "smoker [Observation/smoking]",
+    }
+    check = check_sentence(sentence, given)
     assert check.supported, check.problems
 
 
@@ -335,6 +346,10 @@ def test_a_claim_that_agrees_with_its_cited_evidence_stands(sentence: str):
         ("His A1c was not normal [Observation/a1c].", True),
         ("His HbA1c is low [Observation/a1c].", False),  # the flag says high
         ("The last low density lipoprotein was 90.22 mg/dL [Observation/ldl].", True),
+        ("His HbA1c of 6.3 % is above the normal range [Observation/a1c].", True),  # not "normal"
+        ("His HbA1c of 6.3 % is within the normal range [Observation/a1c].", False),
+        ("Diastolic was high, while systolic was normal [Observation/bp].", True),  # per clause
+        ("His potassium is normal, not high [Observation/k].", True),
     ],
 )
 def test_normal_or_abnormal_must_agree_with_the_cited_flag(sentence: str, supported: bool):
