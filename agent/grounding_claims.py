@@ -102,8 +102,8 @@ def _stance(piece: str, spans: Sequence[tuple[int, int]] = ()) -> str:
     low = body.lower()
     if "ruled out" in low or "refuted" in low or "not allergic" in low:
         return "refuted"
-    if "(entered-in-error)" in low or re.search(r",\s*entered-in-error\b", low):
-        return "void"
+    if re.search(r"\(entered[- ]in[- ]error\)|,\s*entered[- ]in[- ]error\b", low):
+        return "void"  # a condition's verification, a medication's status
     if re.match(r"(?:no\b|there is no\b|the record has no\b)", low) or ": no result" in low:
         return "absent"
     if low.startswith(("in the past:", "not active now:")):
@@ -112,14 +112,16 @@ def _stance(piece: str, spans: Sequence[tuple[int, int]] = ()) -> str:
         return "active"
     structured = re.match(r"(?:condition|allergy|medication(?: given| dispensed)?):", low)
     if structured:
+        # the status words of ``retrieval.clinical.read_status`` (FHIR R4 value sets)
         status = re.search(
-            r",\s*(active|recurrence|relapse|inactive|remission|resolved|stopped|completed|"
-            r"cancelled|on-hold|ended|not-taken)\b",
+            r",\s*(active|recurrence|relapse|on hold|intended|in progress|inactive|remission|"
+            r"resolved|stopped|completed|cancelled|ended|not taken|not done)\b",
             low,
         )
         if status is None:
             return "recorded"
-        return "active" if status.group(1) in ("active", "recurrence", "relapse") else "past"
+        current = ("active", "recurrence", "relapse", "on hold", "intended", "in progress")
+        return "active" if status.group(1) in current else "past"
     if any(_denied_at(piece, span) for span in spans):
         return "absent"  # a note's own "no signs of stroke"
     return "recorded"

@@ -259,6 +259,10 @@ CLAIMS = {
     "[MedicationRequest/w]",
     "MedicationRequest/w-active": "2020-02-01 Medication: Warfarin Sodium 5 MG Oral Tablet, "
     "active [MedicationRequest/w-active]",
+    "MedicationRequest/w-void": "2020-02-01 Medication: Warfarin Sodium 5 MG Oral Tablet, "
+    "entered in error [MedicationRequest/w-void]",
+    "MedicationRequest/w-held": "2020-02-01 Medication: Warfarin Sodium 5 MG Oral Tablet, "
+    "on hold [MedicationRequest/w-held]",
 }
 NO_A1C = (
     "No HbA1c result in the record: none of its 12 Observations has LOINC 4548-4 or the name "
@@ -390,6 +394,9 @@ def test_a_sentence_that_asserts_nothing_is_not_an_answer(sentence: str):
         ("Yes, he is on an anticoagulant [MedicationRequest/w].", False),  # stopped in 2015
         ("He takes warfarin [MedicationRequest/w].", False),
         ("He is not on warfarin [MedicationRequest/w-active].", False),
+        ("He takes warfarin [MedicationRequest/w-void].", False),  # entered in error
+        ("He is not on warfarin [MedicationRequest/w-held].", False),  # on hold is current
+        ("He is on warfarin, on hold [MedicationRequest/w-held].", True),
         ("No, he is not on an anticoagulant [Patient/p].", True),
         ("He was on warfarin until 2015 [MedicationRequest/w].", True),
         ("He is no longer on warfarin [MedicationRequest/w].", True),
