@@ -66,7 +66,8 @@ _ANY_DENIAL = re.compile(
     _NEG_BEFORE.pattern + r"|\b(?:ruled out|excluded|refuted|absent|negative)\b", re.IGNORECASE
 )
 _PRESENT_DRUG = re.compile(
-    r"\b(?:is|are|remains|stays)\s+(?:\w+\s+)?on\b|\btakes\b|\bis taking\b|\bcurrently\b",
+    r"(?:\b(?:is|are|remains|stays)|'s)\s+(?:\w+\s+)?on\b|\btakes\b|\b(?:is|'s) taking\b|"
+    r"\bcurrently\b",
     re.IGNORECASE,
 )
 _PAST_DRUG = re.compile(

@@ -393,6 +393,7 @@ def test_a_sentence_that_asserts_nothing_is_not_an_answer(sentence: str):
         ("Yes, he is on an anticoagulant [MedicationRequest/f].", False),  # furosemide
         ("Yes, he is on an anticoagulant [MedicationRequest/w].", False),  # stopped in 2015
         ("He takes warfarin [MedicationRequest/w].", False),
+        ("He's on warfarin [MedicationRequest/w].", False),
         ("He is not on warfarin [MedicationRequest/w-active].", False),
         ("He takes warfarin [MedicationRequest/w-void].", False),  # entered in error
         ("He is not on warfarin [MedicationRequest/w-held].", False),  # on hold is current
