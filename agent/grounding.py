@@ -55,13 +55,14 @@ _TEXT_DATE = re.compile(
 _NUMBER = re.compile(
     r"(?<![\w.])[-+]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:[.,]\d+)?(?!\d|st\b|nd\b|rd\b|th\b)"
 )
-# a time window said with the question's own numbers: "over the last 3 years", "past 6 months",
-# "since 2018-01-01" (dates are blanked to "@" before numbers are read)
+# a time window said with the question's own numbers: "over the last 3 years", "past 6 months"
+# (not an age or a time ago: "3 years old", "2 years ago")
 _WINDOW_NUMBER = re.compile(
     r"\b(?:(?:last|past|previous|prior|preceding|recent)\s+(\d+)|(\d+)\s+(?:days?|weeks?|"
     r"months?|years?)\b(?!\s+(?:ago|old|of age)))",
     re.IGNORECASE,
 )
+# the word before a date that makes it a window's bound: "since 2018-01-01", "between ... and ..."
 _WINDOW_WORD = re.compile(
     r"\b(?:since|after|before|from|until|till|through|between|to|and|as of|prior to)\s*$",
     re.IGNORECASE,
