@@ -105,7 +105,10 @@ class Answer(BaseModel):
     model: str = Field(default="", description="The backend that wrote it, e.g. 'evidence'.")
     prompt_version: str = ""
     supported_fraction: float = Field(
-        default=1.0, description="Share of the shown sentences the verifier found supported."
+        default=1.0,
+        description="Share of the shown sentences that assert something which the verifier "
+        "found supported (agent.grounding.supported_fraction; after a fallback, of the evidence "
+        "answer's sentences).",
     )
     abstained: bool = False
     nearest: list[Citation] = Field(

@@ -7,15 +7,32 @@ abbreviation it uses (HIV, COPD, HbA1c) and every clinical concept of the term t
 concept (HbA1c ↔ "Hemoglobin A1c"). A number may be a
 rounding of the evidence's (6.3 for 6.277); units are compared loosely (the number carries the
 check). Unsupported sentences are removed and reported with the reason.
+
+Beside the words, the claim must agree with what it cites (issue 12, ``agent.grounding_claims``):
+no denial of a condition the cited line records, no affirmation of one it rules out, no "normal"
+for a value flagged high, no "on a statin" from a stopped order or a tool's "No", and a sentence
+that only points at its citations asserts nothing. Text is read as a reader sees it: HTML escapes
+from chat templates unescaped (``&#39;`` is an apostrophe, not the number 39), "40mg" is
+"40 mg", "1,078" is 1078. Numbers and dates the question itself gives, said as its time window
+("over the last 3 years", "since 2018-01-01"), are not claims about the record.
 """
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from agent.answer import FactUsed, SentenceCheck
+from agent.grounding_claims import (
+    ASSERTS_NOTHING,
+    GENERIC_WORDS,
+    asserts_nothing,
+    drug_polarity_problems,
+    flag_problems,
+    polarity_problems,
+)
 from connectors.resources import is_resource_type
 from retrieval.clinical import MONTH_NAMES
 from retrieval.drugs import default_drugs, has_word
@@ -33,10 +50,58 @@ _TEXT_DATE = re.compile(
     + r")[a-z]*\.?\s+(?:(\d{1,2}),?\s+)?(\d{4})\b",
     re.IGNORECASE,
 )
-_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:[.,]\d+)?(?![\w])")
+# a number, also glued to its unit ("40mg"), with thousands separators ("1,078") or a decimal
+# comma ("6,3"); not inside a word ("HbA1c", "T2DM") nor an ordinal ("3rd")
+_NUMBER = re.compile(
+    r"(?<![\w.])[-+]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:[.,]\d+)?(?!\d|st\b|nd\b|rd\b|th\b)"
+)
+# a time window said with the question's own numbers: "over the last 3 years", "past 6 months"
+# (not an age or a time ago: "3 years old", "2 years ago")
+_WINDOW_NUMBER = re.compile(
+    r"\b(?:(?:last|past|previous|prior|preceding|recent)\s+(\d+)|(\d+)\s+(?:days?|weeks?|"
+    r"months?|years?)\b(?!\s+(?:ago|old|of age)))",
+    re.IGNORECASE,
+)
+# the word before a date that makes it a window's bound: "since 2018-01-01", "between ... and ..."
+_WINDOW_WORD = re.compile(
+    r"\b(?:since|after|before|from|until|till|through|between|to|and|as of|prior to)\s*$",
+    re.IGNORECASE,
+)
 # an abbreviation: two or more capitals, digits allowed (HIV, COPD, HbA1c, eGFR, CT)
 _ABBREVIATION = re.compile(r"\b(?=(?:[a-z0-9]*[A-Z]){2})[A-Za-z][A-Za-z0-9]{1,7}\b")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\[(\"'])|\n+")
+
+
+# the resource types of a term-table category row ("allergy", "medication"): a sentence naming the
+# category ("a diagnosis of", "taking") rests on a cited resource of that type
+_CATEGORY_TYPES = {
+    "allergy": ("AllergyIntolerance",),
+    "medication": (
+        "MedicationRequest",
+        "MedicationStatement",
+        "MedicationAdministration",
+        "MedicationDispense",
+    ),
+    "immunization": ("Immunization",),
+    "condition": ("Condition",),
+    "procedure": ("Procedure",),
+    "imaging": ("ImagingStudy", "DiagnosticReport", "Media"),
+    "image": ("ImagingStudy", "Media"),
+}
+
+
+def supported_fraction(checks: Sequence[SentenceCheck]) -> float:
+    """Supported sentences / sentences that assert something (a sentence that only points at its
+    citations is neither for nor against the answer); 0.0 when none asserts anything. The one
+    measure ``Verification`` and ``agent.nodes.finalize`` report, on every path."""
+    claims = [c for c in checks if c.problems != (ASSERTS_NOTHING,)]
+    return len([c for c in claims if c.supported]) / len(claims) if claims else 0.0
+
+
+def read_as_text(text: str) -> str:
+    """``text`` as a reader sees it: HTML character references a chat template left in
+    (``&#39;``, ``&amp;``, ``&quot;``) unescaped, typographic apostrophes made plain."""
+    return html.unescape(text).replace("\u2019", "'").replace("\u2018", "'")
 
 
 @dataclass
@@ -57,8 +122,9 @@ class Verification:
 
     @property
     def supported_fraction(self) -> float:
-        """Supported sentences / all sentences (0.0 for an empty answer)."""
-        return len(self.kept) / len(self.sentences) if self.sentences else 0.0
+        """Supported sentences / sentences that assert something (``supported_fraction``); 0.0
+        for an empty answer or one that asserts nothing."""
+        return supported_fraction(self.sentences)
 
     @property
     def text(self) -> str:
@@ -135,7 +201,35 @@ def _dates(text: str) -> tuple[set[str], str]:
 
 
 def _numbers(text: str) -> list[str]:
-    return [n.replace(",", ".") for n in _NUMBER.findall(text)]
+    """The numbers of a text as decimal strings: "1,078" → "1078", "6,3" → "6.3", "40mg" → "40"."""
+    out = []
+    for n in _NUMBER.findall(text):
+        out.append(n.replace(",", "") if re.search(r",\d{3}(?!\d)", n) else n.replace(",", "."))
+    return out
+
+
+def _question_window(text: str, question: str) -> str:
+    """``text`` without the numbers and dates of the question's time window that it repeats:
+    "the last 3 years" when the question says 3, "since 2018-01-01" when it gives that date. A
+    number or date of the question said otherwise ("was 3 %", "on 2018-01-01") stays."""
+    if not question:
+        return text
+    asked_dates, rest = _dates(read_as_text(question))
+    asked = set(_numbers(rest))
+
+    def date(m: re.Match[str]) -> str:
+        found, _ = _dates(m.group(0))
+        window = _WINDOW_WORD.search(text[: m.start()])
+        return " " if found and found <= asked_dates and window else m.group(0)
+
+    for pattern in (_ISO_DATE, _TEXT_DATE):
+        text = pattern.sub(date, text)
+
+    def number(m: re.Match[str]) -> str:
+        said = m.group(1) or m.group(2)
+        return m.group(0).replace(said, " ") if said in asked else m.group(0)
+
+    return _WINDOW_NUMBER.sub(number, text)
 
 
 def _number_supported(stated: str, given: list[str]) -> bool:
@@ -153,8 +247,12 @@ def _date_supported(stated: str, evidence_dates: set[str]) -> bool:
     return any(d.startswith(stated) or stated.startswith(d) for d in evidence_dates)
 
 
-def check_sentence(sentence: str, evidence: Mapping[str, str]) -> SentenceCheck:
-    """Whether one sentence rests on the evidence it cites."""
+def check_sentence(sentence: str, evidence: Mapping[str, str], question: str = "") -> SentenceCheck:
+    """Whether one sentence rests on the evidence it cites (``evidence``: id → its text, pieces
+    "\n"-joined); ``question``, when given, lends the numbers and dates of its time window.
+    Problems are reported in words ("the number 8.1 is not in the cited evidence", "asserts
+    nothing", "the cited evidence records 'stroke'; the sentence denies it")."""
+    sentence = read_as_text(sentence)
     cited = citations(sentence)
     problems: list[str] = []
     unknown = [c for c in cited if c not in evidence]
@@ -171,11 +269,16 @@ def check_sentence(sentence: str, evidence: Mapping[str, str]) -> SentenceCheck:
         )
     # each distinct piece once: a fact citing a thousand results is under each of their ids, and
     # joining it a thousand times made one mean over 1,078 glucose results take 7 s and 550 MB
-    support = " ".join(dict.fromkeys(p for c in known for p in evidence[c].split("\n")))
+    pieces = list(dict.fromkeys(p for c in known for p in evidence[c].split("\n")))
+    support = " ".join(pieces)
     support_dates, support_rest = _dates(support)
     support_numbers = _numbers(support_rest)
     body = _strip_citations(sentence)
-    stated_dates, rest = _dates(body)
+    if asserts_nothing(body):
+        return SentenceCheck(
+            text=sentence, citations=cited, supported=False, problems=(ASSERTS_NOTHING,)
+        )
+    stated_dates, rest = _dates(_question_window(body, question))
     for d in sorted(stated_dates):
         if not _date_supported(d, support_dates):
             problems.append(f"the date {d} is not in the cited evidence")
@@ -189,13 +292,16 @@ def check_sentence(sentence: str, evidence: Mapping[str, str]) -> SentenceCheck:
         if not _term_supported(term, support):
             problems.append(f"{term} is not in the cited evidence")
     for concept in default_terms().matches(rest):
-        if not _concept_supported(concept, support):
-            named = next(
-                w for w in concept.words if re.search(rf"\b{re.escape(w)}\b", rest.lower())
-            )
-            if named.upper() not in {t.upper() for t in _abbreviations(rest)}:  # said once
-                problems.append(f"{named!r} is not in the cited evidence")
+        named = next(w for w in concept.words if re.search(rf"\b{re.escape(w)}\b", rest.lower()))
+        if named in GENERIC_WORDS or _category_cited(concept, known):
+            continue  # "history", "patient"; "a diagnosis of" citing a Condition
+        said_once = named.upper() in {t.upper() for t in _abbreviations(rest)}
+        if not _concept_supported(concept, support) and not said_once:
+            problems.append(f"{named!r} is not in the cited evidence")
     problems += _drug_problems(rest, support)
+    problems += polarity_problems(body, pieces)
+    problems += drug_polarity_problems(body, pieces)
+    problems += flag_problems(body, pieces)
     return SentenceCheck(
         text=sentence, citations=cited, supported=not problems, problems=tuple(problems)
     )
@@ -218,6 +324,15 @@ def _drug_problems(claim: str, support: str) -> list[str]:
     return problems
 
 
+def _category_cited(concept: Term, cited: Sequence[str]) -> bool:
+    """Whether ``concept`` is a category row of the term table (no codes: "diagnosis",
+    "medications", "allergies") and a cited id is a resource of its type."""
+    if concept.codes or not concept.categories:
+        return False
+    types = {t for c in concept.categories for t in _CATEGORY_TYPES.get(c, ())}
+    return any(ref.split("/", 1)[0] in types for ref in cited)
+
+
 def _abbreviations(text: str) -> list[str]:
     return list(dict.fromkeys(_ABBREVIATION.findall(text)))
 
@@ -237,14 +352,17 @@ def _concept_supported(concept: Term, support: str) -> bool:
     return any(re.search(rf"\b{re.escape(w)}\b", low) for w in concept.words)
 
 
-def verify(answer: str, evidence: Mapping[str, str], trusted: Iterable[str] = ()) -> Verification:
-    """Check every sentence of ``answer`` against ``evidence`` (id → the text given for it).
-    A sentence that is, word for word, one of the ``trusted`` statements (the facts the tools
-    computed from the record), or one sentence of one, stands as it is."""
+def verify(
+    answer: str, evidence: Mapping[str, str], trusted: Iterable[str] = (), question: str = ""
+) -> Verification:
+    """Check every sentence of ``answer`` (read as text: ``read_as_text``) against ``evidence``
+    (id → the text given for it). A sentence that is, word for word, one of the ``trusted``
+    statements (the facts the tools computed from the record), or one sentence of one, stands as
+    it is. ``question``: the question asked, whose time window a sentence may repeat."""
     verbatim = {_normal(s) for t in trusted for s in split_sentences(t)}
     checks = []
-    for sentence in split_sentences(answer):
-        check = check_sentence(sentence, evidence)
+    for sentence in split_sentences(read_as_text(answer)):
+        check = check_sentence(sentence, evidence, question)
         if not check.supported and _normal(sentence) in verbatim and check.citations:
             known = all(c in evidence for c in check.citations)
             if known:

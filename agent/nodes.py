@@ -29,7 +29,7 @@ from agent.answer import (
 )
 from agent.backends import BackendError, Generation, Grounds, Message
 from agent.backends.evidence import EvidenceBackend, similar_line
-from agent.grounding import evidence_map, verify
+from agent.grounding import ASSERTS_NOTHING, evidence_map, supported_fraction, verify
 from agent.planner import is_follow_up
 from agent.runtime import AgentRuntime, own_cases_out, runtime
 from agent.state import AskState
@@ -408,16 +408,22 @@ async def generate(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
 async def check(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     """Check each sentence of the draft against the evidence it cites (``agent.grounding``).
 
-    Reads ``draft`` and the gathered keys. Writes ``checked`` (``SentenceCheck`` per sentence)."""
-    result = verify(state.get("draft", ""), _citable(state), _trusted(state))
+    Reads ``draft``, ``question`` (whose time window a sentence may repeat) and the gathered keys.
+    Writes ``checked`` (``SentenceCheck`` per sentence)."""
+    result = verify(
+        state.get("draft", ""), _citable(state), _trusted(state), state.get("question", "")
+    )
     rt.emit("verified", supported=len(result.kept), rejected=len(result.rejected))
     return {"checked": list(result.sentences)}
 
 
 def after_check(state: AskState) -> str:
     """Retry once with the verifier's findings when a model's answer had unsupported sentences
-    (reads ``checked``, ``model``, ``attempts``); the next step's name."""
-    rejected = any(not c.supported for c in state.get("checked", []))
+    (reads ``checked``, ``model``, ``attempts``); the next step's name. A sentence that only
+    asserts nothing ("See the cited records") is removed without a retry."""
+    rejected = any(
+        not c.supported and c.problems != (ASSERTS_NOTHING,) for c in state.get("checked", [])
+    )
     if rejected and state.get("model") != EVIDENCE.name and state.get("attempts", 0) < MAX_ATTEMPTS:
         return "generate"
     return "finalize"
@@ -448,13 +454,16 @@ async def finalize(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     if not kept and model != EVIDENCE.name:
         # nothing the model said held up: give the evidence answer instead, and say so
         draft = (await EVIDENCE.generate([], grounds(state))).text
-        shown = list(verify(draft, given, _trusted(state)).sentences)
+        shown = list(verify(draft, given, _trusted(state), state.get("question", "")).sentences)
         kept = [c for c in shown if c.supported]
         warnings.append(
             "no sentence of the model's answer was supported; the evidence answer is given instead"
         )
         fallback = True
+    # every sentence written and removed: the model's, and after a fallback the evidence
+    # answer's too (as when the evidence answer was the draft: generate's fallback)
     rejected = [c for c in checked if not c.supported]
+    rejected += [c for c in shown if not c.supported and c not in rejected]
     if rejected:
         warnings.append(f"{len(rejected)} unsupported sentence(s) removed")
     abstained = not kept
@@ -485,11 +494,11 @@ async def finalize(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
         images=list(state.get("images", [])),
         model=_model_label(model, fallback),
         prompt_version=prompts.DEFAULT_VERSION,
-        # over the sentences shown (after a fallback: the evidence answer's), so that it means the
-        # same on every path; the model's removed sentences stay listed in ``rejected``
-        supported_fraction=round(len([c for c in shown if c.supported]) / len(shown), 4)
-        if shown
-        else 0.0,
+        # over the sentences shown (after a fallback: the evidence answer's; on both fallback
+        # paths, generate's and this step's, the same sentences), those that assert nothing left
+        # out (``grounding.supported_fraction``), so that it means the same on every path; the
+        # model's removed sentences stay listed in ``rejected``
+        supported_fraction=round(supported_fraction(shown), 4),
         abstained=abstained,
         nearest=nearest,
         fallback_used=fallback,

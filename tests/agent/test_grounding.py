@@ -225,3 +225,271 @@ def test_a_drug_or_drug_class_must_be_in_what_the_sentence_cites():
     )
     merged = evidence_map({"Patient/p": "Patient p [Patient/p]"}, [absence])
     assert verify("He is not on a statin [Patient/p].", merged).supported_fraction == 1.0
+
+
+# Issue 12: the verifier checks claims, not only numbers. The lines below are written as
+# ``retrieval.evidence`` compacts the resources and as the tools state their facts.
+PATIENT = "Patient: Tommy Friesen, male, born 1947-06-15 [Patient/p]"
+CLAIMS = {
+    "Patient/p": PATIENT,
+    "Condition/stroke": "2019-03-02 Condition: Stroke, resolved, resolved 2019-04-01 "
+    "[Condition/stroke]",
+    "Condition/stroke-active": "2019-03-02 Condition: Stroke, active [Condition/stroke-active]",
+    "Condition/stroke-refuted": "2019-03-02 Condition: Stroke, ruled out (verification status "
+    "refuted) [Condition/stroke-refuted]",
+    "Condition/stroke-void": "2019-03-02 Condition: Stroke, active (entered-in-error) "
+    "[Condition/stroke-void]",
+    "Condition/fracture": "2018-05-01 Condition: Fracture of hip (disorder), active "
+    "[Condition/fracture]",
+    "AllergyIntolerance/pcn": "2010-01-01 Allergy: Penicillin, criticality high, active "
+    "[AllergyIntolerance/pcn]",
+    "Observation/bp": "2020-12-13 Blood Pressure (LOINC 55284-4): Diastolic Blood Pressure "
+    "85.5 mm[Hg] (high; usual range 60–79); Systolic Blood Pressure 108.3 mm[Hg] "
+    "[Observation/bp]",
+    "Observation/k": "2020-12-13 Potassium [Moles/volume] in Serum or Plasma (LOINC 6298-4) "
+    "4.2 mmol/L (ref 3.5–5.1) [Observation/k]",
+    "Observation/na": "2020-12-13 Sodium [Moles/volume] in Serum or Plasma (LOINC 2947-0) "
+    "139 mmol/L [Observation/na]",
+    "Observation/a1c": A1C_LINE.replace("[Observation/a]", "(high; usual range 4–5.6) "),
+    "Observation/glucose": "2020-12-13 Glucose [Mass/volume] in Blood (LOINC 2339-0) 1,078 mg/dL "
+    "(critically high; ref 70–99) [Observation/glucose]",
+    "MedicationRequest/f": "2020-07-06 Medication: Lasix 40mg (RxNorm 315971), active "
+    "[MedicationRequest/f]",
+    "MedicationRequest/w": "2015-02-01 Medication: Warfarin Sodium 5 MG Oral Tablet, stopped "
+    "[MedicationRequest/w]",
+    "MedicationRequest/w-active": "2020-02-01 Medication: Warfarin Sodium 5 MG Oral Tablet, "
+    "active [MedicationRequest/w-active]",
+    "MedicationRequest/w-void": "2020-02-01 Medication: Warfarin Sodium 5 MG Oral Tablet, "
+    "entered in error [MedicationRequest/w-void]",
+    "MedicationRequest/w-held": "2020-02-01 Medication: Warfarin Sodium 5 MG Oral Tablet, "
+    "on hold [MedicationRequest/w-held]",
+}
+NO_A1C = (
+    "No HbA1c result in the record: none of its 12 Observations has LOINC 4548-4 or the name "
+    "'HbA1c'. [Patient/p]"
+)
+NO_ANTICOAGULANT = (
+    "No: none of the 1 active medication is an anticoagulant (searched by ingredient: warfarin, "
+    "heparin; ATC B01AA). [Patient/p]"
+)
+NO_DIABETES = "No diabetes diagnosis is in the record's conditions. [Patient/p]"
+
+
+def _claims(*facts: str) -> dict[str, str]:
+    return evidence_map(CLAIMS, [_fact(s, ("Patient/p",)) for s in facts])
+
+
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "The patient did not have a stroke [Condition/stroke].",
+        "He has no history of stroke [Condition/stroke-active].",
+        "He denies any stroke [Condition/stroke].",
+        "A stroke was ruled out [Condition/stroke-active].",
+        "Stroke is absent [Condition/stroke].",
+        "He has never had a hip fracture [Condition/fracture].",  # by the cited line's words
+        "He has no known allergies [AllergyIntolerance/pcn].",
+        "He no longer has a stroke [Condition/stroke-active].",  # active, not past
+        "He has had a stroke [Condition/stroke-refuted].",  # affirmed, but ruled out
+        "He has had a stroke [Condition/stroke-void].",  # entered in error: the record says nil
+        "He has diabetes [Patient/p].",  # the cited absence says none is recorded
+        "A stroke is not recorded [Condition/stroke-active].",
+    ],
+)
+def test_a_claim_whose_cited_evidence_says_the_opposite_is_rejected(sentence: str):
+    check = check_sentence(sentence, _claims(NO_DIABETES))
+    assert not check.supported
+    assert any("the cited evidence" in p for p in check.problems), check.problems
+
+
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "He had a stroke, now resolved [Condition/stroke].",
+        "The stroke is no longer active [Condition/stroke].",
+        "He no longer has a stroke [Condition/stroke].",  # resolved
+        "A stroke was ruled out [Condition/stroke-refuted].",
+        "He did not have a stroke [Condition/stroke-refuted].",
+        "He has an active stroke [Condition/stroke-active].",
+        "No diabetes diagnosis is recorded [Patient/p].",
+        "He does not have diabetes [Patient/p].",
+        "He is allergic to penicillin [AllergyIntolerance/pcn].",
+        "Stroke was not ruled out [Condition/stroke-active].",
+        "The visit note found no signs of stroke [DocumentReference/n].",  # the note's own words
+        "He does not smoke [Observation/smoking].",  # a status, not a diagnosis denied
+    ],
+)
+def test_a_claim_that_agrees_with_its_cited_evidence_stands(sentence: str):
+    given = {
+        **_claims(NO_DIABETES),
+        "DocumentReference/n": "2020-01-02 Visit note: no signs of stroke; BP normal "
+        "[DocumentReference/n]",
+        "Observation/smoking": "2020-01-01 Tobacco smoking status NHIS (LOINC 72166-2) Former "
+        "smoker [Observation/smoking]",
+    }
+    check = check_sentence(sentence, given)
+    assert check.supported, check.problems
+
+
+@pytest.mark.parametrize(
+    ("sentence", "supported"),
+    [
+        ("His blood pressure is normal [Observation/bp].", False),  # diastolic flagged high
+        ("His diastolic pressure was within range [Observation/bp].", False),
+        ("His diastolic pressure was high [Observation/bp].", True),
+        ("His systolic pressure was normal [Observation/bp].", True),  # no flag on systolic
+        ("His blood pressure was elevated [Observation/bp].", True),
+        ("His potassium is high [Observation/k].", False),  # within its reference range
+        ("His potassium is abnormal [Observation/k].", False),
+        ("His potassium is low [Observation/k].", False),
+        ("His potassium is normal [Observation/k].", True),
+        ("His potassium is not elevated [Observation/k].", True),
+        ("His sodium is elevated [Observation/na].", False),  # within the table's usual range
+        ("His sodium is unremarkable [Observation/na].", True),
+        ("His A1c was unremarkable [Observation/a1c].", False),
+        ("His A1c was not normal [Observation/a1c].", True),
+        ("His HbA1c is low [Observation/a1c].", False),  # the flag says high
+        ("The last low density lipoprotein was 90.22 mg/dL [Observation/ldl].", True),
+        ("His HbA1c of 6.3 % is above the normal range [Observation/a1c].", True),  # not "normal"
+        ("His HbA1c of 6.3 % is within the normal range [Observation/a1c].", False),
+        ("Diastolic was high, while systolic was normal [Observation/bp].", True),  # per clause
+        ("His potassium is normal, not high [Observation/k].", True),
+    ],
+)
+def test_normal_or_abnormal_must_agree_with_the_cited_flag(sentence: str, supported: bool):
+    evidence = {
+        **CLAIMS,
+        "Observation/ldl": "2020-01-01 Low Density Lipoprotein Cholesterol 90.22 mg/dL "
+        "[Observation/ldl]",
+    }
+    check = check_sentence(sentence, evidence)
+    assert check.supported is supported, check.problems
+
+
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "The evidence supporting this answer is: [Condition/stroke].",
+        "See the cited records [Condition/stroke, Observation/k].",
+        "Sources: [Observation/k]",
+        "For more details, see the following record entries: [Observation/k].",
+    ],
+)
+def test_a_sentence_that_asserts_nothing_is_not_an_answer(sentence: str):
+    check = check_sentence(sentence, CLAIMS)
+    assert not check.supported and check.problems == ("asserts nothing",)
+    # it neither counts for nor against the answer's share of supported claims
+    v = verify(f"His potassium was 4.2 mmol/L [Observation/k]. {sentence}", CLAIMS)
+    assert [s.supported for s in v.sentences] == [True, False]
+    assert v.supported_fraction == 1.0
+    alone = verify(sentence, CLAIMS)
+    assert alone.kept == [] and alone.supported_fraction == 0.0
+
+
+@pytest.mark.parametrize(
+    ("sentence", "supported"),
+    [
+        ("Yes, he is on an anticoagulant [Patient/p].", False),  # the cited fact says no
+        ("Yes, he is on an anticoagulant [MedicationRequest/f].", False),  # furosemide
+        ("Yes, he is on an anticoagulant [MedicationRequest/w].", False),  # stopped in 2015
+        ("He takes warfarin [MedicationRequest/w].", False),
+        ("He's on warfarin [MedicationRequest/w].", False),
+        ("He is not on warfarin [MedicationRequest/w-active].", False),
+        ("He takes warfarin [MedicationRequest/w-void].", False),  # entered in error
+        ("He is not on warfarin [MedicationRequest/w-held].", False),  # on hold is current
+        ("He is on warfarin, on hold [MedicationRequest/w-held].", True),
+        ("No, he is not on an anticoagulant [Patient/p].", True),
+        ("He was on warfarin until 2015 [MedicationRequest/w].", True),
+        ("He is no longer on warfarin [MedicationRequest/w].", True),
+        ("Yes, he is on an anticoagulant [MedicationRequest/w-active].", True),
+        ("Yes, he is on a diuretic [MedicationRequest/f].", True),
+    ],
+)
+def test_a_yes_or_no_drug_claim_rests_on_what_it_cites(sentence: str, supported: bool):
+    check = check_sentence(sentence, _claims(NO_ANTICOAGULANT))
+    assert check.supported is supported, check.problems
+
+
+def test_an_absence_the_tool_states_is_citable():
+    given = _claims(NO_A1C)
+    for sentence in (
+        "No HbA1c is recorded [Patient/p].",
+        "There is no HbA1c result in the record [Patient/p].",
+        "The record has no hemoglobin A1c [Patient/p].",
+    ):
+        assert check_sentence(sentence, given).supported, sentence
+    # but the absence does not support a value
+    assert not check_sentence("His HbA1c was 6.1 % [Patient/p].", given).supported
+    assert not check_sentence("He had an HbA1c in 2019 [Patient/p].", given).supported
+
+
+def test_numbers_and_dates_from_the_question_are_not_claims_about_the_record():
+    window = "from 2018-01-01 to 2021-01-01"
+    absence = f"No numeric A1c result {window}. [Patient/p]"
+    given = evidence_map(CLAIMS, [_fact(absence, ("Patient/p",), (window,))])
+    question = "Any HbA1c over the last 3 years, since 2018-01-01?"
+    for sentence in (
+        "No HbA1c was recorded over the last 3 years [Patient/p].",
+        "No HbA1c was recorded in the past 3 years [Patient/p].",
+        "No A1c result since 2018-01-01 [Patient/p].",
+    ):
+        check = verify(sentence, given, question=question).sentences[0]
+        assert check.supported, (sentence, check.problems)
+        # without the question the number is unsupported
+        assert not verify(sentence, given).sentences[0].supported
+    # a number or date of the question stated as a result or an event is still checked
+    for sentence in (
+        "His HbA1c was 3 % [Patient/p].",
+        "He was 3 years old [Patient/p].",
+        "His HbA1c was taken on 2018-01-01 [Patient/p].",
+    ):
+        assert not verify(sentence, given, question=question).sentences[0].supported, sentence
+
+
+def test_html_escapes_from_chat_templates_are_read_as_text():
+    v = verify(
+        "The patient&#39;s potassium was 4.2 mmol/L &amp; in range [Observation/k]. "
+        "&quot;Stroke&quot; was recorded [Condition/stroke].",
+        CLAIMS,
+    )
+    assert v.supported_fraction == 1.0, v.sentences
+    assert v.text.startswith("The patient's potassium")
+
+
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "He takes Lasix 40 mg [MedicationRequest/f].",
+        "He takes Lasix 40mg [MedicationRequest/f].",
+        "The glucose was 1,078 mg/dl [Observation/glucose].",
+        "The glucose was 1078 mg/dL [Observation/glucose].",
+        "Potassium 4.20 mmol/l [Observation/k].",
+        "Sodium 139.0 mmol/L [Observation/na].",
+    ],
+)
+def test_surface_forms_of_numbers_and_units_are_one(sentence: str):
+    check = check_sentence(sentence, CLAIMS)
+    assert check.supported, check.problems
+
+
+def test_a_number_glued_to_its_unit_is_still_checked():
+    check = check_sentence("He takes Lasix 80mg [MedicationRequest/f].", CLAIMS)
+    assert check.problems == ("the number 80 is not in the cited evidence",)
+    assert not check_sentence(
+        "The glucose was 1,079 mg/dL [Observation/glucose].", CLAIMS
+    ).supported
+
+
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "He has a history of stroke [Condition/stroke].",
+        "The patient's chart records a stroke [Condition/stroke].",
+        "His medical history includes a stroke in 2019 [Condition/stroke].",
+        "A stroke is in the patient record [Condition/stroke].",
+        "He has a diagnosis of stroke [Condition/stroke].",
+    ],
+)
+def test_generic_words_are_not_clinical_concepts(sentence: str):
+    check = check_sentence(sentence, CLAIMS)
+    assert check.supported, check.problems

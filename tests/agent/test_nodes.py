@@ -123,6 +123,46 @@ def test_finalize_falls_back_to_the_evidence_answer_when_no_model_sentence_holds
     assert any("evidence answer is given instead" in w for w in answer.warnings)
 
 
+def test_a_sentence_that_asserts_nothing_is_removed_without_a_retry_or_an_answer(tmp_path: Path):
+    """Issue 12: "See the cited records" is no answer. It is removed without asking the model
+    again, and when nothing else was said the evidence answer is given; ``supported_fraction`` is
+    over the sentences shown (the evidence answer's) on that path as on every other."""
+    rt = _runtime(tmp_path)
+    checked = _verified("See the cited records [Observation/a].", [A1C])
+    assert [c.problems for c in checked] == [("asserts nothing",)]
+    assert nodes.after_check({"checked": checked, "model": "openai:m", "attempts": 1}) == (
+        "finalize"
+    )
+    state = {"question": "q", "patient_id": "p", "facts": [A1C], "checked": checked}
+    answer = _run(nodes.finalize, {**state, "model": "openai:m"}, rt)["answer"]
+    assert answer.text == A1C.statement and answer.fallback_used
+    assert answer.supported_fraction == 1.0 and answer.rejected == checked
+    # beside a claim it neither counts against the answer nor triggers a retry
+    mixed = _verified(A1C.statement + " See the cited records [Observation/a].", [A1C])
+    assert nodes.after_check({"checked": mixed, "model": "openai:m", "attempts": 1}) == "finalize"
+    answer = _run(nodes.finalize, {**state, "checked": mixed, "model": "openai:m"}, rt)["answer"]
+    assert answer.text == A1C.statement and not answer.fallback_used
+    assert answer.supported_fraction == 1.0 and len(answer.rejected) == 1
+
+
+def test_the_verify_step_lets_a_sentence_repeat_the_question_s_window(tmp_path: Path):
+    rt = _runtime(tmp_path)
+    absence = FactUsed(
+        tool="latest_observation",
+        statement="No numeric A1c result from 2018-01-01 to 2021-01-01. [Patient/p]",
+        evidence=("Patient/p",),
+        echo=("from 2018-01-01 to 2021-01-01",),
+    )
+    state = {
+        "question": "Any A1c in the last 3 years?",
+        "facts": [absence],
+        "draft": "No A1c result was recorded in the last 3 years [Patient/p].",
+    }
+    assert [c.supported for c in _run(nodes.check, state, rt)["checked"]] == [True]
+    asked = {**state, "question": "Any A1c?"}
+    assert [c.supported for c in _run(nodes.check, asked, rt)["checked"]] == [False]
+
+
 def test_gather_tools_keeps_the_others_when_one_tool_fails(tmp_path: Path, records):  # type: ignore[no-untyped-def]
     from connectors.demo import TOMMY_FRIESEN
 
