@@ -131,18 +131,22 @@ class ItemResult:
         return self.value and self.citations and self.abstention
 
 
+_CITED = re.compile(r"\[([A-Z][A-Za-z]+/[^\]\s]+)\]")
+
+
 def _abstained(answer: Answer) -> bool:
-    """The graph's abstention, or an answer whose every citation is the Patient (an absence:
-    "No eGFR result in the record ... [Patient/x]")."""
+    """The graph's abstention, or an answer whose direct answer (its first line) is an absence
+    resting on the whole record: it says "No …" or "The record holds/has/names no …" and cites only
+    the Patient ("No eGFR result in the record ... [Patient/x]"), whatever follows it (the newest
+    result outside the period asked, the members no longer active)."""
     if answer.abstained:
         return True
-    refs = {c.reference for c in answer.citations}
+    first = answer.text.strip().split("\n", 1)[0]
+    refs = _CITED.findall(first)
     return (
         bool(refs)
         and all(r.startswith("Patient/") for r in refs)
-        and bool(
-            re.match(r"^(?:no\b|the record (?:holds|has|names|does) no)", answer.text.strip(), re.I)
-        )
+        and bool(re.match(r"^(?:no\b|the record (?:holds|has|names|does) no)", first, re.I))
     )
 
 
