@@ -48,7 +48,9 @@ def test_scores_value_citations_and_abstention() -> None:
     gave_up = score(item, _answer("The record does not answer this question.", [], True), 10)
     assert gave_up.outcome == "abstained"
     absent = _item(contains=["No troponin result"], cites=["Patient/p"], abstain=True)
-    honest = score(absent, _answer("No troponin result in the record: …", ["Patient/p"]), 10)
+    honest = score(
+        absent, _answer("No troponin result in the record. [Patient/p]", ["Patient/p"]), 10
+    )
     assert honest.right and honest.outcome == "rightly abstained"
     invented = score(absent, _answer("Troponin 0.01 ng/mL [Observation/t]", ["Observation/t"]), 10)
     assert invented.outcome == "wrong"
