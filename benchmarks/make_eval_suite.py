@@ -396,7 +396,7 @@ def items_for(res: list[R]) -> list[tuple[str, str, dict[str, Any]]]:
     )
     if not p.get("generalPractitioner") and not any(r["resourceType"] == "CareTeam" for r in res):
         add("primary care provider", "Who is the patient's primary care physician?", {
-            "contains": ["names no primary care provider"], "cites": [pref],
+            "contains": ["names no primary care provider"], "cites": [pref], "abstain": True,
         })  # fmt: skip
     if not any(r["resourceType"] == "Consent" for r in res):
         add("code status", "What is the patient's code status?", {
