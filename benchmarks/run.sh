@@ -31,3 +31,4 @@ fi
 $PY benchmarks/encoders.py
 $PY benchmarks/eval_retrieval.py
 $PY benchmarks/eval_agent.py
+$PY benchmarks/eval_suites.py
