@@ -63,7 +63,9 @@ GATHER_NODES = ("tools", "evidence", "images", "similar")  # run in parallel aft
 def timed(
     name: str,
 ) -> Callable[[Callable[..., Awaitable[dict[str, Any]]]], Callable[..., Awaitable[dict[str, Any]]]]:
-    """Record the node's duration in ``timings`` and tell listeners when it starts and ends."""
+    """Record the node's duration in ``timings`` and tell listeners when it starts and ends. A
+    step that runs more than once for a question (``generate`` and ``verify`` on a retry,
+    ``think`` and ``act`` in the tool loop) records the sum of its runs, in milliseconds."""
 
     def wrap(
         fn: Callable[..., Awaitable[dict[str, Any]]],
@@ -89,7 +91,8 @@ def timed(
                     "warnings": [f"the {name} step failed and was left out ({what})"],
                 }
             elapsed = (time.perf_counter() - start) * 1000
-            out["timings"] = {name: round(elapsed, 2)}
+            before = (state.get("timings") or {}).get(name, 0.0)  # this question's earlier runs
+            out["timings"] = {name: round(before + elapsed, 2)}
             rt.emit("node_finished", node=name, ms=round(elapsed, 2))
             return out
 

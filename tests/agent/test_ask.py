@@ -299,6 +299,25 @@ def test_a_real_model_calls_tools_through_the_server(
     assert verify(answer.text, given, trusted).supported_fraction == 1.0
 
 
+def test_a_real_model_server_takes_every_round_of_the_tool_loop(
+    settings: Settings, llama: LlamaServer
+):
+    # the second round sends the model's first tool calls back: with "content": null
+    # llama-cpp-python's server refused it (HTTP 500) and only one round ran
+    settings.model.name = "openai"
+    settings.model.base_url = llama.base_url
+    settings.model.model = "smollm2-135m"
+    settings.model.max_tokens = 60
+    settings.model.supports_tools = True
+    settings.model.tool_choice = "latest_observation"
+    settings.model.max_tool_steps = 2
+    settings.model.http.timeout_s = 600  # two cores shared with other work: a slow prompt
+    settings.model.http.deadline_s = 900
+    answer = _ask(settings, "What was his last HbA1c?")
+    assert not any("could not plan tool calls" in w for w in answer.warnings), answer.warnings
+    assert len([c for c in answer.tool_calls if c.by == "model"]) == 2
+
+
 class _Crash(Exception):
     """Stands for a process dying in the middle of a run."""
 
