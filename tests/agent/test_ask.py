@@ -59,7 +59,7 @@ def test_structured_answers_match_the_fhir_json(settings: Settings, tommy_json):
     assert f"{newest['valueQuantity']['value']:.4g} %" in answer.text
     assert newest["effectiveDateTime"][:10] in answer.text
     assert [c.reference for c in answer.citations] == [f"Observation/{newest['id']}"]
-    assert answer.supported_fraction == 1.0 and answer.prompt_version == "v1"
+    assert answer.supported_fraction == 1.0 and answer.prompt_version == "v2"
     assert {"resolve", "plan", "tools", "evidence", "generate", "verify", "finalize"} <= set(
         answer.latency_ms
     )
