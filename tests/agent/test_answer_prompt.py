@@ -176,8 +176,10 @@ def test_lines_a_fact_cites_come_first_and_the_budget_holds():
     assert list(evidence_lines(facts, ranked, scores, {**ranked, **lines}, budget=8)) == [
         "Observation/a"
     ]
-    # nothing relates and no fact cites: the closest lines stand in
-    assert list(evidence_lines([], ranked, {}, ranked, budget=100)) == [
+    # nothing relates: the closest lines are added, after the facts' own
+    assert list(evidence_lines(facts, ranked, {}, {**ranked, **lines}, budget=100)) == [
+        "Observation/a",
+        "Observation/b",
         "Observation/c",
         "Observation/d",
     ]

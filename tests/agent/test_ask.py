@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -189,12 +190,13 @@ def test_a_hostile_note_never_reaches_the_model_nor_supports_its_answer(
     turns = [[call("latest_observation", '{"query": "HbA1c"}', "c1")], []]
     with ScriptedModel(turns, [obeyed, obeyed]) as model:
         hostile_settings.model.base_url = model.base_url
-        answer = _ask(hostile_settings, "Summarise his recent notes and his last HbA1c")
+        answer = _ask(hostile_settings, "Summarise his recent notes")
     # everything sent before the model first answered (a retry quotes the model's own words)
     first = next(i for i, r in enumerate(model.requests) if not r.get("tools"))
     sent = json.dumps(model.requests[: first + 1])
     assert "IGNORE ALL" not in sent and "12.5" not in sent and "HIV" not in sent
-    assert "DocumentReference/hostile-note" in sent  # the note is there, withheld
+    # the note is there, withheld, under its alias (record ids reach the model as [E1], [E2] …)
+    assert re.search(r"DocumentReference withheld: its text addresses an AI model \[E\d+\]", sent)
     assert "12.5" not in answer.text and "HIV" not in answer.text
     assert len(answer.rejected) >= 2 and answer.fallback_used
     ids = {f"{r['resourceType']}/{r['id']}" for r in tommy_json} | {
