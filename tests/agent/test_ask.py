@@ -273,19 +273,24 @@ def test_a_gguf_model_in_process_is_verified_too(settings: Settings):
     )
 
 
-def test_a_real_model_calls_tools_through_the_server(
-    settings: Settings, llama: LlamaServer, tommy_json: list[dict[str, Any]]
-):
-    # llama.cpp's chatml-function-calling format constrains the model's calls to the tools'
-    # JSON schemas; naming the tool makes even a 135M model call it
+def _calling_tools(settings: Settings, llama: LlamaServer, steps: int) -> Settings:
+    """The settings for SmolLM2 on the llama.cpp server, made to call latest_observation: its
+    chatml-function-calling format constrains the model's calls to the tools' JSON schemas, and
+    naming the tool makes even a 135M model call it."""
     settings.model.name = "openai"
     settings.model.base_url = llama.base_url
     settings.model.model = "smollm2-135m"
     settings.model.max_tokens = 60
     settings.model.supports_tools = True
     settings.model.tool_choice = "latest_observation"
-    settings.model.max_tool_steps = 1
-    answer = _ask(settings, "What was his last HbA1c?")
+    settings.model.max_tool_steps = steps
+    return settings
+
+
+def test_a_real_model_calls_tools_through_the_server(
+    settings: Settings, llama: LlamaServer, tommy_json: list[dict[str, Any]]
+):
+    answer = _ask(_calling_tools(settings, llama, 1), "What was his last HbA1c?")
     by_model = [c for c in answer.tool_calls if c.by == "model"]
     assert by_model and all(c.tool == "latest_observation" for c in by_model)
     assert all(isinstance(c.args, dict) and "query" in c.args for c in by_model)
@@ -306,13 +311,7 @@ def test_a_real_model_server_takes_every_round_of_the_tool_loop(
 ):
     # the second round sends the model's first tool calls back: with "content": null
     # llama-cpp-python's server refused it (HTTP 500) and only one round ran
-    settings.model.name = "openai"
-    settings.model.base_url = llama.base_url
-    settings.model.model = "smollm2-135m"
-    settings.model.max_tokens = 60
-    settings.model.supports_tools = True
-    settings.model.tool_choice = "latest_observation"
-    settings.model.max_tool_steps = 2
+    _calling_tools(settings, llama, 2)
     settings.model.http.timeout_s = 600  # two cores shared with other work: a slow prompt
     settings.model.http.deadline_s = 900
     answer = _ask(settings, "What was his last HbA1c?")
