@@ -27,7 +27,8 @@ from agent.answer import (
     SimilarCase,
     ToolCallMade,
 )
-from agent.backends import BackendError, Generation, Grounds, Message
+from agent.answer_prompt import AnswerPrompt, answer_prompt
+from agent.backends import BackendError, Generation, Grounds
 from agent.backends.evidence import EvidenceBackend, similar_line
 from agent.grounding import ASSERTS_NOTHING, evidence_map, supported_fraction, verify
 from agent.planner import is_follow_up
@@ -37,7 +38,6 @@ from agent.tools import ToolError
 from connectors.errors import ChartSightError
 from connectors.images import PatientImage
 from connectors.record import PatientRecord
-from retrieval.evidence import clean_text
 from retrieval.index import shown_to
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,9 @@ GATHER_NODES = ("tools", "evidence", "images", "similar")  # run in parallel aft
 def timed(
     name: str,
 ) -> Callable[[Callable[..., Awaitable[dict[str, Any]]]], Callable[..., Awaitable[dict[str, Any]]]]:
-    """Record the node's duration in ``timings`` and tell listeners when it starts and ends."""
+    """Record the node's duration in ``timings`` and tell listeners when it starts and ends. A
+    step that runs more than once for a question (``generate`` and ``verify`` on a retry,
+    ``think`` and ``act`` in the tool loop) records the sum of its runs, in milliseconds."""
 
     def wrap(
         fn: Callable[..., Awaitable[dict[str, Any]]],
@@ -90,7 +92,8 @@ def timed(
                     "warnings": [f"the {name} step failed and was left out ({what})"],
                 }
             elapsed = (time.perf_counter() - start) * 1000
-            out["timings"] = {name: round(elapsed, 2)}
+            before = (state.get("timings") or {}).get(name, 0.0)  # this question's earlier runs
+            out["timings"] = {name: round(before + elapsed, 2)}
             rt.emit("node_finished", node=name, ms=round(elapsed, 2))
             return out
 
@@ -221,16 +224,33 @@ async def gather_tools(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     return {"facts": facts, "warnings": warnings, "tool_log": log_entries}
 
 
+def ranking_question(state: AskState, rt: AgentRuntime) -> str:
+    """What the evidence is ranked for: the question, preceded by the thread's latest question
+    that was not itself a follow-up when it is a short follow-up (``agent.planner.is_follow_up``)
+    for which the planner finds nothing by itself, as ``plan`` takes its subject then."""
+    question = state["question"]
+    history = state.get("history") or []
+    if not history or not is_follow_up(question) or rt.planner.plan(question).calls:
+        return question
+    subject = next(
+        (t["question"] for t in reversed(history) if not is_follow_up(t["question"])),
+        history[-1]["question"],
+    )
+    return f"{subject} {question}"
+
+
 @timed("evidence")
 async def gather_evidence(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
-    """Rank the record's evidence lines for the question (``retrieval.rank``).
+    """Rank the record's evidence lines for the question (``retrieval.rank``); a short follow-up
+    ("and before that?") is ranked together with the thread's previous question, whose subject it
+    takes.
 
-    Reads ``question``. Writes ``evidence`` (id → line, best first, within the token budget),
+    Reads ``question``, ``history``. Writes ``evidence`` (id → line, best first, within the token budget),
     ``evidence_scores`` (id → the score and its parts), ``all_lines`` (every line of the record,
     for citations of facts)."""
     items = rt.evidence_items(record_of(state, rt))
     # embedding the question (and new lines) is CPU work: off the event loop
-    ranked = await asyncio.to_thread(rt.ranker.rank, state["question"], items)
+    ranked = await asyncio.to_thread(rt.ranker.rank, ranking_question(state, rt), items)
     by_id = {e.id: e.text for e in items}
     evidence = {r.evidence.id: r.evidence.text for r in ranked}
     scores = {r.evidence.id: {"score": r.score, **r.parts} for r in ranked}
@@ -322,34 +342,15 @@ def _citable(state: AskState) -> dict[str, str]:
     return state.get("given") or _evidence_for(state)
 
 
-def _messages(state: AskState, rt: AgentRuntime, given: dict[str, str]) -> list[Message]:
-    version = prompts.DEFAULT_VERSION
-    system = prompts.render("system", version, max_sentences=6)
-    lines = [v for k, v in given.items() if not k.startswith("Patient/")][:40]
-    user = prompts.render(
-        "answer",
-        version,
-        patient_line=state.get("patient_line", ""),
-        question=state["question"],
-        facts=[f.statement for f in state.get("facts", [])],
-        evidence=lines,
-        similar=[f"{clean_text(c.summary, 200)} [{c.key}]" for c in state.get("similar", [])],
-        images=[f"{i.modality or 'image'} [{i.reference}]" for i in state.get("images", [])],
-    )
-    history = []
-    for turn in state.get("history", [])[-3:]:
-        history += [Message("user", turn["question"]), Message("assistant", turn["answer"])]
+def _prompt(state: AskState, rt: AgentRuntime, given: dict[str, str]) -> AnswerPrompt:
+    """The answer prompt (``agent.answer_prompt``) with the patient's images when they were
+    gathered."""
     images: tuple[PatientImage, ...] = ()
     if state.get("images") and state.get("patient_id") in rt.images:
         images = tuple(rt.images[state["patient_id"]].images[:MAX_IMAGES])
-    messages = [Message("system", system), *history, Message("user", user, images)]
-    if state.get("attempts", 0) > 0 and state.get("draft"):
-        rejected = [c.model_dump() for c in state.get("checked", []) if not c.supported]
-        messages += [
-            Message("assistant", state["draft"]),
-            Message("user", prompts.render("retry", version, rejected=rejected)),
-        ]
-    return messages
+    return answer_prompt(
+        state, given, evidence_tokens=rt.settings.model.evidence_tokens, images=images
+    )
 
 
 EVIDENCE = EvidenceBackend()  # the fallback when a model cannot answer
@@ -372,17 +373,20 @@ async def generate(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
         if backend.name == EVIDENCE.name:
             reply = await backend.generate([], given)
         else:
-            messages = _messages(state, rt, citable)
+            prompt = _prompt(state, rt, citable)
             stream = getattr(backend, "stream", None)
             if rt.on_event is not None and stream is not None:
-                # listeners get the answer token by token as the model writes it
+                # listeners get the answer token by token as the model writes it (with its
+                # aliases: the ids are put back in the whole answer)
                 parts = []
-                async for token in stream(messages):
+                async for token in stream(prompt.messages):
                     parts.append(token)
                     rt.emit("token", text=token)
                 reply = Generation("".join(parts).strip(), backend.name)
             else:
-                reply = await backend.generate(messages, given)
+                reply = await backend.generate(prompt.messages, given)
+            # the model cites aliases ([E1]); the verifier reads record ids
+            reply = Generation(prompt.resolve(reply.text), reply.model, reply.usage)
     except BackendError as exc:
         rt.emit("fallback", reason=str(exc))
         return {

@@ -89,7 +89,9 @@ async def think(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     transcript.append(
         {
             "role": "assistant",
-            "content": turn.text or None,
+            # "" rather than null: llama-cpp-python's server refuses a null content (HTTP 500,
+            # "validation errors"), and an empty string is valid OpenAI Chat Completions
+            "content": turn.text,
             **(
                 {
                     "tool_calls": [

@@ -10,7 +10,7 @@ import email.utils
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
@@ -37,12 +37,22 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     return max(0.0, when.timestamp() - (now if now is not None else time.time()))
 
 
+def default_retryable(response: httpx.Response) -> bool:
+    """Whether an error answer is worth sending the request again: 408, 425, 429 and the
+    transient 5xx (``RETRY_STATUSES``)."""
+    return response.status_code in RETRY_STATUSES
+
+
 def _detail(response: httpx.Response) -> str:
-    """The first diagnostics line of an OperationOutcome, or the start of the body."""
+    """The first diagnostics line of an OperationOutcome, the message of an OpenAI-style
+    ``{"error": {"message": ...}}``, or the start of the body."""
     try:
         body = response.json()
     except ValueError:
         return response.text[:200].strip()
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"].splitlines()[0][:200] if error["message"] else ""
     if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
         for issue in body.get("issue") or []:
             text = issue.get("diagnostics") or (issue.get("details") or {}).get("text")
@@ -52,7 +62,13 @@ def _detail(response: httpx.Response) -> str:
 
 
 class RetryingHttp:
-    """An ``httpx.AsyncClient`` wrapped with retries and typed errors."""
+    """An ``httpx.AsyncClient`` wrapped with retries and typed errors.
+
+    ``retryable`` decides which error answers are sent again (``default_retryable``: 408, 425,
+    429, 500, 502, 503, 504). ``retry_read_timeouts=False`` sends nothing again once a request
+    was written and its answer timed out (a model server may still be working on it; a second
+    copy would only queue behind the first); connection failures and connect or pool timeouts,
+    where nothing reached the server, are retried either way."""
 
     def __init__(
         self,
@@ -61,8 +77,12 @@ class RetryingHttp:
         auth: httpx.Auth | None = None,
         headers: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        retryable: Callable[[httpx.Response], bool] = default_retryable,
+        retry_read_timeouts: bool = True,
     ) -> None:
         self.settings = settings
+        self.retryable = retryable
+        self.retry_read_timeouts = retry_read_timeouts
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.timeout_s),
             auth=auth,
@@ -105,12 +125,17 @@ class RetryingHttp:
                 last_exc: BaseException = exc
             except httpx.TimeoutException as exc:
                 failure, last_exc = f"timed out ({type(exc).__name__})", exc
+                sent = isinstance(exc, httpx.ReadTimeout | httpx.WriteTimeout)
+                if sent and not self.retry_read_timeouts:
+                    raise TransportError(
+                        url, f"no answer within {self.settings.timeout_s:g} s (not sent again)"
+                    ) from exc
             except httpx.TransportError as exc:
                 failure, last_exc = f"connection failed ({type(exc).__name__}: {exc})", exc
             else:
                 if response.is_success:
                     return response
-                if response.status_code not in RETRY_STATUSES:
+                if not self.retryable(response):
                     cls = ResourceNotFound if response.status_code == 404 else HttpStatusError
                     raise cls(str(response.url), response.status_code, _detail(response))
                 failure = f"HTTP {response.status_code}"

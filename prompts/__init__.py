@@ -12,7 +12,7 @@ from typing import Any
 
 from jinja2 import Environment, StrictUndefined
 
-DEFAULT_VERSION = "v1"
+DEFAULT_VERSION = "v2"
 
 
 @cache

@@ -69,7 +69,20 @@ class BackendSettings(BaseModel):
     mmproj: str | None = Field(
         default=None, description="llama-cpp: the image projector file of a vision GGUF build."
     )
-    context_tokens: int = Field(default=4096, ge=512, description="llama-cpp: context size.")
+    context_tokens: int = Field(
+        default=8192,
+        ge=512,
+        description="llama-cpp: context size in tokens, for the prompt and the answer together "
+        "(an answer prompt is ~1-2.5k tokens, a retry adds the draft and the findings, the "
+        "thread's turns come before; 8192 is SmolLM2's and Qwen2.5's trained context).",
+    )
+    evidence_tokens: int = Field(
+        default=600,
+        ge=50,
+        description="Tokens (estimated as characters / 4) of evidence lines in the answer prompt, "
+        "besides the facts: the lines the facts cite, then the lines that match the question "
+        "(agent.answer_prompt).",
+    )
     gguf_file: str | None = Field(
         default=None, description="transformers: a GGUF file inside the model folder."
     )

@@ -1,10 +1,19 @@
-"""Any OpenAI-compatible Chat Completions server: vLLM, TGI, Ollama, llama.cpp, hosted APIs."""
+"""Any OpenAI-compatible Chat Completions server: vLLM, TGI, Ollama, llama.cpp, hosted APIs.
+
+Retries (``retryable``): 429 (after its ``Retry-After``), 5xx and connection failures are sent
+again, within ``model.http``'s retries and deadline; a 4xx, and a 5xx whose body says the request
+failed validation (llama-cpp-python's server answers an invalid request with HTTP 500 and "N
+validation errors"), are not: the same request would fail the same way. A request whose answer
+timed out is not sent again either: the server may still be generating it, and a second copy
+would queue behind the first (``RetryingHttp(retry_read_timeouts=False)``).
+"""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +30,17 @@ from agent.backends import (
 )
 from connectors.errors import ConnectorError
 from connectors.http import RetryingHttp
+
+_INVALID_REQUEST = re.compile(r"\bvalidation errors?\b|invalid_request_error", re.IGNORECASE)
+
+
+def retryable(response: httpx.Response) -> bool:
+    """Whether a model server's error answer is worth sending the request again: 429 and 5xx,
+    unless the body says the request itself was invalid (a validation error)."""
+    status = response.status_code
+    if status == 429:
+        return True
+    return status >= 500 and not _INVALID_REQUEST.search(response.text[:2000])
 
 
 def _content(message: Message, send_images: bool) -> Any:
@@ -44,7 +64,9 @@ class OpenAIBackend:
             else os.environ.get("OPENAI_API_KEY")
         )
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.http = RetryingHttp(settings.http, headers=headers)
+        self.http = RetryingHttp(
+            settings.http, headers=headers, retryable=retryable, retry_read_timeouts=False
+        )
         self.url = settings.base_url.rstrip("/") + "/chat/completions"
         self.name = f"openai:{settings.model or 'default'}@{settings.base_url}"
 

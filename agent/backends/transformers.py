@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from agent.backends import BackendSettings, Generation, InProcessBackend, Message
+from agent.backends import BackendError, BackendSettings, Generation, InProcessBackend, Message
 from connectors.errors import ConfigurationError
 
 
@@ -79,11 +79,28 @@ class TransformersBackend(InProcessBackend):
             batch = self.processor(prompt, return_tensors="pt")
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    def context_tokens(self) -> int | None:
+        """Tokens the model reads at most (prompt and answer together): its (text) config's
+        ``max_position_embeddings``; None when the config does not say."""
+        config = self.model.config
+        text = getattr(config, "text_config", None) or config
+        limit = getattr(text, "max_position_embeddings", None)
+        return int(limit) if isinstance(limit, int) and limit > 0 else None
+
     def _complete(self, messages: list[Message]) -> Generation:
         import torch
 
         with self._lock, torch.inference_mode():
             batch = self.inputs(messages)
+            prompt = int(batch["input_ids"].shape[1])
+            limit = self.context_tokens()
+            if limit is not None and prompt + self.settings.max_tokens > limit:
+                # past its positions a model writes garbage or fails deep inside generate
+                raise BackendError(
+                    f"{self.name}: the prompt ({prompt} tokens) and the answer "
+                    f"(model.max_tokens = {self.settings.max_tokens}) exceed the model's "
+                    f"context of {limit} tokens"
+                )
             output = self.model.generate(
                 **batch,
                 max_new_tokens=self.settings.max_tokens,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -59,7 +60,7 @@ def test_structured_answers_match_the_fhir_json(settings: Settings, tommy_json):
     assert f"{newest['valueQuantity']['value']:.4g} %" in answer.text
     assert newest["effectiveDateTime"][:10] in answer.text
     assert [c.reference for c in answer.citations] == [f"Observation/{newest['id']}"]
-    assert answer.supported_fraction == 1.0 and answer.prompt_version == "v1"
+    assert answer.supported_fraction == 1.0 and answer.prompt_version == "v2"
     assert {"resolve", "plan", "tools", "evidence", "generate", "verify", "finalize"} <= set(
         answer.latency_ms
     )
@@ -191,12 +192,13 @@ def test_a_hostile_note_never_reaches_the_model_nor_supports_its_answer(
     turns = [[call("latest_observation", '{"query": "HbA1c"}', "c1")], []]
     with ScriptedModel(turns, [obeyed, obeyed]) as model:
         hostile_settings.model.base_url = model.base_url
-        answer = _ask(hostile_settings, "Summarise his recent notes and his last HbA1c")
+        answer = _ask(hostile_settings, "Summarise his recent notes")
     # everything sent before the model first answered (a retry quotes the model's own words)
     first = next(i for i, r in enumerate(model.requests) if not r.get("tools"))
     sent = json.dumps(model.requests[: first + 1])
     assert "IGNORE ALL" not in sent and "12.5" not in sent and "HIV" not in sent
-    assert "DocumentReference/hostile-note" in sent  # the note is there, withheld
+    # the note is there, withheld, under its alias (record ids reach the model as [E1], [E2] …)
+    assert re.search(r"DocumentReference withheld: its text addresses an AI model \[E\d+\]", sent)
     assert "12.5" not in answer.text and "HIV" not in answer.text
     assert len(answer.rejected) >= 2 and answer.fallback_used
     ids = {f"{r['resourceType']}/{r['id']}" for r in tommy_json} | {
@@ -273,19 +275,24 @@ def test_a_gguf_model_in_process_is_verified_too(settings: Settings):
     )
 
 
-def test_a_real_model_calls_tools_through_the_server(
-    settings: Settings, llama: LlamaServer, tommy_json: list[dict[str, Any]]
-):
-    # llama.cpp's chatml-function-calling format constrains the model's calls to the tools'
-    # JSON schemas; naming the tool makes even a 135M model call it
+def _calling_tools(settings: Settings, llama: LlamaServer, steps: int) -> Settings:
+    """The settings for SmolLM2 on the llama.cpp server, made to call latest_observation: its
+    chatml-function-calling format constrains the model's calls to the tools' JSON schemas, and
+    naming the tool makes even a 135M model call it."""
     settings.model.name = "openai"
     settings.model.base_url = llama.base_url
     settings.model.model = "smollm2-135m"
     settings.model.max_tokens = 160  # room for a call with a period (a cut call is an error)
     settings.model.supports_tools = True
     settings.model.tool_choice = "latest_observation"
-    settings.model.max_tool_steps = 1
-    answer = _ask(settings, "What was his last HbA1c?")
+    settings.model.max_tool_steps = steps
+    return settings
+
+
+def test_a_real_model_calls_tools_through_the_server(
+    settings: Settings, llama: LlamaServer, tommy_json: list[dict[str, Any]]
+):
+    answer = _ask(_calling_tools(settings, llama, 1), "What was his last HbA1c?")
     by_model = [c for c in answer.tool_calls if c.by == "model"]
     assert by_model and all(c.tool == "latest_observation" for c in by_model)
     assert all(isinstance(c.args, dict) and "query" in c.args for c in by_model), by_model
@@ -299,6 +306,19 @@ def test_a_real_model_calls_tools_through_the_server(
     trusted = [f.statement for f in answer.facts]
     given = {c.reference: c.text for c in answer.citations}
     assert verify(answer.text, given, trusted).supported_fraction == 1.0
+
+
+def test_a_real_model_server_takes_every_round_of_the_tool_loop(
+    settings: Settings, llama: LlamaServer
+):
+    # the second round sends the model's first tool calls back: with "content": null
+    # llama-cpp-python's server refused it (HTTP 500) and only one round ran
+    _calling_tools(settings, llama, 2)
+    settings.model.http.timeout_s = 600  # two cores shared with other work: a slow prompt
+    settings.model.http.deadline_s = 900
+    answer = _ask(settings, "What was his last HbA1c?")
+    assert not any("could not plan tool calls" in w for w in answer.warnings), answer.warnings
+    assert len([c for c in answer.tool_calls if c.by == "model"]) == 2
 
 
 class _Crash(Exception):

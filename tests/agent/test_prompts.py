@@ -131,7 +131,7 @@ def test_the_plan_prompt_lists_what_is_planned(shipped: None):
 
 def test_a_missing_prompt_names_itself_its_version_and_the_versions_there_are(shipped: None):
     with pytest.raises(KeyError, match=r"no prompt 'nonesuch' in version 'v1' \(have: v1"):
-        prompts.render("nonesuch")
+        prompts.render("nonesuch", "v1")
     with pytest.raises(KeyError, match=r"no prompt 'system' in version 'v999'"):
         prompts.render("system", "v999", max_sentences=6)
 

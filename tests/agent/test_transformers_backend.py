@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.backends import BackendSettings, Message, create_backend
+from agent.backends import BackendError, BackendSettings, Message, create_backend
 from agent.grounding import verify
 from agent.service import ChartSight
 from agent.settings import Settings
@@ -164,3 +164,13 @@ def test_the_graph_runs_through_a_transformers_vlm(
         verify(answer.text, {c.reference: c.text for c in answer.citations}).supported_fraction
         == 1.0
     )
+
+
+def test_a_prompt_and_answer_past_the_models_positions_are_refused(tiny_vlm: Path):
+    backend = create_backend(
+        BackendSettings(name="transformers", model=str(tiny_vlm), max_tokens=4090)
+    )
+    assert backend.context_tokens() == 4096  # type: ignore[attr-defined]
+    messages = [Message("system", "answer"), Message("user", "what was his last a1c ?")]
+    with pytest.raises(BackendError, match=r"exceed the model's context of 4096 tokens"):
+        asyncio.run(backend.generate(messages))

@@ -3,7 +3,8 @@ model to make exact tool calls (a real small model's choices are not predictable
 the loop's edges). Runs under uvicorn on 127.0.0.1 in a background thread and records every request.
 
 A request that offers ``tools`` takes the next entry of ``tool_turns`` (the last repeats); any other
-request takes the next entry of ``answers``.
+request takes the next entry of ``answers``. ``errors`` (status, message, headers) answer the first
+requests instead, in the OpenAI error shape, as a failing or overloaded server would.
 """
 
 from __future__ import annotations
@@ -35,9 +36,14 @@ def _events(text: str) -> Iterator[str]:
 
 class ScriptedModel:
     def __init__(
-        self, tool_turns: list[list[dict[str, Any]]], answers: list[str], delay_s: float = 0.0
+        self,
+        tool_turns: list[list[dict[str, Any]]],
+        answers: list[str],
+        delay_s: float = 0.0,
+        errors: list[tuple[int, str, dict[str, str]]] | None = None,
     ) -> None:
         self.delay_s = delay_s  # a slow model: each reply waits this long
+        self.errors = list(errors or [])
         self.tool_turns = tool_turns
         self.answers = answers
         self.requests: list[dict[str, Any]] = []
@@ -64,6 +70,10 @@ class ScriptedModel:
         self.requests.append(body)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
+        if len(self.requests) <= len(self.errors):
+            status, text, headers = self.errors[len(self.requests) - 1]
+            error = {"message": text, "type": "server_error", "param": None, "code": None}
+            return JSONResponse({"error": error}, status_code=status, headers=headers)
         if body.get("tools"):
             n = len(self.tool_requests) - 1
             calls = self.tool_turns[min(n, len(self.tool_turns) - 1)]
