@@ -55,9 +55,12 @@ class Plan:
 _RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm|"
 _UNITS = {"hour": 1 / 24, "day": 1, "week": 7, "month": 30.4375, "year": 365.25}
 _WINDOW = re.compile(
-    r"\b(?:last|past|previous)\s+(\d+|a|one|two|three|six|twelve)?\s*(hour|day|week|month|year)s?\b"
+    r"\b(?:last|past|previous)\s+(\d+|a|one|two|three|six|twelve|few|couple of|several)?\s*"
+    r"(hour|day|week|month|year)s?\b"
 )
-_WORD_NUMBERS = {"a": 1, "one": 1, "two": 2, "three": 3, "six": 6, "twelve": 12}
+# "few" is read as 3 and "several" as 5: the answer states the period it used
+_WORD_NUMBERS = {"a": 1, "one": 1, "two": 2, "three": 3, "six": 6, "twelve": 12, "few": 3,
+                 "couple of": 2, "several": 5}  # fmt: skip
 _LATEST_OF = re.compile(
     r"\b(?:last|latest|most recent|recent|current|newest)\s+([a-z0-9][a-z0-9 \-]*?)"
     r"(?:\s+(?:value|level|result|reading|measurement|test))?\s*(?:\?|$|\.|,| and | for | in | of the| was| is)"
@@ -209,6 +212,24 @@ _VACCINE = re.compile(
 )
 
 
+# "is he on anything for his blood pressure?", "taking something for diabetes?": a drug class asked
+# for by what it treats (retrieval/drugs.toml's class names)
+_TREATS_CLASS = {
+    "blood pressure": "antihypertensive",
+    "bp": "antihypertensive",
+    "hypertension": "antihypertensive",
+    "diabetes": "antidiabetic",
+    "blood sugar": "antidiabetic",
+    "sugar": "antidiabetic",
+    "cholesterol": "statin",
+}
+_TREATS = re.compile(
+    r"\b(?:on|taking|takes?|getting|prescribed)\s+(?:anything|something|any\w*|a\s+\w+|"
+    r"medications?|meds?|drugs?|pills?|treatment)\s+for\s+(?:his\s+|her\s+|their\s+|the\s+)?"
+    r"(?P<what>blood pressure|bp|hypertension|diabetes|blood sugar|sugar|cholesterol)\b"
+)
+
+
 def is_follow_up(question: str) -> bool:
     """Whether a question leans on the one before it ('and before that?', 'what about June?')."""
     return len(question.split()) <= 8 and bool(_FOLLOW_UP.search(question))
@@ -336,6 +357,14 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
     # a drug class or drug named ("on a beta blocker?", "any blood thinners?", "taking Lasix?"):
     # answered yes or no from the members recorded; the whole list only when it is asked for
     drugs_named = [] if _has(q, "allerg") else default_drugs().named_in(question)
+    treated = _TREATS.search(q)
+    if treated and not drugs_named:
+        # "is he on anything for his blood pressure?": the class that treats it, not the reading
+        drugs_named = [_TREATS_CLASS[treated.group("what")]]
+        measured_words = [w for w in measured_words if w.lower() not in treated.group(0)]
+        out.calls = [
+            c for c in out.calls if c.args.get("query", "").lower() not in treated.group(0)
+        ]
     for drug in drugs_named:
         out.add("medication_use", query=drug)
     if (not drugs_named and names_drug) or (
@@ -359,6 +388,8 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
     for term_words in condition_words:
         if vaccine and term_words.lower() in vaccine.group(0):
             continue  # "pneumonia vaccine" asks for a vaccine, not the disease
+        if treated and term_words.lower() in treated.group(0):
+            continue  # "anything for diabetes?" asks for the drugs, not the diagnosis
         out.add("condition_history", query=term_words)  # any status: active, resolved, ruled out
     if _has(q, "problem", "diagnos", "condition", "comorbid") and not condition_words:
         out.add("active_problems")  # (a question naming a diagnosis gets that one, not the list)
@@ -389,6 +420,13 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         out.images = True
     if _has(q, "similar", "like this", "comparable", "other patients"):
         out.similar_cases = True
+    # "is he on a statin, and what was his last LDL?": the parts are answered in the order asked
+    asked = [i for i, c in enumerate(out.calls) if q.find(str(c.args.get("query", "")).lower()) > 0]
+    in_order = sorted(
+        (out.calls[i] for i in asked), key=lambda c: q.find(str(c.args["query"]).lower())
+    )
+    for i, call in zip(asked, in_order, strict=True):
+        out.calls[i] = call
     return out
 
 

@@ -276,8 +276,8 @@ def items_for(res: list[R]) -> list[tuple[str, str, dict[str, Any]]]:
             float(last["valueQuantity"]["value"]), _age(born, on), p["gender"] == "female"
         )
         add("eGFR", "What is the patient's eGFR?", {
-            # no measured eGFR (an absence, citing the Patient), then one computed, said so
-            "contains": ["Computed", f"eGFR {v:.0f}", "CKD-EPI 2021"], "cites": [_ref(last)], "abstain": True,
+            # computed, said so, first; then that no measured eGFR is recorded
+            "contains": ["Computed", f"eGFR {v:.0f}", "CKD-EPI 2021"], "cites": [_ref(last)],
         })  # fmt: skip
     for name, codes, words in ABSENT_TESTS:
         has = any(
@@ -392,7 +392,7 @@ def items_for(res: list[R]) -> list[tuple[str, str, dict[str, Any]]]:
     else:
         add("last flu vaccine", q, {"contains": ["No flu vaccine is recorded"], "abstain": True})
     add(
-        "vaccines due", "Which vaccines are due?", {"contains": ["cannot be told"], "cites": [pref]}
+        "vaccines due", "Which vaccines are due?", {"contains": ["cannot tell which vaccines are due"], "cites": [pref]}
     )
     if not p.get("generalPractitioner") and not any(r["resourceType"] == "CareTeam" for r in res):
         add("primary care provider", "Who is the patient's primary care physician?", {
@@ -442,6 +442,7 @@ def items_for(res: list[R]) -> list[tuple[str, str, dict[str, Any]]]:
         add("two questions in one", "Is the patient on a statin, and what was the most recent LDL?", {
             "contains": [_n(ldl[-1]["valueQuantity"]["value"]), "Yes: on a statin" if on_statin else "No: "],
             "cites": on_statin, "one_of": _ties(ldl, ldl[-1]),
+            **({} if on_statin else {"abstain": True}),  # answered in order: the "no" first
         })  # fmt: skip
     procedures = sorted(
         (r for r in res if r["resourceType"] == "Procedure"

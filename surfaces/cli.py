@@ -79,7 +79,11 @@ TokenOpt = Annotated[
 ]
 ModelOpt = Annotated[
     str | None,
-    typer.Option("--model", help="Model backend: 'evidence' (no model), 'openai', or a plug-in."),
+    typer.Option(
+        "--model",
+        help="Model backend: 'evidence' (no model), 'openai', 'transformers', 'llama-cpp', or a "
+        "plug-in.",
+    ),
 ]
 ModelUrlOpt = Annotated[
     str | None, typer.Option("--model-url", help="Root of an OpenAI-compatible API (…/v1).")
@@ -655,6 +659,7 @@ def eval_(
     from surfaces.eval_report import overall, write_report
 
     paths = suites or [SUITES_DIR / "demo.jsonl"]
+    given_bundles = bool(bundles)
     if not suites and not bundles and not settings.fhir.url:
         bundles = list(demo_bundles())
     try:
@@ -691,12 +696,21 @@ def eval_(
             results = asyncio.run(run())
         except ChartSightError as exc:
             _fail(exc)
-    where = "the bundles given" if bundles else "the configured source"
+    where = (
+        "the demo patients"
+        if bundles and not given_bundles
+        else "the bundles given"
+        if bundles
+        else "the configured source"
+    )
     setup = (
         f"Suites: {', '.join(p.name for p in paths)}; {len(items)} questions on {where}; "
-        f"model backend {settings.model.name}; now = {now.date() if now else 'today'}."
+        f"model backend {settings.model.name}; now = {now.date() if now else 'today'}. The first "
+        "question of each patient includes fetching and embedding the record (cold)."
     )
-    written = write_report(results, out, title="ChartSight evaluation", setup=setup)
+    written = write_report(
+        results, out, title="ChartSight evaluation", setup=setup, model=settings.model.name
+    )
     t = overall(results)
     table = Table(
         title=f"{t['right']:.0f}/{t['items']:.0f} right or rightly abstained ({t['rate']:.1%})",

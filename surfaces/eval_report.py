@@ -40,10 +40,11 @@ def overall(results: Sequence[ItemResult]) -> dict[str, float]:
     }
 
 
-def markdown(results: Sequence[ItemResult], title: str, setup: str) -> str:
+def markdown(results: Sequence[ItemResult], title: str, setup: str, model: str = "evidence") -> str:
     """The report as Markdown: totals, one row per family (right-or-rightly-abstained, the value,
     citation and abstention rates, wrong and wrongly-abstained counts, latency p50/p95, whether
-    the family's wording was tuned on), then the first ``MAX_MISSES`` misses."""
+    the family's wording was tuned on), then the first ``MAX_MISSES`` misses; with a ``model``
+    other than the evidence backend, the verifier's figures."""
     t = overall(results)
     lines = [
         f"# {title}",
@@ -54,9 +55,18 @@ def markdown(results: Sequence[ItemResult], title: str, setup: str) -> str:
         f"({_pct(t['rate'])})**; {t['wrong']:.0f} wrong, {t['abstained']:.0f} abstained where the "
         f"record had the answer; latency p50 {t['p50_ms']:.0f} ms, p95 {t['p95_ms']:.0f} ms.",
         "",
-        f"Model path: mean supported-sentence fraction {t['supported']:.3f}; "
-        f"{t['rejected']:.0f} sentences removed by the verifier; "
-        f"{t['fallbacks']:.0f} answers fell back to the evidence answer.",
+        *(
+            [
+                f"Model path ({model}): mean supported-sentence fraction {t['supported']:.3f}; "
+                f"{t['rejected']:.0f} sentences removed by the verifier; "
+                f"{t['fallbacks']:.0f} answers fell back to the evidence answer.",
+                "",
+            ]
+            if model != "evidence"
+            else []
+        ),
+        "*tuned*: the family's question wording was in view while ChartSight's rules were "
+        "written (the suite's own `tuned` flag); the others' data were not.",
         "",
         "| family | items | right | value | citations | abstention | wrong | abstained | p50 ms | p95 ms | tuned |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -123,7 +133,7 @@ td:first-child,th:first-child{{text-align:left}}</style></head><body>
 
 
 def write_report(
-    results: Sequence[ItemResult], out: Path, *, title: str, setup: str
+    results: Sequence[ItemResult], out: Path, *, title: str, setup: str, model: str = "evidence"
 ) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and ``results.jsonl`` (one line per item: id, family,
     question, outcome, the parts, latency, the answer's text and citations, any error) into
@@ -135,7 +145,7 @@ def write_report(
         "html": out / "report.html",
         "results": out / "results.jsonl",
     }
-    paths["markdown"].write_text(markdown(results, stamp, setup), encoding="utf-8")
+    paths["markdown"].write_text(markdown(results, stamp, setup, model), encoding="utf-8")
     paths["html"].write_text(html_page(results, stamp, setup), encoding="utf-8")
     with paths["results"].open("w", encoding="utf-8") as fh:
         for r in results:

@@ -159,8 +159,9 @@ def render_answer(console: Console, answer: Any) -> None:
     stages = ", ".join(f"{k} {v:.0f}" for k, v in answer.latency_ms.items())
     console.print(
         Text(
-            f"model {answer.model} · prompt {answer.prompt_version} · supported "
-            f"{answer.supported_fraction:.0%} · thread {answer.thread_id} · ms: {stages}",
+            f"model {answer.model} · prompt {answer.prompt_version} · "
+            + ("abstained" if answer.abstained else f"supported {answer.supported_fraction:.0%}")
+            + f" · thread {answer.thread_id} · ms: {stages}",
             style="dim",
         )
     )

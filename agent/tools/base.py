@@ -112,12 +112,17 @@ def _day(value: datetime | None, precision: str = "day") -> str:
 
 
 def _ago(when: datetime | None, now: datetime) -> str:
-    """ " (25 years ago)" when ``when`` is a year or more before ``now``, else "": a "current" or
-    "latest" item that old is said to be old."""
+    """ " (25 years ago)", " (5 years 11 months ago)" when ``when`` is a year or more before
+    ``now`` (months of 30.4375 days), else "": a "current" or "latest" item that old is said to be
+    old."""
     if when is None:
         return ""
-    years = int((now - when).days / 365.25)
-    return f" ({years} year{'s' if years > 1 else ''} ago)" if years >= 1 else ""
+    months = int((now - when).days / 30.4375)
+    years, months = divmod(months, 12)
+    if years < 1:
+        return ""
+    more = f" {months} month{'s' if months > 1 else ''}" if months else ""
+    return f" ({years} year{'s' if years > 1 else ''}{more} ago)"
 
 
 def _point_day(point: Point) -> str:

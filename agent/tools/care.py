@@ -94,8 +94,8 @@ def immunizations(ctx: ToolContext, vaccine: str | None = None, due: bool = Fals
         facts.append(
             Fact(
                 "immunizations",
-                "Which vaccines are due cannot be told: ChartSight has no immunization schedule "
-                f"rule; the last of each recorded vaccine is listed.{_cite([patient])}",
+                "ChartSight cannot tell which vaccines are due: it has no immunization schedule "
+                f"rule. The last of each recorded vaccine follows.{_cite([patient])}",
                 evidence=(patient,),
             )
         )

@@ -265,10 +265,30 @@ def recent_encounters(ctx: ToolContext, limit: int = 5) -> list[Fact]:
     facts = _listing(ctx, "recent_encounters", items, "No encounter is recorded.")
     if items:
         first = items[0]
-        reason = "" if "; reason " in first.text else " (no reason recorded)"
+        # what was diagnosed at it (Condition.encounter) tells why, when no reason is coded
+        found_then = [
+            e
+            for e in _by_category(ctx, "condition", False)
+            if (c := ctx.record.get(e.id)) is not None
+            and getattr(getattr(c, "encounter", None), "reference", None) == first.id
+        ]
+        names = [e.text.split("Condition: ", 1)[-1].split(",", 1)[0] for e in found_then]
+        if "; reason " in first.text:
+            reason = ""
+        elif names:
+            reason = f"; diagnosed at it: {'; '.join(names)}"
+        else:
+            reason = " (no reason recorded)"
         head = _item_facts("recent_encounters", [first], "Last encounter: ")[0]
         text = head.statement.rsplit(" [", 1)
-        facts[0] = replace(head, statement=f"{text[0]}{reason} [{text[1]}")
+        cited = (
+            (first.id, *(e.id for e in found_then))
+            if reason.startswith("; diagnosed")
+            else (first.id,)
+        )
+        facts[0] = replace(
+            head, statement=f"{text[0]}{reason}.{_cite(cited)}", evidence=tuple(cited)
+        )
     return facts
 
 

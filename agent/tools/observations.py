@@ -241,8 +241,8 @@ def computed_egfr(ctx: ToolContext) -> Fact | None:
     ref, pref = last.reference, f"Patient/{patient.id}"
     return Fact(
         "latest_observation",
-        f"Computed, not a measured result: eGFR {egfr:.0f} mL/min/1.73m2 by the CKD-EPI 2021 "
-        f"equation from the creatinine of {_point_day(last)} ({number_text(mg.value)} mg/dL), "
+        f"Computed, not a measured result: eGFR {egfr:.0f} mL/min/1.73 m² by the CKD-EPI "
+        f"2021 equation from the creatinine of {_point_day(last)} ({number_text(mg.value)} mg/dL), "
         f"age {age.years} and {patient.gender} sex.{_cite([ref, pref])}",
         value=round(egfr),
         unit="mL/min/{1.73_m2}",
@@ -325,7 +325,8 @@ def latest_observation(
             details={"query": query, "voided": found.voided, "codes": codes},
         )
         computed = computed_egfr(ctx) if set(codes) & EGFR_CODES else None
-        return [absent] + ([computed] if computed is not None else [])
+        # asked for an eGFR the record lacks: the computed one answers it, said so, first
+        return ([computed] if computed is not None else []) + [absent]
     if nth > len(with_value):
         # no result that far back: say which one is the oldest, citing it
         ref = with_value[0]
@@ -367,6 +368,22 @@ def latest_observation(
         and newest_when is not None
         and p.when.sort_key > newest_when
     ]
+    # other results of the same test on the same day with another value: said, never hidden
+    if nth == 1 and chosen.when is not None:
+        day = chosen.when.start.date()
+        twins = [
+            r
+            for r in with_value
+            if r != ref
+            and any(
+                p.reference == r and p.when is not None and p.when.start.date() == day
+                for p in found.points
+            )
+            and _obs_text(r, ctx).rsplit(" ", 2)[-2:] != _obs_text(ref, ctx).rsplit(" ", 2)[-2:]
+        ]
+        for other in twins[:3]:
+            statement += f" Another result the same day: {_obs_text(other, ctx)}.{_cite([other])}"
+            evidence.append(other)
     if later:
         last = later[-1]
         why = f" ({last.absent})" if last.absent else ""
@@ -566,6 +583,28 @@ def _series_fact(
     mean = statistics.fmean(values)
     low = min(rows, key=lambda r: r[1])
     high = max(rows, key=lambda r: r[1])
+    # against the usual range (the term table's, in its unit): how many results lie outside it,
+    # and a change under a fifth of the range's width is "about unchanged", not rising or falling
+    range_note = ""
+    if analyte is not None and target is not None and target == analyte.unit:
+        lo, hi = analyte.low, analyte.high
+        above = sum(v > hi for v in values) if hi is not None else 0
+        below = sum(v < lo for v in values) if lo is not None else 0
+        span = f"{number_text(lo) if lo is not None else ''}–{number_text(hi) if hi is not None else ''} {target}"
+        if lo is not None or hi is not None:
+            if not above and not below:
+                range_note = f"; all within the usual range ({span})"
+            else:
+                parts = [f"{above} above" if above else "", f"{below} below" if below else ""]
+                range_note = f"; {' and '.join(p for p in parts if p)} the usual range ({span})"
+        if (
+            lo is not None
+            and hi is not None
+            and meaning is None
+            and len(rows) > 1
+            and abs(change) < 0.2 * (hi - lo)
+        ):
+            trend = "about unchanged"
     u = f" {target}" if target else ""
     n = number_text
     if len(values) == 1:  # one result: no mean, range or trend to speak of
@@ -580,9 +619,10 @@ def _series_fact(
             f"min {n(low[1])}{u} ({_point_day(low[0])}), max {n(high[1])}{u} ({_point_day(high[0])}); "
             f"{trend} from {n(first[1])} "
             f"({_point_day(first[0])}) to {n(last[1])} ({_point_day(last[0])})"
-            f"{f' ({meaning})' if meaning else ''}{converted_note}."
+            f"{f' ({meaning})' if meaning else ''}{range_note}{converted_note}."
             f"{_cite(refs)}{notes}"
         )
+    statement = statement[:1].upper() + statement[1:]  # the answer's first word
     return Fact(
         "observation_stats",
         statement,

@@ -47,7 +47,9 @@ def test_the_last_flu_vaccine_and_the_last_of_each(tommy, tommy_json):  # type: 
     assert head.statement.startswith(f"{len(kinds)} vaccines are recorded as given")
     assert len(lines) == len(kinds)
     due, *_ = TOOLS["immunizations"](tommy, due=True)
-    assert "cannot be told" in due.statement and due.evidence == (f"Patient/{TOMMY_FRIESEN}",)
+    assert "cannot tell which vaccines are due" in due.statement and due.evidence == (
+        f"Patient/{TOMMY_FRIESEN}",
+    )
     (none,) = TOOLS["immunizations"](tommy, vaccine="covid")
     assert none.statement.startswith("No covid vaccine is recorded as given")
 
@@ -143,7 +145,7 @@ def test_an_egfr_asked_for_and_absent_is_computed_and_said_so(tommy, tommy_json)
         ),
         key=lambda r: r["effectiveDateTime"],
     )
-    absent, computed = TOOLS["latest_observation"](tommy, query="eGFR")
+    computed, absent = TOOLS["latest_observation"](tommy, query="eGFR")  # the answer first
     assert absent.statement.startswith("No eGFR result in the record")
     age = 2020 - 1947 - ((12, 13) < (6, 15))
     want = ckd_epi_2021(creat["valueQuantity"]["value"], age, False)
@@ -291,3 +293,49 @@ def test_a_typo_reaches_the_tool_and_the_answer_says_so(tommy) -> None:  # type:
         ("latest_observation", {"query": "potassium"})
     ]
     assert [(c.written, c.read) for c in plan.corrections] == [("potasium", "potassium")]
+
+
+@pytest.mark.parametrize(
+    ("question", "calls"),
+    [
+        ("Is he on anything for his blood pressure?", [("medication_use", {"query": "antihypertensive"})]),
+        ("Is she taking something for diabetes?", [("medication_use", {"query": "antidiabetic"})]),
+        # the parts in the order asked: the statin first, then the LDL
+        (
+            "Is he on a statin, and what was his last LDL?",
+            [("medication_use", {"query": "statin"}), ("latest_observation", {"query": "LDL"})],
+        ),
+    ],
+)  # fmt: skip
+def test_a_drug_asked_for_by_what_it_treats_and_parts_in_order(question: str, calls: list) -> None:  # type: ignore[type-arg]
+    plan = default_planner(TOOLS.items.values(), plugins=False).plan(question)
+    assert [(c.tool, c.args) for c in plan.calls] == calls
+
+
+def test_the_last_few_years_is_a_window_of_three() -> None:
+    from agent.planner import window_days
+
+    assert window_days("sodium over the last few years") == pytest.approx(3 * 365.25)
+
+
+def test_same_day_results_and_old_values_are_said(demo_store: FhirStore) -> None:
+    from connectors.demo import MARTINA_MURAZIK
+
+    record = asyncio.run(assemble_record(StoreSource(demo_store), MARTINA_MURAZIK))
+    ctx = ToolContext(record, now=NOW)
+    (fact,) = TOOLS["latest_observation"](ctx, query="ejection fraction")
+    # two LVEF results on one day with different values: both are said
+    assert "Another result the same day:" in fact.statement and len(fact.evidence) == 2
+
+
+def test_statistics_say_the_usual_range_and_a_small_change(tommy) -> None:  # type: ignore[no-untyped-def]
+    (fact,) = TOOLS["observation_stats"](
+        tommy, query="sodium", since=datetime(2018, 1, 1, tzinfo=UTC)
+    )
+    assert fact.statement.startswith("Sodium from 2018-01-01")
+    assert "all within the usual range (135–145 mmol/L)" in fact.statement
+
+
+def test_an_old_latest_value_says_how_old(tommy) -> None:  # type: ignore[no-untyped-def]
+    (fact,) = TOOLS["latest_observation"](tommy, query="LDL")
+    assert "(2 years 9 months ago)" in fact.statement  # 2018-03-11, now 2021-01-01

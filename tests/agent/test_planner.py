@@ -112,9 +112,9 @@ def _iso(day: str, end: bool = False) -> str:
         ),
         (
             "Does he have diabetes and what was his last a1c?",
-            [
-                ("latest_observation", {"query": "a1c"}),
+            [  # answered in the order asked
                 ("condition_history", {"query": "diabetes"}),
+                ("latest_observation", {"query": "a1c"}),
             ],
         ),
         # the lists
