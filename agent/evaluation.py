@@ -40,6 +40,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.answer import Answer
+from agent.series import CitedSeries, cited_series
 from connectors.errors import ChartSightError
 
 
@@ -124,6 +125,8 @@ class ItemResult:
     supported_fraction: float = 1.0
     rejected: int = 0
     fallback: bool = False
+    # the cited results of one test over time, when the answer cites a series (for a plot)
+    series: CitedSeries | None = None
 
     @property
     def right(self) -> bool:
@@ -187,12 +190,16 @@ def score(item: SuiteItem, answer: Answer, latency_ms: float) -> ItemResult:
 
 
 async def run_suite(
-    agent: Any, items: Sequence[SuiteItem], progress: Any = None
+    agent: Any, items: Sequence[SuiteItem], progress: Any = None, series: int = 12
 ) -> list[ItemResult]:
     """Ask every item's question of ``agent`` (a ``ChartSight``) and score it; an item whose ask
     fails (unknown patient, a source error) is scored wrong with the error's message.
-    ``progress(done, total)`` is called after each item."""
+    ``progress(done, total)`` is called after each item. For the first ``series`` answers that
+    cite 3 or more results of one test, ``ItemResult.series`` holds them
+    (``agent.series.cited_series``, read from the patient's cached record) for the report's
+    plots."""
     results: list[ItemResult] = []
+    plotted = 0
     for n, item in enumerate(items, 1):
         start = time.perf_counter()
         try:
@@ -203,7 +210,14 @@ async def run_suite(
                 ItemResult(item, False, False, False, "wrong", elapsed, "", error=str(exc))
             )
         else:
-            results.append(score(item, answer, (time.perf_counter() - start) * 1000))
+            result = score(item, answer, (time.perf_counter() - start) * 1000)
+            cited = [r for r in result.cited if r.startswith("Observation/")]
+            if plotted < series and len(cited) >= 3:
+                found = cited_series(await agent.record(answer.patient_id), cited)
+                if found is not None:
+                    result.series = found
+                    plotted += 1
+            results.append(result)
         if progress is not None:
             progress(n, len(items))
     return results

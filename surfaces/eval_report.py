@@ -92,8 +92,9 @@ def markdown(results: Sequence[ItemResult], title: str, setup: str, model: str =
 
 def html_page(results: Sequence[ItemResult], title: str, setup: str) -> str:
     """The report as one self-contained HTML page: totals, the accuracy-by-family bar chart, the
-    latency histogram (inline SVG from ``surfaces.plots``), and the per-family table."""
-    from surfaces.plots import bar_svg, histogram_svg
+    latency histogram (inline SVG from ``surfaces.plots``), the per-family table, and a plot of
+    each series an answer cited (``ItemResult.series``: the values over time, the range shaded)."""
+    from surfaces.plots import bar_svg, histogram_svg, trend_svg
 
     t = overall(results)
     families: list[FamilyScore] = summarise(results)
@@ -104,6 +105,23 @@ def html_page(results: Sequence[ItemResult], title: str, setup: str) -> str:
         unit="%",
     )
     hist = histogram_svg([r.latency_ms for r in results], title="Latency of ask (ms)", unit="ms")
+    trends = []
+    for r in results:
+        if r.series is None:
+            continue
+        svg = trend_svg(
+            r.series.points,
+            title=r.series.name,
+            unit=r.series.unit or "",
+            low=r.series.low,
+            high=r.series.high,
+            range_label={"ref": "reference range"}.get(r.series.range_label or "", "usual range"),
+        )
+        trends.append(
+            f"<figure>{svg}<figcaption>{html.escape(r.item.id)}: "
+            f"{html.escape(r.item.question)} ({html.escape(r.outcome)})</figcaption></figure>"
+        )
+    trend_part = "<h2>Series the answers cite</h2>\n" + "\n".join(trends) if trends else ""
     rows = "\n".join(
         f"<tr><td>{html.escape(f.family)}</td><td>{f.items}</td><td>{_pct(f.right / f.items)}</td>"
         f"<td>{_pct(f.value)}</td><td>{_pct(f.citations)}</td><td>{_pct(f.abstention)}</td>"
@@ -128,6 +146,7 @@ td:first-child,th:first-child{{text-align:left}}</style></head><body>
 </thead><tbody>
 {rows}
 </tbody></table>
+{trend_part}
 </body></html>
 """
 

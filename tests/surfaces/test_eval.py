@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -105,7 +106,7 @@ def test_chartsight_eval_writes_the_report(tmp_path: Path, monkeypatch: pytest.M
     md = (out / "report.md").read_text()
     assert "| family | items | right |" in md and "| age | 1 | 100.0% |" in md
     page = (out / "report.html").read_text()
-    assert page.count("<svg") == 2 and "http://" not in page.replace("http://www.w3.org", "")
+    assert page.count("<svg") >= 2 and "http://" not in page.replace("http://www.w3.org", "")
     lines = (out / "results.jsonl").read_text().splitlines()
     assert len(lines) == 30 and all(
         json.loads(line)["outcome"] in ("right", "rightly abstained") for line in lines
@@ -142,3 +143,23 @@ def test_chartsight_eval_fails_under_a_threshold_and_on_a_bad_suite(
     result = CliRunner().invoke(app, ["eval", str(suite)])
     assert result.exit_code == 1 and "not a suite item" in " ".join(result.output.split())
     assert "Traceback" not in result.output
+
+
+def test_the_report_plots_the_series_an_answer_cites(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHARTSIGHT_HOME", str(tmp_path / "home"))
+    out = tmp_path / "report"
+    result = CliRunner().invoke(
+        app, ["eval", "--family", "kidney function trend", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    page = (out / "report.html").read_text()
+    # the creatinine series each trend answer cites: its points linked to their Observations
+    assert "Series the answers cite" in page and page.count("<svg") >= 3
+    cited = {
+        c for line in (out / "results.jsonl").read_text().splitlines()
+        for c in json.loads(line)["cited"] if c.startswith("Observation/")
+    }  # fmt: skip
+    linked = set(re.findall(r'xlink:href="#(Observation/[^"]+)"', page))
+    assert linked and linked <= cited
