@@ -97,7 +97,12 @@ def test_observation_stats_over_a_window(records, raw):
     assert fact.value == pytest.approx(statistics.fmean(values))
     assert fact.details["min"] == pytest.approx(min(values))
     assert fact.details["max"] == pytest.approx(max(values))
-    assert fact.details["trend"] == ("rising" if values[-1] > values[0] else "falling")
+    # a change under a fifth of the usual range's width (4–5.6 %) is "about unchanged"
+    change = values[-1] - values[0]
+    expected = "rising" if change > 0 else "falling"
+    assert fact.details["trend"] == (
+        "about unchanged" if abs(change) < 0.2 * (5.6 - 4.0) else expected
+    )
     assert set(fact.evidence) == {f"Observation/{r['id']}" for r in rows}
     last_day = default_tools()["observation_stats"](
         ToolContext(records[TOMMY_FRIESEN], now=NOW), query="A1c", days=1
