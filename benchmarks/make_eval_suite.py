@@ -392,7 +392,9 @@ def items_for(res: list[R]) -> list[tuple[str, str, dict[str, Any]]]:
     else:
         add("last flu vaccine", q, {"contains": ["No flu vaccine is recorded"], "abstain": True})
     add(
-        "vaccines due", "Which vaccines are due?", {"contains": ["cannot tell which vaccines are due"], "cites": [pref]}
+        "vaccines due",
+        "Which vaccines are due?",
+        {"contains": ["cannot tell which vaccines are due"], "cites": [pref]},
     )
     if not p.get("generalPractitioner") and not any(r["resourceType"] == "CareTeam" for r in res):
         add("primary care provider", "Who is the patient's primary care physician?", {
