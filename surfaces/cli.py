@@ -652,7 +652,7 @@ def eval_(
     import tempfile
 
     from agent.evaluation import EvalError, load_suite, run_suite, suite_now
-    from surfaces.eval_report import overall, write_report
+    from surfaces.eval_report import overall, prepare_out, write_report
 
     paths = suites or [SUITES_DIR / "demo.jsonl"]
     if not suites and not bundles and not settings.fhir.url:
@@ -666,6 +666,10 @@ def eval_(
     items = items[:limit] if limit else items
     if not items:
         _fail(EvalError("no questions to run (check --family)"))
+    try:
+        prepare_out(out)  # before the run: an --out that cannot be written fails at once
+    except EvalError as exc:
+        _fail(exc)
     with tempfile.TemporaryDirectory(prefix="chartsight-eval-") as tmp:
         if bundles:
             settings = settings.model_copy(deep=True)
@@ -696,7 +700,10 @@ def eval_(
         f"Suites: {', '.join(p.name for p in paths)}; {len(items)} questions on {where}; "
         f"model backend {settings.model.name}; now = {now.date() if now else 'today'}."
     )
-    written = write_report(results, out, title="ChartSight evaluation", setup=setup)
+    try:
+        written = write_report(results, out, title="ChartSight evaluation", setup=setup)
+    except EvalError as exc:
+        _fail(exc)
     t = overall(results)
     table = Table(
         title=f"{t['right']:.0f}/{t['items']:.0f} right or rightly abstained ({t['rate']:.1%})",
