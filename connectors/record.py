@@ -326,8 +326,6 @@ async def assemble_record(source: FhirSource, patient_key: str) -> PatientRecord
     for res in result.resources:
         if res.get_resource_type() == "Patient" and str(res.id) == pid:
             record.patient = res  # type: ignore[assignment]
-        elif res.get_resource_type() == "Patient":
-            record.other.append(res)
         else:
             _file(record, res, pid, "Patient/$everything")
     record.invalid.extend(result.invalid)
@@ -353,9 +351,11 @@ def _file(record: PatientRecord, resource: Resource, pid: str, origin: str) -> N
     server's Patient compartment also holds resources in which the patient only takes part (a
     CareTeam of another patient naming this one as a member, a DocumentReference this patient
     authored about another; FHIR R4 CompartmentDefinition patient), and those are that other
-    patient's data. They go to ``record.invalid`` ("about another patient"), as a CDS Hooks
-    prefetch's do (``connectors.prefetch``)."""
-    owner = _owner(record, resource)
+    patient's data, as is another Patient (a linked one). They go to ``record.invalid`` ("about
+    another patient"), as a CDS Hooks prefetch's do (``connectors.prefetch``)."""
+    owner = (
+        str(resource.id) if resource.get_resource_type() == "Patient" else _owner(record, resource)
+    )
     if owner is None or owner == pid:
         record.add(resource)
         return

@@ -221,7 +221,8 @@ async def test_many_missing_references_of_a_type_are_one_problem(store: FhirStor
 class _CompartmentSource(StoreSource):
     """The local store answering ``$everything`` and per-type searches as a FHIR server's Patient
     compartment does: with every resource the patient takes part in, also those about another
-    patient (a CareTeam naming p1 as a member, a DocumentReference p1 authored)."""
+    patient (the other Patient, a CareTeam naming p1 as a member, a DocumentReference p1
+    authored)."""
 
     def __init__(self, store: FhirStore, fail_everything: bool = False) -> None:
         super().__init__(store)
@@ -229,6 +230,7 @@ class _CompartmentSource(StoreSource):
 
     def _theirs(self, resource_type: str | None = None) -> list[Resource]:
         found = [
+            *self.store.search("Patient", {"_id": "p2"}).resources,
             *self.store.search("CareTeam", {"_id": "their-team"}).resources,
             *self.store.search("DocumentReference", {"_id": "their-note"}).resources,
         ]
@@ -273,7 +275,10 @@ async def test_a_resource_about_another_patient_is_left_out_of_the_record(
     record = await assemble_record(_CompartmentSource(store, fail_everything), "p1")
     kept = {reference_of(r) for r in record.resources()}
     assert "CareTeam/my-team" in kept
-    assert not kept & {"CareTeam/their-team", "DocumentReference/their-note"}
+    assert not kept & {"Patient/p2", "CareTeam/their-team", "DocumentReference/their-note"}
+    assert not [e for e in record_evidence(record) if "Other" in e.text or "p2" in e.text]
     left_out = {i.reference: i.error for i in record.invalid}
+    if not fail_everything:  # (per-type searches do not search Patients)
+        assert left_out["Patient/p2"] == "about another patient (Patient/p2)"
     assert left_out["CareTeam/their-team"] == "about another patient (Patient/p2)"
     assert left_out["DocumentReference/their-note"] == "about another patient (Patient/p2)"
