@@ -166,7 +166,7 @@ def write_report(
     prepare_out(out)
     try:
         return _write(results, out, title=title, setup=setup)
-    except OSError as exc:
+    except (OSError, UnicodeError) as exc:
         raise EvalError(f"cannot write the report in {out}: {exc}") from exc
 
 

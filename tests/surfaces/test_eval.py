@@ -219,3 +219,13 @@ def test_an_out_that_cannot_hold_the_report_fails_before_the_run(
     )
     with pytest.raises(EvalError, match="cannot write in the report folder .*locked: Permission"):
         prepare_out(locked)
+
+
+def test_a_lone_surrogate_in_a_suite_is_named_before_the_run(tmp_path: Path) -> None:
+    # a "\ud800" escape loaded, was asked, and the run ended in a UnicodeEncodeError traceback
+    # while report.html was written
+    path = tmp_path / "suite.jsonl"
+    lone = _line(id="b", question="Who is her doctor ?").replace(" ?", " \\ud800?")
+    path.write_text(_line() + lone)
+    with pytest.raises(EvalError, match=r"suite.jsonl:2: .*lone UTF-16 surrogate \('\\ud800'\)"):
+        load_suite([path])
