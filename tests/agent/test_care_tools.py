@@ -361,3 +361,22 @@ def test_a_withheld_note_is_named_not_skipped_and_no_other_patient_is_read(
     )
     assert not any(w in said for w in ("Bob", "BOBSECRET", "BOBTEAM", "bob-"))
     assert "holds no code status" in said and "holds no care team" in said
+
+
+def test_no_egfr_is_computed_for_a_child(tmp_path: Path) -> None:
+    # CKD-EPI 2021 is an adult equation: a 6-year-old's creatinine of 0.4 mg/dL gave "eGFR 158"
+    resources: list[dict[str, Any]] = [
+        {"resourceType": "Patient", "id": "kid", "gender": "female", "birthDate": "2014-03-01"},
+        {"resourceType": "Observation", "id": "scr", "status": "final",
+         "code": {"coding": [{"system": "http://loinc.org", "code": "2160-0", "display": "Creatinine"}]},
+         "subject": {"reference": "Patient/kid"}, "effectiveDateTime": "2020-06-01",
+         "valueQuantity": {"value": 0.4, "unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"}},
+    ]  # fmt: skip
+    store = FhirStore(f"sqlite:///{tmp_path / 'store.db'}")
+    entries = [{"resource": r} for r in resources]
+    store.import_json({"resourceType": "Bundle", "type": "collection", "entry": entries}, "kid")
+    ctx = ToolContext(asyncio.run(assemble_record(StoreSource(store), "kid")), now=NOW)
+    facts = TOOLS["latest_observation"](ctx, query="eGFR")
+    assert facts[0].statement.startswith("No eGFR result in the record")
+    assert not [f for f in facts if "Computed" in f.statement]
+    store.close()
