@@ -147,8 +147,12 @@ def split_sentences(text: str) -> list[str]:
     one sentence resting on its citation (split, its first sentences cited nothing and were
     removed, leaving the quote's tail)."""
     text = re.sub(r"^\s*(?:[-*•]|\d+[.)])\s+", "", text, flags=re.MULTILINE)  # list markers
-    text = _QUOTED.sub(lambda m: re.sub(r"[ \t]", _KEPT_SPACE, m.group(0)), text)
-    parts = [p.strip().replace(_KEPT_SPACE, " ") for p in _SENTENCE_END.split(text.strip())]
+    kept = _KEPT_SPACE not in text  # (a text holding the marker itself is split as it is)
+    if kept:
+        text = _QUOTED.sub(lambda m: re.sub(r"[ \t]", _KEPT_SPACE, m.group(0)), text)
+    parts = [p.strip() for p in _SENTENCE_END.split(text.strip())]
+    if kept:
+        parts = [p.replace(_KEPT_SPACE, " ") for p in parts]
     # citations written after the full stop belong to the sentence before it
     out: list[str] = []
     for part in parts:
