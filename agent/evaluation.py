@@ -80,8 +80,12 @@ class SuiteItem(BaseModel):
 
 def load_suite(paths: Iterable[Path]) -> list[SuiteItem]:
     """The items of JSON Lines suite files, in order (blank lines and ``#`` comments skipped).
-    Raises ``EvalError`` naming the file and line of an item that is not valid."""
+    Raises ``EvalError`` naming the file and line of an item that is not valid (not JSON, JSON
+    nested deeper than Python's recursion limit, a ``\\ud800`` escape of a lone surrogate, which
+    no UTF-8 report can hold, not a ``SuiteItem``) and of an item whose id an
+    earlier item already used; the file is read as UTF-8."""
     items: list[SuiteItem] = []
+    where: dict[str, str] = {}  # item id → "file:line" of its first use
     for path in paths:
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
@@ -91,14 +95,26 @@ def load_suite(paths: Iterable[Path]) -> list[SuiteItem]:
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             try:
-                items.append(SuiteItem.model_validate(json.loads(line)))
+                raw = json.loads(line)
+                json.dumps(raw, ensure_ascii=False).encode("utf-8")  # no lone surrogate (\\ud800)
+                item = SuiteItem.model_validate(raw)
+            except UnicodeEncodeError as exc:
+                raise EvalError(
+                    f"{path}:{n}: not a suite item: it escapes a lone UTF-16 surrogate "
+                    f"({exc.object[exc.start : exc.end]!a}), which is no character"
+                ) from exc
             except (json.JSONDecodeError, ValidationError) as exc:
                 first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise EvalError(f"{path}:{n}: not a suite item: {first}") from exc
-    ids = [i.id for i in items]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise EvalError(f"suite item id {dup!r} is used twice")
+            except RecursionError as exc:
+                raise EvalError(f"{path}:{n}: not a suite item: JSON nested too deeply") from exc
+            if item.id in where:
+                raise EvalError(
+                    f"{path}:{n}: suite item id {item.id!r} is used twice (first at "
+                    f"{where[item.id]})"
+                )
+            where[item.id] = f"{path}:{n}"
+            items.append(item)
     return items
 
 

@@ -137,10 +137,22 @@ class Verification:
         return list(dict.fromkeys(c for s in self.kept for c in s.citations))
 
 
+_QUOTED = re.compile(r"\u201c[^\u201c\u201d\n]*\u201d")  # a “quotation” within one line
+_KEPT_SPACE = "\ue000"  # (Unicode private use) a space within a quotation while splitting
+
+
 def split_sentences(text: str) -> list[str]:
-    """Sentences (and list items) of an answer; decimals and citations stay whole."""
+    """Sentences (and list items) of an answer; decimals, citations and quotations stay whole:
+    a note quoted as “Patient feels well. Ankle swelling resolved.” [DocumentReference/x] is
+    one sentence resting on its citation (split, its first sentences cited nothing and were
+    removed, leaving the quote's tail)."""
     text = re.sub(r"^\s*(?:[-*•]|\d+[.)])\s+", "", text, flags=re.MULTILINE)  # list markers
+    kept = _KEPT_SPACE not in text  # (a text holding the marker itself is split as it is)
+    if kept:
+        text = _QUOTED.sub(lambda m: re.sub(r"[ \t]", _KEPT_SPACE, m.group(0)), text)
     parts = [p.strip() for p in _SENTENCE_END.split(text.strip())]
+    if kept:
+        parts = [p.replace(_KEPT_SPACE, " ") for p in parts]
     # citations written after the full stop belong to the sentence before it
     out: list[str] = []
     for part in parts:

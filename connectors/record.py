@@ -27,6 +27,7 @@ from fhir.resources.R4B.procedure import Procedure
 from fhir.resources.R4B.reference import Reference
 
 from connectors.errors import ChartSightError, ConnectorError, ResourceNotFound
+from connectors.indexing import COMPARTMENT_ELEMENTS
 from connectors.resources import InvalidResource, Resource, reference_of
 from connectors.source import PATIENT_COMPARTMENT_SEARCHES, FhirSource
 
@@ -325,13 +326,46 @@ async def assemble_record(source: FhirSource, patient_key: str) -> PatientRecord
     for res in result.resources:
         if res.get_resource_type() == "Patient" and str(res.id) == pid:
             record.patient = res  # type: ignore[assignment]
-        elif res.get_resource_type() == "Patient":
-            record.other.append(res)
         else:
-            record.add(res)
+            _file(record, res, pid, "Patient/$everything")
     record.invalid.extend(result.invalid)
     await fetch_referenced(source, record)
     return record
+
+
+def _owner(record: PatientRecord, resource: Resource) -> str | None:
+    """The id of the Patient a resource is about: its ``subject``, ``patient`` or ``beneficiary``
+    reference to a Patient (``connectors.indexing.COMPARTMENT_ELEMENTS``, the elements by which
+    the local store files a resource in a compartment), relative or under the source's base
+    URL; None when it names none."""
+    for element in COMPARTMENT_ELEMENTS:
+        ref = getattr(resource, element, None)
+        key = record.local_reference(str(getattr(ref, "reference", None) or ""))
+        if key is not None and key.startswith("Patient/"):
+            return key.removeprefix("Patient/")
+    return None
+
+
+def _file(record: PatientRecord, resource: Resource, pid: str, origin: str) -> None:
+    """Add ``resource`` to the record of Patient ``pid`` unless it is about another patient: a
+    server's Patient compartment also holds resources in which the patient only takes part (a
+    CareTeam of another patient naming this one as a member, a DocumentReference this patient
+    authored about another; FHIR R4 CompartmentDefinition patient), and those are that other
+    patient's data, as is another Patient (a linked one). They go to ``record.invalid`` ("about
+    another patient"), as a CDS Hooks prefetch's do (``connectors.prefetch``)."""
+    owner = (
+        str(resource.id) if resource.get_resource_type() == "Patient" else _owner(record, resource)
+    )
+    if owner is None or owner == pid:
+        record.add(resource)
+        return
+    raw = resource.model_dump(mode="json", by_alias=True, exclude_none=True)
+    record.invalid.append(
+        InvalidResource(
+            resource.get_resource_type(), str(resource.id), raw,
+            f"about another patient (Patient/{owner})", origin,
+        )
+    )  # fmt: skip
 
 
 def _references_at(node: Any, path: str) -> Iterator[Reference]:
@@ -455,5 +489,5 @@ async def _fill_by_type(source: FhirSource, pid: str, record: PatientRecord) -> 
             record.problems.append(FetchProblem(rtype, str(outcome)))
             continue
         for res in outcome.resources:
-            record.add(res)
+            _file(record, res, pid, rtype)
         record.invalid.extend(outcome.invalid)

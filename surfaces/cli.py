@@ -656,7 +656,7 @@ def eval_(
     import tempfile
 
     from agent.evaluation import EvalError, load_suite, run_suite, suite_now
-    from surfaces.eval_report import overall, write_report
+    from surfaces.eval_report import overall, prepare_out, write_report
 
     paths = suites or [SUITES_DIR / "demo.jsonl"]
     given_bundles = bool(bundles)
@@ -671,6 +671,10 @@ def eval_(
     items = items[:limit] if limit else items
     if not items:
         _fail(EvalError("no questions to run (check --family)"))
+    try:
+        prepare_out(out)  # before the run: an --out that cannot be written fails at once
+    except EvalError as exc:
+        _fail(exc)
     with tempfile.TemporaryDirectory(prefix="chartsight-eval-") as tmp:
         if bundles:
             settings = settings.model_copy(deep=True)
@@ -708,9 +712,12 @@ def eval_(
         f"model backend {settings.model.name}; now = {now.date() if now else 'today'}. The first "
         "question of each patient includes fetching and embedding the record (cold)."
     )
-    written = write_report(
-        results, out, title="ChartSight evaluation", setup=setup, model=settings.model.name
-    )
+    try:
+        written = write_report(
+            results, out, title="ChartSight evaluation", setup=setup, model=settings.model.name
+        )
+    except EvalError as exc:
+        _fail(exc)
     t = overall(results)
     table = Table(
         title=f"{t['right']:.0f}/{t['items']:.0f} right or rightly abstained ({t['rate']:.1%})",

@@ -11,9 +11,41 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agent.evaluation import FamilyScore, ItemResult, summarise
+from agent.evaluation import EvalError, FamilyScore, ItemResult, summarise
+from surfaces.plots import clean_text
 
 MAX_MISSES = 40  # misses listed in the report (all are in results.jsonl)
+MD_TEXT_LIMIT = 300  # characters of a suite's or an answer's text quoted in report.md
+
+
+def _md(text: str, limit: int = MD_TEXT_LIMIT) -> str:
+    """``text`` from a suite or an answer made inert in Markdown: control and format characters
+    (bidi overrides, zero-width) dropped and whitespace runs (newlines) made one space (``surfaces.plots.clean_text``), at most
+    ``limit`` characters, ``<``, ``>`` and ``&`` HTML-escaped (a viewer that passes raw HTML
+    through shows them as text), ``|`` escaped (a table cell stays one cell) and backticks made
+    apostrophes (a code span stays closed)."""
+    kept = html.escape(clean_text(" ".join(text.split()), limit), quote=False)
+    return kept.replace("|", "\\|").replace("`", "'")
+
+
+def prepare_out(out: Path) -> None:
+    """Create the report folder ``out`` (and its parents) and check that files can be written in
+    it, before a run spends its time. Raises ``EvalError`` naming ``out`` when it is a file, or
+    cannot be created or written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:
+        raise EvalError(
+            f"--out {out} is a file, not a folder: give a folder for the report"
+        ) from exc
+    except OSError as exc:
+        raise EvalError(f"cannot create the report folder {out}: {exc.strerror or exc}") from exc
+    probe = out / ".chartsight-eval-probe"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise EvalError(f"cannot write in the report folder {out}: {exc.strerror or exc}") from exc
 
 
 def _pct(x: float) -> str:
@@ -47,9 +79,9 @@ def markdown(results: Sequence[ItemResult], title: str, setup: str, model: str =
     other than the evidence backend, the verifier's figures."""
     t = overall(results)
     lines = [
-        f"# {title}",
+        f"# {_md(title)}",
         "",
-        f"{setup}",
+        _md(setup, 2000),
         "",
         f"**{t['right']:.0f} of {t['items']:.0f} right or rightly abstained "
         f"({_pct(t['rate'])})**; {t['wrong']:.0f} wrong, {t['abstained']:.0f} abstained where the "
@@ -73,7 +105,7 @@ def markdown(results: Sequence[ItemResult], title: str, setup: str, model: str =
     ]
     for f in summarise(results):
         lines.append(
-            f"| {f.family} | {f.items} | {_pct(f.right / f.items)} | {_pct(f.value)} | "
+            f"| {_md(f.family, 80)} | {f.items} | {_pct(f.right / f.items)} | {_pct(f.value)} | "
             f"{_pct(f.citations)} | {_pct(f.abstention)} | {f.wrong} | {f.abstained} | "
             f"{f.p50_ms:.0f} | {f.p95_ms:.0f} | {'yes' if f.tuned else 'no'} |"
         )
@@ -85,8 +117,10 @@ def markdown(results: Sequence[ItemResult], title: str, setup: str, model: str =
                 k for k, ok in (("value", r.value), ("citations", r.citations),
                                 ("abstention", r.abstention)) if not ok
             )  # fmt: skip
-            said = r.error or " ".join(r.text.split())[:300]
-            lines.append(f"- `{r.item.id}` {r.item.question} ({r.outcome}; {why}): {said}")
+            said = _md(r.error or r.text)
+            lines.append(
+                f"- `{_md(r.item.id, 80)}` {_md(r.item.question)} ({r.outcome}; {why}): {said}"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -156,8 +190,18 @@ def write_report(
 ) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and ``results.jsonl`` (one line per item: id, family,
     question, outcome, the parts, latency, the answer's text and citations, any error) into
-    ``out`` (created), and return their paths by kind."""
-    out.mkdir(parents=True, exist_ok=True)
+    ``out`` (created), and return their paths by kind. Raises ``EvalError`` naming the path
+    that cannot be written (``prepare_out``; a disk that fills)."""
+    prepare_out(out)
+    try:
+        return _write(results, out, title=title, setup=setup, model=model)
+    except (OSError, UnicodeError) as exc:
+        raise EvalError(f"cannot write the report in {out}: {exc}") from exc
+
+
+def _write(
+    results: Sequence[ItemResult], out: Path, *, title: str, setup: str, model: str
+) -> dict[str, Path]:
     stamp = f"{title} — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
     paths = {
         "markdown": out / "report.md",

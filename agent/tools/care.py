@@ -412,16 +412,37 @@ def notes(ctx: ToolContext, query: str | None = None) -> list[Fact]:
     """Notes are DocumentReference and DiagnosticReport items with text (inline attachments,
     conclusions). Without ``query``: the latest note, quoted (at most 400 characters). With it:
     every note holding all its words, the sentence that holds them quoted, newest first (5 at
-    most). An absence cites the Patient and says how many notes were searched."""
+    most). An absence cites the Patient and says how many notes were searched. A note whose text
+    was withheld (``Evidence.withheld``: it addresses an AI model, ``retrieval.evidence.guard``)
+    is neither quoted nor searched, but named: without ``query`` when it is newer than the latest
+    quoted note (the latest note is then that one), with ``query`` in a count of the notes not
+    searched."""
     patient = f"Patient/{ctx.record.patient_id}"
-    items = [
-        e
-        for e in _by_category(ctx, "document", False) + _by_category(ctx, "report", False)
-        if _note_body(e)
-    ]
+    every = _by_category(ctx, "document", False) + _by_category(ctx, "report", False)
+    withheld = sorted(
+        (e for e in every if e.withheld), key=lambda e: e.date or NOW_MIN, reverse=True
+    )
+    items = [e for e in every if not e.withheld and _note_body(e)]
     items.sort(key=lambda e: e.date or NOW_MIN, reverse=True)
+    words = [w for w in re.findall(r"[a-z0-9]+", (query or "").lower()) if len(w) > 2]
+    facts: list[Fact] = []
+    if (
+        withheld
+        and not words
+        and (not items or (withheld[0].date or NOW_MIN) > (items[0].date or NOW_MIN))
+    ):
+        w = withheld[0]
+        facts.append(
+            Fact(
+                "notes",
+                f"The latest note ({w.day or 'undated'}) is not quoted: its text addresses an AI "
+                f"model, so it was withheld; read it in the record.{_cite([w.id])}",
+                date=w.date,
+                evidence=(w.id,),
+            )
+        )
     if not items:
-        return [
+        return facts or [
             Fact(
                 "notes",
                 "The record holds no clinical notes (no DocumentReference or report with text)."
@@ -429,20 +450,20 @@ def notes(ctx: ToolContext, query: str | None = None) -> list[Fact]:
                 evidence=(patient,),
             )
         ]
-    words = [w for w in re.findall(r"[a-z0-9]+", (query or "").lower()) if len(w) > 2]
     if not words:
         latest = items[0]
         body = _note_body(latest)
         quote = clean_text(body, 400)
+        said = "The latest readable note" if facts else "The latest note"
         return [
+            *facts,
             Fact(
                 "notes",
-                f"The latest note ({latest.day}) says: \u201c{quote}\u201d{_cite([latest.id])}",
+                f"{said} ({latest.day}) says: \u201c{quote}\u201d{_cite([latest.id])}",
                 date=latest.date,
                 evidence=(latest.id,),
-            )
+            ),
         ]
-    facts = []
     for e in items:
         body = _note_body(e)
         if all(re.search(rf"\b{re.escape(w)}", body.lower()) for w in words):
@@ -466,11 +487,18 @@ def notes(ctx: ToolContext, query: str | None = None) -> list[Fact]:
         if len(facts) == 5:
             break
     if not facts:
+        unread = (
+            f" ({len(withheld)} more not searched: their text addresses an AI model, so it was "
+            f"withheld){_cite(e.id for e in withheld)}"
+            if withheld
+            else ""
+        )
         return [
             Fact(
                 "notes",
-                f"None of the record's {len(items)} notes mentions {query!r}.{_cite([patient])}",
-                evidence=(patient,),
+                f"None of the record's {len(items)} notes mentions {query!r}{unread}."
+                f"{_cite([patient])}",
+                evidence=(patient, *(e.id for e in withheld)),
                 details={"echo": [str(query)]},
             )
         ]

@@ -202,6 +202,9 @@ def _obs_text(ref: str, ctx: ToolContext) -> str:
 EGFR_CODES = {"33914-3", "62238-1", "48643-1", "98979-8"}
 
 
+ADULT_YEARS = 18  # CKD-EPI 2021 holds from this age on (Inker LA et al., NEJM 2021;385:1737-49)
+
+
 def ckd_epi_2021(creatinine_mg_dl: float, age_years: int, female: bool) -> float:
     """eGFR in mL/min/1.73 m² from serum creatinine (mg/dL), age (years) and sex by the CKD-EPI
     2021 equation without race (Inker LA et al., N Engl J Med 2021;385:1737-49):
@@ -220,7 +223,9 @@ def computed_egfr(ctx: ToolContext) -> Fact | None:
     """When the record has no eGFR result and one is asked for: an eGFR computed from the latest
     serum creatinine with the patient's age on that day and sex (``ckd_epi_2021``), stated as
     computed and citing the creatinine and the Patient; None without a creatinine in mg/dL (or
-    convertible), a birth date, or a sex of male or female."""
+    convertible), a birth date, or a sex of male or female, and for a patient under 18 on the
+    creatinine's day: the equation was derived and validated in adults (Inker 2021: ages 18 and
+    over; children's eGFR takes other equations, e.g. bedside Schwartz, and their height)."""
     from retrieval.clinical import patient_age
 
     patient = ctx.record.patient
@@ -235,7 +240,7 @@ def computed_egfr(ctx: ToolContext) -> Fact | None:
     term = next((ctx.terms.analyte(c) for c in last.codes if ctx.terms.analyte(c)), None)
     mg = convert(last.measurement, "mg/dL", term.molar_mass if term else None)
     age = patient_age(patient, last.when.start.date())
-    if mg is None or mg.value <= 0 or age is None:
+    if mg is None or mg.value <= 0 or age is None or age.years < ADULT_YEARS:
         return None
     egfr = ckd_epi_2021(mg.value, age.years, patient.gender == "female")
     ref, pref = last.reference, f"Patient/{patient.id}"

@@ -95,6 +95,20 @@ def test_sentence_splitting_keeps_decimals_citations_and_list_items():
     )
 
 
+def test_a_quoted_note_of_several_sentences_is_one_sentence_with_its_citation():
+    # the notes tool quotes a note whole; split at its full stops, the quote's first sentences
+    # cited nothing and the verifier removed them ('Plan: continue metoprolol.” [Doc...]' was left)
+    quote = (
+        "The latest note (2020-06-01) says: \u201cPatient feels well. Ankle swelling resolved "
+        "after furosemide. Plan: continue metoprolol.\u201d [DocumentReference/d1]"
+    )
+    assert split_sentences(f"{quote}\nNext one. Last one [Patient/p]") == [
+        quote,
+        "Next one.",
+        "Last one [Patient/p]",
+    ]
+
+
 def test_facts_support_the_values_they_computed():
     facts = [
         _fact("Age on 2021-01-01: 73 years.", ("Patient/p",)),

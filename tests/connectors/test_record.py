@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from connectors.errors import UnsupportedSearch
+from connectors.errors import ConnectorError, UnsupportedSearch
 from connectors.record import ID_BATCH, MAX_NAMED, PatientRecord, assemble_record
 from connectors.resources import Resource, SearchResult, reference_of
 from connectors.source import SearchParams
@@ -216,3 +216,69 @@ async def test_many_missing_references_of_a_type_are_one_problem(store: FhirStor
     assert problem.error.count("(by Observation/o") == MAX_NAMED
     assert problem.error.endswith(f" and {12 - MAX_NAMED} more")
     assert len(record.observations) == 12 and not record.referenced
+
+
+class _CompartmentSource(StoreSource):
+    """The local store answering ``$everything`` and per-type searches as a FHIR server's Patient
+    compartment does: with every resource the patient takes part in, also those about another
+    patient (the other Patient, a CareTeam naming p1 as a member, a DocumentReference p1
+    authored)."""
+
+    def __init__(self, store: FhirStore, fail_everything: bool = False) -> None:
+        super().__init__(store)
+        self.fail_everything = fail_everything
+
+    def _theirs(self, resource_type: str | None = None) -> list[Resource]:
+        found = [
+            *self.store.search("Patient", {"_id": "p2"}).resources,
+            *self.store.search("CareTeam", {"_id": "their-team"}).resources,
+            *self.store.search("DocumentReference", {"_id": "their-note"}).resources,
+        ]
+        return [r for r in found if resource_type in (None, r.get_resource_type())]
+
+    async def everything(self, patient_id: str) -> SearchResult:
+        if self.fail_everything:
+            raise ConnectorError("$everything is not supported")
+        mine = await super().everything(patient_id)
+        return SearchResult(resources=[*mine.resources, *self._theirs()], pages=1)
+
+    async def search(self, resource_type: str, params: SearchParams | None = None) -> SearchResult:
+        mine = await super().search(resource_type, params)
+        if "_id" in (params or {}):
+            return mine
+        return SearchResult(resources=[*mine.resources, *self._theirs(resource_type)], pages=1)
+
+
+@pytest.mark.parametrize("fail_everything", [False, True])
+async def test_a_resource_about_another_patient_is_left_out_of_the_record(
+    store: FhirStore, fail_everything: bool
+):
+    note = "QU5PVEhFUiBQQVRJRU5UJ1MgTk9URQ=="  # "ANOTHER PATIENT'S NOTE"
+    entries: list[dict[str, Any]] = [
+        {"resourceType": "Patient", "id": "p1"},
+        {"resourceType": "Patient", "id": "p2", "name": [{"family": "Other"}]},
+        {"resourceType": "CareTeam", "id": "my-team", "subject": {"reference": "Patient/p1"}},
+        {"resourceType": "CareTeam", "id": "their-team", "name": "p2's team",
+         "subject": {"reference": "Patient/p2"}, "participant": [{"member": {"reference": "Patient/p1"}}]},
+        {"resourceType": "DocumentReference", "id": "their-note", "status": "current",
+         "subject": {"reference": "Patient/p2"}, "author": [{"reference": "Patient/p1"}],
+         "content": [{"attachment": {"contentType": "text/plain", "data": note}}]},
+    ]  # fmt: skip
+    store.import_json(
+        {
+            "resourceType": "Bundle",
+            "type": "collection",
+            "entry": [{"resource": r} for r in entries],
+        },
+        "compartment",
+    )
+    record = await assemble_record(_CompartmentSource(store, fail_everything), "p1")
+    kept = {reference_of(r) for r in record.resources()}
+    assert "CareTeam/my-team" in kept
+    assert not kept & {"Patient/p2", "CareTeam/their-team", "DocumentReference/their-note"}
+    assert not [e for e in record_evidence(record) if "Other" in e.text or "p2" in e.text]
+    left_out = {i.reference: i.error for i in record.invalid}
+    if not fail_everything:  # (per-type searches do not search Patients)
+        assert left_out["Patient/p2"] == "about another patient (Patient/p2)"
+    assert left_out["CareTeam/their-team"] == "about another patient (Patient/p2)"
+    assert left_out["DocumentReference/their-note"] == "about another patient (Patient/p2)"

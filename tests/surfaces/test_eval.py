@@ -163,3 +163,90 @@ def test_the_report_plots_the_series_an_answer_cites(
     }  # fmt: skip
     linked = set(re.findall(r'xlink:href="#(Observation/[^"]+)"', page))
     assert linked and linked <= cited
+
+
+def _line(**fields: object) -> str:
+    item = {"id": "a", "family": "f", "patient": "p", "question": "q", "expect": {}}
+    return json.dumps({**item, **fields}) + "\n"
+
+
+def test_a_hostile_suite_file_is_an_error_naming_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "suite.jsonl"
+    # JSON nested past Python's recursion limit was a RecursionError traceback
+    path.write_text(_line() + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(EvalError, match=r"suite.jsonl:2: not a suite item: JSON nested too deep"):
+        load_suite([path])
+    path.write_bytes(b"\x00\xff\xfe\x89PNG\r\n")
+    with pytest.raises(EvalError, match="cannot read suite .*suite.jsonl"):
+        load_suite([path])
+    path.write_text(_line(id=5, family=[], patient=None))
+    with pytest.raises(EvalError, match=r"suite.jsonl:1: not a suite item"):
+        load_suite([path])
+
+
+def test_a_repeated_id_in_a_long_suite_is_found_at_once_and_named(tmp_path: Path) -> None:
+    import time
+
+    path = tmp_path / "suite.jsonl"
+    path.write_text("".join(_line(id=f"i{n}") for n in range(20_000)) + _line(id="i19999"))
+    start = time.perf_counter()
+    with pytest.raises(EvalError, match=r"suite.jsonl:20001: .*'i19999' is used twice .*:20000"):
+        load_suite([path])
+    # a scan of ids.count per id took minutes at 100,000 items
+    assert time.perf_counter() - start < 10
+
+
+def test_the_markdown_report_quotes_suite_text_inertly() -> None:
+    from surfaces.eval_report import markdown
+
+    item = SuiteItem.model_validate(
+        json.loads(
+            _line(
+                id="<script>alert(1)</script>`",
+                family="a | b\n## heading",
+                question="<img src=x onerror=alert(3)> \u202e\u0007how old?",
+            )
+        )
+    )
+    result = score(item, _answer("</table><b>13</b>", []), 1)
+    result.value = False
+    md = markdown([result], "t", "suite <x>.jsonl")
+    assert "<" not in md and "\u202e" not in md and "\u0007" not in md
+    assert "&lt;img src=x onerror=alert(3)&gt; how old?" in md
+    assert "| a \\| b ## heading | 1 |" in md and "`&lt;script&gt;alert(1)&lt;/script&gt;'`" in md
+    assert "&lt;/table&gt;&lt;b&gt;13&lt;/b&gt;" in md and "suite &lt;x&gt;.jsonl" in md
+
+
+def test_an_out_that_cannot_hold_the_report_fails_before_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from surfaces.eval_report import prepare_out
+
+    monkeypatch.setenv("CHARTSIGHT_HOME", str(tmp_path / "home"))
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    for out, said in ((taken, "is a file, not a folder"), (taken / "r", "cannot create")):
+        result = CliRunner().invoke(app, ["eval", "--limit", "1", "--out", str(out)])
+        text = " ".join(result.output.split())
+        assert result.exit_code == 1 and said in text and "Traceback" not in text, text
+        assert "right or rightly abstained" not in text  # nothing was asked
+    assert taken.read_text() == "mine"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(
+        Path,
+        "write_bytes",
+        lambda *_: (_ for _ in ()).throw(PermissionError(13, "Permission denied")),
+    )
+    with pytest.raises(EvalError, match="cannot write in the report folder .*locked: Permission"):
+        prepare_out(locked)
+
+
+def test_a_lone_surrogate_in_a_suite_is_named_before_the_run(tmp_path: Path) -> None:
+    # a "\ud800" escape loaded, was asked, and the run ended in a UnicodeEncodeError traceback
+    # while report.html was written
+    path = tmp_path / "suite.jsonl"
+    lone = _line(id="b", question="Who is her doctor ?").replace(" ?", " \\ud800?")
+    path.write_text(_line() + lone)
+    with pytest.raises(EvalError, match=r"suite.jsonl:2: .*lone UTF-16 surrogate \('\\ud800'\)"):
+        load_suite([path])
