@@ -272,13 +272,14 @@ def items_for(res: list[R]) -> list[tuple[str, str, dict[str, Any]]]:
     elif (every := _numeric(res, ("38483-4", "2160-0"))) and p.get("gender") in ("male", "female"):
         last = every[-1]  # the latest creatinine, as a latest value is read: at any date
         on = _dt(_when(last)).date()  # type: ignore[arg-type]
-        v = ckd_epi_2021(
-            float(last["valueQuantity"]["value"]), _age(born, on), p["gender"] == "female"
-        )
-        add("eGFR", "What is the patient's eGFR?", {
-            # computed, said so, first; then that no measured eGFR is recorded
-            "contains": ["Computed", f"eGFR {v:.0f}", "CKD-EPI 2021"], "cites": [_ref(last)],
-        })  # fmt: skip
+        if _age(born, on) >= 18:  # CKD-EPI 2021 is an adult equation: none for a child
+            v = ckd_epi_2021(
+                float(last["valueQuantity"]["value"]), _age(born, on), p["gender"] == "female"
+            )
+            add("eGFR", "What is the patient's eGFR?", {
+                # computed, said so, first; then that no measured eGFR is recorded
+                "contains": ["Computed", f"eGFR {v:.0f}", "CKD-EPI 2021"], "cites": [_ref(last)],
+            })  # fmt: skip
     for name, codes, words in ABSENT_TESTS:
         has = any(
             r["resourceType"] == "Observation"
