@@ -95,7 +95,7 @@ def immunizations(ctx: ToolContext, vaccine: str | None = None, due: bool = Fals
             Fact(
                 "immunizations",
                 "ChartSight cannot tell which vaccines are due: it has no immunization schedule "
-                f"rule. The last of each recorded vaccine follows.{_cite([patient])}",
+                f"rule; the last of each recorded vaccine follows.{_cite([patient])}",
                 evidence=(patient,),
             )
         )

@@ -250,3 +250,16 @@ def test_a_lone_surrogate_in_a_suite_is_named_before_the_run(tmp_path: Path) -> 
     path.write_text(_line() + lone)
     with pytest.raises(EvalError, match=r"suite.jsonl:2: .*lone UTF-16 surrogate \('\\ud800'\)"):
         load_suite([path])
+
+
+def test_the_care_families_hold_through_the_whole_graph(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the tools' statements pass the verifier as a whole answer (a second sentence without its
+    # own citation was removed, leaving "The last of each … follows" as the answer)
+    monkeypatch.setenv("CHARTSIGHT_HOME", str(tmp_path / "home"))
+    families = ["vaccines due", "last visit", "primary care provider", "code status",
+                "clinical notes", "eGFR", "two questions in one", "kidney function trend"]  # fmt: skip
+    args = ["eval", "--out", str(tmp_path / "r"), "--fail-under", "100"]
+    result = CliRunner().invoke(app, args + [x for f in families for x in ("--family", f)])
+    assert result.exit_code == 0, result.output
