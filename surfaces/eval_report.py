@@ -126,8 +126,9 @@ def write_report(
     results: Sequence[ItemResult], out: Path, *, title: str, setup: str
 ) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and ``results.jsonl`` (one line per item: id, family,
-    question, outcome, the parts, latency, the answer's text and citations, any error) into
-    ``out`` (created), and return their paths by kind."""
+    question, outcome, the parts, latency, the answer's text and citations, any error, the model
+    path's supported fraction, removed sentences (count, and each one's text and problems) and
+    fallback) into ``out`` (created), and return their paths by kind."""
     out.mkdir(parents=True, exist_ok=True)
     stamp = f"{title} — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
     paths = {
@@ -157,6 +158,7 @@ def write_report(
                         "supported_fraction": r.supported_fraction,
                         "rejected": r.rejected,
                         "fallback": r.fallback,
+                        "rejected_sentences": r.rejected_sentences,
                     },
                     ensure_ascii=False,
                 )
