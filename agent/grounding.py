@@ -138,16 +138,20 @@ class Verification:
 
 
 def split_sentences(text: str) -> list[str]:
-    """Sentences (and list items) of an answer; decimals and citations stay whole."""
+    """Sentences (and list items) of an answer; decimals and citations stay whole. Citations
+    written after the full stop belong to the sentence before it, and so does a full stop written
+    after them ("… 83 years. [Patient/p]. The …": a small model's habit, seen with
+    Qwen2.5-Coder-1.5B): punctuation alone is no sentence."""
     text = re.sub(r"^\s*(?:[-*•]|\d+[.)])\s+", "", text, flags=re.MULTILINE)  # list markers
     parts = [p.strip() for p in _SENTENCE_END.split(text.strip())]
-    # citations written after the full stop belong to the sentence before it
     out: list[str] = []
     for part in parts:
         lead = re.match(r"^((?:" + _CITATION.pattern + r"\s*)+)(.*)$", part, re.DOTALL)
         if out and lead and citations(lead.group(1)):
             out[-1] = f"{out[-1]} {lead.group(1).strip()}"
             part = part[len(lead.group(1)) :].strip()
+        if out and part and not re.search(r"\w", part):
+            continue
         if part:
             out.append(part)
     return out
