@@ -38,8 +38,12 @@ _POINTER_WORDS = frozenset(
      "following", "below", "above", "listed", "list", "for", "more", "further", "detail",
      "details", "information", "info", "in", "of", "to", "as", "and", "based", "on", "from",
      "chart", "charts", "documentation", "entries", "entry", "please", "refer", "shown", "given",
-     "relevant", "data", "note", "notes", "with", "by", "per", "according", "which", "our", "my"}
+     "relevant", "data", "note", "notes", "with", "by", "per", "according", "which", "our", "my",
+     "closest", "nearest", "related", "most"}
 )  # fmt: skip
+# ("closest": the system prompt's rule 4 asks to cite the closest evidence when the record does not
+# answer; Qwen2.5-Coder-1.5B then wrote "The closest evidence is from the record [Observation/…]",
+# which was kept as a supported claim and stood as the whole answer)
 # generic words of the term table's category rows that name no clinical concept of their own
 GENERIC_WORDS = frozenset({"history", "record", "records", "chart", "patient", "problem"})
 

@@ -385,6 +385,9 @@ def test_normal_or_abnormal_must_agree_with_the_cited_flag(sentence: str, suppor
         "See the cited records [Condition/stroke, Observation/k].",
         "Sources: [Observation/k]",
         "For more details, see the following record entries: [Observation/k].",
+        # Qwen2.5-Coder-1.5B following rule 4 of the system prompt ("cite the closest evidence")
+        "The closest evidence is from the record [Observation/k].",
+        "The most relevant related records: [Observation/k]",
     ],
 )
 def test_a_sentence_that_asserts_nothing_is_not_an_answer(sentence: str):
