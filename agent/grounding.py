@@ -29,6 +29,7 @@ from agent.grounding_claims import (
     ASSERTS_NOTHING,
     GENERIC_WORDS,
     asserts_nothing,
+    blood_pressure_problems,
     drug_polarity_problems,
     flag_problems,
     polarity_problems,
@@ -306,6 +307,7 @@ def check_sentence(sentence: str, evidence: Mapping[str, str], question: str = "
     problems += polarity_problems(body, pieces)
     problems += drug_polarity_problems(body, pieces)
     problems += flag_problems(body, pieces)
+    problems += blood_pressure_problems(body, pieces)
     return SentenceCheck(
         text=sentence, citations=cited, supported=not problems, problems=tuple(problems)
     )

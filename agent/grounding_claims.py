@@ -358,3 +358,36 @@ def flag_problems(claim: str, pieces: Sequence[str]) -> list[str]:
 def _concept_words(term: Term, claim: str) -> list[str]:
     """The words of ``term`` that ``claim`` uses (a label names the concept by them)."""
     return [w for w in term.words if _spans(claim, (w,))] or list(term.words)
+
+
+# ------------------------------------------------------------------ blood pressure components
+# a blood pressure panel's component in an evidence line (LOINC 55284-4's 8462-4 and 8480-6):
+# "Diastolic Blood Pressure 85.46 mm[Hg] (high; …); Systolic Blood Pressure 102.4 mm[Hg]"
+_BP_COMPONENT = re.compile(r"\b(systolic|diastolic) blood pressure (\d+(?:\.\d+)?)", re.IGNORECASE)
+_ISO_DATE = re.compile(r"\b\d{4}-\d{2}-\d{2}(?:T[\d:.+\-Z]+)?")
+
+
+def blood_pressure_problems(claim: str, pieces: Sequence[str]) -> list[str]:
+    """A sentence that gives "the blood pressure" as one number when the cited panel records two
+    ("The latest blood pressure is 85.46 mm[Hg]" resting on "Diastolic Blood Pressure 85.46
+    mm[Hg]; Systolic Blood Pressure 102.4 mm[Hg]": Qwen2.5-Coder-1.5B on the demo suite) passes
+    every number check yet misstates the reading. ``claim``: the sentence without its citations;
+    ``pieces``: the cited evidence lines. Returns one problem per such panel, in words; none when
+    the sentence names the component ("diastolic …") or states both values ("102.4/85.46")."""
+    low = claim.lower()
+    if not re.search(r"\b(?:blood pressure|bp)\b", low) or re.search(r"systolic|diastolic", low):
+        return []
+    stated = set(re.findall(r"\d+(?:\.\d+)?", _ISO_DATE.sub(" ", claim)))
+    problems = []
+    for piece in pieces:
+        values = {kind.lower(): value for kind, value in _BP_COMPONENT.findall(piece)}
+        if len(values) != 2:
+            continue
+        given = [kind for kind, value in values.items() if value in stated]
+        if len(given) == 1:
+            other = "systolic" if given[0] == "diastolic" else "diastolic"
+            problems.append(
+                f"gives the {given[0]} value {values[given[0]]} mm[Hg] as the blood pressure; "
+                f"the cited reading's {other} value is {values[other]} mm[Hg]"
+            )
+    return problems

@@ -107,6 +107,36 @@ def test_a_full_stop_after_the_citations_is_no_sentence_of_its_own():
     assert v.rejected == [] and v.supported_fraction == 1.0
 
 
+BP = {
+    "Observation/bp": (
+        "2020-10-17 Blood Pressure (LOINC 55284-4): Diastolic Blood Pressure 85.46 mm[Hg] "
+        "(high; usual range 60–79); Systolic Blood Pressure 102.4 mm[Hg] [Observation/bp]"
+    )
+}
+
+
+@pytest.mark.parametrize(
+    ("sentence", "supported"),
+    [
+        # Qwen2.5-Coder-1.5B (Q4_K_M) on the demo suite's "What is the patient's latest blood
+        # pressure?": one component given as the reading, every number in the evidence
+        (
+            "The patient's latest blood pressure is 85.46 mm[Hg] on 2020-10-17 [Observation/bp].",
+            False,
+        ),
+        ("Her BP was 102.4 mm[Hg] [Observation/bp].", False),
+        ("The latest blood pressure is 102.4/85.46 mm[Hg] on 2020-10-17 [Observation/bp].", True),
+        ("The latest diastolic blood pressure is 85.46 mm[Hg] [Observation/bp].", True),
+        ("Blood pressure was measured on 2020-10-17 [Observation/bp].", True),
+    ],
+)
+def test_one_component_is_not_the_blood_pressure(sentence: str, supported: bool):
+    check = check_sentence(sentence, BP)
+    assert check.supported is supported, check.problems
+    if not supported:
+        assert any("as the blood pressure" in p for p in check.problems)
+
+
 def test_facts_support_the_values_they_computed():
     facts = [
         _fact("Age on 2021-01-01: 73 years.", ("Patient/p",)),
