@@ -368,17 +368,17 @@ _ISO_DATE = re.compile(r"\b\d{4}-\d{2}-\d{2}(?:T[\d:.+\-Z]+)?")
 
 
 def blood_pressure_problems(claim: str, pieces: Sequence[str]) -> list[str]:
-    """A sentence that gives "the blood pressure" as one number when the cited panel records two
-    ("The latest blood pressure is 85.46 mm[Hg]" resting on "Diastolic Blood Pressure 85.46
-    mm[Hg]; Systolic Blood Pressure 102.4 mm[Hg]": Qwen2.5-Coder-1.5B on the demo suite) passes
-    every number check yet misstates the reading. ``claim``: the sentence without its citations;
-    ``pieces``: the cited evidence lines. Returns one problem per such panel, in words; none when
-    the sentence names the component ("diastolic …") or states both values ("102.4/85.46")."""
-    low = claim.lower()
-    if not re.search(r"\b(?:blood pressure|bp)\b", low) or re.search(r"systolic|diastolic", low):
+    """A sentence that gives one value of a cited blood pressure panel as the reading, without
+    naming which ("The latest blood pressure is 85.46 mm[Hg]", "The one before was 81.89 mm[Hg]"
+    resting on "Diastolic Blood Pressure 85.46 mm[Hg]; Systolic Blood Pressure 102.4 mm[Hg]":
+    Qwen2.5-Coder-1.5B on the demo suite), passes every number check yet misstates the reading.
+    ``claim``: the sentence without its citations; ``pieces``: the cited evidence lines. Returns
+    one problem per such reading, in words; none when the sentence names the component
+    ("diastolic …") or states both values ("102.4/85.46")."""
+    if re.search(r"systolic|diastolic", claim, re.IGNORECASE):
         return []
     stated = set(re.findall(r"\d+(?:\.\d+)?", _ISO_DATE.sub(" ", claim)))
-    problems = []
+    problems: list[str] = []
     for piece in pieces:
         values = {kind.lower(): value for kind, value in _BP_COMPONENT.findall(piece)}
         if len(values) != 2:
@@ -386,8 +386,10 @@ def blood_pressure_problems(claim: str, pieces: Sequence[str]) -> list[str]:
         given = [kind for kind, value in values.items() if value in stated]
         if len(given) == 1:
             other = "systolic" if given[0] == "diastolic" else "diastolic"
-            problems.append(
+            problem = (
                 f"gives the {given[0]} value {values[given[0]]} mm[Hg] as the blood pressure; "
                 f"the cited reading's {other} value is {values[other]} mm[Hg]"
             )
+            if problem not in problems:  # the line and a fact may both hold the reading
+                problems.append(problem)
     return problems
