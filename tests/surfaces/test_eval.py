@@ -142,3 +142,19 @@ def test_chartsight_eval_fails_under_a_threshold_and_on_a_bad_suite(
     result = CliRunner().invoke(app, ["eval", str(suite)])
     assert result.exit_code == 1 and "not a suite item" in " ".join(result.output.split())
     assert "Traceback" not in result.output
+
+
+def test_results_list_each_sentence_the_verifier_removed(tmp_path: Path) -> None:
+    from agent.answer import SentenceCheck
+    from surfaces.eval_report import write_report
+
+    removed = SentenceCheck(text=".", supported=False, problems=("cites no evidence",))
+    answer = _answer("He is 83 years old. [Patient/p]", ["Patient/p"]).model_copy(
+        update={"rejected": [removed], "supported_fraction": 0.5, "fallback_used": True}
+    )
+    result = score(_item(contains=["83"]), answer, 10)
+    paths = write_report([result], tmp_path, title="t", setup="s")
+    (line,) = paths["results"].read_text(encoding="utf-8").splitlines()
+    got = json.loads(line)
+    assert got["rejected"] == 1 and got["fallback"] and got["supported_fraction"] == 0.5
+    assert got["rejected_sentences"] == [{"text": ".", "problems": ["cites no evidence"]}]
