@@ -266,6 +266,13 @@ def check_sentence(sentence: str, evidence: Mapping[str, str], question: str = "
             f"cites {', '.join(unknown)}, which {'was' if len(unknown) == 1 else 'were'} not given"
         )
     known = [c for c in cited if c in evidence]
+    lead_in = _strip_citations(sentence).strip()
+    if lead_in.endswith(":") and not re.search(r"\d", lead_in):
+        # a list's lead-in ("The patient's latest labs are:", Qwen2.5-Coder-1.5B): the items
+        # after it make the claims, each with its citation
+        return SentenceCheck(
+            text=sentence, citations=cited, supported=False, problems=(ASSERTS_NOTHING,)
+        )
     if not known:
         if not cited:
             problems.append("cites no evidence")

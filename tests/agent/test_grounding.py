@@ -423,6 +423,8 @@ def test_normal_or_abnormal_must_agree_with_the_cited_flag(sentence: str, suppor
         # Qwen2.5-Coder-1.5B following rule 4 of the system prompt ("cite the closest evidence")
         "The closest evidence is from the record [Observation/k].",
         "The most relevant related records: [Observation/k]",
+        # a list's lead-in, uncited (Qwen2.5-Coder-1.5B on "latest labs"): no claim of its own
+        "The patient's latest labs are:",
     ],
 )
 def test_a_sentence_that_asserts_nothing_is_not_an_answer(sentence: str):
