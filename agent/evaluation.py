@@ -137,12 +137,14 @@ class ItemResult:
     cited: list[str] = field(default_factory=list)
     error: str | None = None
     # the model path: the share of shown sentences supported, the model's sentences the verifier
-    # removed, and whether the evidence answer stood in for the model's
+    # removed (their count, and each one's text with the verifier's problems), and whether the
+    # evidence answer stood in for the model's
     supported_fraction: float = 1.0
     rejected: int = 0
     fallback: bool = False
     # the cited results of one test over time, when the answer cites a series (for a plot)
     series: CitedSeries | None = None
+    rejected_sentences: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def right(self) -> bool:
@@ -202,6 +204,9 @@ def score(item: SuiteItem, answer: Answer, latency_ms: float) -> ItemResult:
         supported_fraction=answer.supported_fraction,
         rejected=len(answer.rejected),
         fallback=answer.fallback_used,
+        rejected_sentences=[
+            {"text": c.text, "problems": list(c.problems)} for c in answer.rejected
+        ],
     )
 
 

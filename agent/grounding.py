@@ -29,6 +29,7 @@ from agent.grounding_claims import (
     ASSERTS_NOTHING,
     GENERIC_WORDS,
     asserts_nothing,
+    blood_pressure_problems,
     drug_polarity_problems,
     flag_problems,
     polarity_problems,
@@ -145,7 +146,10 @@ def split_sentences(text: str) -> list[str]:
     """Sentences (and list items) of an answer; decimals, citations and quotations stay whole:
     a note quoted as “Patient feels well. Ankle swelling resolved.” [DocumentReference/x] is
     one sentence resting on its citation (split, its first sentences cited nothing and were
-    removed, leaving the quote's tail)."""
+    removed, leaving the quote's tail). Citations written after the full stop belong to the
+    sentence before it, and so does a full stop written after them ("… 83 years. [Patient/p].
+    The …": a small model's habit, seen with Qwen2.5-Coder-1.5B): punctuation alone is no
+    sentence."""
     text = re.sub(r"^\s*(?:[-*•]|\d+[.)])\s+", "", text, flags=re.MULTILINE)  # list markers
     kept = _KEPT_SPACE not in text  # (a text holding the marker itself is split as it is)
     if kept:
@@ -160,6 +164,8 @@ def split_sentences(text: str) -> list[str]:
         if out and lead and citations(lead.group(1)):
             out[-1] = f"{out[-1]} {lead.group(1).strip()}"
             part = part[len(lead.group(1)) :].strip()
+        if out and part and not re.search(r"\w", part):
+            continue
         if part:
             out.append(part)
     return out
@@ -273,6 +279,13 @@ def check_sentence(sentence: str, evidence: Mapping[str, str], question: str = "
             f"cites {', '.join(unknown)}, which {'was' if len(unknown) == 1 else 'were'} not given"
         )
     known = [c for c in cited if c in evidence]
+    lead_in = _strip_citations(sentence).strip()
+    if lead_in.endswith(":") and not re.search(r"\d", lead_in):
+        # a list's lead-in ("The patient's latest labs are:", Qwen2.5-Coder-1.5B): the items
+        # after it make the claims, each with its citation
+        return SentenceCheck(
+            text=sentence, citations=cited, supported=False, problems=(ASSERTS_NOTHING,)
+        )
     if not known:
         if not cited:
             problems.append("cites no evidence")
@@ -314,6 +327,7 @@ def check_sentence(sentence: str, evidence: Mapping[str, str], question: str = "
     problems += polarity_problems(body, pieces)
     problems += drug_polarity_problems(body, pieces)
     problems += flag_problems(body, pieces)
+    problems += blood_pressure_problems(body, pieces)
     return SentenceCheck(
         text=sentence, citations=cited, supported=not problems, problems=tuple(problems)
     )

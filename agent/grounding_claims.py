@@ -38,8 +38,12 @@ _POINTER_WORDS = frozenset(
      "following", "below", "above", "listed", "list", "for", "more", "further", "detail",
      "details", "information", "info", "in", "of", "to", "as", "and", "based", "on", "from",
      "chart", "charts", "documentation", "entries", "entry", "please", "refer", "shown", "given",
-     "relevant", "data", "note", "notes", "with", "by", "per", "according", "which", "our", "my"}
+     "relevant", "data", "note", "notes", "with", "by", "per", "according", "which", "our", "my",
+     "closest", "nearest", "related", "most"}
 )  # fmt: skip
+# ("closest": the system prompt's rule 4 asks to cite the closest evidence when the record does not
+# answer; Qwen2.5-Coder-1.5B then wrote "The closest evidence is from the record [Observation/…]",
+# which was kept as a supported claim and stood as the whole answer)
 # generic words of the term table's category rows that name no clinical concept of their own
 GENERIC_WORDS = frozenset({"history", "record", "records", "chart", "patient", "problem"})
 
@@ -354,3 +358,38 @@ def flag_problems(claim: str, pieces: Sequence[str]) -> list[str]:
 def _concept_words(term: Term, claim: str) -> list[str]:
     """The words of ``term`` that ``claim`` uses (a label names the concept by them)."""
     return [w for w in term.words if _spans(claim, (w,))] or list(term.words)
+
+
+# ------------------------------------------------------------------ blood pressure components
+# a blood pressure panel's component in an evidence line (LOINC 55284-4's 8462-4 and 8480-6):
+# "Diastolic Blood Pressure 85.46 mm[Hg] (high; …); Systolic Blood Pressure 102.4 mm[Hg]"
+_BP_COMPONENT = re.compile(r"\b(systolic|diastolic) blood pressure (\d+(?:\.\d+)?)", re.IGNORECASE)
+_ISO_DATE = re.compile(r"\b\d{4}-\d{2}-\d{2}(?:T[\d:.+\-Z]+)?")
+
+
+def blood_pressure_problems(claim: str, pieces: Sequence[str]) -> list[str]:
+    """A sentence that gives one value of a cited blood pressure panel as the reading, without
+    naming which ("The latest blood pressure is 85.46 mm[Hg]", "The one before was 81.89 mm[Hg]"
+    resting on "Diastolic Blood Pressure 85.46 mm[Hg]; Systolic Blood Pressure 102.4 mm[Hg]":
+    Qwen2.5-Coder-1.5B on the demo suite), passes every number check yet misstates the reading.
+    ``claim``: the sentence without its citations; ``pieces``: the cited evidence lines. Returns
+    one problem per such reading, in words; none when the sentence names the component
+    ("diastolic …") or states both values ("102.4/85.46")."""
+    if re.search(r"systolic|diastolic", claim, re.IGNORECASE):
+        return []
+    stated = set(re.findall(r"\d+(?:\.\d+)?", _ISO_DATE.sub(" ", claim)))
+    problems: list[str] = []
+    for piece in pieces:
+        values = {kind.lower(): value for kind, value in _BP_COMPONENT.findall(piece)}
+        if len(values) != 2:
+            continue
+        given = [kind for kind, value in values.items() if value in stated]
+        if len(given) == 1:
+            other = "systolic" if given[0] == "diastolic" else "diastolic"
+            problem = (
+                f"gives the {given[0]} value {values[given[0]]} mm[Hg] as the blood pressure; "
+                f"the cited reading's {other} value is {values[other]} mm[Hg]"
+            )
+            if problem not in problems:  # the line and a fact may both hold the reading
+                problems.append(problem)
+    return problems

@@ -189,8 +189,9 @@ def write_report(
     results: Sequence[ItemResult], out: Path, *, title: str, setup: str, model: str = "evidence"
 ) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and ``results.jsonl`` (one line per item: id, family,
-    question, outcome, the parts, latency, the answer's text and citations, any error) into
-    ``out`` (created), and return their paths by kind. Raises ``EvalError`` naming the path
+    question, outcome, the parts, latency, the answer's text and citations, any error, the model
+    path's supported fraction, removed sentences (count, and each one's text and problems) and
+    fallback) into ``out`` (created), and return their paths by kind. Raises ``EvalError`` naming the path
     that cannot be written (``prepare_out``; a disk that fills)."""
     prepare_out(out)
     try:
@@ -230,6 +231,7 @@ def _write(
                         "supported_fraction": r.supported_fraction,
                         "rejected": r.rejected,
                         "fallback": r.fallback,
+                        "rejected_sentences": r.rejected_sentences,
                     },
                     ensure_ascii=False,
                 )

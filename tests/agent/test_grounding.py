@@ -109,6 +109,53 @@ def test_a_quoted_note_of_several_sentences_is_one_sentence_with_its_citation():
     ]
 
 
+def test_a_full_stop_after_the_citations_is_no_sentence_of_its_own():
+    # Qwen2.5-Coder-1.5B (Q4_K_M) on the demo suite's "How old is Adán Portillo now?": the "."
+    # after "[Patient/p]" was checked as a sentence, removed as citing nothing, and cost a retry
+    text = "The patient's age is 73 years. [Patient/p]. He was born in 1947. [Patient/p]."
+    assert split_sentences(text) == [
+        "The patient's age is 73 years. [Patient/p]",
+        "He was born in 1947. [Patient/p]",
+    ]
+    v = verify(text, {"Patient/p": "Patient p: male, born 1947-06-01, age 73 years"})
+    assert v.rejected == [] and v.supported_fraction == 1.0
+
+
+BP = {
+    "Observation/bp": (
+        "2020-10-17 Blood Pressure (LOINC 55284-4): Diastolic Blood Pressure 85.46 mm[Hg] "
+        "(high; usual range 60–79); Systolic Blood Pressure 102.4 mm[Hg] [Observation/bp]"
+    )
+}
+
+
+@pytest.mark.parametrize(
+    ("sentence", "supported"),
+    [
+        # Qwen2.5-Coder-1.5B (Q4_K_M) on the demo suite's "What is the patient's latest blood
+        # pressure?": one component given as the reading, every number in the evidence
+        (
+            "The patient's latest blood pressure is 85.46 mm[Hg] on 2020-10-17 [Observation/bp].",
+            False,
+        ),
+        ("Her BP was 102.4 mm[Hg] [Observation/bp].", False),
+        ("The one before was 85.46 mm[Hg] on 2020-10-17 [Observation/bp].", False),
+        ("The latest blood pressure is 102.4/85.46 mm[Hg] on 2020-10-17 [Observation/bp].", True),
+        ("The latest diastolic blood pressure is 85.46 mm[Hg] [Observation/bp].", True),
+        ("Blood pressure was measured on 2020-10-17 [Observation/bp].", True),
+    ],
+)
+def test_one_component_is_not_the_blood_pressure(sentence: str, supported: bool):
+    check = check_sentence(sentence, BP)
+    assert check.supported is supported, check.problems
+    if not supported:
+        assert [p for p in check.problems if "as the blood pressure" in p] == [
+            check.problems[0]
+        ]  # said once, though the line and a fact both hold the reading
+    twice = {"Observation/bp": BP["Observation/bp"] + "\n" + BP["Observation/bp"][11:]}
+    assert len(check_sentence(sentence, twice).problems) == (0 if supported else 1)
+
+
 def test_facts_support_the_values_they_computed():
     facts = [
         _fact("Age on 2021-01-01: 73 years.", ("Patient/p",)),
@@ -387,6 +434,11 @@ def test_normal_or_abnormal_must_agree_with_the_cited_flag(sentence: str, suppor
         "See the cited records [Condition/stroke, Observation/k].",
         "Sources: [Observation/k]",
         "For more details, see the following record entries: [Observation/k].",
+        # Qwen2.5-Coder-1.5B following rule 4 of the system prompt ("cite the closest evidence")
+        "The closest evidence is from the record [Observation/k].",
+        "The most relevant related records: [Observation/k]",
+        # a list's lead-in, uncited (Qwen2.5-Coder-1.5B on "latest labs"): no claim of its own
+        "The patient's latest labs are:",
     ],
 )
 def test_a_sentence_that_asserts_nothing_is_not_an_answer(sentence: str):

@@ -263,3 +263,19 @@ def test_the_care_families_hold_through_the_whole_graph(
     args = ["eval", "--out", str(tmp_path / "r"), "--fail-under", "100"]
     result = CliRunner().invoke(app, args + [x for f in families for x in ("--family", f)])
     assert result.exit_code == 0, result.output
+
+
+def test_results_list_each_sentence_the_verifier_removed(tmp_path: Path) -> None:
+    from agent.answer import SentenceCheck
+    from surfaces.eval_report import write_report
+
+    removed = SentenceCheck(text=".", supported=False, problems=("cites no evidence",))
+    answer = _answer("He is 83 years old. [Patient/p]", ["Patient/p"]).model_copy(
+        update={"rejected": [removed], "supported_fraction": 0.5, "fallback_used": True}
+    )
+    result = score(_item(contains=["83"]), answer, 10)
+    paths = write_report([result], tmp_path, title="t", setup="s")
+    (line,) = paths["results"].read_text(encoding="utf-8").splitlines()
+    got = json.loads(line)
+    assert got["rejected"] == 1 and got["fallback"] and got["supported_fraction"] == 0.5
+    assert got["rejected_sentences"] == [{"text": ".", "problems": ["cites no evidence"]}]
