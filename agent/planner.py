@@ -294,7 +294,9 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         # controlled?" is not a search for a result named hypertension)
         measured = loinc and (not snomed or term.unit is not None or term.observed)
         if measured:
-            measured_words.append(words)  # as the clinician wrote it
+            # as the clinician wrote it; a status charted as an Observation is asked for by its
+            # name ("does he smoke?" → "smoking status", so the answer says "Latest smoking status")
+            measured_words.append(f"{term.words[0]} status" if term.observed else words)
         if snomed and (asks_condition or not measured):
             condition_words.append(words)
     stats = _has(

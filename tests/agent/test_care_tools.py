@@ -428,3 +428,10 @@ def test_no_egfr_is_computed_for_a_child(tmp_path: Path) -> None:
     assert facts[0].statement.startswith("No eGFR result in the record")
     assert not [f for f in facts if "Computed" in f.statement]
     store.close()
+
+
+def test_a_status_charted_as_an_observation_is_asked_for_by_its_name() -> None:
+    plan = default_planner(TOOLS.items.values(), plugins=False).plan("Does he smoke?")
+    assert ("latest_observation", {"query": "smoking status"}) in [
+        (c.tool, c.args) for c in plan.calls
+    ]
