@@ -38,8 +38,8 @@ def test_term_table_maps_words_to_codes():
     assert terms.usual_range("http://loinc.org|33914-3") == (
         60.0,
         None,
-        None,
-    )  # eGFR, not creatinine's
+        "mL/min/{1.73_m2}",
+    )  # eGFR, not creatinine's (an analyte of its own: its changes have a meaning)
 
 
 @pytest.mark.parametrize("dense", [True, False], ids=["hybrid", "lexical-only"])
