@@ -25,6 +25,12 @@ from surfaces.settings import AuthSettings
 # scopes that let ChartSight read a whole record, every resource type: SMART v1 `read` or `*`,
 # SMART v2 permissions that include read and search (`rs`, `cruds`, ...)
 _READ_ALL = re.compile(r"^(patient|user|system)/\*\.(read|\*|c?r?u?d?s?)$")
+# any SMART resource scope: level / resource type or * . v1 permission (read, write, *) or v2
+# permissions (c, r, u, d, s in that order), optionally with v2 query parameters (`?category=…`)
+_RESOURCE_SCOPE = re.compile(
+    r"^(patient|user|system)/(\*|[A-Z][A-Za-z]+)\.(read|write|\*|c?r?u?d?s?)(\?.*)?$"
+)
+_V1_PERMISSIONS = {"read": "rs", "write": "cud", "*": "cruds"}
 
 
 class Unauthenticated(ChartSightError):
@@ -58,6 +64,41 @@ class Principal:
             if permission in ("read", "*") or {"r", "s"} <= set(permission):
                 out.add(m.group(1))
         return out
+
+
+def scope_permissions(scope: str) -> tuple[str, str, str, str] | None:
+    """A SMART resource scope split into ``(level, resource type or "*", permissions, query)``:
+    permissions as SMART v2 letters (``"rs"``; v1 ``read`` → ``"rs"``, ``write`` → ``"cud"``,
+    ``*`` → ``"cruds"``), the v2 query (``"category=laboratory"``) or ``""``. ``None`` for anything
+    else (``openid``, ``launch/patient``, a malformed scope). Source: SMART App Launch 2.2,
+    "Scopes and Launch Context" (v1 and v2 scope syntax)."""
+    m = _RESOURCE_SCOPE.match(scope)
+    if m is None or not m.group(3):
+        return None
+    level, rtype, permission, query = m.groups()
+    return level, rtype, _V1_PERMISSIONS.get(permission, permission), (query or "")[1:]
+
+
+def may(
+    principal: Principal,
+    resource_type: str,
+    permissions: str = "rs",
+    levels: set[str] | None = None,
+) -> bool:
+    """Whether one of ``principal``'s scopes grants every permission in ``permissions`` (SMART v2
+    letters, e.g. ``"rs"`` read and search, ``"c"`` create) on ``resource_type`` (``*`` scopes
+    included) without a query restriction, at one of ``levels`` (default any of patient, user,
+    system). A patient-level grant still reads only its launch patient (``authorize``)."""
+    for scope in principal.scopes:
+        parsed = scope_permissions(scope)
+        if parsed is None:
+            continue
+        level, rtype, granted, query = parsed
+        if levels is not None and level not in levels:
+            continue
+        if rtype in ("*", resource_type) and not query and set(permissions) <= set(granted):
+            return True
+    return False
 
 
 def authorize(principal: Principal, patient_id: str) -> None:
