@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.answer import Answer
 from agent.series import CitedSeries, cited_series
@@ -77,6 +77,16 @@ class SuiteItem(BaseModel):
     now: str | None = None
     tuned: bool = False
 
+    @field_validator("now")
+    @classmethod
+    def _iso_date(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                datetime.fromisoformat(value)
+            except ValueError:
+                raise ValueError(f"now {value!r} is not an ISO 8601 date") from None
+        return value
+
 
 def load_suite(paths: Iterable[Path]) -> list[SuiteItem]:
     """The items of JSON Lines suite files, in order (blank lines and ``#`` comments skipped).
@@ -103,9 +113,12 @@ def load_suite(paths: Iterable[Path]) -> list[SuiteItem]:
                     f"{path}:{n}: not a suite item: it escapes a lone UTF-16 surrogate "
                     f"({exc.object[exc.start : exc.end]!a}), which is no character"
                 ) from exc
-            except (json.JSONDecodeError, ValidationError) as exc:
-                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise EvalError(f"{path}:{n}: not a suite item: {first}") from exc
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                where_ = ".".join(str(part) for part in error["loc"]) or "the line"
+                raise EvalError(f"{path}:{n}: not a suite item: {where_}: {error['msg']}") from exc
+            except json.JSONDecodeError as exc:
+                raise EvalError(f"{path}:{n}: not a suite item: {exc}") from exc
             except RecursionError as exc:
                 raise EvalError(f"{path}:{n}: not a suite item: JSON nested too deeply") from exc
             if item.id in where:

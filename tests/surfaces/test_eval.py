@@ -69,7 +69,11 @@ def test_a_bad_suite_line_is_named(tmp_path: Path) -> None:
     with pytest.raises(EvalError, match="used twice"):
         load_suite([path])
     path.write_text(good.replace('"expect": {}', '"expect": {"contain": ["x"]}') + "\n")
-    with pytest.raises(EvalError, match=r"suite.jsonl:1"):
+    with pytest.raises(EvalError, match=r"suite.jsonl:1: not a suite item: expect.contain: Extra"):
+        load_suite([path])
+    # a bad date as today was found only when the run began, with no file or line
+    path.write_text(f"{good}\n" + good.replace('"id": "a"', '"id": "b", "now": "yesterday"') + "\n")
+    with pytest.raises(EvalError, match=r"suite.jsonl:2: not a suite item: now: .*'yesterday'"):
         load_suite([path])
 
 
