@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import re
+import unicodedata
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -113,6 +114,26 @@ class QuestionError(ChartSightError):
     fix (HTTP 422), not a failure of the service."""
 
 
+# characters that change how text is shown, not what it says: C0/C1 controls (Unicode category
+# Cc) and format characters (Cf: bidirectional overrides and isolates U+202A–U+202E,
+# U+2066–U+2069, zero-width joiners and spaces, the BOM), which can make a question, echoed in
+# the answer or the audit, read differently from what was asked (CVE-2021-42574, "Trojan Source")
+_SHOWN = {"Cc": " ", "Cf": ""}
+
+
+def question_text(question: str) -> str:
+    """The question as ChartSight reads and echoes it: NFC-normalised (Unicode UAX #15), control
+    characters (Unicode category Cc) made spaces, format characters (Cf: bidirectional overrides,
+    zero-width characters) removed, runs of whitespace made one space, ends trimmed. Raises
+    ``QuestionError`` when nothing that is a letter or digit is left."""
+    text = unicodedata.normalize("NFC", question)
+    text = "".join(_SHOWN.get(unicodedata.category(c), c) for c in text)
+    text = " ".join(text.split())
+    if not re.search(r"[^\W_]", text):  # only blanks, control or invisible characters
+        raise QuestionError("the question is empty: ask about the patient in words")
+    return text
+
+
 class ChartSight:
     """The agent, with its source, model backend, index and checkpointer opened once.
 
@@ -211,8 +232,7 @@ class ChartSight:
         ``case_privacy="generalised"`` (a caller bound to this one patient) shows similar cases
         to the model and in the answer without keys, ids, dates or free text."""
         assert self.graph is not None, "use `async with ChartSight(...)` (answering=True)"
-        if not re.search(r"[^\W_]", question):  # only blanks, control or invisible characters
-            raise QuestionError("the question is empty: ask about the patient in words")
+        question = question_text(question)
         # one runtime per question (sharing the caches), so concurrent questions keep their own
         # event listeners
         rt = dataclasses.replace(
@@ -308,7 +328,9 @@ class ChartSight:
         token_budget: int | None = None,
         source: FhirSource | None = None,
     ) -> list[RankedEvidence]:
-        """The ranked chart evidence the agent would see for ``question``."""
+        """The ranked chart evidence the agent would see for ``question`` (read as
+        ``question_text`` reads it)."""
+        question = question_text(question)
         rt = self._runtime(source)
         items = rt.evidence_items(await rt.record(patient))
         return await asyncio.to_thread(rt.ranker.rank, question, items, token_budget=token_budget)

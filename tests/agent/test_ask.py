@@ -452,6 +452,15 @@ def test_a_question_without_words_is_refused(settings: Settings, question: str):
         _ask(settings, question)
 
 
+def test_invisible_characters_are_neither_read_nor_echoed(settings: Settings):
+    # a right-to-left override makes "How old is he?" show as something else wherever the
+    # answer echoes the question (CLI, page, thread history); a NUL and a zero-width space split
+    # the words the planner reads
+    answer = _ask(settings, "How\u200b old\x00is \u202ehe?\u202c")
+    assert answer.question == "How old is he?"
+    assert "years" in answer.text
+
+
 def test_a_patient_may_be_named_as_a_reference(settings: Settings):
     answer = _ask(settings, "How old is he?", patient=f"Patient/{TOMMY_FRIESEN}")
     assert answer.patient_id == TOMMY_FRIESEN and "years" in answer.text
