@@ -36,6 +36,7 @@ from connectors.settings import FhirServerSettings, HttpSettings
 from connectors.source import FhirSource
 from connectors.store import FhirStore, StoreSource
 from retrieval.cases import Case, CasePrivacy, ChartSections, chart_sections
+from retrieval.embedding_store import EmbeddingStore
 from retrieval.encoders import EncoderRegistry
 from retrieval.index import CaseFilter, CaseHit, CaseIndex, CaseIndexError, shown_to
 from retrieval.rank import EvidenceRanker, RankedEvidence
@@ -199,7 +200,7 @@ class ChartSight:
             source=source,
             tools=tools,
             planner=default_planner(tools.tools.values()),
-            ranker=EvidenceRanker(s.retrieval.rank, encoders.text() if self.dense else None),
+            ranker=self._ranker(encoders, source),
             backend=backend,
             index=index,
             dicomweb=dicomweb,
@@ -210,6 +211,22 @@ class ChartSight:
             self.graph = build_graph(saver)
             self.one_shot = build_graph(None)  # questions outside any thread: nothing is kept
         return self
+
+    def _ranker(self, encoders: EncoderRegistry, source: FhirSource) -> EvidenceRanker:
+        """The evidence ranker: dense scoring with the text encoder when ``self.dense``; chart
+        lines' embeddings kept on disk (``retrieval.rank.keep_line_embeddings``) only when the
+        source is the embedded store, whose records are on this disk already."""
+        s = self.settings
+        text = encoders.text() if self.dense else None
+        store = None
+        folder = s.retrieval.encoders.cache_dir
+        keep = s.retrieval.rank.keep_line_embeddings and isinstance(source, StoreSource)
+        if text is not None and keep and folder is not None:
+            store = EmbeddingStore(
+                folder / "line-embeddings.sqlite3", text.info.space, text.info.dim
+            )
+            self._stack.callback(store.close)
+        return EvidenceRanker(s.retrieval.rank, text, store=store)
 
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
@@ -291,7 +308,7 @@ class ChartSight:
             return known
         made = dataclasses.replace(
             self.runtime, source=source, records=RecentCache(), images=RecentCache(),
-            evidence=RecentCache(),
+            evidence=RecentCache(), ranker=self.runtime.ranker.without_store(),
         )  # fmt: skip
         with contextlib.suppress(TypeError):
             self._by_source[source] = made

@@ -24,6 +24,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import numpy as np
 from connectors.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
+_LOADER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-session")
 
 FORMAT = 1  # bump when the export or the sidecar changes
 _MODULES = {
@@ -189,10 +191,12 @@ class OnnxTextEncoder:
         self.tokenizer.enable_padding(pad_id=pad_id if pad_id is not None else 0)
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
-        self.session = onnxruntime.InferenceSession(
-            str(target), options, providers=["CPUExecutionProvider"]
+        # the session (0.2–0.7 s here: reading and optimising 90 MB of graph) is made in a
+        # background thread, which onnxruntime lets run beside Python: a cold question reads
+        # its record meanwhile, and waits only when it first encodes
+        self._session: Future[Any] = _LOADER.submit(
+            onnxruntime.InferenceSession, str(target), options, providers=["CPUExecutionProvider"]
         )
-        self.inputs = [i.name for i in self.session.get_inputs()]
         self.info = EncoderInfo(
             name=name,
             version=f"{version_tag}, weights {meta['fingerprint']}",
@@ -200,6 +204,12 @@ class OnnxTextEncoder:
             space=f"{name}:{meta['fingerprint']}",
         )
         self._lock = threading.Lock()
+
+    @property
+    def session(self) -> Any:
+        """The ``onnxruntime.InferenceSession``, waited for when still being made; raises what
+        making it raised (an unreadable model file)."""
+        return self._session.result()
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """One row per text, float32 ``(len(texts), dim)``, pooled and (if the model does)
@@ -224,7 +234,9 @@ class OnnxTextEncoder:
             "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
             "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
         }
-        hidden = self.session.run(None, {name: arrays[name] for name in self.inputs})[0]
+        session = self.session
+        inputs = {i.name: arrays[i.name] for i in session.get_inputs()}
+        hidden = session.run(None, inputs)[0]
         if self.meta["pooling"] == "cls":
             return hidden[:, 0].astype(np.float32)
         mask = arrays["attention_mask"][..., None].astype(np.float32)

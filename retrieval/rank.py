@@ -24,6 +24,7 @@ series has none embedded gets 0. Charts of at most ``dense_candidates`` lines ar
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import threading
@@ -34,6 +35,7 @@ from datetime import datetime
 
 import numpy as np
 
+from retrieval.embedding_store import EmbeddingStore
 from retrieval.encoders import TextEncoder
 from retrieval.evidence import Evidence
 from retrieval.settings import RankSettings
@@ -226,7 +228,8 @@ def _recency(items: Sequence[Evidence], half_life_days: float) -> np.ndarray:
 
 class EvidenceRanker:
     """Ranks a record's evidence for questions; embeddings of lines, and what each list of lines
-    needs for ranking (``_Corpus``), are cached between calls."""
+    needs for ranking (``_Corpus``), are cached between calls. With a ``store``, chart lines'
+    embeddings are also kept on disk for later processes (``retrieval.embedding_store``)."""
 
     def __init__(
         self,
@@ -236,9 +239,11 @@ class EvidenceRanker:
         count_tokens: Callable[[str], int] = approx_tokens,
         cache_size: int = 50_000,
         corpus_cache_size: int = 16,
+        store: EmbeddingStore | None = None,
     ) -> None:
         self.settings = settings or RankSettings()
         self.encoder = encoder
+        self.store = store
         self.terms = terms or default_terms()
         self.count_tokens = count_tokens
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -247,13 +252,28 @@ class EvidenceRanker:
         self._corpus_cache_size = corpus_cache_size
         self._lock = threading.Lock()
 
-    def _embed(self, texts: Sequence[str]) -> np.ndarray:
+    def without_store(self) -> EvidenceRanker:
+        """This ranker sharing its caches in memory but keeping nothing on disk: for records read
+        from elsewhere than the embedded store (an EHR session, a CDS request's server)."""
+        other = copy.copy(self)
+        other.store = None
+        return other
+
+    def _embed(self, texts: Sequence[str], keep: bool = False) -> np.ndarray:
+        """One row per text; ``keep``: chart lines, looked up in and added to ``store``."""
         assert self.encoder is not None
         with self._lock:  # ranking may run in worker threads (the HTTP service)
             found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
         missing = [t for t in dict.fromkeys(texts) if t not in found]
+        store = self.store if keep else None
+        if missing and store is not None:
+            found.update(store.get(missing))
+            missing = [t for t in missing if t not in found]
         if missing:
-            found.update(zip(missing, self.encoder.encode_texts(missing), strict=True))
+            made = dict(zip(missing, self.encoder.encode_texts(missing), strict=True))
+            found.update(made)
+            if store is not None:
+                store.put(made)
         with self._lock:
             for text in dict.fromkeys(texts):
                 self._cache[text] = found[text]
@@ -357,7 +377,8 @@ class EvidenceRanker:
         q = self._embed([question])[0]  # a question asked again is not encoded again
         chosen = self.dense_candidates(corpus, cheap)
         dense = np.zeros(len(corpus.items))
-        dense[chosen] = np.clip(self._embed([corpus.plain[i] for i in chosen]) @ q, 0.0, 1.0)
+        lines = self._embed([corpus.plain[i] for i in chosen], keep=True)
+        dense[chosen] = np.clip(lines @ q, 0.0, 1.0)
         if len(chosen) == len(corpus.items):
             return dense
         # the newest embedded line of each series speaks for the rest of it

@@ -109,6 +109,14 @@ class RankSettings(BaseModel):
     )
     token_budget: int = Field(default=1500, ge=1, description="Tokens of evidence handed on.")
     max_items: int = Field(default=40, ge=1)
+    keep_line_embeddings: bool = Field(
+        default=True,
+        description=(
+            "Keep the embedded store's chart-line embeddings on disk "
+            "(<encoders.cache_dir>/line-embeddings.sqlite3), so a new process does not embed "
+            "them again. Never questions, never lines read from a FHIR server or an EHR."
+        ),
+    )
 
 
 class IndexSettings(BaseModel):

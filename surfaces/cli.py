@@ -91,7 +91,13 @@ ModelUrlOpt = Annotated[
 ModelNameOpt = Annotated[str | None, typer.Option("--model-name", help="Model name to request.")]
 PatientArg = Annotated[str, typer.Argument(help="Patient id, or an identifier value.")]
 QuestionArg = Annotated[str, typer.Argument(help="The clinician's question.")]
-ThreadOpt = Annotated[str | None, typer.Option(help="Continue this conversation thread.")]
+ThreadOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Continue (or start) this conversation thread: questions and answers are kept for "
+        "follow-ups. Without it nothing is kept."
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 AnswerJsonOpt = Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")]
 
@@ -776,7 +782,11 @@ def ask(
         async def run() -> Answer:
             async with ChartSight(settings) as agent:
                 return await agent.ask(
-                    patient, question, thread_id=thread, on_event=show if stream else None
+                    patient,
+                    question,
+                    thread_id=thread,
+                    on_event=show if stream else None,
+                    keep=False,  # without --thread nothing is kept, as in the HTTP API
                 )
 
         answer = asyncio.run(run())

@@ -161,7 +161,8 @@ def render_answer(console: Console, answer: Any) -> None:
         Text(
             f"model {answer.model} · prompt {answer.prompt_version} · "
             + ("abstained" if answer.abstained else f"supported {answer.supported_fraction:.0%}")
-            + f" · thread {answer.thread_id} · ms: {stages}",
+            + (f" · thread {answer.thread_id}" if answer.thread_id else "")
+            + f" · ms: {stages}",
             style="dim",
         )
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -159,3 +160,57 @@ def test_large_chart_is_narrowed_before_embedding(
     asked = len(counting.texts)  # the same question again: every vector comes from the cache
     assert ranker.rank("What was the last A1c?", items)[0].evidence.id == ranked[0].evidence.id
     assert len(counting.texts) == asked
+
+
+def test_line_embeddings_kept_on_disk_serve_a_later_process(
+    tommy: PatientRecord, encoders: EncoderRegistry, tmp_path
+):
+    from retrieval.embedding_store import EmbeddingStore, line_key
+
+    items = record_evidence(tommy)
+    text = encoders.text()
+    path = tmp_path / "line-embeddings.sqlite3"
+
+    first = _CountingEncoder(text)
+    store = EmbeddingStore(path, text.info.space, text.info.dim)
+    expected = EvidenceRanker(encoder=first, store=store).score("What was his last HbA1c?", items)
+    store.close()
+    assert len(first.texts) > 100  # the chart's lines were embedded (the dense candidates)
+
+    # another process (a new ranker, a new connection): only the question is embedded
+    again = _CountingEncoder(text)
+    store = EmbeddingStore(path, text.info.space, text.info.dim)
+    got = EvidenceRanker(encoder=again, store=store).score("What was his last HbA1c?", items)
+    assert again.texts == ["What was his last HbA1c?"]
+    assert [(r.evidence.id, round(r.score, 6)) for r in got] == [
+        (r.evidence.id, round(r.score, 6)) for r in expected
+    ]
+    # the question itself is never kept; another encoder's space reads nothing
+    assert store.get(["What was his last HbA1c?"]) == {}
+    assert EmbeddingStore(path, "other:space", text.info.dim).get(first.texts[:3]) == {}
+    assert line_key(first.texts[0]) == line_key(first.texts[0]) != line_key(first.texts[1])
+
+    # a ranker for records from elsewhere (an EHR session) shares memory, keeps nothing on disk
+    other = EvidenceRanker(encoder=text, store=store).without_store()
+    elsewhere = [dataclasses.replace(items[0], text="Wheezing noted on 2020-01-02")]
+    other.score("any wheezing?", elsewhere)
+    assert other.store is None and store.get([elsewhere[0].text]) == {}
+
+
+def test_an_unusable_embedding_file_is_skipped(
+    tommy: PatientRecord, encoders: EncoderRegistry, tmp_path
+):
+    from retrieval.embedding_store import EmbeddingStore
+
+    items = record_evidence(tommy)[:20]
+    path = tmp_path / "line-embeddings.sqlite3"
+    path.write_bytes(b"not a database" * 100)
+    text = encoders.text()
+    ranker = EvidenceRanker(
+        encoder=text, store=EmbeddingStore(path, text.info.space, text.info.dim)
+    )
+    plain = EvidenceRanker(encoder=text)
+    assert [r.evidence.id for r in ranker.score("HbA1c", items)] == [
+        r.evidence.id for r in plain.score("HbA1c", items)
+    ]
+    assert path.read_bytes() == b"not a database" * 100  # left as it was

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,14 @@ def test_record_text_is_printed_as_text_never_as_markup(home: Path, tmp_path: Pa
     said = " ".join(asked.output.split())
     assert "Latest glucose" in said and "[bold]fasting[/bold]" in said
     assert "[status preliminary]" in said
+    # a question outside a thread keeps nothing: no checkpoint, no thread to follow up on
+    assert " thread " not in said
+    threads = home / "threads.db"
+    assert not threads.exists() or "What was the last glucose" not in threads.read_bytes().decode(
+        "latin-1"
+    )
+    # the chart's lines were embedded once, kept beside the models for the next process
+    models = os.environ.get("CHARTSIGHT_RETRIEVAL__ENCODERS__CACHE_DIR", str(home / "models"))
+    assert (Path(models) / "line-embeddings.sqlite3").is_file()
+    followed = runner.invoke(app, ["ask", "mk", "And the one before?", "--thread", "t1"])
+    assert followed.exit_code == 0 and " thread t1 " in " ".join(followed.output.split())
