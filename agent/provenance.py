@@ -313,11 +313,16 @@ def answer_bundle(
 
 async def save_to_chart(source: FhirSource, bundle: dict[str, Any]) -> list[str]:
     """POST a ``transaction`` Bundle to the FHIR server ``source`` reads (a SMART launch's EHR,
-    with the user's token) and return each entry's ``response.location``
-    (``DocumentReference/123/_history/1``), in the bundle's order. Raises
+    with the user's token) and return each entry's ``response.location``, relative to the
+    server's base when under it (``DocumentReference/123/_history/1``), in the bundle's order.
+    Raises
     ``ConfigurationError`` when ``source`` is not a FHIR server (the local store takes no
     writes), and ``FhirClient.transaction``'s ``ConnectorError``s."""
     if not isinstance(source, FhirClient):
         raise ConfigurationError("answers are saved to a FHIR server's chart, not the local store")
     reply = await source.transaction(bundle)
-    return [str((e.get("response") or {}).get("location", "")) for e in reply.get("entry") or []]
+    base = source.base_url + "/"
+    return [
+        str((e.get("response") or {}).get("location", "")).removeprefix(base)
+        for e in reply.get("entry") or []
+    ]
