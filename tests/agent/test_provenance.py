@@ -5,10 +5,12 @@ or naming a cited resource."""
 from __future__ import annotations
 
 import base64
+import json
 from datetime import UTC, datetime
 from typing import Any
 
 from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.patient import Patient
 
 from agent import AI_ASSERTED, Answer, Approval, Citation, answer_bundle, answer_resources
 from agent.provenance import (
@@ -18,6 +20,9 @@ from agent.provenance import (
     answer_markdown,
     model_label,
 )
+from connectors.record import PatientRecord
+from connectors.resources import validate
+from retrieval.evidence import record_evidence
 
 ANSWER = Answer(
     question="What was his last HbA1c?",
@@ -109,3 +114,20 @@ def test_the_device_says_what_kind_of_ai_wrote_it():
         "Large-Language-Models"
     )
     assert "prompt 3" in answer_markdown(ANSWER)
+
+
+def test_a_saved_answer_read_back_from_the_chart_says_it_is_ai_generated():
+    """Once saved, the note is part of the chart ChartSight reads: its evidence line says what it
+    is, so a later answer quoting it does not present it as a clinician's note."""
+    document, _ = answer_resources(ANSWER, document_ref="DocumentReference/d")
+    raw = json.loads(document.model_dump_json(exclude_none=True))
+    patient = Patient.model_validate({"resourceType": "Patient", "id": "p-1"})
+    record = PatientRecord(patient=patient, source="test", fetched_at=datetime.now(UTC))
+    record.add(validate({**raw, "id": "ai-note"}, "test"))  # type: ignore[arg-type]
+    (line,) = [e for e in record_evidence(record) if e.id == "DocumentReference/ai-note"]
+    assert "(preliminary) (AI-generated)" in line.text
+    unlabelled = {**raw, "id": "note", "meta": {}, "type": {"text": "Progress note"}}
+    unlabelled["content"] = [{"attachment": {"contentType": "text/plain", "data": "b2s="}}]
+    record.add(validate(unlabelled, "test"))  # type: ignore[arg-type]
+    (plain,) = [e for e in record_evidence(record) if e.id == "DocumentReference/note"]
+    assert "AI-generated" not in plain.text

@@ -181,15 +181,21 @@ class SmartEhr:
         def token() -> Any:
             return server.create_token_response()
 
-        @self.app.route("/fhir/<path:path>", methods=["GET"])
-        def fhir(path: str) -> Any:
+        def _granted() -> dict[str, Any] | None:
+            """The live grant of the request's bearer token, or None."""
             grant = outer.tokens.get(
                 request.headers.get("Authorization", "").removeprefix("Bearer ")
             )
-            if grant is None or grant["expires"] < time.monotonic():
-                return jsonify({"resourceType": "OperationOutcome", "issue": [
-                    {"severity": "error", "code": "login", "diagnostics": "invalid token"}
-                ]}), 401  # fmt: skip
+            return grant if grant is not None and grant["expires"] >= time.monotonic() else None
+
+        def _outcome(code: str, diagnostics: str, status: int) -> Any:
+            issue = {"severity": "error", "code": code, "diagnostics": diagnostics}
+            return jsonify({"resourceType": "OperationOutcome", "issue": [issue]}), status
+
+        @self.app.route("/fhir/<path:path>", methods=["GET"])
+        def fhir(path: str) -> Any:
+            if _granted() is None:
+                return _outcome("login", "invalid token", 401)
             outer.fhir_requests.append(path)
             upstream = httpx.get(
                 f"{outer.fhir_base}/{path}",
@@ -203,22 +209,15 @@ class SmartEhr:
 
         @self.app.post("/fhir")
         def transaction() -> Any:
-            grant = outer.tokens.get(
-                request.headers.get("Authorization", "").removeprefix("Bearer ")
-            )
-            if grant is None or grant["expires"] < time.monotonic():
-                return jsonify({"resourceType": "OperationOutcome", "issue": [
-                    {"severity": "error", "code": "login", "diagnostics": "invalid token"}
-                ]}), 401  # fmt: skip
+            grant = _granted()
+            if grant is None:
+                return _outcome("login", "invalid token", 401)
             bundle = request.get_json(force=True)
             scopes = set(grant["scope"].split())
             for entry in bundle.get("entry") or []:
                 rtype = str((entry.get("request") or {}).get("url", "")).split("/")[0]
                 if not scopes & {f"patient/{rtype}.{p}" for p in ("c", "cud", "cruds", "write")}:
-                    return jsonify({"resourceType": "OperationOutcome", "issue": [
-                        {"severity": "error", "code": "forbidden",
-                         "diagnostics": f"no scope to create {rtype}"}
-                    ]}), 403  # fmt: skip
+                    return _outcome("forbidden", f"no scope to create {rtype}", 403)
             outer.transactions.append(bundle)
             upstream = httpx.post(
                 outer.fhir_base,

@@ -27,9 +27,10 @@ from tests.peers.issuer import Issuer
 from tests.peers.servers import Sekmet
 from tests.peers.smart_ehr import SmartEhr
 from tests.surfaces.http.conftest import Running, api_settings
+from tests.surfaces.http.test_smart_app import _ask, _page_session
 
 WRITE = "patient/DocumentReference.c patient/Provenance.c"
-AIAST = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue|AIAST"
+A1C = "What was his last HbA1c?"
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def _launch_and_ask(browser: Any, running: Running, ehr: SmartEhr, pid: str) -> 
     browser.get("about:blank")  # a page launched before has the same banner
     browser.get(f"{running.url}/launch?iss={ehr.fhir_url}&launch={ehr.launch(pid)}")
     wait.until(ec.text_to_be_present_in_element((By.ID, "banner"), "Friesen"))
-    browser.find_element(By.ID, "question").send_keys("What was his last HbA1c?")
+    browser.find_element(By.ID, "question").send_keys(A1C)
     browser.find_element(By.ID, "send").click()
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#answer a.cite")))
     cited = [
@@ -163,32 +164,11 @@ def test_approve_and_save_writes_the_draft_and_its_provenance_to_the_chart(
         _table(running, "DELETE FROM ai_draft")
 
 
-def _page_session(running: Running, ehr: SmartEhr, pid: str) -> tuple[httpx.Client, str, str]:
-    """A launched session over plain HTTP: the client, the page's CSRF token and its page."""
-    client = httpx.Client(base_url=running.url, follow_redirects=False, timeout=120)
-    start = client.get("/launch", params={"iss": ehr.fhir_url, "launch": ehr.launch(pid)})
-    client.get(httpx.get(start.headers["location"]).headers["location"])
-    page = client.get("/app").text
-    found = re.search(r'name="csrf-token" content="([^"]+)"', page)
-    assert found
-    return client, found.group(1), page
-
-
-def _ask(client: httpx.Client, csrf: str) -> dict[str, Any]:
-    reply = client.post(
-        "/app/ask", json={"question": "What was his last HbA1c?"}, headers={"X-CSRF-Token": csrf}
-    )
-    answer = re.search(r"event: answer\r?\ndata: (.*)", reply.text)
-    assert answer, reply.text[-500:]
-    data: dict[str, Any] = json.loads(answer.group(1))
-    return data
-
-
 def test_no_save_without_approval_or_for_another_sessions_draft(launched: Any):
     running, ehr, pid = launched
-    client, csrf, page = _page_session(running, ehr, pid)
-    assert 'name="can-save" content="yes"' in page
-    draft = _ask(client, csrf)["draft_id"]
+    client, csrf = _page_session(running, ehr, pid)
+    assert 'name="can-save" content="yes"' in client.get("/app").text
+    draft = _ask(client, csrf, A1C)["draft_id"]
     before = len(ehr.transactions)
     headers = {"X-CSRF-Token": csrf}
     assert client.post("/app/save", json={"draft": draft}, headers=headers).status_code == 400
@@ -199,7 +179,7 @@ def test_no_save_without_approval_or_for_another_sessions_draft(launched: Any):
     made_up = {"draft": "x" * 32, "approved": True}
     assert client.post("/app/save", json=made_up, headers=headers).status_code == 404
     # another clinician's session cannot save this session's draft
-    other, other_csrf, _ = _page_session(running, ehr, pid)
+    other, other_csrf = _page_session(running, ehr, pid)
     stolen = other.post(
         "/app/save", json={"draft": draft, "approved": True}, headers={"X-CSRF-Token": other_csrf}
     )
@@ -219,9 +199,9 @@ def test_a_token_without_write_scope_gets_no_button_and_a_403(
         assert not browser.find_element(By.ID, "save").is_displayed()
         assert not browser.find_element(By.ID, "approve-save").is_displayed()
         browser.save_screenshot(str(artifacts / "smart-write-3-read-only.png"))
-        client, csrf, page = _page_session(running, ehr, pid)
-        assert 'name="can-save" content="no"' in page
-        answer = _ask(client, csrf)
+        client, csrf = _page_session(running, ehr, pid)
+        assert 'name="can-save" content="no"' in client.get("/app").text
+        answer = _ask(client, csrf, A1C)
         assert "draft_id" not in answer  # nothing kept for a session that cannot save
         refused = client.post(
             "/app/save", json={"draft": "x" * 32, "approved": True}, headers={"X-CSRF-Token": csrf}
