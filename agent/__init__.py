@@ -9,6 +9,14 @@ depends on the agent alone (plus ``connectors`` for importing data and administe
 
 from agent.answer import Answer, Citation
 from agent.index_build import BuildReport, build_index, open_index
+from agent.provenance import (
+    AI_ASSERTED,
+    Approval,
+    answer_bundle,
+    answer_resources,
+    cited_references,
+    save_to_chart,
+)
 from agent.series import CitedSeries, cited_series
 from agent.service import ChartSight, QuestionError, connected, ehr_source
 from agent.settings import Settings, load_settings
@@ -34,7 +42,9 @@ from retrieval.index import CaseFilter, CaseHit
 from retrieval.rank import RankedEvidence
 
 __all__ = [
+    "AI_ASSERTED",
     "Answer",
+    "Approval",
     "BuildReport",
     "Case",
     "CaseFilter",
@@ -61,7 +71,10 @@ __all__ = [
     "Settings",
     "ToolError",
     "age_of",
+    "answer_bundle",
+    "answer_resources",
     "build_index",
+    "cited_references",
     "cited_series",
     "connected",
     "display_name",
@@ -72,5 +85,6 @@ __all__ = [
     "open_index",
     "patient_age",
     "reference_of",
+    "save_to_chart",
     "scrub",
 ]

@@ -13,8 +13,14 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from connectors.auth import BearerAuth, SmartBackendAuth
-from connectors.errors import ConnectorError, IncompletePaging, InvalidResponse
-from connectors.http import RetryingHttp
+from connectors.errors import (
+    ConnectorError,
+    HttpStatusError,
+    IncompletePaging,
+    InvalidResponse,
+    TransportError,
+)
+from connectors.http import RetryingHttp, _detail
 from connectors.resources import InvalidResource, Resource, SearchResult, validate
 from connectors.settings import FhirServerSettings
 from connectors.source import PATIENT_COMPARTMENT_SEARCHES, BinaryContent, SearchParams
@@ -307,6 +313,34 @@ class FhirClient:
             fresh.append(raw)
             new += is_match
         return on_page, fresh, new
+
+    async def transaction(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
+        """``POST [base]`` of a ``transaction`` Bundle (FHIR R4 http 3.1.0.11), sent once: a
+        create is not idempotent, so nothing is sent again after the request went out (an
+        answer lost to a timeout could otherwise save the same note twice). Returns the
+        ``transaction-response`` Bundle. Raises ``HttpStatusError`` when the server refuses it
+        (its OperationOutcome's first diagnostics as the detail), ``TransportError`` when it
+        cannot be reached or does not answer within ``fhir.http.timeout_s``, and
+        ``InvalidResponse`` for an answer that is not a Bundle."""
+        url = self.base_url
+        try:
+            async with self._semaphore:
+                response = await self.http.client.post(
+                    url, json=dict(bundle), headers={"Content-Type": FHIR_JSON}
+                )
+        except httpx.HTTPError as exc:
+            raise TransportError(
+                url, f"the transaction was not answered ({type(exc).__name__})"
+            ) from exc
+        if not response.is_success:
+            raise HttpStatusError(url, response.status_code, _detail(response))
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise InvalidResponse(url, f"the transaction's answer is not JSON ({exc})") from exc
+        if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+            raise InvalidResponse(url, "the transaction's answer is not a Bundle")
+        return body
 
     async def binary(self, reference: str) -> BinaryContent:
         """A Binary's bytes; asks for the raw form and falls back to FHIR JSON with base64 data."""

@@ -34,6 +34,7 @@ from agent import (
     FhirImportError,
     ImageSet,
     PatientRecord,
+    answer_bundle,
     build_index,
     connected,
     display_name,
@@ -768,6 +769,14 @@ def ask(
         bool, typer.Option(help="Show the stages and the model's draft as they happen.")
     ] = False,
     as_json: AnswerJsonOpt = False,
+    as_fhir: Annotated[
+        bool,
+        typer.Option(
+            "--fhir",
+            help="Print the answer as a FHIR R4 Bundle: a DocumentReference and its AI "
+            "Provenance (HL7 AI Transparency on FHIR).",
+        ),
+    ] = False,
 ) -> None:
     """Answer a question about one patient, every sentence cited and checked against the record."""
 
@@ -792,6 +801,11 @@ def ask(
         answer = asyncio.run(run())
     except ChartSightError as exc:
         _fail(exc)
+    if as_fhir:
+        public = settings.serve.public_url
+        card = f"{public.rstrip('/')}/model-card" if public else None
+        typer.echo(json.dumps(answer_bundle(answer, model_card_url=card), indent=2))
+        return
     _print_answer(answer, as_json)
 
 

@@ -371,13 +371,18 @@ def report(r: Any, reg: Compactors, ctx: CompactContext) -> Evidence:
 
 
 def document(d: Any, reg: Compactors, ctx: CompactContext) -> Evidence:
-    """DocumentReference: "Document: <type> (superseded) (preliminary), <description>; text: <inline
-    text attachments>"."""
+    """DocumentReference: "Document: <type> (superseded) (preliminary) (AI-generated),
+    <description>; text: <inline text attachments>". "AI-generated" when ``meta.security`` holds
+    v3-ObservationValue AIAST (HL7 AI Transparency on FHIR's label: an answer ChartSight or another
+    AI wrote and a clinician saved), so a later answer does not pass it off as a clinician's
+    note."""
     body = f"Document: {reg.text(d.type) or 'untyped'}"
     if d.status == "superseded":
         body += " (superseded)"
     if d.docStatus == "preliminary":
         body += " (preliminary)"
+    if any(s.code == "AIAST" for s in (d.meta.security or [] if d.meta else [])):
+        body += " (AI-generated)"
     if d.description:
         body += f", {clean_text(str(d.description))}"
     texts = [t for t in (_note_text(c.attachment) for c in d.content or []) if t]

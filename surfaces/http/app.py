@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
-from agent import Answer, CaseFilter, CaseHit, ChartSight, ChartSightError
+from agent import Answer, CaseFilter, CaseHit, ChartSight, ChartSightError, answer_bundle
 from surfaces.http.cds import router as cds_router
 from surfaces.http.deps import (
     Caller,
@@ -32,6 +32,7 @@ from surfaces.http.deps import (
     answer_stream,
     check_question,
     http_error,
+    model_card_url,
     run_unless_disconnected,
 )
 from surfaces.http.middleware import AccessLog, BodyLimit
@@ -40,6 +41,25 @@ from surfaces.http.security import case_privacy, thread_key
 from surfaces.http.smart import router as smart_router
 from surfaces.mcp import mcp_lifespan, mount_mcp
 from surfaces.settings import AppSettings
+
+
+def _wants_fhir(accept: str) -> bool:
+    """Whether an ``Accept`` header asks for FHIR JSON before plain JSON: its first media type
+    (by order, then ``q``) that is ``application/fhir+json`` or ``application/json``."""
+    ranked = []
+    for n, part in enumerate(accept.split(",")):
+        kind, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if kind.lower() in ("application/fhir+json", "application/json") and q > 0:
+            ranked.append((-q, n, kind.lower()))
+    return bool(ranked) and min(ranked)[2] == "application/fhir+json"
 
 
 def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAPI:
@@ -53,6 +73,7 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
                 await stack.enter_async_context(opened)
             svc = Service(settings, opened)
             stack.callback(svc.audit.close)
+            stack.callback(svc.drafts.close)
             app.state.service = svc
             await stack.enter_async_context(mcp_lifespan(app))
             yield
@@ -129,6 +150,17 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
         tags=["ask"],
         summary="A grounded answer to a question about one patient.",
         responses={
+            200: {
+                "content": {
+                    "application/fhir+json": {
+                        "schema": {"type": "object", "description": "A FHIR R4 Bundle."}
+                    }
+                },
+                "description": "The Answer JSON; with `Accept: application/fhir+json`, the "
+                "answer as a FHIR R4 `collection` Bundle: a DocumentReference (docStatus "
+                "preliminary, labelled AI-asserted) and its AI Provenance (HL7 AI Transparency "
+                "on FHIR).",
+            },
             404: {"model": Problem, "description": "No such patient."},
             422: {"model": Problem, "description": "A malformed request or too long a question."},
             499: {"model": Problem, "description": "The client went away; the run was stopped."},
@@ -141,7 +173,10 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
         patient's resources (``citations``), the structured facts, similar cases and images it
         used, the model and prompt version, and warnings. Without ``thread`` nothing is kept;
         with one, the conversation continues (private to the caller and the patient). Every
-        request is audited (the question's SHA-256, never its text)."""
+        request is audited (the question's SHA-256, never its text). A request that accepts
+        ``application/fhir+json`` (and not ``application/json`` first) gets the answer as a FHIR
+        R4 ``collection`` Bundle instead (``agent.answer_bundle``: the DocumentReference and its
+        AI Provenance, the Device linked to ``/model-card``)."""
         check_question(svc, body.question)
         await allowed(svc, who, "ask", body.patient, body.question)
         thread = thread_key(who, body.patient, body.thread) if body.thread else None
@@ -182,6 +217,9 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
             question=body.question,
             answer=answer.model_dump(mode="json"),
         )
+        if _wants_fhir(request.headers.get("accept", "")):
+            bundle = answer_bundle(answer, model_card_url=model_card_url(svc, request))
+            return JSONResponse(bundle, media_type="application/fhir+json")
         return answer
 
     @app.post(

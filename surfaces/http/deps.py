@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 import anyio
@@ -16,6 +16,7 @@ from fastapi import Depends, HTTPException, Request
 from sse_starlette.sse import EventSourceResponse
 
 from agent import (
+    Answer,
     ChartSight,
     ChartSightError,
     ConfigurationError,
@@ -27,6 +28,7 @@ from agent import (
     scrub,
 )
 from surfaces.http.audit import AuditLog
+from surfaces.http.drafts import DraftStore
 from surfaces.http.limits import RateLimiter, retry_after
 from surfaces.http.security import (
     Authenticator,
@@ -52,7 +54,9 @@ class Service:
         self.limiter = RateLimiter(settings.serve.rate_per_minute, settings.serve.rate_burst)
         home = settings.home.expanduser()
         home.mkdir(parents=True, exist_ok=True)
-        self.audit = AuditLog(settings.serve.audit_url or f"sqlite:///{home / 'audit.db'}")
+        database = settings.serve.audit_url or f"sqlite:///{home / 'audit.db'}"
+        self.audit = AuditLog(database)
+        self.drafts = DraftStore(database)  # the SMART page's AI drafts and their approvals
         self.smart_sessions: Any = None  # the SMART app's launches and sessions (smart.py)
 
 
@@ -111,6 +115,13 @@ async def allowed(
             who, endpoint, "denied", patient_id=patient, question=question, detail=str(exc)
         )
         raise HTTPException(403, exc.public) from exc
+
+
+def model_card_url(svc: Service, request: Request) -> str:
+    """The absolute URL of ChartSight's model card (``GET /model-card``): under
+    ``serve.public_url`` when set, else the request's own base URL."""
+    base = svc.settings.serve.public_url or str(request.base_url)
+    return f"{base.rstrip('/')}/model-card"
 
 
 def check_question(svc: Service, question: str) -> None:
@@ -182,13 +193,16 @@ def answer_stream(
     *,
     source: FhirSource | None = None,
     keep: bool = True,
+    on_answer: Callable[[Answer], Awaitable[dict[str, Any]]] | None = None,
 ) -> EventSourceResponse:
     """``who``'s question about ``patient`` answered as Server-Sent Events: the run's events as
     they happen (``node_started``, ``token``, ``verified``, ...: ``{"event": kind, "data": JSON}``),
     then ``answer`` (the answer's JSON, ``thread_id`` the caller's own ``thread``) or ``error``
     (``{"status", "detail"}``: 504 past ``serve.request_timeout_s``, else ``http_error``'s).
     ``thread`` is kept apart per caller and patient (``security.thread_key``); the similar cases
-    shown follow ``case_privacy(who)``; ``source`` and ``keep`` are ``ChartSight.ask``'s. The run
+    shown follow ``case_privacy(who)``; ``source`` and ``keep`` are ``ChartSight.ask``'s;
+    ``on_answer`` is given the answer as produced and its result is added to the ``answer``
+    event's data (the SMART page's ``draft_id``: ``smart.py``). The run
     is audited under ``endpoint`` (answered, abstained, error, timeout, cancelled) and is stopped
     when the client goes away. Authorization (``allowed``) and ``check_question`` come first, in
     the route."""
@@ -233,6 +247,11 @@ def answer_stream(
             queue.put_nowait(("error", {"status": 500, "detail": "the answer failed"}))
             return
         data = answer.shown(thread).model_dump(mode="json")
+        if on_answer is not None:
+            try:
+                data.update(await on_answer(answer))
+            except Exception as exc:  # the answer is still shown, without what on_answer adds
+                log.warning("%s: keeping the answer failed: %s", endpoint, type(exc).__name__)
         await svc.audit.arecord(
             who, endpoint, "abstained" if answer.abstained else "answered",
             patient_id=answer.patient_id, question=question, answer=data,

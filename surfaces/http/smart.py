@@ -8,6 +8,13 @@ patient banner, a question box, the answer streaming in, clickable citations (th
 evidence line and JSON), a small plot of the cited results when they are a series over time
 (``/app/trend``: each point links to its citation), similar-case cards and the images used.
 
+Approved write-back: when the launch's token may create DocumentReference and Provenance (SMART
+``patient/DocumentReference.c patient/Provenance.c``, or v1 ``.write``) and names its user
+(``fhirUser``), each answer is kept server-side as a draft (``drafts.py``) and the page offers
+"Approve and save to chart"; after the clinician confirms, ``/app/save`` writes the draft as a
+preliminary DocumentReference with its AI Provenance (``agent.provenance``), the clinician as
+the verifier, to the EHR's FHIR server with the user's token, in one transaction.
+
 The page reads the record from the EHR's own FHIR server with the user's token, never from
 ChartSight's configured source, and every call is scoped to the launch's patient. Only EHRs listed
 in ``serve.smart.issuers`` may launch it (a launch makes the server fetch from ``iss``).
@@ -19,9 +26,11 @@ import asyncio
 import base64
 import hashlib
 import io
+import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -34,15 +43,26 @@ from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse
 
 from agent import (
+    Answer,
+    Approval,
     ChartSightError,
     FhirSource,
     ImageSet,
     PatientRecord,
+    answer_bundle,
     cited_series,
     display_name,
     ehr_source,
+    save_to_chart,
 )
-from surfaces.http.deps import Service, Svc, answer_stream, check_question, http_error
+from surfaces.http.deps import (
+    Service,
+    Svc,
+    answer_stream,
+    check_question,
+    http_error,
+    model_card_url,
+)
 from surfaces.http.limits import retry_after
 from surfaces.http.security import (
     Forbidden,
@@ -50,6 +70,7 @@ from surfaces.http.security import (
     authorize,
     case_privacy,
     listed_fhir_base,
+    may,
 )
 from surfaces.plots import trend_svg
 
@@ -288,6 +309,28 @@ def _session(svc: Service, sid: str | None) -> AppSession:
     return session
 
 
+# a SMART ``fhirUser``: a FHIR reference (relative or absolute) to the user's own resource
+_FHIR_USER = re.compile(
+    r"(^|/)(Practitioner|PractitionerRole|RelatedPerson|Patient)/[A-Za-z0-9\-.]{1,64}$"
+)
+
+
+def _may_save(svc: Service, session: AppSession) -> bool:
+    """Whether the session may save answers to the chart: its token grants create on
+    DocumentReference and Provenance (``may``, SMART v1 or v2 scopes) and names its user as a
+    FHIR reference (``fhirUser``), who is recorded as the approver."""
+    who = session.principal(svc.settings.serve.smart.client_id)
+    return (
+        may(who, "DocumentReference", "c")
+        and may(who, "Provenance", "c")
+        and _FHIR_USER.search(session.user) is not None
+    )
+
+
+def _sid_digest(sid: str | None) -> str:
+    return hashlib.sha256((sid or "").encode()).hexdigest()
+
+
 @router.get("/app", response_class=HTMLResponse, summary="The clinician's page.")
 async def app_page(
     svc: Svc, chartsight_session: Annotated[str | None, Cookie()] = None
@@ -309,6 +352,7 @@ async def app_page(
         user=session.user,
         csrf=session.csrf,
         max_chars=svc.settings.serve.max_question_chars,
+        can_save=_may_save(svc, session),
     )
     return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
@@ -334,16 +378,120 @@ async def app_ask(
 ) -> EventSourceResponse:
     """The answer to the page's question about the launch's patient, read from the EHR with the
     user's token, as Server-Sent Events (``answer_stream``'s events, then ``answer`` or
-    ``error``). 403 without the session's CSRF token (``X-CSRF-Token``); 422 for a question over
-    ``serve.max_question_chars``."""
+    ``error``). When the session may save to the chart (``_may_save``) the answer is kept as a
+    draft and its event carries ``draft_id``. 403 without the session's CSRF token
+    (``X-CSRF-Token``); 422 for a question over ``serve.max_question_chars``."""
     session = _session(svc, chartsight_session)
     _check_csrf(session, x_csrf_token)
     check_question(svc, body.question)
     who = session.principal(svc.settings.serve.smart.client_id)
+
+    async def keep_draft(answer: Answer) -> dict[str, Any]:
+        draft = await svc.drafts.akeep(
+            answer, session_sha256=_sid_digest(chartsight_session), iss=session.iss,
+            user=session.user,
+        )  # fmt: skip
+        return {"draft_id": draft}
+
     return answer_stream(
         svc, who, "app_ask", session.patient, body.question, body.thread,
         source=session.fhir(), keep=False,  # no thread: nothing kept, as over REST and MCP
+        on_answer=keep_draft if _may_save(svc, session) else None,
     )  # fmt: skip
+
+
+class PageSave(BaseModel):
+    """The clinician's approval of one draft the page was shown (``draft_id`` of its answer
+    event); ``approved`` must be true: the page sends it only after the clinician confirmed."""
+
+    draft: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    approved: bool = False
+
+
+class Saved(BaseModel):
+    """What ``/app/save`` wrote: the EHR's locations of the DocumentReference and the Provenance
+    (``DocumentReference/123/_history/1``), who approved, and when (ISO 8601, UTC)."""
+
+    document_reference: str
+    provenance: str
+    approver: str
+    recorded: str
+
+
+@router.post("/app/save", response_model=Saved, summary="Save an approved answer to the chart.")
+async def app_save(
+    body: PageSave,
+    request: Request,
+    svc: Svc,
+    x_csrf_token: Annotated[str | None, Header()] = None,
+    chartsight_session: Annotated[str | None, Cookie()] = None,
+) -> Saved:
+    """Write the session's draft ``body.draft`` to the EHR's chart as one transaction Bundle
+    (``agent.answer_bundle``): the answer as a preliminary DocumentReference labelled AI-asserted,
+    and its AI Provenance with the session's user (``fhirUser``) as the verifier agent and now as
+    ``recorded``, sent to the launch's ``iss`` with the user's token. The text and citations are
+    the stored draft's, never the browser's. The approval and its outcome are kept
+    (``DraftStore.approve``) and audited as ``smart:save``. 400 without ``approved: true``; 403
+    without the CSRF token, or when the token may not create DocumentReference and Provenance or
+    names no user; 404 for a draft this session was not shown; the EHR's refusal as
+    ``http_error`` maps it (502)."""
+    session = _session(svc, chartsight_session)
+    _check_csrf(session, x_csrf_token)
+    who = session.principal(svc.settings.serve.smart.client_id)
+    if not _may_save(svc, session):
+        await svc.audit.arecord(
+            who, "smart:save", "denied", patient_id=session.patient, detail="no write scope"
+        )
+        raise HTTPException(
+            403, "this launch may not save to the chart (it needs write scopes for "
+            "DocumentReference and Provenance, and fhirUser)",
+        )  # fmt: skip
+    if body.approved is not True:
+        await svc.audit.arecord(
+            who, "smart:save", "refused", patient_id=session.patient, detail="not approved"
+        )
+        raise HTTPException(400, "a clinician's approval is required to save to the chart")
+    draft = await asyncio.to_thread(svc.drafts.get, body.draft)
+    if (
+        draft is None
+        or not secrets.compare_digest(draft.session_sha256, _sid_digest(chartsight_session))
+        or draft.patient_id != session.patient
+        or draft.iss != session.iss
+    ):
+        raise HTTPException(404, "no such answer in this session")
+    approval = Approval(approver=session.user, at=datetime.now(UTC))
+    bundle = answer_bundle(
+        draft.answer, bundle_type="transaction", model_card_url=model_card_url(svc, request),
+        approval=approval,
+    )  # fmt: skip
+    answer_json = draft.answer.model_dump(mode="json")
+    try:
+        locations = await save_to_chart(session.fhir(), bundle)
+    except ChartSightError as exc:
+        await svc.drafts.aapprove(
+            draft.id, approver=session.user, at=approval.at, outcome="failed", bundle=bundle,
+            detail=type(exc).__name__,
+        )  # fmt: skip
+        await svc.audit.arecord(
+            who, "smart:save", "error", patient_id=session.patient, answer=answer_json,
+            detail=type(exc).__name__,
+        )  # fmt: skip
+        raise http_error(exc) from exc
+    await svc.drafts.aapprove(
+        draft.id, approver=session.user, at=approval.at, outcome="saved", bundle=bundle,
+        locations=locations,
+    )  # fmt: skip
+    await svc.audit.arecord(
+        who, "smart:save", "saved", patient_id=session.patient, answer=answer_json,
+        detail=" ".join(locations),
+    )  # fmt: skip
+    doc, prov = [*locations, "", ""][:2]
+    return Saved(
+        document_reference=doc,
+        provenance=prov,
+        approver=session.user,
+        recorded=approval.at.isoformat(timespec="seconds"),
+    )
 
 
 # how the page names the shaded band: the lab's own range, or terms.toml's usual adult range

@@ -29,7 +29,10 @@ from tests.peers.servers import free_port
 class Client(ClientMixin):
     client_id: str
     redirect_uri: str
-    scope: str = "launch openid fhirUser patient/*.read user/*.read"
+    scope: str = (
+        "launch openid fhirUser patient/*.read user/*.read "
+        "patient/DocumentReference.c patient/Provenance.c"
+    )
 
     def get_client_id(self) -> str:
         return self.client_id
@@ -91,6 +94,7 @@ class SmartEhr:
         self.codes: dict[str, Code] = {}
         self.tokens: dict[str, dict[str, Any]] = {}  # access token → its grant
         self.fhir_requests: list[str] = []
+        self.transactions: list[dict[str, Any]] = []  # the transaction Bundles forwarded
         self.app = Flask("smart-ehr")
         outer = self
 
@@ -128,6 +132,8 @@ class SmartEhr:
         def save_token(token: dict[str, Any], req: Any) -> None:
             code: Code = req.authorization_code
             token["patient"] = code.patient
+            if "fhirUser" in code.scope.split():
+                token["fhirUser"] = code.user
             outer.tokens[token["access_token"]] = {
                 "patient": code.patient,
                 "scope": token.get("scope", ""),
@@ -142,7 +148,7 @@ class SmartEhr:
                 "token_type": "Bearer",
                 "access_token": secrets.token_urlsafe(24),
                 "expires_in": 3600,
-                "scope": kw.get("scope") or "",
+                "scope": outer.client.get_allowed_scope(kw.get("scope") or ""),  # what it grants
             },
         )
 
@@ -175,15 +181,21 @@ class SmartEhr:
         def token() -> Any:
             return server.create_token_response()
 
-        @self.app.route("/fhir/<path:path>", methods=["GET"])
-        def fhir(path: str) -> Any:
+        def _granted() -> dict[str, Any] | None:
+            """The live grant of the request's bearer token, or None."""
             grant = outer.tokens.get(
                 request.headers.get("Authorization", "").removeprefix("Bearer ")
             )
-            if grant is None or grant["expires"] < time.monotonic():
-                return jsonify({"resourceType": "OperationOutcome", "issue": [
-                    {"severity": "error", "code": "login", "diagnostics": "invalid token"}
-                ]}), 401  # fmt: skip
+            return grant if grant is not None and grant["expires"] >= time.monotonic() else None
+
+        def _outcome(code: str, diagnostics: str, status: int) -> Any:
+            issue = {"severity": "error", "code": code, "diagnostics": diagnostics}
+            return jsonify({"resourceType": "OperationOutcome", "issue": [issue]}), status
+
+        @self.app.route("/fhir/<path:path>", methods=["GET"])
+        def fhir(path: str) -> Any:
+            if _granted() is None:
+                return _outcome("login", "invalid token", 401)
             outer.fhir_requests.append(path)
             upstream = httpx.get(
                 f"{outer.fhir_base}/{path}",
@@ -192,6 +204,27 @@ class SmartEhr:
                 timeout=60,
             )
             # links in bundles point back here, not at the server behind
+            body = upstream.text.replace(outer.fhir_base, outer.fhir_url)
+            return Response(body, upstream.status_code, content_type="application/fhir+json")
+
+        @self.app.post("/fhir")
+        def transaction() -> Any:
+            grant = _granted()
+            if grant is None:
+                return _outcome("login", "invalid token", 401)
+            bundle = request.get_json(force=True)
+            scopes = set(grant["scope"].split())
+            for entry in bundle.get("entry") or []:
+                rtype = str((entry.get("request") or {}).get("url", "")).split("/")[0]
+                if not scopes & {f"patient/{rtype}.{p}" for p in ("c", "cud", "cruds", "write")}:
+                    return _outcome("forbidden", f"no scope to create {rtype}", 403)
+            outer.transactions.append(bundle)
+            upstream = httpx.post(
+                outer.fhir_base,
+                json=bundle,
+                headers={"Content-Type": "application/fhir+json"},
+                timeout=60,
+            )
             body = upstream.text.replace(outer.fhir_base, outer.fhir_url)
             return Response(body, upstream.status_code, content_type="application/fhir+json")
 

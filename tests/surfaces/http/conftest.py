@@ -1,7 +1,9 @@
-"""The HTTP service running for real under uvicorn on 127.0.0.1, with a token issuer beside it."""
+"""The HTTP service running for real under uvicorn on 127.0.0.1, with a token issuer beside it, and
+a headless browser (Debian's chromium, driven by Selenium) for the SMART page's tests."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service as DriverService
 
 from connectors.demo import TOMMY_FRIESEN
 from connectors.store import FhirStore
@@ -84,3 +88,23 @@ def service(
     home = tmp_path_factory.mktemp("api-home")
     with Running(api_settings(home, demo_store, issuer, rate_burst=10_000)) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not binary or not driver_path:
+        pytest.fail("chromium and chromedriver are needed (scripts/setup-peers.sh installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+    ):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=DriverService(driver_path), options=options)
+    yield driver
+    driver.quit()
