@@ -388,7 +388,8 @@ async def generate(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
             # the model cites aliases ([E1]); the verifier reads record ids
             reply = Generation(prompt.resolve(reply.text), reply.model, reply.usage)
     except BackendError as exc:
-        rt.emit("fallback", reason=str(exc))
+        rt.emit("fallback", reason=exc.public)  # streamed to callers: no server address
+        log.warning("model fell back to the evidence answer: %s", exc)  # the operator's log
         return {
             "draft": (await EVIDENCE.generate([], given)).text,
             "given": citable,
@@ -396,7 +397,7 @@ async def generate(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
             "fallback": True,
             "attempts": MAX_ATTEMPTS,
             "warnings": [
-                f"the model could not answer ({exc}); the evidence answer is given instead"
+                f"the model could not answer ({exc.public}); the evidence answer is given instead"
             ],
         }
     rt.emit("generated", model=reply.model, chars=len(reply.text))

@@ -68,7 +68,9 @@ class OpenAIBackend:
             settings.http, headers=headers, retryable=retryable, retry_read_timeouts=False
         )
         self.url = settings.base_url.rstrip("/") + "/chat/completions"
-        self.name = f"openai:{settings.model or 'default'}@{settings.base_url}"
+        # the model as answers, audit rows and FHIR Devices name it: never the server's address,
+        # which is the deployment's network (an internal detail; the settings say where it is)
+        self.name = f"openai:{settings.model or 'default'}"
 
     def _body(self, messages: list[dict[str, Any]], stream: bool, **extra: Any) -> dict[str, Any]:
         """A Chat Completions request with the configured sampling and model."""

@@ -128,6 +128,8 @@ def test_generate_latency_sums_the_draft_and_the_retry(settings: Settings):
         answer = _ask(settings, "What was his last HbA1c?")
     assert len(model.requests) == 2
     assert answer.latency_ms["generate"] >= 800.0  # both answers' 0.4 s, not the last alone
+    # the answer names the model, never the model server's address
+    assert "openai:default" in answer.model and "127.0.0.1" not in answer.model_dump_json()
 
 
 def test_a_refused_request_falls_back_at_once(settings: Settings):
@@ -137,6 +139,7 @@ def test_a_refused_request_falls_back_at_once(settings: Settings):
     assert len(model.requests) == 1
     assert answer.fallback_used and answer.supported_fraction == 1.0
     assert any("HTTP 400" in w and "bad request" in w for w in answer.warnings)
+    assert "127.0.0.1" not in answer.model_dump_json()  # nor in the fallback's warnings
 
 
 def test_the_tool_loop_sends_an_empty_content_with_its_tool_calls(settings: Settings):
