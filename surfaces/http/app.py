@@ -53,6 +53,7 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
                 await stack.enter_async_context(opened)
             svc = Service(settings, opened)
             stack.callback(svc.audit.close)
+            stack.callback(svc.cds_store.close)
             app.state.service = svc
             await stack.enter_async_context(mcp_lifespan(app))
             yield

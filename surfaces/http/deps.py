@@ -27,6 +27,8 @@ from agent import (
     scrub,
 )
 from surfaces.http.audit import AuditLog
+from surfaces.http.cds_store import CdsStore
+from surfaces.http.cds_trust import CdsTrust
 from surfaces.http.limits import RateLimiter, retry_after
 from surfaces.http.security import (
     Authenticator,
@@ -43,7 +45,8 @@ log = logging.getLogger(__name__)
 
 
 class Service:
-    """What the routes share: the agent, security, limits and the audit log."""
+    """What the routes share: the agent, security, limits, the audit log, and the CDS Hooks
+    services' store and client trust."""
 
     def __init__(self, settings: AppSettings, agent: ChartSight) -> None:
         self.settings = settings
@@ -54,6 +57,9 @@ class Service:
         home.mkdir(parents=True, exist_ok=True)
         self.audit = AuditLog(settings.serve.audit_url or f"sqlite:///{home / 'audit.db'}")
         self.smart_sessions: Any = None  # the SMART app's launches and sessions (smart.py)
+        cds = settings.serve.cds
+        self.cds_store = CdsStore(cds.database_url or f"sqlite:///{home / 'cds.db'}")
+        self.cds_trust = CdsTrust(cds, self.cds_store)
 
 
 def service(request: Request) -> Service:
