@@ -145,10 +145,6 @@ class ServeSettings(BaseModel):
         "configured fhir.url); any other is refused with 400 before a connection is made, and "
         "the request's fhirAuthorization token is never sent to it.",
     )
-    cds_question: str = Field(
-        default="What are the active problems, current medications and latest abnormal results?",
-        description="The question the patient-view service answers.",
-    )
     auth: AuthSettings = AuthSettings()
     smart: SmartAppSettings = SmartAppSettings()
     cds: CdsSettings = CdsSettings()
