@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 from jwt import PyJWKClient, PyJWKSet
@@ -33,9 +34,11 @@ def _short(value: object) -> str:
 
 def same_url(a: str, b: str) -> bool:
     """Whether two URLs name one endpoint: scheme and host case-insensitive, the default port and
-    a trailing slash ignored (``security.fhir_base``, RFC 3986 6.2.3)."""
+    a trailing slash ignored (``security.fhir_base``, RFC 3986 6.2.3); a query, a fragment or a
+    userinfo part makes them differ (``https://ehr/jwks?x=…`` is not ``https://ehr/jwks``)."""
     try:
-        return fhir_base(a) == fhir_base(b)
+        extra = [(p.username, p.password, p.query, p.fragment) for p in map(urlsplit, (a, b))]
+        return extra[0] == extra[1] and fhir_base(a) == fhir_base(b)
     except ValueError:  # a malformed port
         return False
 

@@ -201,6 +201,9 @@ def test_a_jku_not_configured_is_refused_without_fetching_it(
     reply = _call(signed, token, tommy_json)
     assert reply.status_code == 401
     assert "jku" in reply.json()["detail"] and "was not fetched" in reply.json()["detail"]
+    # the client's own JWK Set URL with a query of the sender's choosing is another URL
+    spelled = sign(ehr, headers={"jku": f"{ehr.jwks_url}?from={rogue.url}"})
+    assert _call(signed, spelled, tommy_json).status_code == 401
     assert rogue.fetches == before
 
 
@@ -272,3 +275,17 @@ def test_without_signed_only_api_keys_still_work_beside_signed_calls(
     assert by_key.status_code == 200 and signed_ok.status_code == 200
     assert signed_bad.status_code == 401 and "aud" in signed_bad.json()["detail"]
     assert open_discovery.status_code == 200
+
+
+def test_same_url_ignores_spelling_but_not_a_query_or_userinfo():
+    from surfaces.http.cds_trust import same_url
+
+    assert same_url("HTTPS://EHR.example:443/jwks/", "https://ehr.example/jwks")
+    for other in (
+        "https://ehr.example/jwks?x=1",
+        "https://ehr.example/jwks#k",
+        "https://user@ehr.example/jwks",
+        "https://ehr.example:8443/jwks",
+        "https://ehr.example/jwks/other",
+    ):
+        assert not same_url(other, "https://ehr.example/jwks"), other
