@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 
 from agent import Settings
 from agent.settings import settings_from
@@ -52,6 +52,69 @@ class SmartAppSettings(BaseModel):
     scope: str = "launch openid fhirUser patient/*.read"
 
 
+class CdsClient(BaseModel):
+    """A CDS Client (an EHR) trusted to call the CDS Hooks services with a signed JWT (CDS Hooks
+    2.0, "Trusting CDS Clients"): its ``iss``, where its public keys are (a JWK Set URL, or the
+    set itself, agreed out of band), the other ``jku`` URLs it may name, and what it may read."""
+
+    iss: str = Field(description="The `iss` its JWTs carry (compared exactly).")
+    jwks_url: str | None = Field(
+        default=None, description="Its JWK Set URL: the keys used when a JWT has no `jku`."
+    )
+    jwks: dict[str, Any] | None = Field(
+        default=None, description='Its JWK Set itself (`{"keys": [...]}`), instead of a URL.'
+    )
+    jku: list[str] = Field(
+        default=[],
+        description="Other JWK Set URLs a JWT's `jku` header may name; a `jku` that is neither "
+        "this nor `jwks_url` is refused without being fetched.",
+    )
+    tenants: list[str] = Field(
+        default=[], description="When set, the JWT's `tenant` must be one of these."
+    )
+    client_id: str | None = Field(
+        default=None, description="Its name in the audit log and rate limits (default: `iss`)."
+    )
+    scopes: str = Field(
+        default="user/*.read",
+        description="SMART scopes it is granted: user/*.read reads the patient the EHR's user "
+        "opened; patient/… scopes are not meaningful for an EHR.",
+    )
+
+    @model_validator(mode="after")
+    def _has_keys(self) -> CdsClient:
+        if not self.jwks_url and not self.jwks:
+            raise ValueError(f"CDS client {self.iss!r}: set jwks_url or jwks (its public keys)")
+        return self
+
+
+class CdsSettings(BaseModel):
+    """CDS Hooks 2.0 trust and state (``[serve.cds]``): the trusted CDS Clients whose signed JWTs
+    are verified on each call, whether other credentials are accepted too, and where the seen
+    ``jti`` values, issued cards and feedback are kept."""
+
+    clients: list[CdsClient] = []
+    signed_only: bool = Field(
+        default=False,
+        description="Accept only CDS Client JWTs on /cds-services (discovery included), as the "
+        "spec asks; false also accepts the service's API keys and SMART bearer tokens.",
+    )
+    max_lifetime_s: float = Field(
+        default=300.0, gt=0, description="Longest a CDS Client JWT may live (`exp` - `iat`)."
+    )
+    leeway_s: float = Field(default=30.0, ge=0, description="Clock skew allowed on exp and iat.")
+    algorithms: list[str] = Field(
+        default=["RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384"],
+        description="Asymmetric algorithms only: the spec forbids `none` and HMAC.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL for seen jti values, issued cards and feedback (default: "
+        "<home>/cds.db); one database shared by every worker makes replay refusal hold across "
+        "them.",
+    )
+
+
 class ServeSettings(BaseModel):
     """The HTTP service (``chartsight serve``): where it listens, its limits and who may call it."""
 
@@ -82,12 +145,9 @@ class ServeSettings(BaseModel):
         "configured fhir.url); any other is refused with 400 before a connection is made, and "
         "the request's fhirAuthorization token is never sent to it.",
     )
-    cds_question: str = Field(
-        default="What are the active problems, current medications and latest abnormal results?",
-        description="The question the patient-view service answers.",
-    )
     auth: AuthSettings = AuthSettings()
     smart: SmartAppSettings = SmartAppSettings()
+    cds: CdsSettings = CdsSettings()
 
 
 class AppSettings(Settings):

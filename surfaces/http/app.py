@@ -74,6 +74,7 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
             svc = Service(settings, opened)
             stack.callback(svc.audit.close)
             stack.callback(svc.drafts.close)
+            stack.callback(svc.cds_store.close)
             app.state.service = svc
             await stack.enter_async_context(mcp_lifespan(app))
             yield

@@ -1,14 +1,23 @@
-"""CDS Hooks 2.0: discovery and a ``patient-view`` service that returns one card with ChartSight's
-grounded summary of the patient.
+"""CDS Hooks 2.0 (https://cds-hooks.hl7.org/2.0/): discovery, a ``patient-view`` service that
+returns one card summarising the patient's chart, and the feedback endpoint.
+
+Every call may carry the JWT a trusted CDS Client signs (``cds_trust``: iss allow-list, JWK Set or
+an allowed ``jku``, ``aud`` the URL called, ``exp``, ``jti`` never seen before); with
+``serve.cds.signed_only`` nothing else is accepted, otherwise the service's API keys and SMART
+bearer tokens are accepted too.
 
 The record comes from the request's ``prefetch`` when the EHR sent it (the service asks for the
 Patient, active Conditions, recent Observations and active MedicationRequests), otherwise from the
-request's ``fhirServer`` with its ``fhirAuthorization`` token. If the answer is not ready within the
-configured budget (default 2 s), the EHR gets an information card saying so at once, and the run is
-stopped (the card links to the SMART app, where the clinician can ask without the EHR's deadline).
+request's ``fhirServer`` with its ``fhirAuthorization`` token. When neither gives the record (no
+data, or the FHIR server cannot be reached or refuses) the answer is 412 Precondition Failed
+naming why, as the spec requires. If the card is not ready within the configured budget (default
+2 s), the EHR gets an information card saying so at once (it links to the SMART app).
 
-Requests and responses follow the spec's JSON shapes (https://cds-hooks.org/specification/current/):
-a malformed request gets a 400 naming what is wrong.
+Every card has a ``uuid``, remembered with its patient and caller (``cds_store``), so that the
+feedback endpoint (``POST …/feedback``) accepts outcomes only for cards this service issued;
+feedback is stored append-only, audited (``cds:feedback``) and read back with ``GET …/feedback``.
+Requests and responses follow the spec's JSON shapes: a malformed request gets a 400 naming what
+is wrong.
 """
 
 from __future__ import annotations
@@ -16,20 +25,25 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import uuid
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from agent import Answer, ChartSightError, PrefetchSource, ehr_source
-from agent.grounding import citations, split_sentences, uncited
-from retrieval.evidence import clean_text
-from surfaces.http.deps import Caller, Service, Svc, allowed
-from surfaces.http.security import case_privacy, listed_fhir_base
+from agent import ChartSightError, PrefetchSource
+from connectors.errors import ConnectorError, HttpStatusError, TransportError
+from connectors.fhir_client import FhirClient
+from connectors.settings import FhirServerSettings, HttpSettings
+from retrieval.cases import chart_sections
+from retrieval.evidence import record_evidence
+from surfaces.http.cds_card import CardText, compose_card
+from surfaces.http.deps import Service, Svc, allowed, principal
+from surfaces.http.limits import retry_after
+from surfaces.http.security import Principal, Unauthenticated, listed_fhir_base
 
 log = logging.getLogger("chartsight.api")
 
@@ -103,8 +117,9 @@ class Link(BaseModel):
 
 
 class Card(BaseModel):
-    """A CDS Hooks card: a summary of at most 140 characters, a markdown detail, an indicator
-    (info, warning, critical), its source and links."""
+    """A CDS Hooks card: its ``uuid`` (what feedback names), a summary of at most 140
+    characters, a markdown detail, an indicator (info, warning, critical), its source and
+    links."""
 
     uuid: str
     summary: str = Field(max_length=140)
@@ -138,23 +153,153 @@ class Discovery(BaseModel):
     services: list[ServiceDescription]
 
 
+class Coding(BaseModel):
+    """CDS Hooks' Coding: a ``code`` in a ``system``, with an optional ``display``."""
+
+    model_config = ConfigDict(extra="allow")
+    code: str = Field(min_length=1, max_length=200)
+    system: str = Field(min_length=1, max_length=400)
+    display: str | None = Field(default=None, max_length=400)
+
+
+class OverrideReason(BaseModel):
+    """Why the user overrode a card: the reason picked (a Coding) and/or their comment."""
+
+    model_config = ConfigDict(extra="allow")
+    reason: Coding | None = None
+    userComment: str | None = Field(default=None, max_length=4000)
+
+
+class AcceptedSuggestion(BaseModel):
+    """A suggestion the user accepted, by its ``uuid``."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str = Field(min_length=1, max_length=200)
+
+
+class Feedback(BaseModel):
+    """One card's outcome (CDS Hooks 2.0 Feedback): the card's ``uuid``, ``accepted`` (with the
+    accepted suggestions, required then) or ``overridden`` (with an optional reason), and when
+    the user acted (an ISO 8601 timestamp with its offset)."""
+
+    model_config = ConfigDict(extra="allow")
+    card: str = Field(min_length=1, max_length=36)
+    outcome: Literal["accepted", "overridden"]
+    acceptedSuggestions: list[AcceptedSuggestion] | None = None
+    overrideReason: OverrideReason | None = None
+    outcomeTimestamp: datetime
+
+
+class FeedbackRequest(BaseModel):
+    """The feedback endpoint's body: ``{"feedback": [Feedback, ...]}`` (1 to 100 items)."""
+
+    model_config = ConfigDict(extra="allow")
+    feedback: list[Feedback] = Field(min_length=1, max_length=100)
+
+
+class FeedbackRecorded(BaseModel):
+    """The feedback endpoint's answer: how many outcomes were stored."""
+
+    recorded: int
+
+
+class StoredFeedback(Feedback):
+    """Feedback as stored: the spec's fields plus when it was received, the card's patient and
+    the client that sent it."""
+
+    receivedAt: datetime
+    patient: str
+    client: str
+
+
+class FeedbackList(BaseModel):
+    """``GET …/feedback``: the stored feedback, newest first."""
+
+    feedback: list[StoredFeedback]
+
+
+# --- who may call: CDS Client JWTs, else the service's credentials --------------------------------
+
+
+def _audiences(request: Request, svc: Service, *paths: str) -> list[str]:
+    """The URLs a CDS Client JWT's ``aud`` may name for this call: the endpoint's URL under
+    ``serve.public_url`` (how EHRs reach the service) or, without one, the request's base URL."""
+    base = (svc.settings.serve.public_url or str(request.base_url)).rstrip("/")
+    return [base + path for path in paths]
+
+
+async def cds_principal(
+    request: Request, svc: Service, paths: tuple[str, ...], *, required: bool = True
+) -> Principal | None:
+    """The caller of a CDS Hooks endpoint: a bearer JWT from a configured CDS Client (or any
+    bearer token under ``serve.cds.signed_only``) is verified by ``CdsTrust.verify`` with ``aud``
+    one of ``paths`` under the service's URL; else (unless ``signed_only``) the service's own
+    credentials (``deps.principal``: API key, SMART bearer token). ``required=False`` (discovery)
+    lets a call without a CDS Client JWT in as None. 401 naming the failed check; 429 over the
+    client's rate."""
+    signed_only = svc.settings.serve.cds.signed_only
+    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+    token = token.strip()
+    bearer = scheme.lower() == "bearer" and bool(token)
+    if bearer and (signed_only or svc.cds_trust.client_of(token) is not None):
+        try:
+            who = await svc.cds_trust.verify(token, _audiences(request, svc, *paths))
+        except Unauthenticated as exc:
+            raise HTTPException(401, exc.public, headers={"WWW-Authenticate": "Bearer"}) from exc
+    elif signed_only:
+        if not required:
+            return None
+        raise HTTPException(
+            401,
+            "this service accepts only JWTs signed by a trusted CDS client "
+            "(Authorization: Bearer <JWT>; serve.cds.signed_only)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    elif not required:
+        return None
+    else:
+        return await principal(request, svc)
+    wait = svc.limiter.take(who.client_id)
+    if wait > 0:
+        raise HTTPException(
+            429, "too many requests from this client", headers={"Retry-After": retry_after(wait)}
+        )
+    return who
+
+
+async def _caller(request: Request, svc: Service, *paths: str) -> Principal:
+    who = await cds_principal(request, svc, paths)
+    assert who is not None  # required=True: None is never returned
+    return who
+
+
 # --- routes ----------------------------------------------------------------------------------------
 
 
 @router.get("/cds-services", response_model=Discovery, summary="CDS Hooks discovery.")
-async def discovery() -> Discovery:
+async def discovery(request: Request, svc: Svc) -> Discovery:
     """The one service ChartSight offers: ``patient-view``, with the prefetch templates of its
-    Patient, active Conditions, the 100 latest Observations and active MedicationRequests."""
+    Patient, active Conditions, the 100 latest Observations and active MedicationRequests. Open
+    to any caller, but a CDS Client JWT sent with it is verified (``aud`` ``…/cds-services``), and
+    under ``serve.cds.signed_only`` one is required (401 otherwise)."""
+    if svc.settings.serve.cds.signed_only:
+        await _caller(request, svc, "/cds-services")
+    else:
+        await cds_principal(request, svc, ("/cds-services",), required=False)
     return Discovery(
         services=[
             ServiceDescription(
                 hook="patient-view",
                 id=SERVICE_ID,
                 title="ChartSight patient summary",
-                description="A grounded summary of the patient's active problems, medications and "
-                "latest abnormal results, every statement citing the patient's own resources.",
+                description="The patient's most relevant active problems and abnormal latest "
+                "results in the summary; active problems, abnormal results, active medications "
+                "and allergies in the detail, each citing the patient's own resource.",
                 prefetch=PREFETCH,
-                usageRequirements="Grant patient/*.read (or user/*.read) for the fhirServer path.",
+                usageRequirements="Send the prefetch, or grant patient/*.read (or user/*.read) "
+                "on a fhirServer listed in the service's serve.cds_fhir_servers. Sign each call "
+                "with a JWT from a client in serve.cds.clients. Feedback: POST "
+                f"/cds-services/{SERVICE_ID}/feedback.",
             )
         ]
     )
@@ -164,20 +309,24 @@ async def discovery() -> Discovery:
     f"/cds-services/{SERVICE_ID}",
     response_model=CardsResponse,
     response_model_exclude_none=True,
-    summary="patient-view: one card with ChartSight's cited summary.",
-    responses={400: {"description": "A malformed hook request."}},
+    summary="patient-view: one card summarising the patient's chart, every fact cited.",
+    responses={
+        400: {"description": "A malformed hook request."},
+        412: {"description": "No prefetch, and the FHIR server could not be read."},
+    },
 )
-async def patient_view(request: Request, who: Caller, svc: Svc) -> CardsResponse:
-    """One info card with ChartSight's answer to ``serve.cds_question`` about
-    ``context.patientId``: the first sentence as the summary, each sentence with the references
-    it cites and the cited evidence lines as the markdown detail, and (with ``serve.public_url``)
-    a link that launches the SMART app. The record is the prefetch when it holds the Patient,
-    else the request's ``fhirServer`` (only one configured in ``serve.cds_fhir_servers`` or
-    ``fhir.url``) read with ``fhirAuthorization``. Past ``serve.cds_budget_s`` (default 2 s) the
-    card says the summary is not ready and the run is stopped. 400 for a malformed request,
-    another hook, an unlisted ``fhirServer`` or no data; 403
-    when the caller or the token may not read this patient; 502 when the record cannot be
-    read."""
+async def patient_view(request: Request, svc: Svc) -> CardsResponse:
+    """One card about ``context.patientId`` (``cds_card.compose_card``: the most relevant active
+    problems and abnormal latest results as the summary, a cited bullet per fact as the markdown
+    detail, ``source`` linking the model card, and with a public URL a link that launches the
+    SMART app), its ``uuid`` remembered for feedback. The record is the prefetch when it holds
+    the Patient, else the request's ``fhirServer`` (only one configured in
+    ``serve.cds_fhir_servers`` or ``fhir.url``) read with ``fhirAuthorization``. Past
+    ``serve.cds_budget_s`` (default 2 s) the card says the summary is not ready. 400 for a
+    malformed request, another hook or an unlisted ``fhirServer``; 401 for a CDS Client JWT that
+    fails a check; 403 when the caller or the token may not read this patient; 412 when no
+    prefetch holds the Patient and the FHIR server is absent, unreachable or refuses."""
+    who = await _caller(request, svc, f"/cds-services/{SERVICE_ID}")
     try:
         # RecursionError: JSON nested deeper than the parser's stack (a body of "[[[[…")
         hook = HookRequest.model_validate(json.loads(await request.body()))
@@ -192,30 +341,174 @@ async def patient_view(request: Request, who: Caller, svc: Svc) -> CardsResponse
     await allowed(svc, who, "cds-patient-view", pid)
     source = _source(svc, hook, pid)
     if source is None:
+        await svc.audit.arecord(who, "cds-patient-view", "no data", patient_id=pid)
         raise HTTPException(
-            400, "no data: send prefetch with the Patient, or fhirServer with fhirAuthorization"
+            412, "no data: send prefetch with the Patient, or fhirServer with fhirAuthorization"
         )
-    question = svc.settings.serve.cds_question
+    kind = "summary"
     try:
-        answer = await asyncio.wait_for(
-            svc.agent.ask(pid, question, source=source, keep=False, case_privacy=case_privacy(who)),
-            svc.settings.serve.cds_budget_s,
-        )
+        text = await asyncio.wait_for(_card_text(svc, source, pid), svc.settings.serve.cds_budget_s)
     except TimeoutError:
-        await svc.audit.arecord(who, "cds-patient-view", "over budget", patient_id=pid)
-        return CardsResponse(cards=[_pending_card(svc, pid)])
+        kind, text = "pending", _pending_text()
+    except ConnectorError as exc:
+        await svc.audit.arecord(
+            who, "cds-patient-view", "error", patient_id=pid, detail=type(exc).__name__
+        )
+        raise HTTPException(412, _unreadable(exc, fhir=hook.fhirServer is not None)) from exc
     except ChartSightError as exc:
         await svc.audit.arecord(
-            who, "cds-patient-view", "error", patient_id=pid, detail=str(exc)[:200]
+            who, "cds-patient-view", "error", patient_id=pid, detail=type(exc).__name__
         )
         raise HTTPException(502, f"the patient's record could not be read: {exc.public}") from exc
     finally:
         await source.aclose()
-    await svc.audit.arecord(
-        who, "cds-patient-view", "abstained" if answer.abstained else "answered",
-        patient_id=pid, question=question, answer=answer.model_dump(mode="json"),
+    card = Card(
+        uuid=str(uuid.uuid4()),
+        summary=text.summary,
+        detail=text.detail,
+        indicator=text.indicator,
+        source=_card_source(request, svc),
+        links=_app_link(request, svc, pid),
+    )
+    await svc.cds_store.aissued(
+        card.uuid, service_id=SERVICE_ID, hook_instance=str(hook.hookInstance), patient_id=pid,
+        client_id=who.client_id, realm=who.realm, kind=kind, cited=text.cited,
     )  # fmt: skip
-    return CardsResponse(cards=[_answer_card(svc, pid, answer.shown(None))])
+    await svc.audit.arecord(
+        who, "cds-patient-view", "over budget" if kind == "pending" else "answered",
+        patient_id=pid, answer={"citations": [{"reference": r} for r in text.cited]},
+        detail=f"card {card.uuid}",
+    )  # fmt: skip
+    return CardsResponse(cards=[card])
+
+
+@router.post(
+    f"/cds-services/{SERVICE_ID}/feedback",
+    response_model=FeedbackRecorded,
+    summary="CDS Hooks feedback: accepted or overridden outcomes of this service's cards.",
+    responses={
+        400: {"description": "A malformed feedback request."},
+        404: {"description": "A card this service did not issue to the caller."},
+    },
+)
+async def post_feedback(request: Request, svc: Svc) -> FeedbackRecorded:
+    """Store the outcomes of cards (CDS Hooks 2.0 "Feedback"), append-only, one audit row
+    (``cds:feedback``) each. Every ``card`` must be a ``uuid`` this service issued to the same
+    client (a CDS Client's card, to that client; otherwise to the same API key or token client):
+    an unknown one is 404 and nothing of the request is stored. The caller must be allowed the
+    card's patient (403). An ``accepted`` outcome needs ``acceptedSuggestions`` (400). Callers
+    authenticate as for the service (a CDS Client JWT's ``aud`` is the feedback URL or the
+    service's)."""
+    service = f"/cds-services/{SERVICE_ID}"
+    who = await _caller(request, svc, f"{service}/feedback", service)
+    try:
+        body = FeedbackRequest.model_validate(json.loads(await request.body()))
+    except (ValueError, RecursionError) as exc:
+        raise HTTPException(400, f"malformed feedback: {_first_error(exc)}") from exc
+    for item in body.feedback:
+        if item.outcome == "accepted" and not item.acceptedSuggestions:
+            raise HTTPException(
+                400, f"card {item.card}: an accepted outcome needs acceptedSuggestions"
+            )
+    issued = await svc.cds_store.acards([f.card for f in body.feedback])
+    for item in body.feedback:
+        card = issued.get(item.card)
+        if card is None or card["service_id"] != SERVICE_ID or card["client_id"] != who.client_id:
+            raise HTTPException(
+                404, f"no card {item.card!r} was issued by this service to this client; "
+                "nothing was recorded",
+            )  # fmt: skip
+        await allowed(svc, who, "cds:feedback", card["patient_id"])
+    await svc.cds_store.aadd_feedback([_feedback_row(svc, who, f, issued) for f in body.feedback])
+    for item in body.feedback:
+        reason = item.overrideReason.reason if item.overrideReason else None
+        await svc.audit.arecord(
+            who, "cds:feedback", item.outcome, patient_id=issued[item.card]["patient_id"],
+            detail=f"card {item.card}" + (f" reason {reason.system}|{reason.code}" if reason else ""),
+        )  # fmt: skip
+    return FeedbackRecorded(recorded=len(body.feedback))
+
+
+@router.get(
+    f"/cds-services/{SERVICE_ID}/feedback",
+    response_model=FeedbackList,
+    response_model_exclude_none=True,
+    summary="The stored feedback on this service's cards (user or system scopes).",
+)
+async def get_feedback(
+    request: Request,
+    svc: Svc,
+    card: Annotated[str | None, Query(max_length=36, description="A card's uuid.")] = None,
+    outcome: Literal["accepted", "overridden"] | None = None,
+    patient: Annotated[str | None, Query(max_length=200)] = None,
+    since: Annotated[datetime | None, Query(description="Received at or after (ISO 8601).")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> FeedbackList:
+    """Feedback on this service's cards, newest first, filtered by card ``uuid``, ``outcome``,
+    ``patient`` and ``since`` (received at or after): for reviewing how clinicians used the cards
+    (override rates and reasons). Needs a user- or system-level read scope (403 otherwise: it
+    spans patients); audited as ``cds:feedback`` ``read``."""
+    who = await _caller(request, svc, f"/cds-services/{SERVICE_ID}/feedback")
+    if not who.levels & {"user", "system"}:
+        await svc.audit.arecord(who, "cds:feedback", "denied", patient_id=patient)
+        raise HTTPException(403, "reading feedback needs a user/ or system/ read scope")
+    rows = await svc.cds_store.afeedback(
+        SERVICE_ID, card=card, outcome=outcome, patient_id=patient, since=since, limit=limit
+    )
+    await svc.audit.arecord(
+        who, "cds:feedback", "read", patient_id=patient, detail=f"{len(rows)} rows"
+    )
+    return FeedbackList(feedback=[_stored(r) for r in rows])
+
+
+def _feedback_row(
+    svc: Service, who: Principal, item: Feedback, issued: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    reason = item.overrideReason
+    coding = reason.reason if reason else None
+    when = item.outcomeTimestamp
+    return {
+        "service_id": SERVICE_ID,
+        "card": item.card,
+        "patient_id": issued[item.card]["patient_id"],
+        "client_id": who.client_id[:200],
+        "subject": who.subject[:400],
+        "outcome": item.outcome,
+        "accepted_suggestions": json.dumps([s.id for s in item.acceptedSuggestions or []]),
+        "override_system": coding.system if coding else None,
+        "override_code": coding.code if coding else None,
+        "override_display": coding.display if coding else None,
+        "user_comment": reason.userComment if reason else None,
+        "outcome_timestamp": when if when.tzinfo else when.replace(tzinfo=UTC),
+    }
+
+
+def _stored(row: dict[str, Any]) -> StoredFeedback:
+    coding = (
+        Coding(code=row["override_code"], system=row["override_system"],
+               display=row["override_display"])
+        if row["override_code"] else None
+    )  # fmt: skip
+    reason = (
+        OverrideReason(reason=coding, userComment=row["user_comment"])
+        if coding or row["user_comment"]
+        else None
+    )
+    return StoredFeedback(
+        card=row["card"],
+        outcome=row["outcome"],
+        acceptedSuggestions=[AcceptedSuggestion(id=s) for s in row["accepted_suggestions"]] or None,
+        overrideReason=reason,
+        outcomeTimestamp=_utc(row["outcome_timestamp"]),
+        receivedAt=_utc(row["received_at"]),
+        patient=row["patient_id"],
+        client=row["client_id"],
+    )
+
+
+def _utc(when: datetime) -> datetime:
+    """A stored time as UTC (SQLite hands back naive datetimes; they were stored in UTC)."""
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def _first_error(exc: Exception) -> str:
@@ -232,7 +525,10 @@ def _source(svc: Service, hook: HookRequest, pid: str) -> Any:
     """The prefetch when it holds the patient, else the request's fhirServer, but only when it is
     one the service is configured to read (``serve.cds_fhir_servers`` or ``fhir.url``): any other
     URL is refused before a connection is made, so a request cannot make the service fetch (and
-    send the fhirAuthorization token to) a URL of its choosing."""
+    send the fhirAuthorization token to) a URL of its choosing. The server is read without
+    following redirects, without retries and with each request's timeout inside the card's
+    budget: a server that cannot be reached fails at once (412), rather than outlasting the
+    budget."""
     if hook.prefetch:
         prefetched = PrefetchSource(hook.prefetch)
         if prefetched.has_patient(pid):
@@ -248,78 +544,69 @@ def _source(svc: Service, hook: HookRequest, pid: str) -> Any:
                 "(serve.cds_fhir_servers); send prefetch instead",
             )
         auth = hook.fhirAuthorization
-        return ehr_source(str(hook.fhirServer), auth.access_token if auth else None)
+        budget = svc.settings.serve.cds_budget_s
+        http = HttpSettings(
+            follow_redirects=False, max_retries=0, timeout_s=budget * 0.8, deadline_s=budget
+        )
+        return FhirClient(
+            FhirServerSettings(
+                url=str(hook.fhirServer).rstrip("/"),
+                token=SecretStr(auth.access_token) if auth else None,
+                http=http,
+            )
+        )
     return None
 
 
-def _card_source(svc: Service) -> Source:
-    return Source(label="ChartSight", url=svc.settings.serve.public_url)
+def _unreadable(exc: ConnectorError, *, fhir: bool) -> str:
+    """A 412's detail: which source failed and how, without its URL (``exc.public`` names none)."""
+    if not fhir:
+        return f"the prefetch could not be read: {exc.public}; send it again or send fhirServer"
+    if isinstance(exc, TransportError):
+        return (
+            "the FHIR server named in fhirServer could not be reached in time; no card could be "
+            "made (send prefetch, or retry when the server is up)"
+        )
+    if isinstance(exc, HttpStatusError):
+        return (
+            f"the FHIR server named in fhirServer answered HTTP {exc.status} when the patient's "
+            "record was read (is fhirAuthorization valid for this patient?)"
+        )
+    return f"the FHIR server named in fhirServer could not be read: {exc.public}"
 
 
-def _app_link(svc: Service, pid: str) -> list[Link]:
-    base = svc.settings.serve.public_url
-    if not base:
-        return []
+async def _card_text(svc: Service, source: Any, pid: str) -> CardText:
+    """The card's composed text from the patient's record as ``source`` gives it."""
+    record = await svc.agent.record(pid, source=source)
+    return await asyncio.to_thread(
+        lambda: compose_card(chart_sections(record, record_evidence(record)))
+    )
+
+
+def _pending_text() -> CardText:
+    return CardText(
+        summary="ChartSight is still reading this chart; open the app for the summary.",
+        detail="The summary was not ready within the time the EHR allows for this card.",
+        indicator="info",
+    )
+
+
+def _base(request: Request, svc: Service) -> str:
+    return (svc.settings.serve.public_url or str(request.base_url)).rstrip("/")
+
+
+def _card_source(request: Request, svc: Service) -> Source:
+    """The card's source: ChartSight, linking its model card (``/model-card``: intended use,
+    inputs, limits and validation, HTI-1 source attributes)."""
+    return Source(label="ChartSight", url=f"{_base(request, svc)}/model-card")
+
+
+def _app_link(request: Request, svc: Service, pid: str) -> list[Link]:
     return [
         Link(
             label="Ask ChartSight about this patient",
-            url=f"{base.rstrip('/')}/launch",
+            url=f"{_base(request, svc)}/launch",
             type="smart",
             appContext=urlencode({"patient": pid}),
         )
     ]
-
-
-def _answer_card(svc: Service, pid: str, answer: Answer) -> Card:
-    text = answer.text
-    first = text.split(". ")[0]
-    summary = ("ChartSight: " + _uncite(first))[:139]
-    lines = [f"- {_markdown_text(_uncite(s))} {_refs(s)}" for s in _sentences(text)]
-    cites = "\n".join(f"- `{c.reference}`: {_markdown_text(c.text)}" for c in answer.citations[:20])
-    detail = "\n".join(lines) + ("\n\n**Evidence**\n\n" + cites if cites else "")
-    if answer.warnings:
-        detail += "\n\n_" + _markdown_text("; ".join(answer.warnings[:3])) + "_"
-    return Card(
-        uuid=str(uuid.uuid4()),
-        summary=clean_text(summary, 140),
-        detail=detail,
-        indicator="info",
-        source=_card_source(svc),
-        links=_app_link(svc, pid),
-    )
-
-
-def _pending_card(svc: Service, pid: str) -> Card:
-    return Card(
-        uuid=str(uuid.uuid4()),
-        summary="ChartSight is still reading this chart; open the app for the answer.",
-        detail="The summary was not ready within the time the EHR allows for this card.",
-        indicator="info",
-        source=_card_source(svc),
-        links=_app_link(svc, pid),
-    )
-
-
-def _sentences(text: str) -> list[str]:
-    return split_sentences(text)
-
-
-def _refs(sentence: str) -> str:
-    return " ".join(f"[{r}]" for r in citations(sentence))
-
-
-# CommonMark/GFM characters that start markup (links, images, emphasis, code, HTML, tables)
-_MARKDOWN = re.compile(r"([\\`*_\[\]()<>!#|~&{}])")
-
-
-def _markdown_text(text: str) -> str:
-    """``text`` from the record (a note, a coding's display, a name) as literal markdown: every
-    character that starts markup backslash-escaped (CommonMark 2.4), whitespace runs (line breaks
-    too) made one space. A record is not the card's author: without this, a display such as
-    ``![x](https://host/beacon)`` or ``<img onerror=…>`` would render in the EHR as an image
-    fetched from that host, a link or HTML."""
-    return _MARKDOWN.sub(r"\\\1", " ".join(text.split()))
-
-
-def _uncite(sentence: str) -> str:
-    return " ".join(uncited(sentence).split())

@@ -28,6 +28,8 @@ from agent import (
     scrub,
 )
 from surfaces.http.audit import AuditLog
+from surfaces.http.cds_store import CdsStore
+from surfaces.http.cds_trust import CdsTrust
 from surfaces.http.drafts import DraftStore
 from surfaces.http.limits import RateLimiter, retry_after
 from surfaces.http.security import (
@@ -45,7 +47,8 @@ log = logging.getLogger(__name__)
 
 
 class Service:
-    """What the routes share: the agent, security, limits and the audit log."""
+    """What the routes share: the agent, security, limits, the audit log, and the CDS Hooks
+    services' store and client trust."""
 
     def __init__(self, settings: AppSettings, agent: ChartSight) -> None:
         self.settings = settings
@@ -58,6 +61,9 @@ class Service:
         self.audit = AuditLog(database)
         self.drafts = DraftStore(database)  # the SMART page's AI drafts and their approvals
         self.smart_sessions: Any = None  # the SMART app's launches and sessions (smart.py)
+        cds = settings.serve.cds
+        self.cds_store = CdsStore(cds.database_url or f"sqlite:///{home / 'cds.db'}")
+        self.cds_trust = CdsTrust(cds, self.cds_store)
 
 
 def service(request: Request) -> Service:

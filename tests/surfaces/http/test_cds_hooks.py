@@ -7,12 +7,14 @@ import http.server
 import re
 import socket
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy
 
 from connectors.demo import MARTINA_MURAZIK, TOMMY_FRIESEN
 from connectors.store import FhirStore
@@ -63,6 +65,15 @@ def test_discovery(service: Running):
     assert svc["prefetch"]["patient"] == "Patient/{{context.patientId}}"
 
 
+def _cited(detail: str) -> list[str]:
+    """The references the detail's bullets cite (each bullet ends in `` `Type/id` ``)."""
+    return [
+        line.rsplit("`", 2)[1]
+        for line in detail.splitlines()
+        if line.startswith("- ") and line.endswith("`")
+    ]
+
+
 def test_patient_view_from_prefetch_gives_a_cited_card(service: Running, tommy_json):
     prefetch = _prefetch(tommy_json)
     # a medication only the prefetch has: citing it proves the card was made from the prefetch
@@ -75,19 +86,30 @@ def test_patient_view_from_prefetch_gives_a_cited_card(service: Running, tommy_j
     )
     assert reply.status_code == 200, reply.text
     (card,) = reply.json()["cards"]
-    assert len(card["summary"]) <= 140 and card["summary"].startswith("ChartSight:")
-    assert card["indicator"] == "info" and card["source"]["label"] == "ChartSight"
+    assert uuid.UUID(card["uuid"]).version == 4
+    # Tommy's newest disorder and his one abnormal laboratory result (HbA1c 6.277 %), whole
+    assert len(card["summary"]) <= 140
+    assert card["summary"].startswith("Active: Chronic congestive heart failure;")
+    assert "Hemoglobin A1c/Hemoglobin.total in Blood 6.277 % (high)" in card["summary"]
+    assert card["indicator"] == "info"
+    assert card["source"] == {
+        "label": "ChartSight", "url": "https://chartsight.example/model-card"
+    }  # fmt: skip
+    detail = card["detail"]
+    for heading in ("**Active problems**", "**Abnormal latest results**", "**Active medications**"):
+        assert heading in detail
     ids = {f"{r['resourceType']}/{r['id']}" for r in tommy_json} | {
         "MedicationRequest/only-in-prefetch"
     }
-    cited = {line.split("`")[1] for line in card["detail"].splitlines() if line.startswith("- `")}
-    assert cited and cited <= ids  # only the patient's own resources, from the prefetch
+    cited = _cited(detail)
+    bullets = [line for line in detail.splitlines() if line.startswith("- ")]
+    assert len(cited) == len(bullets) and set(cited) <= ids  # a citation on every bullet
     active = {
         f"MedicationRequest/{r['id']}"
         for r in tommy_json
         if r["resourceType"] == "MedicationRequest" and r["status"] == "active"
     }
-    assert active & cited and "MedicationRequest/only-in-prefetch" in cited
+    assert active & set(cited) and "MedicationRequest/only-in-prefetch" in cited
     (link,) = card["links"]
     assert link["type"] == "smart" and link["url"] == "https://chartsight.example/launch"
     assert f"patient={TOMMY_FRIESEN}" in link["appContext"]
@@ -116,7 +138,38 @@ def test_patient_view_reads_the_fhir_server_with_the_requests_token(
         reply = httpx.post(f"{running.url}{URL}", json=hook, headers=EHR, timeout=60)
     assert reply.status_code == 200, reply.text
     (card,) = reply.json()["cards"]
-    assert "`MedicationRequest/" in card["detail"] or "`Condition/" in card["detail"]
+    # SEKMET's copy of Tommy: its own ids, read with the request's token
+    assert card["summary"].startswith("Active: Chronic congestive heart failure;")
+    cited = _cited(card["detail"])
+    assert any(c.startswith("Condition/") for c in cited)
+    assert any(c.startswith("MedicationRequest/") for c in cited)
+
+
+def test_an_unreachable_fhir_server_is_412_at_once_not_a_pending_card(
+    tmp_path: Path, demo_store: FhirStore, issuer: Issuer
+):
+    """No prefetch and a listed fhirServer that refuses connections: the spec's 412 Precondition
+    Failed, naming the FHIR server as the cause, well inside the card's 2 s budget (no retries),
+    rather than a card saying the summary is still being read."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        port = closed.getsockname()[1]
+        base = f"http://127.0.0.1:{port}/fhir"
+        settings = api_settings(
+            tmp_path / "home", demo_store, issuer, cds_fhir_servers=[base], cds_budget_s=2.0
+        )
+        with Running(settings) as running:
+            started = time.monotonic()
+            reply = httpx.post(
+                f"{running.url}{URL}", json=_hook(fhirServer=base, fhirAuthorization=_token()),
+                headers=EHR, timeout=30,
+            )  # fmt: skip
+            took = time.monotonic() - started
+    assert reply.status_code == 412, reply.text
+    detail = reply.json()["detail"]
+    assert "FHIR server named in fhirServer could not be reached" in detail
+    assert "still reading" not in reply.text and str(port) not in detail
+    assert took < 2.0
 
 
 @pytest.mark.parametrize(
@@ -215,7 +268,8 @@ def test_a_configured_fhir_server_cannot_redirect_the_service_elsewhere(
         finally:
             redirector.shutdown()
             redirector.server_close()
-        assert reply.status_code == 502, reply.text
+        assert reply.status_code == 412, reply.text  # CDS Hooks 2.0: the data could not be had
+        assert "answered HTTP 302" in reply.json()["detail"]
         assert str(target.getsockname()[1]) not in reply.text
         with pytest.raises(TimeoutError):
             target.accept()
@@ -243,7 +297,6 @@ def test_a_slow_answer_gets_an_information_card_in_budget(
         (lambda h: h.update(hook="order-select"), "patient-view"),
         (lambda h: h.update(fhirServer="not a url"), "fhirServer"),
         (lambda h: h.update(fhirAuthorization={"access_token": "x"}), "fhirAuthorization"),
-        (lambda h: None, "no data"),  # neither prefetch nor fhirServer
     ],
 )
 def test_malformed_hook_requests_get_400(service: Running, change: Any, message: str):
@@ -257,6 +310,13 @@ def test_malformed_hook_requests_get_400(service: Running, change: Any, message:
         )
         assert not_json.status_code == 400, not_json.text
         assert "recursion" not in not_json.text
+
+
+def test_a_request_without_data_is_412(service: Running):
+    """Neither prefetch nor fhirServer: a well-formed request the service cannot answer, which
+    CDS Hooks 2.0 answers with 412 Precondition Failed."""
+    reply = httpx.post(f"{service.url}{URL}", json=_hook(), headers=EHR)
+    assert reply.status_code == 412 and "no data" in reply.json()["detail"]
 
 
 def test_the_cds_service_is_patient_scoped(service: Running, tommy_json):
@@ -352,3 +412,150 @@ def test_a_prefetch_with_another_patients_data_or_a_broken_bundle(service: Runni
     detail = reply.json()["cards"][0]["detail"]
     assert "Marker-condition" not in detail and "Condition/elsewhere-dx]" not in detail
     assert "`Condition/" in detail  # Tommy's own conditions are still there
+
+
+# --- feedback (CDS Hooks 2.0 "Feedback") -----------------------------------------------------------
+
+
+def _card(service: Running, tommy_json: list[dict[str, Any]]) -> dict[str, Any]:
+    reply = httpx.post(
+        f"{service.url}{URL}", json=_hook(prefetch=_prefetch(tommy_json)), headers=EHR, timeout=30
+    )
+    assert reply.status_code == 200, reply.text
+    card: dict[str, Any] = reply.json()["cards"][0]
+    return card
+
+
+def _audit_rows(service: Running, endpoint: str) -> list[dict[str, Any]]:
+    engine = sqlalchemy.create_engine(f"sqlite:///{service.settings.home / 'audit.db'}")
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sqlalchemy.text("SELECT * FROM audit_log WHERE endpoint = :e ORDER BY id"),
+            {"e": endpoint},
+        )
+        out = [dict(r._mapping) for r in rows]
+    engine.dispose()
+    return out
+
+
+def test_feedback_on_a_card_is_stored_audited_and_queryable(service: Running, tommy_json):
+    card = _card(service, tommy_json)
+    overridden = {
+        "card": card["uuid"],
+        "outcome": "overridden",
+        "overrideReason": {
+            "reason": {"system": "http://example.org/override", "code": "not-relevant",
+                       "display": "Not relevant to this visit"},
+            "userComment": "Seen by cardiology yesterday",
+        },
+        "outcomeTimestamp": "2026-11-30T03:00:00Z",
+    }  # fmt: skip
+    accepted = {
+        "card": card["uuid"], "outcome": "accepted", "acceptedSuggestions": [{"id": "s-1"}],
+        "outcomeTimestamp": "2026-11-30T03:01:00+00:00",
+    }  # fmt: skip
+    reply = httpx.post(
+        f"{service.url}{URL}/feedback", json={"feedback": [overridden, accepted]}, headers=EHR
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.json() == {"recorded": 2}
+
+    listed = httpx.get(
+        f"{service.url}{URL}/feedback", params={"card": card["uuid"]}, headers=EHR
+    ).json()["feedback"]
+    assert [f["outcome"] for f in listed] == ["accepted", "overridden"]  # newest first
+    (stored,) = [f for f in listed if f["outcome"] == "overridden"]
+    assert stored["overrideReason"] == overridden["overrideReason"]
+    assert stored["patient"] == TOMMY_FRIESEN and stored["client"] == "ehr"
+    assert stored["outcomeTimestamp"].startswith("2026-11-30T03:00:00")
+    only = httpx.get(
+        f"{service.url}{URL}/feedback",
+        params={"card": card["uuid"], "outcome": "accepted"},
+        headers=EHR,
+    ).json()["feedback"]
+    assert [f["acceptedSuggestions"] for f in only] == [[{"id": "s-1"}]]
+
+    audited = [
+        r for r in _audit_rows(service, "cds:feedback") if card["uuid"] in (r["detail"] or "")
+    ]
+    assert sorted(r["outcome"] for r in audited) == ["accepted", "overridden"]
+    assert any("http://example.org/override|not-relevant" in r["detail"] for r in audited)
+    assert all(r["patient_id"] == TOMMY_FRIESEN and r["client_id"] == "ehr" for r in audited)
+    issued = [
+        r for r in _audit_rows(service, "cds-patient-view") if card["uuid"] in (r["detail"] or "")
+    ]
+    assert len(issued) == 1 and issued[0]["outcome"] == "answered"
+
+
+def test_feedback_on_a_card_never_issued_is_404_and_nothing_is_stored(service: Running, tommy_json):
+    card = _card(service, tommy_json)
+    unknown = str(uuid.uuid4())
+    batch = [
+        {"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-11-30T03:00:00Z"},
+        {"card": unknown, "outcome": "overridden", "outcomeTimestamp": "2026-11-30T03:00:00Z"},
+    ]
+    reply = httpx.post(f"{service.url}{URL}/feedback", json={"feedback": batch}, headers=EHR)
+    assert reply.status_code == 404 and unknown in reply.json()["detail"]
+    listed = httpx.get(
+        f"{service.url}{URL}/feedback", params={"card": card["uuid"]}, headers=EHR
+    ).json()["feedback"]
+    assert listed == []  # the known card's item was not stored either
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ({"outcome": "accepted"}, "acceptedSuggestions"),
+        ({"outcome": "ignored"}, "outcome"),
+        ({"outcomeTimestamp": "yesterday"}, "outcomeTimestamp"),
+        ({"card": None}, "card"),
+    ],
+)
+def test_malformed_feedback_is_400(service: Running, tommy_json, item: Any, message: str):
+    card = _card(service, tommy_json)
+    good = {"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-11-30T03:00Z"}
+    reply = httpx.post(
+        f"{service.url}{URL}/feedback", json={"feedback": [{**good, **item}]}, headers=EHR
+    )
+    assert reply.status_code == 400, reply.text
+    assert message in reply.json()["detail"]
+
+
+def test_feedback_is_the_issuing_clients_and_reading_it_needs_user_or_system_scope(
+    service: Running, tommy_json
+):
+    """A card issued to the EHR's key: another client (a key bound to the same patient) cannot
+    post feedback on it (404, as for a card never issued), nor list feedback (403: it spans
+    patients); without credentials, 401."""
+    card = _card(service, tommy_json)
+    item = {"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-11-30T03:00Z"}
+    bound = {"X-API-Key": BOUND_KEY}
+    posted = httpx.post(f"{service.url}{URL}/feedback", json={"feedback": [item]}, headers=bound)
+    assert posted.status_code == 404, posted.text
+    assert httpx.get(f"{service.url}{URL}/feedback", headers=bound).status_code == 403
+    assert httpx.post(f"{service.url}{URL}/feedback", json={"feedback": [item]}).status_code == 401
+
+
+def test_issued_cards_and_feedback_are_append_only(service: Running, tommy_json):
+    card = _card(service, tommy_json)
+    item = {"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-11-30T03:00Z"}
+    assert (
+        httpx.post(
+            f"{service.url}{URL}/feedback", json={"feedback": [item]}, headers=EHR
+        ).status_code
+        == 200
+    )
+    engine = sqlalchemy.create_engine(f"sqlite:///{service.settings.home / 'cds.db'}")
+    try:
+        for statement in (
+            "UPDATE cds_feedback SET outcome = 'accepted'",
+            "DELETE FROM cds_feedback",
+            "DELETE FROM cds_card",
+        ):
+            with (
+                pytest.raises(sqlalchemy.exc.DatabaseError, match="append-only"),
+                engine.begin() as conn,
+            ):
+                conn.execute(sqlalchemy.text(statement))
+    finally:
+        engine.dispose()
