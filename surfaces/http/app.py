@@ -237,6 +237,9 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
                 case_privacy=case_privacy(who),
             )
         except ChartSightError as exc:
+            await svc.audit.arecord(
+                who, "similar", "error", patient_id=patient_id, detail=type(exc).__name__
+            )
             raise http_error(exc) from exc
         await svc.audit.arecord(who, "similar", "answered", patient_id=patient_id)
         return hits
