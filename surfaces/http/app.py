@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
 from agent import Answer, CaseFilter, CaseHit, ChartSight, ChartSightError
+from surfaces.http.auditevent import router as audit_router
 from surfaces.http.cds import router as cds_router
 from surfaces.http.deps import (
     Caller,
@@ -245,6 +246,7 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
         return hits
 
     app.include_router(cds_router)
+    app.include_router(audit_router)
     app.include_router(smart_router)
     mount_mcp(app)
     return app
