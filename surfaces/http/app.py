@@ -35,12 +35,19 @@ from surfaces.http.deps import (
     http_error,
     run_unless_disconnected,
 )
+from surfaces.http.forward import AuditForwarder
 from surfaces.http.middleware import AccessLog, BodyLimit
 from surfaces.http.schemas import AskRequest, Problem
 from surfaces.http.security import case_privacy, thread_key
 from surfaces.http.smart import router as smart_router
 from surfaces.mcp import mcp_lifespan, mount_mcp
 from surfaces.settings import AppSettings
+
+
+async def _stop(task: asyncio.Future[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAPI:
@@ -55,6 +62,14 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
             svc = Service(settings, opened)
             stack.callback(svc.audit.close)
             app.state.service = svc
+            repository = settings.serve.audit.repository
+            if repository is not None:  # the audit repository, fed in the background
+                own_url = settings.serve.public_url or (
+                    f"http://{settings.serve.host}:{settings.serve.port}"
+                )
+                forwarder = AuditForwarder(svc.audit, repository, own_url.rstrip("/"))
+                app.state.audit_forwarder = forwarder
+                stack.push_async_callback(_stop, asyncio.ensure_future(forwarder.run()))
             await stack.enter_async_context(mcp_lifespan(app))
             yield
 
