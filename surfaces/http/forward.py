@@ -65,30 +65,30 @@ class AuditForwarder:
 
     async def run(self) -> None:
         """Forward until cancelled: send a batch whenever rows wait, else sleep until a row is
-        recorded or ``poll_s`` passes; after a failure wait ``backoff_base_s`` doubled per
-        consecutive failure (at most ``backoff_max_s``, with full jitter) and try again. Errors
-        are logged (the repository's URL and the kind of failure, never an event's content),
-        never raised."""
+        recorded or ``poll_s`` passes; after a failure (the repository's, or the audit database's)
+        wait ``backoff_base_s`` doubled per consecutive failure, at most ``backoff_max_s``, a
+        random time between half that and that (jitter, so that restarted services do not retry
+        in step), and try again. Errors are logged (the repository's URL and the kind of failure,
+        never an event's content), never raised."""
         try:
             while True:
                 self._wake.clear()  # a row recorded from here on wakes the wait below
                 try:
                     sent = await self.forward_once()
-                except RepositoryUnavailable as exc:
+                except Exception as exc:
                     self.failures += 1
                     wait = min(
                         self.settings.backoff_max_s,
-                        self.settings.backoff_base_s * 2 ** (self.failures - 1),
+                        self.settings.backoff_base_s * 2 ** min(self.failures - 1, 30),
                     )
-                    log.warning(
-                        "audit repository %s: %s; the events stay spooled, next try in %.1f s",
-                        self.repository, exc, wait,
-                    )  # fmt: skip
+                    if isinstance(exc, RepositoryUnavailable):
+                        log.warning(
+                            "audit repository %s: %s; the events stay spooled, next try in "
+                            "%.1f s", self.repository, exc, wait,
+                        )  # fmt: skip
+                    else:  # the audit database itself, or an event that cannot be rendered
+                        log.error("audit forwarding failed: %s", type(exc).__name__, exc_info=exc)
                     await asyncio.sleep(random.uniform(wait / 2, wait))
-                    continue
-                except Exception as exc:  # the audit database itself: try again later
-                    log.error("audit forwarding failed: %s", type(exc).__name__, exc_info=exc)
-                    await asyncio.sleep(self.settings.backoff_max_s)
                     continue
                 if sent == 0:
                     with contextlib.suppress(TimeoutError):

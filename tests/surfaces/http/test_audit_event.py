@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import re
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -15,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-import sqlalchemy as sa
 from fhir.resources.R4B.auditevent import AuditEvent
 from fhir.resources.R4B.bundle import Bundle
 
@@ -28,6 +26,8 @@ from tests.peers.issuer import Issuer
 from tests.peers.smart_ehr import SmartEhr
 from tests.surfaces.http.conftest import BOUND_KEY, EHR_KEY, Running, api_settings
 from tests.surfaces.http.test_mcp import _http
+from tests.surfaces.http.test_service import _audit as _rows
+from tests.surfaces.http.test_smart_app import _page_session
 
 EHR = {"X-API-Key": EHR_KEY}
 AUDITOR_KEY = "test-auditor-key"  # user/AuditEvent.rs: reads the audit trail, no records
@@ -56,23 +56,6 @@ def launched(
         settings.serve.smart.issuers = [ehr.fhir_url]
         with running:
             yield running, ehr, sekmet.patient_ids[TOMMY_FRIESEN]
-
-
-def _rows(running: Running) -> list[dict[str, Any]]:
-    engine = sa.create_engine(f"sqlite:///{running.settings.home / 'audit.db'}")
-    with engine.connect() as conn:
-        rows = [dict(r._mapping) for r in conn.execute(sa.text("SELECT * FROM audit_log"))]
-    engine.dispose()
-    return rows
-
-
-def _page_session(running: Running, ehr: SmartEhr, pid: str) -> tuple[httpx.Client, str]:
-    client = httpx.Client(base_url=running.url, follow_redirects=False, timeout=120)
-    start = client.get("/launch", params={"iss": ehr.fhir_url, "launch": ehr.launch(pid)})
-    client.get(httpx.get(start.headers["location"]).headers["location"])
-    found = re.search(r'name="csrf-token" content="([^"]+)"', client.get("/app").text)
-    assert found
-    return client, found.group(1)
 
 
 def test_every_patient_data_call_is_audited_with_its_request_id(launched: Any):
