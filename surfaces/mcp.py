@@ -109,6 +109,13 @@ class Access:
                 who, f"mcp:{tool}", outcome, patient_id=patient, question=question, **kw
             )
 
+    async def failed(
+        self, who: Principal, tool: str, patient: str, exc: Exception, question: str | None = None
+    ) -> None:
+        """The audit row of a tool call that failed (outcome ``error``, the error's class name as
+        its detail), as the REST endpoints write one."""
+        await self.audit(who, tool, "error", patient, question, detail=type(exc).__name__)
+
 
 def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> MCPServer:
     """The MCP server ``chartsight`` with its tools: ``patient_evidence``, ``patient_facts``,
@@ -132,6 +139,7 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         try:
             ranked = await agent.evidence(patient, question, max(50, min(token_budget, 8000)))
         except ChartSightError as exc:
+            await access.failed(who, "patient_evidence", patient, exc, question)
             raise McpToolError(exc.public) from exc
         await access.audit(who, "patient_evidence", "answered", patient, question)
         return [
@@ -156,6 +164,7 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
                 patient, tool, arguments or {}, case_privacy=case_privacy(who)
             )
         except ChartSightError as exc:
+            await access.failed(who, "patient_facts", patient, exc)
             raise McpToolError(exc.public) from exc
         await access.audit(who, "patient_facts", "answered", patient)
         return [f.used().model_dump(mode="json") for f in facts]
@@ -179,6 +188,7 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         try:
             hits = await agent.similar(patient, max(1, min(k, 50)), case_privacy=case_privacy(who))
         except ChartSightError as exc:
+            await access.failed(who, "similar_cases", patient, exc)
             raise McpToolError(exc.public) from exc
         await access.audit(who, "similar_cases", "answered", patient)
         return [asdict(h) for h in hits]
@@ -204,10 +214,12 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
                 case_privacy=case_privacy(who),
             )
         except ChartSightError as exc:
+            await access.failed(who, "ask", patient, exc, question)
             raise McpToolError(exc.public) from exc
         # the thread as the caller named it (the stored key is per caller and patient)
         data = answer.shown(thread).model_dump(mode="json")
-        await access.audit(who, "ask", "answered", patient, question, answer=data)
+        outcome = "abstained" if answer.abstained else "answered"
+        await access.audit(who, "ask", outcome, patient, question, answer=data)
         return data
 
     return server

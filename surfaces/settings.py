@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field, SecretStr, model_validator
 
 from agent import Settings
 from agent.settings import settings_from
+from connectors.settings import SmartBackendSettings
 
 
 class ApiKey(BaseModel):
@@ -112,6 +113,32 @@ class CdsSettings(BaseModel):
         description="SQLAlchemy URL for seen jti values, issued cards and feedback (default: "
         "<home>/cds.db); one database shared by every worker makes replay refusal hold across "
         "them.",
+class AuditRepositorySettings(BaseModel):
+    """A hospital's audit repository: a FHIR R4 server that accepts AuditEvents (IHE RESTful
+    ATNA / BALP). The audit log's rows are sent there as batch Bundles of AuditEvents; what it
+    has not accepted yet waits in the audit database (the spool) and is sent again with backoff."""
+
+    url: str = Field(description="The repository's FHIR base URL, e.g. https://arr.example/fhir.")
+    token: SecretStr | None = Field(default=None, description="A static bearer token.")
+    smart: SmartBackendSettings | None = Field(
+        default=None, description="SMART Backend Services (client credentials, signed JWT)."
+    )
+    batch_size: int = Field(default=50, ge=1, le=1000, description="AuditEvents per Bundle.")
+    timeout_s: float = Field(default=15.0, gt=0, description="One POST's timeout.")
+    poll_s: float = Field(
+        default=5.0, gt=0, description="How often to look for rows when none was announced."
+    )
+    backoff_base_s: float = Field(
+        default=1.0, gt=0, description="First wait after a failed POST; doubles each failure."
+    )
+    backoff_max_s: float = Field(default=300.0, gt=0, description="The longest wait.")
+
+
+class AuditSettings(BaseModel):
+    """Where the audit log goes besides its own database (``serve.audit_url``)."""
+
+    repository: AuditRepositorySettings | None = Field(
+        default=None, description="Forward every audit row as a FHIR AuditEvent to this server."
     )
 
 
@@ -148,6 +175,7 @@ class ServeSettings(BaseModel):
     auth: AuthSettings = AuthSettings()
     smart: SmartAppSettings = SmartAppSettings()
     cds: CdsSettings = CdsSettings()
+    audit: AuditSettings = AuditSettings()
 
 
 class AppSettings(Settings):

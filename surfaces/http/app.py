@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
 from agent import Answer, CaseFilter, CaseHit, ChartSight, ChartSightError, answer_bundle
+from surfaces.http.auditevent import router as audit_router
 from surfaces.http.cds import router as cds_router
 from surfaces.http.deps import (
     Caller,
@@ -35,6 +36,7 @@ from surfaces.http.deps import (
     model_card_url,
     run_unless_disconnected,
 )
+from surfaces.http.forward import AuditForwarder
 from surfaces.http.middleware import AccessLog, BodyLimit
 from surfaces.http.schemas import AskRequest, Problem
 from surfaces.http.security import case_privacy, thread_key
@@ -62,6 +64,12 @@ def _wants_fhir(accept: str) -> bool:
     return bool(ranked) and min(ranked)[2] == "application/fhir+json"
 
 
+async def _stop(task: asyncio.Future[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAPI:
     """The ASGI app. ``agent`` (opened by the caller) is used as is; else one is opened at start."""
 
@@ -76,6 +84,14 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
             stack.callback(svc.drafts.close)
             stack.callback(svc.cds_store.close)
             app.state.service = svc
+            repository = settings.serve.audit.repository
+            if repository is not None:  # the audit repository, fed in the background
+                own_url = settings.serve.public_url or (
+                    f"http://{settings.serve.host}:{settings.serve.port}"
+                )
+                forwarder = AuditForwarder(svc.audit, repository, own_url.rstrip("/"))
+                app.state.audit_forwarder = forwarder
+                stack.push_async_callback(_stop, asyncio.ensure_future(forwarder.run()))
             await stack.enter_async_context(mcp_lifespan(app))
             yield
 
@@ -276,11 +292,15 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
                 case_privacy=case_privacy(who),
             )
         except ChartSightError as exc:
+            await svc.audit.arecord(
+                who, "similar", "error", patient_id=patient_id, detail=type(exc).__name__
+            )
             raise http_error(exc) from exc
         await svc.audit.arecord(who, "similar", "answered", patient_id=patient_id)
         return hits
 
     app.include_router(cds_router)
+    app.include_router(audit_router)
     app.include_router(smart_router)
     mount_mcp(app)
     return app

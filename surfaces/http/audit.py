@@ -1,9 +1,15 @@
 """The audit log: one row per request that touches a patient, in SQL (SQLAlchemy).
 
 Who (client and user), when, which patient, the SHA-256 of the question (never its text), the
-resources cited, model and prompt version, and the outcome. The application only ever inserts:
-there is no update or delete path, and on SQLite and PostgreSQL the table refuses UPDATE and DELETE
-by trigger, so a bug cannot rewrite history either.
+resources cited, model and prompt version, the outcome, and the HTTP request's id
+(``x-request-id``). The application only ever inserts: there is no update or delete path, and on
+SQLite and PostgreSQL the table refuses UPDATE and DELETE by trigger, so a bug cannot rewrite
+history either.
+
+This table is the source of truth. ``surfaces/http/auditevent.py`` renders its rows as FHIR
+AuditEvents (``GET /fhir/AuditEvent``), and ``surfaces/http/forward.py`` sends them to a
+hospital's audit repository, noting each delivery in ``audit_delivery`` (a table of its own,
+insert-only as well).
 """
 
 from __future__ import annotations
@@ -11,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 
+from surfaces.http.middleware import current_request_id
 from surfaces.http.security import Principal
 
 metadata = sa.MetaData()
@@ -34,7 +42,21 @@ audit_log = sa.Table(
     sa.Column("prompt_version", sa.String(20)),
     sa.Column("outcome", sa.String(40), nullable=False),
     sa.Column("detail", sa.String(300)),
+    sa.Column("request_id", sa.String(64)),  # the HTTP request's x-request-id
 )
+# one row per audit row delivered to (or refused for good by) an audit repository: the spool of
+# what is still to send is every audit_log row without one for that repository
+audit_delivery = sa.Table(
+    "audit_delivery",
+    metadata,
+    sa.Column("repository", sa.String(500), primary_key=True),
+    sa.Column("audit_id", sa.Integer, primary_key=True),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),  # "delivered" | "refused"
+    sa.Column("location", sa.String(500)),  # the repository's AuditEvent/<id>, or its refusal
+)
+# columns added since the first release: (name, DDL type), added to an existing table on open
+_ADDED_COLUMNS = [("request_id", "VARCHAR(64)")]
 
 _SQLITE_GUARDS = [
     "CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log "
@@ -60,11 +82,18 @@ def question_hash(question: str) -> str:
 class AuditLog:
     """The append-only ``audit_log`` table at a SQLAlchemy URL (``serve.audit_url``, else
     ``sqlite:///<home>/audit.db``): created on first use, with the UPDATE/DELETE-refusing triggers
-    on SQLite and PostgreSQL."""
+    on SQLite and PostgreSQL. A table made by an older release gains the columns added since
+    (``request_id``) by ``ALTER TABLE … ADD COLUMN`` on open; its rows keep NULL there."""
 
     def __init__(self, url: str) -> None:
+        self.listeners: list[Callable[[], None]] = []  # told after each row (the forwarder)
         self.engine = sa.create_engine(url)
         metadata.create_all(self.engine)
+        present = {c["name"] for c in sa.inspect(self.engine).get_columns("audit_log")}
+        with self.engine.begin() as conn:
+            for name, ddl in _ADDED_COLUMNS:
+                if name not in present:
+                    conn.exec_driver_sql(f"ALTER TABLE audit_log ADD COLUMN {name} {ddl}")
         guards = {"sqlite": _SQLITE_GUARDS, "postgresql": _POSTGRES_GUARDS}.get(
             self.engine.dialect.name, []
         )
@@ -82,13 +111,17 @@ class AuditLog:
         question: str | None = None,
         answer: dict[str, Any] | None = None,
         detail: str | None = None,
+        request_id: str | None = None,
     ) -> None:
         """Insert one row, committed before returning: ``principal``'s client id (cut to 200
         characters) and subject (400), ``endpoint`` (e.g. ``ask``, ``mcp:ask``), the ``outcome``
         (answered, abstained, denied, error, timeout, cancelled, over budget), the patient id, the
         question's ``question_hash``, and from ``answer`` (an answer's JSON) the cited references,
-        model and prompt version; ``detail`` (an error's name) cut to 300 characters. Raises
-        SQLAlchemy's errors when the database refuses the write."""
+        model and prompt version; ``detail`` (an error's name) cut to 300 characters;
+        ``request_id``, else the id of the HTTP request being served
+        (``middleware.current_request_id``). Raises SQLAlchemy's errors when the database refuses
+        the write."""
+        rid = request_id or current_request_id()
         cited = [c["reference"] for c in (answer or {}).get("citations", [])]
         with self.engine.begin() as conn:
             conn.execute(
@@ -104,12 +137,17 @@ class AuditLog:
                     prompt_version=(answer or {}).get("prompt_version"),
                     outcome=outcome,
                     detail=(detail or "")[:300] or None,
+                    request_id=rid[:64] if rid else None,
                 )
             )
 
     async def arecord(self, *args: Any, **kwargs: Any) -> None:
-        """``record`` in a worker thread, so a commit does not hold up the event loop."""
+        """``record`` in a worker thread, so a commit does not hold up the event loop (the
+        request id is read here, in the request's own context)."""
+        kwargs.setdefault("request_id", current_request_id())
         await asyncio.to_thread(self.record, *args, **kwargs)
+        for listener in self.listeners:
+            listener()
 
     def rows(self, limit: int = 1000) -> list[dict[str, Any]]:
         """The first ``limit`` rows, oldest first, as dicts keyed by column (``at`` a timezone-
@@ -118,6 +156,83 @@ class AuditLog:
         with self.engine.connect() as conn:
             result = conn.execute(audit_log.select().order_by(audit_log.c.id).limit(limit))
             return [dict(r._mapping) for r in result]
+
+    def search(
+        self,
+        *,
+        patient: str | None = None,
+        dates: list[tuple[str, datetime, datetime]] | None = None,
+        after_id: int = 0,
+        limit: int = 50,
+    ) -> list[dict[str, Any]]:
+        """Rows (as ``rows`` gives them) with id above ``after_id``, oldest first, at most
+        ``limit``: only those about ``patient`` (the id as recorded; ``Patient/<id>`` also
+        accepted) and within every ``(prefix, start, end)`` of ``dates`` (a searched date as the
+        interval [start, end) its precision spans, timezone-aware; FHIR R4 search.html#prefix:
+        ``eq`` within the interval, ``ge`` from its start, ``gt`` from its end, ``le`` before its
+        end, ``lt`` before its start)."""
+        query = audit_log.select().where(audit_log.c.id > after_id)
+        if patient is not None:
+            query = query.where(audit_log.c.patient_id == patient.removeprefix("Patient/"))
+        # SQLite keeps datetimes without their offset: compare in UTC, as they were written
+        naive = self.engine.dialect.name == "sqlite"
+        for prefix, *interval in dates or []:
+            start, end = (w.astimezone(UTC).replace(tzinfo=None) if naive else w for w in interval)
+            at = audit_log.c.at
+            query = query.where(
+                {
+                    "eq": sa.and_(at >= start, at < end),
+                    "ge": at >= start,
+                    "gt": at >= end,
+                    "le": at < end,
+                    "lt": at < start,
+                }[prefix]
+            )
+        with self.engine.connect() as conn:
+            result = conn.execute(query.order_by(audit_log.c.id).limit(limit))
+            return [dict(r._mapping) for r in result]
+
+    def undelivered(
+        self, repository: str, after_id: int = 0, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """The rows above ``after_id`` not yet delivered to (nor refused by) ``repository``
+        (its base URL), oldest first, at most ``limit``: the forwarding spool."""
+        done = sa.select(audit_delivery.c.audit_id).where(
+            audit_delivery.c.repository == repository,
+            audit_delivery.c.audit_id == audit_log.c.id,
+        )
+        query = (
+            audit_log.select()
+            .where(audit_log.c.id > after_id, ~sa.exists(done))
+            .order_by(audit_log.c.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def delivered(self, repository: str, outcomes: list[tuple[int, str, str | None]]) -> None:
+        """Note ``(audit row id, "delivered" or "refused", the repository's location or
+        refusal)`` for ``repository``, in one commit; a row noted already (another process sent
+        it) is left as it is."""
+        now = datetime.now(UTC)
+        with self.engine.begin() as conn:
+            noted = {
+                r[0]
+                for r in conn.execute(
+                    sa.select(audit_delivery.c.audit_id).where(
+                        audit_delivery.c.repository == repository,
+                        audit_delivery.c.audit_id.in_([o[0] for o in outcomes]),
+                    )
+                )
+            }
+            fresh = [
+                {"repository": repository, "audit_id": i, "at": now, "status": s,
+                 "location": (loc or "")[:500] or None}
+                for i, s, loc in outcomes
+                if i not in noted
+            ]  # fmt: skip
+            if fresh:
+                conn.execute(audit_delivery.insert(), fresh)
 
     def close(self) -> None:
         """Close the engine's pooled connections (at the service's shutdown)."""

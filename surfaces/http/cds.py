@@ -337,9 +337,19 @@ async def patient_view(request: Request, svc: Svc) -> CardsResponse:
     pid = hook.context.patientId
     auth = hook.fhirAuthorization
     if auth is not None and auth.patient and auth.patient != pid:
+        await svc.audit.arecord(
+            who, "cds-patient-view", "denied", patient_id=pid,
+            detail="fhirAuthorization is bound to another patient",
+        )  # fmt: skip
         raise HTTPException(403, "fhirAuthorization is bound to another patient")
     await allowed(svc, who, "cds-patient-view", pid)
-    source = _source(svc, hook, pid)
+    try:
+        source = _source(svc, hook, pid)
+    except HTTPException as exc:  # a fhirServer this service may not read
+        await svc.audit.arecord(
+            who, "cds-patient-view", "denied", patient_id=pid, detail=str(exc.detail)
+        )
+        raise
     if source is None:
         await svc.audit.arecord(who, "cds-patient-view", "no data", patient_id=pid)
         raise HTTPException(

@@ -1,5 +1,6 @@
 """ASGI middleware of the HTTP service: the request body limit and the access log (route
-templates, status and time only: no patient ids, no PHI)."""
+templates, status and time only: no patient ids, no PHI), and the request id that the audit log
+records with each row."""
 
 from __future__ import annotations
 
@@ -7,10 +8,22 @@ import json
 import logging
 import time
 import uuid
+from contextvars import ContextVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("chartsight.api")
+
+# the request being served (its ``x-request-id``), for the audit rows written while serving it
+_REQUEST_ID: ContextVar[str | None] = ContextVar("chartsight_request_id", default=None)
+
+
+def current_request_id() -> str | None:
+    """The id of the HTTP request being served (what ``AccessLog`` sends back as
+    ``x-request-id``: the caller's own header, at most 64 characters, else 16 random hex digits),
+    or None outside a request (the CLI, MCP over stdio). Tasks and worker threads started while
+    serving it inherit it (``contextvars``)."""
+    return _REQUEST_ID.get()
 
 
 class BodyLimit:
@@ -71,8 +84,9 @@ async def _too_large(send: Send, limit: int) -> None:
 
 class AccessLog:
     """One log line per request: method, the route's template (never the patient id in the path),
-    status and time, and a request id (also sent back as ``x-request-id``). Pure ASGI, so that
-    streaming responses still see a client's disconnect."""
+    status and time, and a request id (also sent back as ``x-request-id``, and readable while the
+    request is served through ``current_request_id``). Pure ASGI, so that streaming responses
+    still see a client's disconnect."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -93,9 +107,11 @@ class AccessLog:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
 
+        token = _REQUEST_ID.set(rid)
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            _REQUEST_ID.reset(token)
             route = scope.get("route")
             log.info(
                 "%s %s %s %.0f ms rid=%s",

@@ -84,10 +84,13 @@ def may(
     resource_type: str,
     permissions: str = "rs",
     levels: set[str] | None = None,
+    *,
+    wildcard: bool = True,
 ) -> bool:
     """Whether one of ``principal``'s scopes grants every permission in ``permissions`` (SMART v2
     letters, e.g. ``"rs"`` read and search, ``"c"`` create) on ``resource_type`` (``*`` scopes
-    included) without a query restriction, at one of ``levels`` (default any of patient, user,
+    included unless ``wildcard`` is false: a grant that must name the type, such as reading the
+    audit trail) without a query restriction, at one of ``levels`` (default any of patient, user,
     system). A patient-level grant still reads only its launch patient (``authorize``)."""
     for scope in principal.scopes:
         parsed = scope_permissions(scope)
@@ -96,7 +99,8 @@ def may(
         level, rtype, granted, query = parsed
         if levels is not None and level not in levels:
             continue
-        if rtype in ("*", resource_type) and not query and set(permissions) <= set(granted):
+        named = rtype == resource_type or (wildcard and rtype == "*")
+        if named and not query and set(permissions) <= set(granted):
             return True
     return False
 

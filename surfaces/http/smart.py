@@ -288,6 +288,16 @@ def _page(name: str) -> Any:
     return _TEMPLATES.from_string(text)
 
 
+async def _audited_record(svc: Service, session: AppSession, endpoint: str) -> PatientRecord:
+    """``_record``; when it cannot be read, an ``error`` audit row under ``endpoint`` and the
+    error as ``http_error`` maps it."""
+    try:
+        return await _record(svc, session)
+    except ChartSightError as exc:
+        await _audit(svc, session, endpoint, "error", detail=type(exc).__name__)
+        raise http_error(exc) from exc
+
+
 async def _record(svc: Service, session: AppSession) -> PatientRecord:
     """The launch patient's record from the EHR, kept for the session."""
     if session.record is None:
@@ -295,7 +305,14 @@ async def _record(svc: Service, session: AppSession) -> PatientRecord:
     return session.record
 
 
-def _session(svc: Service, sid: str | None) -> AppSession:
+async def _audit(svc: Service, session: AppSession, endpoint: str, outcome: str, **kw: Any) -> None:
+    """One audit row for a page call about the launch's patient, as the session's user and the
+    app's client (``AuditLog.record``'s ``detail`` and ``answer`` in ``kw``)."""
+    who = session.principal(svc.settings.serve.smart.client_id)
+    await svc.audit.arecord(who, endpoint, outcome, patient_id=session.patient, **kw)
+
+
+async def _session(svc: Service, sid: str | None, endpoint: str = "app") -> AppSession:
     session = _sessions(svc).get(sid)
     wait = svc.limiter.take(f"smart-app:{hashlib.sha256((sid or '').encode()).hexdigest()[:16]}")
     if wait > 0:
@@ -305,6 +322,7 @@ def _session(svc: Service, sid: str | None) -> AppSession:
     try:
         authorize(session.principal(svc.settings.serve.smart.client_id), session.patient)
     except Forbidden as exc:
+        await _audit(svc, session, endpoint, "denied", detail=str(exc))
         raise HTTPException(403, exc.public) from exc
     return session
 
@@ -337,12 +355,10 @@ async def app_page(
 ) -> HTMLResponse:
     """The page for the launch's patient (banner with name, sex, birth date and id; the question
     box), never cached. 401 without a live session; 429 past the session's rate; the record's
-    errors as ``http_error`` maps them."""
-    session = _session(svc, chartsight_session)
-    try:
-        record = await _record(svc, session)
-    except ChartSightError as exc:
-        raise http_error(exc) from exc
+    errors as ``http_error`` maps them. Audited as ``app_page`` (the banner shows the patient)."""
+    session = await _session(svc, chartsight_session, "app_page")
+    record = await _audited_record(svc, session, "app_page")
+    await _audit(svc, session, "app_page", "answered")
     patient = record.patient
     html = _page("app.html").render(
         name=display_name(patient),
@@ -381,7 +397,7 @@ async def app_ask(
     ``error``). When the session may save to the chart (``_may_save``) the answer is kept as a
     draft and its event carries ``draft_id``. 403 without the session's CSRF token
     (``X-CSRF-Token``); 422 for a question over ``serve.max_question_chars``."""
-    session = _session(svc, chartsight_session)
+    session = await _session(svc, chartsight_session, "app_ask")
     _check_csrf(session, x_csrf_token)
     check_question(svc, body.question)
     who = session.principal(svc.settings.serve.smart.client_id)
@@ -435,7 +451,7 @@ async def app_save(
     without the CSRF token, or when the token may not create DocumentReference and Provenance or
     names no user; 404 for a draft this session was not shown; the EHR's refusal as
     ``http_error`` maps it (502)."""
-    session = _session(svc, chartsight_session)
+    session = await _session(svc, chartsight_session, "smart:save")
     _check_csrf(session, x_csrf_token)
     who = session.principal(svc.settings.serve.smart.client_id)
     if not _may_save(svc, session):
@@ -517,14 +533,13 @@ async def app_trend(
     not in this patient's record are ignored), with the lab's reference range (else the usual
     range) shaded and each point linked to ``#Observation/<id>``; 204 when the citations are no
     such series. 403 without the session's CSRF token; the record's errors as ``http_error``
-    maps them."""
-    session = _session(svc, chartsight_session)
+    maps them. Audited as ``app_trend``, with the plotted references as the cited ones."""
+    session = await _session(svc, chartsight_session, "app_trend")
     _check_csrf(session, x_csrf_token)
-    try:
-        record = await _record(svc, session)
-    except ChartSightError as exc:
-        raise http_error(exc) from exc
+    record = await _audited_record(svc, session, "app_trend")
     series = cited_series(record, body.references)
+    plotted = [{"reference": ref} for _, _, ref in series.points] if series else []
+    await _audit(svc, session, "app_trend", "answered", answer={"citations": plotted})
     if series is None:
         return Response(status_code=204, headers={"Cache-Control": "no-store"})
     svg = await asyncio.to_thread(
@@ -542,15 +557,19 @@ async def app_resource(
     chartsight_session: Annotated[str | None, Cookie()] = None,
 ) -> Response:
     """A cited resource's JSON (``application/fhir+json``), only from the launch patient's
-    record. 404 when the record holds no such resource."""
-    session = _session(svc, chartsight_session)
-    record = await _record(svc, session)
+    record. 404 when the record holds no such resource. Audited as ``app_resource``, the
+    resource as the cited one."""
+    session = await _session(svc, chartsight_session, "app_resource")
+    record = await _audited_record(svc, session, "app_resource")
     wanted = f"{resource_type}/{resource_id}"
     for res in record.resources():
         if f"{res.get_resource_type()}/{res.id}" == wanted:  # only this patient's resources
+            shown = {"citations": [{"reference": wanted}]}
+            await _audit(svc, session, "app_resource", "answered", answer=shown)
             return Response(
                 res.model_dump_json(indent=2, exclude_none=True), media_type="application/fhir+json"
             )
+    await _audit(svc, session, "app_resource", "not found")
     raise HTTPException(404, f"{wanted} is not in this patient's record")
 
 
@@ -560,15 +579,18 @@ async def app_similar(
 ) -> list[dict[str, Any]]:
     """The 4 cases most similar to the launch's patient, as ``CaseHit`` plus ``thumbnail``
     (a PNG data URL, or null): in full with a thumbnail for a caller who may read other
-    patients' records, else generalised without one (``case_privacy``)."""
-    session = _session(svc, chartsight_session)
+    patients' records, else generalised without one (``case_privacy``). Audited as
+    ``app_similar``."""
+    session = await _session(svc, chartsight_session, "app_similar")
     privacy = case_privacy(session.principal(svc.settings.serve.smart.client_id))
     try:
         hits = await svc.agent.similar(
             session.patient, 4, source=session.fhir(), case_privacy=privacy
         )
     except ChartSightError as exc:
+        await _audit(svc, session, "app_similar", "error", detail=type(exc).__name__)
         raise http_error(exc) from exc
+    await _audit(svc, session, "app_similar", "answered")
     out = []
     for hit in hits:
         item = asdict(hit)
@@ -590,14 +612,20 @@ async def app_image(
 ) -> Response:
     """A PNG thumbnail (at most 256×256 pixels) of the patient's image from the FHIR resource
     ``ref`` (and the DICOM SOP instance ``sop``, for a study). 404 when the patient has no such
-    image."""
-    session = _session(svc, chartsight_session)
-    record = await _record(svc, session)
+    image. Audited as ``app_image``, the image's resource as the cited one."""
+    session = await _session(svc, chartsight_session, "app_image")
+    record = await _audited_record(svc, session, "app_image")
     if session.images is None:
-        session.images = await svc.agent.images(record, source=session.fhir())
+        try:
+            session.images = await svc.agent.images(record, source=session.fhir())
+        except ChartSightError as exc:
+            await _audit(svc, session, "app_image", "error", detail=type(exc).__name__)
+            raise http_error(exc) from exc
     for image in session.images.images:
         p = image.provenance
         if p.fhir_reference == ref and (sop is None or p.sop_instance_uid == sop):
+            shown = {"citations": [{"reference": ref}]}
+            await _audit(svc, session, "app_image", "answered", answer=shown)
             picture = image.to_pil()
             picture.thumbnail((256, 256))
             buf = io.BytesIO()
@@ -605,4 +633,5 @@ async def app_image(
                 buf, format="PNG"
             )
             return Response(buf.getvalue(), media_type="image/png")
+    await _audit(svc, session, "app_image", "not found")
     raise HTTPException(404, "no such image of this patient")

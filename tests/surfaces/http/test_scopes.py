@@ -42,3 +42,6 @@ def test_a_grant_needs_every_permission_the_type_and_the_level() -> None:
     assert not may(caller("patient/AuditEvent.rs"), "AuditEvent", levels={"user", "system"})
     # a query-restricted grant is not a grant of the whole type
     assert not may(caller("patient/Observation.rs?category=laboratory"), "Observation")
+    # a grant that must name its type: a wildcard does not count
+    assert not may(caller("system/*.read"), "AuditEvent", wildcard=False)
+    assert may(caller("system/AuditEvent.read"), "AuditEvent", wildcard=False)

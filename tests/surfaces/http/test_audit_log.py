@@ -1,0 +1,82 @@
+"""The audit log's table itself: a database made by the release before ``request_id`` existed
+gains the column on open (SQLite and PostgreSQL), keeps its rows and stays append-only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from surfaces.http.audit import _POSTGRES_GUARDS, _SQLITE_GUARDS, AuditLog
+from surfaces.http.security import Principal
+
+WHO = Principal("ehr", "Practitioner/123", frozenset({"system/*.read"}), kind="api-key")
+
+
+def _old_database(url: str) -> None:
+    """``audit_log`` exactly as the first release created it: no ``request_id``, one row, and
+    the triggers that refuse UPDATE and DELETE."""
+    old = sa.MetaData()
+    table = sa.Table(
+        "audit_log",
+        old,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("client_id", sa.String(200), nullable=False),
+        sa.Column("subject", sa.String(400), nullable=False),
+        sa.Column("endpoint", sa.String(100), nullable=False),
+        sa.Column("patient_id", sa.String(200)),
+        sa.Column("question_sha256", sa.String(64)),
+        sa.Column("cited", sa.Text, nullable=False, default="[]"),
+        sa.Column("model", sa.String(300)),
+        sa.Column("prompt_version", sa.String(20)),
+        sa.Column("outcome", sa.String(40), nullable=False),
+        sa.Column("detail", sa.String(300)),
+    )
+    engine = sa.create_engine(url)
+    old.create_all(engine)
+    guards = _SQLITE_GUARDS if engine.dialect.name == "sqlite" else _POSTGRES_GUARDS
+    with engine.begin() as conn:
+        for statement in guards:
+            conn.exec_driver_sql(statement)
+        conn.execute(
+            table.insert().values(
+                at=sa.func.now(), client_id="old", subject="old", endpoint="ask",
+                patient_id="p1", cited="[]", outcome="answered",
+            )
+        )  # fmt: skip
+    engine.dispose()
+
+
+def _check_upgraded(url: str) -> None:
+    _old_database(url)
+    log = AuditLog(url)
+    try:
+        log.record(WHO, "similar", "answered", patient_id="p1", request_id="req-42")
+        rows = log.rows()
+        assert [(r["client_id"], r["request_id"]) for r in rows] == [
+            ("old", None),
+            ("ehr", "req-42"),
+        ]
+        # still append-only after the ALTER TABLE
+        for statement in ("UPDATE audit_log SET outcome = 'x'", "DELETE FROM audit_log"):
+            with pytest.raises(sa.exc.DBAPIError, match="append-only"), log.engine.begin() as c:
+                c.exec_driver_sql(statement)
+        assert len(log.rows()) == 2
+    finally:
+        log.close()
+    # opening it again changes nothing
+    again = AuditLog(url)
+    assert [r["request_id"] for r in again.rows()] == [None, "req-42"]
+    again.close()
+
+
+def test_an_old_sqlite_audit_log_gains_the_request_id_column(tmp_path: Path):
+    _check_upgraded(f"sqlite:///{tmp_path / 'audit.db'}")
+
+
+@pytest.mark.integration
+def test_an_old_postgresql_audit_log_gains_the_request_id_column(postgres: Any):
+    _check_upgraded(postgres.create_database("old_audit"))
