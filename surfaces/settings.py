@@ -113,6 +113,9 @@ class CdsSettings(BaseModel):
         description="SQLAlchemy URL for seen jti values, issued cards and feedback (default: "
         "<home>/cds.db); one database shared by every worker makes replay refusal hold across "
         "them.",
+    )
+
+
 class AuditRepositorySettings(BaseModel):
     """A hospital's audit repository: a FHIR R4 server that accepts AuditEvents (IHE RESTful
     ATNA / BALP). The audit log's rows are sent there as batch Bundles of AuditEvents; what it
