@@ -37,14 +37,14 @@ def _package_version() -> str:
         return "unknown"
 
 
-def model_card(settings: Settings, model_name: str | None = None) -> dict[str, Any]:
-    """The card for this deployment: ``card_data()`` plus ``version`` (the chartsight package's),
-    ``deployment`` (``backend``: the model backend answering, ``model``: the model it names or
-    ``"none (evidence answer)"``, ``prompt_version``, e.g. ``"v2"``), and each measure's
-    ``result`` (``"225 of 225 (100.0%)"``). ``model_name`` is the open backend's name
-    (``ChartSight.model_name``); without it the settings' ``model.name``."""
+def model_card(settings: Settings) -> dict[str, Any]:
+    """The card for the deployment ``settings`` describe (those the service or command runs
+    with): ``card_data()`` plus ``version`` (the chartsight package's), ``deployment``
+    (``backend``: ``model.name``, ``model``: ``model.model`` or ``"none (evidence answer …)"``,
+    ``prompt_version``, e.g. ``"v2"``), and each measure's ``result`` (``"225 of 225
+    (100.0%)"``). The model server's URL is left out (an internal address)."""
     card = card_data()
-    backend = model_name or settings.model.name
+    backend = settings.model.name
     model = settings.model.model if backend != "evidence" else ""
     card["version"] = _package_version()
     card["deployment"] = {
