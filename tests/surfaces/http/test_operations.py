@@ -17,6 +17,9 @@ from urllib.parse import urljoin
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as ec
+from selenium.webdriver.support.ui import WebDriverWait
 
 import prompts
 from connectors.demo import MARTINA_MURAZIK, TOMMY_FRIESEN
@@ -26,6 +29,9 @@ from surfaces.http.middleware import caller_hash
 from surfaces.settings import OpsSettings
 from tests.peers.issuer import Issuer
 from tests.surfaces.http.conftest import BOUND_KEY, EHR_KEY, Running, api_settings
+from tests.surfaces.http.test_smart_app import browser as chromium
+
+browser = chromium  # the headless chromium fixture of the SMART page's tests
 
 EHR = {"X-API-Key": EHR_KEY}
 BOUND = {"X-API-Key": BOUND_KEY}
@@ -151,6 +157,40 @@ def test_docs_pages_load_only_same_origin_assets(ops_service: Running, page: str
         assert len(got.content) > 1000, url
     if page == "/docs":
         assert '"validatorUrl": null' in html  # no badge fetched from the online validator
+
+
+def test_docs_page_authorizes_with_an_api_key_in_the_browser(ops_service: Running, browser: Any):
+    """Swagger UI renders from the local assets, its "Authorize" dialog offers both schemes, and
+    a call made from the page with the key entered there is let in (503: no similar-case index,
+    rather than 401); every resource the page loaded came from the service itself."""
+    wait = WebDriverWait(browser, 30)
+    browser.get(f"{ops_service.url}/docs")
+    wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "button.authorize"))).click()
+    dialog = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, ".modal-ux")))
+    assert "apiKey" in dialog.text and "bearerJWT" in dialog.text
+    key_input = dialog.find_element(By.CSS_SELECTOR, "input[type=text], input[type=password]")
+    key_input.send_keys(EHR_KEY)
+    dialog.find_element(By.CSS_SELECTOR, "button.modal-btn.auth.authorize").click()
+    dialog.find_element(By.CSS_SELECTOR, "button.close-modal").click()
+    block = wait.until(
+        ec.element_to_be_clickable(
+            (By.ID, "operations-retrieval-similar_v1_patients__patient_id__similar_get")
+        )
+    )
+    block.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "button.try-out__btn"))).click()
+    block.find_element(By.CSS_SELECTOR, "input[placeholder='patient_id']").send_keys(TOMMY_FRIESEN)
+    block.find_element(By.CSS_SELECTOR, "button.execute").click()
+    status = wait.until(
+        ec.visibility_of_element_located(
+            (By.CSS_SELECTOR, ".live-responses-table tr.response .response-col_status")
+        )
+    )
+    assert status.text.strip().startswith("503"), status.text  # 401 without the key
+    loaded = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name)"
+    )
+    assert loaded and all(url.startswith(ops_service.url) for url in loaded), loaded
 
 
 # --- the request log --------------------------------------------------------------------------
