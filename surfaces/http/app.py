@@ -29,7 +29,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sse_starlette.sse import EventSourceResponse
 
-from agent import Answer, CaseFilter, CaseHit, ChartSight, ChartSightError
+from agent import Answer, CaseFilter, CaseHit, ChartSight, ChartSightError, scrub
 from common import observe
 from surfaces.http.cds import router as cds_router
 from surfaces.http.deps import (
@@ -145,7 +145,9 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
         except Exception as exc:
             checks["audit"] = f"failing: {type(exc).__name__}"
         checks["agent"] = "ok" if svc.agent.is_open else "not open"
-        checks["model"] = svc.agent.model_name
+        # the backend's name without the model server's URL or a model file's path (this answer
+        # needs no credentials)
+        checks["model"] = scrub(svc.agent.model_name)
         ok = all(v == "ok" for k, v in checks.items() if k != "model")
         return JSONResponse(
             {"status": "ready" if ok else "not ready", **checks}, 200 if ok else 503

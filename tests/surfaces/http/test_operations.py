@@ -99,6 +99,12 @@ def test_model_card_is_served_without_credentials_with_the_running_model(ops_ser
     assert all(a["text"].strip() for a in card["attributes"])
 
 
+def test_readiness_names_the_model_without_the_model_servers_url(ops_service: Running):
+    """/readyz needs no credentials: it names the backend and model, not where the server is."""
+    ready = httpx.get(f"{ops_service.url}/readyz").json()
+    assert ready["model"].startswith("openai:test-model") and "127.0.0.1" not in ready["model"]
+
+
 def test_the_smart_page_links_the_model_card(ops_service: Running):
     template = Path(__file__).resolve().parents[3] / "surfaces/http/templates/app.html"
     href = re.search(r'<a href="([^"]+)" id="model-card"', template.read_text()).group(1)  # type: ignore[union-attr]
