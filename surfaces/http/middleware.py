@@ -97,8 +97,8 @@ def caller_hash(salt: bytes, client_id: str) -> str:
 
 class AccessLog:
     """One JSON log line per request (logger ``chartsight.api``, level INFO), without PHI:
-    ``{"event": "request", "method", "route" (the template, never the patient id in the path; a
-    mount's path such as ``/mcp``; ``null`` when nothing matched),
+    ``{"event": "request", "method", "route" (the template, never the patient id in the path;
+    under a mount its path first: ``/mcp/``, ``/docs-assets``; ``null`` when nothing matched),
     "status", "duration_ms", "request_id", "caller"}``, ``caller`` being ``caller_hash`` of the
     authenticated client id (``null`` before or without authentication). The request id is the
     caller's ``x-request-id`` (cut to 64 characters) or a new one, sent back as ``x-request-id``.
@@ -135,10 +135,10 @@ class AccessLog:
         finally:
             seconds = time.perf_counter() - start
             # the route's template, never the patient id; under a mount (MCP, the docs' assets)
-            # the mount's path, which the router adds to root_path
-            route = getattr(scope.get("route"), "path", None)
-            if route is None and scope.get("root_path", "") != root:
-                route = scope["root_path"][len(root) :] or None
+            # the mount's path (which the router adds to root_path) before the inner route's
+            mount = scope.get("root_path", "")[len(root) :]
+            inner = getattr(scope.get("route"), "path", None)
+            route = mount + inner if inner is not None else (mount or None)
             client = (scope.get("state") or {}).get(CALLER)
             log.info(
                 "%s",

@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -228,27 +229,38 @@ def test_one_json_log_line_per_request_with_a_hashed_caller_and_no_phi(
         )
         assert _ask(ops_service, {**BOUND, **rid(3)}, patient=MARTINA_MURAZIK).status_code == 403
         assert _ask(ops_service, {"X-API-Key": "wrong", **rid(4)}).status_code == 401
-        httpx.get(f"{ops_service.url}/docs-assets/favicon.png", headers=rid(5))
+        httpx.post(  # MCP: authenticated by its own wrapper, logged under its mount
+            f"{ops_service.url}/mcp/",
+            json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
+            headers={**EHR, **rid(5), "accept": "application/json, text/event-stream"},
+        )
         httpx.get(f"{ops_service.url}/no/such/{TOMMY_FRIESEN}", headers=rid(6))
+        httpx.get(f"{ops_service.url}/docs-assets/favicon.png", headers=rid(7))
+        # a line is written once the response has gone out: wait for the last one
+        deadline = time.monotonic() + 10
+        while len(_request_lines(caplog, "log-test-")) < 7 and time.monotonic() < deadline:
+            time.sleep(0.05)
     lines = _request_lines(caplog, "log-test-")
     assert [(x["method"], x["route"]) for x in lines] == [
         ("POST", "/v1/ask"),
         ("GET", "/v1/patients/{patient_id}/similar"),
         ("POST", "/v1/ask"),
         ("POST", "/v1/ask"),
-        ("GET", "/docs-assets"),  # a mount: its path
+        ("POST", "/mcp/"),  # a mounted app: the mount's path and its route's
         ("GET", None),  # nothing matched: no path, so no patient id either
+        ("GET", "/docs-assets"),  # static files under a mount: the mount's path
     ]
-    ask, similar, denied, unauthenticated, _, _ = lines
+    ask, similar, denied, unauthenticated, mcp, _, _ = lines
     assert set(ask) == {
         "event", "method", "route", "status", "duration_ms", "request_id", "caller",
     }  # fmt: skip
     assert ask["status"] == 200 and ask["duration_ms"] > 0 and ask["request_id"]
     assert ask["caller"] == caller_hash(SALT.encode(), "ehr") == similar["caller"]
     assert re.fullmatch(r"[0-9a-f]{16}", ask["caller"])
-    assert [x["request_id"] for x in lines] == [f"log-test-{n}" for n in range(1, 7)]
+    assert [x["request_id"] for x in lines] == [f"log-test-{n}" for n in range(1, 8)]
     assert denied["status"] == 403 and denied["caller"] == caller_hash(SALT.encode(), "bound")
     assert unauthenticated["status"] == 401 and unauthenticated["caller"] is None
+    assert mcp["caller"] == ask["caller"]
     text = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("chartsight"))
     for phi in ("secret-marker-42", "Tommy", "Friesen", TOMMY_FRIESEN, MARTINA_MURAZIK, "HbA1c"):
         assert phi not in text, phi
