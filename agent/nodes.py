@@ -35,6 +35,7 @@ from agent.planner import is_follow_up
 from agent.runtime import AgentRuntime, own_cases_out, runtime
 from agent.state import AskState
 from agent.tools import ToolError
+from common import observe
 from connectors.errors import ChartSightError
 from connectors.images import PatientImage
 from connectors.record import PatientRecord
@@ -364,7 +365,8 @@ async def generate(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     Reads the gathered keys (``facts``, ``evidence``, ``evidence_scores``, ``similar``,
     ``images``, ``patient_line``, ``history``) and, on a retry, ``draft`` and ``checked``. Writes
     ``draft``, ``given`` (what a sentence may cite, made once per question), ``model``,
-    ``attempts``; on a fallback also ``fallback`` and ``warnings``."""
+    ``attempts``; on a fallback also ``fallback`` and ``warnings``, and reports
+    ``observe.MODEL_ERROR`` (the ``model.name`` setting, the error's class name)."""
     attempts = state.get("attempts", 0)
     backend = rt.backend
     given = grounds(state)
@@ -388,6 +390,9 @@ async def generate(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
             # the model cites aliases ([E1]); the verifier reads record ids
             reply = Generation(prompt.resolve(reply.text), reply.model, reply.usage)
     except BackendError as exc:
+        observe.report(
+            observe.MODEL_ERROR, backend=rt.settings.model.name, error=type(exc).__name__
+        )
         rt.emit("fallback", reason=exc.public)  # streamed to callers: no server address
         log.warning("model fell back to the evidence answer: %s", exc)  # the operator's log
         return {

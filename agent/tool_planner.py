@@ -25,6 +25,7 @@ from agent.nodes import GATHER_NODES, record_of, timed
 from agent.runtime import AgentRuntime, runtime
 from agent.state import AskState
 from agent.tools import langchain_tools
+from common import observe
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ def _opening(state: AskState, rt: AgentRuntime) -> list[dict[str, Any]]:
 
 @timed("think")
 async def think(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
-    """One round of the model choosing tools."""
+    """One round of the model choosing tools; a backend failure reports ``observe.MODEL_ERROR``
+    and leaves the rule plan standing."""
     backend = tool_calling(rt.backend)
     assert backend is not None  # routed here only then
     transcript = list(state.get("transcript") or _opening(state, rt))
@@ -80,6 +82,9 @@ async def think(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     try:
         turn = await backend.call_tools(transcript, schemas)
     except BackendError as exc:
+        observe.report(
+            observe.MODEL_ERROR, backend=rt.settings.model.name, error=type(exc).__name__
+        )
         rt.emit("tool_planner_failed", reason=str(exc))
         return {
             "tool_steps": steps,

@@ -12,6 +12,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from common import observe
 from connectors.auth import BearerAuth, SmartBackendAuth
 from connectors.errors import (
     ConnectorError,
@@ -82,7 +83,11 @@ class FhirClient:
         elif settings.token is not None:
             auth = BearerAuth(settings.token.get_secret_value())
         self.http = RetryingHttp(
-            settings.http, auth=auth, headers={"Accept": FHIR_JSON}, transport=transport
+            settings.http,
+            auth=auth,
+            headers={"Accept": FHIR_JSON},
+            transport=transport,
+            failures=observe.FHIR_ERROR,
         )
         self._capabilities: dict[str, Any] | None = None
         self._semaphore = asyncio.Semaphore(settings.concurrency)

@@ -15,7 +15,8 @@ from typing import Any
 
 import httpx
 
-from connectors.errors import HttpStatusError, ResourceNotFound, TransportError
+from common import observe
+from connectors.errors import ConnectorError, HttpStatusError, ResourceNotFound, TransportError
 from connectors.settings import HttpSettings
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,10 @@ class RetryingHttp:
     429, 500, 502, 503, 504). ``retry_read_timeouts=False`` sends nothing again once a request
     was written and its answer timed out (a model server may still be working on it; a second
     copy would only queue behind the first); connection failures and connect or pool timeouts,
-    where nothing reached the server, are retried either way."""
+    where nothing reached the server, are retried either way. ``failures`` names the
+    ``common.observe`` event reported when a request fails for good (``observe.FHIR_ERROR`` for a
+    FHIR server), labelled with the error's class name; a 404 (``ResourceNotFound``) is an
+    answer, not a failure, and is not reported."""
 
     def __init__(
         self,
@@ -79,8 +83,10 @@ class RetryingHttp:
         transport: httpx.AsyncBaseTransport | None = None,
         retryable: Callable[[httpx.Response], bool] = default_retryable,
         retry_read_timeouts: bool = True,
+        failures: str | None = None,
     ) -> None:
         self.settings = settings
+        self.failures = failures
         self.retryable = retryable
         self.retry_read_timeouts = retry_read_timeouts
         self.client = httpx.AsyncClient(
@@ -104,7 +110,16 @@ class RetryingHttp:
         return random.uniform(0, min(s.backoff_max_s, s.backoff_base_s * 2**attempt))
 
     async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        """Send with retries; return a 2xx response or raise a ``ConnectorError``."""
+        """Send with retries; return a 2xx response or raise a ``ConnectorError``
+        (``TransportError``, ``HttpStatusError``, ``ResourceNotFound``)."""
+        try:
+            return await self._send(method, url, **kwargs)
+        except ConnectorError as exc:
+            if self.failures is not None and not isinstance(exc, ResourceNotFound):
+                observe.report(self.failures, error=type(exc).__name__)
+            raise
+
+    async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         deadline = time.monotonic() + self.settings.deadline_s
         attempt = 0
         while True:

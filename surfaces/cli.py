@@ -877,6 +877,23 @@ def serve(
     )
 
 
+@app.command("model-card")
+@_configured(model=True)
+def model_card_command(
+    settings: AppSettings,
+    as_json: Annotated[bool, typer.Option("--json", help="The card as JSON.")] = False,
+) -> None:
+    """ChartSight's model card (ONC HTI-1 decision support source attributes), for the model
+    configured: the same card as the service's /model-card."""
+    from surfaces.model_card import card_text, model_card
+
+    card = model_card(settings)
+    if as_json:
+        print(json.dumps(card, indent=2, ensure_ascii=False))
+    else:
+        console.print(card_text(card), highlight=False, markup=False)
+
+
 @app.command("mcp")
 @_configured(source=True, model=True)
 def mcp_stdio(settings: AppSettings) -> None:

@@ -21,6 +21,7 @@ from mcp.server.mcpserver.exceptions import ToolError as McpToolError
 
 from agent import ChartSight, ChartSightError
 from surfaces.http.deps import authorize_key
+from surfaces.http.middleware import note_caller
 from surfaces.http.security import (
     Forbidden,
     Principal,
@@ -243,7 +244,9 @@ class _Authenticated:
                 k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
             }
             try:
-                service.auth.from_headers(headers.get("authorization"), headers.get("x-api-key"))
+                who = service.auth.from_headers(
+                    headers.get("authorization"), headers.get("x-api-key")
+                )
             except Unauthenticated as exc:
                 body = json.dumps({"detail": f"unauthorized: {exc.public}"}).encode()
                 await send(
@@ -258,6 +261,7 @@ class _Authenticated:
                 )
                 await send({"type": "http.response.body", "body": body})
                 return
+            note_caller(scope.setdefault("state", {}), who.client_id)  # for the access log
         await self.inner(scope, receive, send)
 
 

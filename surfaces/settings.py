@@ -5,7 +5,7 @@ agent knows nothing of the surfaces."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 
@@ -145,6 +145,33 @@ class AuditSettings(BaseModel):
     )
 
 
+class OpsSettings(BaseModel):
+    """Operations (``[serve.ops]``): the request log's caller hash, who may read ``/metrics``,
+    and the docs pages."""
+
+    log_salt: SecretStr | None = Field(
+        default=None,
+        description="Salt of the request log's `caller` (the first 16 hex digits of SHA-256 of "
+        "salt + client id). Set the same value on every worker and restart to keep a caller's "
+        "hash comparable across them; unset, each process draws a random one.",
+    )
+    metrics: Literal["loopback", "token", "off"] = Field(
+        default="loopback",
+        description="Who may read `GET /metrics`: `loopback` (clients connecting from 127.0.0.1 "
+        "or ::1 only; behind a reverse proxy on the same host use `token`), `token` (a bearer "
+        "token whose SHA-256 is `metrics_token_sha256`), or `off` (404).",
+    )
+    metrics_token_sha256: str | None = Field(
+        default=None,
+        description='Hex SHA-256 of the scraper\'s bearer token, for `metrics = "token"`.',
+    )
+    docs: bool = Field(
+        default=True,
+        description="Serve the OpenAPI docs pages `/docs` (Swagger UI) and `/redoc`, with their "
+        "scripts and styles from the installed package (no CDN).",
+    )
+
+
 class ServeSettings(BaseModel):
     """The HTTP service (``chartsight serve``): where it listens, its limits and who may call it."""
 
@@ -179,6 +206,7 @@ class ServeSettings(BaseModel):
     smart: SmartAppSettings = SmartAppSettings()
     cds: CdsSettings = CdsSettings()
     audit: AuditSettings = AuditSettings()
+    ops: OpsSettings = OpsSettings()
 
 
 class AppSettings(Settings):

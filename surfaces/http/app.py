@@ -15,14 +15,22 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from importlib.resources import files
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import (
+    get_redoc_html,
+    get_swagger_ui_html,
+    get_swagger_ui_oauth2_redirect_html,
+)
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from sse_starlette.sse import EventSourceResponse
 
-from agent import Answer, CaseFilter, CaseHit, ChartSight, ChartSightError, answer_bundle
+from agent import Answer, CaseFilter, CaseHit, ChartSight, ChartSightError, answer_bundle, scrub
+from common import observe
 from surfaces.http.auditevent import router as audit_router
 from surfaces.http.cds import router as cds_router
 from surfaces.http.deps import (
@@ -37,12 +45,18 @@ from surfaces.http.deps import (
     run_unless_disconnected,
 )
 from surfaces.http.forward import AuditForwarder
+from surfaces.http.metrics import CONTENT_TYPE, Metrics, counted, may_scrape
 from surfaces.http.middleware import AccessLog, BodyLimit
 from surfaces.http.schemas import AskRequest, Problem
 from surfaces.http.security import case_privacy, thread_key
 from surfaces.http.smart import router as smart_router
 from surfaces.mcp import mcp_lifespan, mount_mcp
+from surfaces.model_card import card_html, model_card
 from surfaces.settings import AppSettings
+
+# Swagger UI and ReDoc, served from the fastapi-offline package's copies (Swagger UI: Apache-2.0;
+# ReDoc: MIT) instead of FastAPI's default CDN, so the docs pages load inside a hospital network
+DOCS_ASSETS = "/docs-assets"
 
 
 def _wants_fhir(accept: str) -> bool:
@@ -71,7 +85,11 @@ async def _stop(task: asyncio.Future[None]) -> None:
 
 
 def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAPI:
-    """The ASGI app. ``agent`` (opened by the caller) is used as is; else one is opened at start."""
+    """The ASGI app. ``agent`` (opened by the caller) is used as is; else one is opened at start.
+    Besides the API: ``/docs`` and ``/redoc`` with local assets (``serve.ops.docs``),
+    ``/model-card`` (HTML) and ``/model-card.json``, and ``/metrics`` (``serve.ops.metrics``)."""
+    ops = settings.serve.ops
+    metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -83,7 +101,10 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
             stack.callback(svc.audit.close)
             stack.callback(svc.drafts.close)
             stack.callback(svc.cds_store.close)
+            svc.audit = counted(svc.audit, metrics)  # outcomes by endpoint, for /metrics
             app.state.service = svc
+            # work started from the lifespan (MCP's sessions) reports to this app's metrics
+            stack.enter_context(observe.observing(metrics.observe))
             repository = settings.serve.audit.repository
             if repository is not None:  # the audit repository, fed in the background
                 own_url = settings.serve.public_url or (
@@ -103,6 +124,9 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
         summary="Grounded answers to clinicians' questions about one patient, citing the "
         "patient's own FHIR resources.",
         lifespan=lifespan,
+        docs_url=None,  # served below with local assets
+        redoc_url=None,
+        swagger_ui_parameters={"validatorUrl": None, "persistAuthorization": True},
         responses={
             401: {"model": Problem, "description": "No or invalid credentials."},
             403: {"model": Problem, "description": "Not allowed for this patient."},
@@ -122,7 +146,11 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
         ]
         return JSONResponse({"detail": errors}, 422)
 
-    app.add_middleware(AccessLog)
+    salt = ops.log_salt.get_secret_value().encode() if ops.log_salt else b""
+    app.add_middleware(AccessLog, salt=salt, metrics=metrics)
+    app.state.metrics = metrics
+    if ops.docs:
+        _docs_pages(app)
     app.add_middleware(
         BodyLimit,
         max_bytes=settings.serve.max_body_bytes,
@@ -155,11 +183,47 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
         except Exception as exc:
             checks["audit"] = f"failing: {type(exc).__name__}"
         checks["agent"] = "ok" if svc.agent.is_open else "not open"
-        checks["model"] = svc.agent.model_name
+        # the backend's name without the model server's URL or a model file's path (this answer
+        # needs no credentials)
+        checks["model"] = scrub(svc.agent.model_name)
         ok = all(v == "ok" for k, v in checks.items() if k != "model")
         return JSONResponse(
             {"status": "ready" if ok else "not ready", **checks}, 200 if ok else 503
         )
+
+    @app.get(
+        "/model-card",
+        tags=["model card"],
+        summary="The model card (HTML): ONC HTI-1 decision support source attributes.",
+        response_class=HTMLResponse,
+    )
+    async def model_card_page() -> HTMLResponse:
+        """ChartSight's model card as a page without external assets: intended use and users,
+        out-of-scope uses, known risks and limits, inputs, fairness, validation with its measured
+        numbers (from benchmarks/results.md), maintenance; and this deployment's model backend,
+        model and prompt version. No credentials needed."""
+        return HTMLResponse(card_html(model_card(settings)))
+
+    @app.get(
+        "/model-card.json",
+        tags=["model card"],
+        summary="The model card as JSON (the same attributes, by id).",
+    )
+    async def model_card_json() -> dict[str, Any]:
+        """The card's JSON: ``name``, ``summary``, ``regulation``, ``version``, ``deployment``
+        (``backend``, ``model``, ``prompt_version``), ``attributes`` (``id``, ``group``, ``cfr``,
+        ``title``, ``text``) and ``measures`` (``name``, ``section``, ``right``, ``of``,
+        ``result``, ``quotes``). No credentials needed."""
+        return model_card(settings)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics(request: Request) -> Response:
+        """Prometheus text exposition of this process's metrics (``metrics.py``); 404 unless
+        ``serve.ops.metrics`` lets this client in (loopback peer, or its bearer token)."""
+        peer = request.client.host if request.client else None
+        if not may_scrape(ops, peer, request.headers.get("authorization")):
+            raise HTTPException(404, "Not Found")
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
     @app.post(
         "/v1/ask",
@@ -304,3 +368,40 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
     app.include_router(smart_router)
     mount_mcp(app)
     return app
+
+
+def _docs_pages(app: FastAPI) -> None:
+    """``/docs`` (Swagger UI, with its OAuth2 redirect page) and ``/redoc``, their scripts, styles
+    and icon served from the installed fastapi-offline package under ``DOCS_ASSETS``: every URL
+    the pages load is on this service (Swagger UI's online validator is off)."""
+    assets = files("fastapi_offline").joinpath("static")
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(assets)), name="docs-assets")
+    oauth2_redirect = app.swagger_ui_oauth2_redirect_url or "/docs/oauth2-redirect"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} API",
+            oauth2_redirect_url=f"{root}{oauth2_redirect}",
+            swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            swagger_ui_parameters=app.swagger_ui_parameters,
+        )
+
+    @app.get(oauth2_redirect, include_in_schema=False)
+    async def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} API",
+            redoc_js_url=f"{root}{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )

@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 import anyio
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sse_starlette.sse import EventSourceResponse
 
 from agent import (
@@ -32,6 +33,7 @@ from surfaces.http.cds_store import CdsStore
 from surfaces.http.cds_trust import CdsTrust
 from surfaces.http.drafts import DraftStore
 from surfaces.http.limits import RateLimiter, retry_after
+from surfaces.http.middleware import note_caller
 from surfaces.http.security import (
     Authenticator,
     Forbidden,
@@ -72,14 +74,41 @@ def service(request: Request) -> Service:
     return svc
 
 
-async def principal(request: Request, svc: Annotated[Service, Depends(service)]) -> Principal:
-    """The authenticated, rate-limited caller (401, 429 otherwise)."""
+# The OpenAPI security schemes (components.securitySchemes), applied to every operation that
+# depends on ``principal``, so the docs page's "Authorize" button sends them. The credentials
+# themselves are read from the headers by ``Authenticator.from_headers``, as before (these
+# declarations never refuse a request: auto_error=False).
+API_KEY = APIKeyHeader(
+    name="X-API-Key",
+    scheme_name="apiKey",
+    description="A service account's key (`chartsight api-key`; its SHA-256 in "
+    "`[[serve.auth.api_keys]]`).",
+    auto_error=False,
+)
+BEARER = HTTPBearer(
+    scheme_name="bearerJWT",
+    bearerFormat="JWT",
+    description="An OAuth2 access token (JWT) from the configured issuer (`serve.auth.issuer`), "
+    "validated against its JWKS; SMART scopes decide what it may read.",
+    auto_error=False,
+)
+
+
+async def principal(
+    request: Request,
+    svc: Annotated[Service, Depends(service)],
+    _key: Annotated[str | None, Security(API_KEY)] = None,
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None,
+) -> Principal:
+    """The authenticated, rate-limited caller (401, 429 otherwise), noted in the request's state
+    for the access log's hashed ``caller`` (``middleware.note_caller``)."""
     try:
         who = svc.auth.from_headers(
             request.headers.get("authorization"), request.headers.get("x-api-key")
         )
     except Unauthenticated as exc:
         raise HTTPException(401, exc.public, headers={"WWW-Authenticate": "Bearer"}) from exc
+    note_caller(request.scope.setdefault("state", {}), who.client_id)
     wait = svc.limiter.take(who.client_id)
     if wait > 0:
         raise HTTPException(

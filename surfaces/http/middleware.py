@@ -1,16 +1,26 @@
-"""ASGI middleware of the HTTP service: the request body limit and the access log (route
-templates, status and time only: no patient ids, no PHI), and the request id that the audit log
+"""ASGI middleware of the HTTP service: the request body limit and the access log (one JSON line
+per request: route template, status, time, request id, hashed caller; no patient ids, no PHI),
+which also feeds the Prometheus metrics (``metrics.py``), and the request id that the audit log
 records with each row."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
+import os
 import time
 import uuid
 from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from common import observe
+
+if TYPE_CHECKING:  # metrics.py counts the audit log, which reads the request id from here
+    from surfaces.http.metrics import Metrics
 
 log = logging.getLogger("chartsight.api")
 
@@ -82,14 +92,40 @@ async def _too_large(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-class AccessLog:
-    """One log line per request: method, the route's template (never the patient id in the path),
-    status and time, and a request id (also sent back as ``x-request-id``, and readable while the
-    request is served through ``current_request_id``). Pure ASGI, so that streaming responses
-    still see a client's disconnect."""
+CALLER = "chartsight.caller"  # request state key: the authenticated caller's client id
 
-    def __init__(self, app: ASGIApp) -> None:
+
+def note_caller(state: dict[str, Any], client_id: str) -> None:
+    """Record the authenticated caller in the request's ASGI state (``scope["state"]``, what
+    ``request.state`` writes to), for ``AccessLog``'s hashed ``caller``; called by the
+    authentication dependency (``deps.principal``) and by any route that authenticates
+    otherwise."""
+    state[CALLER] = client_id
+
+
+def caller_hash(salt: bytes, client_id: str) -> str:
+    """The caller's id in logs: the first 16 hex digits (64 bits) of SHA-256 of ``salt`` followed
+    by the client id's UTF-8 bytes. The same client gives the same hash under one salt
+    (``serve.ops.log_salt``, or a random one per process), and the id cannot be read back."""
+    return hashlib.sha256(salt + client_id.encode()).hexdigest()[:16]
+
+
+class AccessLog:
+    """One JSON log line per request (logger ``chartsight.api``, level INFO), without PHI:
+    ``{"event": "request", "method", "route" (the template, never the patient id in the path;
+    under a mount its path first: ``/mcp/``, ``/docs-assets``; ``null`` when nothing matched),
+    "status", "duration_ms", "request_id", "caller"}``, ``caller`` being ``caller_hash`` of the
+    authenticated client id (``null`` before or without authentication). The request id is the
+    caller's ``x-request-id`` (cut to 64 characters) or a new one, sent back as ``x-request-id``
+    and readable while the request is served through ``current_request_id``.
+    With ``metrics``, each request is counted and timed there, and its work reports to it
+    (``common.observe``). Pure ASGI, so that streaming responses still see a client's
+    disconnect."""
+
+    def __init__(self, app: ASGIApp, salt: bytes = b"", metrics: Metrics | None = None) -> None:
         self.app = app
+        self.salt = salt or os.urandom(16)
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -108,16 +144,35 @@ class AccessLog:
             await send(message)
 
         token = _REQUEST_ID.set(rid)
+        root = scope.get("root_path", "")
+        observer = self.metrics.observe if self.metrics is not None else None
         try:
-            await self.app(scope, receive, send_with_id)
+            with observe.observing(observer) if observer else contextlib.nullcontext():
+                await self.app(scope, receive, send_with_id)
         finally:
             _REQUEST_ID.reset(token)
-            route = scope.get("route")
+            seconds = time.perf_counter() - start
+            # the route's template, never the patient id; under a mount (MCP, the docs' assets)
+            # the mount's path (which the router adds to root_path) before the inner route's
+            mount = scope.get("root_path", "")[len(root) :]
+            inner = getattr(scope.get("route"), "path", None)
+            route = mount + inner if inner is not None else (mount or None)
+            client = (scope.get("state") or {}).get(CALLER)
             log.info(
-                "%s %s %s %.0f ms rid=%s",
-                scope.get("method"),
-                getattr(route, "path", "-"),  # the template, never the patient id
-                status,
-                (time.perf_counter() - start) * 1000,
-                rid,
+                "%s",
+                json.dumps(
+                    {
+                        "event": "request",
+                        "method": scope.get("method"),
+                        "route": route,
+                        "status": status,
+                        "duration_ms": round(seconds * 1000, 1),
+                        "request_id": rid,
+                        "caller": caller_hash(self.salt, client) if client else None,
+                    }
+                ),
             )
+            if self.metrics is not None:
+                self.metrics.request_done(
+                    scope.get("method", ""), route or "unmatched", status, seconds
+                )
