@@ -10,7 +10,7 @@ depends on the agent alone (plus ``connectors`` for importing data and administe
 from agent.answer import Answer, Citation
 from agent.index_build import BuildReport, build_index, open_index
 from agent.series import CitedSeries, cited_series
-from agent.service import ChartSight, QuestionError, connected, ehr_source
+from agent.service import ChartSight, NotPermitted, QuestionError, connected, ehr_source
 from agent.settings import Settings, load_settings
 from agent.tools import Fact, ToolError
 from connectors.errors import (
@@ -25,7 +25,7 @@ from connectors.images import ImageSet
 from connectors.prefetch import PrefetchSource
 from connectors.record import PatientRecord
 from connectors.resources import display_name, reference_of
-from connectors.source import FhirSource
+from connectors.source import FhirSource, RecordScope
 from retrieval.cases import Case, CasePrivacy, ChartSections, age_of, line_label
 from retrieval.clinical import fhir_date, patient_age
 from retrieval.encoders import EncoderRegistry
@@ -53,10 +53,12 @@ __all__ = [
     "FhirImportError",
     "FhirSource",
     "ImageSet",
+    "NotPermitted",
     "PatientRecord",
     "PrefetchSource",
     "QuestionError",
     "RankedEvidence",
+    "RecordScope",
     "ResourceNotFound",
     "Settings",
     "ToolError",

@@ -29,7 +29,7 @@ from agent import Answer, ChartSightError, PrefetchSource, ehr_source
 from agent.grounding import citations, split_sentences, uncited
 from retrieval.evidence import clean_text
 from surfaces.http.deps import Caller, Service, Svc, allowed
-from surfaces.http.security import case_privacy, listed_fhir_base
+from surfaces.http.security import case_privacy, listed_fhir_base, readable
 
 log = logging.getLogger("chartsight.api")
 
@@ -198,7 +198,14 @@ async def patient_view(request: Request, who: Caller, svc: Svc) -> CardsResponse
     question = svc.settings.serve.cds_question
     try:
         answer = await asyncio.wait_for(
-            svc.agent.ask(pid, question, source=source, keep=False, case_privacy=case_privacy(who)),
+            svc.agent.ask(
+                pid,
+                question,
+                source=source,
+                keep=False,
+                case_privacy=case_privacy(who),
+                scope=readable(who),
+            ),
             svc.settings.serve.cds_budget_s,
         )
     except TimeoutError:
