@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -158,7 +159,8 @@ class ScopedSource:
     """A ``FhirSource`` showing only what ``scope`` admits of ``inner``: searches of types it does
     not allow return nothing without a request, results (searches, ``$everything``) keep only the
     resources it admits, a read of a resource it does not admit raises ``ResourceNotFound`` (as if
-    absent: a caller is not told what it may not see). Binaries pass through (they are reached
+    absent: a caller is not told what it may not see), ``$everything`` becomes searches of the
+    allowed types only. Binaries pass through (they are reached
     only from resources the scope admitted). Resources outside the compartment that the chart
     points at (``connectors.record.REFERENCED_TYPES``) are fetched only when allowed too."""
 
@@ -196,8 +198,30 @@ class ScopedSource:
         return self._kept(await self.inner.search(resource_type, params))
 
     async def everything(self, patient_id: str) -> SearchResult:
-        """``inner.everything`` restricted to what the scope admits."""
-        return self._kept(await self.inner.everything(patient_id))
+        """The patient and what the scope admits of the compartment: ``inner.everything``
+        restricted when the scope is whole; else the Patient read and one search per allowed type
+        of ``PATIENT_COMPARTMENT_SEARCHES``, run concurrently, so that no other type is asked for
+        (a server would refuse ``$everything`` to a token of narrower scopes, and the caller's
+        data is fetched on a need-to-know basis). Raises what ``inner`` raises."""
+        if self.scope.whole:
+            return self._kept(await self.inner.everything(patient_id))
+        wanted = [(t, p) for t, p in PATIENT_COMPARTMENT_SEARCHES if self.scope.allows(t)]
+        patient = asyncio.ensure_future(self.read("Patient", patient_id))
+        try:
+            results = await asyncio.gather(
+                *(self.search(t, {p: f"Patient/{patient_id}"}) for t, p in wanted)
+            )
+        except BaseException:
+            patient.cancel()
+            await asyncio.gather(patient, return_exceptions=True)
+            raise
+        merged = SearchResult(resources=[await patient])
+        for res in results:
+            merged.resources.extend(res.resources)
+            merged.invalid.extend(res.invalid)
+            merged.pages += res.pages
+        merged.total = len(merged.resources) + len(merged.invalid)
+        return merged
 
     async def binary(self, reference: str) -> BinaryContent:
         """``inner.binary``."""
