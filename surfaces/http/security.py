@@ -4,7 +4,10 @@ A caller is a ``Principal``: a service account (API key) or a user or app holdin
 JWT from the configured issuer (a SMART authorization server), validated against its JWKS. What it
 may read follows SMART scopes: ``patient/*.read`` (or SMART v2 ``patient/*.rs``) reads only the
 patient of its launch context (the token's ``patient`` claim); ``user/*.read`` and ``system/*.read``
-read any patient. Every endpoint, the MCP tools and the CDS service call ``authorize``.
+read any patient. SMART v2 granular scopes (``patient/Observation.rs``, optionally restricted by
+``?category=…``) read only their resource types (``readable``), and need ``Patient.rs`` (or a ``*``
+scope) to read a patient at all. Every endpoint, the MCP tools and the CDS service call
+``authorize``, and pass ``readable`` to the agent.
 """
 
 from __future__ import annotations
