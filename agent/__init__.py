@@ -18,7 +18,7 @@ from agent.provenance import (
     save_to_chart,
 )
 from agent.series import CitedSeries, cited_series
-from agent.service import ChartSight, QuestionError, connected, ehr_source
+from agent.service import ChartSight, NotPermitted, QuestionError, connected, ehr_source
 from agent.settings import Settings, load_settings
 from agent.tools import Fact, ToolError
 from connectors.errors import (
@@ -33,7 +33,7 @@ from connectors.images import ImageSet
 from connectors.prefetch import PrefetchSource
 from connectors.record import PatientRecord
 from connectors.resources import display_name, reference_of
-from connectors.source import FhirSource
+from connectors.source import FhirSource, RecordScope
 from retrieval.cases import Case, CasePrivacy, ChartSections, age_of, line_label
 from retrieval.clinical import fhir_date, patient_age
 from retrieval.encoders import EncoderRegistry
@@ -63,10 +63,12 @@ __all__ = [
     "FhirImportError",
     "FhirSource",
     "ImageSet",
+    "NotPermitted",
     "PatientRecord",
     "PrefetchSource",
     "QuestionError",
     "RankedEvidence",
+    "RecordScope",
     "ResourceNotFound",
     "Settings",
     "ToolError",

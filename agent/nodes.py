@@ -32,7 +32,7 @@ from agent.backends import BackendError, Generation, Grounds
 from agent.backends.evidence import EvidenceBackend, similar_line
 from agent.grounding import ASSERTS_NOTHING, evidence_map, supported_fraction, verify
 from agent.planner import is_follow_up
-from agent.runtime import AgentRuntime, own_cases_out, runtime
+from agent.runtime import SIMILAR_NEEDS_WHOLE, AgentRuntime, own_cases_out, runtime
 from agent.state import AskState
 from agent.tools import ToolError
 from common import observe
@@ -292,9 +292,11 @@ async def gather_similar(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     caller may see them (``case_privacy``).
 
     Reads ``want_similar``. Writes ``similar`` (``SimilarCase``, 3 at most) and ``warnings`` (no
-    index)."""
+    index; none shown to a caller whose SMART scopes do not grant every type)."""
     if not state.get("want_similar"):
         return {"similar": []}
+    if not rt.similar_allowed:
+        return {"similar": [], "warnings": [SIMILAR_NEEDS_WHOLE]}
     if rt.index is None or len(rt.index) == 0:
         return {"similar": [], "warnings": ["no similar-case index (run `chartsight index build`)"]}
     record = record_of(state, rt)

@@ -22,11 +22,17 @@ from connectors.dicomweb import DicomWebClient
 from connectors.errors import ChartSightError
 from connectors.images import ImageSet, collect_images
 from connectors.record import PatientRecord, assemble_record
-from connectors.source import FhirSource
+from connectors.source import FhirSource, RecordScope
 from retrieval.cases import Case, CasePrivacy, indexed_cases
 from retrieval.evidence import Evidence, record_evidence
 from retrieval.index import CaseFilter, CaseIndex, shown_to
 from retrieval.rank import EvidenceRanker
+
+# why a caller whose SMART scopes grant only some resource types is shown no similar cases
+SIMILAR_NEEDS_WHOLE = (
+    "similar cases need read access to every resource type (e.g. patient/*.rs): a case "
+    "summarises every type of another patient's record"
+)
 
 
 @dataclass
@@ -56,6 +62,14 @@ class AgentRuntime:
     # "generalised" for a caller who may read only one patient: similar cases reach the prompt
     # and the answer without keys, patient ids, dates or free text (retrieval.index.generalised_hit)
     case_privacy: CasePrivacy = "full"
+    # what of a record the caller's SMART scopes grant (None: every type); ``source`` is then a
+    # ``connectors.source.ScopedSource`` and no similar cases are shown (they span every type)
+    scope: RecordScope | None = None
+
+    @property
+    def similar_allowed(self) -> bool:
+        """Whether similar cases may be shown: only to a caller who may read every type."""
+        return self.scope is None or self.scope.whole
 
     def evidence_items(self, record: PatientRecord) -> list[Evidence]:
         """The record's evidence lines, compacted once per patient (records are cached too)."""
@@ -66,7 +80,8 @@ class AgentRuntime:
     def context(self, record: PatientRecord) -> ToolContext:
         """A tool context that reuses the cached evidence lines. Its similar cases follow
         ``case_privacy`` (generalised for a caller bound to one patient), as ``gather_similar``'s
-        do: the ``similar_cases`` tool is reachable by the model and by MCP's ``patient_facts``."""
+        do: the ``similar_cases`` tool is reachable by the model and by MCP's ``patient_facts``;
+        it has none for a caller whose ``scope`` is not whole."""
         items = self.evidence_items(record)
         index = self.index
         privacy = self.case_privacy
@@ -80,7 +95,7 @@ class AgentRuntime:
             record,
             now=self.now or datetime.now().astimezone(),
             _evidence={e.id: e for e in items},
-            similar=similar if index is not None and len(index) else None,
+            similar=similar if index is not None and len(index) and self.similar_allowed else None,
         )
 
     async def record(self, key: str) -> PatientRecord:

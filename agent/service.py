@@ -24,7 +24,7 @@ from agent.backends.evidence import EvidenceBackend
 from agent.cache import RecentCache
 from agent.graph import build_graph
 from agent.planner import default_planner
-from agent.runtime import AgentRuntime, own_cases_out
+from agent.runtime import SIMILAR_NEEDS_WHOLE, AgentRuntime, own_cases_out
 from agent.settings import Settings
 from agent.tools import Fact, ToolError, default_tools
 from connectors.dicomweb import DicomWebClient
@@ -33,7 +33,7 @@ from connectors.fhir_client import FhirClient
 from connectors.images import ImageSet
 from connectors.record import PatientRecord, find_patients, resolve_patient
 from connectors.settings import FhirServerSettings, HttpSettings
-from connectors.source import FhirSource
+from connectors.source import FhirSource, RecordScope, ScopedSource
 from connectors.store import FhirStore, StoreSource
 from retrieval.cases import Case, CasePrivacy, ChartSections, chart_sections
 from retrieval.embedding_store import EmbeddingStore
@@ -110,6 +110,19 @@ async def connected(settings: Settings) -> AsyncIterator[tuple[FhirSource, Dicom
             await dicomweb.aclose()
 
 
+def withheld_warning(scope: RecordScope) -> str:
+    """The answer's warning for a caller whose SMART scopes grant part of the record:
+    ``"the answer may be incomplete: your access (SMART scopes) does not include MedicationRequest,
+    …"`` (``RecordScope.withheld``)."""
+    return "the answer may be incomplete: your access (SMART scopes) does not include " + ", ".join(
+        scope.withheld()
+    )
+
+
+class NotPermitted(ChartSightError):
+    """What was asked needs more than the caller's SMART scopes grant (HTTP 403)."""
+
+
 class QuestionError(ChartSightError):
     """A question that cannot be answered as asked (empty, or only whitespace): the caller's to
     fix (HTTP 422), not a failure of the service."""
@@ -172,6 +185,10 @@ class ChartSight:
         self._index_error: CaseIndexError | None = None  # why the index could not be opened
         # runtimes reading from a caller's source (a SMART session's EHR), while it lives
         self._by_source: weakref.WeakKeyDictionary[Any, AgentRuntime] = weakref.WeakKeyDictionary()
+        # each source's views for callers whose scopes grant part of a record, while it lives
+        self._scoped: weakref.WeakKeyDictionary[Any, dict[RecordScope, ScopedSource]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def __aenter__(self) -> ChartSight:
         s = self.settings
@@ -241,28 +258,33 @@ class ChartSight:
         source: FhirSource | None = None,
         keep: bool = True,
         case_privacy: CasePrivacy = "full",
+        scope: RecordScope | None = None,
     ) -> Answer:
         """A grounded answer; the same ``thread_id`` continues a conversation. ``source`` reads
         the record from elsewhere than the configured source (e.g. a CDS Hooks request's FHIR
         server or prefetch), with caches of its own. ``keep=False`` without a thread keeps
         nothing: no checkpoint is written (faster, and no copy of the question is stored).
         ``case_privacy="generalised"`` (a caller bound to this one patient) shows similar cases
-        to the model and in the answer without keys, ids, dates or free text."""
+        to the model and in the answer without keys, ids, dates or free text. ``scope`` (the
+        caller's SMART scopes, ``RecordScope``; None or whole: every type) limits everything the
+        answer is built from (record, evidence, tools, images) to the resources it admits; then no
+        similar cases are shown (they summarise every type of other records) and the answer's
+        ``warnings`` name what was withheld, so a reader knows it may be incomplete."""
         assert self.graph is not None, "use `async with ChartSight(...)` (answering=True)"
         question = question_text(question)
         # one runtime per question (sharing the caches), so concurrent questions keep their own
         # event listeners
         rt = dataclasses.replace(
-            self._runtime(source), on_event=on_event, case_privacy=case_privacy
+            self._runtime(source, scope), on_event=on_event, case_privacy=case_privacy
         )
         start = {"question": question, "patient_key": patient, "warnings": None, "timings": None}
         if thread_id is None and not keep:
             state = await self.one_shot.ainvoke(start, {"configurable": {"runtime": rt}})
-            return self._answer(state, None)
+            return self._answer(state, None, rt.scope)
         thread = thread_id or uuid.uuid4().hex
         config = {"configurable": {"thread_id": thread, "runtime": rt}}
         state = await self.graph.ainvoke(start, config)
-        return self._answer(state, thread)
+        return self._answer(state, thread, rt.scope)
 
     async def pending(self, thread_id: str) -> dict[str, Any] | None:
         """An interrupted run of the thread (its question and the steps still to run), or None."""
@@ -293,11 +315,32 @@ class ChartSight:
         state = await self.graph.ainvoke(None, config)
         return self._answer(state, thread_id)
 
-    def _runtime(self, source: FhirSource | None = None) -> AgentRuntime:
+    def _scoped_source(self, source: FhirSource | None, scope: RecordScope) -> ScopedSource:
+        """``source`` (default: the configured one) as a caller with ``scope`` may read it, the
+        same object for the same scope while ``source`` lives (so its runtime, and the record it
+        fetched, are reused); at most 32 scopes per source are kept."""
+        assert self.runtime is not None, "use `async with ChartSight(...)`"
+        inner = source if source is not None else self.runtime.source
+        try:
+            views = self._scoped.setdefault(inner, {})
+        except TypeError:  # a source that cannot be weakly referenced: a view for this call
+            return ScopedSource(inner, scope)
+        if scope not in views:
+            while len(views) >= 32:
+                views.pop(next(iter(views)))
+            views[scope] = ScopedSource(inner, scope)
+        return views[scope]
+
+    def _runtime(
+        self, source: FhirSource | None = None, scope: RecordScope | None = None
+    ) -> AgentRuntime:
         """The runtime, or one reading from ``source`` with caches of its own, kept as long as
         ``source`` lives: a SMART session's questions reuse the record it fetched, and a CDS
-        request's prefetch is read once."""
+        request's prefetch is read once. A ``scope`` that is not whole reads through a
+        ``ScopedSource`` (caches of its own per scope: one caller's view never serves another's)."""
         assert self.runtime is not None, "use `async with ChartSight(...)`"
+        if scope is not None and not scope.whole:
+            source = self._scoped_source(source, scope)
         if source is None:
             return self.runtime
         try:
@@ -309,19 +352,28 @@ class ChartSight:
         made = dataclasses.replace(
             self.runtime, source=source, records=RecentCache(), images=RecentCache(),
             evidence=RecentCache(), ranker=self.runtime.ranker.without_store(),
+            scope=source.scope if isinstance(source, ScopedSource) else None,
         )  # fmt: skip
         with contextlib.suppress(TypeError):
             self._by_source[source] = made
         return made
 
-    async def record(self, patient: str, source: FhirSource | None = None) -> PatientRecord:
-        """The patient's record (kept for ``settings.cache_ttl_s``)."""
-        return await self._runtime(source).record(patient)
+    async def record(
+        self, patient: str, source: FhirSource | None = None, scope: RecordScope | None = None
+    ) -> PatientRecord:
+        """The patient's record (kept for ``settings.cache_ttl_s``), only what ``scope`` admits."""
+        return await self._runtime(source, scope).record(patient)
 
-    async def images(self, record: PatientRecord, source: FhirSource | None = None) -> ImageSet:
+    async def images(
+        self,
+        record: PatientRecord,
+        source: FhirSource | None = None,
+        scope: RecordScope | None = None,
+    ) -> ImageSet:
         """The record's images with their provenance (Media, attachments, ImagingStudy through
-        DICOMweb), and the images that failed, each with its reason."""
-        return await self._runtime(source).ensure_images(record)
+        DICOMweb), and the images that failed, each with its reason. ``record`` is one read with
+        the same ``source`` and ``scope``."""
+        return await self._runtime(source, scope).ensure_images(record)
 
     def sections(self, record: PatientRecord) -> ChartSections:
         """The record's summary sections (active problems, latest results, active medications,
@@ -344,11 +396,12 @@ class ChartSight:
         question: str,
         token_budget: int | None = None,
         source: FhirSource | None = None,
+        scope: RecordScope | None = None,
     ) -> list[RankedEvidence]:
         """The ranked chart evidence the agent would see for ``question`` (read as
-        ``question_text`` reads it)."""
+        ``question_text`` reads it), from what ``scope`` admits of the record."""
         question = question_text(question)
-        rt = self._runtime(source)
+        rt = self._runtime(source, scope)
         items = rt.evidence_items(await rt.record(patient))
         return await asyncio.to_thread(rt.ranker.rank, question, items, token_budget=token_budget)
 
@@ -358,14 +411,16 @@ class ChartSight:
         tool: str,
         args: dict[str, Any],
         case_privacy: CasePrivacy = "full",
+        scope: RecordScope | None = None,
     ) -> list[Fact]:
         """One structured tool's facts about the patient; ``case_privacy="generalised"`` (a
         caller bound to this one patient) shows ``similar_cases`` without keys, ids, dates or free
-        text, as ``ask`` and ``similar`` do."""
-        rt = dataclasses.replace(self._runtime(), case_privacy=case_privacy)
+        text, as ``ask`` and ``similar`` do. ``scope``: the tool sees only what it admits (and no
+        similar cases unless whole)."""
+        rt = dataclasses.replace(self._runtime(None, scope), case_privacy=case_privacy)
         if tool not in rt.tools.tools:
             raise ToolError(f"no tool {tool!r}; tools: {', '.join(sorted(rt.tools.tools))}")
-        record = await self.record(patient)
+        record = await rt.record(patient)
         if tool == "similar_cases":
             await rt.ensure_images(record)
         try:
@@ -373,9 +428,12 @@ class ChartSight:
         except ValidationError as exc:
             raise ToolError(f"{tool}: {exc.errors()[0]['msg']} ({exc.errors()[0]['loc']})") from exc
 
-    async def patient_case(self, patient: str, source: FhirSource | None = None) -> Case:
-        """The asking patient's own case (summary and images), built like the indexed ones."""
-        rt = self._runtime(source)
+    async def patient_case(
+        self, patient: str, source: FhirSource | None = None, scope: RecordScope | None = None
+    ) -> Case:
+        """The asking patient's own case (summary and images), built like the indexed ones from
+        what ``scope`` admits."""
+        rt = self._runtime(source, scope)
         record = await rt.record(patient)
         return rt.patient_case(record, await rt.ensure_images(record))
 
@@ -386,9 +444,14 @@ class ChartSight:
         flt: CaseFilter | None = None,
         source: FhirSource | None = None,
         case_privacy: CasePrivacy = "full",
+        scope: RecordScope | None = None,
     ) -> list[CaseHit]:
         """Cases most like the patient's (the patient's own left out); ``case_privacy=
-        "generalised"`` for a caller bound to this one patient (``retrieval.index.shown_to``)."""
+        "generalised"`` for a caller bound to this one patient (``retrieval.index.shown_to``).
+        Raises ``NotPermitted`` for a ``scope`` that is not whole: a case summarises every
+        resource type of another record."""
+        if scope is not None and not scope.whole:
+            raise NotPermitted(SIMILAR_NEEDS_WHOLE)
         index = self._runtime().index
         if index is None and self._index_error is not None:
             raise ConfigurationError(str(self._index_error)) from self._index_error
@@ -426,11 +489,20 @@ class ChartSight:
             return None
         return rt.index.thumbnail(case_key)
 
-    def _answer(self, state: dict[str, Any], thread: str | None) -> Answer:
+    def _answer(
+        self, state: dict[str, Any], thread: str | None, scope: RecordScope | None = None
+    ) -> Answer:
         answer: Answer = state["answer"]
+        warnings = list(answer.warnings)
+        if scope is not None and scope.withheld():
+            warnings.append(withheld_warning(scope))
         # finalize's own time included
         return answer.model_copy(
-            update={"thread_id": thread, "latency_ms": dict(state.get("timings", {}))}
+            update={
+                "thread_id": thread,
+                "latency_ms": dict(state.get("timings", {})),
+                "warnings": warnings,
+            }
         )
 
     async def history(self, thread_id: str) -> list[dict[str, str]]:

@@ -3,18 +3,64 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, Generator
+from typing import Any
 
 import httpx
 import jwt
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from connectors.errors import AuthError
 from connectors.settings import SmartBackendSettings
 
 # A token is refreshed this long before it expires, so no request goes out with a dead one.
 EXPIRY_MARGIN_S = 30.0
+
+
+# RFC 7523 section 2.2: how a client assertion is named in a token request
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+
+def client_assertion(
+    client_id: str, token_url: str, private_key_pem: bytes, algorithm: str, key_id: str | None
+) -> str:
+    """A client assertion (RFC 7523 section 3) authenticating ``client_id`` to the token endpoint
+    ``token_url``, as SMART asymmetric client authentication requires (SMART App Launch 2.2,
+    "client-confidential-asymmetric" and Backend Services): ``iss`` = ``sub`` = the client id,
+    ``aud`` = the token URL, a fresh ``jti``, ``iat`` now and ``exp`` 5 minutes later (the most
+    SMART allows), signed with ``private_key_pem`` (PEM, RSA or EC) by ``algorithm`` (RS384 or
+    ES384), ``kid`` in the header when given. Raises ``AuthError`` when the key cannot sign."""
+    now = int(time.time())
+    claims = {
+        "iss": client_id,
+        "sub": client_id,
+        "aud": token_url,
+        "exp": now + 300,
+        "iat": now,
+        "jti": uuid.uuid4().hex,
+    }
+    headers = {"kid": key_id} if key_id else None
+    try:
+        return jwt.encode(claims, private_key_pem, algorithm=algorithm, headers=headers)
+    except (ValueError, TypeError, jwt.PyJWTError) as exc:
+        raise AuthError(f"cannot sign the client assertion: {exc}") from exc
+
+
+def public_jwks(private_key_pem: bytes, algorithm: str, key_id: str | None) -> dict[str, Any]:
+    """The JSON Web Key Set (RFC 7517) of the public half of ``private_key_pem`` (RSA or EC),
+    ``{"keys": [{"kty", ..., "alg": algorithm, "use": "sig", "kid": key_id}]}``: what an EHR
+    registers for a client that authenticates with ``client_assertion``. Raises ``AuthError`` for
+    a key that cannot be read."""
+    try:
+        public = load_pem_private_key(private_key_pem, password=None).public_key()
+        jwk = json.loads(jwt.get_algorithm_by_name(algorithm).to_jwk(public))
+    except (ValueError, TypeError, jwt.PyJWTError) as exc:
+        raise AuthError(f"cannot read the private key: {exc}") from exc
+    jwk.update(alg=algorithm, use="sig", **({"kid": key_id} if key_id else {}))
+    return {"keys": [jwk]}
 
 
 class BearerAuth(httpx.Auth):
@@ -48,22 +94,11 @@ class SmartBackendAuth(httpx.Auth):
         self._lock = asyncio.Lock()
 
     def _assertion(self, token_url: str) -> str:
-        now = int(time.time())
-        claims = {
-            "iss": self.settings.client_id,
-            "sub": self.settings.client_id,
-            "aud": token_url,
-            "exp": now + 300,
-            "iat": now,
-            "jti": uuid.uuid4().hex,
-        }
-        headers = {"kid": self.settings.key_id} if self.settings.key_id else None
+        s = self.settings
         try:
-            return jwt.encode(claims, self._key, algorithm=self.settings.algorithm, headers=headers)
-        except (ValueError, TypeError, jwt.PyJWTError) as exc:
-            raise AuthError(
-                f"cannot sign the client assertion with {self.settings.private_key_path}: {exc}"
-            ) from exc
+            return client_assertion(s.client_id, token_url, self._key, s.algorithm, s.key_id)
+        except AuthError as exc:
+            raise AuthError(f"{s.private_key_path}: {exc}") from exc
 
     def _token_request(self, token_url: str) -> httpx.Request:
         return httpx.Request(
@@ -72,7 +107,7 @@ class SmartBackendAuth(httpx.Auth):
             data={
                 "grant_type": "client_credentials",
                 "scope": self.settings.scope,
-                "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                "client_assertion_type": CLIENT_ASSERTION_TYPE,
                 "client_assertion": self._assertion(token_url),
             },
             headers={"Accept": "application/json"},

@@ -29,7 +29,7 @@ from fhir.resources.R4B.reference import Reference
 from connectors.errors import ChartSightError, ConnectorError, ResourceNotFound
 from connectors.indexing import COMPARTMENT_ELEMENTS
 from connectors.resources import InvalidResource, Resource, reference_of
-from connectors.source import PATIENT_COMPARTMENT_SEARCHES, FhirSource
+from connectors.source import PATIENT_COMPARTMENT_SEARCHES, FhirSource, ScopedSource
 
 log = logging.getLogger(__name__)
 
@@ -406,9 +406,13 @@ async def fetch_referenced(source: FhirSource, record: PatientRecord) -> None:
     its own concurrency); where such a search fails, the ids are read one by one. What cannot
     be had is a ``FetchProblem``, not an error: one naming the resource and what points at it,
     or, for several of a type failing alike (an export without its practitioners), one for them
-    all naming the first MAX_NAMED, so that the record's problems stay readable.
+    all naming the first MAX_NAMED, so that the record's problems stay readable. Through a
+    ``ScopedSource``, types its scope does not allow are not asked for.
     """
     wanted = missing_references(record)
+    scope = source.scope if isinstance(source, ScopedSource) else None
+    if scope is not None:  # what the caller may not read is not asked for (no "not found")
+        wanted = {k: v for k, v in wanted.items() if scope.allows(k.split("/", 1)[0])}
     by_type: dict[str, list[str]] = {}
     for key in wanted:
         rtype, _, rid = key.partition("/")

@@ -916,9 +916,9 @@ def api_key(
     import json
     import secrets
 
-    from surfaces.http.security import Principal, key_digest
+    from surfaces.http.security import Principal, key_digest, patient_levels
 
-    levels = Principal("x", "x", frozenset(scopes.split())).levels
+    levels = patient_levels(Principal("x", "x", frozenset(scopes.split())))
     if not levels:
         _fail(ConfigurationError(f"the scopes {scopes!r} do not let the key read any record"))
     if levels == {"patient"} and not patient:

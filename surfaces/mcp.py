@@ -5,7 +5,8 @@ grounded answer.
 Two transports: stdio (``chartsight mcp``; the local user's own process, trusted like the CLI) and
 streamable HTTP, mounted in the HTTP service at ``/mcp/``, where every tool call is authenticated
 from the HTTP request's headers and authorized for its patient exactly like the REST endpoints
-(a token bound to patient X gets an error for patient Y), and audited.
+(a token bound to patient X gets an error for patient Y), reads only the resource types its
+SMART scopes grant (``security.readable``), and audited.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from surfaces.http.security import (
     Unauthenticated,
     authorize,
     case_privacy,
+    readable,
     thread_key,
 )
 
@@ -138,7 +140,9 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         access.check_question(question)
         await access.check(who, "patient_evidence", patient, question)
         try:
-            ranked = await agent.evidence(patient, question, max(50, min(token_budget, 8000)))
+            ranked = await agent.evidence(
+                patient, question, max(50, min(token_budget, 8000)), scope=readable(who)
+            )
         except ChartSightError as exc:
             await access.failed(who, "patient_evidence", patient, exc, question)
             raise McpToolError(exc.public) from exc
@@ -162,7 +166,7 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         await access.check(who, "patient_facts", patient)
         try:
             facts = await agent.facts(
-                patient, tool, arguments or {}, case_privacy=case_privacy(who)
+                patient, tool, arguments or {}, case_privacy=case_privacy(who), scope=readable(who)
             )
         except ChartSightError as exc:
             await access.failed(who, "patient_facts", patient, exc)
@@ -187,7 +191,9 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         agent, who = access.caller(ctx)
         await access.check(who, "similar_cases", patient)
         try:
-            hits = await agent.similar(patient, max(1, min(k, 50)), case_privacy=case_privacy(who))
+            hits = await agent.similar(
+                patient, max(1, min(k, 50)), case_privacy=case_privacy(who), scope=readable(who)
+            )
         except ChartSightError as exc:
             await access.failed(who, "similar_cases", patient, exc)
             raise McpToolError(exc.public) from exc
@@ -213,6 +219,7 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
                 thread_id=thread_key(who, patient, thread) if thread else None,
                 keep=False,  # outside a thread nothing is kept, as over REST
                 case_privacy=case_privacy(who),
+                scope=readable(who),
             )
         except ChartSightError as exc:
             await access.failed(who, "ask", patient, exc, question)

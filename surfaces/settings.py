@@ -41,7 +41,10 @@ class AuthSettings(BaseModel):
 
 
 class SmartAppSettings(BaseModel):
-    """The SMART on FHIR app page: which EHRs may launch it, and as which client."""
+    """The SMART on FHIR app page: which EHRs may launch it, and as which client: public (PKCE
+    only), confidential symmetric (``client_secret``) or confidential asymmetric
+    (``private_key_path``: ``private_key_jwt``, SMART App Launch 2.2
+    "client-confidential-asymmetric", with PKCE as well)."""
 
     issuers: list[str] = Field(
         default=[], description="FHIR base URLs (iss) allowed to launch the app; none by default."
@@ -50,7 +53,24 @@ class SmartAppSettings(BaseModel):
     client_secret: SecretStr | None = Field(
         default=None, description="For a confidential client; a public client relies on PKCE."
     )
-    scope: str = "launch openid fhirUser patient/*.read"
+    scope: str = Field(
+        default="launch openid fhirUser patient/*.read",
+        description="Scopes the page requests; `openid fhirUser` names the user in the audit log "
+        "(from the EHR's signed id_token). SMART v2 scopes (patient/Observation.rs, ...) are "
+        "enforced per resource type.",
+    )
+    private_key_path: Path | None = Field(
+        default=None,
+        description="PEM file of the client's private key (RSA or EC): the token request is "
+        "authenticated with a signed client_assertion (private_key_jwt); the public key is "
+        "served at /.well-known/jwks.json for the EHR to register.",
+    )
+    key_id: str | None = Field(
+        default=None, description="`kid` of that key, in the JWKS and in each assertion."
+    )
+    algorithm: Literal["RS384", "ES384"] = Field(
+        default="RS384", description="How assertions are signed (SMART allows RS384 or ES384)."
+    )
 
 
 class CdsClient(BaseModel):

@@ -48,7 +48,7 @@ from surfaces.http.forward import AuditForwarder
 from surfaces.http.metrics import CONTENT_TYPE, Metrics, counted, may_scrape
 from surfaces.http.middleware import AccessLog, BodyLimit
 from surfaces.http.schemas import AskRequest, Problem
-from surfaces.http.security import case_privacy, thread_key
+from surfaces.http.security import case_privacy, readable, thread_key
 from surfaces.http.smart import router as smart_router
 from surfaces.mcp import mcp_lifespan, mount_mcp
 from surfaces.model_card import card_html, model_card
@@ -252,7 +252,9 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
     async def ask(body: AskRequest, request: Request, who: Caller, svc: Svc) -> Any:
         """The answer to ``question`` about ``patient``: its text, every sentence citing the
         patient's resources (``citations``), the structured facts, similar cases and images it
-        used, the model and prompt version, and warnings. Without ``thread`` nothing is kept;
+        used, the model and prompt version, and warnings. A caller whose SMART scopes grant only
+        some resource types (``patient/Observation.rs``) gets an answer built from those alone,
+        with a warning naming the rest. Without ``thread`` nothing is kept;
         with one, the conversation continues (private to the caller and the patient). Every
         request is audited (the question's SHA-256, never its text). A request that accepts
         ``application/fhir+json`` (and not ``application/json`` first) gets the answer as a FHIR
@@ -270,6 +272,7 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
                     thread_id=thread,
                     keep=False,
                     case_privacy=case_privacy(who),
+                    scope=readable(who),
                 ),
                 svc.settings.serve.request_timeout_s,
             )
@@ -346,7 +349,8 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
         """Up to ``k`` past cases (1 to 50) nearest the patient's own in the similar-case index,
         best first, optionally only of a modality (``CT``), sex or age band (``70-79``, ``90+``).
         A caller bound to one patient sees them generalised: no case keys, patient ids, dates or
-        free text."""
+        free text. 403 for a caller whose scopes grant only some resource types (a case
+        summarises every type of another record)."""
         await allowed(svc, who, "similar", patient_id)
         try:
             hits = await svc.agent.similar(
@@ -354,6 +358,7 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
                 k,
                 CaseFilter(modality=modality, sex=sex, age_band=age_band),
                 case_privacy=case_privacy(who),
+                scope=readable(who),
             )
         except ChartSightError as exc:
             await svc.audit.arecord(

@@ -34,7 +34,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from agent import ChartSightError, PrefetchSource
+from agent import ChartSightError, PrefetchSource, RecordScope
 from connectors.errors import ConnectorError, HttpStatusError, TransportError
 from connectors.fhir_client import FhirClient
 from connectors.settings import FhirServerSettings, HttpSettings
@@ -43,7 +43,7 @@ from retrieval.evidence import record_evidence
 from surfaces.http.cds_card import CardText, compose_card
 from surfaces.http.deps import Service, Svc, allowed, principal
 from surfaces.http.limits import retry_after
-from surfaces.http.security import Principal, Unauthenticated, listed_fhir_base
+from surfaces.http.security import Principal, Unauthenticated, listed_fhir_base, readable
 
 log = logging.getLogger("chartsight.api")
 
@@ -357,7 +357,9 @@ async def patient_view(request: Request, svc: Svc) -> CardsResponse:
         )
     kind = "summary"
     try:
-        text = await asyncio.wait_for(_card_text(svc, source, pid), svc.settings.serve.cds_budget_s)
+        text = await asyncio.wait_for(
+            _card_text(svc, source, pid, readable(who)), svc.settings.serve.cds_budget_s
+        )
     except TimeoutError:
         kind, text = "pending", _pending_text()
     except ConnectorError as exc:
@@ -585,9 +587,10 @@ def _unreadable(exc: ConnectorError, *, fhir: bool) -> str:
     return f"the FHIR server named in fhirServer could not be read: {exc.public}"
 
 
-async def _card_text(svc: Service, source: Any, pid: str) -> CardText:
-    """The card's composed text from the patient's record as ``source`` gives it."""
-    record = await svc.agent.record(pid, source=source)
+async def _card_text(svc: Service, source: Any, pid: str, scope: RecordScope) -> CardText:
+    """The card's composed text from the patient's record as ``source`` gives it, only what the
+    caller's ``scope`` admits (SMART granular scopes)."""
+    record = await svc.agent.record(pid, source=source, scope=scope)
     return await asyncio.to_thread(
         lambda: compose_card(chart_sections(record, record_evidence(record)))
     )

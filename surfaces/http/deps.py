@@ -23,6 +23,7 @@ from agent import (
     ConfigurationError,
     ConnectorError,
     FhirSource,
+    NotPermitted,
     QuestionError,
     ResourceNotFound,
     ToolError,
@@ -41,6 +42,8 @@ from surfaces.http.security import (
     Unauthenticated,
     authorize,
     case_privacy,
+    patient_levels,
+    readable,
     thread_key,
 )
 from surfaces.settings import AppSettings
@@ -129,7 +132,7 @@ async def authorize_key(agent: ChartSight, who: Principal, patient: str) -> None
     try:
         authorize(who, patient)
     except Forbidden:
-        if who.patient is None or not who.levels:
+        if who.patient is None or not patient_levels(who):
             raise
         try:
             resolved = await agent.patient_id(patient)
@@ -169,10 +172,12 @@ def check_question(svc: Service, question: str) -> None:
 
 
 def http_error(exc: ChartSightError) -> HTTPException:
-    """The HTTP status for a ChartSight error: 404 no such resource, 422 a tool's arguments or a
-    question that cannot be asked (empty), 502 the patient source failed, 503 not configured,
-    else 500."""
+    """The HTTP status for a ChartSight error: 403 more than the caller's scopes grant, 404 no
+    such resource, 422 a tool's arguments or a question that cannot be asked (empty), 502 the
+    patient source failed, 503 not configured, else 500."""
     log.debug("%s: %s", type(exc).__name__, exc)  # the full message, for the operator
+    if isinstance(exc, NotPermitted):
+        return HTTPException(403, exc.public)
     if isinstance(exc, ResourceNotFound):
         return HTTPException(404, exc.public)
     if isinstance(exc, ToolError | QuestionError):
@@ -235,7 +240,8 @@ def answer_stream(
     then ``answer`` (the answer's JSON, ``thread_id`` the caller's own ``thread``) or ``error``
     (``{"status", "detail"}``: 504 past ``serve.request_timeout_s``, else ``http_error``'s).
     ``thread`` is kept apart per caller and patient (``security.thread_key``); the similar cases
-    shown follow ``case_privacy(who)``; ``source`` and ``keep`` are ``ChartSight.ask``'s;
+    shown follow ``case_privacy(who)``, and the answer is built only from the resource types its
+    scopes grant (``readable(who)``); ``source`` and ``keep`` are ``ChartSight.ask``'s;
     ``on_answer`` is given the answer as produced and its result is added to the ``answer``
     event's data (the SMART page's ``draft_id``: ``smart.py``). The run
     is audited under ``endpoint`` (answered, abstained, error, timeout, cancelled) and is stopped
@@ -255,6 +261,7 @@ def answer_stream(
                     source=source,
                     keep=keep,
                     case_privacy=case_privacy(who),
+                    scope=readable(who),
                 ),
                 svc.settings.serve.request_timeout_s,
             )

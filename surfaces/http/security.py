@@ -4,7 +4,10 @@ A caller is a ``Principal``: a service account (API key) or a user or app holdin
 JWT from the configured issuer (a SMART authorization server), validated against its JWKS. What it
 may read follows SMART scopes: ``patient/*.read`` (or SMART v2 ``patient/*.rs``) reads only the
 patient of its launch context (the token's ``patient`` claim); ``user/*.read`` and ``system/*.read``
-read any patient. Every endpoint, the MCP tools and the CDS service call ``authorize``.
+read any patient. SMART v2 granular scopes (``patient/Observation.rs``, optionally restricted by
+``?category=…``) read only their resource types (``readable``), and need ``Patient.rs`` (or a ``*``
+scope) to read a patient at all. Every endpoint, the MCP tools and the CDS service call
+``authorize``, and pass ``readable`` to the agent.
 """
 
 from __future__ import annotations
@@ -14,12 +17,12 @@ import hmac
 import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import jwt
 from jwt import PyJWKClient
 
-from agent import CasePrivacy, ChartSightError
+from agent import CasePrivacy, ChartSightError, RecordScope
 from surfaces.settings import AuthSettings
 
 # scopes that let ChartSight read a whole record, every resource type: SMART v1 `read` or `*`,
@@ -105,13 +108,63 @@ def may(
     return False
 
 
+def _category_tokens(query: str) -> frozenset[str] | None:
+    """The category tokens of a SMART v2 scope query that restricts only by category
+    (``category=laboratory``, ``category=http://…|vital-signs,laboratory``: a comma is an OR,
+    FHIR R4 search 3.1.1.4); None for any other query (another parameter, a repeated one, a
+    modifier such as ``category:not``), which ChartSight cannot enforce."""
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if len(pairs) != 1 or pairs[0][0] != "category" or not pairs[0][1]:
+        return None
+    tokens = frozenset(t for t in pairs[0][1].split(",") if t)
+    return tokens or None
+
+
+def readable(principal: Principal) -> RecordScope:
+    """What of a patient's record ``principal``'s scopes let ChartSight read (read and search,
+    ``rs``, at any level: ``authorize`` decides which patients): ``RecordScope()`` (every type)
+    for a ``*`` scope (``patient/*.read``, ``user/*.rs``, ...); else the types of its resource
+    scopes without a query (``patient/Observation.rs`` → ``Observation``), and types of scopes
+    restricted by category (``patient/Observation.rs?category=laboratory``) limited to those
+    categories. A scope with any other query grants nothing here: ChartSight cannot enforce it.
+    Source: SMART App Launch 2.2, "Scopes and Launch Context" (v2 finer-grained scopes)."""
+    types: set[str] = set()
+    categories: dict[str, set[str]] = {}
+    for scope in principal.scopes:
+        parsed = scope_permissions(scope)
+        if parsed is None or not {"r", "s"} <= set(parsed[2]):
+            continue
+        _, rtype, _, query = parsed
+        if not query:
+            if rtype == "*":
+                return RecordScope()
+            types.add(rtype)
+        elif rtype != "*" and (tokens := _category_tokens(query)) is not None:
+            categories.setdefault(rtype, set()).update(tokens)
+    limited = tuple(
+        (t, frozenset(toks)) for t, toks in sorted(categories.items()) if t not in types
+    )
+    return RecordScope(frozenset(types), limited)
+
+
+def patient_levels(principal: Principal) -> set[str]:
+    """The SMART levels (patient, user, system) at which ``principal`` may read and search
+    Patient resources (``Patient.rs``, ``Patient.read`` or a ``*`` scope): without one, no
+    question about a patient can be answered."""
+    return {lv for lv in ("patient", "user", "system") if may(principal, "Patient", "rs", {lv})}
+
+
 def authorize(principal: Principal, patient_id: str) -> None:
-    """Raise ``Forbidden`` unless ``principal`` may read ``patient_id``'s record."""
-    levels = principal.levels
+    """Raise ``Forbidden`` unless ``principal`` may read ``patient_id``'s record: a scope that
+    reads Patient resources (``patient_levels``; what else of the record it reads is
+    ``readable``'s), at the user or system level for any patient, at the patient level for the
+    launch context's patient only."""
+    levels = patient_levels(principal)
     if not levels:
         raise Forbidden(
-            "the token's scopes do not allow reading records "
-            "(ChartSight needs patient/*.read, user/*.read or system/*.read)"
+            "the token's scopes do not allow reading the patient (ChartSight needs "
+            "patient/*.rs, or patient/Patient.rs with the resource types to read; "
+            "user/ or system/ alike)"
         )
     if levels & {"user", "system"}:
         return  # the user's (or system's) own access to the EHR governs which patients

@@ -16,8 +16,16 @@ preliminary DocumentReference with its AI Provenance (``agent.provenance``), the
 the verifier, to the EHR's FHIR server with the user's token, in one transaction.
 
 The page reads the record from the EHR's own FHIR server with the user's token, never from
-ChartSight's configured source, and every call is scoped to the launch's patient. Only EHRs listed
-in ``serve.smart.issuers`` may launch it (a launch makes the server fetch from ``iss``).
+ChartSight's configured source, and every call is scoped to the launch's patient and to the
+resource types the granted scopes allow (SMART v2 ``patient/Observation.rs``: ``readable``). Only
+EHRs listed in ``serve.smart.issuers`` may launch it (a launch makes the server fetch from ``iss``).
+
+The user is named by the EHR's OpenID Connect ``id_token`` (scopes ``openid fhirUser``), checked
+against the EHR's keys (``jwks_uri``), issuer, the client id and the launch's ``nonce``; the
+audit log's subject is that ``fhirUser`` (``Practitioner/123``). The app is a public client (PKCE),
+or a confidential one: a client secret, or asymmetric (``private_key_jwt``: a signed client
+assertion, ``connectors.auth.client_assertion``, with its public key at
+``/.well-known/jwks.json``).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from typing import Annotated, Any
 from urllib.parse import urlencode
 
 import httpx
+import jwt
 from fastapi import APIRouter, Cookie, Header, HTTPException, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, select_autoescape
@@ -49,12 +58,15 @@ from agent import (
     FhirSource,
     ImageSet,
     PatientRecord,
+    RecordScope,
     answer_bundle,
     cited_series,
     display_name,
     ehr_source,
     save_to_chart,
 )
+from connectors.auth import CLIENT_ASSERTION_TYPE, client_assertion, public_jwks
+from connectors.errors import AuthError
 from surfaces.http.deps import (
     Service,
     Svc,
@@ -71,8 +83,10 @@ from surfaces.http.security import (
     case_privacy,
     listed_fhir_base,
     may,
+    readable,
 )
 from surfaces.plots import trend_svg
+from surfaces.settings import SmartAppSettings
 
 COOKIE = "chartsight_session"
 _closing: set[asyncio.Future[None]] = set()  # FHIR clients of expired sessions being closed
@@ -84,7 +98,14 @@ class _Pending:
     iss: str
     verifier: str
     token_endpoint: str
+    nonce: str | None = None  # sent with `openid`: the id_token must carry it back
+    issuer: str | None = None  # the EHR's OpenID issuer and keys (its SMART configuration)
+    jwks_uri: str | None = None
     created: float = field(default_factory=time.monotonic)
+
+
+# id_token signatures ChartSight accepts (SMART App Launch 2.2 requires RS256 support; never "none")
+_ID_TOKEN_ALGORITHMS = ["RS256", "RS384", "ES256", "ES384"]
 
 
 @dataclass
@@ -112,6 +133,10 @@ class AppSession:
         return Principal(
             client_id, self.user, frozenset(self.scope.split()), self.patient, realm=self.iss
         )
+
+    def readable(self) -> RecordScope:
+        """What of the record the granted scopes let the page read (``security.readable``)."""
+        return readable(self.principal(""))
 
     def fhir(self) -> FhirSource:
         """The EHR's FHIR server, read with the user's token."""
@@ -182,8 +207,9 @@ async def launch(
     launch: Annotated[str, Query(max_length=500)],
 ) -> RedirectResponse:
     """302 to the EHR's authorization endpoint (authorization code with PKCE S256, ``aud`` the
-    FHIR base, the ``launch`` context, ``serve.smart.scope``), found in
-    ``{iss}/.well-known/smart-configuration``. 400 when ``iss`` is not one of
+    FHIR base, the ``launch`` context, ``serve.smart.scope``, a ``nonce`` when it holds
+    ``openid``), found in ``{iss}/.well-known/smart-configuration`` (whose ``issuer`` and
+    ``jwks_uri`` are kept to check the id_token). 400 when ``iss`` is not one of
     ``serve.smart.issuers``; 502 when the configuration cannot be read, lacks an endpoint, or the
     EHR does not support S256."""
     smart = svc.settings.serve.smart
@@ -208,20 +234,33 @@ async def launch(
     verifier = secrets.token_urlsafe(64)
     challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
     state = secrets.token_urlsafe(24)
-    _sessions(svc).add_pending(state, _Pending(iss, verifier, token_url))
-    query = urlencode(
-        {
-            "response_type": "code",
-            "client_id": smart.client_id,
-            "redirect_uri": _redirect_uri(svc, request),
-            "scope": smart.scope,
-            "state": state,
-            "aud": iss,
-            "launch": launch,
-            "code_challenge": challenge.decode().rstrip("="),
-            "code_challenge_method": "S256",
-        }
+    nonce = secrets.token_urlsafe(24) if "openid" in smart.scope.split() else None
+    issuer, jwks_uri = config.get("issuer"), config.get("jwks_uri")
+    _sessions(svc).add_pending(
+        state,
+        _Pending(
+            iss,
+            verifier,
+            token_url,
+            nonce,
+            str(issuer) if issuer else None,
+            str(jwks_uri) if jwks_uri else None,
+        ),
     )
+    params = {
+        "response_type": "code",
+        "client_id": smart.client_id,
+        "redirect_uri": _redirect_uri(svc, request),
+        "scope": smart.scope,
+        "state": state,
+        "aud": iss,
+        "launch": launch,
+        "code_challenge": challenge.decode().rstrip("="),
+        "code_challenge_method": "S256",
+    }
+    if nonce is not None:
+        params["nonce"] = nonce
+    query = urlencode(params)
     return RedirectResponse(f"{authorize_url}?{query}", 302)
 
 
@@ -233,11 +272,14 @@ async def callback(
     code: Annotated[str, Query(max_length=2000)] = "",
     error: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Response:
-    """Exchange the authorization code (with the PKCE verifier, and the client secret for a
-    confidential client) for a token with the patient in context, open a session and 303 to
-    ``/app`` with its HttpOnly cookie. 400 for an unknown or expired ``state`` (over 10 minutes),
-    an EHR error, or a token without a patient; 502 when the token request fails or is
-    refused."""
+    """Exchange the authorization code (with the PKCE verifier; a confidential client also
+    authenticates: a signed ``client_assertion`` with ``serve.smart.private_key_path``, else HTTP
+    Basic with ``client_secret``) for a token with the patient in context, open a session and 303
+    to ``/app`` with its HttpOnly cookie. The session's user is the ``fhirUser`` of the token
+    response's ``id_token`` (``_id_token_user``), else of the token response, else "SMART user".
+    400 for an unknown or expired ``state`` (over 10 minutes), an EHR error, or a token without a
+    patient; 502 when the token request fails or is refused, or the id_token is not valid; 503
+    when the client key cannot be read."""
     pending = _sessions(svc).pending.pop(state, None)
     if pending is None or time.monotonic() - pending.created > 600:
         raise HTTPException(400, "unknown or expired launch; launch ChartSight again from the EHR")
@@ -252,7 +294,13 @@ async def callback(
         "code_verifier": pending.verifier,
     }
     headers = {}
-    if smart.client_secret is not None:  # a confidential client authenticates itself too
+    if smart.private_key_path is not None:  # confidential asymmetric: RFC 7523 assertion
+        form["client_assertion_type"] = CLIENT_ASSERTION_TYPE
+        form["client_assertion"] = client_assertion(
+            smart.client_id, pending.token_endpoint, _private_key(smart), smart.algorithm,
+            smart.key_id,
+        )  # fmt: skip
+    elif smart.client_secret is not None:  # a confidential client authenticates itself too
         pair = f"{smart.client_id}:{smart.client_secret.get_secret_value()}".encode()
         headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
     try:
@@ -265,12 +313,15 @@ async def callback(
         raise HTTPException(502, f"the EHR refused the token request: {token.get('error')}")
     if not token.get("patient"):
         raise HTTPException(400, "the launch carried no patient context")
+    user = str(token.get("fhirUser") or token.get("user") or "SMART user")
+    if token.get("id_token"):
+        user = await _id_token_user(pending, str(token["id_token"]), smart.client_id)
     session = AppSession(
         iss=pending.iss,
         access_token=token["access_token"],
         patient=str(token["patient"]),
         scope=str(token.get("scope", "")),
-        user=str(token.get("fhirUser") or token.get("user") or "SMART user"),
+        user=user,
         expires=time.monotonic() + min(float(token.get("expires_in", 3600)), 12 * 3600),
     )
     sid = _sessions(svc).add(session)
@@ -278,6 +329,82 @@ async def callback(
     secure = (svc.settings.serve.public_url or "").startswith("https://")
     response.set_cookie(COOKIE, sid, httponly=True, samesite="lax", secure=secure, path="/app")
     return response
+
+
+def _private_key(smart: SmartAppSettings) -> bytes:
+    """The PEM of ``serve.smart.private_key_path``. Raises HTTP 503 when it cannot be read."""
+    assert smart.private_key_path is not None
+    try:
+        return smart.private_key_path.expanduser().read_bytes()
+    except OSError as exc:
+        raise HTTPException(
+            503, "the SMART client key (serve.smart.private_key_path) cannot be read"
+        ) from exc
+
+
+async def _id_token_user(pending: _Pending, id_token: str, client_id: str) -> str:
+    """The user an EHR's OpenID Connect id_token names, once it is checked (SMART App Launch
+    2.2, "Scopes for requesting identity data"; OpenID Connect Core 3.1.3.7): signed by a key of
+    the EHR's ``jwks_uri`` (RS256/RS384/ES256/ES384, by ``kid``), ``iss`` the EHR's ``issuer``,
+    ``aud`` the app's ``client_id``, not expired, and carrying the launch's ``nonce``. The user
+    is its ``fhirUser`` (SMART v1 ``profile``), relative when under the EHR's FHIR base
+    (``Practitioner/123``), else ``sub``. Raises HTTP 502 when it cannot be checked or is not
+    valid."""
+    if not pending.jwks_uri or not pending.issuer:
+        raise HTTPException(
+            502,
+            "the EHR sent an id_token, but its SMART configuration names no issuer and jwks_uri",
+        )
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            reply = await client.get(pending.jwks_uri, headers={"Accept": "application/json"})
+            reply.raise_for_status()
+            keys = jwt.PyJWKSet.from_dict(reply.json()).keys
+    except (httpx.HTTPError, ValueError, jwt.PyJWTError) as exc:
+        raise HTTPException(
+            502, f"the EHR's keys (jwks_uri) could not be read ({type(exc).__name__})"
+        ) from exc
+    try:
+        kid = jwt.get_unverified_header(id_token).get("kid")
+        candidates = [k for k in keys if kid is None or k.key_id == kid]
+        if not candidates:
+            raise jwt.InvalidTokenError("no key of the EHR has the id_token's kid")
+        claims: dict[str, Any] = jwt.decode(
+            id_token,
+            candidates[0].key,
+            algorithms=_ID_TOKEN_ALGORITHMS,
+            audience=client_id,
+            issuer=pending.issuer,
+            leeway=60,
+            options={"require": ["exp", "iat", "iss", "aud", "sub"]},
+        )
+        if pending.nonce is not None and claims.get("nonce") != pending.nonce:
+            raise jwt.InvalidTokenError("the nonce is not the launch's")
+    except jwt.PyJWTError as exc:
+        raise HTTPException(502, f"the EHR's id_token is not valid: {exc}") from exc
+    user = str(claims.get("fhirUser") or claims.get("profile") or claims["sub"])
+    base = pending.iss.rstrip("/") + "/"
+    return user[len(base) :] if user.startswith(base) else user
+
+
+@router.get(
+    "/.well-known/jwks.json",
+    summary="The SMART app's public key set, for EHRs registering it as a private_key_jwt client.",
+)
+async def jwks(svc: Svc) -> dict[str, Any]:
+    """The JSON Web Key Set (RFC 7517) of the public half of ``serve.smart.private_key_path``
+    (``{"keys": [{"kty", "n", "e" | "crv", "x", "y", "alg", "use": "sig", "kid"}]}``): what an EHR
+    registers for ChartSight as a confidential asymmetric client (SMART App Launch 2.2,
+    "client-confidential-asymmetric": the client publishes its keys at a JWKS URL). No
+    credentials needed (public keys only). 404 when no key is configured; 503 when it cannot
+    be read."""
+    smart = svc.settings.serve.smart
+    if smart.private_key_path is None:
+        raise HTTPException(404, "no client key is configured (serve.smart.private_key_path)")
+    try:
+        return public_jwks(_private_key(smart), smart.algorithm, smart.key_id)
+    except AuthError as exc:
+        raise HTTPException(503, "the SMART client key cannot be read") from exc
 
 
 _TEMPLATES = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
@@ -299,9 +426,12 @@ async def _audited_record(svc: Service, session: AppSession, endpoint: str) -> P
 
 
 async def _record(svc: Service, session: AppSession) -> PatientRecord:
-    """The launch patient's record from the EHR, kept for the session."""
+    """The launch patient's record from the EHR, kept for the session: only the resource types
+    the granted scopes allow (``readable``), as the page's answers are."""
     if session.record is None:
-        session.record = await svc.agent.record(session.patient, source=session.fhir())
+        session.record = await svc.agent.record(
+            session.patient, source=session.fhir(), scope=session.readable()
+        )
     return session.record
 
 
@@ -579,14 +709,15 @@ async def app_similar(
 ) -> list[dict[str, Any]]:
     """The 4 cases most similar to the launch's patient, as ``CaseHit`` plus ``thumbnail``
     (a PNG data URL, or null): in full with a thumbnail for a caller who may read other
-    patients' records, else generalised without one (``case_privacy``). Audited as
-    ``app_similar``."""
+    patients' records, else generalised without one (``case_privacy``); 403 when the granted
+    scopes cover only some resource types. Audited as ``app_similar``."""
     session = await _session(svc, chartsight_session, "app_similar")
     privacy = case_privacy(session.principal(svc.settings.serve.smart.client_id))
     try:
         hits = await svc.agent.similar(
-            session.patient, 4, source=session.fhir(), case_privacy=privacy
-        )
+            session.patient, 4, source=session.fhir(), case_privacy=privacy,
+            scope=session.readable(),
+        )  # fmt: skip
     except ChartSightError as exc:
         await _audit(svc, session, "app_similar", "error", detail=type(exc).__name__)
         raise http_error(exc) from exc
@@ -617,7 +748,9 @@ async def app_image(
     record = await _audited_record(svc, session, "app_image")
     if session.images is None:
         try:
-            session.images = await svc.agent.images(record, source=session.fhir())
+            session.images = await svc.agent.images(
+                record, source=session.fhir(), scope=session.readable()
+            )
         except ChartSightError as exc:
             await _audit(svc, session, "app_image", "error", detail=type(exc).__name__)
             raise http_error(exc) from exc

@@ -61,6 +61,33 @@ class ClientCredentials(grants.ClientCredentialsGrant):
     TOKEN_ENDPOINT_AUTH_METHODS = [JWTBearerClientAssertion.CLIENT_AUTH_METHOD]  # noqa: RUF012
 
 
+class SmartClientAssertion(JWTBearerClientAssertion):
+    """``private_key_jwt`` client authentication as SMART requires it (RS384 or ES384, ``aud`` the
+    token URL), checked against the client's registered public key (``client.public_key_pem``)."""
+
+    def __init__(self, token_url: str) -> None:
+        super().__init__()
+        self.audience = token_url
+
+    def validate_jti(self, claims: Any, jti: str) -> bool:
+        return True
+
+    def resolve_client_public_key(self, client: Any) -> bytes:
+        return bytes(client.public_key_pem)
+
+    def process_assertion_claims(self, assertion: str, resolve_key: Any) -> Any:
+        # SMART signs with RS384 or ES384; joserfc's default set omits RS384.
+        try:
+            token = jose_jwt.decode(assertion, resolve_key, algorithms=["RS384", "ES384"])
+        except JoseError as exc:
+            raise InvalidClientError(description=exc.description) from exc
+        self.verify_claims(token.claims)
+        return token.claims
+
+    def get_audiences(self) -> list[str]:
+        return [self.audience]
+
+
 @dataclass
 class SmartAuthServer:
     clients: dict[str, Client] = field(default_factory=dict)
@@ -77,27 +104,9 @@ class SmartAuthServer:
         )
         server.register_grant(ClientCredentials)
         outer = self
-
-        class Assertion(JWTBearerClientAssertion):
-            def validate_jti(self, claims: Any, jti: str) -> bool:
-                return True
-
-            def resolve_client_public_key(self, client: Client) -> bytes:
-                return client.public_key_pem
-
-            def process_assertion_claims(self, assertion: str, resolve_key: Any) -> Any:
-                # SMART Backend Services signs with RS384 or ES384; joserfc's default set omits RS384.
-                try:
-                    token = jose_jwt.decode(assertion, resolve_key, algorithms=["RS384", "ES384"])
-                except JoseError as exc:
-                    raise InvalidClientError(description=exc.description) from exc
-                self.verify_claims(token.claims)
-                return token.claims
-
-            def get_audiences(self) -> list[str]:
-                return [outer.token_url]
-
-        server.register_client_auth_method(Assertion.CLIENT_AUTH_METHOD, Assertion())
+        server.register_client_auth_method(
+            SmartClientAssertion.CLIENT_AUTH_METHOD, SmartClientAssertion(self.token_url)
+        )
         server.register_token_generator(
             "default",
             lambda **kw: {

@@ -1,8 +1,12 @@
 """A SMART on FHIR EHR for the app-launch tests, built from the SMART App Launch spec with authlib:
 ``.well-known/smart-configuration``, an authorization endpoint (authorization code with PKCE S256
 required, the ``launch`` parameter resolved to a patient context, consent granted at once as a
-signed-in clinician would), a token endpoint that returns the ``patient`` with the access token, and
-a FHIR endpoint that checks that token and forwards to a real FHIR server (SEKMET).
+signed-in clinician would), a token endpoint that returns the ``patient`` with the access token
+and, when ``openid fhirUser`` were granted, an OpenID Connect ``id_token`` naming the user
+(``fhirUser``; signed with the key at ``jwks_uri``), and a FHIR endpoint that checks that token and
+forwards to a real FHIR server (SEKMET). A client registered with a public key
+(``client_public_key_pem``) must authenticate with ``private_key_jwt`` (SMART
+``client-confidential-asymmetric``), else it is a public client (PKCE only).
 
 Runs under werkzeug on 127.0.0.1 in a background thread.
 """
@@ -16,13 +20,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import jwt
 from authlib.integrations.flask_oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749 import AuthorizationCodeMixin, ClientMixin, grants
 from authlib.oauth2.rfc7636 import CodeChallenge
+from cryptography.hazmat.primitives.asymmetric import rsa
 from flask import Flask, Response, jsonify, request
 from werkzeug.serving import make_server
 
 from tests.peers.servers import free_port
+from tests.peers.smart_auth import SmartClientAssertion
 
 
 @dataclass
@@ -33,6 +40,7 @@ class Client(ClientMixin):
         "launch openid fhirUser patient/*.read user/*.read "
         "patient/DocumentReference.c patient/Provenance.c"
     )
+    public_key_pem: bytes | None = None  # registered for private_key_jwt: a confidential client
 
     def get_client_id(self) -> str:
         return self.client_id
@@ -51,6 +59,8 @@ class Client(ClientMixin):
         return False
 
     def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
+        if self.public_key_pem is not None:  # a confidential asymmetric client
+            return method == SmartClientAssertion.CLIENT_AUTH_METHOD
         return method == "none"  # a public client: PKCE protects the code
 
     def check_response_type(self, response_type: str) -> bool:
@@ -70,6 +80,7 @@ class Code(AuthorizationCodeMixin):
     user: str
     code_challenge: str | None
     code_challenge_method: str | None
+    nonce: str | None = None
     created: float = field(default_factory=time.monotonic)
 
     def get_redirect_uri(self) -> str:
@@ -78,18 +89,31 @@ class Code(AuthorizationCodeMixin):
     def get_scope(self) -> str:
         return self.scope
 
-    def get_nonce(self) -> None:
-        return None
+    def get_nonce(self) -> str | None:
+        return self.nonce
 
     def get_auth_time(self) -> None:
         return None
 
 
 class SmartEhr:
-    def __init__(self, fhir_base: str, redirect_uri: str, client_id: str = "chartsight") -> None:
+    def __init__(
+        self,
+        fhir_base: str,
+        redirect_uri: str,
+        client_id: str = "chartsight",
+        scope: str | None = None,
+        client_public_key_pem: bytes | None = None,
+    ) -> None:
         self.fhir_base = fhir_base.rstrip("/")
         self.port = free_port()
-        self.client = Client(client_id, redirect_uri)
+        self.client = Client(client_id, redirect_uri, public_key_pem=client_public_key_pem)
+        if scope is not None:
+            self.client.scope = scope
+        self.user = "Practitioner/dr-who"  # the clinician signed in to the EHR
+        # signs id_tokens; published at jwks_uri (a test may swap in another key: a forged token)
+        self.id_token_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.jwks = {"keys": [self._jwk(self.id_token_key)]}
         self.launches: dict[str, str] = {}  # launch id → patient id
         self.codes: dict[str, Code] = {}
         self.tokens: dict[str, dict[str, Any]] = {}  # access token → its grant
@@ -99,7 +123,7 @@ class SmartEhr:
         outer = self
 
         class AuthCode(grants.AuthorizationCodeGrant):
-            TOKEN_ENDPOINT_AUTH_METHODS = ["none"]  # noqa: RUF012
+            TOKEN_ENDPOINT_AUTH_METHODS = ["none", SmartClientAssertion.CLIENT_AUTH_METHOD]  # noqa: RUF012
 
             def save_authorization_code(self, code: str, req: Any) -> None:
                 launch = req.payload.data.get("launch", "")
@@ -109,9 +133,10 @@ class SmartEhr:
                     redirect_uri=req.payload.redirect_uri,
                     scope=req.payload.scope,
                     patient=outer.launches[launch],
-                    user="Practitioner/dr-who",
+                    user=outer.user,
                     code_challenge=req.payload.data.get("code_challenge"),
                     code_challenge_method=req.payload.data.get("code_challenge_method"),
+                    nonce=req.payload.data.get("nonce"),
                 )
 
             def query_authorization_code(self, code: str, client: Client) -> Code | None:
@@ -134,6 +159,8 @@ class SmartEhr:
             token["patient"] = code.patient
             if "fhirUser" in code.scope.split():
                 token["fhirUser"] = code.user
+            if {"openid", "fhirUser"} <= set(token.get("scope", "").split()):
+                token["id_token"] = outer.id_token(code)
             outer.tokens[token["access_token"]] = {
                 "patient": code.patient,
                 "scope": token.get("scope", ""),
@@ -142,6 +169,9 @@ class SmartEhr:
 
         server = AuthorizationServer(self.app, query_client=query_client, save_token=save_token)
         server.register_grant(AuthCode, [CodeChallenge(required=True)])
+        server.register_client_auth_method(
+            SmartClientAssertion.CLIENT_AUTH_METHOD, SmartClientAssertion(f"{self.url}/token")
+        )
         server.register_token_generator(
             "default",
             lambda **kw: {
@@ -159,14 +189,28 @@ class SmartEhr:
                     "issuer": outer.url,
                     "authorization_endpoint": f"{outer.url}/authorize",
                     "token_endpoint": f"{outer.url}/token",
-                    "token_endpoint_auth_methods_supported": ["none"],
+                    "jwks_uri": f"{outer.url}/jwks",
+                    "token_endpoint_auth_methods_supported": ["none", "private_key_jwt"],
+                    "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
                     "grant_types_supported": ["authorization_code"],
                     "scopes_supported": outer.client.scope.split(),
                     "response_types_supported": ["code"],
                     "code_challenge_methods_supported": ["S256"],
-                    "capabilities": ["launch-ehr", "client-public", "context-ehr-patient"],
+                    "capabilities": [
+                        "launch-ehr",
+                        "client-public",
+                        "client-confidential-asymmetric",
+                        "context-ehr-patient",
+                        "sso-openid-connect",
+                        "permission-v1",
+                        "permission-v2",
+                    ],
                 }
             )
+
+        @self.app.get("/jwks")
+        def jwks() -> Any:
+            return jsonify(outer.jwks)
 
         @self.app.get("/authorize")
         def authorize() -> Any:
@@ -238,6 +282,31 @@ class SmartEhr:
     @property
     def fhir_url(self) -> str:
         return f"{self.url}/fhir"
+
+    @staticmethod
+    def _jwk(key: rsa.RSAPrivateKey) -> dict[str, Any]:
+        jwk: dict[str, Any] = jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
+        jwk.update(kid="ehr-id-token-key", use="sig", alg="RS256")
+        return jwk
+
+    def id_token(self, code: Code) -> str:
+        """An OpenID Connect id_token for the code's user: ``iss`` this server, ``aud`` the
+        client, the request's ``nonce``, ``fhirUser`` the user's absolute FHIR URL (SMART App
+        Launch 2.2, "Scopes for requesting identity data")."""
+        now = int(time.time())
+        claims = {
+            "iss": self.url,
+            "sub": code.user,
+            "aud": code.client_id,
+            "iat": now,
+            "exp": now + 300,
+            "fhirUser": f"{self.fhir_url}/{code.user}",
+        }
+        if code.nonce:
+            claims["nonce"] = code.nonce
+        return jwt.encode(
+            claims, self.id_token_key, algorithm="RS256", headers={"kid": "ehr-id-token-key"}
+        )
 
     def launch(self, patient: str) -> str:
         """A launch id for the patient open in the EHR."""
