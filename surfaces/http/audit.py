@@ -23,6 +23,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from surfaces.http.append_only import make_append_only
 from surfaces.http.middleware import current_request_id
 from surfaces.http.security import Principal
 
@@ -58,20 +59,6 @@ audit_delivery = sa.Table(
 # columns added since the first release: (name, DDL type), added to an existing table on open
 _ADDED_COLUMNS = [("request_id", "VARCHAR(64)")]
 
-_SQLITE_GUARDS = [
-    "CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log "
-    "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END",
-    "CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log "
-    "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END",
-]
-_POSTGRES_GUARDS = [
-    "CREATE OR REPLACE FUNCTION audit_log_append_only() RETURNS trigger AS $$ "
-    "BEGIN RAISE EXCEPTION 'the audit log is append-only'; END; $$ LANGUAGE plpgsql",
-    "DROP TRIGGER IF EXISTS audit_log_append_only ON audit_log",
-    "CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log "
-    "FOR EACH ROW EXECUTE FUNCTION audit_log_append_only()",
-]
-
 
 def question_hash(question: str) -> str:
     """The question's SHA-256 as 64 lower-case hex digits (of its UTF-8 bytes): what the audit log
@@ -94,12 +81,7 @@ class AuditLog:
             for name, ddl in _ADDED_COLUMNS:
                 if name not in present:
                     conn.exec_driver_sql(f"ALTER TABLE audit_log ADD COLUMN {name} {ddl}")
-        guards = {"sqlite": _SQLITE_GUARDS, "postgresql": _POSTGRES_GUARDS}.get(
-            self.engine.dialect.name, []
-        )
-        with self.engine.begin() as conn:
-            for statement in guards:
-                conn.exec_driver_sql(statement)
+        make_append_only(self.engine, ["audit_log"])
 
     def record(
         self,

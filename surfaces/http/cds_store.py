@@ -18,6 +18,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from surfaces.http.append_only import make_append_only
+
 metadata = sa.MetaData()
 
 cds_jti = sa.Table(
@@ -64,27 +66,6 @@ cds_feedback = sa.Table(
 _APPEND_ONLY = ("cds_card", "cds_feedback")
 
 
-def _guards(dialect: str) -> list[str]:
-    out: list[str] = []
-    for table in _APPEND_ONLY:
-        if dialect == "sqlite":
-            out += [
-                f"CREATE TRIGGER IF NOT EXISTS {table}_no_update BEFORE UPDATE ON {table} "
-                f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END",
-                f"CREATE TRIGGER IF NOT EXISTS {table}_no_delete BEFORE DELETE ON {table} "
-                f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END",
-            ]
-        elif dialect == "postgresql":
-            out += [
-                f"CREATE OR REPLACE FUNCTION {table}_append_only() RETURNS trigger AS $$ "
-                f"BEGIN RAISE EXCEPTION '{table} is append-only'; END; $$ LANGUAGE plpgsql",
-                f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}",
-                f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
-                f"FOR EACH ROW EXECUTE FUNCTION {table}_append_only()",
-            ]
-    return out
-
-
 class CdsStore:
     """The ``cds_jti``, ``cds_card`` and ``cds_feedback`` tables at a SQLAlchemy URL
     (``serve.cds.database_url``, else ``sqlite:///<home>/cds.db``), created on first use with the
@@ -95,9 +76,7 @@ class CdsStore:
     def __init__(self, url: str) -> None:
         self.engine = sa.create_engine(url)
         metadata.create_all(self.engine)
-        with self.engine.begin() as conn:
-            for statement in _guards(self.engine.dialect.name):
-                conn.exec_driver_sql(statement)
+        make_append_only(self.engine, _APPEND_ONLY)
 
     def first_use(self, iss: str, jti: str, exp: datetime) -> bool:
         """Record ``(iss, jti)`` as seen until ``exp`` (timezone-aware); True the first time,

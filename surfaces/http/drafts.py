@@ -26,6 +26,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from agent import Answer
+from surfaces.http.append_only import make_append_only
 
 metadata = sa.MetaData()
 ai_draft = sa.Table(
@@ -53,27 +54,6 @@ ai_approval = sa.Table(
 )
 
 
-def _guards(dialect: str) -> list[str]:
-    out = []
-    for table in ("ai_draft", "ai_approval"):
-        if dialect == "sqlite":
-            out += [
-                f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
-                f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
-                for op in ("UPDATE", "DELETE")
-            ]
-        elif dialect == "postgresql":
-            out += [
-                "CREATE OR REPLACE FUNCTION chartsight_append_only() RETURNS trigger AS $$ "
-                "BEGIN RAISE EXCEPTION '% is append-only', TG_TABLE_NAME; END; $$ "
-                "LANGUAGE plpgsql",
-                f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}",
-                f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
-                "FOR EACH ROW EXECUTE FUNCTION chartsight_append_only()",
-            ]
-    return out
-
-
 @dataclass(frozen=True)
 class Draft:
     """One stored draft: its id, when it was kept (UTC), the session's cookie digest, the EHR's
@@ -96,9 +76,7 @@ class DraftStore:
     def __init__(self, url: str) -> None:
         self.engine = sa.create_engine(url)
         metadata.create_all(self.engine)
-        with self.engine.begin() as conn:
-            for statement in _guards(self.engine.dialect.name):
-                conn.exec_driver_sql(statement)
+        make_append_only(self.engine, ("ai_draft", "ai_approval"))
 
     def keep(self, answer: Answer, *, session_sha256: str, iss: str, user: str) -> str:
         """Store ``answer`` (as produced, before any display change) as a draft for the session

@@ -9,9 +9,23 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from surfaces.http.audit import _POSTGRES_GUARDS, _SQLITE_GUARDS, AuditLog
+from surfaces.http.audit import AuditLog
 from surfaces.http.security import Principal
 
+# the first release's triggers, as it wrote them
+_SQLITE_GUARDS = [
+    "CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log "
+    "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END",
+    "CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log "
+    "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END",
+]
+_POSTGRES_GUARDS = [
+    "CREATE OR REPLACE FUNCTION audit_log_append_only() RETURNS trigger AS $$ "
+    "BEGIN RAISE EXCEPTION 'the audit log is append-only'; END; $$ LANGUAGE plpgsql",
+    "DROP TRIGGER IF EXISTS audit_log_append_only ON audit_log",
+    "CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log "
+    "FOR EACH ROW EXECUTE FUNCTION audit_log_append_only()",
+]
 WHO = Principal("ehr", "Practitioner/123", frozenset({"system/*.read"}), kind="api-key")
 
 

@@ -1,0 +1,47 @@
+"""Tables the application only ever inserts into (the audit log, AI drafts and approvals, issued
+CDS cards and feedback): on SQLite and PostgreSQL a trigger refuses UPDATE and DELETE, so a bug
+cannot rewrite history either. Other databases get no trigger (the application still never
+updates or deletes these rows)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+
+# one PostgreSQL trigger function for every such table, naming the table in its error (``%%``:
+# psycopg reads a lone ``%`` as a parameter placeholder even without parameters)
+_POSTGRES_FUNCTION = (
+    "CREATE OR REPLACE FUNCTION chartsight_append_only() RETURNS trigger AS $$ "
+    "BEGIN RAISE EXCEPTION '%% is append-only', TG_TABLE_NAME; END; $$ LANGUAGE plpgsql"
+)
+
+
+def guard_statements(dialect: str, tables: Sequence[str]) -> list[str]:
+    """The DDL that makes each of ``tables`` refuse UPDATE and DELETE with the error
+    "<table> is append-only" (SQLite: ``RAISE(ABORT)`` triggers; PostgreSQL: a ``BEFORE UPDATE OR
+    DELETE … FOR EACH ROW`` trigger); ``[]`` for another ``dialect``. Safe to run again."""
+    out: list[str] = []
+    for table in tables:
+        if dialect == "sqlite":
+            out += [
+                f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
+                f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
+                for op in ("UPDATE", "DELETE")
+            ]
+        elif dialect == "postgresql":
+            out += [
+                _POSTGRES_FUNCTION,
+                f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}",
+                f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
+                "FOR EACH ROW EXECUTE FUNCTION chartsight_append_only()",
+            ]
+    return out
+
+
+def make_append_only(engine: sa.Engine, tables: Sequence[str]) -> None:
+    """Install ``guard_statements`` for ``engine``'s dialect in one transaction. Raises
+    SQLAlchemy's errors when the database refuses the DDL."""
+    with engine.begin() as conn:
+        for statement in guard_statements(engine.dialect.name, tables):
+            conn.exec_driver_sql(statement)
