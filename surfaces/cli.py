@@ -868,6 +868,9 @@ def serve(
             "and jwks_url for SMART tokens",
             highlight=False,
         )
+    # the request log (one JSON line per request, no PHI) is the service's own output, at INFO
+    # whatever -v says; -v adds everything else's progress
+    logging.getLogger("chartsight.api").setLevel(logging.INFO)
     uvicorn.run(
         create_app(settings),
         host=host or s.host,
@@ -916,11 +919,19 @@ def api_key(
     import json
     import secrets
 
-    from surfaces.http.security import Principal, key_digest, patient_levels
+    from surfaces.http.security import Principal, key_digest, may, patient_levels
 
-    levels = patient_levels(Principal("x", "x", frozenset(scopes.split())))
-    if not levels:
-        _fail(ConfigurationError(f"the scopes {scopes!r} do not let the key read any record"))
+    holder = Principal("x", "x", frozenset(scopes.split()))
+    levels = patient_levels(holder)
+    # an auditor's key reads the audit trail (user/AuditEvent.rs), no record
+    auditor = may(holder, "AuditEvent", "rs", levels={"user", "system"}, wildcard=False)
+    if not levels and not auditor:
+        _fail(
+            ConfigurationError(
+                f"the scopes {scopes!r} let the key read neither a record (Patient.rs or *.rs) "
+                "nor the audit trail (user/AuditEvent.rs)"
+            )
+        )
     if levels == {"patient"} and not patient:
         _fail(ConfigurationError("patient/... scopes need --patient (the patient the key is for)"))
     key = f"cs_{secrets.token_urlsafe(32)}"

@@ -18,7 +18,10 @@ class ApiKey(BaseModel):
     """A service account. Only the key's SHA-256 is configured, never the key itself."""
 
     client_id: str
-    key_sha256: str = Field(description="Hex SHA-256 of the key (`chartsight api-key` makes one).")
+    key_sha256: str = Field(
+        pattern=r"^[0-9A-Fa-f]{64}$",
+        description="Hex SHA-256 of the key (64 hex digits; `chartsight api-key` makes one).",
+    )
     scopes: str = Field(default="system/*.read", description="SMART scopes granted to the key.")
     patient: str | None = Field(default=None, description="Bind the key to one patient.")
 

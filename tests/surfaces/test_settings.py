@@ -22,7 +22,7 @@ public_url = "https://chartsight.hospital.example"
 issuer = "https://ehr.example/auth"
 [[serve.auth.api_keys]]
 client_id = "ehr-plugin"
-key_sha256 = "ab12"
+key_sha256 = "ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12"
 scopes = "system/*.read"
 [serve.smart]
 issuers = ["https://ehr.example/fhir"]
@@ -60,6 +60,10 @@ def test_unknown_sections_are_still_refused(tmp_path: Path, monkeypatch: pytest.
         load_app_settings(config)
     config.write_text('[serve]\nport = "not a port"\n')
     with pytest.raises(ConfigurationError, match="setting serve.port in .*cs.toml"):
+        load_app_settings(config)
+    # the README's placeholder pasted as it is: no key could ever match it
+    config.write_text('[[serve.auth.api_keys]]\nclient_id = "x"\nkey_sha256 = "…"\n')
+    with pytest.raises(ConfigurationError, match="serve.auth.api_keys.0.key_sha256"):
         load_app_settings(config)
 
 
@@ -113,7 +117,12 @@ def test_api_key_prints_a_settings_entry_that_loads(
     unbound = CliRunner().invoke(app, ["api-key", "x", "--scopes", "patient/*.read"])
     assert unbound.exit_code == 1 and "need --patient" in unbound.output
     useless = CliRunner().invoke(app, ["api-key", "x", "--scopes", "openid"])
-    assert useless.exit_code == 1 and "do not let the key read" in useless.output
+    assert useless.exit_code == 1 and "let the key read neither" in " ".join(useless.output.split())
+    # an auditor's key reads the audit trail and no record: made as the README shows it
+    auditor = CliRunner().invoke(
+        app, ["api-key", "privacy-office", "--scopes", "user/AuditEvent.rs"]
+    )
+    assert auditor.exit_code == 0 and 'scopes = "user/AuditEvent.rs"' in auditor.output
 
 
 def test_serve_warns_when_no_credentials_are_configured(
@@ -133,3 +142,7 @@ def test_serve_warns_when_no_credentials_are_configured(
     (tmp_path / "chartsight.toml").write_text(SHARED.replace('home = "/srv/cs"\n', ""))
     configured = CliRunner().invoke(app, ["serve"], env=env)
     assert configured.exit_code == 0 and "no credentials" not in configured.output
+    # the request log is the service's output without -v (its root logger says WARNING)
+    import logging
+
+    assert logging.getLogger("chartsight.api").getEffectiveLevel() == logging.INFO
