@@ -53,6 +53,7 @@ PREFETCH = {
     "conditions": "Condition?patient={{context.patientId}}&clinical-status=active",
     "observations": "Observation?patient={{context.patientId}}&_sort=-date&_count=100",
     "medications": "MedicationRequest?patient={{context.patientId}}&status=active",
+    "allergies": "AllergyIntolerance?patient={{context.patientId}}&clinical-status=active",
 }
 
 router = APIRouter(tags=["CDS Hooks"])
@@ -252,7 +253,7 @@ async def cds_principal(
         raise HTTPException(
             401,
             "this service accepts only JWTs signed by a trusted CDS client "
-            "(Authorization: Bearer <JWT>; serve.cds.signed_only)",
+            "(Authorization: Bearer <JWT>)",
             headers={"WWW-Authenticate": "Bearer"},
         )
     elif not required:
@@ -276,12 +277,24 @@ async def _caller(request: Request, svc: Service, *paths: str) -> Principal:
 # --- routes ----------------------------------------------------------------------------------------
 
 
+def _usage(svc: Service) -> str:
+    """Discovery's ``usageRequirements``: what this deployment needs of a CDS Client, in words
+    (no setting names): the data, and a signed JWT only when it requires one."""
+    text = (
+        "Send the prefetch, or grant patient/*.read (or user/*.read) on a FHIR server this "
+        "service is configured to read."
+    )
+    if svc.settings.serve.cds.signed_only:
+        text += " Sign each call with a JWT of a CDS Client this service trusts."
+    return text + f" Feedback: POST /cds-services/{SERVICE_ID}/feedback."
+
+
 @router.get("/cds-services", response_model=Discovery, summary="CDS Hooks discovery.")
 async def discovery(request: Request, svc: Svc) -> Discovery:
     """The one service ChartSight offers: ``patient-view``, with the prefetch templates of its
-    Patient, active Conditions, the 100 latest Observations and active MedicationRequests. Open
-    to any caller, but a CDS Client JWT sent with it is verified (``aud`` ``…/cds-services``), and
-    under ``serve.cds.signed_only`` one is required (401 otherwise)."""
+    Patient, active Conditions, the 100 latest Observations, active MedicationRequests and active
+    AllergyIntolerances. Open to any caller, but a CDS Client JWT sent with it is verified (``aud``
+    ``…/cds-services``), and under ``serve.cds.signed_only`` one is required (401 otherwise)."""
     if svc.settings.serve.cds.signed_only:
         await _caller(request, svc, "/cds-services")
     else:
@@ -296,10 +309,7 @@ async def discovery(request: Request, svc: Svc) -> Discovery:
                 "results in the summary; active problems, abnormal results, active medications "
                 "and allergies in the detail, each citing the patient's own resource.",
                 prefetch=PREFETCH,
-                usageRequirements="Send the prefetch, or grant patient/*.read (or user/*.read) "
-                "on a fhirServer listed in the service's serve.cds_fhir_servers. Sign each call "
-                "with a JWT from a client in serve.cds.clients. Feedback: POST "
-                f"/cds-services/{SERVICE_ID}/feedback.",
+                usageRequirements=_usage(svc),
             )
         ]
     )
@@ -358,7 +368,8 @@ async def patient_view(request: Request, svc: Svc) -> CardsResponse:
     kind = "summary"
     try:
         text = await asyncio.wait_for(
-            _card_text(svc, source, pid, readable(who)), svc.settings.serve.cds_budget_s
+            _card_text(svc, source, pid, readable(who), _allergies_read(hook, source)),
+            svc.settings.serve.cds_budget_s,
         )
     except TimeoutError:
         kind, text = "pending", _pending_text()
@@ -552,8 +563,8 @@ def _source(svc: Service, hook: HookRequest, pid: str) -> Any:
         if not listed_fhir_base(str(hook.fhirServer), allowed):
             raise HTTPException(
                 400,
-                "fhirServer is not a FHIR server this service is configured to read "
-                "(serve.cds_fhir_servers); send prefetch instead",
+                "fhirServer is not a FHIR server this service is configured to read; send "
+                "prefetch instead",
             )
         auth = hook.fhirAuthorization
         budget = svc.settings.serve.cds_budget_s
@@ -587,12 +598,21 @@ def _unreadable(exc: ConnectorError, *, fhir: bool) -> str:
     return f"the FHIR server named in fhirServer could not be read: {exc.public}"
 
 
-async def _card_text(svc: Service, source: Any, pid: str, scope: RecordScope) -> CardText:
+def _allergies_read(hook: HookRequest, source: Any) -> bool:
+    """Whether the record read for the card includes the allergies: from a FHIR server always;
+    from prefetch only when the EHR sent the ``allergies`` template's result (an EHR that follows
+    an older discovery, or drops it, sends none)."""
+    return not isinstance(source, PrefetchSource) or "allergies" in (hook.prefetch or {})
+
+
+async def _card_text(
+    svc: Service, source: Any, pid: str, scope: RecordScope, allergies_read: bool = True
+) -> CardText:
     """The card's composed text from the patient's record as ``source`` gives it, only what the
     caller's ``scope`` admits (SMART granular scopes)."""
     record = await svc.agent.record(pid, source=source, scope=scope)
     return await asyncio.to_thread(
-        lambda: compose_card(chart_sections(record, record_evidence(record)))
+        lambda: compose_card(chart_sections(record, record_evidence(record)), allergies_read)
     )
 
 

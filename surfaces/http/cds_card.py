@@ -159,10 +159,12 @@ def _bullets(items: list[Evidence], title: str, cited: list[str]) -> list[str]:
     return [*lines, ""]
 
 
-def compose_card(sections: ChartSections) -> CardText:
+def compose_card(sections: ChartSections, allergies_read: bool = True) -> CardText:
     """The card's text for a chart (see the module's description). The detail lists active
     problems, abnormal latest results, active medications and active allergies, at most
-    ``DETAIL_ITEMS`` bullets each, every bullet ending in the resource it comes from."""
+    ``DETAIL_ITEMS`` bullets each, every bullet ending in the resource it comes from. Allergies
+    are never left silent: with none active the detail says so, or, when ``allergies_read`` is
+    false (the EHR's prefetch held none and no FHIR server was read), that they were not read."""
     problems = ranked_problems(sections)
     abnormal = ranked_abnormal(sections)
     summary = compose_summary(
@@ -176,8 +178,15 @@ def compose_card(sections: ChartSections) -> CardText:
         + _bullets(sections.medications, "Active medications", cited)
         + _bullets([e for e in sections.allergies if e.active], "Allergies", cited)
     )
+    if not any(e.active for e in sections.allergies):
+        lines += [
+            "**Allergies:** no active allergy recorded."
+            if allergies_read
+            else "**Allergies:** not read (the EHR sent none with this request).",
+            "",
+        ]
     detail = "\n".join(lines).strip()
-    if not cited:
+    if not cited and allergies_read:
         detail = (
             "The record holds no active problems, abnormal latest results, active medications "
             "or active allergies."

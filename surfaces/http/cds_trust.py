@@ -72,8 +72,8 @@ class CdsTrust:
         allowed = [u for u in (client.jwks_url, *client.jku) if u]
         if not isinstance(jku, str) or not any(same_url(jku, u) for u in allowed):
             raise Unauthenticated(
-                f"the JWT's jku {_short(jku)} is not a JWK Set URL configured for this CDS client "
-                "(serve.cds.clients[].jwks_url or .jku); it was not fetched"
+                f"the JWT's jku {_short(jku)} is not a JWK Set URL configured for this CDS client; "
+                "it was not fetched"
             )
         return jku
 
@@ -109,7 +109,7 @@ class CdsTrust:
             raise Unauthenticated(f"the bearer token is not a JWT ({exc})") from exc
         client = self.client_of(token)
         if client is None:
-            raise Unauthenticated("the JWT's iss is not a trusted CDS client (serve.cds.clients)")
+            raise Unauthenticated("the JWT's iss is not a trusted CDS client")
         alg = header.get("alg")
         if alg not in self.settings.algorithms:
             raise Unauthenticated(

@@ -34,6 +34,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import logging
 import re
 import secrets
 import time
@@ -90,6 +91,7 @@ from surfaces.settings import SmartAppSettings
 
 COOKIE = "chartsight_session"
 _closing: set[asyncio.Future[None]] = set()  # FHIR clients of expired sessions being closed
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["SMART app"], include_in_schema=True)
 
 
@@ -337,9 +339,8 @@ def _private_key(smart: SmartAppSettings) -> bytes:
     try:
         return smart.private_key_path.expanduser().read_bytes()
     except OSError as exc:
-        raise HTTPException(
-            503, "the SMART client key (serve.smart.private_key_path) cannot be read"
-        ) from exc
+        log.error("serve.smart.private_key_path cannot be read: %s", exc)  # the operator's
+        raise HTTPException(503, "the SMART client key cannot be read") from exc
 
 
 async def _id_token_user(pending: _Pending, id_token: str, client_id: str) -> str:
@@ -400,7 +401,7 @@ async def jwks(svc: Svc) -> dict[str, Any]:
     be read."""
     smart = svc.settings.serve.smart
     if smart.private_key_path is None:
-        raise HTTPException(404, "no client key is configured (serve.smart.private_key_path)")
+        raise HTTPException(404, "this service is not a confidential SMART client (no key)")
     try:
         return public_jwks(_private_key(smart), smart.algorithm, smart.key_id)
     except AuthError as exc:

@@ -76,6 +76,10 @@ def test_tommys_card_names_his_newest_disorder_and_his_abnormal_laboratory_resul
     assert all(cited) and [m.group(1) for m in cited if m] == text.cited
     ids = {f"{r['resourceType']}/{r['id']}" for r in tommy}
     assert set(text.cited) <= ids
+    # allergies are never left silent: none recorded, or not read at all
+    assert "**Allergies:** no active allergy recorded." in text.detail
+    unread = compose_card(_sections(tommy), allergies_read=False)
+    assert "**Allergies:** not read (the EHR sent none with this request)." in unread.detail
 
 
 def test_findings_and_situations_come_after_disorders():

@@ -44,6 +44,13 @@ def _prefetch(tommy: list[dict[str, Any]]) -> dict[str, Any]:
             sorted(of("Observation"), key=lambda r: r.get("effectiveDateTime", ""))[-100:]
         ),
         "medications": _bundle([r for r in of("MedicationRequest") if r["status"] == "active"]),
+        "allergies": _bundle(
+            [
+                r
+                for r in of("AllergyIntolerance")
+                if r.get("clinicalStatus", {}).get("coding", [{}])[0].get("code") == "active"
+            ]
+        ),
     }
 
 
@@ -61,7 +68,9 @@ def test_discovery(service: Running):
     assert reply.status_code == 200
     (svc,) = reply.json()["services"]
     assert svc["hook"] == "patient-view" and svc["id"] == "chartsight-patient-view"
-    assert set(svc["prefetch"]) == {"patient", "conditions", "observations", "medications"}
+    assert set(svc["prefetch"]) == {
+        "patient", "conditions", "observations", "medications", "allergies",
+    }  # fmt: skip
     assert svc["prefetch"]["patient"] == "Patient/{{context.patientId}}"
 
 
@@ -202,6 +211,7 @@ def test_a_fhir_server_not_configured_is_refused_without_a_connection(
         assert reply.status_code == 400, reply.text
         assert "not a FHIR server this service is configured to read" in reply.json()["detail"]
         assert str(port) not in reply.text and "secret-token" not in reply.text
+        assert "serve." not in reply.text  # the caller is told what it sent, not our settings
         with pytest.raises(TimeoutError):
             listener.accept()
 

@@ -188,7 +188,7 @@ def test_a_jwt_failing_a_check_is_401_naming_it(
     assert reply.status_code == 401, reply.text
     assert message in reply.json()["detail"], reply.json()
     assert reply.headers["www-authenticate"] == "Bearer"
-    assert "Traceback" not in reply.text
+    assert "Traceback" not in reply.text and "serve." not in reply.text
 
 
 def test_a_jku_not_configured_is_refused_without_fetching_it(
@@ -233,6 +233,7 @@ def test_signed_only_refuses_other_credentials_and_guards_discovery(signed: Runn
     )
     assert api_key.status_code == 401
     assert "accepts only JWTs signed by a trusted CDS client" in api_key.json()["detail"]
+    assert "serve." not in api_key.text  # no setting names in what a caller reads
     assert httpx.get(f"{signed.url}/cds-services").status_code == 401
     wrong = httpx.get(f"{signed.url}/cds-services", headers=bearer(sign(ehr)))
     assert wrong.status_code == 401 and "aud" in wrong.json()["detail"]  # the service's URL
