@@ -230,6 +230,28 @@ _TREATS = re.compile(
 )
 
 
+# a judgement about a diagnosis ("is his hypertension controlled?", "is her heart failure
+# stable?"): the record's clinical status cannot give it, so the answer must not say "Yes" for it
+_JUDGEMENT = re.compile(
+    r"\b(?P<j>well[- ]controlled|uncontrolled|controlled|under control|unstable|stable|"
+    r"well[- ]managed|managed|improving|improved|better|worse|worsening|progressing)\b"
+)
+_JUDGED = {  # the judgement as the answer names it
+    "well-controlled": "controlled", "well controlled": "controlled",
+    "uncontrolled": "controlled", "under control": "controlled", "unstable": "stable",
+    "well-managed": "well managed", "managed": "well managed", "improved": "improving",
+    "better": "improving or worsening", "worse": "improving or worsening",
+    "worsening": "improving or worsening", "progressing": "progressing",
+}  # fmt: skip
+# what a clinician reads to judge it, by the condition's words: asked for beside its status
+_JUDGED_BY = (
+    (re.compile(r"hypertension|high blood pressure|\bhtn\b"), "blood pressure"),
+    (re.compile(r"diabet"), "HbA1c"),
+    (re.compile(r"cholesterol|lipid"), "LDL cholesterol"),
+    (re.compile(r"kidney|renal|\bckd\b"), "eGFR"),
+)
+
+
 def is_follow_up(question: str) -> bool:
     """Whether a question leans on the one before it ('and before that?', 'what about June?')."""
     return len(question.split()) <= 8 and bool(_FOLLOW_UP.search(question))
@@ -392,6 +414,16 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
             continue  # "pneumonia vaccine" asks for a vaccine, not the disease
         if treated and term_words.lower() in treated.group(0):
             continue  # "anything for diabetes?" asks for the drugs, not the diagnosis
+        judged = _JUDGEMENT.search(q)
+        if judged:
+            # "is it controlled?": the status, said as not answering the judgement, and the
+            # results a clinician judges it by (read here, never judged)
+            word = judged.group("j")
+            out.add("condition_history", query=term_words, judged=_JUDGED.get(word, word))
+            for pattern, measure in _JUDGED_BY:
+                if pattern.search(term_words.lower()):
+                    out.add("latest_observation", query=measure)
+            continue
         out.add("condition_history", query=term_words)  # any status: active, resolved, ruled out
     if _has(q, "problem", "diagnos", "condition", "comorbid") and not condition_words:
         out.add("active_problems")  # (a question naming a diagnosis gets that one, not the list)

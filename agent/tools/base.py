@@ -188,11 +188,18 @@ class SimilarArgs(Args):
 
 
 class ConditionArgs(Args):
-    """``query``: the condition (a name, a SNOMED CT or ICD-10 code, or ``system|code``)."""
+    """``query``: the condition (a name, a SNOMED CT or ICD-10 code, or ``system|code``);
+    ``judged``: a judgement asked about it ("controlled"), which a status cannot give."""
 
     query: str = Field(
         description="The condition: a name ('pneumonia', 'heart failure'), a SNOMED CT or ICD-10 "
         "code, or 'system|code'."
+    )
+    judged: str | None = Field(
+        default=None,
+        max_length=40,
+        description="A judgement the question asks about the condition ('controlled', 'stable'): "
+        "its recorded status cannot say, and the answer says so instead of yes or no.",
     )
 
 

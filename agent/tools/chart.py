@@ -152,7 +152,7 @@ def active_problems(ctx: ToolContext) -> list[Fact]:
     "resolved (with dates), or ruled out (refuted). Entered-in-error ones are left out.",
     ConditionArgs,
 )
-def condition_history(ctx: ToolContext, query: str) -> list[Fact]:
+def condition_history(ctx: ToolContext, query: str, judged: str | None = None) -> list[Fact]:
     """The conditions of ``query``'s own codes (or, for an uncoded chart, its words), whatever their clinical status; when none is recorded, an absence citing the Patient and the related conditions recorded ("A related condition is recorded: ...")."""
     matched = ctx.terms.matches(query)
     # the table links related concepts through codes for ranking (diabetes lists
@@ -187,14 +187,19 @@ def condition_history(ctx: ToolContext, query: str) -> list[Fact]:
             "condition_history", near, "A related condition is recorded: ", related_to=query
         )
     else:
-        facts.insert(0, _diagnosis_answer(ctx, subject, found))
+        facts.insert(0, _diagnosis_answer(ctx, subject, found, judged))
     return facts
 
 
-def _diagnosis_answer(ctx: ToolContext, subject: str, found: list[Evidence]) -> Fact:
+def _diagnosis_answer(
+    ctx: ToolContext, subject: str, found: list[Evidence], judged: str | None = None
+) -> Fact:
     """The direct answer to "does he have <subject>?" from the conditions found: "Yes: ... is
     recorded as active (since <earliest onset>)", else "In the past: ... is recorded, not active
-    now", else "No: ... was ruled out" (every one refuted), citing the conditions it rests on."""
+    now", else "No: ... was ruled out" (every one refuted), citing the conditions it rests on.
+    With ``judged`` ("controlled"), an active condition is not a yes: "The record does not say
+    whether ... is controlled; it is recorded as active (since ...)", for a clinician to judge
+    from the results given beside it."""
     readings = {e.id: _status(ctx, e.id) for e in found}
     active = [e for e in found if readings[e.id].active and not readings[e.id].refuted]
     past = [e for e in found if not readings[e.id].active and not readings[e.id].refuted]
@@ -203,6 +208,11 @@ def _diagnosis_answer(ctx: ToolContext, subject: str, found: list[Evidence]) -> 
         first = min(dated, key=lambda e: e.date) if dated else None  # type: ignore[arg-type, return-value]
         since = f" (since {first.day})" if first is not None else ""
         text, cited, value = f"Yes: {subject} is recorded as active{since}.", active, "active"
+        if judged:
+            text = (
+                f"The record does not say whether {subject} is {judged}; it is recorded as "
+                f"active{since}."
+            )
     elif past:
         text, cited, value = f"In the past: {subject} is recorded, not active now.", past, "past"
     else:

@@ -435,3 +435,32 @@ def test_a_status_charted_as_an_observation_is_asked_for_by_its_name() -> None:
     assert ("latest_observation", {"query": "smoking status"}) in [
         (c.tool, c.args) for c in plan.calls
     ]
+
+
+@pytest.mark.parametrize(
+    ("question", "judged", "measure"),
+    [
+        ("Is his heart failure stable?", "stable", None),
+        ("Is his hypertension controlled?", "controlled", "blood pressure"),
+        ("is her diabetes under control", "controlled", "HbA1c"),
+        ("Is his kidney disease getting worse?", "improving or worsening", "eGFR"),
+    ],
+)
+def test_a_judgement_about_a_diagnosis_is_not_answered_yes(
+    tommy: ToolContext, question: str, judged: str, measure: str | None
+):
+    # "Is his heart failure stable?" was answered "Yes: heart failure is recorded as active",
+    # which a clinician reads as "stable": a status says nothing of control or stability
+    plan = default_planner(TOOLS.tools.values()).plan(question)
+    calls = {c.tool: c.args for c in plan.calls}
+    assert calls["condition_history"]["judged"] == judged
+    assert (calls.get("latest_observation") or {}).get("query") == measure
+    if "heart failure" in question:
+        head, *_ = TOOLS["condition_history"](tommy, **calls["condition_history"])
+        assert head.statement.startswith(
+            "The record does not say whether heart failure is stable; it is recorded as active"
+        )
+        assert "Yes" not in head.statement and head.evidence[0].startswith("Condition/")
+    # asked without a judgement, the status is a yes
+    plain = default_planner(TOOLS.tools.values()).plan("Does he have heart failure?")
+    assert "judged" not in next(c for c in plain.calls if c.tool == "condition_history").args

@@ -95,7 +95,13 @@ def _iso(day: str, end: bool = False) -> str:
         ("Is the patient diabetic?", [("condition_history", {"query": "diabetic"})]),
         ("Does he suffer from asthma?", [("condition_history", {"query": "asthma"})]),
         ("Has he ever had a stroke?", [("condition_history", {"query": "stroke"})]),
-        ("Is his hypertension controlled?", [("condition_history", {"query": "hypertension"})]),
+        (
+            "Is his hypertension controlled?",  # the status cannot say: it and the readings
+            [
+                ("condition_history", {"query": "hypertension", "judged": "controlled"}),
+                ("latest_observation", {"query": "blood pressure"}),
+            ],
+        ),
         (
             "Any history of diabetes or hypertension?",
             [
