@@ -39,11 +39,11 @@ from retrieval.clinical import MONTH_NAMES
 from retrieval.drugs import default_drugs, has_word
 from retrieval.terms import Term, default_terms
 
-# [Observation/abc] or [Observation/abc, Condition/def] or [Observation/abc; Patient/x]
-_CITATION = re.compile(
-    r"\[((?:[A-Z][A-Za-z]+/[A-Za-z0-9\-.#]+)(?:\s*[,;]\s*[A-Z][A-Za-z]+/[A-Za-z0-9\-.#]+)*)\]"
-)
-_REF = re.compile(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.#]+")
+# [Observation/abc] or [Observation/abc, Condition/def] or [Observation/abc; Patient/x]; a similar
+# case shown to a caller bound to one patient has no reference, only its rank: [similar-case-1]
+_ID = r"(?:[A-Z][A-Za-z]+/[A-Za-z0-9\-.#]+|similar-case-\d+)"
+_CITATION = re.compile(rf"\[({_ID}(?:\s*[,;]\s*{_ID})*)\]")
+_REF = re.compile(_ID)
 _ISO_DATE = re.compile(r"\b(\d{4})-(\d{2})(?:-(\d{2}))?\b")
 _TEXT_DATE = re.compile(
     r"\b(?:(\d{1,2})\s+)?("
@@ -183,7 +183,10 @@ def citations(sentence: str) -> tuple[str, ...]:
 def _is_citation(group: str) -> bool:
     """Whether bracketed text cites resources: "[Observation/abc]" does, a unit such as
     "[Mass/volume]" in a LOINC name does not."""
-    return all(is_resource_type(ref.split("/", 1)[0]) for ref in _REF.findall(group))
+    return all(
+        ref.startswith("similar-case-") or is_resource_type(ref.split("/", 1)[0])
+        for ref in _REF.findall(group)
+    )
 
 
 def _strip_citations(text: str) -> str:

@@ -84,6 +84,10 @@ def test_a_patient_bound_caller_gets_generalised_cases(indexed: Running, issuer:
     answer = reply.json()
     _assert_generalised(answer["similar_cases"], others)
     assert not any(pid in reply.text for pid in others)
+    # and the answer says them, each cited by its rank: it was an abstention, every sentence
+    # removed as citing nothing, while similar_cases held the cases
+    assert not answer["abstained"] and "[similar-case-1]" in answer["text"]
+    assert not any("unsupported" in w for w in answer["warnings"])
     full = httpx.post(
         f"{indexed.url}/v1/ask",
         json={"patient": TOMMY_FRIESEN, "question": SIMILAR_QUESTION},
