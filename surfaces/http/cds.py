@@ -289,6 +289,11 @@ def _usage(svc: Service) -> str:
     return text + f" Feedback: POST /cds-services/{SERVICE_ID}/feedback."
 
 
+# the CDS operations authenticate in their handlers (a CDS Client JWT, an API key or a SMART
+# token): declared here so the OpenAPI document and the docs page's "Authorize" know it
+_SECURED: dict[str, Any] = {"security": [{"apiKey": []}, {"bearerJWT": []}]}
+
+
 @router.get("/cds-services", response_model=Discovery, summary="CDS Hooks discovery.")
 async def discovery(request: Request, svc: Svc) -> Discovery:
     """The one service ChartSight offers: ``patient-view``, with the prefetch templates of its
@@ -320,6 +325,7 @@ async def discovery(request: Request, svc: Svc) -> Discovery:
     response_model=CardsResponse,
     response_model_exclude_none=True,
     summary="patient-view: one card summarising the patient's chart, every fact cited.",
+    openapi_extra=_SECURED,
     responses={
         400: {"description": "A malformed hook request."},
         412: {"description": "No prefetch, and the FHIR server could not be read."},
@@ -409,6 +415,7 @@ async def patient_view(request: Request, svc: Svc) -> CardsResponse:
     f"/cds-services/{SERVICE_ID}/feedback",
     response_model=FeedbackRecorded,
     summary="CDS Hooks feedback: accepted or overridden outcomes of this service's cards.",
+    openapi_extra=_SECURED,
     responses={
         400: {"description": "A malformed feedback request."},
         404: {"description": "A card this service did not issue to the caller."},
@@ -457,6 +464,7 @@ async def post_feedback(request: Request, svc: Svc) -> FeedbackRecorded:
     response_model=FeedbackList,
     response_model_exclude_none=True,
     summary="The stored feedback on this service's cards (user or system scopes).",
+    openapi_extra=_SECURED,
 )
 async def get_feedback(
     request: Request,

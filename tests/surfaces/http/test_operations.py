@@ -133,6 +133,10 @@ def test_openapi_declares_the_api_key_and_bearer_jwt_on_the_operations_that_need
         ("/v1/ask", "post"),
         ("/v1/ask/stream", "post"),
         ("/v1/patients/{patient_id}/similar", "get"),
+        ("/cds-services/chartsight-patient-view", "post"),
+        ("/cds-services/chartsight-patient-view/feedback", "post"),
+        ("/cds-services/chartsight-patient-view/feedback", "get"),
+        ("/fhir/AuditEvent", "get"),
     ]
     for path, method in protected:
         security = spec["paths"][path][method]["security"]
