@@ -21,7 +21,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError as McpToolError
 
 from agent import ChartSight, ChartSightError
-from surfaces.http.deps import authorize_key
+from surfaces.http.deps import authorize_key, record_id
 from surfaces.http.middleware import note_caller
 from surfaces.http.security import (
     Forbidden,
@@ -146,7 +146,8 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         except ChartSightError as exc:
             await access.failed(who, "patient_evidence", patient, exc, question)
             raise McpToolError(exc.public) from exc
-        await access.audit(who, "patient_evidence", "answered", patient, question)
+        served = await record_id(agent, who, patient)
+        await access.audit(who, "patient_evidence", "answered", served, question)
         return [
             {"id": r.evidence.id, "text": r.evidence.text, "score": round(r.score, 4)}
             for r in ranked
@@ -171,7 +172,8 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         except ChartSightError as exc:
             await access.failed(who, "patient_facts", patient, exc)
             raise McpToolError(exc.public) from exc
-        await access.audit(who, "patient_facts", "answered", patient)
+        served = await record_id(agent, who, patient)
+        await access.audit(who, "patient_facts", "answered", served)
         return [f.used().model_dump(mode="json") for f in facts]
 
     @server.tool(
@@ -197,7 +199,8 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         except ChartSightError as exc:
             await access.failed(who, "similar_cases", patient, exc)
             raise McpToolError(exc.public) from exc
-        await access.audit(who, "similar_cases", "answered", patient)
+        served = await record_id(agent, who, patient)
+        await access.audit(who, "similar_cases", "answered", served)
         return [asdict(h) for h in hits]
 
     @server.tool(
@@ -227,7 +230,7 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         # the thread as the caller named it (the stored key is per caller and patient)
         data = answer.shown(thread).model_dump(mode="json")
         outcome = "abstained" if answer.abstained else "answered"
-        await access.audit(who, "ask", outcome, patient, question, answer=data)
+        await access.audit(who, "ask", outcome, answer.patient_id, question, answer=data)
         return data
 
     return server

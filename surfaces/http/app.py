@@ -42,6 +42,7 @@ from surfaces.http.deps import (
     check_question,
     http_error,
     model_card_url,
+    record_id,
     run_unless_disconnected,
 )
 from surfaces.http.forward import AuditForwarder
@@ -365,7 +366,8 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
                 who, "similar", "error", patient_id=patient_id, detail=type(exc).__name__
             )
             raise http_error(exc) from exc
-        await svc.audit.arecord(who, "similar", "answered", patient_id=patient_id)
+        served = await record_id(svc.agent, who, patient_id)
+        await svc.audit.arecord(who, "similar", "answered", patient_id=served)
         return hits
 
     app.include_router(cds_router)

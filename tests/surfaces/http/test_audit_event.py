@@ -289,3 +289,29 @@ def test_search_values_past_the_ends_of_time_are_refused_not_a_500(
     assert reply.status_code in (400, 422), reply.text
     if "date" in params:
         assert reply.json()["resourceType"] == "OperationOutcome"
+
+
+def test_an_access_by_identifier_is_found_by_the_patients_id(launched: Any, tommy_json: Any):
+    """A caller may name its patient by identifier (``system|value``); a successful MCP read so
+    named used to be audited under the identifier only, so an auditor's search by the patient's
+    id did not find it."""
+    running, _, _ = launched
+    patient = next(r for r in tommy_json if r["resourceType"] == "Patient")
+    ident = next(i for i in patient["identifier"] if i.get("system") and i.get("value"))
+    key = f"{ident['system']}|{ident['value']}"
+
+    async def mcp() -> Any:
+        async with _http(running, BOUND_KEY) as client:
+            return await client.call_tool("patient_facts", {"patient": key, "tool": "demographics"})
+
+    assert not asyncio.run(mcp()).is_error
+    found = _search(running, AUDITOR, patient=TOMMY_FRIESEN, _count=1000).json()["entry"]
+    reads = [
+        e["resource"]
+        for e in found
+        if e["resource"]["outcome"] == "0"
+        and any(
+            x.get("description") == "MCP tools/call patient_facts" for x in e["resource"]["entity"]
+        )
+    ]
+    assert reads
