@@ -64,9 +64,11 @@ def _guards(dialect: str) -> list[str]:
             ]
         elif dialect == "postgresql":
             out += [
+                # no "%" in the statement: psycopg reads one as a placeholder, even without
+                # parameters, and the service could not start on PostgreSQL
                 "CREATE OR REPLACE FUNCTION chartsight_append_only() RETURNS trigger AS $$ "
-                "BEGIN RAISE EXCEPTION '% is append-only', TG_TABLE_NAME; END; $$ "
-                "LANGUAGE plpgsql",
+                "BEGIN RAISE EXCEPTION USING MESSAGE = TG_TABLE_NAME || ' is append-only'; "
+                "END; $$ LANGUAGE plpgsql",
                 f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}",
                 f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
                 "FOR EACH ROW EXECUTE FUNCTION chartsight_append_only()",

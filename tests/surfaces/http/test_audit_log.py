@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from agent import Answer
 from surfaces.http.audit import _POSTGRES_GUARDS, _SQLITE_GUARDS, AuditLog
+from surfaces.http.drafts import DraftStore
 from surfaces.http.security import Principal
 
 WHO = Principal("ehr", "Practitioner/123", frozenset({"system/*.read"}), kind="api-key")
@@ -80,3 +82,22 @@ def test_an_old_sqlite_audit_log_gains_the_request_id_column(tmp_path: Path):
 @pytest.mark.integration
 def test_an_old_postgresql_audit_log_gains_the_request_id_column(postgres: Any):
     _check_upgraded(postgres.create_database("old_audit"))
+
+
+@pytest.mark.integration
+def test_the_drafts_open_on_postgresql_and_refuse_changes(postgres: Any):
+    """The page's drafts and approvals live beside the audit log (``serve.audit_url``); on
+    PostgreSQL their append-only trigger's statement held a ``%`` that psycopg took for a
+    placeholder, so the service could not start with a PostgreSQL audit database."""
+    url = postgres.create_database("drafts_append_only")
+    drafts = DraftStore(url)
+    answer = Answer(question="q?", patient_id="p-1", text="t", model="evidence")
+    draft_id = drafts.keep(answer, session_sha256="0" * 64, iss="https://ehr/fhir", user="u")
+    kept = drafts.get(draft_id)
+    assert kept is not None and kept.answer.text == "t"
+    with (
+        pytest.raises(sa.exc.DBAPIError, match="ai_draft is append-only"),
+        drafts.engine.begin() as conn,
+    ):
+        conn.execute(sa.text("DELETE FROM ai_draft"))
+    drafts.close()
