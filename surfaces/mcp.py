@@ -81,7 +81,11 @@ class Access:
         self, who: Principal, tool: str, patient: str, question: str | None = None
     ) -> None:
         """Raise ``McpToolError`` (and audit the denial) unless ``who`` may read ``patient``; a
-        caller bound to a patient may name it by an identifier too (``authorize_key``)."""
+        caller bound to a patient may name it by an identifier too (``authorize_key``). A patient
+        key over 200 characters is refused first, as ``POST /v1/ask`` refuses it (422): no id or
+        identifier is that long, and the audit log keeps 200."""
+        if len(patient) > 200:
+            raise McpToolError("the patient id is over 200 characters")
         agent = self.service.agent if self.service is not None else self.agent
         try:
             if agent is None:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from importlib.resources import files
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import (
     get_redoc_html,
@@ -339,7 +339,7 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
         summary="Past cases most similar to the patient's (images and summary), own cases left out.",
     )
     async def similar(
-        patient_id: str,
+        patient_id: Annotated[str, Path(max_length=200)],
         who: Caller,
         svc: Svc,
         k: Annotated[int, Query(ge=1, le=50)] = 5,

@@ -1,18 +1,25 @@
 """The audit log's table itself: a database made by the release before ``request_id`` existed
-gains the column on open (SQLite and PostgreSQL), keeps its rows and stays append-only."""
+gains the column on open (SQLite and PostgreSQL), keeps its rows and stays append-only; the page's
+drafts open beside it on PostgreSQL, and what callers send fits its PostgreSQL columns."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
 from agent import Answer
+from connectors.store import FhirStore
 from surfaces.http.audit import _POSTGRES_GUARDS, _SQLITE_GUARDS, AuditLog
 from surfaces.http.drafts import DraftStore
 from surfaces.http.security import Principal
+from tests.peers.issuer import Issuer
+from tests.surfaces.http.conftest import BOUND_KEY, EHR_KEY, Running, api_settings
+from tests.surfaces.http.test_mcp import _http
 
 WHO = Principal("ehr", "Practitioner/123", frozenset({"system/*.read"}), kind="api-key")
 
@@ -101,3 +108,35 @@ def test_the_drafts_open_on_postgresql_and_refuse_changes(postgres: Any):
     ):
         conn.execute(sa.text("DELETE FROM ai_draft"))
     drafts.close()
+
+
+@pytest.mark.integration
+def test_a_long_patient_key_is_refused_and_audited_on_postgresql(
+    tmp_path: Path, demo_store: FhirStore, issuer: Issuer, postgres: Any
+):
+    """PostgreSQL enforces the audit columns' widths: a patient key over 200 characters (in the
+    similar-cases path, or an MCP tool's argument) used to fail the audit insert, so the request
+    was a 500 and went unaudited. Now the endpoints refuse it (422, a tool error) and the audit
+    log keeps what fits its columns."""
+    settings = api_settings(tmp_path / "home", demo_store, issuer, rate_burst=10_000)
+    settings.serve.audit_url = postgres.create_database("long_patient_keys")
+    with Running(settings) as running:
+        for key in (BOUND_KEY, EHR_KEY):
+            reply = httpx.get(
+                f"{running.url}/v1/patients/{'a' * 300}/similar", headers={"X-API-Key": key}
+            )
+            assert reply.status_code == 422, reply.text
+
+        async def mcp() -> Any:
+            async with _http(running, BOUND_KEY) as client:
+                return await client.call_tool(
+                    "patient_facts", {"patient": "b" * 300, "tool": "demographics"}
+                )
+
+        result = asyncio.run(mcp())
+        assert result.is_error and "over 200 characters" in str(result.content)
+    audit = AuditLog(settings.serve.audit_url)
+    audit.record(Principal("c", "c", frozenset()), "e" * 150, "o" * 60, patient_id="p" * 300)
+    (row,) = audit.rows()
+    assert (len(row["endpoint"]), len(row["outcome"]), len(row["patient_id"])) == (100, 40, 200)
+    audit.close()
