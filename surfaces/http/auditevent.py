@@ -344,8 +344,9 @@ async def search_audit_events(
     patient: Annotated[str | None, Query(max_length=200)] = None,
     date: Annotated[list[str] | None, Query(max_length=60)] = None,
     count: Annotated[int, Query(alias="_count", ge=1, le=1000)] = 100,
-    # an audit_log id: a SQL BIGINT at most (SQLite refuses a larger integer with a 500)
-    cursor: Annotated[int, Query(alias="_cursor", ge=0, le=2**63 - 1)] = 0,
+    # an audit_log id: a SQL INTEGER (PostgreSQL's int4, whose range SQLite's also covers); a
+    # larger one failed in the database with a 500
+    cursor: Annotated[int, Query(alias="_cursor", ge=0, le=2**31 - 1)] = 0,
 ) -> JSONResponse:
     """A FHIR searchset Bundle (``application/fhir+json``) of the AuditEvents (``audit_event``)
     about ``patient`` (an id or ``Patient/<id>``; all patients without it) recorded within every

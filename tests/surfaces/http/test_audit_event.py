@@ -276,6 +276,7 @@ def test_what_a_refused_caller_sends_cannot_break_the_audit_trail(launched: Any,
     "params",
     [
         {"_cursor": str(10**23)},
+        {"_cursor": str(2**31)},  # past PostgreSQL's INTEGER
         {"date": "9999-12-31T23:59:59.999999"},
         {"date": "le9999-12-31T23:00:00-05:00"},
         {"date": "ge0001-01-01T00:00:00+14:00"},

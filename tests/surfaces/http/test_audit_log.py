@@ -16,7 +16,8 @@ from agent import Answer
 from connectors.store import FhirStore
 from surfaces.http.audit import _POSTGRES_GUARDS, _SQLITE_GUARDS, AuditLog
 from surfaces.http.drafts import DraftStore
-from surfaces.http.security import Principal
+from surfaces.http.security import Principal, key_digest
+from surfaces.settings import ApiKey
 from tests.peers.issuer import Issuer
 from tests.surfaces.http.conftest import BOUND_KEY, EHR_KEY, Running, api_settings
 from tests.surfaces.http.test_mcp import _http
@@ -120,7 +121,15 @@ def test_a_long_patient_key_is_refused_and_audited_on_postgresql(
     log keeps what fits its columns."""
     settings = api_settings(tmp_path / "home", demo_store, issuer, rate_burst=10_000)
     settings.serve.audit_url = postgres.create_database("long_patient_keys")
+    settings.serve.auth.api_keys.append(
+        ApiKey(client_id="auditor", key_sha256=key_digest("auditor"), scopes="user/AuditEvent.rs")
+    )
     with Running(settings) as running:
+        search = f"{running.url}/fhir/AuditEvent"
+        auditor = {"X-API-Key": "auditor"}
+        for cursor, status in ((2**31 - 1, 200), (2**31, 422)):  # past PostgreSQL's INTEGER
+            found = httpx.get(search, params={"_cursor": cursor}, headers=auditor)
+            assert found.status_code == status, found.text
         for key in (BOUND_KEY, EHR_KEY):
             reply = httpx.get(
                 f"{running.url}/v1/patients/{'a' * 300}/similar", headers={"X-API-Key": key}
@@ -137,6 +146,6 @@ def test_a_long_patient_key_is_refused_and_audited_on_postgresql(
         assert result.is_error and "over 200 characters" in str(result.content)
     audit = AuditLog(settings.serve.audit_url)
     audit.record(Principal("c", "c", frozenset()), "e" * 150, "o" * 60, patient_id="p" * 300)
-    (row,) = audit.rows()
+    row = audit.rows()[-1]
     assert (len(row["endpoint"]), len(row["outcome"]), len(row["patient_id"])) == (100, 40, 200)
     audit.close()
