@@ -406,8 +406,8 @@ async def patient_view(request: Request, svc: Svc) -> CardsResponse:
 async def post_feedback(request: Request, svc: Svc) -> FeedbackRecorded:
     """Store the outcomes of cards (CDS Hooks 2.0 "Feedback"), append-only, one audit row
     (``cds:feedback``) each. Every ``card`` must be a ``uuid`` this service issued to the same
-    client (a CDS Client's card, to that client; otherwise to the same API key or token client):
-    an unknown one is 404 and nothing of the request is stored. The caller must be allowed the
+    client (a CDS Client's card, to that client and tenant: its realm; otherwise to the same API
+    key or token client): an unknown one is 404 and nothing of the request is stored. The caller must be allowed the
     card's patient (403). An ``accepted`` outcome needs ``acceptedSuggestions`` (400). Callers
     authenticate as for the service (a CDS Client JWT's ``aud`` is the feedback URL or the
     service's)."""
@@ -425,7 +425,12 @@ async def post_feedback(request: Request, svc: Svc) -> FeedbackRecorded:
     issued = await svc.cds_store.acards([f.card for f in body.feedback])
     for item in body.feedback:
         card = issued.get(item.card)
-        if card is None or card["service_id"] != SERVICE_ID or card["client_id"] != who.client_id:
+        if (
+            card is None
+            or card["service_id"] != SERVICE_ID
+            or card["client_id"] != who.client_id[:200]
+            or card["realm"] != who.realm[:400]  # a CDS client's iss and tenant: one hospital
+        ):
             raise HTTPException(
                 404, f"no card {item.card!r} was issued by this service to this client; "
                 "nothing was recorded",
