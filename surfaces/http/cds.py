@@ -464,14 +464,19 @@ async def get_feedback(
     """Feedback on this service's cards, newest first, filtered by card ``uuid``, ``outcome``,
     ``patient`` and ``since`` (received at or after): for reviewing how clinicians used the cards
     (override rates and reasons). Needs a user- or system-level read scope (403 otherwise: it
-    spans patients); audited as ``cds:feedback`` ``read``."""
+    spans patients); a CDS client reads only the feedback on cards issued to it and its tenant
+    (its realm). Audited as ``cds:feedback`` ``read``."""
     who = await _caller(request, svc, f"/cds-services/{SERVICE_ID}/feedback")
     if not who.levels & {"user", "system"}:
         await svc.audit.arecord(who, "cds:feedback", "denied", patient_id=patient)
         raise HTTPException(403, "reading feedback needs a user/ or system/ read scope")
+    # a CDS client (an EHR, possibly serving several hospitals as tenants) reads the feedback on
+    # its own cards only; the service's own credentials (API keys, tokens) read all of it
+    theirs = (who.client_id, who.realm) if who.kind == "cds-client" else None
     rows = await svc.cds_store.afeedback(
-        SERVICE_ID, card=card, outcome=outcome, patient_id=patient, since=since, limit=limit
-    )
+        SERVICE_ID, card=card, outcome=outcome, patient_id=patient, since=since, limit=limit,
+        issued_to=theirs,
+    )  # fmt: skip
     await svc.audit.arecord(
         who, "cds:feedback", "read", patient_id=patient, detail=f"{len(rows)} rows"
     )

@@ -295,7 +295,8 @@ def test_feedback_only_from_the_tenant_the_card_was_issued_to(
     tmp_path: Path, demo_store: FhirStore, issuer: Issuer, ehr: Issuer, tommy_json
 ):
     """A CDS client serving several tenants (hospitals), none listed: a card issued to one
-    tenant used to take feedback signed for another tenant of the same client."""
+    tenant used to take feedback signed for another tenant of the same client, and each tenant
+    read every tenant's feedback."""
     client = CdsClient(iss=ehr.url, jwks_url=ehr.jwks_url, client_id="shared-ehr")
     settings = api_settings(
         tmp_path / "home", demo_store, issuer, rate_burst=10_000,
@@ -317,3 +318,13 @@ def test_feedback_only_from_the_tenant_the_card_was_issued_to(
 
         assert feedback("hospital-south").status_code == 404
         assert feedback("hospital-north").status_code == 200
+
+        def listed(tenant: str) -> list[dict[str, Any]]:
+            token = sign(ehr, aud=f"{SERVICE_AUD}/feedback", tenant=tenant)
+            reply = httpx.get(f"{running.url}{URL}/feedback", headers=bearer(token))
+            assert reply.status_code == 200, reply.text
+            return reply.json()["feedback"]  # type: ignore[no-any-return]
+
+        # the other hospital does not read this one's feedback (patients, clinicians' comments)
+        assert listed("hospital-south") == []
+        assert [f["card"] for f in listed("hospital-north")] == [card["uuid"]]
