@@ -16,6 +16,10 @@ or a ``transaction`` Bundle (the write-back to an EHR after a clinician approved
   ``modelCard`` slice), and, once a clinician approved the answer, a second agent of type
   ``verifier`` naming that clinician (``Practitioner/…``, the SMART ``fhirUser``).
 
+An answer that shows similar cases names other patients (a user- or system-level caller sees their
+``Patient/<id>`` keys and dated summaries): in these resources, which go to this patient's chart,
+each case is generalised first (``charted``), and no case is a Provenance entity.
+
 The Device and the model card's DocumentReference are contained in the Provenance, so a write
 needs create rights on DocumentReference and Provenance only (SMART ``patient/DocumentReference.c
 patient/Provenance.c``), and each save does not add another Device to the EHR. Every resource is
@@ -37,10 +41,12 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.documentreference import DocumentReference
 from fhir.resources.R4B.provenance import Provenance
 
-from agent.answer import Answer
+from agent.answer import Answer, Citation, SimilarCase
+from agent.backends.evidence import similar_line
 from connectors.errors import ConfigurationError
 from connectors.fhir_client import FhirClient
 from connectors.source import FhirSource
+from retrieval.cases import generalised_summary
 
 AIT = "http://hl7.org/fhir/uv/aitransparency"
 AI_PROVENANCE_PROFILE = f"{AIT}/StructureDefinition/AI-Provenance"
@@ -88,6 +94,34 @@ def cited_references(answer: Answer) -> list[str]:
         if _REFERENCE.match(citation.reference) and citation.reference not in out:
             out.append(citation.reference)
     return out
+
+
+def charted(answer: Answer) -> Answer:
+    """``answer`` as a document in its patient's chart may show it: each similar case (in rank
+    order, ``n`` from 1) as a caller bound to this one patient sees it, key ``similar-case-<n>``
+    and summary ``retrieval.cases.generalised_summary``'s (no other patient's id, no dates, no
+    free text), in ``similar_cases``, the citations and the text (the case's key and its
+    evidence line, ``similar_line``, replaced wherever they stand). Unchanged without similar
+    cases. A model's own paraphrase of a case summary is not recognised: only the key and the
+    line as given to it are replaced."""
+    if not answer.similar_cases:
+        return answer
+    text, citations, cases = answer.text, list(answer.citations), []
+    for n, case in enumerate(answer.similar_cases, 1):
+        shown = SimilarCase(
+            key=f"similar-case-{n}", score=case.score, summary=generalised_summary(case.summary)
+        )
+        full, general = similar_line(case), similar_line(shown)
+        text = text.replace(full, general).replace(case.key, shown.key)
+        citations = [
+            Citation(
+                reference=shown.key if c.reference == case.key else c.reference,
+                text=c.text.replace(full, general).replace(case.key, shown.key),
+            )
+            for c in citations
+        ]
+        cases.append(shown)
+    return answer.model_copy(update={"text": text, "citations": citations, "similar_cases": cases})
 
 
 def model_label(answer: Answer) -> str:
@@ -201,7 +235,8 @@ def answer_resources(
     ``urn:uuid:…``, or ``DocumentReference/<id>``); ``model_card_url`` (absolute, e.g.
     ``https://chartsight.example/model-card``) adds the model card; ``approval`` adds the
     clinician as the ``verifier`` agent and its time as ``recorded`` (else ``recorded`` or now,
-    UTC)."""
+    UTC). Similar cases appear as ``charted`` shows them."""
+    answer = charted(answer)
     created = answer.created_at
     document = DocumentReference.model_validate(
         {

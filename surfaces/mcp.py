@@ -21,7 +21,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError as McpToolError
 
 from agent import ChartSight, ChartSightError
-from surfaces.http.deps import authorize_key
+from surfaces.http.deps import authorize_key, record_id
 from surfaces.http.middleware import note_caller
 from surfaces.http.security import (
     Forbidden,
@@ -81,7 +81,11 @@ class Access:
         self, who: Principal, tool: str, patient: str, question: str | None = None
     ) -> None:
         """Raise ``McpToolError`` (and audit the denial) unless ``who`` may read ``patient``; a
-        caller bound to a patient may name it by an identifier too (``authorize_key``)."""
+        caller bound to a patient may name it by an identifier too (``authorize_key``). A patient
+        key over 200 characters is refused first, as ``POST /v1/ask`` refuses it (422): no id or
+        identifier is that long, and the audit log keeps 200."""
+        if len(patient) > 200:
+            raise McpToolError("the patient id is over 200 characters")
         agent = self.service.agent if self.service is not None else self.agent
         try:
             if agent is None:
@@ -146,7 +150,8 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         except ChartSightError as exc:
             await access.failed(who, "patient_evidence", patient, exc, question)
             raise McpToolError(exc.public) from exc
-        await access.audit(who, "patient_evidence", "answered", patient, question)
+        served = await record_id(agent, who, patient)
+        await access.audit(who, "patient_evidence", "answered", served, question)
         return [
             {"id": r.evidence.id, "text": r.evidence.text, "score": round(r.score, 4)}
             for r in ranked
@@ -171,7 +176,8 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         except ChartSightError as exc:
             await access.failed(who, "patient_facts", patient, exc)
             raise McpToolError(exc.public) from exc
-        await access.audit(who, "patient_facts", "answered", patient)
+        served = await record_id(agent, who, patient)
+        await access.audit(who, "patient_facts", "answered", served)
         return [f.used().model_dump(mode="json") for f in facts]
 
     @server.tool(
@@ -197,7 +203,8 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         except ChartSightError as exc:
             await access.failed(who, "similar_cases", patient, exc)
             raise McpToolError(exc.public) from exc
-        await access.audit(who, "similar_cases", "answered", patient)
+        served = await record_id(agent, who, patient)
+        await access.audit(who, "similar_cases", "answered", served)
         return [asdict(h) for h in hits]
 
     @server.tool(
@@ -227,7 +234,7 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         # the thread as the caller named it (the stored key is per caller and patient)
         data = answer.shown(thread).model_dump(mode="json")
         outcome = "abstained" if answer.abstained else "answered"
-        await access.audit(who, "ask", outcome, patient, question, answer=data)
+        await access.audit(who, "ask", outcome, answer.patient_id, question, answer=data)
         return data
 
     return server

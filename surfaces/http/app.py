@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from importlib.resources import files
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import (
     get_redoc_html,
@@ -42,6 +42,7 @@ from surfaces.http.deps import (
     check_question,
     http_error,
     model_card_url,
+    record_id,
     run_unless_disconnected,
 )
 from surfaces.http.forward import AuditForwarder
@@ -338,7 +339,7 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
         summary="Past cases most similar to the patient's (images and summary), own cases left out.",
     )
     async def similar(
-        patient_id: str,
+        patient_id: Annotated[str, Path(max_length=200)],
         who: Caller,
         svc: Svc,
         k: Annotated[int, Query(ge=1, le=50)] = 5,
@@ -365,7 +366,8 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
                 who, "similar", "error", patient_id=patient_id, detail=type(exc).__name__
             )
             raise http_error(exc) from exc
-        await svc.audit.arecord(who, "similar", "answered", patient_id=patient_id)
+        served = await record_id(svc.agent, who, patient_id)
+        await svc.audit.arecord(who, "similar", "answered", patient_id=served)
         return hits
 
     app.include_router(cds_router)

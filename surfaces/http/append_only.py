@@ -9,11 +9,12 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 
-# one PostgreSQL trigger function for every such table, naming the table in its error (``%%``:
-# psycopg reads a lone ``%`` as a parameter placeholder even without parameters)
+# one PostgreSQL trigger function for every such table, naming the table in its error (no "%" in
+# the statement: psycopg reads one as a placeholder even without parameters, whatever the driver)
 _POSTGRES_FUNCTION = (
     "CREATE OR REPLACE FUNCTION chartsight_append_only() RETURNS trigger AS $$ "
-    "BEGIN RAISE EXCEPTION '%% is append-only', TG_TABLE_NAME; END; $$ LANGUAGE plpgsql"
+    "BEGIN RAISE EXCEPTION USING MESSAGE = TG_TABLE_NAME || ' is append-only'; END; $$ "
+    "LANGUAGE plpgsql"
 )
 
 

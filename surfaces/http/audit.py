@@ -96,10 +96,12 @@ class AuditLog:
         request_id: str | None = None,
     ) -> None:
         """Insert one row, committed before returning: ``principal``'s client id (cut to 200
-        characters) and subject (400), ``endpoint`` (e.g. ``ask``, ``mcp:ask``), the ``outcome``
-        (answered, abstained, denied, error, timeout, cancelled, over budget), the patient id, the
-        question's ``question_hash``, and from ``answer`` (an answer's JSON) the cited references,
-        model and prompt version; ``detail`` (an error's name) cut to 300 characters;
+        characters) and subject (400), ``endpoint`` (e.g. ``ask``, ``mcp:ask``; 100), the
+        ``outcome`` (answered, abstained, denied, error, timeout, cancelled, over budget; 40), the
+        patient id (200), the question's ``question_hash``, and from ``answer`` (an answer's JSON)
+        the cited references, model (300) and prompt version (20); every text cut to its column's
+        width, so that a database enforcing widths (PostgreSQL) records what a caller sent rather
+        than failing the request unaudited; ``detail`` (an error's name) cut to 300 characters;
         ``request_id``, else the id of the HTTP request being served
         (``middleware.current_request_id``). Raises SQLAlchemy's errors when the database refuses
         the write."""
@@ -111,13 +113,13 @@ class AuditLog:
                     at=datetime.now(UTC),
                     client_id=principal.client_id[:200],
                     subject=principal.subject[:400],
-                    endpoint=endpoint,
-                    patient_id=patient_id,
+                    endpoint=endpoint[:100],
+                    patient_id=patient_id[:200] if patient_id is not None else None,
                     question_sha256=question_hash(question) if question is not None else None,
                     cited=json.dumps(cited),
-                    model=(answer or {}).get("model"),
-                    prompt_version=(answer or {}).get("prompt_version"),
-                    outcome=outcome,
+                    model=((answer or {}).get("model") or "")[:300] or None,
+                    prompt_version=((answer or {}).get("prompt_version") or "")[:20] or None,
+                    outcome=outcome[:40],
                     detail=(detail or "")[:300] or None,
                     request_id=rid[:64] if rid else None,
                 )

@@ -99,11 +99,37 @@ def _aware(value: datetime) -> datetime:
 
 def _patient_reference(patient_id: str) -> dict[str, Any]:
     """The patient as recorded: an id (``Patient/<id>``) or, for a caller that named it by
-    identifier, ``system|value`` (a logical reference by identifier)."""
+    identifier, ``system|value`` (a logical reference by identifier). A key with a ``|`` but no
+    value (``urn:x|``, as a refused caller may send it) names no identifier: it is kept as the
+    reference's ``display``, the text the caller sent."""
     if "|" in patient_id:
         system, _, value = patient_id.partition("|")
+        if not value:
+            return {"type": "Patient", "display": patient_id}
         return {"type": "Patient", "identifier": {**({"system": system} if system else {}), "value": value}}  # fmt: skip
     return {"reference": f"Patient/{patient_id.removeprefix('Patient/')}"}
+
+
+# a FHIR R4 string holds at least one character that is not whitespace other than space, CR,
+# LF and tab (FHIR R4 datatypes.html#string, regex ``[ \r\n\t\S]+``)
+_FHIR_STRING = re.compile(r"[ \r\n\t\S]")
+
+
+def _fhir_strings(value: Any) -> Any:
+    r"""``value`` (JSON: dicts, lists, strings, numbers, booleans) with every string made a valid
+    FHIR string: a lone UTF-16 surrogate (from a caller's undecodable input) becomes ``?``, and a
+    string with no character FHIR allows (empty, or only a vertical tab) becomes its Python
+    ``ascii`` spelling (``''``, ``'\x0b'``). Audit rows hold what callers sent (a refused request
+    is recorded too); rendered as is, one such row made every audit search that included it,
+    and the forwarding of every later row, fail."""
+    if isinstance(value, str):
+        text = value.encode("utf-8", "replace").decode()
+        return text if _FHIR_STRING.search(text) else ascii(text)
+    if isinstance(value, dict):
+        return {k: _fhir_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fhir_strings(v) for v in value]
+    return value
 
 
 def audit_event(row: dict[str, Any], service_url: str = "urn:chartsight") -> dict[str, Any]:
@@ -140,6 +166,7 @@ def audit_event(row: dict[str, Any], service_url: str = "urn:chartsight") -> dic
       Resource).
 
     Not recorded (not in the row): the client's network address, roles and purpose of use.
+    Every string is made a valid FHIR string (``_fhir_strings``): a row holds what a caller sent.
     Raises pydantic's ``ValidationError`` if the result were not a valid R4 AuditEvent."""
     endpoint = str(row["endpoint"])
     tool = endpoint.removeprefix("mcp:")
@@ -242,6 +269,7 @@ def audit_event(row: dict[str, Any], service_url: str = "urn:chartsight") -> dic
     }
     if outcome == "0" and row.get("patient_id") and action in ("E", "R"):
         event["meta"] = {"profile": [BALP + ("PatientRead" if read else "PatientQuery")]}
+    event = _fhir_strings(event)
     AuditEvent.model_validate(event)
     return event
 
@@ -260,8 +288,10 @@ def date_interval(value: str) -> tuple[str, datetime, datetime]:
     ``(prefix, start, end)``: the prefix (``eq`` when none) and the interval [start, end) the
     value's precision spans, timezone-aware (a value without an offset is UTC): a year, a month,
     a day, a minute, a second, or a microsecond (FHIR R4 search.html#date: "the precision of the
-    value determines the range"). Raises ``SearchError`` for a prefix other than eq, ge, gt, le,
-    lt, or a value that is not a FHIR date."""
+    value determines the range"), both in UTC. Raises ``SearchError`` for a prefix other than eq,
+    ge, gt, le, lt, a value that is not a FHIR date, or one whose interval ends past year 9999
+    or starts before year 1 in UTC (``9999-12-31T23:59:59.999999``, ``0001-01-01T00:00+14:00``).
+    """
     prefix = value[:2] if value[:2].isalpha() else "eq"
     text = value[2:] if value[:2].isalpha() else value
     if prefix not in _PREFIXES:
@@ -269,8 +299,6 @@ def date_interval(value: str) -> tuple[str, datetime, datetime]:
     when = fhir_date(text)
     if when is None:
         raise SearchError(f"{text!r} is not a FHIR date")
-    if when.precision != "time":
-        return prefix, when.start, when.end
     clock = text.partition("T")[2]
     if "." in clock:
         step = timedelta(microseconds=1)
@@ -278,7 +306,11 @@ def date_interval(value: str) -> tuple[str, datetime, datetime]:
         step = timedelta(seconds=1)
     else:
         step = timedelta(minutes=1)
-    return prefix, when.start, when.start + step
+    try:  # an instant's end, or either end in UTC, can fall outside years 1 to 9999
+        end = when.end if when.precision != "time" else when.start + step
+        return prefix, when.start.astimezone(UTC), end.astimezone(UTC)
+    except OverflowError as exc:
+        raise SearchError(f"{text!r} is outside the dates this search can compare") from exc
 
 
 def _outcome(status: int, code: str, text: str) -> JSONResponse:
@@ -312,7 +344,9 @@ async def search_audit_events(
     patient: Annotated[str | None, Query(max_length=200)] = None,
     date: Annotated[list[str] | None, Query(max_length=60)] = None,
     count: Annotated[int, Query(alias="_count", ge=1, le=1000)] = 100,
-    cursor: Annotated[int, Query(alias="_cursor", ge=0)] = 0,
+    # an audit_log id: a SQL INTEGER (PostgreSQL's int4, whose range SQLite's also covers); a
+    # larger one failed in the database with a 500
+    cursor: Annotated[int, Query(alias="_cursor", ge=0, le=2**31 - 1)] = 0,
 ) -> JSONResponse:
     """A FHIR searchset Bundle (``application/fhir+json``) of the AuditEvents (``audit_event``)
     about ``patient`` (an id or ``Patient/<id>``; all patients without it) recorded within every

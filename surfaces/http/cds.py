@@ -424,8 +424,8 @@ async def patient_view(request: Request, svc: Svc) -> CardsResponse:
 async def post_feedback(request: Request, svc: Svc) -> FeedbackRecorded:
     """Store the outcomes of cards (CDS Hooks 2.0 "Feedback"), append-only, one audit row
     (``cds:feedback``) each. Every ``card`` must be a ``uuid`` this service issued to the same
-    client (a CDS Client's card, to that client; otherwise to the same API key or token client):
-    an unknown one is 404 and nothing of the request is stored. The caller must be allowed the
+    client (a CDS Client's card, to that client and tenant: its realm; otherwise to the same API
+    key or token client): an unknown one is 404 and nothing of the request is stored. The caller must be allowed the
     card's patient (403). An ``accepted`` outcome needs ``acceptedSuggestions`` (400). Callers
     authenticate as for the service (a CDS Client JWT's ``aud`` is the feedback URL or the
     service's)."""
@@ -443,7 +443,12 @@ async def post_feedback(request: Request, svc: Svc) -> FeedbackRecorded:
     issued = await svc.cds_store.acards([f.card for f in body.feedback])
     for item in body.feedback:
         card = issued.get(item.card)
-        if card is None or card["service_id"] != SERVICE_ID or card["client_id"] != who.client_id:
+        if (
+            card is None
+            or card["service_id"] != SERVICE_ID
+            or card["client_id"] != who.client_id[:200]
+            or card["realm"] != who.realm[:400]  # a CDS client's iss and tenant: one hospital
+        ):
             raise HTTPException(
                 404, f"no card {item.card!r} was issued by this service to this client; "
                 "nothing was recorded",
@@ -478,14 +483,19 @@ async def get_feedback(
     """Feedback on this service's cards, newest first, filtered by card ``uuid``, ``outcome``,
     ``patient`` and ``since`` (received at or after): for reviewing how clinicians used the cards
     (override rates and reasons). Needs a user- or system-level read scope (403 otherwise: it
-    spans patients); audited as ``cds:feedback`` ``read``."""
+    spans patients); a CDS client reads only the feedback on cards issued to it and its tenant
+    (its realm). Audited as ``cds:feedback`` ``read``."""
     who = await _caller(request, svc, f"/cds-services/{SERVICE_ID}/feedback")
     if not who.levels & {"user", "system"}:
         await svc.audit.arecord(who, "cds:feedback", "denied", patient_id=patient)
         raise HTTPException(403, "reading feedback needs a user/ or system/ read scope")
+    # a CDS client (an EHR, possibly serving several hospitals as tenants) reads the feedback on
+    # its own cards only; the service's own credentials (API keys, tokens) read all of it
+    theirs = (who.client_id, who.realm) if who.kind == "cds-client" else None
     rows = await svc.cds_store.afeedback(
-        SERVICE_ID, card=card, outcome=outcome, patient_id=patient, since=since, limit=limit
-    )
+        SERVICE_ID, card=card, outcome=outcome, patient_id=patient, since=since, limit=limit,
+        issued_to=theirs,
+    )  # fmt: skip
     await svc.audit.arecord(
         who, "cds:feedback", "read", patient_id=patient, detail=f"{len(rows)} rows"
     )

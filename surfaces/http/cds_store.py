@@ -158,11 +158,19 @@ class CdsStore:
         patient_id: str | None = None,
         since: datetime | None = None,
         limit: int = 100,
+        issued_to: tuple[str, str] | None = None,
     ) -> list[dict[str, Any]]:
         """A service's feedback, newest first, at most ``limit`` rows, filtered by card uuid,
-        outcome (``accepted``/``overridden``), patient and ``received_at >= since``; each row a
-        dict of ``cds_feedback``'s columns (``accepted_suggestions`` decoded to a list)."""
+        outcome (``accepted``/``overridden``), patient, ``received_at >= since`` and, with
+        ``issued_to`` ``(client_id, realm)``, cards issued to that client and realm only; each
+        row a dict of ``cds_feedback``'s columns (``accepted_suggestions`` decoded to a list)."""
         query = cds_feedback.select().where(cds_feedback.c.service_id == service_id)
+        if issued_to is not None:
+            client_id, realm = issued_to
+            theirs = sa.select(cds_card.c.uuid).where(
+                cds_card.c.client_id == client_id[:200], cds_card.c.realm == realm[:400]
+            )
+            query = query.where(cds_feedback.c.card.in_(theirs))
         if card is not None:
             query = query.where(cds_feedback.c.card == card)
         if outcome is not None:

@@ -142,6 +142,19 @@ async def authorize_key(agent: ChartSight, who: Principal, patient: str) -> None
             raise
 
 
+async def record_id(agent: ChartSight, who: Principal, patient: str) -> str:
+    """The Patient id of the record served for the key ``patient`` (an id, or an identifier
+    ``system|value`` that ``authorize_key`` accepted): what a successful access is audited
+    under, so that an auditor's ``GET /fhir/AuditEvent?patient=<id>`` finds it however the
+    caller named the patient. Read from the record the request has just used (the agent's cache,
+    ``settings.cache_ttl_s``, for the caller's ``readable`` scope); the key itself when that
+    record cannot be read."""
+    try:
+        return (await agent.record(patient, scope=readable(who))).patient_id
+    except ChartSightError:
+        return patient
+
+
 async def allowed(
     svc: Service, who: Principal, endpoint: str, patient: str, question: str | None = None
 ) -> None:

@@ -33,6 +33,11 @@ from surfaces.settings import OpsSettings
 # seconds; a cached answer takes tens of ms, a cold one seconds, a model's answer up to minutes
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# the request methods counted by name (RFC 9110 section 9 and RFC 5789 PATCH); any other token a
+# client sends (HTTP allows any) is counted as "other", so that clients cannot add label values
+METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
 
 
 class Metrics:
@@ -67,8 +72,10 @@ class Metrics:
         )  # fmt: skip
 
     def request_done(self, method: str, route: str, status: int, seconds: float) -> None:
-        """Count one finished request: ``route`` is its template (``/v1/patients/{patient_id}/
-        similar``), ``seconds`` its duration."""
+        """Count one finished request: ``method`` as sent (one outside ``METHODS`` is counted as
+        ``other``), ``route`` its template (``/v1/patients/{patient_id}/similar``), ``seconds``
+        its duration."""
+        method = method if method in METHODS else "other"
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(method, route).observe(seconds)
 

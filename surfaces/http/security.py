@@ -272,9 +272,10 @@ class Authenticator:
         """The caller of a JWT signed by a key of ``serve.auth.jwks_url``, from
         ``serve.auth.issuer`` (and for ``audience`` when one is set), with ``exp`` and ``iss``
         required: client from ``client_id``/``azp``/``sub``, user from ``fhirUser``/``sub``,
-        scopes from ``scope`` or ``scp``, the launch's ``patient`` (SMART App Launch token
-        response claims). Raises ``Unauthenticated`` when no issuer is configured, the signing key
-        is not found, or the token is invalid or expired."""
+        scopes from ``scope`` or ``scp`` (a space-separated string, RFC 8693 4.2, or a list of
+        strings), the launch's ``patient`` (SMART App Launch token response claims). Raises
+        ``Unauthenticated`` when no issuer is configured, the signing key is not found, the token
+        is invalid or expired, or its scope claim is anything else (a number, an object)."""
         if self._jwks is None or not self.settings.issuer:
             raise Unauthenticated("bearer tokens are not accepted here (no issuer is configured)")
         try:
@@ -296,7 +297,15 @@ class Authenticator:
         except jwt.InvalidTokenError as exc:
             raise Unauthenticated(f"invalid token: {exc}") from exc
         scope = claims.get("scope") or claims.get("scp") or ""
-        scopes = frozenset(scope.split() if isinstance(scope, str) else scope)
+        if isinstance(scope, str):
+            scopes = frozenset(scope.split())
+        elif isinstance(scope, list) and all(isinstance(s, str) for s in scope):
+            scopes = frozenset(scope)
+        else:  # a number, an object, a list holding one: no scopes can be read from it
+            raise Unauthenticated(
+                "invalid token: its scope claim is neither a space-separated string nor a list "
+                "of strings"
+            )
         client = str(claims.get("client_id") or claims.get("azp") or claims.get("sub") or "")
         subject = str(claims.get("fhirUser") or claims.get("sub") or client)
         patient = claims.get("patient")

@@ -38,6 +38,7 @@ import logging
 import re
 import secrets
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib.resources import files
@@ -76,6 +77,7 @@ from surfaces.http.deps import (
     http_error,
     model_card_url,
 )
+from surfaces.http.drafts import Draft
 from surfaces.http.limits import retry_after
 from surfaces.http.security import (
     Forbidden,
@@ -92,6 +94,10 @@ from surfaces.settings import SmartAppSettings
 COOKIE = "chartsight_session"
 _closing: set[asyncio.Future[None]] = set()  # FHIR clients of expired sessions being closed
 log = logging.getLogger(__name__)
+
+# the drafts being saved by this process, so that two saves of one draft run one after the other
+# (a lock lives while a save holds or awaits it)
+_saving: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 router = APIRouter(tags=["SMART app"], include_in_schema=True)
 
 
@@ -580,8 +586,8 @@ async def app_save(
     the stored draft's, never the browser's. The approval and its outcome are kept
     (``DraftStore.approve``) and audited as ``smart:save``. 400 without ``approved: true``; 403
     without the CSRF token, or when the token may not create DocumentReference and Provenance or
-    names no user; 404 for a draft this session was not shown; the EHR's refusal as
-    ``http_error`` maps it (502)."""
+    names no user; 404 for a draft this session was not shown; 409 for a draft saved already
+    (``_save_once``); the EHR's refusal as ``http_error`` maps it (502)."""
     session = await _session(svc, chartsight_session, "smart:save")
     _check_csrf(session, x_csrf_token)
     who = session.principal(svc.settings.serve.smart.client_id)
@@ -606,6 +612,26 @@ async def app_save(
         or draft.iss != session.iss
     ):
         raise HTTPException(404, "no such answer in this session")
+    lock = _saving.setdefault(draft.id, asyncio.Lock())
+    async with lock:
+        return await _save_once(svc, request, session, who, draft)
+
+
+async def _save_once(
+    svc: Service, request: Request, session: AppSession, who: Principal, draft: Draft
+) -> Saved:
+    """``app_save``'s write of ``draft``, unless it was saved already: 409, naming the
+    DocumentReference saved then, with nothing sent (a repeated or replayed request, a second
+    click, must not put a second copy of the answer in the chart). Runs under the draft's lock,
+    so that concurrent saves of one draft in this process see each other's outcome."""
+    approvals = await asyncio.to_thread(svc.drafts.approvals, draft.id)
+    done = [a for a in approvals if a["outcome"] == "saved"]
+    if done:
+        await svc.audit.arecord(
+            who, "smart:save", "refused", patient_id=session.patient, detail="saved already"
+        )
+        first = (done[0]["locations"] or ["the chart"])[0]
+        raise HTTPException(409, f"this answer was saved to the chart already ({first})")
     approval = Approval(approver=session.user, at=datetime.now(UTC))
     bundle = answer_bundle(
         draft.answer, bundle_type="transaction", model_card_url=model_card_url(svc, request),

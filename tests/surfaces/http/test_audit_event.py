@@ -236,3 +236,83 @@ def test_only_auditors_read_the_audit_trail_and_refusals_are_audited(launched: A
     ]
     assert ("bound", "denied") in searches and ("clerk", "denied") in searches
     assert ("auditor", "answered") in searches and ("ehr", "denied") in searches
+
+
+def test_what_a_refused_caller_sends_cannot_break_the_audit_trail(launched: Any, issuer: Issuer):
+    """A patient-bound key naming a patient ``urn:x|`` (an identifier without a value), and a
+    token whose client and user are blank, are refused and audited as sent; such a row used to
+    make every audit search that included it a 500 (and stop forwarding at it), hiding the
+    whole trail from auditors."""
+    running, _, _ = launched
+    blank = issuer.token("patient/*.rs", TOMMY_FRIESEN, client_id="", sub="", fhirUser="")
+    for patient, headers in (
+        ("urn:x|", {"X-API-Key": BOUND_KEY}),
+        ("someone-else", {"Authorization": f"Bearer {blank}"}),
+    ):
+        reply = httpx.post(
+            f"{running.url}/v1/ask",
+            json={"patient": patient, "question": "What is his latest HbA1c?"},
+            headers=headers,
+        )
+        assert reply.status_code == 403
+    reply = _search(running, AUDITOR, _count=1000)
+    assert reply.status_code == 200, reply.text
+    events = [e["resource"] for e in reply.json()["entry"]]
+    for event in events:
+        AuditEvent.model_validate(event)
+    patients = [
+        x["what"] for e in events for x in e["entity"] if x.get("role", {}).get("code") == "1"
+    ]
+    assert {"type": "Patient", "display": "urn:x|"} in patients
+    assert _search(running, AUDITOR, patient="urn:x|").json()["entry"]
+    (nameless,) = _search(running, AUDITOR, patient="someone-else").json()["entry"]
+    assert nameless["resource"]["agent"][0]["who"] == {
+        "identifier": {"value": "''"},
+        "display": "''",
+    }
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"_cursor": str(10**23)},
+        {"_cursor": str(2**31)},  # past PostgreSQL's INTEGER
+        {"date": "9999-12-31T23:59:59.999999"},
+        {"date": "le9999-12-31T23:00:00-05:00"},
+        {"date": "ge0001-01-01T00:00:00+14:00"},
+    ],
+)
+def test_search_values_past_the_ends_of_time_are_refused_not_a_500(
+    launched: Any, params: dict[str, str]
+):
+    running, _, _ = launched
+    reply = _search(running, AUDITOR, **params)
+    assert reply.status_code in (400, 422), reply.text
+    if "date" in params:
+        assert reply.json()["resourceType"] == "OperationOutcome"
+
+
+def test_an_access_by_identifier_is_found_by_the_patients_id(launched: Any, tommy_json: Any):
+    """A caller may name its patient by identifier (``system|value``); a successful MCP read so
+    named used to be audited under the identifier only, so an auditor's search by the patient's
+    id did not find it."""
+    running, _, _ = launched
+    patient = next(r for r in tommy_json if r["resourceType"] == "Patient")
+    ident = next(i for i in patient["identifier"] if i.get("system") and i.get("value"))
+    key = f"{ident['system']}|{ident['value']}"
+
+    async def mcp() -> Any:
+        async with _http(running, BOUND_KEY) as client:
+            return await client.call_tool("patient_facts", {"patient": key, "tool": "demographics"})
+
+    assert not asyncio.run(mcp()).is_error
+    found = _search(running, AUDITOR, patient=TOMMY_FRIESEN, _count=1000).json()["entry"]
+    reads = [
+        e["resource"]
+        for e in found
+        if e["resource"]["outcome"] == "0"
+        and any(
+            x.get("description") == "MCP tools/call patient_facts" for x in e["resource"]["entity"]
+        )
+    ]
+    assert reads

@@ -1,16 +1,26 @@
 """The audit log's table itself: a database made by the release before ``request_id`` existed
-gains the column on open (SQLite and PostgreSQL), keeps its rows and stays append-only."""
+gains the column on open (SQLite and PostgreSQL), keeps its rows and stays append-only; the page's
+drafts open beside it on PostgreSQL, and what callers send fits its PostgreSQL columns."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
+from agent import Answer
+from connectors.store import FhirStore
 from surfaces.http.audit import AuditLog
-from surfaces.http.security import Principal
+from surfaces.http.drafts import DraftStore
+from surfaces.http.security import Principal, key_digest
+from surfaces.settings import ApiKey
+from tests.peers.issuer import Issuer
+from tests.surfaces.http.conftest import BOUND_KEY, EHR_KEY, Running, api_settings
+from tests.surfaces.http.test_mcp import _http
 
 # the first release's triggers, as it wrote them
 _SQLITE_GUARDS = [
@@ -94,3 +104,62 @@ def test_an_old_sqlite_audit_log_gains_the_request_id_column(tmp_path: Path):
 @pytest.mark.integration
 def test_an_old_postgresql_audit_log_gains_the_request_id_column(postgres: Any):
     _check_upgraded(postgres.create_database("old_audit"))
+
+
+@pytest.mark.integration
+def test_the_drafts_open_on_postgresql_and_refuse_changes(postgres: Any):
+    """The page's drafts and approvals live beside the audit log (``serve.audit_url``); on
+    PostgreSQL their append-only trigger's statement held a ``%`` that psycopg took for a
+    placeholder, so the service could not start with a PostgreSQL audit database."""
+    url = postgres.create_database("drafts_append_only")
+    drafts = DraftStore(url)
+    answer = Answer(question="q?", patient_id="p-1", text="t", model="evidence")
+    draft_id = drafts.keep(answer, session_sha256="0" * 64, iss="https://ehr/fhir", user="u")
+    kept = drafts.get(draft_id)
+    assert kept is not None and kept.answer.text == "t"
+    with (
+        pytest.raises(sa.exc.DBAPIError, match="ai_draft is append-only"),
+        drafts.engine.begin() as conn,
+    ):
+        conn.execute(sa.text("DELETE FROM ai_draft"))
+    drafts.close()
+
+
+@pytest.mark.integration
+def test_a_long_patient_key_is_refused_and_audited_on_postgresql(
+    tmp_path: Path, demo_store: FhirStore, issuer: Issuer, postgres: Any
+):
+    """PostgreSQL enforces the audit columns' widths: a patient key over 200 characters (in the
+    similar-cases path, or an MCP tool's argument) used to fail the audit insert, so the request
+    was a 500 and went unaudited. Now the endpoints refuse it (422, a tool error) and the audit
+    log keeps what fits its columns."""
+    settings = api_settings(tmp_path / "home", demo_store, issuer, rate_burst=10_000)
+    settings.serve.audit_url = postgres.create_database("long_patient_keys")
+    settings.serve.auth.api_keys.append(
+        ApiKey(client_id="auditor", key_sha256=key_digest("auditor"), scopes="user/AuditEvent.rs")
+    )
+    with Running(settings) as running:
+        search = f"{running.url}/fhir/AuditEvent"
+        auditor = {"X-API-Key": "auditor"}
+        for cursor, status in ((2**31 - 1, 200), (2**31, 422)):  # past PostgreSQL's INTEGER
+            found = httpx.get(search, params={"_cursor": cursor}, headers=auditor)
+            assert found.status_code == status, found.text
+        for key in (BOUND_KEY, EHR_KEY):
+            reply = httpx.get(
+                f"{running.url}/v1/patients/{'a' * 300}/similar", headers={"X-API-Key": key}
+            )
+            assert reply.status_code == 422, reply.text
+
+        async def mcp() -> Any:
+            async with _http(running, BOUND_KEY) as client:
+                return await client.call_tool(
+                    "patient_facts", {"patient": "b" * 300, "tool": "demographics"}
+                )
+
+        result = asyncio.run(mcp())
+        assert result.is_error and "over 200 characters" in str(result.content)
+    audit = AuditLog(settings.serve.audit_url)
+    audit.record(Principal("c", "c", frozenset()), "e" * 150, "o" * 60, patient_id="p" * 300)
+    row = audit.rows()[-1]
+    assert (len(row["endpoint"]), len(row["outcome"]), len(row["patient_id"])) == (100, 40, 200)
+    audit.close()

@@ -5,6 +5,7 @@ patient ids, dates or free text; user- and system-level callers get them in full
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -138,3 +139,26 @@ def test_mcp_patient_facts_similar_cases_applies_the_same_rule(indexed: Running)
         assert not DATE.search(fact["statement"]), fact["statement"]
     full = asyncio.run(run(EHR_KEY))
     assert all(f["evidence"][0].startswith("Patient/") for f in full)
+
+
+def test_an_exported_or_saved_answer_names_no_other_patient(indexed: Running):
+    """The FHIR export (and the SMART page's save, the same Bundle) is a document for this
+    patient's chart: a system-level answer's similar cases used to go into it in full (other
+    patients' ``Patient/<id>`` keys and dated summaries in the text, and as Provenance entities,
+    claiming the answer derives from their records)."""
+    others = {h["patient_id"] for h in _similar(indexed, {"X-API-Key": EHR_KEY})}
+    reply = httpx.post(
+        f"{indexed.url}/v1/ask",
+        json={"patient": TOMMY_FRIESEN, "question": SIMILAR_QUESTION},
+        headers={"X-API-Key": EHR_KEY, "Accept": "application/fhir+json"},
+        timeout=60,
+    )
+    assert reply.status_code == 200, reply.text
+    assert others and not any(pid in reply.text for pid in others)
+    resources = {e["resource"]["resourceType"]: e["resource"] for e in reply.json()["entry"]}
+    text = base64.b64decode(
+        resources["DocumentReference"]["content"][0]["attachment"]["data"]
+    ).decode()
+    assert "[similar-case-1]" in text and not DATE.search(text.split("---")[0])
+    sources = [e["what"]["reference"] for e in resources["Provenance"]["entity"]]
+    assert all(not s.startswith("Patient/") or s == f"Patient/{TOMMY_FRIESEN}" for s in sources)

@@ -290,3 +290,42 @@ def test_same_url_ignores_spelling_but_not_a_query_or_userinfo():
         "https://ehr.example/jwks/other",
     ):
         assert not same_url(other, "https://ehr.example/jwks"), other
+
+
+def test_feedback_only_from_the_tenant_the_card_was_issued_to(
+    tmp_path: Path, demo_store: FhirStore, issuer: Issuer, ehr: Issuer, tommy_json
+):
+    """A CDS client serving several tenants (hospitals), none listed: a card issued to one
+    tenant used to take feedback signed for another tenant of the same client, and each tenant
+    read every tenant's feedback."""
+    client = CdsClient(iss=ehr.url, jwks_url=ehr.jwks_url, client_id="shared-ehr")
+    settings = api_settings(
+        tmp_path / "home", demo_store, issuer, rate_burst=10_000,
+        cds=CdsSettings(clients=[client], signed_only=True),
+    )  # fmt: skip
+    with Running(settings) as running:
+        card = _call(running, sign(ehr, tenant="hospital-north"), tommy_json).json()["cards"][0]
+        item = {
+            "card": card["uuid"],
+            "outcome": "overridden",
+            "outcomeTimestamp": "2026-11-30T03:00Z",
+        }
+
+        def feedback(tenant: str) -> httpx.Response:
+            token = sign(ehr, aud=f"{SERVICE_AUD}/feedback", tenant=tenant)
+            return httpx.post(
+                f"{running.url}{URL}/feedback", json={"feedback": [item]}, headers=bearer(token)
+            )
+
+        assert feedback("hospital-south").status_code == 404
+        assert feedback("hospital-north").status_code == 200
+
+        def listed(tenant: str) -> list[dict[str, Any]]:
+            token = sign(ehr, aud=f"{SERVICE_AUD}/feedback", tenant=tenant)
+            reply = httpx.get(f"{running.url}{URL}/feedback", headers=bearer(token))
+            assert reply.status_code == 200, reply.text
+            return reply.json()["feedback"]  # type: ignore[no-any-return]
+
+        # the other hospital does not read this one's feedback (patients, clinicians' comments)
+        assert listed("hospital-south") == []
+        assert [f["card"] for f in listed("hospital-north")] == [card["uuid"]]

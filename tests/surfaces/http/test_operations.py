@@ -346,6 +346,22 @@ def test_metrics_on_loopback_by_default(service: Running):
     assert reply.status_code == 200 and "chartsight_http_requests_total" in reply.text
 
 
+def test_request_methods_a_client_makes_up_add_no_metric_labels(service: Running):
+    """HTTP lets a client send any token as the method; each one used to become a label value of
+    its own (a series per made-up method, without bound)."""
+    for method in ("PROBE1", "PROBE2", "GET"):
+        with socket.create_connection(("127.0.0.1", service.port), timeout=10) as conn:
+            conn.sendall(f"{method} /no-such-page HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert conn.recv(64).startswith(b"HTTP/1.1 404")
+    methods = {
+        dict(labels)["method"]
+        for name, labels in _scrape(service)
+        if name == "chartsight_http_requests_total"
+    }
+    assert "PROBE1" not in methods and "PROBE2" not in methods
+    assert {"GET", "other"} <= methods
+
+
 def test_who_may_scrape():
     loopback, token = (
         OpsSettings(),

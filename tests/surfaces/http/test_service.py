@@ -156,6 +156,19 @@ def test_user_and_v2_scopes(service: Running, issuer: Issuer):
     assert _ask(service, write_only).status_code == 403
 
 
+@pytest.mark.parametrize("scope", [5, [{"resource": "Patient"}], ["patient/*.read", 3]])
+def test_a_token_whose_scope_claim_is_not_scopes_is_401_not_500(
+    service: Running, issuer: Issuer, scope: object
+):
+    """A scope claim that is a number, or a list holding something other than strings, used to
+    fail inside the service (TypeError, 500)."""
+    token = issuer.token(scope, TOMMY_FRIESEN)  # type: ignore[arg-type]
+    reply = _ask(service, {"Authorization": f"Bearer {token}"})
+    assert reply.status_code == 401 and "scope claim" in reply.json()["detail"]
+    listed = issuer.token(["patient/*.read"], TOMMY_FRIESEN)  # type: ignore[arg-type]
+    assert _ask(service, {"Authorization": f"Bearer {listed}"}).status_code == 200
+
+
 def test_request_limits(service: Running):
     huge = httpx.post(
         f"{service.url}/v1/ask",

@@ -215,3 +215,22 @@ def test_a_token_without_write_scope_gets_no_button_and_a_403(
         if r["endpoint"] == "smart:save" and r["outcome"] == "denied"
     ]
     assert denied
+
+
+def test_an_answer_is_saved_to_the_chart_once(launched: Any):
+    """Saving the same approved draft again (a second click, a replayed request) used to write a
+    second DocumentReference and Provenance to the chart; now it is 409 naming the first."""
+    running, ehr, pid = launched
+    client, csrf = _page_session(running, ehr, pid)
+    draft = _ask(client, csrf, A1C)["draft_id"]
+    before = len(ehr.transactions)
+    save = {"draft": draft, "approved": True}
+    headers = {"X-CSRF-Token": csrf}
+    first = client.post("/app/save", json=save, headers=headers)
+    assert first.status_code == 200, first.text
+    again = client.post("/app/save", json=save, headers=headers)
+    assert again.status_code == 409
+    assert first.json()["document_reference"] in again.json()["detail"]
+    assert len(ehr.transactions) == before + 1
+    approvals = _table(running, "SELECT * FROM ai_approval")
+    assert [a["outcome"] for a in approvals if a["draft_id"] == draft] == ["saved"]
