@@ -16,7 +16,6 @@ import logging
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
-from langgraph.prebuilt import ToolNode
 
 import prompts
 from agent.answer import ToolCallMade
@@ -128,6 +127,8 @@ async def act(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     record = record_of(state, rt)
     if any(c["name"] == "similar_cases" for c in state.get("pending_calls", [])):
         await rt.ensure_images(record, quiet=True)
+    from langgraph.prebuilt import ToolNode  # (~0.1 s: imported on the model path only)
+
     ctx = rt.context(record)
     node = ToolNode(langchain_tools(rt.tools, ctx, artifacts=True), handle_tool_errors=_tool_error)
     transcript = list(state.get("transcript", []))

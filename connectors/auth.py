@@ -10,8 +10,6 @@ from collections.abc import AsyncGenerator, Generator
 from typing import Any
 
 import httpx
-import jwt
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from connectors.errors import AuthError
 from connectors.settings import SmartBackendSettings
@@ -42,6 +40,8 @@ def client_assertion(
         "iat": now,
         "jti": uuid.uuid4().hex,
     }
+    import jwt  # (imported when a key is used: a question from the local store never signs)
+
     headers = {"kid": key_id} if key_id else None
     try:
         return jwt.encode(claims, private_key_pem, algorithm=algorithm, headers=headers)
@@ -54,6 +54,9 @@ def public_jwks(private_key_pem: bytes, algorithm: str, key_id: str | None) -> d
     ``{"keys": [{"kty", ..., "alg": algorithm, "use": "sig", "kid": key_id}]}``: what an EHR
     registers for a client that authenticates with ``client_assertion``. Raises ``AuthError`` for
     a key that cannot be read."""
+    import jwt
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
     try:
         public = load_pem_private_key(private_key_pem, password=None).public_key()
         jwk = json.loads(jwt.get_algorithm_by_name(algorithm).to_jwk(public))
