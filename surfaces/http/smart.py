@@ -47,7 +47,7 @@ from urllib.parse import urlencode
 
 import httpx
 import jwt
-from fastapi import APIRouter, Cookie, Header, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Cookie, Depends, Header, HTTPException, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, select_autoescape
 from pydantic import BaseModel, Field
@@ -79,6 +79,7 @@ from surfaces.http.deps import (
 )
 from surfaces.http.drafts import Draft
 from surfaces.http.limits import retry_after
+from surfaces.http.middleware import note_caller
 from surfaces.http.security import (
     Forbidden,
     Principal,
@@ -98,7 +99,25 @@ log = logging.getLogger(__name__)
 # the drafts being saved by this process, so that two saves of one draft run one after the other
 # (a lock lives while a save holds or awaits it)
 _saving: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-router = APIRouter(tags=["SMART app"], include_in_schema=True)
+
+
+def _note_page_user(
+    request: Request, chartsight_session: Annotated[str | None, Cookie()] = None
+) -> None:
+    """For the request log's hashed ``caller`` (``middleware.note_caller``): the page's user
+    (the session's ``fhirUser`` or token subject; every page session shares one SMART client id,
+    so the user is what tells callers apart). Quiet when there is no live session: the route
+    itself refuses it."""
+    svc = getattr(request.app.state, "service", None)
+    sessions = getattr(svc, "smart_sessions", None)
+    session = sessions.sessions.get(chartsight_session or "") if sessions is not None else None
+    if session is not None:
+        note_caller(request.scope.setdefault("state", {}), session.user)
+
+
+router = APIRouter(
+    tags=["SMART app"], include_in_schema=True, dependencies=[Depends(_note_page_user)]
+)
 
 
 @dataclass

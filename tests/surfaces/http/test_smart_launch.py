@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,6 +90,32 @@ def test_the_audit_names_the_user_of_the_id_token(running: Running, sekmet: Load
     rows = [r for r in _audit(running) if r["endpoint"] == "app_ask"]
     assert rows and rows[-1]["subject"] == "Practitioner/dr-who"
     assert rows[-1]["patient_id"] == pid
+
+
+def test_the_pages_request_log_lines_name_their_user_hashed(
+    running: Running, sekmet: LoadedServer, caplog: pytest.LogCaptureFixture
+):
+    from surfaces.http.middleware import caller_hash
+
+    pid = sekmet.patient_ids[TOMMY_FRIESEN]
+    with _ehr(running, sekmet) as ehr, caplog.at_level(logging.INFO, logger="chartsight.api"):
+        client, back = _launch(running, ehr, pid)
+        assert back.status_code == 303, back.text
+        _ask(client, "How old is he?")
+    lines = [
+        json.loads(r.getMessage())
+        for r in caplog.records
+        if r.name == "chartsight.api" and r.getMessage().startswith("{")
+    ]
+    page = [x for x in lines if x["route"] in ("/app", "/app/ask")]
+    assert len(page) >= 2 and all(x["caller"] for x in page)  # was null for every page request
+    assert len({x["caller"] for x in page}) == 1
+    assert "dr-who" not in caplog.text  # hashed: the user is not written
+    salt = running.settings.serve.ops.log_salt
+    if salt is not None:
+        assert page[0]["caller"] == caller_hash(
+            salt.get_secret_value().encode(), "Practitioner/dr-who"
+        )
 
 
 def test_an_id_token_that_does_not_check_out_is_refused(running: Running, sekmet: LoadedServer):
