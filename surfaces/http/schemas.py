@@ -18,7 +18,18 @@ class AskRequest(BaseModel):
     )
 
 
-class Problem(BaseModel):
-    """An error response: ``detail`` says what was wrong, without echoing PHI."""
+class FieldProblem(BaseModel):
+    """One field of a request that could not be read (a 422): pydantic's error ``type``
+    (``missing``, ``string_too_long``, ...), where it is (``loc``: ``["body", "patient"]``) and
+    what is wrong (``msg``); never the value sent."""
 
-    detail: str
+    type: str
+    loc: list[str | int]
+    msg: str
+
+
+class Problem(BaseModel):
+    """An error response: ``detail`` says what was wrong, without echoing PHI: a sentence, or for
+    a request whose fields could not be read (422) one ``FieldProblem`` per field."""
+
+    detail: str | list[FieldProblem]

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from connectors.demo import MARTINA_MURAZIK, TOMMY_FRIESEN
 from connectors.store import FhirStore
+from surfaces.http.schemas import Problem
 from tests.agent.test_ask import _a1cs
 from tests.peers.issuer import Issuer
 from tests.surfaces.http.conftest import BOUND_KEY, EHR_KEY, Running, api_settings
@@ -269,6 +270,12 @@ def test_a_value_json_cannot_encode_gets_422_not_500(service: Running):
     assert reply.status_code == 422, reply.text
     assert ["body", "patient"] in [e["loc"] for e in reply.json()["detail"]]
     assert "secret-marker-7" not in reply.text and "input" not in reply.text
+    # the body is the documented error shape (a list of field problems was not a Problem)
+    Problem.model_validate(reply.json())
+    spec = httpx.get(f"{service.url}/openapi.json").json()
+    documented = spec["paths"]["/v1/ask"]["post"]["responses"]["422"]["content"]
+    assert documented["application/json"]["schema"] == {"$ref": "#/components/schemas/Problem"}
+    assert "anyOf" in spec["components"]["schemas"]["Problem"]["properties"]["detail"]
 
 
 def test_a_blank_question_is_the_callers_to_fix(service: Running):
