@@ -195,14 +195,7 @@ class FhirClient:
         except BaseException:
             patient_read.cancel()
             raise
-        patient = await patient_read
-        merged = SearchResult(resources=[patient])
-        for res in results:
-            merged.resources.extend(res.resources)
-            merged.invalid.extend(res.invalid)
-            merged.pages += res.pages
-        merged.total = len(merged.resources) + len(merged.invalid)
-        return merged
+        return SearchResult.combined(await patient_read, results)
 
     async def _collect(
         self, url: str, query: list[tuple[str, str]], match_type: str | None = None

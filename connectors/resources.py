@@ -77,6 +77,19 @@ class SearchResult:
         else:
             self.resources.append(checked)
 
+    @classmethod
+    def combined(cls, patient: Resource, results: list[SearchResult]) -> SearchResult:
+        """One result of ``patient`` followed by every search's resources, invalid resources and
+        pages, in order, with ``total`` counting them all: a patient's record assembled from
+        per-type searches (a server without ``$everything``, or a scope's allowed types)."""
+        merged = cls(resources=[patient])
+        for res in results:
+            merged.resources.extend(res.resources)
+            merged.invalid.extend(res.invalid)
+            merged.pages += res.pages
+        merged.total = len(merged.resources) + len(merged.invalid)
+        return merged
+
     def of_type(self, resource_type: str) -> list[Resource]:
         """The resources of ``resource_type`` (e.g. "Observation"), in result order."""
         return [r for r in self.resources if r.get_resource_type() == resource_type]

@@ -215,13 +215,7 @@ class ScopedSource:
             patient.cancel()
             await asyncio.gather(patient, return_exceptions=True)
             raise
-        merged = SearchResult(resources=[await patient])
-        for res in results:
-            merged.resources.extend(res.resources)
-            merged.invalid.extend(res.invalid)
-            merged.pages += res.pages
-        merged.total = len(merged.resources) + len(merged.invalid)
-        return merged
+        return SearchResult.combined(await patient, results)
 
     async def binary(self, reference: str) -> BinaryContent:
         """``inner.binary``."""
