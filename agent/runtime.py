@@ -5,9 +5,11 @@ checkpointed state; each run finds it in its config (``runtime(config)``)."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
@@ -17,7 +19,8 @@ from agent.backends.evidence import EvidenceBackend
 from agent.cache import RecentCache
 from agent.planner import Planner
 from agent.settings import Settings
-from agent.tools import ToolContext, ToolRegistry
+from agent.tools import ToolContext, ToolError, ToolRegistry
+from agent.tools.similar import NO_INDEX
 from connectors.dicomweb import DicomWebClient
 from connectors.errors import ChartSightError
 from connectors.images import ImageSet, collect_images
@@ -35,6 +38,31 @@ SIMILAR_NEEDS_WHOLE = (
 )
 
 
+class IndexHandle:
+    """The similar-case index at ``path``, opened on first use and shared by every copy of a
+    runtime (``dataclasses.replace`` per question or per caller). Opening reads the FAISS
+    generation and imports faiss (~0.3 s), which a question without similar cases — most of them,
+    and most cold ``chartsight ask``s — need not pay. While there is no index (no ``CURRENT``
+    file), each use looks again, so a service notices the first build without a restart (later
+    generations are picked up by ``CaseIndex.refresh``). ``opener`` returns None when the index
+    cannot be opened (its caller keeps the reason); that is not retried."""
+
+    def __init__(self, path: Path, opener: Callable[[], CaseIndex | None]) -> None:
+        self.path = path
+        self._opener = opener
+        self._lock = threading.Lock()
+        self._failed = False
+        self._index: CaseIndex | None = None
+
+    def get(self) -> CaseIndex | None:
+        """The index (opened now if this is the first use since one exists), or None."""
+        with self._lock:
+            if self._index is None and not self._failed and (self.path / "CURRENT").is_file():
+                self._index = self._opener()
+                self._failed = self._index is None
+        return self._index
+
+
 @dataclass
 class AgentRuntime:
     """What the nodes work with; not part of the (checkpointed) state."""
@@ -45,7 +73,8 @@ class AgentRuntime:
     ranker: EvidenceRanker
     planner: Planner = field(default_factory=Planner)
     backend: Backend = field(default_factory=EvidenceBackend)
-    index: CaseIndex | None = None
+    # the similar-case index, opened on first use (None: there is no index)
+    cases: IndexHandle | None = None
     dicomweb: DicomWebClient | None = None
     now: datetime | None = None  # the date that counts as now (default: the wall clock)
     # per-patient data, bounded; a record older than settings.cache_ttl_s is fetched again
@@ -67,6 +96,12 @@ class AgentRuntime:
     scope: RecordScope | None = None
 
     @property
+    def index(self) -> CaseIndex | None:
+        """The similar-case index, opened on first use (None: there is none, or it could not be
+        opened — ``ChartSight.similar`` says why)."""
+        return self.cases.get() if self.cases is not None else None
+
+    @property
     def similar_allowed(self) -> bool:
         """Whether similar cases may be shown: only to a caller who may read every type."""
         return self.scope is None or self.scope.whole
@@ -83,11 +118,12 @@ class AgentRuntime:
         do: the ``similar_cases`` tool is reachable by the model and by MCP's ``patient_facts``;
         it has none for a caller whose ``scope`` is not whole."""
         items = self.evidence_items(record)
-        index = self.index
         privacy = self.case_privacy
 
         def similar(k: int) -> list[Any]:
-            assert index is not None
+            index = self.index
+            if index is None or len(index) == 0:
+                raise ToolError(NO_INDEX)
             case = self.patient_case(record, self.images.get(record.patient_id) or ImageSet())
             return shown_to(index.similar(case, k, own_cases_out(case)), privacy)
 
@@ -95,7 +131,7 @@ class AgentRuntime:
             record,
             now=self.now or datetime.now().astimezone(),
             _evidence={e.id: e for e in items},
-            similar=similar if index is not None and len(index) and self.similar_allowed else None,
+            similar=similar if self.cases is not None and self.similar_allowed else None,
         )
 
     async def record(self, key: str) -> PatientRecord:

@@ -24,9 +24,10 @@ from agent.backends.evidence import EvidenceBackend
 from agent.cache import RecentCache
 from agent.graph import build_graph
 from agent.planner import default_planner
-from agent.runtime import SIMILAR_NEEDS_WHOLE, AgentRuntime, own_cases_out
+from agent.runtime import SIMILAR_NEEDS_WHOLE, AgentRuntime, IndexHandle, own_cases_out
 from agent.settings import Settings
 from agent.tools import Fact, ToolError, default_tools
+from agent.tools.similar import NO_INDEX
 from connectors.dicomweb import DicomWebClient
 from connectors.errors import ChartSightError, ConfigurationError
 from connectors.fhir_client import FhirClient
@@ -201,16 +202,15 @@ class ChartSight:
         if dicomweb is not None:
             self._stack.push_async_callback(dicomweb.aclose)
         encoders = self.encoders or EncoderRegistry(s.retrieval.encoders)
-        index = None
-        if self.use_index and (s.index_path / "CURRENT").exists():
+
+        def open_index() -> CaseIndex | None:
             try:
                 r = s.retrieval
-                index = CaseIndex(
-                    s.index_path, r.index, r.fusion, encoders.text(), encoders.image()
-                )
+                return CaseIndex(s.index_path, r.index, r.fusion, encoders.text(), encoders.image())
             except CaseIndexError as exc:
-                index = None  # reported when similar cases are asked for
-                self._index_error = exc
+                self._index_error = exc  # reported when similar cases are asked for
+                return None
+
         tools = default_tools()
         self.runtime = AgentRuntime(
             settings=s,
@@ -219,7 +219,7 @@ class ChartSight:
             planner=default_planner(tools.tools.values()),
             ranker=self._ranker(encoders, source),
             backend=backend,
-            index=index,
+            cases=IndexHandle(s.index_path, open_index) if self.use_index else None,
             dicomweb=dicomweb,
             now=self.now,
         )
@@ -456,7 +456,7 @@ class ChartSight:
         if index is None and self._index_error is not None:
             raise ConfigurationError(str(self._index_error)) from self._index_error
         if index is None or len(index) == 0:
-            raise ConfigurationError("no similar-case index (run `chartsight index build`)")
+            raise ConfigurationError(NO_INDEX)
         case = await self.patient_case(patient, source)
         hits = await asyncio.to_thread(index.similar, case, k, own_cases_out(case, flt))
         return shown_to(hits, case_privacy)

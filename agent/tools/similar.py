@@ -17,6 +17,10 @@ from retrieval.evidence import clean_text
 log = logging.getLogger(__name__)
 
 
+# what a question about similar cases is told when there is no index, or an empty one
+NO_INDEX = "no similar-case index (run `chartsight index build`)"
+
+
 @tool(
     "similar_cases",
     "Past cases most similar to this patient's (images and summary), the patient's own left "
@@ -28,7 +32,7 @@ def similar_cases(ctx: ToolContext, k: int = 3) -> list[Fact]:
     its score and summary, citing the case key. Raises ``ToolError`` when there is no case
     index."""
     if ctx.similar is None:
-        raise ToolError("no similar-case index (run `chartsight index build`)")
+        raise ToolError(NO_INDEX)
     return [
         Fact(
             "similar_cases",

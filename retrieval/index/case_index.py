@@ -74,6 +74,7 @@ class CaseIndex:
         self._gpu_resources: Any = None
         self._gpu_stale = True
         self._check_space()
+        self.generation: str | None = None  # the folder name of the generation held in memory
         self.index, self.factory = self._open()
 
     # --- identity of the vector space ---
@@ -103,6 +104,7 @@ class CaseIndex:
                 self.save(index=index, factory=factory)
             return index, factory
         index, ids, factory = manifest.read_generation(gen, self.space())
+        self.generation = gen.name
         in_index = set(ids.tolist())
         if in_index != in_sql:
             # a build committed to SQL but did not finish its generation: catch up, no encoding
@@ -149,7 +151,33 @@ class CaseIndex:
         index = index if index is not None else self.index
         factory = factory or self.factory
         with self._lock:
-            return manifest.write_generation(self.path, index, factory, self.space())
+            gen = manifest.write_generation(self.path, index, factory, self.space())
+            self.generation = gen.name
+            return gen
+
+    def refresh(self) -> bool:
+        """Switch to the live generation when another process (``chartsight index build``, or
+        another replica's build on a shared index location) has made a newer one live since this
+        one was read: ``CURRENT`` is read (one small file) and, when it names another generation,
+        that generation is loaded in place of this one. Called before every search, so a running
+        service answers from a new build without a restart. Returns whether it switched; a
+        generation that cannot be read (removed by a newer build while being read, a damaged
+        file, another vector space) is logged and the one held is kept."""
+        live = manifest.current_generation(self.path)
+        if live is None or live.name == self.generation:
+            return False
+        with self._lock:
+            if live.name == self.generation:
+                return False
+            try:
+                index, _, factory = manifest.read_generation(live, self.space())
+            except (OSError, CaseIndexError) as exc:
+                log.warning("kept index %s: %s could not be read (%s)", self.generation, live, exc)
+                return False
+            log.info("index switched from %s to %s", self.generation, live.name)
+            self.index, self.factory, self.generation = index, factory, live.name
+            self._gpu_stale = True
+            return True
 
     # --- changing the cases ---
 
@@ -158,6 +186,7 @@ class CaseIndex:
         return rows.thumbnail(self.engine, key)
 
     def __len__(self) -> int:
+        self.refresh()
         return int(self.index.ntotal)
 
     def fingerprints(self) -> dict[str, str]:
@@ -241,6 +270,7 @@ class CaseIndex:
         (n, dim) in the fused space); one list per row, best first, shorter when fewer match."""
         flt = flt or CaseFilter()
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        self.refresh()
         with self._lock:
             if self.index.ntotal == 0:
                 return [[] for _ in range(len(queries))]

@@ -21,8 +21,22 @@ from retrieval.settings import IndexSettings
 
 log = logging.getLogger(__name__)
 
-# faiss's bundled stubs lag behind its SWIG API (SearchParametersHNSW, keyword constructors)
-faiss: Any = importlib.import_module("faiss")
+
+class _Faiss:
+    """The ``faiss`` module, imported on first use: loading its SWIG library takes ~0.3 s, which a
+    question that needs no similar cases (most of them, and every cold ``chartsight ask`` of
+    that kind) should not pay. Typed ``Any`` because faiss's bundled stubs lag behind its SWIG API
+    (SearchParametersHNSW, keyword constructors)."""
+
+    _module: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if _Faiss._module is None:
+            _Faiss._module = importlib.import_module("faiss")
+        return getattr(_Faiss._module, name)
+
+
+faiss: Any = _Faiss()
 
 EXACT_LIMIT = 50_000  # below this many cases, 'auto' searches exactly
 ADD_CHUNK = 50_000  # vectors read from SQL and added to an index at a time

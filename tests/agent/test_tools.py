@@ -260,17 +260,21 @@ def test_similar_cases_is_a_tool_too(tmp_path: Path, demo_store: FhirStore):
 
     settings = Settings(home=tmp_path / "home", store={"url": str(demo_store.engine.url)})
 
+    env = {"CHARTSIGHT_HOME": str(settings.home), "CHARTSIGHT_STORE__URL": settings.store.url}
+
     async def facts() -> tuple[list[Fact], list[Any]]:
+        # one open ChartSight (as a running service) sees the index that `chartsight index
+        # build` makes meanwhile (its own CaseIndex), without a restart
         async with ChartSight(settings) as agent:
+            with pytest.raises(ToolError, match="no similar-case index"):
+                await agent.facts(TOMMY_FRIESEN, "similar_cases", {"k": 2})
+            build = await asyncio.to_thread(CliRunner().invoke, app, ["index", "build"], env=env)
+            assert build.exit_code == 0, build.output
             return (
                 await agent.facts(TOMMY_FRIESEN, "similar_cases", {"k": 2}),
                 await agent.similar(TOMMY_FRIESEN, 2),
             )
 
-    with pytest.raises(ToolError, match="no similar-case index"):
-        asyncio.run(facts())
-    env = {"CHARTSIGHT_HOME": str(settings.home), "CHARTSIGHT_STORE__URL": settings.store.url}
-    assert CliRunner().invoke(app, ["index", "build"], env=env).exit_code == 0
     found, hits = asyncio.run(facts())
     assert [f.evidence for f in found] == [(h.key,) for h in hits] and len(found) == 2
     assert all(h.patient_id != TOMMY_FRIESEN for h in hits)

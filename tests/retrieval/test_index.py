@@ -218,6 +218,32 @@ def test_crash_before_a_new_generation_keeps_the_old_one_and_catches_up(
     assert reopened.hits([(top, 1.0)])[0].key == cases[25].key
 
 
+def test_a_reader_switches_to_a_generation_another_process_made_live(
+    tmp_path: Path, encoders: EncoderRegistry
+):
+    """A service (the reader) answers from a new build without a restart; a generation that
+    cannot be read leaves it on the one it holds."""
+    path = tmp_path / "idx"
+    builder = _open(path, encoders)
+    cases, vectors = _synthetic(30, builder.fusion.dim)
+    builder.upsert(cases[:10], vectors[:10])
+    builder.save()
+    reader = _open(path, encoders)
+    assert len(reader) == 10 and reader.generation == "gen-000001"
+
+    builder.upsert(cases[10:], vectors[10:])
+    builder.save()
+    top = reader.search_vectors(vectors[25:26], k=1)[0][0][0]
+    assert reader.generation == "gen-000002" and len(reader) == 30
+    assert reader.hits([(top, 1.0)])[0].key == cases[25].key
+    assert not reader.refresh()  # nothing newer
+
+    (path / "gen-000003").mkdir()  # named live but unreadable (no manifest)
+    (path / "CURRENT").write_text("gen-000003")
+    assert not reader.refresh()
+    assert reader.generation == "gen-000002" and len(reader) == 30
+
+
 def test_damaged_index_file_is_reported(tmp_path: Path, encoders: EncoderRegistry):
     path = tmp_path / "idx"
     index = _open(path, encoders)
