@@ -28,6 +28,7 @@ from agent.runtime import SIMILAR_NEEDS_WHOLE, AgentRuntime, IndexHandle, own_ca
 from agent.settings import Settings
 from agent.tools import Fact, ToolError, default_tools
 from agent.tools.similar import NO_INDEX
+from common.schema import SCHEMA_LOCK
 from connectors.dicomweb import DicomWebClient
 from connectors.errors import ChartSightError, ConfigurationError
 from connectors.fhir_client import FhirClient
@@ -66,7 +67,17 @@ async def _checkpointer(url: str, stack: contextlib.AsyncExitStack) -> Any:
             ) from exc
         saver = await stack.enter_async_context(AsyncPostgresSaver.from_conn_string(url))
         saver.serde = _serde()
-        await saver.setup()
+        # LangGraph's migrations are not safe when two processes (replicas, workers) run them
+        # together (both insert the same checkpoint_migrations row): one at a time, under the
+        # schema lock every ChartSight table creation takes (common.schema)
+        import psycopg
+
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as lock:
+            await lock.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
+            try:
+                await saver.setup()
+            finally:
+                await lock.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
         return saver
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 

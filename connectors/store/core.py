@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, create_engine, event, func, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from common.schema import create_schema
 from connectors.errors import FhirImportError, ResourceNotFound, StoreError
 from connectors.resources import (
     InvalidResource,
@@ -75,7 +76,7 @@ class FhirStore:
             self.engine: Engine = create_engine(url, future=True)
             if self.engine.dialect.name == "sqlite":
                 event.listen(self.engine, "connect", _sqlite_pragmas)
-            metadata.create_all(self.engine)
+            create_schema(self.engine, metadata)
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot open the local store at {self.safe_url()}: {exc}") from exc
 

@@ -19,6 +19,7 @@ import numpy as np
 from sqlalchemy import create_engine, insert, select
 from sqlalchemy.engine import Engine
 
+from common.schema import create_schema
 from retrieval.cases import Case
 from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.index import filters, kinds, manifest, rows
@@ -68,7 +69,7 @@ class CaseIndex:
         self.fusion = Fusion(fusion_settings, text_encoder.info, image_encoder.info)
         path.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = create_engine(sql_url or f"sqlite:///{path / 'cases.db'}")
-        metadata.create_all(self.engine)
+        create_schema(self.engine, metadata)
         self._lock = threading.RLock()
         self._gpu: Any = None
         self._gpu_resources: Any = None

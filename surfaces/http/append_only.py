@@ -40,9 +40,13 @@ def guard_statements(dialect: str, tables: Sequence[str]) -> list[str]:
     return out
 
 
-def make_append_only(engine: sa.Engine, tables: Sequence[str]) -> None:
-    """Install ``guard_statements`` for ``engine``'s dialect in one transaction. Raises
-    SQLAlchemy's errors when the database refuses the DDL."""
-    with engine.begin() as conn:
-        for statement in guard_statements(engine.dialect.name, tables):
-            conn.exec_driver_sql(statement)
+def make_append_only(bind: sa.Engine | sa.Connection, tables: Sequence[str]) -> None:
+    """Install ``guard_statements`` for the database's dialect: in ``bind``'s transaction when it
+    is a connection (``common.schema.create_schema``'s ``then``, under its lock), else in a
+    transaction of its own. Raises SQLAlchemy's errors when the database refuses the DDL."""
+    if isinstance(bind, sa.Engine):
+        with bind.begin() as conn:
+            make_append_only(conn, tables)
+        return
+    for statement in guard_statements(bind.dialect.name, tables):
+        bind.exec_driver_sql(statement)

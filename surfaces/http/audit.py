@@ -23,6 +23,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from common.schema import create_schema
 from surfaces.http.append_only import make_append_only
 from surfaces.http.middleware import current_request_id
 from surfaces.http.security import Principal
@@ -66,6 +67,16 @@ def question_hash(question: str) -> str:
     return hashlib.sha256(question.encode()).hexdigest()
 
 
+def _upgrade(conn: sa.Connection) -> None:
+    """Columns added since an older release made the table (``ALTER TABLE … ADD COLUMN``; its
+    rows keep NULL there), then the append-only triggers."""
+    present = {c["name"] for c in sa.inspect(conn).get_columns("audit_log")}
+    for name, ddl in _ADDED_COLUMNS:
+        if name not in present:
+            conn.exec_driver_sql(f"ALTER TABLE audit_log ADD COLUMN {name} {ddl}")
+    make_append_only(conn, ["audit_log"])
+
+
 class AuditLog:
     """The append-only ``audit_log`` table at a SQLAlchemy URL (``serve.audit_url``, else
     ``sqlite:///<home>/audit.db``): created on first use, with the UPDATE/DELETE-refusing triggers
@@ -75,13 +86,7 @@ class AuditLog:
     def __init__(self, url: str) -> None:
         self.listeners: list[Callable[[], None]] = []  # told after each row (the forwarder)
         self.engine = sa.create_engine(url)
-        metadata.create_all(self.engine)
-        present = {c["name"] for c in sa.inspect(self.engine).get_columns("audit_log")}
-        with self.engine.begin() as conn:
-            for name, ddl in _ADDED_COLUMNS:
-                if name not in present:
-                    conn.exec_driver_sql(f"ALTER TABLE audit_log ADD COLUMN {name} {ddl}")
-        make_append_only(self.engine, ["audit_log"])
+        create_schema(self.engine, metadata, _upgrade)
 
     def record(
         self,

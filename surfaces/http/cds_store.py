@@ -18,6 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from common.schema import create_schema
 from surfaces.http.append_only import make_append_only
 
 metadata = sa.MetaData()
@@ -75,8 +76,7 @@ class CdsStore:
 
     def __init__(self, url: str) -> None:
         self.engine = sa.create_engine(url)
-        metadata.create_all(self.engine)
-        make_append_only(self.engine, _APPEND_ONLY)
+        create_schema(self.engine, metadata, lambda conn: make_append_only(conn, _APPEND_ONLY))
 
     def first_use(self, iss: str, jti: str, exp: datetime) -> bool:
         """Record ``(iss, jti)`` as seen until ``exp`` (timezone-aware); True the first time,

@@ -26,6 +26,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from agent import Answer
+from common.schema import create_schema
 from surfaces.http.append_only import make_append_only
 
 metadata = sa.MetaData()
@@ -75,8 +76,9 @@ class DraftStore:
 
     def __init__(self, url: str) -> None:
         self.engine = sa.create_engine(url)
-        metadata.create_all(self.engine)
-        make_append_only(self.engine, ("ai_draft", "ai_approval"))
+        create_schema(
+            self.engine, metadata, lambda conn: make_append_only(conn, ("ai_draft", "ai_approval"))
+        )
 
     def keep(self, answer: Answer, *, session_sha256: str, iss: str, user: str) -> str:
         """Store ``answer`` (as produced, before any display change) as a draft for the session

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class AskRequest(BaseModel):
-    """A question about one patient (``POST /v1/ask`` and ``/v1/ask/stream``)."""
+    """A question about one patient (``POST /v1/ask`` and ``/v1/ask/stream``). A field not listed
+    here is refused (422 ``extra_forbidden``): a misspelt ``thread_id`` would otherwise start a new
+    conversation without a word."""
+
+    model_config = ConfigDict(extra="forbid")
 
     patient: str = Field(min_length=1, max_length=200, description="Patient id (or identifier).")
     question: str = Field(min_length=1, description="The clinician's question.")
