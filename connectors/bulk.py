@@ -260,8 +260,8 @@ class BulkExport:
             headers={"Accept": "application/fhir+json"},
             transport=transport,
         )
-        # Files that need no token may live elsewhere (object storage): fetched without
-        # credentials and without following redirects.
+        # Files that need no token may live on a host of bulk.file_hosts (object storage):
+        # fetched without credentials and without following redirects.
         self.plain = httpx.AsyncClient(
             timeout=httpx.Timeout(fhir.http.timeout_s),
             verify=fhir.http.verify_tls,
@@ -435,9 +435,9 @@ class BulkExport:
         return manifest
 
     def _plan(self, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        """url → file entry for every item of ``output``, ``deleted`` and ``error``; an item
-        without a usable URL is a ``BulkError``; a token-bearing file must be on the FHIR
-        server's origin (the token is never sent elsewhere)."""
+        """url → file entry for every item of ``output``, ``deleted`` and ``error``. Raises
+        ``BulkError`` for an item without an http(s) URL, or on a host other than the FHIR
+        server's (scheme, host and port) that ``bulk.file_hosts`` does not list."""
         with_token = bool(manifest.get("requiresAccessToken"))
         files: dict[str, dict[str, Any]] = {}
         kinds: tuple[FileKind, ...] = ("output", "deleted", "error")
@@ -449,10 +449,15 @@ class BulkExport:
                 url = item.get("url") if isinstance(item, dict) else None
                 if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https"):
                     raise BulkError(f"the manifest's {kind} names no http(s) url: {item!r:.200}")
-                if with_token and _origin(url) != _origin(self.base_url):
+                host = urlsplit(url).hostname or ""
+                if _origin(url) != _origin(self.base_url) and host not in self.bulk.file_hosts:
+                    # A manifest is the server's word: without this check a server (or whoever
+                    # can write its manifests) could make ChartSight fetch, with the token when
+                    # requiresAccessToken is set, any address it can reach.
                     raise BulkError(
-                        f"{url} needs the access token (requiresAccessToken) but is not on "
-                        f"{self.base_url}'s host: ChartSight sends the token to the FHIR server only"
+                        f"{url} is not on the FHIR server ({self.base_url}); add {host!r} to "
+                        "bulk.file_hosts to download export files from it"
+                        + (" (the access token is sent there)" if with_token else "")
                     )
                 rtype = str(item.get("type") or "")
                 files[url] = {

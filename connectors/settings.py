@@ -76,6 +76,13 @@ class BulkSettings(BaseModel):
         gt=0,
         description="Give up (keeping the export to resume later) when it is not complete by then.",
     )
+    file_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names besides the FHIR server's that export files may be downloaded "
+        "from (e.g. the object store a server hands files out of); the access token goes there "
+        "too when the manifest sets requiresAccessToken. Others are refused: a manifest must not "
+        "send ChartSight to an address nobody listed.",
+    )
     state_dir: Path | None = Field(
         default=None,
         description="Where exports in progress (status URL, manifest, downloaded files) are kept "

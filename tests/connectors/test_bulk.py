@@ -353,17 +353,41 @@ async def test_gzip_files_need_the_token_and_deleted_resources_are_removed(tmp_p
         store.close()
 
 
-async def test_token_is_not_sent_to_another_host(tmp_path, tommy_json):
-    with BulkServer(_resources(tommy_json), BulkServerOptions(polls=0, token="t")) as server:
+@pytest.mark.parametrize("token", ["t", None])
+async def test_files_on_another_host_need_to_be_listed(tmp_path, tommy_json, token):
+    with BulkServer(_resources(tommy_json), BulkServerOptions(polls=0, token=token)) as server:
         # the same server under another host name: the manifest's files are then elsewhere
         settings = FhirServerSettings(
-            url=server.base_url.replace("127.0.0.1", "localhost"), token="t"
+            url=server.base_url.replace("127.0.0.1", "localhost"), token=token
         )
         store = FhirStore(f"sqlite:///{tmp_path / 'store.db'}")
         async with BulkExport(settings, FAST, store, tmp_path / "bulk") as exporter:
-            with pytest.raises(BulkError, match="sends the token to the FHIR server only"):
+            with pytest.raises(BulkError, match="add '127.0.0.1' to bulk.file_hosts") as refused:
                 await exporter.run(ExportRequest())
-        assert server.file_requests == []
+            assert ("access token is sent there" in str(refused.value)) == bool(token)
+            assert server.file_requests == []
+        listed = FAST.model_copy(update={"file_hosts": ["127.0.0.1"]})
+        async with BulkExport(settings, listed, store, tmp_path / "bulk") as exporter:
+            report = await exporter.run(ExportRequest(), restart=True)
+        assert report.count == len(server.resources) and not report.failed
+        assert {r["authorization"] for r in server.file_requests} == {
+            f"Bearer {token}" if token else None
+        }
+        store.close()
+
+
+@pytest.mark.integration
+async def test_bulk_streams_into_postgresql(postgres, tmp_path, tommy_json):
+    resources = _resources(tommy_json)
+    with BulkServer(resources, BulkServerOptions(polls=0, gzip=True)) as server:
+        store = FhirStore(postgres.create_database("bulk"))
+        async with BulkExport(
+            FhirServerSettings(url=server.base_url), FAST, store, tmp_path / "bulk"
+        ) as exporter:
+            first = await exporter.run(ExportRequest())
+            later = await exporter.run(ExportRequest())
+        assert first.count == len(resources) and sum(store.counts().values()) == len(resources)
+        assert later.since == first.transaction_time and later.count == 0
         store.close()
 
 
