@@ -558,7 +558,10 @@ class BulkExport:
                         await response.aread()
                         raise HttpStatusError(url, response.status_code, _detail(response))
                     gzipped = response.headers.get("Content-Encoding", "").lower() == "gzip"
-                    resumed = response.status_code == 206 and _range_start(response) == offset
+                    resumed = response.status_code == 206 and offset > 0
+                    if resumed and _range_start(response) != offset:
+                        part.unlink()  # an answer for other bytes: start the file again
+                        raise _Retry(f"a 206 answer that does not start at byte {offset}")
                     entry["identity"] = not gzipped
                     state.save()
                     chunks = response.aiter_raw(_CHUNK) if gzipped else response.aiter_bytes(_CHUNK)
@@ -632,7 +635,10 @@ class BulkExport:
                     raise FhirImportError(
                         url, "a deleted-resources entry is not a DELETE request", f"line {lineno}"
                     )
-                entries.append({"request": {"method": "DELETE", "url": request.get("url")}})
+                target = str(request.get("url") or "")
+                if target.startswith(("http://", "https://")):  # absolute: [base]/Type/id
+                    target = "/".join(target.rstrip("/").split("/")[-2:])
+                entries.append({"request": {"method": "DELETE", "url": target}})
         return self.store.import_json(
             {"resourceType": "Bundle", "type": "transaction", "entry": entries}, url
         )

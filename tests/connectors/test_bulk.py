@@ -330,26 +330,33 @@ async def test_polling_honours_retry_after_and_reports_x_progress(tmp_path, tomm
 
 async def test_gzip_files_need_the_token_and_deleted_resources_are_removed(tmp_path, tommy_json):
     resources = _resources(tommy_json)
-    condition = next(r for r in resources if r["resourceType"] == "Condition")
-    options = BulkServerOptions(
-        polls=0, token="s3cret", gzip=True, deleted=[f"Condition/{condition['id']}"]
-    )
+    first, second = [r for r in resources if r["resourceType"] == "Condition"][:2]
+    options = BulkServerOptions(polls=0, token="s3cret", gzip=True)
     with BulkServer(resources, options) as server:
+        # one relative and one absolute request.url, as servers write either
+        options.deleted = [
+            f"Condition/{first['id']}",
+            f"{server.base_url}/Condition/{second['id']}",
+        ]
         store = FhirStore(f"sqlite:///{tmp_path / 'store.db'}")
         settings = FhirServerSettings(url=server.base_url, token="s3cret")
+        events: list[BulkProgress] = []
         async with BulkExport(settings, FAST, store, tmp_path / "bulk") as exporter:
-            full = await exporter.run(ExportRequest())
-            assert store.read("Condition", condition["id"]).id == condition["id"]
+            full = await exporter.run(ExportRequest(), progress=events.append)
+            assert store.read("Condition", first["id"]).id == first["id"]
             later = await exporter.run(ExportRequest())
-        # files were asked for compressed, sent compressed and kept compressed
+        # files were asked for compressed, and the compressed bytes were what came and was kept
         assert all(
             r["accept-encoding"] and "gzip" in r["accept-encoding"] for r in server.file_requests
         )
+        plain = sum(len(json.dumps(r)) + 1 for r in resources)
+        assert 0 < max(e.bytes for e in events) < plain / 3
         assert all(r["authorization"] == "Bearer s3cret" for r in server.file_requests)
         assert full.count == len(resources) and not full.failed
         assert server.kickoffs[1]["_since"] == full.transaction_time
-        assert later.imported["Condition (deleted)"] == 1 and not later.failed
-        assert condition["id"] not in {r.id for r in store.search("Condition").resources}
+        assert later.imported["Condition (deleted)"] == 2 and not later.failed
+        left = {r.id for r in store.search("Condition").resources}
+        assert first["id"] not in left and second["id"] not in left and left
         store.close()
 
 
