@@ -12,6 +12,7 @@ files a client can cause, an export that stays in progress) is tested against
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -39,14 +40,6 @@ from tests.peers.servers import ROOT, Sekmet
 
 runner = CliRunner()
 FAST = BulkSettings(poll_initial_s=0.1, poll_max_s=2)
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("CHARTSIGHT_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("CHARTSIGHT_CONFIG", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path / "home"
 
 
 def _store(home: Path) -> FhirStore:
@@ -141,6 +134,19 @@ def test_bulk_group_export_with_types(home: Path, sekmet_two: LoadedServer):
     store.close()
 
 
+@contextlib.contextmanager
+def _slow_sekmet(
+    bundles: list[Path], *, chunk: int, delay_s: float
+) -> Iterator[tuple[Sekmet, SlowProxy]]:
+    """SEKMET with ``bundles`` loaded, behind a ``SlowProxy`` that its manifests name."""
+    sekmet = Sekmet()
+    proxy = SlowProxy(sekmet.port, chunk=chunk, delay_s=delay_s)
+    sekmet.public_url = f"{proxy.url}/fhir"
+    with sekmet, proxy:
+        _load(sekmet, bundles)
+        yield sekmet, proxy
+
+
 def _cli(home: Path, *args: str) -> subprocess.Popen[str]:
     env = {
         **os.environ,
@@ -176,11 +182,7 @@ def _kill_mid_download(home: Path, proc: subprocess.Popen[str]) -> None:
 @pytest.mark.slow
 def test_bulk_killed_mid_download_resumes_without_a_new_kick_off(tmp_path: Path, bundles):
     home = tmp_path / "home"
-    sekmet = Sekmet()
-    proxy = SlowProxy(sekmet.port, chunk=4096, delay_s=0.05)
-    sekmet.public_url = f"{proxy.url}/fhir"
-    with sekmet, proxy:
-        _load(sekmet, bundles[:2])
+    with _slow_sekmet(bundles[:2], chunk=4096, delay_s=0.05) as (sekmet, proxy):
         url = f"{proxy.url}/fhir"
         _kill_mid_download(home, _cli(home, url))
         job = _state(home)["job"]
@@ -203,11 +205,7 @@ def test_bulk_killed_mid_download_resumes_without_a_new_kick_off(tmp_path: Path,
 @pytest.mark.integration
 def test_bulk_cancel_deletes_the_unfinished_export_on_the_server(tmp_path: Path, bundles):
     home = tmp_path / "home"
-    sekmet = Sekmet()
-    proxy = SlowProxy(sekmet.port, chunk=1024, delay_s=0.1)
-    sekmet.public_url = f"{proxy.url}/fhir"
-    with sekmet, proxy:
-        _load(sekmet, bundles[:1])
+    with _slow_sekmet(bundles[:1], chunk=1024, delay_s=0.1) as (_sekmet, proxy):
         _kill_mid_download(home, _cli(home, f"{proxy.url}/fhir"))
         status_url = _state(home)["job"]["status_url"]
         assert httpx.get(status_url).status_code == 200
