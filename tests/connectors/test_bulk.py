@@ -132,6 +132,10 @@ def test_bulk_group_export_with_types(home: Path, sekmet_two: LoadedServer):
     assert store.counts() == {"Patient": 1, **expected}
     assert store.read("Patient", patient).id == patient
     store.close()
+    # SEKMET writes NDJSON only: it refuses another _outputFormat at the kick-off
+    csv = runner.invoke(app, ["bulk", base, "--output-format", "text/csv"])
+    assert csv.exit_code == 1 and "refused the $export kick-off" in csv.output
+    assert "Unsupported _outputFormat" in csv.output.replace("\n", " ")
 
 
 @contextlib.contextmanager
