@@ -24,7 +24,13 @@ from pydantic_settings import (
 
 from agent.backends import BackendSettings
 from connectors.errors import ConfigurationError
-from connectors.settings import DicomWebSettings, FhirServerSettings, ImageSettings, StoreSettings
+from connectors.settings import (
+    BulkSettings,
+    DicomWebSettings,
+    FhirServerSettings,
+    ImageSettings,
+    StoreSettings,
+)
 from retrieval.settings import RetrievalSettings
 
 # Sections of a shared settings file that the surfaces read (``surfaces.settings.AppSettings``
@@ -55,6 +61,7 @@ class Settings(BaseSettings):
     )
     fhir: FhirServerSettings = FhirServerSettings()
     store: StoreSettings = StoreSettings()
+    bulk: BulkSettings = BulkSettings()
     dicomweb: DicomWebSettings = DicomWebSettings()
     images: ImageSettings = ImageSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
@@ -114,6 +121,11 @@ class Settings(BaseSettings):
     def threads_url(self) -> str:
         """Checkpointer location of conversation threads."""
         return self.threads or str(self.home.expanduser() / "threads.db")
+
+    @property
+    def bulk_state_dir(self) -> Path:
+        """Folder of the Bulk Data exports in progress and of each export's last transactionTime."""
+        return (self.bulk.state_dir or self.home / "bulk").expanduser()
 
     @property
     def index_path(self) -> Path:

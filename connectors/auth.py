@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from connectors.errors import AuthError
-from connectors.settings import SmartBackendSettings
+from connectors.settings import FhirServerSettings, SmartBackendSettings
 
 # A token is refreshed this long before it expires, so no request goes out with a dead one.
 EXPIRY_MARGIN_S = 30.0
@@ -171,3 +171,14 @@ class SmartBackendAuth(httpx.Auth):
         """httpx's hook for a synchronous client: always raises ``AuthError`` (the token cache is
         guarded by an asyncio lock, so only ``httpx.AsyncClient`` is supported)."""
         raise AuthError("SmartBackendAuth works with the async client only")
+
+
+def fhir_auth(settings: FhirServerSettings, base_url: str) -> httpx.Auth | None:
+    """The authorization ``settings`` name for the FHIR server at ``base_url``: SMART Backend
+    Services (``settings.smart``) first, else the static bearer ``settings.token``, else ``None``
+    (anonymous). Raises ``OSError`` when the SMART private key file cannot be read."""
+    if settings.smart is not None:
+        return SmartBackendAuth(settings.smart, base_url)
+    if settings.token is not None:
+        return BearerAuth(settings.token.get_secret_value())
+    return None

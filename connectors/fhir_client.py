@@ -13,7 +13,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from common import observe
-from connectors.auth import BearerAuth, SmartBackendAuth
+from connectors.auth import fhir_auth
 from connectors.errors import (
     ConnectorError,
     HttpStatusError,
@@ -77,14 +77,9 @@ class FhirClient:
             raise ConnectorError("no FHIR server URL given (set fhir.url or --fhir-url)")
         self.settings = settings
         self.base_url = settings.url.rstrip("/")
-        auth: httpx.Auth | None = None
-        if settings.smart is not None:
-            auth = SmartBackendAuth(settings.smart, self.base_url)
-        elif settings.token is not None:
-            auth = BearerAuth(settings.token.get_secret_value())
         self.http = RetryingHttp(
             settings.http,
-            auth=auth,
+            auth=fhir_auth(settings, self.base_url),
             headers={"Accept": FHIR_JSON},
             transport=transport,
             failures=observe.FHIR_ERROR,

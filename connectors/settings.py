@@ -56,6 +56,40 @@ class FhirServerSettings(BaseModel):
     http: HttpSettings = HttpSettings()
 
 
+class BulkSettings(BaseModel):
+    """FHIR Bulk Data Access ($export, HL7 Bulk Data Access IG v2.0.0) into the local store."""
+
+    concurrency: int = Field(default=4, ge=1, description="Output files downloaded at once.")
+    poll_initial_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="Wait before the next status request when the server sends no Retry-After; "
+        "doubles each time up to poll_max_s.",
+    )
+    poll_max_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest wait between status requests, Retry-After included.",
+    )
+    max_wait_s: float = Field(
+        default=24 * 3600.0,
+        gt=0,
+        description="Give up (keeping the export to resume later) when it is not complete by then.",
+    )
+    file_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names besides the FHIR server's that export files may be downloaded "
+        "from (e.g. the object store a server hands files out of); the access token goes there "
+        "too when the manifest sets requiresAccessToken. Others are refused: a manifest must not "
+        "send ChartSight to an address nobody listed.",
+    )
+    state_dir: Path | None = Field(
+        default=None,
+        description="Where exports in progress (status URL, manifest, downloaded files) are kept "
+        "so that a killed run resumes; default: <home>/bulk.",
+    )
+
+
 class StoreSettings(BaseModel):
     """The embedded local FHIR store."""
 

@@ -311,6 +311,130 @@ def import_(
 
 @app.command()
 @_configured()
+def bulk(
+    fhir_url: Annotated[str, typer.Argument(help="FHIR R4 server base URL offering $export.")],
+    settings: AppSettings,
+    group: Annotated[
+        str | None, typer.Option("--group", help="Export this Group's patients (Group/ID/$export).")
+    ] = None,
+    patients: Annotated[
+        bool, typer.Option("--patients", help="Export every patient's data (Patient/$export).")
+    ] = False,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            "--since",
+            help="Only resources changed since this date or FHIR instant (_since). Default: the "
+            "transactionTime of the last complete run of the same export, if any.",
+        ),
+    ] = None,
+    types: Annotated[
+        list[str] | None,
+        typer.Option("--type", help="Resource types to export (_type); repeat or comma-separate."),
+    ] = None,
+    output_format: Annotated[
+        str, typer.Option("--output-format", help="_outputFormat asked of the server.")
+    ] = "application/fhir+ndjson",
+    full: Annotated[
+        bool, typer.Option("--full", help="Export everything, ignoring the last run's time.")
+    ] = False,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Cancel an unfinished run and kick off anew.")
+    ] = False,
+    cancel: Annotated[
+        bool, typer.Option("--cancel", help="Cancel the unfinished run (DELETE) and stop.")
+    ] = False,
+    token: TokenOpt = None,
+) -> None:
+    """Import a FHIR Bulk Data export ($export) into the local store; a killed run resumes, and a
+    later run imports only what changed."""
+    from connectors.bulk import BulkExport, BulkProgress, ExportRequest, parse_since
+
+    settings.fhir.url = fhir_url
+    if token:
+        settings.fhir.token = SecretStr(token)
+    try:
+        if group and patients:
+            raise ConfigurationError("--group and --patients name different exports: pick one")
+        request = ExportRequest(
+            level="group" if group else "patient" if patients else "system",
+            group=group,
+            types=tuple(t for value in types or [] for t in value.split(",") if t),
+            output_format=output_format,
+        )
+        since_instant = parse_since(since) if since else None
+        store = FhirStore(settings.store_url, batch_size=settings.store.batch_size)
+    except ChartSightError as exc:
+        _fail(exc)
+    exporter = BulkExport(settings.fhir, settings.bulk, store, settings.bulk_state_dir)
+
+    async def run() -> Any:
+        async with exporter:
+            if cancel:
+                return await exporter.cancel(request)
+            with Progress(
+                TextColumn("[bold]bulk"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[detail]}"),
+                console=console,
+                transient=True,
+            ) as bar:
+                task = bar.add_task("bulk", total=None, detail="")
+
+                def show(event: BulkProgress) -> None:
+                    if event.phase in ("kick-off", "waiting"):
+                        detail = f"{event.phase} {event.detail}".strip()
+                        bar.update(task, detail=detail)
+                        return
+                    bar.update(
+                        task,
+                        completed=event.files_done,
+                        total=event.files_total or None,
+                        detail=f"files; {event.bytes / 2**20:.1f} MiB, {event.resources} "
+                        f"resources {event.detail}",
+                    )
+
+                return await exporter.run(
+                    request, since=since_instant, full=full, restart=restart, progress=show
+                )
+
+    try:
+        outcome = asyncio.run(run())
+    except ChartSightError as exc:
+        _fail(exc)
+    finally:
+        store.close()
+    if cancel:
+        console.print(f"cancelled {outcome}" if outcome else "no unfinished export to cancel")
+        return
+    report = outcome
+    console.print(
+        f"{report.count} resources from {report.files} files into {store.safe_url()}"
+        f"{' (resumed)' if report.resumed else ''}; _since "
+        f"{report.since or 'none (everything)'}; transactionTime {report.transaction_time}"
+        f"; {report.unchanged} files unchanged."
+    )
+    if report.imported:
+        console.print(
+            ", ".join(f"{t} {n}" for t, n in sorted(report.imported.items())), style="dim"
+        )
+    for line in report.skipped[:20]:
+        err_console.print(_styled("yellow", "skipped: ", line), highlight=False)
+    for line in report.server_errors[:20]:
+        err_console.print(_styled("yellow", "server error file: ", line), highlight=False)
+    if len(report.server_errors) > 20:
+        err_console.print(f"... {len(report.server_errors) - 20} more error lines", style="yellow")
+    for failure in report.failed:
+        err_console.print(_styled("red", "failed, nothing stored: ", failure), highlight=False)
+    if report.failed:
+        err_console.print("run the same command again to retry the failed files")
+        raise typer.Exit(1)
+
+
+@app.command()
+@_configured()
 def patients(
     search: Annotated[str | None, typer.Option("--search", "-s", help="Name starts with.")] = None,
     limit: Annotated[int, typer.Option(help="Most patients listed.")] = 50,

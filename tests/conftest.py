@@ -59,6 +59,15 @@ def smallest_bundle(bundles: list[Path]) -> Path:
 
 
 @pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh CHARTSIGHT_HOME (``tmp_path/home``) and working folder, no settings file."""
+    monkeypatch.setenv("CHARTSIGHT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CHARTSIGHT_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "home"
+
+
+@pytest.fixture
 def store(tmp_path: Path) -> Iterator[FhirStore]:
     s = FhirStore(f"sqlite:///{tmp_path / 'store.db'}")
     yield s

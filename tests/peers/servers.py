@@ -101,6 +101,14 @@ class Sekmet(_Server):
     name = "sekmet"
     ready_path = "/fhir/metadata"
 
+    def __init__(self, *, public_url: str | None = None, **settings: object) -> None:
+        """``public_url``: the base URL SEKMET writes into links and Bulk Data manifests (a
+        proxy in front of it), default its own; ``settings``: more of its settings file (e.g.
+        ``server_auth``)."""
+        super().__init__()
+        self.public_url = public_url
+        self.extra = settings
+
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/fhir"
@@ -116,8 +124,9 @@ class Sekmet(_Server):
                     "host": "127.0.0.1",
                     "port": self.port,
                     "data_dir": str(self.tmp / "data"),
-                    "base_url": self.base_url,
+                    "base_url": self.public_url or self.base_url,
                     "simulator": {"enabled": False},
+                    **self.extra,
                 }
             )
         )

@@ -16,14 +16,6 @@ from tests.conftest import load_bundle
 runner = CliRunner()
 
 
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("CHARTSIGHT_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("CHARTSIGHT_CONFIG", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path / "home"
-
-
 def test_demo_imports_and_prints_a_record(home: Path):
     result = runner.invoke(app, ["demo"])
     assert result.exit_code == 0, result.output
