@@ -66,6 +66,20 @@ class RoundTrip(httpx.AsyncHTTPTransport):
         return await super().handle_async_request(request)
 
 
+def typed_record(patient: dict[str, Any], raws: list[dict[str, Any]], base: str) -> int:
+    """Validate a Patient's JSON and the JSON of its resources (``connectors.resources.validate``)
+    into a ``PatientRecord``, filed as ChartSight files them; the resources it holds. Raises
+    ``AssertionError`` when one is invalid (the demo patients have none)."""
+    checked = validate(patient, base)
+    assert isinstance(checked, Patient), checked
+    record = PatientRecord(patient=checked, source=base, fetched_at=datetime.now(UTC))
+    for raw in raws:
+        one = validate(raw, base)
+        assert not isinstance(one, InvalidResource), one
+        record.add(one)
+    return sum(1 for _ in record.resources())
+
+
 class RoundTripFhirpy(AsyncFHIRClient):
     """fhirpy's async client with the same fixed round trip added to every request (fhirpy opens
     an aiohttp session, so a connection, per request; that is left as fhirpy does it)."""
@@ -104,18 +118,7 @@ async def fhirpy_record(
     )
     if not typed:
         return 1 + sum(len(f) for f in found)
-    checked = validate(dict(patient), base)
-    assert isinstance(checked, Patient), checked
-    record = PatientRecord(patient=checked, source=base, fetched_at=datetime.now(UTC))
-    for resources in found:
-        for res in resources:
-            one = validate(res.serialize(), base)
-            if isinstance(one, InvalidResource):
-                record.invalid.append(one)
-            else:
-                record.add(one)
-    assert record.complete
-    return sum(1 for _ in record.resources())
+    return typed_record(dict(patient), [r.serialize() for rs in found for r in rs], base)
 
 
 async def sequential_reference(
@@ -127,7 +130,7 @@ async def sequential_reference(
     ``connectors.resources.validate`` (run it under ``fast_validation.strict()`` for the library's
     own validation); without, it stops at raw JSON.
     """
-    raws = []
+    raws: list[dict[str, Any]] = []
     async with httpx.AsyncClient(
         timeout=60, headers={"Accept": "application/fhir+json"}, transport=RoundTrip(rtt_s)
     ) as client:
@@ -147,17 +150,7 @@ async def sequential_reference(
                 )
     if not typed:
         return 1 + len(raws)
-    record = PatientRecord(
-        patient=validate(patient, base), source=base, fetched_at=datetime.now(UTC)
-    )
-    for raw in raws:
-        checked = validate(raw, base)
-        if isinstance(checked, InvalidResource):
-            record.invalid.append(checked)
-        else:
-            record.add(checked)
-    assert record.complete
-    return sum(1 for _ in record.resources())
+    return typed_record(patient, raws, base)
 
 
 async def chartsight(
