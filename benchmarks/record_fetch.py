@@ -61,6 +61,7 @@ class RoundTrip(httpx.AsyncHTTPTransport):
         self.rtt_s = rtt_s
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """httpx's response to ``request``, sent after ``rtt_s`` seconds."""
         if self.rtt_s:
             await asyncio.sleep(self.rtt_s)
         return await super().handle_async_request(request)
@@ -156,6 +157,8 @@ async def sequential_reference(
 async def chartsight(
     base: str, patient_id: str, page_size: int, everything: bool, rtt_s: float
 ) -> int:
+    """The record by ChartSight's ``assemble_record`` (``$everything`` or per-type searches, and
+    the referenced resources); the resources it holds. Asserts it is complete."""
     settings = FhirServerSettings(url=base, page_size=page_size, use_everything=everything)
     async with FhirClient(settings, transport=RoundTrip(rtt_s)) as client:
         record = await assemble_record(client, patient_id)
