@@ -37,4 +37,5 @@ test: $(VENV)/.installed-dev lint
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest
 
 bench: $(VENV)/.installed-dev
+	$(VENV)/bin/pip install -q -e ".[bench]"
 	./benchmarks/run.sh

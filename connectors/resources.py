@@ -10,6 +10,8 @@ from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.resource import Resource
 from pydantic import ValidationError
 
+from connectors import fast_validation
+
 __all__ = [
     "NO_NAME",
     "InvalidResource",
@@ -20,6 +22,10 @@ __all__ = [
     "reference_of",
     "validate",
 ]
+
+# The library's validation, with its per-element checks made cheaper (same models, same errors):
+# 1.65–2.4x less CPU per resource on the demo patients (``connectors.fast_validation``, issue 14).
+fast_validation.install()
 
 NO_NAME = "(no name)"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
