@@ -1,0 +1,4 @@
+-- The databases ChartSight keeps apart (the FHIR store is POSTGRES_DB, "chartsight"): conversation
+-- threads (LangGraph's checkpoints) and the audit log. Run once, when the volume is new.
+CREATE DATABASE chartsight_threads OWNER chartsight;
+CREATE DATABASE chartsight_audit OWNER chartsight;
