@@ -13,6 +13,7 @@ What it found is kept below as plain regression tests. A longer random hunt:
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -237,3 +238,99 @@ def test_no_similar_case_index_is_a_documented_503(service: Running) -> None:
     assert reply.status_code == 503, reply.text
     assert "index" in Problem.model_validate(reply.json()).detail  # type: ignore[operator]
     assert "503" in SPEC["paths"]["/v1/patients/{patient_id}/similar"]["get"]["responses"]
+
+
+# --- MCP over streamable HTTP: JSON-RPC, not OpenAPI ----------------------------------------------
+
+MCP_TOOLS = ["patient_evidence", "patient_facts", "fact_tools", "similar_cases", "ask", "nope"]
+MCP_ARGS = ["patient", "question", "thread", "tool", "arguments", "k", "token_budget"]
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=8,
+)
+_arguments = st.dictionaries(st.sampled_from(MCP_ARGS) | st.text(max_size=8), _json, max_size=5)
+_tool_call = st.fixed_dictionaries(
+    {
+        "jsonrpc": st.just("2.0"),
+        "id": st.integers(0, 2**31) | st.text(max_size=10),
+        "method": st.just("tools/call"),
+        "params": st.fixed_dictionaries(
+            {"name": st.sampled_from(MCP_TOOLS), "arguments": _arguments}
+        ),
+    }
+)
+_other = st.fixed_dictionaries(
+    {
+        "jsonrpc": st.sampled_from(["2.0", "1.0"]),
+        "id": st.integers(0, 9) | st.none(),
+        "method": st.sampled_from(["tools/list", "ping", "initialize", "resources/list", "x"]),
+        "params": _json,
+    }
+)
+MCP_MESSAGE = st.one_of(_tool_call, _tool_call, _other, _json)  # tools/call half the time
+
+
+def _jsonrpc_replies(response: httpx.Response) -> list[dict[str, Any]]:
+    """The JSON-RPC messages of an MCP reply: its JSON body, or each SSE event's ``data``."""
+    if response.headers["content-type"].startswith("text/event-stream"):
+        lines = response.text.splitlines()
+        return [json.loads(line[5:]) for line in lines if line.startswith("data:")]
+    assert response.headers["content-type"].startswith("application/json"), (
+        response.status_code,
+        response.headers.get("content-type"),
+        response.text,
+    )
+    return [response.json()] if response.content else []
+
+
+@given(
+    message=MCP_MESSAGE,
+    who=st.sampled_from(CREDENTIALS),
+    real_patient=st.booleans(),
+    method=st.sampled_from(["POST", "POST", "POST", "GET", "DELETE"]),
+)
+@settings(max_examples=60)
+@pytest.mark.slow
+def test_mcp_over_http_fuzzed(
+    target: Target, message: Any, who: str, real_patient: bool, method: str
+) -> None:
+    """Generated JSON-RPC messages (``tools/call`` with arbitrary arguments, other methods,
+    any JSON) sent to ``/mcp/``: never a 5xx or a hang; an HTTP error is the Problem shape (401,
+    405) or a JSON-RPC error; a 200 carries one JSON-RPC 2.0 response with the request's
+    ``id`` and either a ``result`` (a tool's failure being ``isError`` content) or an ``error``
+    with an integer ``code``; nothing internal in any of it, and no argument's value echoed in an
+    error."""
+    params = message.get("params") if isinstance(message, dict) else None
+    arguments = params.get("arguments") if isinstance(params, dict) else None
+    if real_patient and isinstance(arguments, dict):
+        arguments["patient"] = TOMMY_FRIESEN
+    headers = {"Accept": "application/json, text/event-stream"}
+    if who != "none":
+        headers["X-API-Key"] = EHR_KEY if who == "system" else BOUND_KEY
+    response = httpx.request(
+        method, f"{target.running.url}/mcp/", json=message, headers=headers, timeout=60
+    )
+    assert response.status_code < 500, response.text
+    for internal in _internals(target):
+        assert internal not in response.text, (internal, response.text)
+    if response.status_code in (401, 405):
+        Problem.model_validate(response.json())
+        return
+    replies = _jsonrpc_replies(response)
+    if response.status_code >= 400:
+        assert all(r["jsonrpc"] == "2.0" and isinstance(r["error"]["code"], int) for r in replies)
+        return
+    if not replies:  # a notification or a response sent to the server: nothing comes back
+        assert response.status_code in (200, 202), response.text
+        return
+    (reply,) = replies
+    assert reply["jsonrpc"] == "2.0" and reply["id"] == message["id"], reply
+    assert ("result" in reply) != ("error" in reply), reply
+    if "error" in reply:
+        assert isinstance(reply["error"]["code"], int) and reply["error"]["message"], reply
+    elif reply["result"].get("isError"):
+        text = " ".join(c.get("text", "") for c in reply["result"]["content"])
+        for value in (arguments or {}).values():
+            if isinstance(value, str) and len(value) >= 6 and value != TOMMY_FRIESEN:
+                assert value not in text, (value, text)
