@@ -14,6 +14,7 @@ What it found is kept below as plain regression tests. A longer random hunt:
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 from collections.abc import Iterator
@@ -45,7 +46,11 @@ from tests.peers.issuer import Issuer
 from tests.peers.smart_ehr import SmartEhr
 from tests.surfaces.http.conftest import BOUND_KEY, EHR_KEY, Running, api_settings
 
-EXAMPLES = 12  # generated cases per operation (each under one of the three credential kinds)
+# generated cases per operation (each under one of the three credential kinds); the "explore"
+# profile's own number for a long random hunt
+EXPLORING = os.environ.get("CHARTSIGHT_HYPOTHESIS") == "explore"
+EXAMPLES = settings.default.max_examples if EXPLORING else 20
+MCP_EXAMPLES = settings.default.max_examples if EXPLORING else 60
 
 # the document the service serves (it does not depend on the settings: checked below)
 SPEC = create_app(AppSettings(home=Path(tempfile.gettempdir()) / "chartsight-openapi")).openapi()
@@ -290,7 +295,7 @@ def _jsonrpc_replies(response: httpx.Response) -> list[dict[str, Any]]:
     real_patient=st.booleans(),
     method=st.sampled_from(["POST", "POST", "POST", "GET", "DELETE"]),
 )
-@settings(max_examples=60)
+@settings(max_examples=MCP_EXAMPLES)
 @pytest.mark.slow
 def test_mcp_over_http_fuzzed(
     target: Target, message: Any, who: str, real_patient: bool, method: str
