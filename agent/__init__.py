@@ -20,6 +20,7 @@ from agent.provenance import (
 from agent.series import CitedSeries, cited_series
 from agent.service import ChartSight, NotPermitted, QuestionError, connected, ehr_source
 from agent.settings import Settings, load_settings
+from agent.threads import DamagedThread, ThreadStoreError
 from agent.tools import Fact, ToolError
 from connectors.errors import (
     ChartSightError,
@@ -57,6 +58,7 @@ __all__ = [
     "CitedSeries",
     "ConfigurationError",
     "ConnectorError",
+    "DamagedThread",
     "EncoderRegistry",
     "Evidence",
     "Fact",
@@ -71,6 +73,7 @@ __all__ = [
     "RecordScope",
     "ResourceNotFound",
     "Settings",
+    "ThreadStoreError",
     "ToolError",
     "age_of",
     "answer_bundle",

@@ -11,7 +11,7 @@ import re
 import unicodedata
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from agent.graph import build_graph
 from agent.planner import default_planner
 from agent.runtime import SIMILAR_NEEDS_WHOLE, AgentRuntime, IndexHandle, own_cases_out
 from agent.settings import Settings
+from agent.threads import STORE_ERRORS, DamagedThread, ThreadStoreError, checked_state
 from agent.tools import Fact, ToolError, default_tools
 from agent.tools.similar import NO_INDEX
 from common.schema import SCHEMA_LOCK
@@ -53,6 +54,16 @@ def _serde() -> Any:
     return JsonPlusSerializer(
         allowed_msgpack_modules=[(c.__module__, c.__name__) for c in CHECKPOINT_TYPES]
     )
+
+
+@contextlib.contextmanager
+def _thread_store() -> Iterator[None]:
+    """Turns the threads database's own errors (``agent.threads.STORE_ERRORS``) into
+    ``ThreadStoreError``, naming the driver's error for the operator."""
+    try:
+        yield
+    except STORE_ERRORS as exc:
+        raise ThreadStoreError(f"the threads database failed: {type(exc).__name__}: {exc}") from exc
 
 
 async def _checkpointer(url: str, stack: contextlib.AsyncExitStack) -> Any:
@@ -294,13 +305,30 @@ class ChartSight:
             return self._answer(state, None, rt.scope)
         thread = thread_id or uuid.uuid4().hex
         config = {"configurable": {"thread_id": thread, "runtime": rt}}
-        state = await self.graph.ainvoke(start, config)
+        with _thread_store():
+            if thread_id is not None:
+                await self._saved_state(thread)  # a damaged thread is refused before it runs
+            state = await self.graph.ainvoke(start, config)
         return self._answer(state, thread, rt.scope)
+
+    async def _saved_state(self, thread_id: str) -> Any:
+        """The thread's latest snapshot (``StateSnapshot``), its values checked
+        (``agent.threads.checked_state``). Raises ``DamagedThread`` when they do not validate or
+        the checkpointer refuses how they are stored (pickle, a JSON constructor: ``ValueError``,
+        ``NotImplementedError``), ``ThreadStoreError`` when the database cannot be read."""
+        assert self.graph is not None, "use `async with ChartSight(...)` (answering=True)"
+        with _thread_store():
+            try:
+                snapshot = await self.graph.aget_state({"configurable": {"thread_id": thread_id}})
+            except (ValueError, TypeError, NotImplementedError) as exc:
+                raise DamagedThread(f"the thread's saved state cannot be read: {exc}") from exc
+        if snapshot and snapshot.values:
+            checked_state(dict(snapshot.values))
+        return snapshot
 
     async def pending(self, thread_id: str) -> dict[str, Any] | None:
         """An interrupted run of the thread (its question and the steps still to run), or None."""
-        assert self.graph is not None, "use `async with ChartSight(...)` (answering=True)"
-        snapshot = await self.graph.aget_state({"configurable": {"thread_id": thread_id}})
+        snapshot = await self._saved_state(thread_id)
         if not snapshot or not snapshot.next:
             return None
         return {
@@ -323,7 +351,8 @@ class ChartSight:
         if pid:  # the record is not checkpointed: fetched again unless still cached
             await rt.record(pid)
         config = {"configurable": {"thread_id": thread_id, "runtime": rt}}
-        state = await self.graph.ainvoke(None, config)
+        with _thread_store():
+            state = await self.graph.ainvoke(None, config)
         return self._answer(state, thread_id)
 
     def _scoped_source(self, source: FhirSource | None, scope: RecordScope) -> ScopedSource:
@@ -518,6 +547,5 @@ class ChartSight:
 
     async def history(self, thread_id: str) -> list[dict[str, str]]:
         """The questions and answers of a thread so far."""
-        assert self.graph is not None, "use `async with ChartSight(...)` (answering=True)"
-        snapshot = await self.graph.aget_state({"configurable": {"thread_id": thread_id}})
+        snapshot = await self._saved_state(thread_id)
         return list(snapshot.values.get("history", [])) if snapshot else []

@@ -15,14 +15,16 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError as McpToolError
+from pydantic import Field
 
 from agent import ChartSight, ChartSightError
 from surfaces.http.deps import authorize_key, record_id
 from surfaces.http.middleware import note_caller
+from surfaces.http.schemas import THREAD_MAX_CHARS, THREAD_PATTERN
 from surfaces.http.security import (
     Forbidden,
     Principal,
@@ -211,10 +213,16 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         structured_output=True,
         description="A grounded answer to a clinician's question about the patient: every "
         "sentence cites the patient's resources and was checked against them. Without `thread` "
-        "nothing is kept; the same `thread` continues a conversation (private to the caller).",
+        "nothing is kept; the same `thread` continues a conversation (private to the caller; "
+        "at most 100 letters, digits and `._:-`, as over REST).",
     )
     async def ask(
-        patient: str, question: str, ctx: Context, thread: str | None = None
+        patient: str,
+        question: str,
+        ctx: Context,
+        thread: Annotated[
+            str | None, Field(max_length=THREAD_MAX_CHARS, pattern=THREAD_PATTERN)
+        ] = None,
     ) -> dict[str, Any]:
         agent, who = access.caller(ctx)
         access.check_question(question)
@@ -237,15 +245,40 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         await access.audit(who, "ask", outcome, answer.patient_id, question, answer=data)
         return data
 
+    _hide_arguments_in_errors(server)
     return server
+
+
+def _hide_arguments_in_errors(server: MCPServer) -> None:
+    """Make each tool's argument errors name the argument and the rule broken (``thread: String
+    should have at most 100 characters``) without the value sent (a patient id, a question's
+    text), as the REST service's 422 does: the SDK's argument models (``fn_metadata.arg_model``,
+    reached through the server's tool manager) are rebuilt with pydantic's
+    ``hide_input_in_errors``."""
+    for tool in server._tool_manager.list_tools():
+        model = tool.fn_metadata.arg_model
+        model.model_config["hide_input_in_errors"] = True
+        model.model_rebuild(force=True)
 
 
 # --- mounted in the HTTP service --------------------------------------------------------------------
 
 
+async def _problem(send: Any, status: int, detail: str, headers: list[tuple[bytes, bytes]]) -> None:
+    """An HTTP error answered in the service's ``Problem`` shape (``{"detail": ...}``)."""
+    body = json.dumps({"detail": detail}).encode()
+    start = [(b"content-type", b"application/json"), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": start})
+    await send({"type": "http.response.body", "body": body})
+
+
 class _Authenticated:
     """ASGI wrapper of the MCP endpoint: every request (``initialize`` and ``tools/list``
-    included) needs the REST service's credentials, else 401 with ``WWW-Authenticate``."""
+    included) needs the REST service's credentials, else 401 with ``WWW-Authenticate``. The
+    transport is stateless (``stateless_http``): no session, so no stream of server-initiated
+    messages, and a ``GET`` (or ``DELETE``) is 405 with ``Allow: POST``, as the streamable HTTP
+    transport lets a server answer (MCP 2025-06-18, "Listening for Messages from the Server");
+    the SDK held such a ``GET`` open forever."""
 
     def __init__(self, inner: Any, access: Access) -> None:
         self.inner = inner
@@ -262,20 +295,14 @@ class _Authenticated:
                     headers.get("authorization"), headers.get("x-api-key")
                 )
             except Unauthenticated as exc:
-                body = json.dumps({"detail": f"unauthorized: {exc.public}"}).encode()
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 401,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"www-authenticate", b'Bearer realm="chartsight"'),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
+                challenge = [(b"www-authenticate", b'Bearer realm="chartsight"')]
+                await _problem(send, 401, f"unauthorized: {exc.public}", challenge)
                 return
             note_caller(scope.setdefault("state", {}), who.client_id)  # for the access log
+            if scope.get("method") != "POST":
+                detail = "MCP here is stateless streamable HTTP: POST JSON-RPC messages"
+                await _problem(send, 405, detail, [(b"allow", b"POST")])
+                return
         await self.inner(scope, receive, send)
 
 

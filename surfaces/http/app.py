@@ -48,7 +48,7 @@ from surfaces.http.deps import (
 from surfaces.http.forward import AuditForwarder
 from surfaces.http.metrics import CONTENT_TYPE, Metrics, counted, may_scrape
 from surfaces.http.middleware import AccessLog, BodyLimit
-from surfaces.http.schemas import AskRequest, Problem
+from surfaces.http.schemas import UNREADABLE_BODY, AskRequest, Problem, problem
 from surfaces.http.security import case_privacy, readable, thread_key
 from surfaces.http.smart import router as smart_router
 from surfaces.mcp import mcp_lifespan, mount_mcp
@@ -147,6 +147,13 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
         ]
         return JSONResponse({"detail": errors}, 422)
 
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception) -> JSONResponse:
+        """Any error no route turned into a status: 500 in the documented ``Problem`` shape
+        (Starlette's default is a plain-text body), naming nothing of the error; the operator's
+        log has the traceback (Starlette's ``ServerErrorMiddleware`` logs it after this)."""
+        return JSONResponse({"detail": "internal error"}, 500)
+
     salt = ops.log_salt.get_secret_value().encode() if ops.log_salt else b""
     app.add_middleware(AccessLog, salt=salt, metrics=metrics)
     app.state.metrics = metrics
@@ -243,10 +250,13 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
                 "preliminary, labelled AI-asserted) and its AI Provenance (HL7 AI Transparency "
                 "on FHIR).",
             },
+            400: UNREADABLE_BODY,
             404: {"model": Problem, "description": "No such patient."},
             422: {"model": Problem, "description": "A malformed request or too long a question."},
             499: {"model": Problem, "description": "The client went away; the run was stopped."},
+            500: problem("The thread's saved state is damaged (start a new thread)."),
             502: {"model": Problem, "description": "The patient source failed."},
+            503: problem("The conversation store cannot be read, or no model is configured."),
             504: {"model": Problem, "description": "No answer within the time limit."},
         },
     )
@@ -318,7 +328,8 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
                 "description": "Events `node_started`, `node_finished`, `plan`, `facts`, "
                 "`evidence`, `tool_calls`, `token`, `verified`, `fallback`, ...; then `answer` "
                 "(the Answer JSON) or `error`.",
-            }
+            },
+            400: UNREADABLE_BODY,
         },
     )
     async def ask_stream(body: AskRequest, who: Caller, svc: Svc) -> EventSourceResponse:
@@ -337,6 +348,11 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
         response_model=list[CaseHit],
         tags=["retrieval"],
         summary="Past cases most similar to the patient's (images and summary), own cases left out.",
+        responses={
+            404: problem("No such patient."),
+            502: problem("The patient source failed."),
+            503: problem("No similar-case index has been built (`chartsight index build`)."),
+        },
     )
     async def similar(
         patient_id: Annotated[str, Path(max_length=200)],
@@ -374,7 +390,34 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
     app.include_router(audit_router)
     app.include_router(smart_router)
     mount_mcp(app)
+    app.openapi = lambda: _json_problems(FastAPI.openapi(app))  # type: ignore[method-assign]
     return app
+
+
+PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+FASTAPI_422 = {"$ref": "#/components/schemas/HTTPValidationError"}
+
+
+def _json_problems(spec: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI document with every error response (status 400 and above) that returns a
+    ``Problem`` listed as ``application/json`` only: FastAPI lists an error's model under the
+    operation's own media type (``text/html`` for the SMART page, ``image/svg+xml``,
+    ``text/event-stream``), which is not what an error sends. A 422 is ``Problem`` too (what
+    ``invalid_request`` sends; FastAPI documents its own ``HTTPValidationError``, whose items
+    carry the ``input`` this service never echoes), and that model is dropped. Changes ``spec``
+    in place (FastAPI caches it) and returns it."""
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            for status, response in operation.get("responses", {}).items():
+                content = response.get("content", {})
+                if not status.isdigit() or int(status) < 400:
+                    continue
+                if any(c.get("schema") in (PROBLEM_REF, FASTAPI_422) for c in content.values()):
+                    response["content"] = {"application/json": {"schema": PROBLEM_REF}}
+    schemas = spec.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    return spec
 
 
 def _docs_pages(app: FastAPI) -> None:

@@ -313,6 +313,30 @@ def date_interval(value: str) -> tuple[str, datetime, datetime]:
         raise SearchError(f"{text!r} is outside the dates this search can compare") from exc
 
 
+# what ``_outcome`` sends, as the OpenAPI document describes it (FHIR R4 OperationOutcome: an
+# ``issue`` list of ``severity``, ``code`` and ``diagnostics``)
+OUTCOME_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["resourceType", "issue"],
+    "properties": {
+        "resourceType": {"const": "OperationOutcome"},
+        "issue": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["severity", "code"],
+                "properties": {
+                    "severity": {"type": "string"},
+                    "code": {"type": "string"},
+                    "diagnostics": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+
+
 def _outcome(status: int, code: str, text: str) -> JSONResponse:
     body = {
         "resourceType": "OperationOutcome",
@@ -333,8 +357,15 @@ def service_url(svc: Any, request: Request) -> str:
     response_class=JSONResponse,
     responses={
         200: {"content": {FHIR_JSON: {}}, "description": "A searchset Bundle."},
-        400: {"description": "A search parameter that cannot be read (OperationOutcome)."},
-        403: {"description": "The caller holds no user- or system-level AuditEvent scope."},
+        400: {
+            "content": {FHIR_JSON: {"schema": OUTCOME_SCHEMA}},
+            "description": "A search parameter that cannot be read (OperationOutcome).",
+        },
+        403: {
+            "content": {FHIR_JSON: {"schema": OUTCOME_SCHEMA}},
+            "description": "The caller holds no user- or system-level AuditEvent scope "
+            "(OperationOutcome).",
+        },
     },
 )
 async def search_audit_events(

@@ -26,6 +26,7 @@ from agent import (
     NotPermitted,
     QuestionError,
     ResourceNotFound,
+    ThreadStoreError,
     ToolError,
     scrub,
 )
@@ -187,7 +188,8 @@ def check_question(svc: Service, question: str) -> None:
 def http_error(exc: ChartSightError) -> HTTPException:
     """The HTTP status for a ChartSight error: 403 more than the caller's scopes grant, 404 no
     such resource, 422 a tool's arguments or a question that cannot be asked (empty), 502 the
-    patient source failed, 503 not configured, else 500."""
+    patient source failed, 503 not configured or the conversation store unreadable
+    (``ThreadStoreError``), else 500 (a damaged thread: ``DamagedThread``)."""
     log.debug("%s: %s", type(exc).__name__, exc)  # the full message, for the operator
     if isinstance(exc, NotPermitted):
         return HTTPException(403, exc.public)
@@ -197,7 +199,7 @@ def http_error(exc: ChartSightError) -> HTTPException:
         return HTTPException(422, exc.public)
     if isinstance(exc, ConnectorError):
         return HTTPException(502, exc.public)
-    if isinstance(exc, ConfigurationError):
+    if isinstance(exc, ConfigurationError | ThreadStoreError):
         return HTTPException(503, exc.public)
     return HTTPException(500, exc.public)
 

@@ -80,6 +80,7 @@ from surfaces.http.deps import (
 from surfaces.http.drafts import Draft
 from surfaces.http.limits import retry_after
 from surfaces.http.middleware import note_caller
+from surfaces.http.schemas import UNREADABLE_BODY, problem
 from surfaces.http.security import (
     Forbidden,
     Principal,
@@ -93,6 +94,13 @@ from surfaces.plots import trend_svg
 from surfaces.settings import SmartAppSettings
 
 COOKIE = "chartsight_session"
+
+# the errors of a page call that reads the launch patient's record from the EHR (``http_error``)
+RECORD_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: problem("No live app session: launch ChartSight from the EHR."),
+    404: problem("The launch's patient is not on the EHR's FHIR server."),
+    502: problem("The EHR's FHIR server failed."),
+}
 _closing: set[asyncio.Future[None]] = set()  # FHIR clients of expired sessions being closed
 log = logging.getLogger(__name__)
 
@@ -226,7 +234,16 @@ def _redirect_uri(svc: Service, request: Request) -> str:
     return f"{base.rstrip('/')}/callback"
 
 
-@router.get("/launch", summary="SMART EHR launch: discovery, then authorization (PKCE).")
+@router.get(
+    "/launch",
+    summary="SMART EHR launch: discovery, then authorization (PKCE).",
+    responses={
+        302: {"description": "To the EHR's authorization endpoint."},
+        400: problem("This EHR (`iss`) is not configured for ChartSight."),
+        502: problem("The EHR's SMART configuration cannot be read or lacks PKCE S256."),
+        503: problem("Too many launches in progress."),
+    },
+)
 async def launch(
     request: Request,
     svc: Svc,
@@ -291,7 +308,16 @@ async def launch(
     return RedirectResponse(f"{authorize_url}?{query}", 302)
 
 
-@router.get("/callback", summary="SMART authorization callback: the code for a token.")
+@router.get(
+    "/callback",
+    summary="SMART authorization callback: the code for a token.",
+    responses={
+        303: {"description": "To `/app`, with the session cookie."},
+        400: problem("An unknown or expired launch, a refusal, or no patient in context."),
+        502: problem("The EHR's token request or its id_token failed."),
+        503: problem("The SMART client key cannot be read."),
+    },
+)
 async def callback(
     request: Request,
     svc: Svc,
@@ -416,6 +442,10 @@ async def _id_token_user(pending: _Pending, id_token: str, client_id: str) -> st
 @router.get(
     "/.well-known/jwks.json",
     summary="The SMART app's public key set, for EHRs registering it as a private_key_jwt client.",
+    responses={
+        404: problem("This service is not a confidential SMART client (no key)."),
+        503: problem("The SMART client key cannot be read."),
+    },
 )
 async def jwks(svc: Svc) -> dict[str, Any]:
     """The JSON Web Key Set (RFC 7517) of the public half of ``serve.smart.private_key_path``
@@ -505,7 +535,12 @@ def _sid_digest(sid: str | None) -> str:
     return hashlib.sha256((sid or "").encode()).hexdigest()
 
 
-@router.get("/app", response_class=HTMLResponse, summary="The clinician's page.")
+@router.get(
+    "/app",
+    response_class=HTMLResponse,
+    summary="The clinician's page.",
+    responses=RECORD_ERRORS,
+)
 async def app_page(
     svc: Svc, chartsight_session: Annotated[str | None, Cookie()] = None
 ) -> HTMLResponse:
@@ -541,7 +576,20 @@ class PageAsk(BaseModel):
     thread: str | None = Field(default=None, max_length=100, pattern=r"^[A-Za-z0-9._:-]+$")
 
 
-@router.post("/app/ask", summary="The page's question: Server-Sent Events, then the answer.")
+@router.post(
+    "/app/ask",
+    summary="The page's question: Server-Sent Events, then the answer.",
+    response_class=EventSourceResponse,
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "The run's events, then `answer` (with `draft_id` when the session "
+            "may save) or `error`.",
+        },
+        400: UNREADABLE_BODY,
+        401: problem("No live app session: launch ChartSight from the EHR."),
+    },
+)
 async def app_ask(
     body: PageAsk,
     svc: Svc,
@@ -590,7 +638,18 @@ class Saved(BaseModel):
     recorded: str
 
 
-@router.post("/app/save", response_model=Saved, summary="Save an approved answer to the chart.")
+@router.post(
+    "/app/save",
+    response_model=Saved,
+    summary="Save an approved answer to the chart.",
+    responses={
+        400: problem("Not approved, or a body that cannot be decoded."),
+        401: problem("No live app session: launch ChartSight from the EHR."),
+        404: problem("No such answer in this session."),
+        409: problem("This answer was saved to the chart already."),
+        502: problem("The EHR refused the write or failed."),
+    },
+)
 async def app_save(
     body: PageSave,
     request: Request,
@@ -696,7 +755,17 @@ class PageTrend(BaseModel):
     references: list[Annotated[str, Field(max_length=200)]] = Field(max_length=2000)
 
 
-@router.post("/app/trend", summary="A plot of the answer's cited results over time, or nothing.")
+@router.post(
+    "/app/trend",
+    summary="A plot of the answer's cited results over time, or nothing.",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/svg+xml": {}}, "description": "The trend plot (SVG)."},
+        204: {"description": "The citations are no series of one measured concept."},
+        400: UNREADABLE_BODY,
+        **RECORD_ERRORS,
+    },
+)
 async def app_trend(
     body: PageTrend,
     svc: Svc,
@@ -725,7 +794,19 @@ async def app_trend(
     return Response(svg, media_type="image/svg+xml", headers={"Cache-Control": "no-store"})
 
 
-@router.get("/app/resource/{resource_type}/{resource_id}", summary="A cited resource's JSON.")
+@router.get(
+    "/app/resource/{resource_type}/{resource_id}",
+    summary="A cited resource's JSON.",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"application/fhir+json": {"schema": {"type": "object"}}},
+            "description": "The FHIR R4 resource.",
+        },
+        **RECORD_ERRORS,
+        404: problem("No such resource in this patient's record."),
+    },
+)
 async def app_resource(
     resource_type: Annotated[str, Path(pattern=r"^[A-Z][A-Za-z]+$")],
     resource_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9\-.]{1,64}$")],
@@ -749,7 +830,14 @@ async def app_resource(
     raise HTTPException(404, f"{wanted} is not in this patient's record")
 
 
-@router.get("/app/similar", summary="Similar cases for the launch's patient.")
+@router.get(
+    "/app/similar",
+    summary="Similar cases for the launch's patient.",
+    responses={
+        **RECORD_ERRORS,
+        503: problem("No similar-case index has been built (`chartsight index build`)."),
+    },
+)
 async def app_similar(
     svc: Svc, chartsight_session: Annotated[str | None, Cookie()] = None
 ) -> list[dict[str, Any]]:
@@ -780,7 +868,16 @@ async def app_similar(
     return out
 
 
-@router.get("/app/image", summary="A thumbnail of one of the patient's images.")
+@router.get(
+    "/app/image",
+    summary="A thumbnail of one of the patient's images.",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "The thumbnail (PNG)."},
+        **RECORD_ERRORS,
+        404: problem("No such image of this patient."),
+    },
+)
 async def app_image(
     svc: Svc,
     ref: Annotated[str, Query(max_length=200)],

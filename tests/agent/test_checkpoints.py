@@ -1,7 +1,9 @@
 """The thread checkpointer's allow-list (``agent.service._serde``): rows an attacker writes into
 the threads database cannot make ChartSight construct anything but plain values and the answer's
 own models (``agent.answer.CHECKPOINT_TYPES``), whichever of LangGraph's encodings they use; the
-answer's models come back as themselves."""
+answer's models come back as themselves. What is read back is validated (``agent.threads``): a
+tampered thread is refused with ``DamagedThread``, and nothing else is lost (other threads answer,
+the rows stay for the operator); an unreadable threads database is ``ThreadStoreError``."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from pydantic import BaseModel
 from agent.answer import Answer, FactUsed, ToolCallMade
 from agent.service import ChartSight
 from agent.settings import Settings
+from agent.threads import DamagedThread, ThreadStoreError
 from connectors.demo import TOMMY_FRIESEN
 from connectors.store import FhirStore
 
@@ -129,8 +132,10 @@ def test_a_thread_comes_back_as_the_answers_own_models(
         _ext(EXT_PYDANTIC_V2, (*HERE, {"arg": "pydantic"}, None)),
         _ext(EXT_METHOD_SINGLE_ARG, (*HERE, "method", "build")),
         _ext(EXT_PYDANTIC_V2, ("agent.answer", "Answer", NESTED, None)),  # allowed, holding one
+        # allowed, with a field of the wrong type: LangGraph rebuilds it with model_construct
+        _ext(EXT_PYDANTIC_V2, ("agent.answer", "Answer", {**NESTED, "text": ["x"]}, None)),
     ],
-    ids=["single-arg", "positional", "keywords", "pydantic", "method", "nested"],
+    ids=["single-arg", "positional", "keywords", "pydantic", "method", "nested", "unvalidated"],
 )
 def test_a_tampered_msgpack_checkpoint_constructs_nothing_else(
     settings: Settings, hostile: ormsgpack.Ext
@@ -145,9 +150,49 @@ def test_a_tampered_msgpack_checkpoint_constructs_nothing_else(
 
     _tamper(settings, "t", plant)
     BUILT.clear()
-    answer, _ = _ask(settings, "What are his current medications?", "t")
+    with pytest.raises(DamagedThread) as refused:
+        _ask(settings, "What are his current medications?", "t")
+    assert "damaged" in refused.value.public
     assert BUILT == []
+    # nothing else is lost: another thread answers, and the damaged rows are still there
+    answer, _ = _ask(settings, "What are his current medications?", "other")
     assert answer.question == "What are his current medications?" and answer.citations
+    with sqlite3.connect(settings.home / "threads.db") as db:
+        assert db.execute("SELECT count(*) FROM checkpoints WHERE thread_id = 't'").fetchone()[0]
+
+
+def test_a_model_rebuilt_without_validation_is_refused(settings: Settings):
+    """Only the answer's ``supported_fraction`` is of the wrong type: LangGraph's reader falls
+    back to ``model_construct`` and hands back an Answer that never validated."""
+    _ask(settings, "What was his last HbA1c?", "t")
+
+    def plant(checkpoint: dict[str, Any]) -> tuple[str, bytes]:
+        answer = checkpoint["channel_values"]["answer"]
+        fields = {**answer.model_dump(), "supported_fraction": "all of it"}
+        checkpoint["channel_values"]["answer"] = Answer.model_construct(**fields)
+        return JsonPlusSerializer(allowed_msgpack_modules=True).dumps_typed(checkpoint)
+
+    _tamper(settings, "t", plant)
+    with pytest.raises(DamagedThread) as refused:
+        _ask(settings, "and before that?", "t")
+    assert "answer (Answer supported_fraction)" in str(refused.value)
+    assert "damaged" in refused.value.public
+
+
+def test_an_unreadable_threads_database_is_a_thread_store_error(settings: Settings):
+    """The threads file overwritten with something that is not SQLite: ``ThreadStoreError``,
+    whose public message names no file; a question outside any thread still answers."""
+    _ask(settings, "What was his last HbA1c?", "t")
+    (settings.home / "threads.db").write_bytes(b"not a database " * 512)
+    with pytest.raises(ThreadStoreError) as failed:
+        _ask(settings, "and before that?", "t")
+    assert "threads.db" not in failed.value.public and "/" not in failed.value.public
+
+    async def outside_a_thread() -> Answer:
+        async with ChartSight(settings, now=NOW, use_index=False) as agent:
+            return await agent.ask(TOMMY_FRIESEN, "What was his last HbA1c?", keep=False)
+
+    assert asyncio.run(outside_a_thread()).citations
 
 
 @pytest.mark.parametrize("encoding", ["pickle", "json"])
@@ -166,6 +211,6 @@ def test_a_pickled_or_json_constructor_checkpoint_is_refused(settings: Settings,
 
     _tamper(settings, "t", plant)
     BUILT.clear()
-    with pytest.raises((NotImplementedError, ValueError)):
+    with pytest.raises(DamagedThread):
         _ask(settings, "and before that?", "t")
     assert BUILT == []
