@@ -135,6 +135,9 @@ def write_generation(root: Path, index: Any, factory: str, space: dict[str, Any]
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     for name in ("index.faiss", "ids.npy", "manifest.json"):
         _fsync(tmp / name)
+    if gen.exists():
+        # a crash after an earlier rename into place but before CURRENT named it: never live
+        shutil.rmtree(gen)
     tmp.rename(gen)
     pointer_tmp = root / ".CURRENT.tmp"
     pointer_tmp.write_text(gen.name)
