@@ -74,7 +74,7 @@ class AuditLog:
 
     def __init__(self, url: str) -> None:
         self.listeners: list[Callable[[], None]] = []  # told after each row (the forwarder)
-        self.engine = sa.create_engine(url)
+        self.engine = sa.create_engine(url, pool_pre_ping=True)  # survives a database restart
         metadata.create_all(self.engine)
         present = {c["name"] for c in sa.inspect(self.engine).get_columns("audit_log")}
         with self.engine.begin() as conn:

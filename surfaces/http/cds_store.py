@@ -74,7 +74,7 @@ class CdsStore:
     thread."""
 
     def __init__(self, url: str) -> None:
-        self.engine = sa.create_engine(url)
+        self.engine = sa.create_engine(url, pool_pre_ping=True)  # survives a database restart
         metadata.create_all(self.engine)
         make_append_only(self.engine, _APPEND_ONLY)
 
