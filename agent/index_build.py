@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +19,7 @@ from connectors.source import FhirSource
 from retrieval.cases import Case, indexed_cases
 from retrieval.encoders import EncoderRegistry
 from retrieval.index import CaseIndex
+from retrieval.index.manifest import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +78,8 @@ def install_rebuilt(staged: CaseIndex, settings: Settings) -> None:
     if path.exists():
         path.rename(retired)
     staged.path.rename(path)
-    _fsync_folder(path.parent)
+    fsync_path(path.parent)
     shutil.rmtree(retired, ignore_errors=True)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Flush a folder's entries (renames in it) to disk."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass

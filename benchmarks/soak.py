@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe  # noqa: E402
-from benchmarks.serve_load import QUESTIONS, rss_mib  # noqa: E402
+from benchmarks.serve_load import QUESTIONS, rss_mib, wait_ready  # noqa: E402
 from connectors.demo import demo_bundles, import_demo  # noqa: E402
 from connectors.store import FhirStore  # noqa: E402
 from surfaces.http.security import key_digest  # noqa: E402
@@ -369,15 +369,7 @@ def main() -> None:
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.3)
-            else:
-                raise SystemExit("the service did not start")
+            wait_ready(url, 180)
             warm = asyncio.run(run_clients(url, patients, prefetch, args.clients, args.warmup))
             start = (rss_mib(server.pid), open_fds(server.pid))
             tally = asyncio.run(
