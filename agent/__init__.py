@@ -8,7 +8,7 @@ depends on the agent alone (plus ``connectors`` for importing data and administe
 """
 
 from agent.answer import Answer, Citation
-from agent.index_build import BuildReport, build_index, open_index
+from agent.index_build import BuildReport, build_index, install_rebuilt, open_index
 from agent.provenance import (
     AI_ASSERTED,
     Approval,
@@ -85,6 +85,7 @@ __all__ = [
     "display_name",
     "ehr_source",
     "fhir_date",
+    "install_rebuilt",
     "line_label",
     "load_settings",
     "open_index",

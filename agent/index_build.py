@@ -8,6 +8,7 @@ import shutil
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from agent.settings import Settings
 from connectors.dicomweb import DicomWebClient
@@ -18,19 +19,67 @@ from connectors.source import FhirSource
 from retrieval.cases import Case, indexed_cases
 from retrieval.encoders import EncoderRegistry
 from retrieval.index import CaseIndex
+from retrieval.index.manifest import fsync_path
 
 log = logging.getLogger(__name__)
+
+
+def _staging(path: Path) -> Path:
+    """Where ``--rebuild`` builds a new index beside the live one at ``path``."""
+    return path.with_name(f".{path.name}.rebuild")
+
+
+def _retired(path: Path) -> Path:
+    """Where the live index is moved while a rebuilt one takes its place."""
+    return path.with_name(f".{path.name}.old")
+
+
+def recover_index_folder(path: Path) -> None:
+    """Finish what a crash interrupted while a rebuilt index replaced the one at ``path``
+    (``install_rebuilt``): if the live folder was moved aside but the rebuilt one not yet moved
+    in, the previous index is put back; if both moves were done, the retired folder is removed.
+    A rebuild that never finished (its staging folder) is left for the next ``--rebuild``,
+    which starts it afresh; it is never read."""
+    retired = _retired(path)
+    if not retired.exists():
+        return
+    if path.exists():
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        retired.rename(path)
+        log.warning("an index rebuild was interrupted; the previous index at %s is live", path)
 
 
 def open_index(
     settings: Settings, encoders: EncoderRegistry, *, rebuild: bool = False
 ) -> CaseIndex:
-    """The case index the settings describe (created empty if there is none)."""
+    """The case index the settings describe (created empty if there is none), after
+    ``recover_index_folder``. With ``rebuild``, an empty index in a staging folder beside it:
+    the live index keeps serving, and survives a crash, until ``install_rebuilt`` puts the
+    finished one in its place."""
     path = settings.index_path
-    if rebuild and path.exists():
-        shutil.rmtree(path)
+    recover_index_folder(path)
+    if rebuild:
+        path = _staging(path)
+        shutil.rmtree(path, ignore_errors=True)
     r = settings.retrieval
     return CaseIndex(path, r.index, r.fusion, encoders.text(), encoders.image())
+
+
+def install_rebuilt(staged: CaseIndex, settings: Settings) -> None:
+    """Make the index built by ``open_index(..., rebuild=True)`` (and ``build_index``) the live
+    one at ``settings.index_path``: the live folder is renamed aside, the staged one renamed into
+    place, then the old one removed. Each rename is atomic; a crash between the two is undone
+    by ``recover_index_folder`` on the next open (the previous index comes back). ``staged`` is
+    not used after (its database connections are closed)."""
+    path = settings.index_path
+    staged.engine.dispose()
+    retired = _retired(path)
+    if path.exists():
+        path.rename(retired)
+    staged.path.rename(path)
+    fsync_path(path.parent)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 @dataclass

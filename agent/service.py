@@ -44,6 +44,11 @@ from retrieval.encoders import EncoderRegistry
 from retrieval.index import CaseFilter, CaseHit, CaseIndex, CaseIndexError, shown_to
 from retrieval.rank import EvidenceRanker, RankedEvidence
 
+# conversation threads on PostgreSQL: connections kept open, and how long a request waits for one
+# (while the database is down) before its thread cannot be read or written
+_PG_POOL_SIZE = 8
+_PG_WAIT_S = 5.0
+
 
 def _serde() -> Any:
     """The checkpointer's serializer: it rebuilds only plain values and the answer's own models
@@ -67,23 +72,39 @@ def _thread_store() -> Iterator[None]:
 
 
 async def _checkpointer(url: str, stack: contextlib.AsyncExitStack) -> Any:
-    """A LangGraph checkpointer for a SQLite path or a PostgreSQL URL."""
+    """A LangGraph checkpointer for a SQLite path or a PostgreSQL URL.
+
+    On PostgreSQL it draws from a connection pool (psycopg_pool) whose connections are checked
+    before use, so a database restart costs the requests made while it is down (they wait at
+    most ``_PG_WAIT_S`` for a connection, then fail with ``psycopg_pool.PoolTimeout``) and the
+    service uses the database again once it is back, without a restart. A single connection, as
+    ``AsyncPostgresSaver.from_conn_string`` opens, stays broken after a restart."""
     if url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
         url = url.replace("postgresql+psycopg://", "postgresql://", 1)  # SQLAlchemy's spelling
         try:
             from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+            from psycopg.rows import dict_row
+            from psycopg_pool import AsyncConnectionPool
         except ImportError as exc:
             raise ConfigurationError(
                 "a PostgreSQL checkpointer needs `pip install langgraph-checkpoint-postgres`"
             ) from exc
-        saver = await stack.enter_async_context(AsyncPostgresSaver.from_conn_string(url))
-        saver.serde = _serde()
+        pool: Any = AsyncConnectionPool(
+            url,
+            min_size=1,
+            max_size=_PG_POOL_SIZE,
+            timeout=_PG_WAIT_S,
+            check=AsyncConnectionPool.check_connection,
+            kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
+            open=False,
+        )
+        await pool.open(wait=True, timeout=_PG_WAIT_S * 6)
+        stack.push_async_callback(pool.close)
+        saver = AsyncPostgresSaver(conn=pool, serde=_serde())
         # LangGraph's migrations are not safe when two processes (replicas, workers) run them
         # together (both insert the same checkpoint_migrations row): one at a time, under the
         # schema lock every ChartSight table creation takes (common.schema)
-        import psycopg
-
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as lock:
+        async with pool.connection() as lock:
             await lock.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
             try:
                 await saver.setup()

@@ -52,6 +52,19 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def wait_ready(url: str, timeout: float = 120) -> None:
+    """Return once the service at ``url`` answers ``/readyz`` with 200; exit after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit("the service did not start")
+
+
 def child_rss_mib(pid: int) -> float:
     """RSS of the server process (the console script may exec python directly, or wrap it)."""
     return rss_mib(pid)
@@ -115,15 +128,7 @@ def main() -> None:
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.3)
-            else:
-                raise SystemExit("the service did not start")
+            wait_ready(url)
             asyncio.run(load(url, patients, args.clients, args.warmup))
             rss_start = child_rss_mib(server.pid)
             latencies, errors, elapsed = asyncio.run(

@@ -38,6 +38,7 @@ from agent import (
     build_index,
     connected,
     display_name,
+    install_rebuilt,
     open_index,
 )
 from connectors.demo import TOMMY_FRIESEN, demo_bundles, import_demo
@@ -638,6 +639,9 @@ def index_build(
 
     try:
         report = asyncio.run(run())
+        if rebuild:
+            install_rebuilt(index, settings)
+            index = open_index(settings, encoders)
     except ChartSightError as exc:
         _fail(exc)
     elapsed = time.perf_counter() - started

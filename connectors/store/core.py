@@ -73,7 +73,8 @@ class FhirStore:
                 parents=True, exist_ok=True
             )
         try:
-            self.engine: Engine = create_engine(url, future=True)
+            # pre_ping: a connection the database dropped (a restart) is replaced, not used
+            self.engine: Engine = create_engine(url, future=True, pool_pre_ping=True)
             if self.engine.dialect.name == "sqlite":
                 event.listen(self.engine, "connect", _sqlite_pragmas)
             create_schema(self.engine, metadata)

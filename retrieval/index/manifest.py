@@ -75,8 +75,8 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file, or a folder's entries, to disk."""
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries (renames in it), to disk (``os.fsync``)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -134,13 +134,16 @@ def write_generation(root: Path, index: Any, factory: str, space: dict[str, Any]
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     for name in ("index.faiss", "ids.npy", "manifest.json"):
-        _fsync(tmp / name)
+        fsync_path(tmp / name)
+    if gen.exists():
+        # a crash after an earlier rename into place but before CURRENT named it: never live
+        shutil.rmtree(gen)
     tmp.rename(gen)
     pointer_tmp = root / ".CURRENT.tmp"
     pointer_tmp.write_text(gen.name)
-    _fsync(pointer_tmp)
+    fsync_path(pointer_tmp)
     os.replace(pointer_tmp, root / "CURRENT")
-    _fsync(root)
+    fsync_path(root)
     for old in root.glob("gen-*"):
         if old != gen:
             shutil.rmtree(old, ignore_errors=True)

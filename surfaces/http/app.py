@@ -34,6 +34,7 @@ from common import observe
 from surfaces.http.auditevent import router as audit_router
 from surfaces.http.cds import router as cds_router
 from surfaces.http.deps import (
+    DATABASE_OUTAGE,
     Caller,
     Service,
     Svc,
@@ -44,6 +45,7 @@ from surfaces.http.deps import (
     model_card_url,
     record_id,
     run_unless_disconnected,
+    unavailable,
 )
 from surfaces.http.forward import AuditForwarder
 from surfaces.http.metrics import CONTENT_TYPE, Metrics, counted, may_scrape
@@ -57,6 +59,7 @@ from surfaces.settings import AppSettings
 
 # Swagger UI and ReDoc, served from the fastapi-offline package's copies (Swagger UI: Apache-2.0;
 # ReDoc: MIT) instead of FastAPI's default CDN, so the docs pages load inside a hospital network
+log = logging.getLogger(__name__)
 DOCS_ASSETS = "/docs-assets"
 
 
@@ -133,8 +136,24 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
             403: {"model": Problem, "description": "Not allowed for this patient."},
             413: {"model": Problem, "description": "Request body too large."},
             429: {"model": Problem, "description": "Rate limit; see Retry-After."},
+            503: {
+                "model": Problem,
+                "description": "A database the service needs (store, threads, audit log) is "
+                "unavailable; see Retry-After.",
+            },
         },
     )
+
+    async def database_down(request: Request, exc: Exception) -> JSONResponse:
+        """503 with Retry-After (``deps.unavailable``) for a database that cannot be reached or
+        used right now (``deps.DATABASE_OUTAGE``), instead of a 500: the pools reconnect once
+        it is back. Nothing of the driver's message (hosts, SQL, parameters) is sent."""
+        log.warning("a database is unavailable: %s", type(exc).__name__)
+        error = unavailable()
+        return JSONResponse({"detail": error.detail}, error.status_code, headers=error.headers)
+
+    for kind in DATABASE_OUTAGE:
+        app.add_exception_handler(kind, database_down)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -85,7 +85,7 @@ class AuditLog:
 
     def __init__(self, url: str) -> None:
         self.listeners: list[Callable[[], None]] = []  # told after each row (the forwarder)
-        self.engine = sa.create_engine(url)
+        self.engine = sa.create_engine(url, pool_pre_ping=True)  # survives a database restart
         create_schema(self.engine, metadata, _upgrade)
 
     def record(

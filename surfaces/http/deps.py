@@ -185,12 +185,67 @@ def check_question(svc: Service, question: str) -> None:
         raise HTTPException(422, f"the question is over {limit} characters")
 
 
+# How long a caller is asked to wait (Retry-After, seconds) while a database is unavailable: a
+# PostgreSQL restart takes a few seconds, and the pools reconnect on the next request after it.
+DATABASE_RETRY_S = 5
+DATABASE_UNAVAILABLE = "a database this service needs is unavailable; try again shortly"
+
+
+def _outage_kinds() -> tuple[type[Exception], ...]:
+    """The exceptions that mean a database could not be reached or used right now (as opposed
+    to a query it refused): SQLAlchemy's OperationalError (connection refused or dropped, SQLite
+    busy), InterfaceError (a closed connection), TimeoutError (no pooled connection in time) and
+    DisconnectionError; sqlite3's OperationalError (the thread store, through aiosqlite); and,
+    where installed, psycopg's OperationalError (``AdminShutdown`` at a restart,
+    ``psycopg_pool.PoolTimeout``) and InterfaceError."""
+    import sqlite3
+
+    from sqlalchemy import exc as sa_exc
+
+    kinds: list[type[Exception]] = [
+        sa_exc.OperationalError,
+        sa_exc.InterfaceError,
+        sa_exc.TimeoutError,
+        sa_exc.DisconnectionError,
+        sqlite3.OperationalError,
+    ]
+    try:
+        import psycopg
+    except ImportError:  # PostgreSQL support not installed
+        return tuple(kinds)
+    return (*kinds, psycopg.OperationalError, psycopg.InterfaceError)
+
+
+DATABASE_OUTAGE = _outage_kinds()
+
+
+def database_unavailable(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an exception it was raised from or while handling (``__cause__``,
+    ``__context__``, up to 8 deep), is one of ``DATABASE_OUTAGE``."""
+    for _ in range(8):
+        if exc is None:
+            return False
+        if isinstance(exc, DATABASE_OUTAGE):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def unavailable() -> HTTPException:
+    """503 with ``Retry-After: DATABASE_RETRY_S`` and ``DATABASE_UNAVAILABLE`` as its detail (no
+    database name, URL or driver message)."""
+    return HTTPException(503, DATABASE_UNAVAILABLE, headers={"Retry-After": str(DATABASE_RETRY_S)})
+
+
 def http_error(exc: ChartSightError) -> HTTPException:
     """The HTTP status for a ChartSight error: 403 more than the caller's scopes grant, 404 no
-    such resource, 422 a tool's arguments or a question that cannot be asked (empty), 502 the
+    such resource, 422 a tool's arguments or a question that cannot be asked (empty), 503 with
+    Retry-After when it was caused by a database being unavailable (``unavailable``), 502 the
     patient source failed, 503 not configured or the conversation store unreadable
     (``ThreadStoreError``), else 500 (a damaged thread: ``DamagedThread``)."""
     log.debug("%s: %s", type(exc).__name__, exc)  # the full message, for the operator
+    if database_unavailable(exc.__cause__):
+        return unavailable()
     if isinstance(exc, NotPermitted):
         return HTTPException(403, exc.public)
     if isinstance(exc, ResourceNotFound):
@@ -236,6 +291,15 @@ def _public(data: dict[str, Any]) -> dict[str, Any]:
     or file paths (``connectors.errors.scrub``)."""
     reason = data.get("reason")
     return {**data, "reason": scrub(reason)} if isinstance(reason, str) else data
+
+
+def _stream_error(exc: BaseException) -> tuple[str, dict[str, Any]]:
+    """The ``error`` event for a failure that is not a ChartSight error: status 503 and
+    ``DATABASE_UNAVAILABLE`` when a database is unavailable (``database_unavailable``), else
+    500 "the answer failed"."""
+    if database_unavailable(exc):
+        return "error", {"status": 503, "detail": DATABASE_UNAVAILABLE}
+    return "error", {"status": 500, "detail": "the answer failed"}
 
 
 def answer_stream(
@@ -297,11 +361,12 @@ def answer_stream(
                 "%s failed: %s", endpoint, type(exc).__name__,
                 exc_info=log.isEnabledFor(logging.DEBUG),
             )  # fmt: skip
+            queue_error = _stream_error(exc)
             await svc.audit.arecord(
                 who, endpoint, "error", patient_id=patient, question=question,
                 detail=type(exc).__name__,
             )  # fmt: skip
-            queue.put_nowait(("error", {"status": 500, "detail": "the answer failed"}))
+            queue.put_nowait(queue_error)
             return
         data = answer.shown(thread).model_dump(mode="json")
         if on_answer is not None:
@@ -315,8 +380,15 @@ def answer_stream(
         )  # fmt: skip
         queue.put_nowait(("answer", data))
 
+    async def audited_run() -> None:
+        try:
+            await run()
+        except Exception as exc:  # the audit log failing: no answer is shown unaudited
+            log.warning("%s: the audit log failed: %s", endpoint, type(exc).__name__)
+            queue.put_nowait(_stream_error(exc))
+
     async def events() -> AsyncIterator[dict[str, str]]:
-        task = asyncio.ensure_future(run())
+        task = asyncio.ensure_future(audited_run())
         try:
             while True:
                 kind, data = await queue.get()
@@ -327,8 +399,11 @@ def answer_stream(
             if not task.done():  # the client went away mid-stream: stop the run
                 task.cancel()
                 with anyio.CancelScope(shield=True):  # the stream's scope is cancelled
-                    await svc.audit.arecord(
-                        who, endpoint, "cancelled", patient_id=patient, question=question
-                    )
+                    try:
+                        await svc.audit.arecord(
+                            who, endpoint, "cancelled", patient_id=patient, question=question
+                        )
+                    except Exception as exc:  # nobody is listening to be told
+                        log.warning("%s: the audit log failed: %s", endpoint, type(exc).__name__)
 
     return EventSourceResponse(events(), ping=15)

@@ -75,7 +75,7 @@ class DraftStore:
     refuses a write."""
 
     def __init__(self, url: str) -> None:
-        self.engine = sa.create_engine(url)
+        self.engine = sa.create_engine(url, pool_pre_ping=True)  # survives a database restart
         create_schema(
             self.engine, metadata, lambda conn: make_append_only(conn, ("ai_draft", "ai_approval"))
         )

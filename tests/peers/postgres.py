@@ -52,6 +52,18 @@ class PostgresServer:
         self._run(
             _binary("initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8"
         )
+        self.resume(timeout)
+
+    def pause(self, mode: str = "fast") -> None:
+        """Shut the server down, keeping its data folder and port for ``resume``: ``fast``
+        (SIGINT: connections are cut, transactions in flight rolled back) or ``immediate``
+        (SIGQUIT: no shutdown checkpoint; crash recovery on the next start)."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, {"fast": signal.SIGINT, "immediate": signal.SIGQUIT}[mode])
+        self.proc.wait(30)
+
+    def resume(self, timeout: float = 60.0) -> None:
+        """Start the server on its data folder and port; returns once it accepts connections."""
         log = self.tmp / "server.log"
         cmd = [
             *self.as_user,
@@ -63,7 +75,7 @@ class PostgresServer:
             "-c", "fsync=off",
             "-c", "max_connections=50",
         ]  # fmt: skip
-        with log.open("wb") as out:
+        with log.open("ab") as out:
             self.proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
