@@ -237,7 +237,7 @@ def _build(
         workers, gpus = _layout(options)
         report.engine, report.workers = "ray", workers
         worker = ray.remote(CaseWorker).options(num_cpus=1, num_gpus=gpus)
-        actors = [worker.remote(settings, index.space()) for _ in range(workers)]
+        actors: list[Any] = [worker.remote(settings, index.space()) for _ in range(workers)]
         try:
             for error in ray.get([a.ready.remote() for a in actors]):
                 if error is not None:
