@@ -135,10 +135,14 @@ def from_bytes(data: np.ndarray) -> Any:
     return faiss.deserialize_index(np.asarray(data, dtype=np.uint8))
 
 
-def mergeable(factory: str) -> bool:
-    """Whether shards of this kind can be filled apart and merged (FAISS ``merge_from``): IVF and
-    flat-code kinds can; HNSW graphs cannot (their vectors are added in one place)."""
-    return "HNSW" not in factory
+def mergeable(index: Any) -> bool:
+    """Whether shards of ``index``'s kind can be filled apart and merged (FAISS ``merge_from``):
+    IVF kinds and flat-code kinds (``Flat``, ``SQ8``, ``PQ16``, in an ``IDMap``) can; an HNSW
+    graph cannot (its vectors are added in one place)."""
+    if is_ivf(index):
+        return True
+    inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
+    return isinstance(inner, faiss.IndexFlatCodes)
 
 
 def empty_shard(index: Any) -> np.ndarray:
