@@ -230,60 +230,59 @@ def _build(
     report: BuildReport,
     progress: Callable[[int, int, int], None] | None,
 ) -> None:
-    """The driver's part (see the module's docstring), blocking; fills ``report``."""
+    """The driver's part (see the module's docstring), blocking, with Ray connected; fills
+    ``report``."""
     options = settings.index_build
     clock = time.perf_counter
-    with ray_session(options):
-        workers, gpus = _layout(options)
-        report.engine, report.workers = "ray", workers
-        worker = ray.remote(CaseWorker).options(num_cpus=1, num_gpus=gpus)
-        actors: list[Any] = [worker.remote(settings, index.space()) for _ in range(workers)]
-        try:
-            for error in ray.get([a.ready.remote() for a in actors]):
-                if error is not None:
-                    raise error
-            batches = [
-                ids[i : i + options.batch_patients]
-                for i in range(0, len(ids), options.batch_patients)
-            ]
-            window: deque[Any] = deque()
-            pending = iter(enumerate(batches))
+    workers, gpus = _layout(options)
+    report.engine, report.workers = "ray", workers
+    worker = ray.remote(CaseWorker).options(num_cpus=1, num_gpus=gpus)
+    actors: list[Any] = [worker.remote(settings, index.space()) for _ in range(workers)]
+    try:
+        for error in ray.get([a.ready.remote() for a in actors]):
+            if error is not None:
+                raise error
+        batches = [
+            ids[i : i + options.batch_patients] for i in range(0, len(ids), options.batch_patients)
+        ]
+        window: deque[Any] = deque()
+        pending = iter(enumerate(batches))
 
-            def top_up() -> None:
-                while len(window) < IN_FLIGHT_PER_WORKER * workers:
-                    item = next(pending, None)
-                    if item is None:
-                        return
-                    n, batch = item
-                    held = index.fingerprints(patients=batch)
-                    window.append(actors[n % workers].build.remote(batch, held))
+        def top_up() -> None:
+            while len(window) < IN_FLIGHT_PER_WORKER * workers:
+                item = next(pending, None)
+                if item is None:
+                    return
+                n, batch = item
+                held = index.fingerprints(patients=batch)
+                window.append(actors[n % workers].build.remote(batch, held))
 
+        top_up()
+        while window:
+            result: BatchResult = ray.get(window.popleft())
             top_up()
-            while window:
-                result: BatchResult = ray.get(window.popleft())
-                top_up()
-                started = clock()
-                stats = index.store(result.todo, result.vectors)
-                report.timings["add"] += clock() - started
-                report.timings["cases"] += result.cases_s
-                report.timings["encode"] += result.encode_s
-                report.patients += result.patients
-                report.cases += result.cases
-                report.added += stats.added
-                report.updated += stats.updated
-                report.unchanged += result.unchanged + stats.unchanged
-                report.failed.extend(result.failed)
-                if progress is not None:
-                    progress(report.patients, len(ids), report.cases)
             started = clock()
-            if report.added or report.updated or not (index.path / "CURRENT").exists():
-                index.sync(shard_filler(actors))
-                index.save()
-            report.timings["index"] += clock() - started
-            ray.get([a.close.remote() for a in actors])
-        finally:
-            for actor in actors:
-                ray.kill(actor)
+            stats = index.store(result.todo, result.vectors)
+            report.timings["add"] += clock() - started
+            report.timings["cases"] += result.cases_s
+            report.timings["encode"] += result.encode_s
+            report.patients += result.patients
+            report.cases += result.cases
+            report.added += stats.added
+            report.updated += stats.updated
+            report.unchanged += result.unchanged + stats.unchanged
+            report.failed.extend(result.failed)
+            if progress is not None:
+                progress(report.patients, len(ids), report.cases)
+        started = clock()
+        if report.added or report.updated or not (index.path / "CURRENT").exists():
+            index.sync(shard_filler(actors))
+            index.save()
+        report.timings["index"] += clock() - started
+        ray.get([a.close.remote() for a in actors])
+    finally:
+        for actor in actors:
+            ray.kill(actor)
 
 
 async def build_index_ray(
@@ -301,5 +300,7 @@ async def build_index_ray(
     a worker dies (``ray.exceptions.RayError``)."""
     report = BuildReport()
     ids = await patient_ids(source)
-    await asyncio.to_thread(_build, index, ids, settings, report, progress)
+    # Ray is started from this (the main) thread, where it can install its signal handlers
+    with ray_session(settings.index_build):
+        await asyncio.to_thread(_build, index, ids, settings, report, progress)
     return report
