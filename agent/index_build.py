@@ -50,8 +50,8 @@ class BuildReport:
     """What an index build did: patients read, cases found, added, updated (encoded again) and
     unchanged (not encoded), patients that failed (id, reason), the engine and its workers, and
     seconds per stage (``STAGES``): ``cases`` (fetching records and building cases), ``encode``
-    (text and image encoders, fusion), ``add`` (SQL rows, and for the local engine the FAISS
-    adds), ``index`` (FAISS training, filling and merging, the generation written). The local
+    (text and image encoders, fusion), ``add`` (SQL rows), ``index`` (FAISS training, filling
+    and, on Ray, merging; the generation written). The local
     engine's stages are wall seconds of one process; the Ray engine's ``cases`` and ``encode``
     are summed over its workers (worker-seconds: divide by ``workers`` for wall time), ``add``
     and ``index`` are the driver's wall seconds."""
@@ -140,8 +140,10 @@ async def build_index(
 
     The engine is ``settings.index_build.engine``: ``local`` here, ``ray`` in
     ``agent.index_ray`` (imported only then; its workers read the source the settings name).
-    Cases go to SQL in chunks (each one transaction), and a new index generation is written at
-    the end: a crash leaves the previous generation live and the committed chunks kept.
+    Cases go to SQL in chunks (each one transaction); at the end FAISS is brought up to date from
+    SQL in one pass (``CaseIndex.sync``: a new IVF index trained on a sample of all the cases) and
+    a new generation is written: a crash leaves the previous generation live and the committed
+    chunks kept.
     ``progress(patients_done, patients_total, cases_done)`` is called after each patient (each
     batch on Ray). Raises ConfigurationError when Ray is asked for and not installed.
     """
@@ -166,7 +168,7 @@ async def build_index(
         started = clock()
         vectors = index.encode(todo)
         encoded = clock()
-        stats = index.upsert(todo, vectors)
+        stats = index.store(todo, vectors)
         report.timings["encode"] += encoded - started
         report.timings["add"] += clock() - encoded
         report.added += stats.added
@@ -187,6 +189,9 @@ async def build_index(
     await asyncio.to_thread(flush)
     started = clock()
     if report.added or report.updated or not (index.path / "CURRENT").exists():
+        # FAISS once, from SQL: an IVF index is trained on a sample of the whole population (as
+        # on Ray), not on the cases that happened to come first
+        await asyncio.to_thread(index.sync)
         index.save()
     report.timings["index"] += clock() - started
     return report

@@ -3,8 +3,8 @@ by side, on one synthetic population (``benchmarks/make_population.py``) in a lo
 
 For each engine, in a new process of its own with a new index folder: patients/s over the whole
 build, the per-stage split (``BuildReport.timings``: building cases from the store, encoding,
-adding rows to SQL (and, local engine, to FAISS), and the FAISS pass: training, filling, merging,
-writing the generation), and the peak memory of the build's whole process tree (the driver, and
+adding rows to SQL, and the FAISS pass: training, filling, on Ray merging, writing the
+generation), and the peak memory of the build's whole process tree (the driver, and
 for Ray its raylet, GCS and actors; RSS summed, sampled every 0.2 s). Then, in another process on
 the local build: the similar-case query (``CaseIndex.similar``: encode the patient's case, search,
 read the rows; the patient's own case left out) p50 and p95 over ``--queries`` patients, and
