@@ -548,8 +548,8 @@ def index_build(
     elapsed = time.perf_counter() - started
     console.print(
         f"{report.patients} patients, {report.cases} cases in {elapsed:.1f} s "
-        f"({report.patients / max(elapsed, 1e-9):.1f} patients/s, {report.engine} engine"
-        f"{f', {report.workers} workers' if report.engine != 'local' else ''}): "
+        f"({report.patients / max(elapsed, 1e-9):.1f} patients/s"
+        f"{f' on Ray, {report.workers} workers' if report.engine == 'ray' else ''}): "
         f"{report.added} added, "
         f"{report.updated} updated, {report.unchanged} unchanged; {len(index)} cases in "
         f"{settings.index_path} ({index.factory}, {index.fusion.dim}-d, "
