@@ -1,10 +1,18 @@
-"""Building the similar-case index from a patient source (``chartsight index build``)."""
+"""Building the similar-case index from a patient source (``chartsight index build``).
+
+Two engines write the same index (generations, manifest, SQL rows): ``local`` (this process: cases
+fetched 8 patients ahead, encoded and added in chunks) and ``ray`` (``agent.index_ray``: batches
+of patients built and encoded on Ray actors, FAISS filled in shards and merged), chosen by
+``settings.index_build.engine``. Both are incremental: a case whose fingerprint is unchanged is
+not encoded again.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import shutil
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -82,10 +90,20 @@ def install_rebuilt(staged: CaseIndex, settings: Settings) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+# the stages of a build, in the order they run
+STAGES = ("cases", "encode", "add", "index")
+
+
 @dataclass
 class BuildReport:
-    """What an index build did: cases added, updated and removed, patients that failed (with
-    reasons), the generation written and its timings."""
+    """What an index build did: patients read, cases found, added, updated (encoded again) and
+    unchanged (not encoded), patients that failed (id, reason), the engine and its workers, and
+    seconds per stage (``STAGES``): ``cases`` (fetching records and building cases), ``encode``
+    (text and image encoders, fusion), ``add`` (SQL rows), ``index`` (FAISS training, filling
+    and, on Ray, merging; the generation written). The local
+    engine's stages are wall seconds of one process; the Ray engine's ``cases`` and ``encode``
+    are summed over its workers (worker-seconds: divide by ``workers`` for wall time), ``add``
+    and ``index`` are the driver's wall seconds."""
 
     patients: int = 0
     cases: int = 0
@@ -93,6 +111,9 @@ class BuildReport:
     updated: int = 0
     unchanged: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    engine: str = "local"
+    workers: int = 1
+    timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
 
 
 async def patient_ids(source: FhirSource) -> list[str]:
@@ -111,7 +132,7 @@ async def _cases_of(
     return record, indexed_cases(record, images, settings.retrieval.index)
 
 
-async def _records(
+async def patient_cases(
     source: FhirSource,
     dicomweb: DicomWebClient | None,
     settings: Settings,
@@ -119,8 +140,10 @@ async def _records(
     report: BuildReport,
     ahead: int = 8,
 ) -> AsyncIterator[list[Case]]:
-    """Each patient's cases in order, fetched at most ``ahead`` patients ahead of the encoder
-    (so memory stays bounded however many patients the source holds)."""
+    """Each patient's cases (``indexed_cases``), in the order of ``ids``, fetched at most
+    ``ahead`` patients ahead of the consumer (so memory stays bounded however many patients the
+    source holds). A patient whose record cannot be read (a ``ChartSightError``) yields ``[]``
+    and is added to ``report.failed`` with the reason."""
 
     async def one(pid: str) -> tuple[str, list[Case] | Exception]:
         try:
@@ -164,24 +187,46 @@ async def build_index(
 ) -> BuildReport:
     """Add every patient of ``source`` to the index; unchanged cases are not encoded again.
 
-    Cases go to SQL in chunks (each one transaction), and a new index generation is written at
-    the end: a crash leaves the previous generation live and the committed chunks kept.
-    ``progress(patients_done, patients_total, cases_done)`` is called after each patient.
+    The engine is ``settings.index_build.engine``: ``local`` here, ``ray`` in
+    ``agent.index_ray`` (imported only then; its workers read the source the settings name).
+    Cases go to SQL in chunks (each one transaction); at the end FAISS is brought up to date from
+    SQL in one pass (``CaseIndex.sync``: a new IVF index trained on a sample of all the cases) and
+    a new generation is written: a crash leaves the previous generation live and the committed
+    chunks kept.
+    ``progress(patients_done, patients_total, cases_done)`` is called after each patient (each
+    batch on Ray). Raises ConfigurationError when Ray is asked for and not installed.
     """
+    if settings.index_build.engine == "ray":
+        from agent import index_ray
+
+        return await index_ray.build_index_ray(index, source, settings, progress=progress)
     report = BuildReport()
     ids = await patient_ids(source)
     pending: list[Case] = []
+    clock = time.perf_counter
 
     def flush() -> None:
         if not pending:
             return
-        stats = index.upsert(pending)
+        held = index.fingerprints(keys=[c.key for c in pending])
+        todo = [c for c in pending if held.get(c.key) != c.fingerprint()]
+        report.unchanged += len(pending) - len(todo)
+        pending.clear()
+        if not todo:
+            return
+        started = clock()
+        vectors = index.encode(todo)
+        encoded = clock()
+        stats = index.store(todo, vectors)
+        report.timings["encode"] += encoded - started
+        report.timings["add"] += clock() - encoded
         report.added += stats.added
         report.updated += stats.updated
         report.unchanged += stats.unchanged
-        pending.clear()
 
-    async for cases in _records(source, dicomweb, settings, ids, report):
+    waited = clock()
+    async for cases in patient_cases(source, dicomweb, settings, ids, report):
+        report.timings["cases"] += clock() - waited
         report.patients += 1
         report.cases += len(cases)
         pending.extend(cases)
@@ -189,7 +234,13 @@ async def build_index(
             await asyncio.to_thread(flush)
         if progress is not None:
             progress(report.patients, len(ids), report.cases)
+        waited = clock()
     await asyncio.to_thread(flush)
+    started = clock()
     if report.added or report.updated or not (index.path / "CURRENT").exists():
+        # FAISS once, from SQL: an IVF index is trained on a sample of the whole population (as
+        # on Ray), not on the cases that happened to come first
+        await asyncio.to_thread(index.sync)
         index.save()
+    report.timings["index"] += clock() - started
     return report

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -46,6 +46,37 @@ def _config_file() -> Path | None:
     return local if local.is_file() else None
 
 
+class IndexBuildSettings(BaseModel):
+    """How ``chartsight index build`` runs: on this process (``local``, the default) or on a Ray
+    cluster (``ray``: patients' cases built and encoded in batches on Ray actors, the FAISS index
+    filled in shards and merged; ``agent.index_ray``). Both write the same index."""
+
+    engine: Literal["local", "ray"] = Field(
+        default="local", description="'local' (this process) or 'ray' (Ray actors)."
+    )
+    address: str | None = Field(
+        default=None,
+        description="The Ray cluster to use ('ray://head:10001', or 'auto' for one already "
+        "running on this machine); none: a Ray instance started on this machine for the build "
+        "and stopped after it.",
+    )
+    workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="Ray actors that build and encode cases (default: one per GPU of the "
+        "cluster, else one per CPU).",
+    )
+    batch_patients: int = Field(
+        default=64, ge=1, description="Patients per Ray task (cases built and encoded together)."
+    )
+    gpus_per_worker: float | None = Field(
+        default=None,
+        ge=0,
+        description="GPUs each actor reserves (default: 1 when the cluster has GPUs, else 0); "
+        "encoders then run on the actor's GPU (encoders.device 'auto').",
+    )
+
+
 class Settings(BaseSettings):
     """All of ChartSight's settings."""
 
@@ -65,6 +96,7 @@ class Settings(BaseSettings):
     dicomweb: DicomWebSettings = DicomWebSettings()
     images: ImageSettings = ImageSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
+    index_build: IndexBuildSettings = IndexBuildSettings()
     model: BackendSettings = BackendSettings()
     cache_patients: int = Field(
         default=256, ge=1, description="Patients whose record a running agent keeps in memory."

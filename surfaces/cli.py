@@ -605,12 +605,41 @@ def index_build(
     rebuild: Annotated[
         bool, typer.Option(help="Start from an empty index (after changing encoders).")
     ] = False,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            help="'local' (this process; the default) or 'ray' (batches built and encoded on "
+            "Ray actors; needs the 'ray' extra)."
+        ),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="With --engine ray: the Ray cluster (ray://head:10001, or 'auto'); default: a "
+            "Ray instance on this machine for the build."
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="With --engine ray: Ray actors (default: one per GPU, else per CPU)."
+        ),
+    ] = None,
 ) -> None:
     """Add every patient of the source to the similar-case index (only new or changed ones are
-    encoded)."""
+    encoded), here or on Ray (--engine ray): the same index either way."""
     try:
         if source not in (None, "local", "fhir"):
             raise ConfigurationError(f"--source is 'local' or 'fhir', not {source!r}")
+        build = settings.index_build
+        if engine not in (None, "local", "ray"):
+            raise ConfigurationError(f"--engine is 'local' or 'ray', not {engine!r}")
+        if engine is not None:
+            build.engine = "ray" if engine == "ray" else "local"
+        if (address or workers) and build.engine != "ray":
+            raise ConfigurationError("--address and --workers are options of --engine ray")
+        build.address = address or build.address
+        build.workers = workers or build.workers
         if source == "local":
             settings.fhir.url = None
         elif source == "fhir" and not settings.fhir.url:
@@ -647,7 +676,9 @@ def index_build(
     elapsed = time.perf_counter() - started
     console.print(
         f"{report.patients} patients, {report.cases} cases in {elapsed:.1f} s "
-        f"({report.patients / max(elapsed, 1e-9):.1f} patients/s): {report.added} added, "
+        f"({report.patients / max(elapsed, 1e-9):.1f} patients/s"
+        f"{f' on Ray, {report.workers} workers' if report.engine == 'ray' else ''}): "
+        f"{report.added} added, "
         f"{report.updated} updated, {report.unchanged} unchanged; {len(index)} cases in "
         f"{settings.index_path} ({index.factory}, {index.fusion.dim}-d, "
         f"{index.text_encoder.info.name} + {index.image_encoder.info.name})."

@@ -24,7 +24,7 @@ from retrieval.cases import Case
 from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.index import filters, kinds, manifest, rows
 from retrieval.index.errors import CaseIndexError
-from retrieval.index.fusion import Fusion, mean_direction
+from retrieval.index.fusion import Fusion, encode_cases, mean_direction
 from retrieval.index.hits import CaseFilter, CaseHit
 from retrieval.index.schema import meta_t, metadata
 from retrieval.settings import FusionSettings, IndexSettings
@@ -115,7 +115,9 @@ class CaseIndex:
                 len(in_sql - in_index),
                 len(in_index - in_sql),
             )
-            self._apply(index, add=sorted(in_sql - in_index), remove=sorted(in_index - in_sql))
+            index = self._apply(
+                index, add=sorted(in_sql - in_index), remove=sorted(in_index - in_sql)
+            )
             self.save(index=index, factory=factory)
         return index, factory
 
@@ -126,25 +128,33 @@ class CaseIndex:
         """The fused vectors of ``ids`` from SQL, shape (len(ids), dim)."""
         return rows.read_vectors(self.engine, ids, self.fusion.dim)
 
-    def _build_from_sql(self, factory: str) -> tuple[Any, str]:
-        """A fresh index of the cases in SQL, and the factory it really has."""
+    def _build_from_sql(
+        self, factory: str, filler: kinds.Filler = kinds.add_ids
+    ) -> tuple[Any, str]:
+        """A fresh index of the cases in SQL (trained on a sample, then filled by ``filler``), and
+        the factory it really has."""
         ids = sorted(rows.sql_state(self.engine))
         index, factory = kinds.train(
             kinds.new_index(factory, self.fusion.dim), factory, self.fusion.dim, ids, self._vectors
         )
-        kinds.add_ids(index, ids, self._vectors)
-        return index, factory
+        return filler(index, ids, self._vectors), factory
 
-    def _apply(self, index: Any, add: Sequence[int], remove: Sequence[int]) -> Any:
-        """``index`` with ``remove`` taken out and ``add`` put in (their vectors from SQL)."""
+    def _apply(
+        self,
+        index: Any,
+        add: Sequence[int],
+        remove: Sequence[int],
+        filler: kinds.Filler = kinds.add_ids,
+    ) -> Any:
+        """``index`` with ``remove`` taken out and ``add`` put in (their vectors from SQL, by
+        ``filler``)."""
         if remove:
             try:
                 index.remove_ids(np.asarray(remove, dtype=np.int64))
             except RuntimeError:
                 # HNSW cannot delete: rebuild from SQL (still no encoding)
-                return self._build_from_sql(self.factory)[0]
-        kinds.add_ids(index, add, self._vectors)
-        return index
+                return self._build_from_sql(self.factory, filler)[0]
+        return filler(index, add, self._vectors) if add else index
 
     def save(self, *, index: Any = None, factory: str | None = None) -> Path:
         """Write a new generation (``manifest.write_generation``) and make it live atomically;
@@ -190,32 +200,39 @@ class CaseIndex:
         self.refresh()
         return int(self.index.ntotal)
 
-    def fingerprints(self) -> dict[str, str]:
-        """Key → fingerprint of every case held."""
-        return rows.fingerprints(self.engine)
+    def fingerprints(
+        self, *, keys: Sequence[str] | None = None, patients: Sequence[str] | None = None
+    ) -> dict[str, str]:
+        """Key → fingerprint of every case held; only of ``keys``, or of the cases of
+        ``patients`` (patient ids), when given."""
+        return rows.fingerprints(self.engine, keys=keys, patients=patients)
 
     def encode(self, cases: Sequence[Case]) -> np.ndarray:
-        """Fused vectors of cases, float32 (len(cases), dim): text of the summaries, the unit mean
-        of each case's image vectors (zero for a case without images)."""
-        text = self.text_encoder.encode_texts([c.summary for c in cases])
-        image = np.zeros((len(cases), self.image_encoder.info.dim), dtype=np.float32)
-        flat = [im for c in cases for im in c.images]
-        if flat:
-            vectors = self.image_encoder.encode_images(flat)
-            at = 0
-            for row, case in enumerate(cases):
-                if case.images:
-                    image[row] = mean_direction(vectors[at : at + len(case.images)])
-                    at += len(case.images)
-        return self.fusion.fuse(text, image)
+        """Fused vectors of cases, float32 (len(cases), dim) (``fusion.encode_cases``): text of
+        the summaries, the unit mean of each case's image vectors (zero for a case without
+        images)."""
+        return encode_cases(cases, self.text_encoder, self.image_encoder, self.fusion)
 
     def upsert(self, cases: Sequence[Case], vectors: np.ndarray | None = None) -> BuildStats:
-        """Add new cases and replace changed ones (by key), in one SQL transaction; unchanged
-        fingerprints are skipped without encoding. ``vectors`` (one fused row per case, in the
-        order of ``cases``) skips encoding; a wrong shape raises CaseIndexError."""
+        """Add new cases and replace changed ones (by key), in one SQL transaction, and in the
+        FAISS index; unchanged fingerprints are skipped without encoding. ``vectors`` (one fused
+        row per case, in the order of ``cases``) skips encoding; a wrong shape raises
+        CaseIndexError."""
+        return self._write(cases, vectors, searchable=True)
+
+    def store(self, cases: Sequence[Case], vectors: np.ndarray) -> BuildStats:
+        """What ``upsert`` does to SQL alone (the source of truth): the FAISS index is left as it
+        is until ``sync`` brings it up to date in one pass, as a distributed build does after
+        writing every batch. ``vectors``: one fused row per case, float32 (len(cases), dim);
+        unchanged fingerprints are skipped; a wrong shape raises CaseIndexError."""
+        return self._write(cases, vectors, searchable=False)
+
+    def _write(
+        self, cases: Sequence[Case], vectors: np.ndarray | None, *, searchable: bool
+    ) -> BuildStats:
         if not cases:
             return BuildStats()
-        held = self.fingerprints()
+        held = self.fingerprints(keys=[c.key for c in cases])
         todo = [c for c in cases if held.get(c.key) != c.fingerprint()]
         unchanged = len(cases) - len(todo)
         if not todo:
@@ -231,8 +248,29 @@ class CaseIndex:
             )
         with self._lock:
             new_ids, old_ids = rows.replace_cases(self.engine, todo, vectors)
-            self._grow_or_apply(add=new_ids, remove=old_ids)
+            if searchable:
+                self._grow_or_apply(add=new_ids, remove=old_ids)
         return BuildStats(added=len(todo) - len(old_ids), updated=len(old_ids), unchanged=unchanged)
+
+    def sync(self, filler: kinds.Filler = kinds.add_ids) -> BuildStats:
+        """Bring the FAISS index up to date with SQL after ``store``: when the case count calls
+        for another kind (``choose_factory``: exact → IVF), a new index is trained on a sample
+        and filled; else the rows no longer in SQL are removed and the new ones added. ``filler``
+        adds vectors (``kinds.add_ids``, or shards filled by workers and merged). Returns the
+        ids added and removed as ``BuildStats`` (added, removed); a new index counts all."""
+        with self._lock:
+            in_sql = set(rows.sql_state(self.engine))
+            wanted = self._choose_factory(len(in_sql))
+            in_index = set(kinds.index_ids(self.index).tolist())
+            if wanted != self.factory:
+                self.index, self.factory = self._build_from_sql(wanted, filler)
+                stats = BuildStats(added=len(in_sql), removed=len(in_index))
+            else:
+                add, remove = sorted(in_sql - in_index), sorted(in_index - in_sql)
+                self.index = self._apply(self.index, add, remove, filler)
+                stats = BuildStats(added=len(add), removed=len(remove))
+            self._gpu_stale = True
+        return stats
 
     def remove(self, keys: Iterable[str]) -> int:
         """Remove cases by key; returns how many were held."""

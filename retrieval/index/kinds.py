@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -124,11 +124,69 @@ def train(
     return index, factory
 
 
-def add_ids(index: Any, ids: Sequence[int], vectors: VectorReader) -> None:
-    """Add the vectors of ``ids`` to ``index`` under those ids, ``ADD_CHUNK`` at a time."""
+# (index, ids, vectors) -> the index holding those ids too (``add_ids``, or shards filled elsewhere
+# and merged: ``fill_shard`` and ``merge_shards``)
+Filler = Callable[[Any, Sequence[int], VectorReader], Any]
+
+
+def add_ids(index: Any, ids: Sequence[int], vectors: VectorReader) -> Any:
+    """Add the vectors of ``ids`` to ``index`` under those ids, ``ADD_CHUNK`` at a time; returns
+    ``index`` (a ``Filler``)."""
     for start in range(0, len(ids), ADD_CHUNK):
         chunk = list(ids[start : start + ADD_CHUNK])
         index.add_with_ids(vectors(chunk), np.asarray(chunk, dtype=np.int64))
+    return index
+
+
+def to_bytes(index: Any) -> np.ndarray:
+    """``index`` serialised (FAISS's own format, as ``write_index`` writes it): a uint8 array that
+    pickles cheaply to another process."""
+    return faiss.serialize_index(index)
+
+
+def from_bytes(data: np.ndarray) -> Any:
+    """The index ``to_bytes`` serialised."""
+    return faiss.deserialize_index(np.asarray(data, dtype=np.uint8))
+
+
+def mergeable(index: Any) -> bool:
+    """Whether shards of ``index``'s kind can be filled apart and merged (FAISS ``merge_from``):
+    IVF kinds and flat-code kinds (``Flat``, ``SQ8``, ``PQ16``, in an ``IDMap``) can; an HNSW
+    graph cannot (its vectors are added in one place)."""
+    if is_ivf(index):
+        return True
+    inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
+    return isinstance(inner, faiss.IndexFlatCodes)
+
+
+def empty_shard(index: Any) -> np.ndarray:
+    """A serialised copy of ``index`` without its vectors (trained, for IVF: same centroids), to be
+    filled by ``fill_shard`` elsewhere and merged back by ``merge_shards``."""
+    shard = faiss.clone_index(index)
+    shard.reset()
+    return to_bytes(shard)
+
+
+def fill_shard(empty: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """``empty`` (an ``empty_shard``) with ``vectors`` (float32, (len(ids), dim)) added under
+    ``ids`` (int64), serialised again: the part of adding (IVF list assignment, quantisation) that
+    a worker does."""
+    shard = from_bytes(empty)
+    shard.add_with_ids(
+        np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64)
+    )
+    return to_bytes(shard)
+
+
+def merge_shards(index: Any, shards: Iterable[np.ndarray]) -> Any:
+    """``index`` with the filled ``shards`` (``fill_shard``'s outputs) merged in, ids kept.
+    Returns the merged index: a deserialised copy of ``index``, since FAISS merges only indexes of
+    the same concrete types and a freshly made index differs from a read one (``IndexFlat`` with
+    the inner-product metric vs ``IndexFlatIP``)."""
+    merged = from_bytes(to_bytes(index))
+    for shard in shards:
+        merged.merge_from(from_bytes(shard), 0)
+    return merged
 
 
 def index_ids(index: Any) -> np.ndarray:

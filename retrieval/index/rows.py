@@ -23,10 +23,24 @@ def sql_state(engine: Engine) -> dict[int, str]:
         return dict(conn.execute(select(cases_t.c.id, cases_t.c.fingerprint)).all())
 
 
-def fingerprints(engine: Engine) -> dict[str, str]:
-    """Case key → fingerprint of every case row."""
+def fingerprints(
+    engine: Engine, *, keys: Sequence[str] | None = None, patients: Sequence[str] | None = None
+) -> dict[str, str]:
+    """Case key → fingerprint of every case row; only of the rows with these ``keys``, or of these
+    ``patients``' cases (by ``patient_id``), when given (read ``_READ_CHUNK`` at a time)."""
+    query = select(cases_t.c.key, cases_t.c.fingerprint)
     with engine.connect() as conn:
-        return dict(conn.execute(select(cases_t.c.key, cases_t.c.fingerprint)).all())
+        if keys is not None:
+            column, wanted = cases_t.c.key, list(keys)
+        elif patients is not None:
+            column, wanted = cases_t.c.patient_id, list(patients)
+        else:
+            return dict(conn.execute(query).all())
+        out: dict[str, str] = {}
+        for start in range(0, len(wanted), _READ_CHUNK):
+            chunk = wanted[start : start + _READ_CHUNK]
+            out.update(conn.execute(query.where(column.in_(chunk))).all())
+        return out
 
 
 def read_vectors(engine: Engine, ids: Sequence[int], dim: int) -> np.ndarray:

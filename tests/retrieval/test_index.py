@@ -314,3 +314,42 @@ def test_the_same_person_from_another_source_is_left_out_by_identifier(
     index.remove([c.key for c in cases if c.patient_id == "p0"])
     with index.engine.connect() as conn:
         assert not list(conn.execute(index_mod.select(index_mod.idents_t)))
+
+
+def _shards_of_three(index: object, ids: list[int], vectors: object) -> object:
+    """A ``kinds.Filler`` as a distributed build's: three shards filled apart, then merged."""
+    from retrieval.index import kinds
+
+    assert kinds.mergeable(index)
+    empty = kinds.empty_shard(index)
+    size = -(-len(ids) // 3)
+    shards = [
+        kinds.fill_shard(empty, np.asarray(ids[s : s + size]), vectors(ids[s : s + size]))  # type: ignore[operator]
+        for s in range(0, len(ids), size)
+    ]
+    return kinds.merge_shards(index, shards)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,SQ8"])
+def test_rows_stored_then_synced_in_merged_shards_search_like_upserts(
+    tmp_path: Path, encoders: EncoderRegistry, factory: str
+):
+    upserted = _open(tmp_path / "a", encoders, factory=factory, nprobe=4)
+    stored = _open(tmp_path / "b", encoders, factory=factory, nprobe=4)
+    cases, vectors = _synthetic(300, upserted.fusion.dim)
+    upserted.upsert(cases, vectors)
+    for start in range(0, 300, 100):
+        stats = stored.store(cases[start : start + 100], vectors[start : start + 100])
+        assert stats.added == 100
+    assert len(stored) == 0  # SQL only, until sync
+    assert stored.sync(_shards_of_three).added == 300  # type: ignore[arg-type]
+    assert stored.factory == upserted.factory == factory and len(stored) == 300
+    queries = vectors[:20]
+    assert stored.search_vectors(queries, k=10) == upserted.search_vectors(queries, k=10)
+    # the merged index still removes by id, and a second sync only applies the change
+    stored.remove([cases[0].key])
+    assert stored.store(cases[:2], vectors[:2]).added == 1
+    assert stored.sync(_shards_of_three).added == 1  # type: ignore[arg-type]
+    assert len(stored) == 300
+    stored.save()
+    assert len(_open(tmp_path / "b", encoders, factory=factory)) == 300
