@@ -75,7 +75,10 @@ class CaseIndex:
         self._gpu_resources: Any = None
         self._gpu_stale = True
         self._check_space()
-        self.generation: str | None = None  # the folder name of the generation held in memory
+        # which generation is held in memory: its folder's name, inode and change time (a rebuild
+        # starts numbering again at gen-000001 in a new folder, so the name alone is not enough)
+        self.generation: str | None = None
+        self._held: tuple[str, int, int] | None = None
         self.index, self.factory = self._open()
 
     # --- identity of the vector space ---
@@ -105,7 +108,7 @@ class CaseIndex:
                 self.save(index=index, factory=factory)
             return index, factory
         index, ids, factory = manifest.read_generation(gen, self.space())
-        self.generation = gen.name
+        self._hold(gen)
         in_index = set(ids.tolist())
         if in_index != in_sql:
             # a build committed to SQL but did not finish its generation: catch up, no encoding
@@ -163,22 +166,35 @@ class CaseIndex:
         factory = factory or self.factory
         with self._lock:
             gen = manifest.write_generation(self.path, index, factory, self.space())
-            self.generation = gen.name
+            self._hold(gen)
             return gen
+
+    def _hold(self, gen: Path) -> None:
+        st = gen.stat()
+        self.generation, self._held = gen.name, (gen.name, st.st_ino, st.st_ctime_ns)
+
+    def _is_held(self, gen: Path) -> bool:
+        try:
+            st = gen.stat()
+        except OSError:
+            return False
+        return self._held == (gen.name, st.st_ino, st.st_ctime_ns)
 
     def refresh(self) -> bool:
         """Switch to the live generation when another process (``chartsight index build``, or
         another replica's build on a shared index location) has made a newer one live since this
         one was read: ``CURRENT`` is read (one small file) and, when it names another generation,
         that generation is loaded in place of this one. Called before every search, so a running
-        service answers from a new build without a restart. Returns whether it switched; a
+        service answers from a new build without a restart; a generation is told apart by its
+        folder (name, inode, change time), so a ``--rebuild``'s new ``gen-000001`` is noticed
+        too. Returns whether it switched; a
         generation that cannot be read (removed by a newer build while being read, a damaged
         file, another vector space) is logged and the one held is kept."""
         live = manifest.current_generation(self.path)
-        if live is None or live.name == self.generation:
+        if live is None or self._is_held(live):
             return False
         with self._lock:
-            if live.name == self.generation:
+            if self._is_held(live):
                 return False
             try:
                 index, _, factory = manifest.read_generation(live, self.space())
@@ -186,8 +202,12 @@ class CaseIndex:
                 log.warning("kept index %s: %s could not be read (%s)", self.generation, live, exc)
                 return False
             log.info("index switched from %s to %s", self.generation, live.name)
-            self.index, self.factory, self.generation = index, factory, live.name
+            self.index, self.factory = index, factory
+            self._hold(live)
             self._gpu_stale = True
+            # a rebuild replaces the whole folder, its cases.db included: connections still open
+            # on the old file would read the old rows
+            self.engine.dispose()
             return True
 
     # --- changing the cases ---

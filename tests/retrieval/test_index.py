@@ -244,6 +244,32 @@ def test_a_reader_switches_to_a_generation_another_process_made_live(
     assert reader.generation == "gen-000002" and len(reader) == 30
 
 
+def test_a_reader_switches_to_a_rebuilt_folder_whose_numbering_starts_again(
+    tmp_path: Path, encoders: EncoderRegistry
+):
+    """``chartsight index build --rebuild`` builds a new folder (its first generation is again
+    gen-000001, its cases.db new) and swaps it in by renames: a reader notices, and reads the new
+    rows for the new vectors."""
+    path = tmp_path / "idx"
+    old = _open(path, encoders)
+    cases, vectors = _synthetic(20, old.fusion.dim)
+    old.upsert(cases[:10], vectors[:10])
+    old.save()
+    reader = _open(path, encoders)
+    assert reader.generation == "gen-000001" and len(reader) == 10
+
+    staged = _open(tmp_path / ".idx.rebuild", encoders)
+    staged.upsert(cases[10:], vectors[10:])  # other cases, other ids' rows
+    assert staged.save().name == "gen-000001"
+    staged.engine.dispose()
+    path.rename(tmp_path / ".idx.retired")
+    (tmp_path / ".idx.rebuild").rename(path)
+
+    top = reader.search_vectors(vectors[15:16], k=1)[0][0][0]
+    assert reader.hits([(top, 1.0)])[0].key == cases[15].key
+    assert len(reader) == 10 and reader.generation == "gen-000001"
+
+
 def test_damaged_index_file_is_reported(tmp_path: Path, encoders: EncoderRegistry):
     path = tmp_path / "idx"
     index = _open(path, encoders)
