@@ -102,3 +102,51 @@ def test_a_reply_that_never_ends_falls_back_within_the_time_limit(
     answer, _, took = _ask(settings, stream=stream, time_limit_s=6)
     _fell_back(answer)
     assert took < 6
+
+
+def test_a_tool_call_loop_stops_at_max_tool_steps(tmp_path: Path, demo_store: FhirStore, faulty):
+    settings = _settings(tmp_path, demo_store, faulty, "loop")
+    settings.model.supports_tools = True
+    settings.model.max_tool_steps = 3
+    before = faulty.hits().get("loop", 0)
+    answer, _, took = _ask(settings, time_limit_s=20)
+    by_model = [c for c in answer.tool_calls if c.by == "model"]
+    assert len(by_model) == 3 and not any(c.error for c in by_model)
+    assert faulty.hits()["loop"] - before == 4  # three tool rounds, then the answer
+    _shown_verified(answer)
+    assert not answer.fallback_used and took < 20
+
+
+def test_invalid_tool_arguments_are_told_to_the_model_not_run(
+    tmp_path: Path, demo_store: FhirStore, faulty: FaultyModel
+):
+    settings = _settings(tmp_path, demo_store, faulty, "badargs")
+    settings.model.supports_tools = True
+    settings.model.max_tool_steps = 2
+    answer, _, _ = _ask(settings)
+    by_model = [c for c in answer.tool_calls if c.by == "model"]
+    assert len(by_model) == 8 and all(c.error for c in by_model)  # four bad calls, two rounds
+    _shown_verified(answer)
+    assert not answer.fallback_used
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_429_is_asked_again_after_its_retry_after(
+    tmp_path: Path, demo_store: FhirStore, faulty: FaultyModel, stream: bool
+):
+    before = faulty.hits().get("r429", 0)
+    answer, _, took = _ask(_settings(tmp_path, demo_store, faulty, "r429"), stream=stream)
+    _shown_verified(answer)
+    assert not answer.fallback_used
+    assert faulty.hits()["r429"] - before == 2 and took >= 1.0  # 429, a second apart, then 200
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_429_whose_retry_after_outlasts_the_question_falls_back_in_time(
+    tmp_path: Path, demo_store: FhirStore, faulty: FaultyModel, stream: bool
+):
+    settings = _settings(tmp_path, demo_store, faulty, "r429-long")
+    settings.model.http.backoff_max_s = 60  # Retry-After: 3600 is waited on up to a minute
+    answer, _, took = _ask(settings, stream=stream, time_limit_s=5)
+    _fell_back(answer)
+    assert took < 5

@@ -13,13 +13,14 @@ starts and stops it). The request's ``model`` names the fault, so one server ser
 - ``loop``: every tool round asks for the same tool call again; the answer is ``ok``'s.
 - ``badargs``: tool calls with arguments that are not JSON, not an object, fail the tool's schema,
   or name no tool; the answer is ``ok``'s.
-- ``r429``: the first request 429 with ``Retry-After: 1``, then ``ok``'s.
+- ``r429``: every other request (the 1st, 3rd, …) 429 with ``Retry-After: 1``, the rest ``ok``'s.
 - ``r429-long``: always 429 with ``Retry-After: 3600``.
 - ``r500``: always HTTP 500 (the OpenAI error shape).
 - ``silent``: the request is read, then nothing is ever sent back.
 
 Every text a fault writes contains ``UNVERIFIED`` or the test patient's name: neither may reach an
-answer shown. ``GET /requests`` gives ``{fault: count}``.
+answer shown. ``GET /requests`` gives ``{fault: count}``; the model named ``switch`` does what
+``PUT /fault`` ``{"fault": name}`` last chose (a service under test has one model name).
 """
 
 from __future__ import annotations
@@ -90,15 +91,23 @@ class FaultApp:
             routes=[
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/requests", self.requests, methods=["GET"]),
+                Route("/fault", self.set_fault, methods=["PUT"]),
             ]
         )
+        self.fault = "ok"  # what the model named "switch" does (a service has one model name)
 
     async def requests(self, request: Request) -> Response:
         return JSONResponse(dict(self.hits))
 
+    async def set_fault(self, request: Request) -> Response:
+        self.fault = (await request.json())["fault"]
+        return Response(status_code=204)
+
     async def chat(self, request: Request) -> Response:
         body = await request.json()
         fault = str(body.get("model") or "ok")
+        if fault == "switch":
+            fault = self.fault
         self.hits[fault] += 1
         n = self.hits[fault]
         stream = bool(body.get("stream"))
@@ -107,7 +116,7 @@ class FaultApp:
         if fault == "r500":
             error = {"message": "internal error", "type": "server_error", "code": None}
             return JSONResponse({"error": error}, status_code=500)
-        if fault == "r429-long" or (fault == "r429" and n == 1):
+        if fault == "r429-long" or (fault == "r429" and n % 2 == 1):
             error = {"message": "rate limited", "type": "rate_limit_error", "code": None}
             return JSONResponse({"error": error}, status_code=429, headers={"Retry-After": "1"})
         if fault == "malformed":
@@ -174,6 +183,10 @@ class FaultyModel:
     def hits(self) -> dict[str, int]:
         """Requests received so far, per fault."""
         return httpx.get(f"http://127.0.0.1:{self.port}/requests", timeout=5).json()
+
+    def switch(self, fault: str) -> None:
+        """What the model named ``switch`` does from now on."""
+        httpx.put(f"http://127.0.0.1:{self.port}/fault", json={"fault": fault}, timeout=5)
 
     def __enter__(self) -> FaultyModel:
         self.process = subprocess.Popen(
