@@ -93,6 +93,15 @@ def test_a_broken_reply_falls_back(
     assert not any(MARK in str(d) for k, d in events if k != "token")
 
 
+def test_a_stream_that_ends_before_done_falls_back(
+    tmp_path: Path, demo_store: FhirStore, faulty: FaultyModel
+):
+    # the two words it sent are not the answer: they are not verified as one, they are refused
+    answer, events, _ = _ask(_settings(tmp_path, demo_store, faulty, "nodone"), stream=True)
+    _fell_back(answer)
+    assert [k for k, _ in events].count("token") == 2
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize("fault", ["endless", "silent"])
 def test_a_reply_that_never_ends_falls_back_within_the_time_limit(

@@ -7,6 +7,7 @@ starts and stops it). The request's ``model`` names the fault, so one server ser
 - ``malformed``: HTTP 200 with a body that is not JSON (and stream chunks that are not JSON).
 - ``cut``: the stream stops in the middle of a token's chunk, without ``[DONE]``; a plain answer
   is cut short of its ``Content-Length``.
+- ``nodone``: the stream ends cleanly after two words, without ``[DONE]`` or a ``finish_reason``.
 - ``endless``: the stream never ends (a token every 10 ms, forever); a plain answer's body never
   completes (a byte every 10 ms).
 - ``huge``: a 4 MiB completion (``max_tokens`` ignored), streamed or not.
@@ -129,6 +130,9 @@ class FaultApp:
                 return StreamingResponse(_texts(head, close=True), media_type="text/event-stream")
             text = json.dumps(_completion({"role": "assistant", "content": MARK}, fault))
             return Response(text[:20], headers={"Content-Length": str(len(text))})
+        if fault == "nodone" and stream:  # a clean end, but before the answer's end
+            head = [_chunk(w + " ") for w in _answer_text(body).split(" ")[:2]]
+            return StreamingResponse(_texts(head), media_type="text/event-stream")
         if fault == "endless":
             if stream:
                 return StreamingResponse(
