@@ -22,7 +22,7 @@ from connectors.demo import TOMMY_FRIESEN
 from connectors.store import FhirStore
 from tests.peers.faulty_model import MARK, PATIENT_ECHO, FaultyModel
 from tests.peers.issuer import Issuer
-from tests.surfaces.http.conftest import EHR_KEY, Running, api_settings
+from tests.surfaces.http.conftest import EHR_KEY, Running, api_settings, ask_events
 
 EHR = {"X-API-Key": EHR_KEY}
 QUESTION = "What was his last HbA1c?"
@@ -86,22 +86,8 @@ def test_the_stream_ends_in_a_flagged_fallback_within_the_time_limit(
     served: Running, faulty: FaultyModel, fault: str
 ):
     faulty.switch(fault)
-    events: list[tuple[str, Any]] = []
     start = time.monotonic()
-    with httpx.stream(
-        "POST",
-        f"{served.url}/v1/ask/stream",
-        json={"patient": TOMMY_FRIESEN, "question": QUESTION},
-        headers=EHR,
-        timeout=60,
-    ) as response:
-        assert response.status_code == 200
-        kind = None
-        for line in response.iter_lines():
-            if line.startswith("event:"):
-                kind = line[6:].strip()
-            elif line.startswith("data:") and kind:
-                events.append((kind, json.loads(line[5:])))
+    events = ask_events(served.url, {"patient": TOMMY_FRIESEN, "question": QUESTION}, EHR)
     took = time.monotonic() - start
     assert took < LIMIT_S
     kinds = [k for k, _ in events]

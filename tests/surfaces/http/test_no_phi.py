@@ -26,26 +26,12 @@ from connectors.store import FhirStore
 from surfaces.http.security import key_digest
 from tests.peers.faulty_model import FaultyModel
 from tests.peers.servers import free_port
-from tests.surfaces.http.conftest import BOUND_KEY, EHR_KEY
+from tests.surfaces.http.conftest import BOUND_KEY, EHR_KEY, patient_phi
 from tests.surfaces.http.test_cds_hooks import URL as CDS_URL
 from tests.surfaces.http.test_cds_hooks import _hook, _prefetch
 
 EHR = {"X-API-Key": EHR_KEY}
 BOUND = {"X-API-Key": BOUND_KEY}  # Tommy's only
-
-
-def _phi(store: FhirStore) -> set[str]:
-    """Every demo patient's record id, name parts, birth date and identifier values."""
-    found: set[str] = set()
-    for patient in store.search("Patient").resources:
-        data = patient.model_dump(mode="json")
-        found.add(data["id"])
-        found.add(data.get("birthDate") or "")
-        for name in data.get("name", []):
-            found.update(name.get("given", []))
-            found.add(name.get("family") or "")
-        found.update(str(i.get("value") or "") for i in data.get("identifier", []))
-    return {v for v in found if len(v) >= 4}  # "Li" would match anything
 
 
 class Serving:
@@ -154,7 +140,7 @@ def _rpc(reply: str) -> dict[str, Any]:
 def test_no_phi_in_logs_error_bodies_metrics_or_errors(
     tmp_path: Path, demo_store: FhirStore, faulty: FaultyModel, tommy_json: list[dict[str, Any]]
 ):
-    phi = _phi(demo_store)
+    phi = patient_phi(demo_store)
     assert {TOMMY_FRIESEN, MARTINA_MURAZIK} <= phi and len(phi) > 10
     tommy = next(r for r in tommy_json if r["resourceType"] == "Patient")
     given, family = tommy["name"][0]["given"][0], tommy["name"][0]["family"]
