@@ -119,7 +119,8 @@ class FaultApp:
             return JSONResponse({"error": error}, status_code=500)
         if fault == "r429-long" or (fault == "r429" and n % 2 == 1):
             error = {"message": "rate limited", "type": "rate_limit_error", "code": None}
-            return JSONResponse({"error": error}, status_code=429, headers={"Retry-After": "1"})
+            after = "3600" if fault == "r429-long" else "1"
+            return JSONResponse({"error": error}, status_code=429, headers={"Retry-After": after})
         if fault == "malformed":
             if stream:
                 return StreamingResponse(_texts([f'data: {{"choices": [{{"delta": "{MARK}']))
