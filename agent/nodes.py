@@ -368,7 +368,9 @@ async def generate(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
     ``images``, ``patient_line``, ``history``) and, on a retry, ``draft`` and ``checked``. Writes
     ``draft``, ``given`` (what a sentence may cite, made once per question), ``model``,
     ``attempts``; on a fallback also ``fallback`` and ``warnings``, and reports
-    ``observe.MODEL_ERROR`` (the ``model.name`` setting, the error's class name)."""
+    ``observe.MODEL_ERROR`` (the ``model.name`` setting, the error's class name). The model gets
+    what is left of the question's model time (``AgentRuntime.model_time``); past it, the evidence
+    answer is given as for any model failure."""
     attempts = state.get("attempts", 0)
     backend = rt.backend
     given = grounds(state)
@@ -379,16 +381,17 @@ async def generate(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
         else:
             prompt = _prompt(state, rt, citable)
             stream = getattr(backend, "stream", None)
-            if rt.on_event is not None and stream is not None:
-                # listeners get the answer token by token as the model writes it (with its
-                # aliases: the ids are put back in the whole answer)
-                parts = []
-                async for token in stream(prompt.messages):
-                    parts.append(token)
-                    rt.emit("token", text=token)
-                reply = Generation("".join(parts).strip(), backend.name)
-            else:
-                reply = await backend.generate(prompt.messages, given)
+            async with rt.model_time():
+                if rt.on_event is not None and stream is not None:
+                    # listeners get the answer token by token as the model writes it (with its
+                    # aliases: the ids are put back in the whole answer)
+                    parts = []
+                    async for token in stream(prompt.messages):
+                        parts.append(token)
+                        rt.emit("token", text=token)
+                    reply = Generation("".join(parts).strip(), backend.name)
+                else:
+                    reply = await backend.generate(prompt.messages, given)
             # the model cites aliases ([E1]); the verifier reads record ids
             reply = Generation(prompt.resolve(reply.text), reply.model, reply.usage)
     except BackendError as exc:

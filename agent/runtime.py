@@ -4,9 +4,12 @@ checkpointed state; each run finds it in its config (``runtime(config)``)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -14,7 +17,7 @@ from typing import Any
 
 from langchain_core.runnables import RunnableConfig
 
-from agent.backends import Backend
+from agent.backends import Backend, BackendError
 from agent.backends.evidence import EvidenceBackend
 from agent.cache import RecentCache
 from agent.planner import Planner
@@ -94,6 +97,31 @@ class AgentRuntime:
     # what of a record the caller's SMART scopes grant (None: every type); ``source`` is then a
     # ``connectors.source.ScopedSource`` and no similar cases are shown (they span every type)
     scope: RecordScope | None = None
+    # when the model's turns of this question must have ended (``time.monotonic()`` seconds; None:
+    # only ``model.http``'s per-request bounds), and the limit it was set from (seconds)
+    model_deadline: float | None = None
+    model_limit_s: float | None = None
+
+    @contextlib.asynccontextmanager
+    async def model_time(self) -> AsyncIterator[None]:
+        """Bound a model call (a draft, its stream, a tool round) by what is left of the question's
+        model time (``model_deadline``): past it the call is cancelled and ``BackendError`` is
+        raised, so the step falls back as for any model failure, within the question's limit."""
+        if self.model_deadline is None:
+            yield
+            return
+        left = self.model_deadline - time.monotonic()
+        spent = f"the model did not answer within this question's {self.model_limit_s:g} s"
+        if left <= 0:
+            raise BackendError(spent)
+        bound = asyncio.timeout(left)
+        try:
+            async with bound:
+                yield
+        except TimeoutError as exc:
+            if bound.expired():
+                raise BackendError(spent) from exc
+            raise
 
     @property
     def index(self) -> CaseIndex | None:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import re
+import time
 import unicodedata
 import uuid
 import weakref
@@ -192,6 +193,17 @@ def question_text(question: str) -> str:
     return text
 
 
+def model_budget(model_limit_s: float | None, caller_limit_s: float | None) -> float | None:
+    """Seconds the model may take for one question: ``model.time_limit_s``, and within a caller's
+    own limit (``caller_limit_s``) that limit less a reserve for the steps after the model (the
+    evidence answer, the verifier, the answer: milliseconds, over a database-backed record at
+    most a few seconds), a fifth of it and at most 5 s. None when neither is set."""
+    limits = [x for x in (model_limit_s, caller_limit_s) if x is not None]
+    if caller_limit_s is not None:
+        limits.append(caller_limit_s - min(caller_limit_s / 5, 5.0))
+    return min(limits) if limits else None
+
+
 class ChartSight:
     """The agent, with its source, model backend, index and checkpointer opened once.
 
@@ -302,6 +314,7 @@ class ChartSight:
         keep: bool = True,
         case_privacy: CasePrivacy = "full",
         scope: RecordScope | None = None,
+        time_limit_s: float | None = None,
     ) -> Answer:
         """A grounded answer; the same ``thread_id`` continues a conversation. ``source`` reads
         the record from elsewhere than the configured source (e.g. a CDS Hooks request's FHIR
@@ -312,13 +325,21 @@ class ChartSight:
         caller's SMART scopes, ``RecordScope``; None or whole: every type) limits everything the
         answer is built from (record, evidence, tools, images) to the resources it admits; then no
         similar cases are shown (they summarise every type of other records) and the answer's
-        ``warnings`` name what was withheld, so a reader knows it may be incomplete."""
+        ``warnings`` name what was withheld, so a reader knows it may be incomplete.
+        ``time_limit_s`` (seconds; the HTTP service's ``serve.request_timeout_s``) is the time the
+        caller waits: the model's turns end early enough for the evidence answer to be given in
+        time instead (``model_budget``)."""
         assert self.graph is not None, "use `async with ChartSight(...)` (answering=True)"
         question = question_text(question)
         # one runtime per question (sharing the caches), so concurrent questions keep their own
         # event listeners
+        budget = model_budget(self.settings.model.time_limit_s, time_limit_s)
         rt = dataclasses.replace(
-            self._runtime(source, scope), on_event=on_event, case_privacy=case_privacy
+            self._runtime(source, scope),
+            on_event=on_event,
+            case_privacy=case_privacy,
+            model_deadline=None if budget is None else time.monotonic() + budget,
+            model_limit_s=time_limit_s or budget,
         )
         start = {"question": question, "patient_key": patient, "warnings": None, "timings": None}
         if thread_id is None and not keep:

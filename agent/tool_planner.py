@@ -69,8 +69,9 @@ def _opening(state: AskState, rt: AgentRuntime) -> list[dict[str, Any]]:
 
 @timed("think")
 async def think(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
-    """One round of the model choosing tools; a backend failure reports ``observe.MODEL_ERROR``
-    and leaves the rule plan standing."""
+    """One round of the model choosing tools, within what is left of the question's model time
+    (``AgentRuntime.model_time``); a backend failure or the time running out reports
+    ``observe.MODEL_ERROR`` and leaves the rule plan standing."""
     backend = tool_calling(rt.backend)
     assert backend is not None  # routed here only then
     transcript = list(state.get("transcript") or _opening(state, rt))
@@ -79,16 +80,20 @@ async def think(state: AskState, rt: AgentRuntime) -> dict[str, Any]:
         return {"tool_steps": steps, "pending_calls": []}
     schemas = [tool.schema() for tool in rt.tools.tools.values()]
     try:
-        turn = await backend.call_tools(transcript, schemas)
+        async with rt.model_time():
+            turn = await backend.call_tools(transcript, schemas)
     except BackendError as exc:
         observe.report(
             observe.MODEL_ERROR, backend=rt.settings.model.name, error=type(exc).__name__
         )
-        rt.emit("tool_planner_failed", reason=str(exc))
+        rt.emit("tool_planner_failed", reason=exc.public)
+        log.warning("the model's tool round failed; the rule plan stands: %s", exc)
         return {
             "tool_steps": steps,
             "pending_calls": [],
-            "warnings": [f"the model could not plan tool calls ({exc}); the rule plan is used"],
+            "warnings": [
+                f"the model could not plan tool calls ({exc.public}); the rule plan is used"
+            ],
         }
     transcript.append(
         {

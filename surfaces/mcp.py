@@ -11,6 +11,7 @@ SMART scopes grant (``security.readable``), and audited.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
@@ -227,15 +228,25 @@ def build_server(access: Access, lifespan: Callable[..., Any] | None = None) -> 
         agent, who = access.caller(ctx)
         access.check_question(question)
         await access.check(who, "ask", patient, question)
+        # over HTTP the service's time limit, as POST /v1/ask's: the model's turns end in time for
+        # the evidence answer, and past the limit the call fails rather than hanging
+        limit = access.service.settings.serve.request_timeout_s if access.service else None
         try:
-            answer = await agent.ask(
-                patient,
-                question,
-                thread_id=thread_key(who, patient, thread) if thread else None,
-                keep=False,  # outside a thread nothing is kept, as over REST
-                case_privacy=case_privacy(who),
-                scope=readable(who),
+            answer = await asyncio.wait_for(
+                agent.ask(
+                    patient,
+                    question,
+                    thread_id=thread_key(who, patient, thread) if thread else None,
+                    keep=False,  # outside a thread nothing is kept, as over REST
+                    case_privacy=case_privacy(who),
+                    scope=readable(who),
+                    time_limit_s=limit,
+                ),
+                limit,
             )
+        except TimeoutError as exc:
+            await access.audit(who, "ask", "timeout", patient, question)
+            raise McpToolError("no answer within the time limit") from exc
         except ChartSightError as exc:
             await access.failed(who, "ask", patient, exc, question)
             raise McpToolError(exc.public) from exc

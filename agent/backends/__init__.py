@@ -63,6 +63,14 @@ class BackendSettings(BaseModel):
         description="'auto' (the model decides), 'required', or one tool's name to make the "
         "model call that tool.",
     )
+    time_limit_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Seconds the model gets per question, its tool rounds, drafts, retries and "
+        "waits on Retry-After together; past them the evidence answer is given, flagged as a "
+        "fallback. None: only `http`'s bounds per request. The HTTP service bounds it further by "
+        "its serve.request_timeout_s.",
+    )
     max_tool_steps: int = Field(
         default=3, ge=1, le=10, description="Rounds of tool calls the model may make per question."
     )

@@ -303,6 +303,7 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
                     keep=False,
                     case_privacy=case_privacy(who),
                     scope=readable(who),
+                    time_limit_s=svc.settings.serve.request_timeout_s,
                 ),
                 svc.settings.serve.request_timeout_s,
             )

@@ -341,6 +341,7 @@ def answer_stream(
                     keep=keep,
                     case_privacy=case_privacy(who),
                     scope=readable(who),
+                    time_limit_s=svc.settings.serve.request_timeout_s,
                 ),
                 svc.settings.serve.request_timeout_s,
             )

@@ -1,10 +1,15 @@
 """The HTTP service running for real under uvicorn on 127.0.0.1, with a token issuer beside it, and
-a headless browser (Debian's chromium, driven by Selenium) for the SMART page's tests."""
+a headless browser (Debian's chromium, driven by Selenium) for the SMART page's tests. Every log
+record the service writes during these tests, at the levels ``chartsight serve`` logs by default,
+is kept and searched for the demo patients' PHI when the session ends (``service_log_has_no_phi``)."""
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,62 @@ from tests.peers.issuer import Issuer
 
 EHR_KEY = "test-ehr-key"  # system/*.read
 BOUND_KEY = "test-bound-key"  # patient/*.read, Tommy only
+
+
+def patient_phi(store: FhirStore) -> set[str]:
+    """Every patient's record id, name parts, birth date and identifier values in ``store``, each
+    of at least 4 characters ("Li" would match anything)."""
+    found: set[str] = set()
+    for patient in store.search("Patient").resources:
+        data = patient.model_dump(mode="json")
+        found.add(data["id"])
+        found.add(data.get("birthDate") or "")
+        for name in data.get("name", []):
+            found.update(name.get("given", []))
+            found.add(name.get("family") or "")
+        found.update(str(i.get("value") or "") for i in data.get("identifier", []))
+    return {v for v in found if len(v) >= 4}
+
+
+class ServiceLog(logging.Handler):
+    """The records ``chartsight serve`` would write at its default levels (``surfaces.cli.serve``:
+    its request log ``chartsight.api`` and uvicorn's at INFO, everything else at WARNING), with
+    their tracebacks; the tests' own HTTP clients (httpx, httpcore) left out."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith(("httpx", "httpcore")):
+            return
+        floor = logging.INFO if record.name.startswith(("chartsight.api", "uvicorn")) else 30
+        if record.levelno < floor:
+            return
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + "".join(traceback.format_exception(*record.exc_info))
+        self.lines.append((record.name, text))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def service_log_has_no_phi(demo_store: FhirStore) -> Iterator[ServiceLog]:
+    """Keeps what the service logs during every test of this package, at ``chartsight serve``'s
+    default levels, and fails the session when a line holds a demo patient's name, birth date,
+    identifier or record id."""
+    handler = ServiceLog()
+    root, api = logging.getLogger(), logging.getLogger("chartsight.api")
+    level = api.level
+    api.setLevel(logging.INFO)  # as ``chartsight serve`` sets it
+    root.addHandler(handler)
+    yield handler
+    root.removeHandler(handler)
+    api.setLevel(level)
+    phi = patient_phi(demo_store)
+    leaks = [
+        (name, value, text[:300]) for name, text in handler.lines for value in phi if value in text
+    ]
+    assert not leaks, f"PHI in the service's log: {leaks[:5]}"
 
 
 @pytest.fixture(scope="session")
@@ -79,6 +140,24 @@ class Running:
 
     def __exit__(self, *exc: object) -> None:
         self.http.stop()
+
+
+def ask_events(url: str, body: dict[str, Any], headers: dict[str, str]) -> list[tuple[str, Any]]:
+    """``POST /v1/ask/stream``'s server-sent events as ``(event, data parsed as JSON)``, in order;
+    the reply must be 200 ``text/event-stream``."""
+    events: list[tuple[str, Any]] = []
+    with httpx.stream(
+        "POST", f"{url}/v1/ask/stream", json=body, headers=headers, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                kind = line[6:].strip()
+            elif line.startswith("data:") and kind:
+                events.append((kind, json.loads(line[5:])))
+    return events
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from connectors.store import FhirStore
 from surfaces.http.schemas import Problem
 from tests.agent.test_ask import _a1cs
 from tests.peers.issuer import Issuer
-from tests.surfaces.http.conftest import BOUND_KEY, EHR_KEY, Running, api_settings
+from tests.surfaces.http.conftest import BOUND_KEY, EHR_KEY, Running, api_settings, ask_events
 
 EHR = {"X-API-Key": EHR_KEY}
 BOUND = {"X-API-Key": BOUND_KEY}
@@ -82,22 +82,7 @@ def test_ask_answers_cites_and_is_audited_without_the_question_text(
 
 
 def test_the_answer_streams_as_server_sent_events(service: Running):
-    events: list[tuple[str, Any]] = []
-    with httpx.stream(
-        "POST",
-        f"{service.url}/v1/ask/stream",
-        json={"patient": TOMMY_FRIESEN, "question": A1C_Q},
-        headers=EHR,
-        timeout=60,
-    ) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        kind = None
-        for line in response.iter_lines():
-            if line.startswith("event:"):
-                kind = line[6:].strip()
-            elif line.startswith("data:") and kind:
-                events.append((kind, json.loads(line[5:])))
+    events = ask_events(service.url, {"patient": TOMMY_FRIESEN, "question": A1C_Q}, EHR)
     kinds = [k for k, _ in events]
     assert kinds[0] == "node_started" and kinds[-1] == "answer"
     assert {"plan", "facts", "evidence", "verified"} <= set(kinds)
