@@ -23,7 +23,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from surfaces.http.append_only import make_append_only
+from surfaces.http.append_only import make_append_only, open_engine
 from surfaces.http.middleware import current_request_id
 from surfaces.http.security import Principal
 
@@ -74,7 +74,7 @@ class AuditLog:
 
     def __init__(self, url: str) -> None:
         self.listeners: list[Callable[[], None]] = []  # told after each row (the forwarder)
-        self.engine = sa.create_engine(url)
+        self.engine = open_engine(url)
         metadata.create_all(self.engine)
         present = {c["name"] for c in sa.inspect(self.engine).get_columns("audit_log")}
         with self.engine.begin() as conn:

@@ -26,7 +26,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from agent import Answer
-from surfaces.http.append_only import make_append_only
+from surfaces.http.append_only import make_append_only, open_engine
 
 metadata = sa.MetaData()
 ai_draft = sa.Table(
@@ -74,7 +74,7 @@ class DraftStore:
     refuses a write."""
 
     def __init__(self, url: str) -> None:
-        self.engine = sa.create_engine(url)
+        self.engine = open_engine(url)
         metadata.create_all(self.engine)
         make_append_only(self.engine, ("ai_draft", "ai_approval"))
 
