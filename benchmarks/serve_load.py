@@ -72,9 +72,12 @@ class Outcome:
 
     @property
     def rate(self) -> float:
+        """Answers (200s) per second of the measurement."""
         return len(self.latencies) / self.elapsed_s
 
     def percentile(self, q: float) -> float:
+        """The latency in ms at quantile ``q`` (0.99: p99; the nearest rank below); NaN without
+        answers."""
         lat = sorted(self.latencies)
         return lat[min(len(lat) - 1, int(len(lat) * q))] if lat else float("nan")
 
@@ -125,6 +128,9 @@ def cpu_s(pids: list[int]) -> float:
 async def client(
     url: str, patients: list[str], until: float, latencies: list[float], errors: list[str]
 ) -> None:
+    """One client: a random question about a random patient, one after another until
+    ``until`` (``time.monotonic``); appends each 200's latency in ms to ``latencies`` and anything
+    else (``HTTP <status>`` or the transport error's class) to ``errors``."""
     rng = random.Random()
     async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": KEY}, timeout=60) as http:
         while time.monotonic() < until:
@@ -142,12 +148,33 @@ async def client(
 
 
 async def load(url: str, patients: list[str], clients: int, seconds: float) -> tuple[list[float], list[str], float]:  # fmt: skip
+    """``clients`` concurrent ``client`` loops for ``seconds``: (latencies in ms, errors, the
+    elapsed seconds)."""
     latencies: list[float] = []
     errors: list[str] = []
     start = time.monotonic()
     until = start + seconds
     await asyncio.gather(*(client(url, patients, until, latencies, errors) for _ in range(clients)))
     return latencies, errors, time.monotonic() - start
+
+
+async def warm(url: str, patients: list[str], workers: int) -> None:
+    """Every question about every patient, ``2 × workers`` times, 8 at a time, each on a new
+    connection (spread over the workers by the kernel): records fetched and their lines embedded
+    before the timed warm-up, so that a short run measures warm answers, not cold starts."""
+    limit = asyncio.Semaphore(8)
+
+    async def one(http: httpx.AsyncClient, patient: str, question: str) -> None:
+        async with limit:
+            await http.post(
+                "/v1/ask",
+                json={"patient": patient, "question": question},
+                headers={"Connection": "close"},
+            )
+
+    pairs = [(p, q) for _ in range(2 * workers) for p in patients for q in QUESTIONS]
+    async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": KEY}, timeout=300) as http:
+        await asyncio.gather(*(one(http, p, q) for p, q in pairs))
 
 
 def measure(
@@ -189,6 +216,7 @@ def measure(
             time.sleep(0.5)
         else:
             raise SystemExit(f"{name}: the service did not start")
+        asyncio.run(warm(url, patients, workers))
         asyncio.run(load(url, patients, args.clients, args.warmup))
         pids = _tree(server.pid)
         rss_start, cpu_start = rss_mib(pids), cpu_s(pids)
@@ -215,7 +243,8 @@ def report(outcomes: list[Outcome], args: argparse.Namespace, baseline: str) -> 
         f"\n## HTTP service under load{label} — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n",
         f"Machine: {describe()}. `chartsight serve` (embedded default, local SQLite store with "
         f"the 5 demo patients), {args.clients} concurrent clients for {args.seconds:.0f} s after "
-        f"a {args.warmup:.0f} s warm-up per configuration, one configuration after another in "
+        f"a {args.warmup:.0f} s warm-up per configuration (after every question about every "
+        "patient was asked 2 × workers times), one configuration after another in "
         f"one run (`benchmarks/serve_load.py`); each client asks one question after another (8 "
         "structured question kinds, random patient), API-key auth, audit log on. Baseline: "
         f"commit {baseline}, run from a `git worktree` with the same environment. CPU per answer: "
@@ -239,6 +268,8 @@ def report(outcomes: list[Outcome], args: argparse.Namespace, baseline: str) -> 
 
 
 def main() -> None:
+    """Parse the options, run each configuration, print the table and append it (unless
+    ``--no-append``)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=60)
