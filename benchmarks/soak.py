@@ -371,12 +371,12 @@ def main() -> None:
         try:
             wait_ready(url, 180)
             warm = asyncio.run(run_clients(url, patients, prefetch, args.clients, args.warmup))
-            start = (rss_mib(server.pid), open_fds(server.pid))
+            start = (rss_mib([server.pid]), open_fds(server.pid))
             tally = asyncio.run(
                 run_clients(url, patients, prefetch, args.clients, args.minutes * 60)
             )
             time.sleep(2)  # connections closed by the clients are closed by the server too
-            end = (rss_mib(server.pid), open_fds(server.pid))
+            end = (rss_mib([server.pid]), open_fds(server.pid))
             tally.mcp_answers += warm.mcp_answers  # the audit log holds the warm-up's too
             received, audited, mcp_received, mcp_rows = audit_check(home / "audit.db", tally)
             crashed = server.poll()

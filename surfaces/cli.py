@@ -1009,15 +1009,32 @@ def resume(
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Worker processes (uvicorn), each with its own agent and caches, sharing the "
+            "store, the audit log and the CDS and draft databases. Above 1 needs the SMART app "
+            "page off (serve.smart.issuers empty).",
+        ),
+    ] = 1,
     *,
     settings: AppSettings,
 ) -> None:
     """The HTTP service: /v1/ask (+ SSE), similar cases, CDS Hooks, MCP at /mcp/; docs at /docs."""
     import uvicorn
 
-    from surfaces.http.app import create_app
+    from surfaces.http.app import SETTINGS_FILE_ENV, create_app
 
     s = settings.serve
+    if workers > 1 and s.smart.issuers:
+        _fail(
+            ConfigurationError(
+                "--workers above 1 needs the SMART app page off (serve.smart.issuers empty): its "
+                "launches and sessions live in one process's memory, and an EHR's callback or a "
+                "clinician's next request could reach another worker"
+            )
+        )
     if s.auth.anonymous and (host or s.host) not in ("127.0.0.1", "localhost", "::1"):
         _fail(ConfigurationError("serve.auth.anonymous is for a loopback address only"))
     if not (s.auth.api_keys or s.auth.issuer or s.auth.anonymous):
@@ -1030,13 +1047,47 @@ def serve(
     # the request log (one JSON line per request, no PHI) is the service's own output, at INFO
     # whatever -v says; -v adds everything else's progress
     logging.getLogger("chartsight.api").setLevel(logging.INFO)
-    uvicorn.run(
-        create_app(settings),
-        host=host or s.host,
-        port=port or s.port,
-        access_log=False,  # its lines carry patient ids in paths; the app logs route templates
-        log_level="info",
-    )
+    options: dict[str, Any] = {
+        "host": host or s.host,
+        "port": port or s.port,
+        "access_log": False,  # its lines carry patient ids in paths; the app logs route templates
+        "log_level": "info",
+    }
+    if workers == 1:
+        uvicorn.run(create_app(settings), **options)
+        return
+    import pickle
+    import tempfile
+
+    _create_databases(settings)  # once, before the workers open them at the same moment
+    with tempfile.TemporaryDirectory(prefix="chartsight-serve-") as folder:  # mode 0700
+        path = Path(folder) / "settings.pickle"
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
+            # the fields, validated already (the settings' class is made per TOML file and
+            # cannot be pickled by name)
+            pickle.dump(dict(settings), fh)
+        os.environ[SETTINGS_FILE_ENV] = str(path)  # read by each worker (and any restarted one)
+        uvicorn.run(
+            "surfaces.http.app:app_from_environment",
+            factory=True,
+            workers=workers,
+            # a worker importing the model stack holds the GIL for seconds on a busy machine, and
+            # uvicorn's default 5 s without an answer to its ping killed every worker at start
+            timeout_worker_healthcheck=60,
+            **options,
+        )
+
+
+def _create_databases(settings: AppSettings) -> None:
+    """Create the service's tables and triggers (audit log, drafts, CDS store; the local FHIR
+    store when no FHIR server is configured) in this process, so that ``--workers`` processes
+    starting together find them made instead of racing to ``CREATE TABLE``."""
+    from surfaces.http.deps import Service
+
+    for database in Service.databases(settings):
+        database.close()
+    if not settings.fhir.url:
+        FhirStore(settings.store_url).close()
 
 
 @app.command("model-card")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import pickle
 from collections.abc import AsyncIterator
 from importlib.resources import files
 from typing import Annotated, Any, Literal
@@ -86,6 +88,27 @@ async def _stop(task: asyncio.Future[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+# ``chartsight serve --workers N`` (N > 1): the file holding the pickled ``AppSettings`` each
+# worker process builds its app from (written by the command, private to its user)
+SETTINGS_FILE_ENV = "CHARTSIGHT_SERVE_SETTINGS_FILE"
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one worker process of ``chartsight serve --workers N``: ``create_app`` with the
+    ``AppSettings`` the command built (its TOML file, environment and options): their fields,
+    validated already, read from the pickle file named by ``CHARTSIGHT_SERVE_SETTINGS_FILE``
+    (uvicorn's factory, called once in each worker; the environment is not read again). Raises
+    ``RuntimeError`` when the variable is not set."""
+    path = os.environ.get(SETTINGS_FILE_ENV)
+    if not path:
+        raise RuntimeError(f"{SETTINGS_FILE_ENV} is not set: start workers with chartsight serve")
+    with open(path, "rb") as fh:  # written by this user's own `chartsight serve`, mode 0600
+        fields = pickle.load(fh)
+    settings = AppSettings.model_construct(**fields)
+    logging.getLogger("chartsight.api").setLevel(logging.INFO)
+    return create_app(settings)
 
 
 def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAPI:

@@ -6,6 +6,7 @@ updates or deletes these rows)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -50,3 +51,25 @@ def make_append_only(bind: sa.Engine | sa.Connection, tables: Sequence[str]) -> 
         return
     for statement in guard_statements(bind.dialect.name, tables):
         bind.exec_driver_sql(statement)
+
+
+def open_engine(url: str) -> sa.Engine:
+    """The engine of one of the service's append-only databases (audit log and drafts, CDS
+    store) at a SQLAlchemy URL. On SQLite each connection uses the write-ahead log (readers do not
+    wait for the writer; one fsync per commit instead of the rollback journal's several),
+    ``synchronous=FULL`` (a committed row, such as the audit row of an answer already sent,
+    survives a power cut) and waits up to 30 s for another process's write lock
+    (``chartsight serve --workers N`` share the file; https://sqlite.org/pragma.html,
+    https://sqlite.org/wal.html)."""
+    engine = sa.create_engine(url, pool_pre_ping=True)  # survives a database restart
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.close()

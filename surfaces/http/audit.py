@@ -24,7 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from common.schema import create_schema
-from surfaces.http.append_only import make_append_only
+from surfaces.http.append_only import make_append_only, open_engine
 from surfaces.http.middleware import current_request_id
 from surfaces.http.security import Principal
 
@@ -85,7 +85,7 @@ class AuditLog:
 
     def __init__(self, url: str) -> None:
         self.listeners: list[Callable[[], None]] = []  # told after each row (the forwarder)
-        self.engine = sa.create_engine(url, pool_pre_ping=True)  # survives a database restart
+        self.engine = open_engine(url)  # survives a database restart (pre-ping)
         create_schema(self.engine, metadata, _upgrade)
 
     def record(

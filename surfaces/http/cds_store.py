@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from common.schema import create_schema
-from surfaces.http.append_only import make_append_only
+from surfaces.http.append_only import make_append_only, open_engine
 
 metadata = sa.MetaData()
 
@@ -75,7 +75,7 @@ class CdsStore:
     thread."""
 
     def __init__(self, url: str) -> None:
-        self.engine = sa.create_engine(url, pool_pre_ping=True)  # survives a database restart
+        self.engine = open_engine(url)  # survives a database restart (pre-ping)
         create_schema(self.engine, metadata, lambda conn: make_append_only(conn, _APPEND_ONLY))
 
     def first_use(self, iss: str, jti: str, exp: datetime) -> bool:

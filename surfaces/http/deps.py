@@ -61,15 +61,23 @@ class Service:
         self.agent = agent
         self.auth = Authenticator(settings.serve.auth)
         self.limiter = RateLimiter(settings.serve.rate_per_minute, settings.serve.rate_burst)
+        # the drafts: the SMART page's AI drafts and their approvals
+        self.audit, self.drafts, self.cds_store = self.databases(settings)
+        self.smart_sessions: Any = None  # the SMART app's launches and sessions (smart.py)
+        self.cds_trust = CdsTrust(settings.serve.cds, self.cds_store)
+
+    @staticmethod
+    def databases(settings: AppSettings) -> tuple[AuditLog, DraftStore, CdsStore]:
+        """The service's SQL stores, opened (tables and triggers created when missing): the
+        audit log and the drafts at ``serve.audit_url`` (default ``sqlite:///<home>/audit.db``),
+        the CDS Hooks store at ``serve.cds.database_url`` (default ``<home>/cds.db``). Every
+        worker process of ``chartsight serve --workers N`` opens the same ones. Raises
+        SQLAlchemy's errors when a database cannot be opened."""
         home = settings.home.expanduser()
         home.mkdir(parents=True, exist_ok=True)
         database = settings.serve.audit_url or f"sqlite:///{home / 'audit.db'}"
-        self.audit = AuditLog(database)
-        self.drafts = DraftStore(database)  # the SMART page's AI drafts and their approvals
-        self.smart_sessions: Any = None  # the SMART app's launches and sessions (smart.py)
-        cds = settings.serve.cds
-        self.cds_store = CdsStore(cds.database_url or f"sqlite:///{home / 'cds.db'}")
-        self.cds_trust = CdsTrust(cds, self.cds_store)
+        cds = settings.serve.cds.database_url or f"sqlite:///{home / 'cds.db'}"
+        return AuditLog(database), DraftStore(database), CdsStore(cds)
 
 
 def service(request: Request) -> Service:

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 
 from agent import Answer
 from common.schema import create_schema
-from surfaces.http.append_only import make_append_only
+from surfaces.http.append_only import make_append_only, open_engine
 
 metadata = sa.MetaData()
 ai_draft = sa.Table(
@@ -75,7 +75,7 @@ class DraftStore:
     refuses a write."""
 
     def __init__(self, url: str) -> None:
-        self.engine = sa.create_engine(url, pool_pre_ping=True)  # survives a database restart
+        self.engine = open_engine(url)  # survives a database restart (pre-ping)
         create_schema(
             self.engine, metadata, lambda conn: make_append_only(conn, ("ai_draft", "ai_approval"))
         )
