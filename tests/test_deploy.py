@@ -92,11 +92,19 @@ def test_the_model_server_serves_the_model_the_settings_name(compose: dict[str, 
 
 def test_the_proxy_balances_over_exactly_the_replicas(compose: dict[str, Any]):
     conf = (DEPLOY / "nginx.conf").read_text()
-    upstream = set(re.findall(r"server (chartsight-[\w-]+):(\d+)", conf))
     replicas = _replicas(compose)
     ports = {str(s["command"][s["command"].index("--port") + 1]) for s in replicas.values()}
-    assert {name for name, _ in upstream} == set(replicas)
-    assert {port for _, port in upstream} == ports
+    upstreams = dict(re.findall(r"upstream (\w+) \{(.*?)\}", conf, re.S))
+    assert set(upstreams) == {"chartsight", "chartsight_smart"}
+    for body in upstreams.values():
+        servers = set(re.findall(r"server (chartsight-[\w-]+):(\d+)", body))
+        assert {name for name, _ in servers} == set(replicas)
+        assert {port for _, port in servers} == ports
+    # the SMART page's sessions are per process: its paths stay on one replica per client
+    assert "ip_hash;" in upstreams["chartsight_smart"]
+    smart = re.search(r"location ~ \^/\((.*?)\)", conf)
+    assert smart and set(smart.group(1).split("|")) == {"launch", "callback", "app"}
+    assert "proxy_pass http://chartsight_smart;" in conf
     assert "proxy_buffering off" in conf  # Server-Sent Events pass through
     assert "non_idempotent" not in conf  # a POST is never replayed on another replica
 
