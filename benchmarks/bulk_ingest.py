@@ -38,20 +38,12 @@ from benchmarks.machine import describe  # noqa: E402
 
 def _child(population: Path, url: str) -> dict[str, Any]:
     """In the child process: import every file into the store at ``url``."""
-    from connectors.store import FhirStore
+    from benchmarks.make_population import import_population
 
-    store = FhirStore(url)
-    files = sorted(
-        population.glob("*.ndjson.gz"), key=lambda p: (p.name.split(".")[0] != "Patient", p.name)
-    )
-    started = time.perf_counter()
-    resources = 0
-    for path in files:
-        resources += store.import_path(path).count
-    took = time.perf_counter() - started
-    store.close()
+    resources, took = import_population(population, url)
+    files = len(list(population.glob("*.ndjson.gz")))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB → MiB
-    return {"resources": resources, "seconds": took, "files": len(files), "peak_mib": peak}
+    return {"resources": resources, "seconds": took, "files": files, "peak_mib": peak}
 
 
 def _run(population: Path, url: str) -> dict[str, Any]:

@@ -210,18 +210,9 @@ def child_warm(home: Path, store: str, models: Path) -> dict[str, Any]:
 
 def _import(population: Path, store_path: Path) -> dict[str, float]:
     """Import the population's NDJSON (Patients first) into a new SQLite store."""
-    from connectors.store import FhirStore
+    from benchmarks.make_population import import_population
 
-    store = FhirStore(f"sqlite:///{store_path}")
-    files = sorted(
-        population.glob("*.ndjson.gz"), key=lambda p: (p.name.split(".")[0] != "Patient", p.name)
-    )
-    started = time.perf_counter()
-    resources = 0
-    for path in files:
-        resources += store.import_path(path).count
-    took = time.perf_counter() - started
-    store.close()
+    resources, took = import_population(population, f"sqlite:///{store_path}")
     return {"resources": resources, "seconds": took}
 
 

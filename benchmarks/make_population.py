@@ -142,6 +142,25 @@ def write_population(
     return counts
 
 
+def import_population(population: Path, url: str) -> tuple[int, float]:
+    """Import a population's NDJSON files (Patients first) into the store at the SQLAlchemy
+    ``url`` through ``FhirStore.import_path``, as ``chartsight import``/``bulk`` do; returns
+    (resources imported, seconds)."""
+    from connectors.store import FhirStore
+
+    store = FhirStore(url)
+    files = sorted(
+        population.glob("*.ndjson.gz"), key=lambda p: (p.name.split(".")[0] != "Patient", p.name)
+    )
+    started = time.perf_counter()
+    resources = 0
+    for path in files:
+        resources += store.import_path(path).count
+    took = time.perf_counter() - started
+    store.close()
+    return resources, took
+
+
 def main() -> None:
     """Command line: see the module's docstring."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
