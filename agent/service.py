@@ -11,7 +11,6 @@ import re
 import time
 import unicodedata
 import uuid
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -239,12 +238,8 @@ class ChartSight:
         self.graph: Any = None
         self.one_shot: Any = None
         self._index_error: CaseIndexError | None = None  # why the index could not be opened
-        # runtimes reading from a caller's source (a SMART session's EHR), while it lives
-        self._by_source: weakref.WeakKeyDictionary[Any, AgentRuntime] = weakref.WeakKeyDictionary()
-        # each source's views for callers whose scopes grant part of a record, while it lives
-        self._scoped: weakref.WeakKeyDictionary[Any, dict[RecordScope, ScopedSource]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # what this ChartSight keeps on a caller's source (``_shelf``): its name there
+        self._shelf_key = f"chartsight-{uuid.uuid4().hex}"
 
     async def __aenter__(self) -> ChartSight:
         s = self.settings
@@ -403,10 +398,10 @@ class ChartSight:
         fetched, are reused); at most 32 scopes per source are kept."""
         assert self.runtime is not None, "use `async with ChartSight(...)`"
         inner = source if source is not None else self.runtime.source
-        try:
-            views = self._scoped.setdefault(inner, {})
-        except TypeError:  # a source that cannot be weakly referenced: a view for this call
+        shelf = self._shelf(inner)
+        if shelf is None:  # a source that takes no attributes: a view for this call
             return ScopedSource(inner, scope)
+        views: dict[RecordScope, ScopedSource] = shelf.setdefault("views", {})
         if scope not in views:
             while len(views) >= 32:
                 views.pop(next(iter(views)))
@@ -425,10 +420,8 @@ class ChartSight:
             source = self._scoped_source(source, scope)
         if source is None:
             return self.runtime
-        try:
-            known = self._by_source.get(source)
-        except TypeError:  # a source that cannot be weakly referenced: caches for this call
-            known = None
+        shelf = self._shelf(source)
+        known = shelf.get("runtime") if shelf is not None else None
         if known is not None:
             return known
         made = dataclasses.replace(
@@ -436,9 +429,23 @@ class ChartSight:
             evidence=RecentCache(), ranker=self.runtime.ranker.without_store(),
             scope=source.scope if isinstance(source, ScopedSource) else None,
         )  # fmt: skip
-        with contextlib.suppress(TypeError):
-            self._by_source[source] = made
+        if shelf is not None:  # else (a source that takes no attributes): caches for this call
+            shelf["runtime"] = made
         return made
+
+    def _shelf(self, source: Any) -> dict[str, Any] | None:
+        """What this ChartSight keeps for a caller's ``source`` (its runtime with the record it
+        fetched, its views per scope), kept on the source object itself so that it lives exactly
+        as long as the source: a SMART session's questions reuse it, and a CDS request's prefetch
+        source is freed with everything read from it. (A ``WeakKeyDictionary`` cannot do this:
+        a runtime refers to its source, so each value would keep its key, and every CDS request's
+        records, alive for ever.) None for an object that takes no attributes."""
+        try:
+            shelves = source.__dict__.setdefault("_chartsight_shelves", {})
+        except AttributeError:
+            return None
+        shelf: dict[str, Any] = shelves.setdefault(self._shelf_key, {})
+        return shelf
 
     async def record(
         self, patient: str, source: FhirSource | None = None, scope: RecordScope | None = None

@@ -444,6 +444,32 @@ def test_questions_from_one_source_reuse_its_record(settings: Settings, demo_sto
     assert other == first  # another source (another session) reads for itself
 
 
+def test_a_source_and_all_read_from_it_are_freed_with_it(settings: Settings, demo_store: FhirStore):
+    """A CDS request's prefetch (or any caller's source) lives only as long as the request: its
+    runtime, scoped views and records go with it. (Each runtime refers to its source, so keeping
+    them in a WeakKeyDictionary kept every request's records for ever: the soak benchmark's
+    service grew by ~200 MB a minute.)"""
+    import gc
+    import weakref
+
+    from connectors.source import RecordScope
+    from connectors.store import StoreSource
+
+    async def go() -> list[bool]:
+        gone: list[weakref.ref[Any]] = []
+        async with ChartSight(settings, use_index=False) as cs:
+            for n in range(3):
+                source = _CountingSource(StoreSource(demo_store))
+                scope = RecordScope(frozenset({"Patient", "Observation"})) if n else None
+                await cs.ask(TOMMY_FRIESEN, "last HbA1c?", source=source, scope=scope, keep=False)
+                gone.append(weakref.ref(source))
+                del source
+            gc.collect()
+            return [ref() is None for ref in gone]  # while the ChartSight (a service) lives
+
+    assert asyncio.run(go()) == [True, True, True]
+
+
 @pytest.mark.parametrize("question", ["\u200b\u200b", "\x00\x00", " \u2066 ", "___"])
 def test_a_question_without_words_is_refused(settings: Settings, question: str):
     from agent.service import QuestionError
