@@ -1025,6 +1025,7 @@ def serve(
     import uvicorn
 
     from surfaces.http.app import SETTINGS_FILE_ENV, create_app
+    from surfaces.http.middleware import request_log_to_stderr
 
     s = settings.serve
     if workers > 1 and s.smart.issuers:
@@ -1044,9 +1045,9 @@ def serve(
             "and jwks_url for SMART tokens",
             highlight=False,
         )
-    # the request log (one JSON line per request, no PHI) is the service's own output, at INFO
-    # whatever -v says; -v adds everything else's progress
-    logging.getLogger("chartsight.api").setLevel(logging.INFO)
+    # the request log (one bare JSON line per request, no PHI) is the service's own output, at
+    # INFO whatever -v says; -v adds everything else's progress
+    request_log_to_stderr()
     options: dict[str, Any] = {
         "host": host or s.host,
         "port": port or s.port,

@@ -65,15 +65,22 @@ def test_every_replica_loads_its_settings_and_shares_the_state(
             monkeypatch.setenv(key, value)
         monkeypatch.setenv("CHARTSIGHT_CONFIG", str(DEPLOY / "chartsight.toml"))
         settings = load_app_settings(DEPLOY / "chartsight.toml")
-        urls = [settings.store_url, settings.threads_url, settings.serve.audit_url or ""]
+        urls = [
+            settings.store_url,
+            settings.threads_url,
+            settings.serve.audit_url or "",
+            settings.serve.cds.database_url or "",
+        ]
         for url in urls:
             parts = urlsplit(url)
             assert parts.scheme == "postgresql+psycopg" and parts.hostname == "postgres", url
             assert parts.password == SECRETS["POSTGRES_PASSWORD"]
             assert parts.path.lstrip("/") in databases, url
-        assert len(set(urls)) == 3  # store, threads and audit kept apart
-        index_mounts = [v for v in service["volumes"] if v.endswith(":" + str(settings.index_path))]
-        assert index_mounts and not index_mounts[0].startswith(("./", "/")), "a named volume"
+        assert len(set(urls)) == 4  # store, threads, audit and CDS kept apart
+        # the index and the Bulk exports in progress outlive the container (named volumes)
+        for folder in (settings.index_path, settings.bulk_state_dir):
+            mounts = [v for v in service["volumes"] if v.endswith(":" + str(folder))]
+            assert mounts and not mounts[0].startswith(("./", "/")), folder
         model = settings.model
         assert urlsplit(model.base_url or "").hostname == "vllm"
         assert model.api_key and model.api_key.get_secret_value() == SECRETS["VLLM_API_KEY"]

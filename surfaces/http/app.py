@@ -51,7 +51,7 @@ from surfaces.http.deps import (
 )
 from surfaces.http.forward import AuditForwarder
 from surfaces.http.metrics import CONTENT_TYPE, Metrics, counted, may_scrape
-from surfaces.http.middleware import AccessLog, BodyLimit
+from surfaces.http.middleware import AccessLog, BodyLimit, request_log_to_stderr
 from surfaces.http.schemas import UNREADABLE_BODY, AskRequest, Problem, problem
 from surfaces.http.security import case_privacy, readable, thread_key
 from surfaces.http.smart import router as smart_router
@@ -107,7 +107,7 @@ def app_from_environment() -> FastAPI:
     with open(path, "rb") as fh:  # written by this user's own `chartsight serve`, mode 0600
         fields = pickle.load(fh)
     settings = AppSettings.model_construct(**fields)
-    logging.getLogger("chartsight.api").setLevel(logging.INFO)
+    request_log_to_stderr()
     return create_app(settings)
 
 

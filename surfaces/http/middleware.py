@@ -24,6 +24,24 @@ if TYPE_CHECKING:  # metrics.py counts the audit log, which reads the request id
 
 log = logging.getLogger("chartsight.api")
 
+
+def request_log_to_stderr() -> None:
+    """Write the request log (logger ``chartsight.api``, ``AccessLog``) to standard error as bare
+    JSON lines, one per request with nothing around it, at INFO whatever the root logger's level,
+    through a handler of its own (not propagated): a log collector reads each line as JSON. The
+    root's handlers would not do: the MCP SDK installs a Rich console handler in a process that
+    has none yet (a ``--workers`` worker), which wraps each line at 80 columns and adds the time,
+    level and source line. Called by ``chartsight serve`` and in each worker; idempotent."""
+    if any(getattr(h, "chartsight_request_log", False) for h in log.handlers):
+        return
+    handler = logging.StreamHandler()  # sys.stderr
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.chartsight_request_log = True  # type: ignore[attr-defined]
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 # the request being served (its ``x-request-id``), for the audit rows written while serving it
 _REQUEST_ID: ContextVar[str | None] = ContextVar("chartsight_request_id", default=None)
 

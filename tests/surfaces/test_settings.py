@@ -142,7 +142,19 @@ def test_serve_warns_when_no_credentials_are_configured(
     (tmp_path / "chartsight.toml").write_text(SHARED.replace('home = "/srv/cs"\n', ""))
     configured = CliRunner().invoke(app, ["serve"], env=env)
     assert configured.exit_code == 0 and "no credentials" not in configured.output
-    # the request log is the service's output without -v (its root logger says WARNING)
+    # the request log is the service's output without -v (its root logger says WARNING), bare
+    # JSON lines through a handler of its own (never a root handler's decorated, wrapped lines)
     import logging
 
-    assert logging.getLogger("chartsight.api").getEffectiveLevel() == logging.INFO
+    api = logging.getLogger("chartsight.api")
+    ours = [h for h in api.handlers if getattr(h, "chartsight_request_log", False)]
+    try:
+        assert api.getEffectiveLevel() == logging.INFO and not api.propagate
+        assert len(ours) == 1  # once, though serve ran twice
+        record = logging.makeLogRecord({"msg": '{"event": "request"}', "levelno": logging.INFO})
+        assert ours[0].format(record) == '{"event": "request"}'
+    finally:  # the handler writes to the runner's stderr, gone now: leave the logger as it was
+        for handler in ours:
+            api.removeHandler(handler)
+        api.propagate = True
+        api.setLevel(logging.NOTSET)
