@@ -321,6 +321,10 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
             measured_words.append(f"{term.words[0]} status" if term.observed else words)
         if snomed and (asks_condition or not measured):
             condition_words.append(words)
+    if re.search(r"\b(?:kidney|renal) function\b", q) and not re.search(r"\be?gfr\b", q):
+        # read from creatinine and eGFR together (KDIGO 2012 stages kidney function by eGFR,
+        # which is computed by CKD-EPI 2021 when the record has none)
+        measured_words.append("eGFR")
     stats = _has(
         q,
         "average",

@@ -191,6 +191,16 @@ def patient(p: Any, reg: Compactors, ctx: CompactContext) -> Evidence:
     return evidence_line(p, ", ".join(parts), "demographics", dated=False)
 
 
+# components written in the order clinicians write them: a blood pressure is "systolic/diastolic"
+# (LOINC 8480-6 before 8462-4, whatever order the panel lists them in); others keep their order
+_COMPONENT_ORDER = {"8480-6": 0, "8462-4": 1}
+
+
+def _component_rank(comp: Any) -> int:
+    codes = [c.code for c in (comp.code.coding or []) if c.code] if comp.code else []
+    return min((_COMPONENT_ORDER[c] for c in codes if c in _COMPONENT_ORDER), default=2)
+
+
 def _component_text(comp: Any, reg: Compactors, ctx: CompactContext) -> tuple[str, bool]:
     comp_codes = codes_of(comp.code)
     m = measurement_of(comp.valueQuantity) or measurement_of(comp.valueString)
@@ -242,7 +252,7 @@ def observation(o: Any, reg: Compactors, ctx: CompactContext) -> Evidence:
         body = f"{name} {value}".strip() + (f" ({flag})" if flag else "")
     elif o.component:
         parts = []
-        for comp in o.component:
+        for comp in sorted(o.component, key=_component_rank):
             text, bad = _component_text(comp, reg, ctx)
             abnormal |= bad
             codes += codes_of(comp.code)

@@ -147,6 +147,14 @@ def _iso(day: str, end: bool = False) -> str:
         ("What is his age and sex?", [("age", {}), ("demographics", {})]),
         ("Is he alive?", [("demographics", {})]),
         ("What is the patient's name?", [("demographics", {})]),
+        # kidney function: creatinine and eGFR (computed by CKD-EPI 2021 when none is recorded)
+        (
+            "How is his kidney function?",
+            [
+                ("latest_observation", {"query": "kidney function"}),
+                ("latest_observation", {"query": "eGFR"}),
+            ],
+        ),
     ],
 )
 def test_a_question_plans_these_calls(question: str, calls: list[tuple[str, dict[str, Any]]]):

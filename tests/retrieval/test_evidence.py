@@ -60,6 +60,18 @@ def test_observation_line_has_date_value_unit_code_and_range(tommy: PatientRecor
     assert newest.category == "observation"
 
 
+def test_a_blood_pressure_reads_systolic_first_whatever_the_panel_order(tommy: PatientRecord):
+    """Clinicians write 120/80: the compacted panel names systolic (LOINC 8480-6) before
+    diastolic (8462-4); Synthea, like many EHRs, lists diastolic first."""
+    panels = [i for i in record_evidence(tommy) if "http://loinc.org|55284-4" in i.codes]
+    assert panels
+    raw = tommy.get(panels[0].id)
+    first = raw.component[0].code.coding[0].code  # type: ignore[union-attr]
+    assert first == "8462-4"  # the record's own order: diastolic first
+    for item in panels:
+        assert 0 < item.text.index("Systolic") < item.text.index("Diastolic"), item.text
+
+
 def test_own_reference_range_and_interpretation_win(tommy: PatientRecord):
     obs = {
         "resourceType": "Observation",
