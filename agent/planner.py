@@ -252,6 +252,13 @@ _JUDGED_BY = (
 )
 
 
+# "what changed?", "what's new since …?", "anything new?", "what happened in 2020?"
+_CHANGES = re.compile(
+    r"\bwhat(?:'s| has| is)? (?:changed|new|happened)\b|\bany(?:thing)? (?:new|changes?)\b|"
+    r"\bchanges? (?:since|in|over|during)\b|\bnew since\b"
+)
+
+
 def is_follow_up(question: str) -> bool:
     """Whether a question leans on the one before it ('and before that?', 'what about June?')."""
     return len(question.split()) <= 8 and bool(_FOLLOW_UP.search(question))
@@ -321,10 +328,6 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
             measured_words.append(f"{term.words[0]} status" if term.observed else words)
         if snomed and (asks_condition or not measured):
             condition_words.append(words)
-    if re.search(r"\b(?:kidney|renal) function\b", q) and not re.search(r"\be?gfr\b", q):
-        # read from creatinine and eGFR together (KDIGO 2012 stages kidney function by eGFR,
-        # which is computed by CKD-EPI 2021 when the record has none)
-        measured_words.append("eGFR")
     stats = _has(
         q,
         "average",
@@ -343,6 +346,15 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         "lowest",
         "peak",
     )
+    if (
+        re.search(r"\b(?:kidney|renal) function\b", q)
+        and not re.search(r"\be?gfr\b", q)
+        and not stats
+    ):
+        # "how is his kidney function?": creatinine and eGFR together (KDIGO 2012 stages kidney
+        # function by eGFR, computed by CKD-EPI 2021 when the record has none); a trend stays
+        # the creatinine series
+        measured_words.append("eGFR")
     days = window_days(question)
     period = explicit_period(question)
     bounds_of_period = (
@@ -431,6 +443,15 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         out.add("condition_history", query=term_words)  # any status: active, resolved, ruled out
     if _has(q, "problem", "diagnos", "condition", "comorbid") and not condition_words:
         out.add("active_problems")  # (a question naming a diagnosis gets that one, not the list)
+    if (
+        re.search(_CHANGES, q)
+        and not (measured_words or condition_words or names_drug)
+        and not _has(q, "medication", "meds", "drug", "prescri")
+    ):
+        # "what changed since last year?" (of nothing in particular: "what changed in his
+        # creatinine?" is that series'): what is new in the period, default the last year
+        out.add("changes_in_period", **(bounds or {"days": 365}))
+        return out
     if _has(q, "procedure", "surgery", "operation"):
         out.add("recent_procedures")
     if _has(q, *_ENCOUNTER_WORDS):

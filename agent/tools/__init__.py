@@ -31,7 +31,14 @@ from agent.tools.base import (
     WindowArgs,
     tool,
 )
-from agent.tools.care import care_team, code_status, encounters_in_period, immunizations, notes
+from agent.tools.care import (
+    care_team,
+    changes_in_period,
+    code_status,
+    encounters_in_period,
+    immunizations,
+    notes,
+)
 from agent.tools.chart import (
     active_medications,
     active_problems,
@@ -67,6 +74,7 @@ BUILTIN_TOOLS: tuple[Tool, ...] = (
     recent_procedures,
     recent_encounters,
     encounters_in_period,
+    changes_in_period,
     immunizations,
     care_team,
     code_status,

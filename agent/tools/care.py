@@ -8,7 +8,7 @@ what it searched when the record has nothing, citing the Patient for an absence.
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import Field
@@ -512,3 +512,93 @@ __all__ = [
     "immunizations",
     "notes",
 ]
+
+
+# --- what changed in a period ------------------------------------------------------------------
+
+
+class ChangesArgs(Args):
+    """The period: the last ``days``, or ``since``/``until`` (ISO date-times); default the last
+    365 days."""
+
+    days: float | None = Field(default=None, gt=0, description="Only the last N days.")
+    since: datetime | None = Field(default=None, description="Only from this time on.")
+    until: datetime | None = Field(default=None, description="Only up to this time.")
+
+
+# what a clinician reads as "what changed": each kind of entry, how the answer names it, and
+# whether only abnormal entries count (a normal result is no change)
+_CHANGE_KINDS = (
+    ("condition", "diagnosis recorded", "diagnoses recorded", False),
+    ("medication", "medication ordered", "medications ordered", False),
+    ("procedure", "procedure", "procedures", False),
+    ("observation", "abnormal result", "abnormal results", True),
+    ("encounter", "encounter", "encounters", False),
+)
+CHANGES_LISTED = 8  # entries listed per kind (the count says how many there are)
+
+
+@tool(
+    "changes_in_period",
+    "What the record shows as new in a period: diagnoses recorded, medications ordered, "
+    "procedures, abnormal results and encounters, each counted and the newest listed.",
+    ChangesArgs,
+)
+def changes_in_period(
+    ctx: ToolContext,
+    days: float | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[Fact]:
+    """A summary first ("From 2020-01-01 to 2020-12-31 the record has 1 diagnosis recorded,
+    2 medications ordered, …", citing every entry counted; echoing the period), then, per kind,
+    the newest ``CHANGES_LISTED`` entries (diagnoses and medications first: what changes care).
+    A period with nothing recorded says so and names the record's latest dated entry, so that a
+    chart that ends before the period is not read as "nothing changed". Dates are the entries'
+    own (onset or recorded date, order date, result time)."""
+    end = aware(until) if until else ctx.now
+    start = aware(since) if since else end - timedelta(days=days or 365)
+    window = f"from {start.date().isoformat()} to {end.date().isoformat()}"
+    found: list[tuple[str, str, list[Evidence]]] = []
+    for category, one, many, abnormal_only in _CHANGE_KINDS:
+        items = [
+            e
+            for e in _by_category(ctx, category, False)
+            if e.date is not None and start <= e.date <= end and (e.abnormal or not abnormal_only)
+        ]
+        if items:
+            found.append((one, many, items))
+    if not found:
+        dated = [e for e in ctx.evidence.values() if e.date is not None]
+        latest = max(dated, key=lambda e: e.date or NOW_MIN) if dated else None
+        patient = f"Patient/{ctx.record.patient_id}"
+        text = f"Nothing is recorded {window}"
+        cited: tuple[str, ...] = (patient,)
+        if latest is not None and latest.date is not None and latest.date < start:
+            text += f"; the record's latest dated entry is from {latest.day}"
+            cited = (patient, latest.id)
+        return [
+            Fact(
+                "changes_in_period",
+                f"{text}.{_cite(cited)}",
+                value=0,
+                evidence=cited,
+                details={"echo": [window], "count": 0},
+            )
+        ]
+    parts = [f"{len(items)} {one if len(items) == 1 else many}" for one, many, items in found]
+    every = [e.id for _, _, items in found for e in items]
+    head = Fact(
+        "changes_in_period",
+        f"{window[0].upper()}{window[1:]} the record has {', '.join(parts)}.{_cite(every)}",
+        value=len(every),
+        evidence=tuple(every),
+        details={"echo": [window], "count": len(every)},
+    )
+    listed = [
+        fact
+        for one, _, items in found
+        if one != "encounter"  # counted; the visits are not changes in themselves
+        for fact in _item_facts("changes_in_period", items[:CHANGES_LISTED])
+    ]
+    return [head, *listed]

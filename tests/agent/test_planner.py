@@ -147,6 +147,18 @@ def _iso(day: str, end: bool = False) -> str:
         ("What is his age and sex?", [("age", {}), ("demographics", {})]),
         ("Is he alive?", [("demographics", {})]),
         ("What is the patient's name?", [("demographics", {})]),
+        # what changed: in the period asked, else the last year; a named series is that series'
+        (
+            "What changed in 2020?",
+            [
+                (
+                    "changes_in_period",
+                    {"since": _iso("2020-01-01"), "until": _iso("2020-12-31", end=True)},
+                )
+            ],
+        ),
+        ("anything new?", [("changes_in_period", {"days": 365})]),
+        ("What changed in his creatinine?", [("observation_stats", {"query": "creatinine"})]),
         # kidney function: creatinine and eGFR (computed by CKD-EPI 2021 when none is recorded)
         (
             "How is his kidney function?",

@@ -350,3 +350,42 @@ def test_a_birth_date_after_today_gives_no_age(records):  # type: ignore[no-unty
         "The record's birth date, 2100-01-01, is after 2021-01-01: no age can be given."
     )
     assert fact.value is None
+
+
+def test_what_changed_in_a_period_counts_and_lists_what_is_new(records, tommy_json):  # type: ignore[no-untyped-def]
+    """Diagnoses recorded and medications ordered in 2020, counted from the FHIR JSON itself; a
+    period after the chart ends says so and names the chart's last date (not "no change")."""
+    from agent.tools import changes_in_period
+
+    ctx = ToolContext(records[TOMMY_FRIESEN], now=datetime(2026, 11, 30, tzinfo=UTC))
+    in_2020 = {
+        "since": datetime(2020, 1, 1, tzinfo=UTC),
+        "until": datetime(2020, 12, 31, tzinfo=UTC),
+    }
+
+    def started(kind: str, field: str) -> set[str]:
+        return {
+            f"{kind}/{r['id']}"
+            for r in tommy_json
+            if r["resourceType"] == kind and r.get(field, "").startswith("2020")
+        }
+
+    conditions, orders = (
+        started("Condition", "onsetDateTime"),
+        started("MedicationRequest", "authoredOn"),
+    )
+    assert conditions and orders  # heart failure, furosemide, metoprolol (the demo's 2020)
+    head, *listed = changes_in_period(ctx, **in_2020)
+    assert head.statement.startswith("From 2020-01-01 to 2020-12-31 the record has ")
+    assert f"{len(conditions)} diagnos" in head.statement
+    assert f"{len(orders)} medication" in head.statement
+    assert conditions | orders <= set(head.evidence)
+    assert conditions | orders <= {ref for f in listed for ref in f.evidence}
+    assert not any(ref.startswith("Encounter/") for f in listed for ref in f.evidence)
+
+    (nothing,) = changes_in_period(ctx, days=365)
+    last = max(
+        r.get("effectiveDateTime", "") for r in tommy_json if r["resourceType"] == "Observation"
+    )[:10]
+    assert nothing.statement.startswith("Nothing is recorded from 2025-11-30 to 2026-11-30")
+    assert f"the record's latest dated entry is from {last}" in nothing.statement
