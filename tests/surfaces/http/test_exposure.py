@@ -181,7 +181,8 @@ def test_mcp_answers_name_no_database_or_model_server_and_keep_the_question_limi
 
 def test_a_failing_thread_store_ends_the_stream_with_an_error(exposed: Exposed):
     """A thread whose stored checkpoint cannot be read (here: a row in a format the serializer
-    refuses) fails the answer; the stream says so and ends, and the audit log has the error."""
+    refuses) fails the answer; the stream says so (the thread is damaged: start a new one) and
+    ends, and the audit log has the error."""
     body = {"patient": PID, "question": QUESTION, "thread": "broken"}
     assert httpx.post(f"{exposed.url}/v1/ask", json=body, headers=EHR, timeout=120).is_success
     ehr = Principal("ehr", "ehr", frozenset({"system/*.read"}), kind="api-key")
@@ -192,7 +193,10 @@ def test_a_failing_thread_store_ends_the_stream_with_an_error(exposed: Exposed):
             (thread_key(ehr, PID, "broken"),),
         )
     events = _events(exposed.url, {**body, "question": "and before that?"}, within_s=40)
-    assert events[-1] == ("error", {"status": 500, "detail": "the answer failed"})
+    assert events[-1] == (
+        "error",
+        {"status": 500, "detail": "this thread's saved state is damaged; start a new thread"},
+    )
     engine = sa.create_engine(f"sqlite:///{home / 'audit.db'}")
     with engine.connect() as conn:
         rows = conn.execute(sa.text("SELECT endpoint, outcome FROM audit_log")).all()
