@@ -198,7 +198,7 @@ class CaseIndex:
                 return False
             try:
                 index, _, factory = manifest.read_generation(live, self.space())
-            except (OSError, CaseIndexError) as exc:
+            except (OSError, RuntimeError, CaseIndexError) as exc:  # faiss raises RuntimeError
                 log.warning("kept index %s: %s could not be read (%s)", self.generation, live, exc)
                 return False
             log.info("index switched from %s to %s", self.generation, live.name)

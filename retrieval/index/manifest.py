@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -23,6 +25,8 @@ from retrieval.encoders import EncoderInfo
 from retrieval.index.errors import CaseIndexError, IndexMismatch
 from retrieval.index.fusion import Fusion
 from retrieval.index.kinds import faiss, index_ids
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1  # the layout of generations and of the space record; a change means a rebuild
 
@@ -84,29 +88,57 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+# what CURRENT may name: a generation folder of this index, nothing else
+_GENERATION_NAME = re.compile(r"gen-\d{6}")
+
+
 def current_generation(root: Path) -> Path | None:
-    """The live generation folder named by ``root/CURRENT``, or None when there is none yet (or
-    the folder it names is gone)."""
+    """The live generation folder named by ``root/CURRENT``, or None when there is none yet, the
+    folder it names is gone, or it names anything but a real ``gen-NNNNNN`` folder directly in
+    ``root`` (a planted ``../elsewhere`` or a symbolic link is never followed; logged)."""
     pointer = root / "CURRENT"
-    if not pointer.is_file():
+    if not pointer.is_file() or pointer.is_symlink():
         return None
-    gen = root / pointer.read_text().strip()
-    return gen if gen.is_dir() else None
+    name = pointer.read_text(errors="replace").strip()
+    if not _GENERATION_NAME.fullmatch(name):
+        log.warning("ignored %s: it names %r, not a generation folder", pointer, name[:80])
+        return None
+    gen = root / name
+    if gen.is_symlink() or not gen.is_dir():
+        return None
+    return gen
 
 
 def read_generation(gen: Path, space: dict[str, Any]) -> tuple[Any, np.ndarray, str]:
     """(FAISS index, int64 ids it holds, factory string) of the generation ``gen``. Raises
     IndexMismatch when its manifest records another vector space than ``space``, and
     CaseIndexError when ``index.faiss`` does not match the manifest's checksum."""
-    manifest = json.loads((gen / "manifest.json").read_text())
-    compare_space(manifest["space"], space, str(gen))
+    try:
+        manifest = json.loads((gen / "manifest.json").read_text())
+        stored_space, checksum, factory = (
+            manifest["space"], manifest["index_sha256"], manifest["factory"]
+        )  # fmt: skip
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CaseIndexError(
+            f"{gen / 'manifest.json'} cannot be read ({type(exc).__name__}); rebuild the index "
+            "with `chartsight index build --rebuild`"
+        ) from exc
+    compare_space(stored_space, space, str(gen))
     index_file = gen / "index.faiss"
-    if sha256_file(index_file) != manifest["index_sha256"]:
+    if sha256_file(index_file) != checksum:
         raise CaseIndexError(
             f"{index_file} does not match its manifest's checksum (a damaged file); "
             "rebuild it with `chartsight index build --rebuild`"
         )
-    return faiss.read_index(str(index_file)), np.load(gen / "ids.npy"), manifest["factory"]
+    index = faiss.read_index(str(index_file))
+    ids = np.load(gen / "ids.npy", allow_pickle=False)
+    if int(index.d) != int(space["dim"]) or len(ids) != int(index.ntotal):
+        raise CaseIndexError(
+            f"{index_file} holds vectors of dimension {index.d} ({index.ntotal} of them, "
+            f"{len(ids)} ids), not the space's {space['dim']}: rebuild it with "
+            "`chartsight index build --rebuild`"
+        )
+    return index, ids, factory
 
 
 def write_generation(root: Path, index: Any, factory: str, space: dict[str, Any]) -> Path:
@@ -140,7 +172,10 @@ def write_generation(root: Path, index: Any, factory: str, space: dict[str, Any]
         shutil.rmtree(gen)
     tmp.rename(gen)
     pointer_tmp = root / ".CURRENT.tmp"
-    pointer_tmp.write_text(gen.name)
+    pointer_tmp.unlink(missing_ok=True)  # never write through a link planted there
+    fd = os.open(pointer_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(gen.name)
     fsync_path(pointer_tmp)
     os.replace(pointer_tmp, root / "CURRENT")
     fsync_path(root)

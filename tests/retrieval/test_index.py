@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -379,3 +380,53 @@ def test_rows_stored_then_synced_in_merged_shards_search_like_upserts(
     assert len(stored) == 300
     stored.save()
     assert len(_open(tmp_path / "b", encoders, factory=factory)) == 300
+
+
+def test_planted_files_in_the_index_folder_are_neither_followed_nor_written_through(
+    tmp_path: Path, encoders: EncoderRegistry
+):
+    """Whoever can write the index folder cannot make ChartSight read outside it (CURRENT naming
+    ``../elsewhere`` or a symlinked generation) or overwrite a file (a planted ``.CURRENT.tmp``
+    link); an unreadable manifest or a vector file of another dimension is a clear error, and a
+    running reader keeps the generation it holds."""
+    from retrieval.index import manifest
+
+    path = tmp_path / "idx"
+    index = _open(path, encoders)
+    cases, vectors = _synthetic(8, index.fusion.dim)
+    index.upsert(cases, vectors)
+    live = index.save()
+    reader = _open(path, encoders)
+
+    outside = tmp_path / "outside"
+    shutil.copytree(live, outside / "gen-000009")
+    for planted in ("../outside/gen-000009", "/etc"):
+        (path / "CURRENT").write_text(planted)
+        assert manifest.current_generation(path) is None
+    (path / "gen-000009").symlink_to(outside / "gen-000009")
+    (path / "CURRENT").write_text("gen-000009")
+    assert manifest.current_generation(path) is None
+    (path / "gen-000009").unlink()
+    (path / "CURRENT").write_text(live.name)
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious data")
+    (path / ".CURRENT.tmp").symlink_to(victim)
+    index.save()
+    assert victim.read_text() == "precious data"
+
+    gen = manifest.current_generation(path)
+    assert gen is not None
+    good = (gen / "manifest.json").read_text()
+    (gen / "manifest.json").write_text("{}")
+    assert not reader.refresh() and len(reader) == 8  # the reader keeps what it holds
+    with pytest.raises(CaseIndexError, match="manifest.json cannot be read"):
+        manifest.read_generation(gen, index.space())
+    # a vector file of another dimension, its checksum put in the manifest to match
+    other = index_mod.faiss.IndexFlatIP(index.fusion.dim + 1)
+    index_mod.faiss.write_index(other, str(gen / "index.faiss"))
+    fixed = json.loads(good)
+    fixed["index_sha256"] = manifest.sha256_file(gen / "index.faiss")
+    (gen / "manifest.json").write_text(json.dumps(fixed))
+    with pytest.raises(CaseIndexError, match="dimension"):
+        manifest.read_generation(gen, index.space())
