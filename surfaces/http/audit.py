@@ -112,21 +112,27 @@ class AuditLog:
         the write."""
         rid = request_id or current_request_id()
         cited = [c["reference"] for c in (answer or {}).get("citations", [])]
+
+        def cell(value: str | None, width: int) -> str | None:
+            # what fits the column and every database: PostgreSQL's text cannot hold NUL (a
+            # caller's "id\u0000" made the insert fail, so the refusal went unaudited)
+            return value.replace("\x00", "\ufffd")[:width] if value else None
+
         with self.engine.begin() as conn:
             conn.execute(
                 audit_log.insert().values(
                     at=datetime.now(UTC),
-                    client_id=principal.client_id[:200],
-                    subject=principal.subject[:400],
-                    endpoint=endpoint[:100],
-                    patient_id=patient_id[:200] if patient_id is not None else None,
+                    client_id=cell(principal.client_id, 200) or "",
+                    subject=cell(principal.subject, 400) or "",
+                    endpoint=cell(endpoint, 100) or "",
+                    patient_id=cell(patient_id, 200),
                     question_sha256=question_hash(question) if question is not None else None,
                     cited=json.dumps(cited),
-                    model=((answer or {}).get("model") or "")[:300] or None,
-                    prompt_version=((answer or {}).get("prompt_version") or "")[:20] or None,
-                    outcome=outcome[:40],
-                    detail=(detail or "")[:300] or None,
-                    request_id=rid[:64] if rid else None,
+                    model=cell((answer or {}).get("model"), 300),
+                    prompt_version=cell((answer or {}).get("prompt_version"), 20),
+                    outcome=cell(outcome, 40) or "",
+                    detail=cell(detail, 300),
+                    request_id=cell(rid, 64),
                 )
             )
 

@@ -399,6 +399,9 @@ async def search_audit_events(
         dates = [date_interval(d) for d in date or []]
     except SearchError as exc:
         return _outcome(400, "invalid", str(exc))
+    if patient is not None and any(ord(c) < 32 or ord(c) == 127 for c in patient):
+        # no id or identifier holds one, and PostgreSQL's text cannot hold NUL
+        return _outcome(400, "invalid", "the patient parameter holds a control character")
     rows = await asyncio.to_thread(
         svc.audit.search, patient=patient, dates=dates, after_id=cursor, limit=count + 1
     )

@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from agent import Answer
+from connectors.demo import TOMMY_FRIESEN
 from connectors.store import FhirStore
 from surfaces.http.audit import AuditLog
 from surfaces.http.drafts import DraftStore
@@ -158,7 +159,18 @@ def test_a_long_patient_key_is_refused_and_audited_on_postgresql(
 
         result = asyncio.run(mcp())
         assert result.is_error and "over 200 characters" in str(result.content)
+        # a NUL in a patient key (PostgreSQL's text cannot hold one) is refused and audited
+        other = httpx.post(
+            f"{running.url}/v1/ask",
+            json={"patient": f"{TOMMY_FRIESEN}x\u0000", "question": "age?"},
+            headers={"X-API-Key": BOUND_KEY},
+        )
+        assert other.status_code == 403, other.text
+        nul = httpx.get(search, params={"patient": "a\x00b"}, headers=auditor)
+        assert nul.status_code == 400 and "control character" in nul.text
     audit = AuditLog(settings.serve.audit_url)
+    denied = [r for r in audit.rows() if r["outcome"] == "denied" and r["endpoint"] == "ask"]
+    assert denied and denied[-1]["patient_id"] == f"{TOMMY_FRIESEN}x\ufffd"
     audit.record(Principal("c", "c", frozenset()), "e" * 150, "o" * 60, patient_id="p" * 300)
     row = audit.rows()[-1]
     assert (len(row["endpoint"]), len(row["outcome"]), len(row["patient_id"])) == (100, 40, 200)
