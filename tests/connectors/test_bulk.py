@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import re
@@ -585,12 +586,21 @@ async def test_a_manifest_type_that_is_no_resource_type_name_is_refused(tmp_path
         store.close()
 
 
-def test_markup_in_x_progress_is_shown_as_text(home: Path, tommy_json):
-    options = BulkServerOptions(polls=1, retry_after="0", x_progress="[/bold] [link=x]")
+def test_markup_in_x_progress_is_shown_as_text(home: Path, tommy_json, monkeypatch):
+    from rich.console import Console
+
+    from surfaces import cli
+
+    # a terminal, so that the progress display is drawn (to a buffer) as a user sees it
+    screen = Console(file=io.StringIO(), force_terminal=True, width=200)
+    monkeypatch.setattr(cli, "console", screen)
+    options = BulkServerOptions(polls=2, retry_after="1", x_progress="[/bold] step [link=x]")
     with BulkServer(_resources(tommy_json), options) as server:
         result = runner.invoke(app, ["bulk", server.base_url])
-    assert result.exit_code == 0, result.output
-    assert len(server.polls) == 2 and "resources from 3 files" in result.output
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.file.getvalue())  # type: ignore[attr-defined]
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert len(server.polls) == 3 and "resources from 3 files" in shown
+    assert "[/bold] step [link=x]" in shown
 
 
 def test_since_is_an_instant():
