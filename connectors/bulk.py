@@ -18,6 +18,12 @@ Each output file is streamed to disk and imported by the store's importer (``Fhi
 the same validation, all or nothing per file, the same skipped-entry warnings), never held in memory.
 When every file is in, the manifest's ``transactionTime`` is kept, and the next run without an
 explicit ``_since`` asks only for what changed after it (the IG's advice for incremental exports).
+
+What the server sends is not trusted: the status URL must be on the FHIR server's origin; file
+URLs, and each hop of a file's redirects (at most ``MAX_REDIRECTS``), on that origin or a host of
+``bulk.file_hosts``; a file is refused over ``bulk.max_file_bytes`` (downloaded or decompressed) or
+with more than ``MAX_BLANK_LINES`` blank lines; a manifest ``type`` must be a resource type name
+before a local file name is built from it.
 """
 
 from __future__ import annotations
