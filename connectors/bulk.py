@@ -18,20 +18,28 @@ Each output file is streamed to disk and imported by the store's importer (``Fhi
 the same validation, all or nothing per file, the same skipped-entry warnings), never held in memory.
 When every file is in, the manifest's ``transactionTime`` is kept, and the next run without an
 explicit ``_since`` asks only for what changed after it (the IG's advice for incremental exports).
+
+What the server sends is not trusted: the status URL must be on the FHIR server's origin; file
+URLs, and each hop of a file's redirects (at most ``MAX_REDIRECTS``), on that origin or a host of
+``bulk.file_hosts``; a file is refused over ``bulk.max_file_bytes`` (downloaded or decompressed) or
+with more than ``MAX_BLANK_LINES`` blank lines; a manifest ``type`` must be a resource type name
+before a local file name is built from it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -57,6 +65,18 @@ FileKind = Literal["output", "deleted", "error"]
 GONE = frozenset({404, 410})
 _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 16
+# Redirects followed for one file download (each hop checked like a manifest URL); RFC 9110
+# section 15.4 sets no number, httpx's own default is 20, browsers stop near 20: 5 is plenty for
+# a FHIR server handing a file to object storage.
+MAX_REDIRECTS = 5
+# Blank lines accepted in one export file. NDJSON (ndjson-spec 1.0.0; IG v2.0.0 "Bulk Data Output
+# File Format") holds one resource per line; a blank line carries nothing, a trailing newline or a
+# few padding lines are harmless, a file of millions of them is a decompression bomb.
+MAX_BLANK_LINES = 1000
+# A FHIR resource type name (FHIR R4 "Resource" names: an upper-case letter, then letters): the
+# only server text a local file name is built from.
+_RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
+_FILE_NAME = re.compile(r"\d{5}-(output|deleted|error)-[A-Za-z]{1,64}")
 
 
 class BulkError(ConnectorError):
@@ -214,6 +234,36 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return parts.scheme, (parts.hostname or "").lower(), port
 
 
+def _scan_file(path: Path, limit: int) -> None:
+    """Refuse a downloaded export file (plain or gzip) whose content, decompressed, is longer than
+    ``limit`` bytes or has more than ``MAX_BLANK_LINES`` blank lines, reading it in 64 KiB chunks
+    (the whole file is never held). Raises ``BulkError`` naming the file and the limit;
+    ``OSError``/``EOFError``/``gzip.BadGzipFile`` are left to the importer, which reports them."""
+    with path.open("rb") as raw:
+        gz = raw.read(2) == _GZIP_MAGIC
+    size = blank = 0
+    line_empty = True  # the line being read has only whitespace so far
+    opener = gzip.open if gz else open
+    with contextlib.suppress(OSError, EOFError), opener(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise BulkError(
+                    f"{path.name}: more than {limit} bytes{' once decompressed' if gz else ''}, "
+                    "the limit bulk.max_file_bytes; not imported"
+                )
+            *ended, rest = chunk.split(b"\n")
+            for piece in ended:
+                blank += line_empty and not piece.strip()
+                line_empty = True
+            line_empty = line_empty and not rest.strip()
+            if blank > MAX_BLANK_LINES:
+                raise BulkError(
+                    f"{path.name}: more than {MAX_BLANK_LINES} blank lines (NDJSON holds one "
+                    "resource per line); not imported"
+                )
+
+
 def _outcome_lines(outcome: Any) -> list[str]:
     """``severity code: text`` per issue of an OperationOutcome (else one line saying what the
     line held)."""
@@ -285,21 +335,59 @@ class BulkExport:
         """The state file of ``request``'s export series on this server."""
         return ExportState(self.state_dir, request.key(self.base_url))
 
+    def _check_status_url(self, url: str) -> None:
+        """Raise ``BulkError`` unless ``url`` is on the FHIR server's origin (scheme, host and
+        port, RFC 6454): the status URL gets the access token, and a ``Content-Location`` (or a
+        state file) naming another address (``http://169.254.169.254/...``) must not."""
+        if _origin(url) != _origin(self.base_url):
+            theirs, ours = ("{}://{}:{}".format(*_origin(u)) for u in (url, self.base_url))
+            raise BulkError(
+                f"the export's status URL {url!r:.200} is on {theirs}, not on the FHIR server's "
+                f"origin {ours}: refused, nothing was sent there (the export stays unfinished "
+                "on the server)"
+            )
+
+    def _file_url_problem(self, url: str, with_token: bool) -> str | None:
+        """Why an export file may not be fetched from ``url`` (``None``: it may): not http(s),
+        or on a host other than the FHIR server's origin that ``bulk.file_hosts`` does not list.
+        The same rule for a manifest's URLs and each redirect hop of a download."""
+        if urlsplit(url).scheme not in ("http", "https"):
+            return f"{url!r:.200} is not an http(s) URL"
+        host = urlsplit(url).hostname or ""
+        if _origin(url) == _origin(self.base_url) or host in self.bulk.file_hosts:
+            return None
+        # A manifest is the server's word: without this check a server (or whoever can write
+        # its manifests) could make ChartSight fetch, with the token when requiresAccessToken is
+        # set, any address it can reach.
+        return (
+            f"{url} is not on the FHIR server ({self.base_url}); add {host!r} to "
+            "bulk.file_hosts to download export files from it"
+            + (" (the access token is sent there)" if with_token else "")
+        )
+
+    def _sends_token(self, url: str, with_token: bool) -> bool:
+        """Whether a file request to ``url`` carries the access token: only when the manifest
+        sets ``requiresAccessToken`` and ``url`` is on the FHIR server's origin or a host
+        ``bulk.file_hosts`` lists."""
+        return with_token and self._file_url_problem(url, with_token) is None
+
     # ---------------------------------------------------------------- cancel
 
     async def cancel(self, request: ExportRequest) -> str | None:
         """Cancel the export in progress: ``DELETE`` its status URL (IG v2.0.0, "Delete a Bulk
         Data Request"), forget it and its files. Returns the status URL cancelled, ``None`` when
         there was none. A 404/410 (the server forgot it already) is not an error; other error
-        answers raise ``BulkError`` after the local state is cleared."""
+        answers, and a status URL off the FHIR server's origin (nothing is sent there), raise
+        ``BulkError`` after the local state is cleared."""
         state = self.state(request)
         job = state.job
         if job is None:
             return None
         url = str(job["status_url"])
         state.clear_job()
+        self._check_status_url(url)
         try:
-            await self.http.request("DELETE", url)
+            await self.http.request("DELETE", url, follow_redirects=False)
         except ResourceNotFound:
             pass
         except HttpStatusError as exc:
@@ -350,9 +438,14 @@ class BulkExport:
                 report.resumed = False
                 job = await self._kick_off(request, since, state, notify)
                 job["manifest"] = await self._wait(str(job["status_url"]), notify)
-            job["files"] = self._plan(job["manifest"])
+            job["files"], job["refused"] = self._plan(job["manifest"])
+            state.save()
+        elif any(not _FILE_NAME.fullmatch(str(f.get("name"))) for f in job["files"].values()):
+            # a state file written before file names were checked: plan its files again
+            job["files"], job["refused"] = self._plan(job["manifest"])
             state.save()
         manifest = job["manifest"]
+        report.server_errors += job.get("refused") or []
         report.transaction_time = str(manifest.get("transactionTime") or "") or None
         await self._fetch_all(job, state, manifest, report, notify)
         if not report.failed:
@@ -383,6 +476,7 @@ class BulkExport:
                 "$export (FHIR Bulk Data Access)"
             )
         status_url = str(response.url.join(location))
+        self._check_status_url(status_url)
         job: dict[str, Any] = {
             "status_url": status_url,
             "since": since,
@@ -397,12 +491,15 @@ class BulkExport:
 
     async def _wait(self, status_url: str, notify: ProgressFn) -> dict[str, Any]:
         """Poll ``status_url`` until the manifest comes (200), waiting ``Retry-After`` (capped
-        at ``poll_max_s``) or, without one, ``poll_initial_s`` doubling up to ``poll_max_s``."""
+        at ``poll_max_s``) or, without one, ``poll_initial_s`` doubling up to ``poll_max_s``.
+        Raises ``BulkError`` before any request when ``status_url`` is off the FHIR server's
+        origin; redirects are not followed (a 3xx is an error: the token stays on the origin)."""
+        self._check_status_url(status_url)
         deadline = time.monotonic() + self.bulk.max_wait_s
         delay = self.bulk.poll_initial_s
         while True:
             try:
-                response = await self.http.request("GET", status_url)
+                response = await self.http.request("GET", status_url, follow_redirects=False)
             except HttpStatusError as exc:
                 if exc.status in GONE:
                     raise _Gone(str(exc)) from exc
@@ -434,12 +531,17 @@ class BulkExport:
             raise BulkError(f"{status_url}: the complete status has no output array")
         return manifest
 
-    def _plan(self, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        """url → file entry for every item of ``output``, ``deleted`` and ``error``. Raises
-        ``BulkError`` for an item without an http(s) URL, or on a host other than the FHIR
-        server's (scheme, host and port) that ``bulk.file_hosts`` does not list."""
+    def _plan(self, manifest: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """``(url → file entry, refused)`` for the items of ``output``, ``deleted`` and
+        ``error``. An item whose ``type`` is given but not a FHIR resource type name
+        (``^[A-Z][A-Za-z]{1,63}$``: ``a/../../x``, a NUL) is left out and described in
+        ``refused`` (reported like an error file's lines); local file names are built only from
+        checked types. Raises ``BulkError`` for an item without an http(s) URL, or on a host
+        other than the FHIR server's (scheme, host and port) that ``bulk.file_hosts`` does not
+        list."""
         with_token = bool(manifest.get("requiresAccessToken"))
         files: dict[str, dict[str, Any]] = {}
+        refused: list[str] = []
         kinds: tuple[FileKind, ...] = ("output", "deleted", "error")
         for kind in kinds:
             items = manifest.get(kind) or []
@@ -449,17 +551,15 @@ class BulkExport:
                 url = item.get("url") if isinstance(item, dict) else None
                 if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https"):
                     raise BulkError(f"the manifest's {kind} names no http(s) url: {item!r:.200}")
-                host = urlsplit(url).hostname or ""
-                if _origin(url) != _origin(self.base_url) and host not in self.bulk.file_hosts:
-                    # A manifest is the server's word: without this check a server (or whoever
-                    # can write its manifests) could make ChartSight fetch, with the token when
-                    # requiresAccessToken is set, any address it can reach.
-                    raise BulkError(
-                        f"{url} is not on the FHIR server ({self.base_url}); add {host!r} to "
-                        "bulk.file_hosts to download export files from it"
-                        + (" (the access token is sent there)" if with_token else "")
-                    )
+                if problem := self._file_url_problem(url, with_token):
+                    raise BulkError(problem)
                 rtype = str(item.get("type") or "")
+                if rtype and not _RESOURCE_TYPE.fullmatch(rtype):
+                    refused.append(
+                        f"manifest {kind} entry {url!r:.200} refused: type {rtype!r:.80} is not a "
+                        "FHIR resource type name"
+                    )
+                    continue
                 files[url] = {
                     "kind": kind,
                     "type": rtype,
@@ -467,7 +567,7 @@ class BulkExport:
                     "state": "pending",
                     "error": None,
                 }
-        return files
+        return files, refused
 
     # ---------------------------------------------------------------- files
 
@@ -532,7 +632,10 @@ class BulkExport:
         the bytes are gzip: a ``Content-Encoding: gzip`` answer is kept compressed). A partial
         file of an uncompressed answer continues with ``Range: bytes={size}-``; a server that
         answers 200 instead of 206 sends it again from the start. Transport errors, 429 and
-        5xx are retried (``Retry-After`` honoured) up to ``fhir.http.max_retries`` times."""
+        5xx are retried (``Retry-After`` honoured) up to ``fhir.http.max_retries`` times.
+        Redirects are followed by ``_open_file`` (at most ``MAX_REDIRECTS``, each hop checked).
+        Raises ``BulkError`` for a file over ``bulk.max_file_bytes`` (by ``Content-Length``, or
+        once that many bytes came; the partial file is deleted)."""
         part = state.files_dir / f"{entry['name']}.part"
         settings = self.fhir.http
         attempt = 0
@@ -541,10 +644,9 @@ class BulkExport:
             headers = {"Accept": NDJSON}
             if offset:
                 headers.update({"Range": f"bytes={offset}-", "Accept-Encoding": "identity"})
-            client = self.http.client if with_token else self.plain
             retry_after: float | None = None
             try:
-                async with client.stream("GET", url, headers=headers) as response:
+                async with self._open_file(url, headers, with_token) as response:
                     if response.status_code in GONE:
                         raise BulkError(
                             f"{url} answered HTTP {response.status_code}: the export's files "
@@ -562,11 +664,22 @@ class BulkExport:
                     if resumed and _range_start(response) != offset:
                         part.unlink()  # an answer for other bytes: start the file again
                         raise _Retry(f"a 206 answer that does not start at byte {offset}")
+                    start = offset if resumed else 0
+                    limit = self.bulk.max_file_bytes
+                    length = response.headers.get("Content-Length", "")
+                    if length.isdigit() and start + int(length) > limit:
+                        part.unlink(missing_ok=True)
+                        raise BulkError(_too_big(url, limit, f"Content-Length {length}"))
                     entry["identity"] = not gzipped
                     state.save()
                     chunks = response.aiter_raw(_CHUNK) if gzipped else response.aiter_bytes(_CHUNK)
                     with part.open("ab" if resumed else "wb") as out:
                         async for chunk in chunks:
+                            start += len(chunk)
+                            if start > limit:
+                                out.close()
+                                part.unlink()
+                                raise BulkError(_too_big(url, limit, "the bytes sent"))
                             out.write(chunk)
                             counters["bytes"] += len(chunk)
                             tick(entry["type"])
@@ -587,13 +700,40 @@ class BulkExport:
             gz = fh.read(2) == _GZIP_MAGIC
         part.rename(state.files_dir / f"{entry['name']}.ndjson{'.gz' if gz else ''}")
 
+    @contextlib.asynccontextmanager
+    async def _open_file(
+        self, url: str, headers: dict[str, str], with_token: bool
+    ) -> AsyncIterator[httpx.Response]:
+        """The streamed answer to ``GET url``, redirects followed by hand: at most
+        ``MAX_REDIRECTS`` hops, each ``Location`` checked by ``_file_url_problem`` (the rule for
+        the manifest's URLs) before it is requested, the token sent only where
+        ``_sends_token`` allows. Raises ``BulkError`` for a refused hop or too many."""
+        target = url
+        for _ in range(MAX_REDIRECTS + 1):
+            client = self.http.client if self._sends_token(target, with_token) else self.plain
+            async with client.stream(
+                "GET", target, headers=headers, follow_redirects=False
+            ) as response:
+                if not response.is_redirect:
+                    yield response
+                    return
+                await response.aread()
+                hop = str(response.url.join(response.headers["Location"]))
+            if problem := self._file_url_problem(hop, with_token):
+                raise BulkError(f"{target} redirected to a refused address: {problem}")
+            target = hop
+        raise BulkError(f"{url}: more than {MAX_REDIRECTS} redirects; not downloaded")
+
     async def _take(
         self, url: str, entry: dict[str, Any], state: ExportState, report: BulkReport
     ) -> None:
-        """Import (output), apply (deleted) or read (error) the downloaded file of ``entry``."""
+        """Import (output), apply (deleted) or read (error) the downloaded file of ``entry``,
+        after ``_scan_file`` (decompressed size and blank lines) let it through: a refused file
+        raises ``BulkError`` and nothing of it is stored."""
         path = _downloaded(state, entry)
         if path is None:
             raise BulkError(f"{url}: the downloaded file is missing from {state.files_dir}")
+        await asyncio.to_thread(_scan_file, path, self.bulk.max_file_bytes)
         if entry["kind"] == "error":
             report.server_errors += await asyncio.to_thread(self._errors, path)
             return
@@ -650,6 +790,11 @@ class _Gone(Exception):
 
 class _Retry(Exception):
     """A download answer worth asking again (429, 5xx)."""
+
+
+def _too_big(url: str, limit: int, by: str) -> str:
+    """The message for a file over ``bulk.max_file_bytes``."""
+    return f"{url}: larger than {limit} bytes ({by}), the limit bulk.max_file_bytes; not downloaded"
 
 
 def _range_start(response: httpx.Response) -> int | None:

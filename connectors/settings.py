@@ -83,6 +83,13 @@ class BulkSettings(BaseModel):
         "too when the manifest sets requiresAccessToken. Others are refused: a manifest must not "
         "send ChartSight to an address nobody listed.",
     )
+    max_file_bytes: int = Field(
+        default=8 * 2**30,
+        ge=1,
+        description="Largest export file accepted, in bytes: as downloaded (checked against "
+        "Content-Length and while streaming) and, for a gzip file, once decompressed. A larger "
+        "file counts as failed and nothing of it is imported.",
+    )
     state_dir: Path | None = Field(
         default=None,
         description="Where exports in progress (status URL, manifest, downloaded files) are kept "

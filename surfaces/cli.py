@@ -17,6 +17,7 @@ from typing import Annotated, Any, get_type_hints
 import typer
 from pydantic import SecretStr
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -385,8 +386,10 @@ def bulk(
                 task = bar.add_task("bulk", total=None, detail="")
 
                 def show(event: BulkProgress) -> None:
+                    # event.detail is server text (X-Progress, a manifest's type): escaped, so
+                    # that "[/bold]" is shown, not read as Rich markup
                     if event.phase in ("kick-off", "waiting"):
-                        detail = f"{event.phase} {event.detail}".strip()
+                        detail = f"{event.phase} {escape(event.detail)}".strip()
                         bar.update(task, detail=detail)
                         return
                     bar.update(
@@ -394,7 +397,7 @@ def bulk(
                         completed=event.files_done,
                         total=event.files_total or None,
                         detail=f"files; {event.bytes / 2**20:.1f} MiB, {event.resources} "
-                        f"resources {event.detail}",
+                        f"resources {escape(event.detail)}",
                     )
 
                 return await exporter.run(
@@ -408,7 +411,9 @@ def bulk(
     finally:
         store.close()
     if cancel:
-        console.print(f"cancelled {outcome}" if outcome else "no unfinished export to cancel")
+        console.print(
+            f"cancelled {escape(outcome)}" if outcome else "no unfinished export to cancel"
+        )
         return
     report = outcome
     console.print(

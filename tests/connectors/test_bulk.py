@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import re
@@ -461,6 +462,145 @@ async def test_an_export_never_complete_is_given_up_then_cancelled(tmp_path, tom
             status_url = await exporter.cancel(ExportRequest(level="group", group="g1"))
         assert status_url and server.deletes == [status_url.rsplit("/", 1)[1]]
         store.close()
+
+
+# ---------------------------------------------------------------- hostile servers
+
+
+async def test_a_status_url_off_the_servers_origin_is_refused_before_any_request(
+    tmp_path, tommy_json
+):
+    resources = _resources(tommy_json)
+    with BulkServer(resources, BulkServerOptions(polls=0, token="s3cret")) as server:
+        # the same server under another name: a request there would show in server.polls
+        hostile = server.base_url.replace("127.0.0.1", "localhost") + "/status/x"
+        server.options.status_location = hostile
+        store = FhirStore(f"sqlite:///{tmp_path / 'store.db'}")
+        settings = FhirServerSettings(url=server.base_url, token="s3cret")
+        async with BulkExport(settings, FAST, store, tmp_path / "bulk") as exporter:
+            with pytest.raises(BulkError, match="not on the FHIR server's origin") as refused:
+                await exporter.run(ExportRequest())
+            assert "localhost" in str(refused.value) and exporter.state(ExportRequest()).job is None
+            assert server.polls == [] and server.deletes == []
+            # a state file naming such a status URL (written before this check): not polled, and
+            # --cancel sends no DELETE there either
+            state = exporter.state(ExportRequest())
+            state.data["job"] = {
+                "status_url": hostile,
+                "since": None,
+                "manifest": None,
+                "files": {},
+            }
+            state.save()
+            with pytest.raises(BulkError, match="not on the FHIR server's origin"):
+                await exporter.run(ExportRequest())
+            with pytest.raises(BulkError, match="nothing was sent there"):
+                await exporter.cancel(ExportRequest())
+            assert exporter.state(ExportRequest()).job is None
+        assert server.polls == [] and server.deletes == []
+        store.close()
+
+
+async def test_a_file_redirect_is_checked_like_a_manifest_url(tmp_path, tommy_json):
+    resources = _resources(tommy_json)
+    with BulkServer(resources, BulkServerOptions(polls=0)) as server:
+        other = server.base_url.replace("127.0.0.1", "localhost")
+        server.options.redirect_to = other + "/files/elsewhere/{name}?hop=1"
+        store = FhirStore(f"sqlite:///{tmp_path / 'store.db'}")
+        settings = FhirServerSettings(url=server.base_url)
+        async with BulkExport(settings, FAST, store, tmp_path / "bulk") as exporter:
+            report = await exporter.run(ExportRequest())
+        assert report.count == 0 and report.failed
+        assert all("redirected to a refused address" in str(f) for f in report.failed)
+        assert all("add 'localhost' to bulk.file_hosts" in str(f) for f in report.failed)
+        assert [r for r in server.file_requests if r["hop"]] == []  # the hop was never asked
+        assert store.counts() == {}
+        # a redirect on the FHIR server's origin is followed; a loop stops after 5 hops
+        job = next(iter(server.jobs))
+        server.options.redirect_to = server.base_url + f"/files/{job}/{{name}}?hop=1"
+        async with BulkExport(settings, FAST, store, tmp_path / "bulk") as exporter:
+            again = await exporter.run(ExportRequest())
+        assert again.resumed and not again.failed and again.count == len(resources)
+        server.options.redirect_to = server.base_url + f"/files/{job}/{{name}}"
+        async with BulkExport(settings, FAST, store, tmp_path / "bulk") as exporter:
+            looped = await exporter.run(ExportRequest(), full=True)
+        assert looped.failed and all("more than 5 redirects" in str(f) for f in looped.failed)
+        store.close()
+
+
+async def test_a_gzip_bomb_of_blank_lines_is_refused_and_nothing_is_stored(tmp_path, tommy_json):
+    options = BulkServerOptions(polls=0, gzip=True, blank_lines=200_000)
+    with BulkServer(_resources(tommy_json), options) as server:
+        store = FhirStore(f"sqlite:///{tmp_path / 'store.db'}")
+        events: list[BulkProgress] = []
+        async with BulkExport(
+            FhirServerSettings(url=server.base_url), FAST, store, tmp_path / "bulk"
+        ) as exporter:
+            report = await exporter.run(ExportRequest(), progress=events.append)
+            assert max(e.bytes for e in events) < 100_000  # small on the wire
+            assert len(report.failed) == 3 and report.count == 0 and store.counts() == {}
+            assert all("more than 1000 blank lines" in str(f) for f in report.failed)
+            assert all(re.search(r"\d{5}-output-\w+\.ndjson\.gz", str(f)) for f in report.failed)
+            assert exporter.state(ExportRequest()).job is not None  # resumable
+        store.close()
+
+
+async def test_files_over_max_file_bytes_are_refused(tmp_path, tommy_json):
+    resources = _resources(tommy_json)
+    with BulkServer(resources, BulkServerOptions(polls=0, gzip=True)) as server:
+        store = FhirStore(f"sqlite:///{tmp_path / 'store.db'}")
+        small = FAST.model_copy(update={"max_file_bytes": 3000})
+        async with BulkExport(
+            FhirServerSettings(url=server.base_url), small, store, tmp_path / "bulk"
+        ) as exporter:
+            report = await exporter.run(ExportRequest())
+        messages = [str(f) for f in report.failed]
+        assert len(messages) == 3 and store.counts() == {}, messages
+        assert all("bulk.max_file_bytes" in m and "3000" in m for m in messages)
+        # the Patient file is under 3000 bytes compressed, not once decompressed
+        assert any("once decompressed" in m and "Patient" in m for m in messages)
+        assert any("Content-Length" in m for m in messages)
+        store.close()
+
+
+@pytest.mark.parametrize("bad", ["a/../../x", "Pati\x00ent", "patient", "X"])
+async def test_a_manifest_type_that_is_no_resource_type_name_is_refused(tmp_path, tommy_json, bad):
+    resources = _resources(tommy_json)
+    with BulkServer(resources, BulkServerOptions(polls=0, bad_type=bad)) as server:
+        store = FhirStore(f"sqlite:///{tmp_path / 'store.db'}")
+        async with BulkExport(
+            FhirServerSettings(url=server.base_url), FAST, store, tmp_path / "bulk"
+        ) as exporter:
+            report = await exporter.run(ExportRequest())
+        (line,) = report.server_errors
+        assert "bad.ndjson" in line and "not a FHIR resource type name" in line
+        assert not report.failed and report.count == len(resources)
+        assert "bad.ndjson" not in {r["name"] for r in server.file_requests}
+        # nothing was written outside the state folder
+        assert {p.name for p in tmp_path.iterdir()} <= {
+            "store.db",
+            "store.db-wal",
+            "store.db-shm",
+            "bulk",
+        }
+        store.close()
+
+
+def test_markup_in_x_progress_is_shown_as_text(home: Path, tommy_json, monkeypatch):
+    from rich.console import Console
+
+    from surfaces import cli
+
+    # a terminal, so that the progress display is drawn (to a buffer) as a user sees it
+    screen = Console(file=io.StringIO(), force_terminal=True, width=200)
+    monkeypatch.setattr(cli, "console", screen)
+    options = BulkServerOptions(polls=2, retry_after="1", x_progress="[/bold] step [link=x]")
+    with BulkServer(_resources(tommy_json), options) as server:
+        result = runner.invoke(app, ["bulk", server.base_url])
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.file.getvalue())  # type: ignore[attr-defined]
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert len(server.polls) == 3 and "resources from 3 files" in shown
+    assert "[/bold] step [link=x]" in shown
 
 
 def test_since_is_an_instant():

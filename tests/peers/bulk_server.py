@@ -43,7 +43,13 @@ class BulkServerOptions:
     ``gzip``: compress files for clients that accept it; ``ranges``: answer ``Range`` with 206;
     ``chunk``/``delay_s``: file bytes per chunk and the pause after each; ``errors``: diagnostics
     written to the error file; ``deleted``: ``Type/id`` listed as deleted when ``_since`` is
-    given; ``complete``: False keeps every export in progress."""
+    given; ``complete``: False keeps every export in progress.
+
+    Hostile behaviours: ``status_location``: the kick-off's ``Content-Location`` instead of this
+    server's status URL; ``x_progress``: the ``X-Progress`` text; ``redirect_to``: files answer
+    302 to this URL (``{name}`` replaced by the file's name) unless asked with ``?hop=1``;
+    ``blank_lines``: newlines appended to every output file; ``bad_type``: an extra output item
+    with this ``type`` (its URL serves the Patient file)."""
 
     polls: int = 1
     retry_after: str = "1"
@@ -55,6 +61,11 @@ class BulkServerOptions:
     errors: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     complete: bool = True
+    status_location: str | None = None
+    x_progress: str | None = None
+    redirect_to: str | None = None
+    blank_lines: int = 0
+    bad_type: str | None = None
 
 
 class BulkServer(ThreadedServer):
@@ -119,7 +130,9 @@ class BulkServer(ThreadedServer):
         for r in chosen:
             by_type[r["resourceType"]].append(json.dumps(r))
         for rtype, lines in by_type.items():
-            files[f"{rtype}.ndjson"] = ("\n".join(lines) + "\n").encode()
+            files[f"{rtype}.ndjson"] = (
+                "\n".join(lines) + "\n" * (1 + self.options.blank_lines)
+            ).encode()
         job = secrets.token_hex(6)
         base = f"{self.base_url}/files/{job}"
         manifest: dict[str, Any] = {
@@ -132,6 +145,9 @@ class BulkServer(ThreadedServer):
             ],
             "error": [],
         }
+        if self.options.bad_type is not None and "Patient.ndjson" in files:
+            files["bad.ndjson"] = files["Patient.ndjson"]
+            manifest["output"].append({"type": self.options.bad_type, "url": f"{base}/bad.ndjson"})
         if self.options.errors:
             files["errors.ndjson"] = "".join(
                 json.dumps(_outcome(text)) + "\n" for text in self.options.errors
@@ -149,7 +165,12 @@ class BulkServer(ThreadedServer):
             manifest["deleted"] = [{"type": "Bundle", "url": f"{base}/deleted.ndjson"}]
         self.jobs[job] = {"manifest": manifest, "files": files, "polls": self.options.polls}
         return Response(
-            status_code=202, headers={"Content-Location": f"{self.base_url}/status/{job}"}
+            status_code=202,
+            headers={
+                # on the host the client asked (its Host header), as a server behind several names
+                "Content-Location": self.options.status_location
+                or f"{str(request.base_url).rstrip('/')}/fhir/status/{job}"
+            },
         )
 
     async def status(self, request: Request) -> Response:
@@ -169,7 +190,8 @@ class BulkServer(ThreadedServer):
             return Response(
                 status_code=202,
                 headers={
-                    "X-Progress": f"{done} of {self.options.polls + 1} steps",
+                    "X-Progress": self.options.x_progress
+                    or f"{done} of {self.options.polls + 1} steps",
                     "Retry-After": self.options.retry_after,
                 },
             )
@@ -182,8 +204,15 @@ class BulkServer(ThreadedServer):
                 "range": request.headers.get("range"),
                 "authorization": request.headers.get("authorization"),
                 "accept-encoding": request.headers.get("accept-encoding"),
+                "host": request.headers.get("host"),
+                "hop": request.query_params.get("hop"),
             }
         )
+        if self.options.redirect_to and not request.query_params.get("hop"):
+            name = request.path_params["name"]
+            return Response(
+                status_code=302, headers={"Location": self.options.redirect_to.format(name=name)}
+            )
         if denied := self._denied(request):
             return denied
         job = self.jobs.get(request.path_params["job"])
