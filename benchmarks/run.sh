@@ -28,6 +28,16 @@ if [ "$quick" = 1 ]; then
 else
   $PY benchmarks/large_chart.py
 fi
+if [ "$quick" = 1 ]; then
+  $PY benchmarks/serve_load.py --seconds 20 --warmup 5
+  $PY benchmarks/bulk_ingest.py --patients 60
+  $PY benchmarks/index_build.py --patients 120 --queries 20
+else
+  $PY benchmarks/serve_load.py          # dba6530 and the current code side by side
+  $PY benchmarks/bulk_ingest.py --patients 2000
+  $PY benchmarks/index_build.py --patients 2000   # 100000 for the population figure (hours)
+  $PY benchmarks/soak.py --minutes 30 --append
+fi
 $PY benchmarks/encoders.py
 $PY benchmarks/eval_retrieval.py
 $PY benchmarks/eval_agent.py
