@@ -82,8 +82,9 @@ class Outcome:
         return lat[min(len(lat) - 1, int(len(lat) * q))] if lat else float("nan")
 
 
-def wait_ready(url: str, timeout: float = 120) -> None:
-    """Return once the service at ``url`` answers ``/readyz`` with 200; exit after ``timeout``."""
+def wait_ready(url: str, timeout: float = 120, name: str = "the service") -> None:
+    """Return once the service at ``url`` answers ``/readyz`` with 200; exit after ``timeout``
+    seconds, saying ``name`` did not start."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -92,7 +93,7 @@ def wait_ready(url: str, timeout: float = 120) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    raise SystemExit("the service did not start")
+    raise SystemExit(f"{name} did not start")
 
 
 def _tree(pid: int) -> list[int]:
@@ -219,16 +220,7 @@ def measure(
     url = f"http://127.0.0.1:{port}"
     patients = args.patients
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise SystemExit(f"{name}: the service did not start")
+        wait_ready(url, 300, name)
         asyncio.run(warm(url, patients, workers))
         asyncio.run(load(url, patients, args.clients, args.warmup))
         pids = _tree(server.pid)
