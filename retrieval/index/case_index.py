@@ -77,7 +77,6 @@ class CaseIndex:
         self._check_space()
         # which generation is held in memory: its folder's name, inode and change time (a rebuild
         # starts numbering again at gen-000001 in a new folder, so the name alone is not enough)
-        self.generation: str | None = None
         self._held: tuple[str, int, int] | None = None
         self.index, self.factory = self._open()
 
@@ -169,9 +168,15 @@ class CaseIndex:
             self._hold(gen)
             return gen
 
+    @property
+    def generation(self) -> str | None:
+        """The folder name of the generation held in memory (``gen-NNNNNN``), None before the
+        first is written."""
+        return self._held[0] if self._held is not None else None
+
     def _hold(self, gen: Path) -> None:
         st = gen.stat()
-        self.generation, self._held = gen.name, (gen.name, st.st_ino, st.st_ctime_ns)
+        self._held = (gen.name, st.st_ino, st.st_ctime_ns)
 
     def _is_held(self, gen: Path) -> bool:
         try:
