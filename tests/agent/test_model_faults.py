@@ -45,20 +45,23 @@ def _settings(home: Path, store: FhirStore, model: FaultyModel, fault: str) -> S
 def _ask(
     settings: Settings, *, stream: bool = False, time_limit_s: float | None = None
 ) -> tuple[Answer, list[tuple[str, dict[str, Any]]], float]:
+    """The answer, its stream events and the seconds ``ask`` took: the time the caller waits,
+    which ``time_limit_s`` bounds (opening and closing ``ChartSight`` are not part of it)."""
     events: list[tuple[str, dict[str, Any]]] = []
 
-    async def run() -> Answer:
+    async def run() -> tuple[Answer, float]:
         async with ChartSight(settings, now=NOW) as agent:
-            return await agent.ask(
+            start = time.monotonic()
+            answer = await agent.ask(
                 TOMMY_FRIESEN,
                 QUESTION,
                 on_event=(lambda k, d: events.append((k, d))) if stream else None,
                 time_limit_s=time_limit_s,
             )
+            return answer, time.monotonic() - start
 
-    start = time.monotonic()
-    answer = asyncio.run(run())
-    return answer, events, time.monotonic() - start
+    answer, took = asyncio.run(run())
+    return answer, events, took
 
 
 def _shown_verified(answer: Answer) -> None:
