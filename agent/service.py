@@ -26,7 +26,7 @@ from agent.graph import build_graph
 from agent.planner import default_planner
 from agent.runtime import SIMILAR_NEEDS_WHOLE, AgentRuntime, IndexHandle, own_cases_out
 from agent.settings import Settings
-from agent.threads import STORE_ERRORS, DamagedThread, ThreadStoreError, checked_state
+from agent.threads import DamagedThread, ThreadStoreError, checked_state, store_errors
 from agent.tools import Fact, ToolError, default_tools
 from agent.tools.similar import NO_INDEX
 from common.schema import SCHEMA_LOCK
@@ -63,11 +63,13 @@ def _serde() -> Any:
 
 @contextlib.contextmanager
 def _thread_store() -> Iterator[None]:
-    """Turns the threads database's own errors (``agent.threads.STORE_ERRORS``) into
+    """Turns the threads database's own errors (``agent.threads.store_errors``) into
     ``ThreadStoreError``, naming the driver's error for the operator."""
     try:
         yield
-    except STORE_ERRORS as exc:
+    except Exception as exc:
+        if not isinstance(exc, store_errors()):
+            raise
         raise ThreadStoreError(f"the threads database failed: {type(exc).__name__}: {exc}") from exc
 
 
@@ -235,8 +237,9 @@ class ChartSight:
         self.dense = dense
         self._stack = contextlib.AsyncExitStack()
         self.runtime: AgentRuntime | None = None
-        self.graph: Any = None
-        self.one_shot: Any = None
+        self.one_shot: Any = None  # the graph for questions outside any thread (no checkpoints)
+        self._graph: Any = None  # the threaded graph, once its checkpointer is open
+        self._graph_lock = asyncio.Lock()
         self._index_error: CaseIndexError | None = None  # why the index could not be opened
         # what this ChartSight keeps on a caller's source (``_shelf``): its name there
         self._shelf_key = f"chartsight-{uuid.uuid4().hex}"
@@ -274,10 +277,21 @@ class ChartSight:
             now=self.now,
         )
         if self.answering:
-            saver = await _checkpointer(s.threads_url, self._stack)
-            self.graph = build_graph(saver)
             self.one_shot = build_graph(None)  # questions outside any thread: nothing is kept
         return self
+
+    async def open_threads(self) -> Any:
+        """The graph that keeps threads, its checkpointer (``threads_url``) opened on first use:
+        a one-shot question (``keep=False``, e.g. the CLI's ``ask``) never opens the threads
+        database. The service calls this at start, so that a threads database it cannot reach
+        stops it starting. Raises ``ThreadStoreError`` when the database cannot be opened."""
+        assert self.one_shot is not None, "use `async with ChartSight(...)` (answering=True)"
+        async with self._graph_lock:
+            if self._graph is None:
+                with _thread_store():
+                    saver = await _checkpointer(self.settings.threads_url, self._stack)
+                self._graph = build_graph(saver)
+        return self._graph
 
     def _ranker(self, encoders: EncoderRegistry, source: FhirSource) -> EvidenceRanker:
         """The evidence ranker: dense scoring with the text encoder when ``self.dense``; chart
@@ -324,7 +338,7 @@ class ChartSight:
         ``time_limit_s`` (seconds; the HTTP service's ``serve.request_timeout_s``) is the time the
         caller waits: the model's turns end early enough for the evidence answer to be given in
         time instead (``model_budget``)."""
-        assert self.graph is not None, "use `async with ChartSight(...)` (answering=True)"
+        assert self.one_shot is not None, "use `async with ChartSight(...)` (answering=True)"
         question = question_text(question)
         # one runtime per question (sharing the caches), so concurrent questions keep their own
         # event listeners
@@ -342,10 +356,11 @@ class ChartSight:
             return self._answer(state, None, rt.scope)
         thread = thread_id or uuid.uuid4().hex
         config = {"configurable": {"thread_id": thread, "runtime": rt}}
+        graph = await self.open_threads()
         with _thread_store():
             if thread_id is not None:
                 await self._saved_state(thread)  # a damaged thread is refused before it runs
-            state = await self.graph.ainvoke(start, config)
+            state = await graph.ainvoke(start, config)
         return self._answer(state, thread, rt.scope)
 
     async def _saved_state(self, thread_id: str) -> Any:
@@ -353,10 +368,10 @@ class ChartSight:
         (``agent.threads.checked_state``). Raises ``DamagedThread`` when they do not validate or
         the checkpointer refuses how they are stored (pickle, a JSON constructor: ``ValueError``,
         ``NotImplementedError``), ``ThreadStoreError`` when the database cannot be read."""
-        assert self.graph is not None, "use `async with ChartSight(...)` (answering=True)"
+        graph = await self.open_threads()
         with _thread_store():
             try:
-                snapshot = await self.graph.aget_state({"configurable": {"thread_id": thread_id}})
+                snapshot = await graph.aget_state({"configurable": {"thread_id": thread_id}})
             except (ValueError, TypeError, NotImplementedError) as exc:
                 raise DamagedThread(f"the thread's saved state cannot be read: {exc}") from exc
         if snapshot and snapshot.values:
@@ -388,8 +403,9 @@ class ChartSight:
         if pid:  # the record is not checkpointed: fetched again unless still cached
             await rt.record(pid)
         config = {"configurable": {"thread_id": thread_id, "runtime": rt}}
+        graph = await self.open_threads()
         with _thread_store():
-            state = await self.graph.ainvoke(None, config)
+            state = await graph.ainvoke(None, config)
         return self._answer(state, thread_id)
 
     def _scoped_source(self, source: FhirSource | None, scope: RecordScope) -> ScopedSource:

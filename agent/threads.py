@@ -13,6 +13,7 @@ ChartSight's own errors.
 from __future__ import annotations
 
 import sqlite3
+import sys
 from typing import Any, get_type_hints
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -35,25 +36,17 @@ class DamagedThread(ChartSightError):
 
 def store_errors() -> tuple[type[BaseException], ...]:
     """The exceptions the checkpointer's database drivers raise: ``sqlite3.Error`` (aiosqlite
-    raises them as they are) and, when installed, ``psycopg.Error`` and the connection pool's
-    ``PoolTimeout``."""
+    raises them as they are) and, once they are imported, ``psycopg.Error`` and the connection
+    pool's ``PoolTimeout``. Read when an error is being classified: a psycopg error can only exist
+    once psycopg is imported, and a process on SQLite never pays for importing it (≈60 ms)."""
     errors: list[type[BaseException]] = [sqlite3.Error]
-    try:
-        import psycopg
-
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is not None:
         errors.append(psycopg.Error)
-    except ImportError:
-        pass
-    try:
-        from psycopg_pool import PoolTimeout
-
-        errors.append(PoolTimeout)
-    except ImportError:
-        pass
+    pool = sys.modules.get("psycopg_pool")
+    if pool is not None:
+        errors.append(pool.PoolTimeout)
     return tuple(errors)
-
-
-STORE_ERRORS = store_errors()
 # one validator per key of the graph's state, from ``AskState``'s annotations (reducers dropped);
 # per key because pydantic reads a ``typing.TypedDict`` only on Python 3.12 and later
 _KEYS: dict[str, TypeAdapter[Any]] = {

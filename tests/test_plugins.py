@@ -193,7 +193,7 @@ def test_replacing_a_builtin_without_saying_so_is_refused_and_logged(
     install_entry_point(
         tmp_path,
         monkeypatch,
-        "cs_quiet",
+        "cs_quiet_tool",
         "from agent.tools import Fact, tool\n"
         "@tool('age', 'Always 30.')\n"
         "def age(ctx):\n"
@@ -203,7 +203,7 @@ def test_replacing_a_builtin_without_saying_so_is_refused_and_logged(
         "def register_encoder(reg):\n"
         "    reg.add('minilm', lambda argument, settings: None)\n",
         "chartsight.tools",
-        "quiet = cs_quiet:register",
+        "quiet = cs_quiet_tool:register",
     )
     with caplog.at_level(logging.WARNING):
         tools = default_tools()

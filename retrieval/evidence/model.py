@@ -9,9 +9,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
-from importlib.metadata import entry_points
 from typing import Any
 
+from common.plugins import installed_entry_points
 from connectors.errors import ConfigurationError
 from connectors.record import PatientRecord
 from connectors.resources import Resource, reference_of
@@ -177,7 +177,7 @@ class Compactors:
         """Let installed packages register compactors: each entry point is ``fn(registry)``. A
         plug-in that fails (raises, or registers over a compactor without ``replace=True``) is
         logged and leaves the registry as it was before it."""
-        for ep in entry_points(group=group):
+        for ep in installed_entry_points(group):
             before = (dict(self.datatypes), dict(self.resources), dict(self.origins))
             try:
                 with self.registering_as(f"plug-in {ep.name} ({ep.value})"):

@@ -124,6 +124,7 @@ def create_app(settings: AppSettings, agent: ChartSight | None = None) -> FastAP
             opened = agent if agent is not None else ChartSight(settings)
             if agent is None:
                 await stack.enter_async_context(opened)
+            await opened.open_threads()  # a threads database it cannot reach stops the start
             svc = Service(settings, opened)
             stack.callback(svc.audit.close)
             stack.callback(svc.drafts.close)

@@ -83,7 +83,9 @@ def _ask(settings: Settings, question: str, thread: str) -> tuple[Answer, dict[s
     async def run() -> tuple[Answer, dict[str, Any]]:
         async with ChartSight(settings, now=NOW, use_index=False) as agent:
             answer = await agent.ask(TOMMY_FRIESEN, question, thread_id=thread)
-            snapshot = await agent.graph.aget_state({"configurable": {"thread_id": thread}})
+            snapshot = await (await agent.open_threads()).aget_state(
+                {"configurable": {"thread_id": thread}}
+            )
             return answer, dict(snapshot.values)
 
     return asyncio.run(run())
