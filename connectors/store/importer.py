@@ -27,7 +27,7 @@ from connectors.store.identities import Identities
 from connectors.store.parsing import admit, brief, json_kind, loads
 from connectors.store.references import ConditionalLookup, references_in, resolve_references
 from connectors.store.schema import MAX_ID, imports_t
-from connectors.store.writing import delete_resources, now, write_resources
+from connectors.store.writing import delete_resources, now, refresh_statistics, write_resources
 
 
 @dataclass
@@ -68,6 +68,10 @@ def log_import(conn: Connection, origin: str, digest: str, report: ImportReport)
     )
 
 
+# resources written before the first look at the database's statistics (then at twice as many)
+_FIRST_STATISTICS_CHECK = 1000
+
+
 class Importer:
     """Imports documents and files through ``conn``, an open transaction, writing resources in
     batches of ``batch_size``; the caller commits or rolls back. ``max_line_bytes`` and
@@ -80,6 +84,17 @@ class Importer:
         self.batch_size = batch_size
         self.max_line_bytes = max_line_bytes
         self.max_document_bytes = max_document_bytes
+        self.written = 0  # resources written in this transaction
+        self._check_at = _FIRST_STATISTICS_CHECK
+
+    def _write(self, batch: list[dict[str, Any]], origin: str) -> None:
+        """``write_resources``, and at 1,000, 2,000, 4,000... resources written the database's
+        statistics brought up to date where they lag far behind (``refresh_statistics``)."""
+        write_resources(self.conn, batch, origin)
+        self.written += len(batch)
+        if self.written >= self._check_at:
+            self._check_at *= 2
+            refresh_statistics(self.conn, self.written)
 
     def file(self, path: Path, report: ImportReport) -> None:
         """Import the file ``path`` into ``report``: NDJSON (``.ndjson``/``.jsonl``) line by line,
@@ -106,7 +121,7 @@ class Importer:
         else:
             raw = admit(document, origin, "resource")
             resource = _checked(raw, origin, "resource", {})
-            write_resources(self.conn, [resource], origin)
+            self._write([resource], origin)
             report.imported[resource["resourceType"]] += 1
 
     def _bundle(self, bundle: dict[str, Any], origin: str, report: ImportReport) -> None:
@@ -167,7 +182,7 @@ class Importer:
                 raise FhirImportError(origin, str(exc), where) from exc
             self._add(batch, _checked(resolved, origin, where, targets), origin)
             report.imported[resource["resourceType"]] += 1
-        write_resources(self.conn, batch, origin)
+        self._write(batch, origin)
         for rtype, rid in deletes:
             delete_resources(self.conn, [(rtype, rid)])
             report.imported[f"{rtype} (deleted)"] += 1
@@ -176,7 +191,7 @@ class Importer:
         """Append ``resource`` to ``batch``; a full batch is written and emptied."""
         batch.append(resource)
         if len(batch) >= self.batch_size:
-            write_resources(self.conn, batch, origin)
+            self._write(batch, origin)
             batch.clear()
 
     def _ndjson_file(self, path: Path, report: ImportReport) -> None:
@@ -199,7 +214,7 @@ class Importer:
             if verdict == "new":
                 report.imported[resource["resourceType"]] += 1
             self._add(batch, resource, origin)
-        write_resources(self.conn, batch, origin)
+        self._write(batch, origin)
         report.skipped.extend(identities.superseded)
 
 

@@ -12,6 +12,7 @@ import pytest
 from connectors.errors import FhirImportError, ResourceNotFound, UnsupportedSearch
 from connectors.store import FhirStore, StoreSource, _references
 from tests.conftest import load_bundle
+from tests.connectors.plans import by_owner, observations_ndjson, plans_of
 
 
 def _write_ndjson(path: Path, resources: list[dict]) -> Path:
@@ -215,3 +216,21 @@ async def test_store_source_offers_the_fhir_source_interface(demo_store: FhirSto
         await source.read("Patient", "nope")
     binary = await source.binary("Binary/demo-mr-small")
     assert binary.content_type == "application/dicom" and binary.data[128:132] == b"DICM"
+
+
+def test_replacing_resources_finds_them_by_index(tmp_path: Path):
+    """An import looks up which of its resources are stored, and a re-import deletes the old
+    rows, through the key and owner indexes: the row-value ``(type, id) IN (VALUES ...)`` form
+    made SQLite scan every table whole for each batch of 500, so imports slowed as the store
+    grew (1,396 resources/s at 600 patients)."""
+    store = FhirStore(f"sqlite:///{tmp_path / 'store.db'}")
+    files = observations_ndjson(tmp_path / "export", "p1", 1200)
+    with plans_of(store) as first:
+        for path in files:
+            store.import_path(path)
+    with plans_of(store) as again:
+        report = store.import_path(files[1], force=True)
+    store.close()
+    assert report.count == 1200
+    assert len(first) >= 3 and by_owner(first), first  # look-ups of 500, 500, 200 ids
+    assert len(again) >= 3 * 6 and by_owner(again), again  # and deletes from the six tables

@@ -15,6 +15,7 @@ from connectors.errors import FhirImportError
 from connectors.record import assemble_record
 from connectors.store import FhirStore, StoreSource
 from tests.conftest import load_bundle
+from tests.connectors.plans import estimates_of, observations_ndjson
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +60,25 @@ def test_a_broken_bundle_rolls_back_on_postgres(pg_store: FhirStore, bundles: li
     with pytest.raises(FhirImportError, match="broken reference"):
         pg_store.import_path(path, force=True)
     assert pg_store.counts() == before
+
+
+def test_a_long_import_keeps_the_planner_informed(postgres: Any, tmp_path: Path):
+    """Within one long import (one transaction) into a young store, the planner's estimate of
+    the rows of the type being imported keeps up with the table (the statistics are refreshed as
+    the import grows it). Before, it kept an empty store's estimate (0.5 % of the rows: 27 of
+    74,048), answered each batch's look-ups and deletes by id from the ``resource_type`` half of
+    the owner index and read every stored Observation for each batch of 500: an import into
+    PostgreSQL was 7× slower than into SQLite and slowed as it went."""
+    store = FhirStore(postgres.create_database("long_import"))
+    files = observations_ndjson(tmp_path / "export", "p1", 6000)
+    with estimates_of(store, "Observation") as first:
+        for path in files:
+            store.import_path(path)
+    with estimates_of(store, "Observation") as again:
+        report = store.import_path(files[1], force=True)
+    counts = store.counts()
+    store.close()
+    assert report.count == 6000 and counts["Observation"] == 6000
+    grown = [(est, held) for est, held in first + again if held >= 2000]
+    assert len(grown) >= 10
+    assert all(est >= held / 4 for est, held in grown), grown
