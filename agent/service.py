@@ -239,7 +239,7 @@ class ChartSight:
         self.runtime: AgentRuntime | None = None
         self.one_shot: Any = None  # the graph for questions outside any thread (no checkpoints)
         self._graph: Any = None  # the threaded graph, once its checkpointer is open
-        self._graph_lock = asyncio.Lock()
+        self._opening: asyncio.Future[Any] | None = None  # the attempt to open it
         self._index_error: CaseIndexError | None = None  # why the index could not be opened
         # what this ChartSight keeps on a caller's source (``_shelf``): its name there
         self._shelf_key = f"chartsight-{uuid.uuid4().hex}"
@@ -283,14 +283,30 @@ class ChartSight:
     async def open_threads(self) -> Any:
         """The graph that keeps threads, its checkpointer (``threads_url``) opened on first use:
         a one-shot question (``keep=False``, e.g. the CLI's ``ask``) never opens the threads
-        database. The service calls this at start, so that a threads database it cannot reach
-        stops it starting. Raises ``ThreadStoreError`` when the database cannot be opened."""
+        database. Callers arriving together share one attempt; after a failed one the next
+        call tries again. The HTTP service calls this at start, so that a threads database it
+        cannot reach stops it starting. Raises ``ThreadStoreError`` when the database cannot
+        be opened (nothing of the failed attempt is kept open)."""
         assert self.one_shot is not None, "use `async with ChartSight(...)` (answering=True)"
-        async with self._graph_lock:
-            if self._graph is None:
+        if self._graph is not None:
+            return self._graph
+        opening = self._opening
+        if opening is None or (
+            opening.done() and (opening.cancelled() or opening.exception() is not None)
+        ):
+            opening = self._opening = asyncio.ensure_future(self._open_threads())
+        # shielded: a caller that gives up does not cancel the attempt the others wait on
+        return await asyncio.shield(opening)
+
+    async def _open_threads(self) -> Any:
+        async with contextlib.AsyncExitStack() as attempt:
+            try:
                 with _thread_store():
-                    saver = await _checkpointer(self.settings.threads_url, self._stack)
-                self._graph = build_graph(saver)
+                    saver = await _checkpointer(self.settings.threads_url, attempt)
+            except OSError as exc:  # the folder of a SQLite threads file cannot be made
+                raise ThreadStoreError(f"the threads database cannot be opened: {exc}") from exc
+            self._graph = build_graph(saver)
+            self._stack.push_async_callback(attempt.pop_all().aclose)  # kept till __aexit__
         return self._graph
 
     def _ranker(self, encoders: EncoderRegistry, source: FhirSource) -> EvidenceRanker:

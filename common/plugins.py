@@ -13,6 +13,7 @@ takes the built-ins down. Entry points are read in the order ``importlib.metadat
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from importlib.metadata import EntryPoints, entry_points
@@ -24,22 +25,32 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# sys.path then, and every entry point (SelectableGroups on Python 3.11, EntryPoints from 3.12)
-_scanned: tuple[tuple[str, ...], Any] | None = None
+# what sys.path held then (each entry with its modification time), and every entry point
+# (SelectableGroups on Python 3.11, EntryPoints from 3.12)
+_scanned: tuple[tuple[tuple[str, float], ...], Any] | None = None
 
 
 def installed_entry_points(group: str) -> EntryPoints:
     """The entry points of ``group`` in the distributions on ``sys.path``. ``importlib.metadata``
     reads every installed distribution's metadata on each call (≈25 ms for a development
-    environment's ≈220 distributions, and a question's first run asks for five groups), so the scan is kept until
-    ``sys.path`` changes (a plug-in directory added at run time is still seen)."""
+    environment's ≈220 distributions, and a question's first run asks for five groups), so the
+    scan is kept while ``sys.path`` and the modification time of each of its folders stay the
+    same: a plug-in folder added at run time, or a package installed into the running
+    environment (a new ``.dist-info`` folder), is seen on the next call."""
     global _scanned
-    key = tuple(sys.path)
+    key = tuple((entry, _mtime(entry)) for entry in sys.path)
     scanned = _scanned
     if scanned is None or scanned[0] != key:
         scanned = _scanned = (key, entry_points())
     found: EntryPoints = scanned[1].select(group=group)
     return found
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path or ".").st_mtime
+    except OSError:
+        return -1.0
 
 
 class PluginError(ChartSightError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,7 +21,7 @@ from agent import ChartSight, Settings
 from agent.backends import default_backends
 from agent.planner import default_planner
 from agent.tools import ToolRegistry, default_tools, tool
-from common.plugins import PluginError
+from common.plugins import PluginError, installed_entry_points
 from connectors.demo import TOMMY_FRIESEN
 from connectors.record import PatientRecord
 from connectors.store import FhirStore
@@ -242,3 +243,18 @@ def test_an_encoder_plugin_replaces_a_builtin_kind_only_when_it_says_so(
     registry = EncoderRegistry(EncoderSettings())
     assert registry.factories.replaced["minilm"].startswith("plug-in loud")
     assert registry.text("minilm").info.name == "char-ngrams"
+
+
+def test_a_package_installed_while_running_is_seen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The entry points are scanned once and kept, but a distribution that appears in a folder
+    already on ``sys.path`` (``pip install`` into the running environment) is seen next time."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    group = "chartsight.tools"
+    assert "late" not in installed_entry_points(group).names
+    dist = tmp_path / "late_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: late-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[{group}]\nlate = late_plugin:register\n")
+    stat = tmp_path.stat()  # the folder's time moved on, as an install a moment later moves it
+    os.utime(tmp_path, (stat.st_atime, stat.st_mtime + 1))
+    assert "late" in installed_entry_points(group).names

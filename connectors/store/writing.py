@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Table, delete, insert, select, text
+from sqlalchemy.exc import DBAPIError
 
 from connectors.indexing import compartment_patient, index_rows
 from connectors.store.schema import INDEX_TABLES, resources_t
@@ -95,21 +96,29 @@ def write_resources(conn: Connection, batch: list[dict[str, Any]], origin: str) 
 
 
 def insert_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
-    """Insert ``rows`` (dicts by column name) into ``table``: on PostgreSQL with ``COPY ... FROM
-    STDIN`` (psycopg's ``Cursor.copy``) inside the caller's transaction, since an executemany
-    sends one statement per row and the server's per-statement work made an import there 7×
-    slower than on SQLite; elsewhere with ``executemany``, whose loop runs in C on SQLite."""
+    """Insert ``rows`` (dicts by column name) into ``table``: on PostgreSQL through psycopg 3 with
+    ``COPY ... FROM STDIN`` (``Cursor.copy``) inside the caller's transaction, since an
+    executemany sends one statement per row and the server's per-statement work made an import
+    there 7× slower than on SQLite; with any other driver or database ``executemany`` (whose loop
+    runs in C on SQLite). A driver error during COPY is raised as SQLAlchemy's (``DataError``,
+    ``OperationalError``, ...: ``DBAPIError.instance``), as every other statement's is."""
     if not rows:
         return
-    if conn.dialect.name != "postgresql":
+    if conn.dialect.name != "postgresql" or conn.dialect.driver != "psycopg":
         conn.execute(insert(table), rows)
         return
+    import psycopg
+
     names = [c.name for c in table.columns if c.name in rows[0]]
     columns = ", ".join(f'"{n}"' for n in names)
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    with cursor, cursor.copy(f'COPY "{table.name}" ({columns}) FROM STDIN') as copy:
-        for row in rows:
-            copy.write_row([row[n] for n in names])
+    statement = f'COPY "{table.name}" ({columns}) FROM STDIN'
+    try:
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        with cursor, cursor.copy(statement) as copy:
+            for row in rows:
+                copy.write_row([row[n] for n in names])
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(statement, None, exc, psycopg.Error) from exc
 
 
 def refresh_statistics(conn: Connection, written: int) -> None:
@@ -119,7 +128,11 @@ def refresh_statistics(conn: Connection, written: int) -> None:
     transaction's own rows. Without it a long import into a young store ran with the statistics of
     an empty one: the planner answered each batch's owner deletes from the ``resource_type`` half
     of the index and read every stored row of the type, so an import slowed as it went (an
-    import into PostgreSQL was 7× slower than into SQLite). Elsewhere a no-op."""
+    import into PostgreSQL was 7× slower than into SQLite). Elsewhere a no-op.
+
+    ``SKIP_LOCKED`` (PostgreSQL 12+): ANALYZE's lock is held until the import commits, so another
+    import analysing at the same time skips the tables instead of waiting for it. A rolled-back
+    import leaves the estimates it set until autovacuum's next ANALYZE."""
     if conn.dialect.name != "postgresql":
         return
     believed = conn.execute(
@@ -128,4 +141,4 @@ def refresh_statistics(conn: Connection, written: int) -> None:
     ).scalar()
     if believed is None or believed < 0 or written * 5 >= believed:
         tables = ", ".join(f'"{t.name}"' for t in (resources_t, *INDEX_TABLES.values()))
-        conn.execute(text(f"ANALYZE {tables}"))
+        conn.execute(text(f"ANALYZE (SKIP_LOCKED) {tables}"))

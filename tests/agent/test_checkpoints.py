@@ -216,3 +216,30 @@ def test_a_pickled_or_json_constructor_checkpoint_is_refused(settings: Settings,
     with pytest.raises(DamagedThread):
         _ask(settings, "and before that?", "t")
     assert BUILT == []
+
+
+def test_threads_open_on_first_use_once(settings: Settings, tmp_path: Path):
+    """A question outside any thread never opens the threads database (the CLI's ``ask`` pays
+    nothing for it); callers arriving together share one checkpointer; a database that cannot
+    be opened is ``ThreadStoreError``, and the next call tries again."""
+
+    async def run() -> None:
+        async with ChartSight(settings, now=NOW, use_index=False) as agent:
+            answer = await agent.ask(TOMMY_FRIESEN, "What was his last HbA1c?", keep=False)
+            assert answer.citations and not (settings.home / "threads.db").exists()
+            graphs = await asyncio.gather(*(agent.open_threads() for _ in range(4)))
+            assert len({id(g) for g in graphs}) == 1 and (settings.home / "threads.db").exists()
+
+        blocked = tmp_path / "a-file"
+        blocked.write_text("")
+        settings.threads = str(blocked / "threads.db")  # its folder cannot be made
+        async with ChartSight(settings, now=NOW, use_index=False) as agent:
+            for _ in range(2):
+                with pytest.raises(ThreadStoreError):
+                    await agent.ask(TOMMY_FRIESEN, "What was his last HbA1c?", thread_id="t")
+            blocked.unlink()
+            blocked.mkdir()
+            answer = await agent.ask(TOMMY_FRIESEN, "What was his last HbA1c?", thread_id="t")
+            assert answer.thread_id == "t"
+
+    asyncio.run(run())

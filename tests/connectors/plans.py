@@ -94,6 +94,8 @@ def by_owner(plans: list[str]) -> bool:
     ``SEARCH ... USING INDEX``) and none reads a table whole (``SCAN``)."""
     return all(
         not re.search(r"\bSCAN fhir_", plan)
-        and re.search(r"SEARCH fhir_\w+ USING (?:COVERING INDEX|INDEX|PRIMARY KEY).*resource_id", plan)
+        and re.search(
+            r"SEARCH fhir_\w+ USING (?:COVERING INDEX|INDEX|PRIMARY KEY).*resource_id", plan
+        )
         for plan in plans
     )

@@ -82,3 +82,31 @@ def test_a_long_import_keeps_the_planner_informed(postgres: Any, tmp_path: Path)
     grown = [(est, held) for est, held in first + again if held >= 2000]
     assert len(grown) >= 10
     assert all(est >= held / 4 for est, held in grown), grown
+
+
+def test_copy_keeps_awkward_text_and_refuses_what_postgres_cannot_store(
+    postgres: Any, tmp_path: Path
+):
+    """Rows go to PostgreSQL by COPY: tabs, newlines, backslashes, non-ASCII and empty values
+    come back as they went in; a NUL inside an indexed string, which PostgreSQL text cannot hold,
+    is a ``FhirImportError`` naming the file, and the store keeps what it had."""
+    store = FhirStore(postgres.create_database("copy_text"))
+    family = "O'Brien\tTab\nLine\\\\Back Ünïcödé 名前"
+    plain = tmp_path / "Patient.ndjson"
+    plain.write_text(
+        json.dumps({"resourceType": "Patient", "id": "p1", "name": [{"family": family}]}) + "\n"
+    )
+    store.import_path(plain)
+    read = store.read("Patient", "p1")
+    assert read.name[0].family == family
+    assert [p.id for p in store.patients(name="o'brien")] == ["p1"]
+
+    nul = tmp_path / "nul.ndjson"
+    nul.write_text(
+        json.dumps({"resourceType": "Patient", "id": "p2", "name": [{"family": "A\u0000B"}]}) + "\n"
+    )
+    with pytest.raises(FhirImportError) as refused:
+        store.import_path(nul)
+    assert "nul.ndjson" in str(refused.value)
+    assert store.counts() == {"Patient": 1}
+    store.close()
