@@ -114,7 +114,7 @@ def _run_child(args: list[str]) -> tuple[dict[str, Any], int]:
 
 def child_build(engine: str, home: Path, store: str, models: Path) -> dict[str, Any]:
     """Build a new index at ``home`` with ``engine``; the BuildReport and wall seconds."""
-    from agent.index_build import build_index, open_index
+    from agent.index_build import build_index, install_rebuilt, open_index
     from agent.service import source_for
     from retrieval.encoders import EncoderRegistry
 
@@ -130,16 +130,19 @@ def child_build(engine: str, home: Path, store: str, models: Path) -> dict[str, 
             await source.aclose()
 
     report = asyncio.run(go())
+    wall = time.perf_counter() - started
+    factory, size = index.factory, len(index)
+    install_rebuilt(index, settings)  # built in a staging folder; now the live index at ``home``
     return {
-        "wall": time.perf_counter() - started,
+        "wall": wall,
         "patients": report.patients,
         "cases": report.cases,
         "added": report.added,
         "failed": len(report.failed),
         "workers": report.workers,
         "timings": report.timings,
-        "factory": index.factory,
-        "size": len(index),
+        "factory": factory,
+        "size": size,
     }
 
 
@@ -176,6 +179,8 @@ def child_query(homes: list[Path], store: str, models: Path, queries: int) -> di
         hits = index.similar(case, 5, CaseFilter(exclude_patient=case.patient_id))
         times.append(time.perf_counter() - started)
         top.append([h.key for h in hits])
+    if not len(index):
+        raise SystemExit(f"the index at {homes[0]} is empty: nothing to query")
     agree = {}
     for home in homes[1:]:
         other = open_index(_settings(home, store, models), encoders)
