@@ -47,6 +47,8 @@ def store_errors() -> tuple[type[BaseException], ...]:
     if pool is not None:
         errors.append(pool.PoolTimeout)
     return tuple(errors)
+
+
 # one validator per key of the graph's state, from ``AskState``'s annotations (reducers dropped);
 # per key because pydantic reads a ``typing.TypedDict`` only on Python 3.12 and later
 _KEYS: dict[str, TypeAdapter[Any]] = {
