@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, get_type_hints
 
@@ -103,6 +104,16 @@ ThreadOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 AnswerJsonOpt = Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")]
+NowOpt = Annotated[
+    datetime | None,
+    typer.Option(
+        "--now",
+        formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"],
+        help="The day the question is asked on (ISO 8601, UTC; default today): 'last year', "
+        "'recent' and ages count back from it. The chart is not cut at it: for a chart exported "
+        "in the past (the demo patients end in 2020), give the day it was exported.",
+    ),
+]
 
 # The options every command that reads a patient, or also answers, shares (see ``_configured``).
 _SOURCE_OPTIONS: tuple[tuple[str, Any], ...] = (("fhir_url", FhirUrlOpt), ("token", TokenOpt))
@@ -191,10 +202,23 @@ def _configured(*, source: bool = False, model: bool = False) -> Callable[[Comma
     return decorate
 
 
-def _reader(settings: AppSettings, *, dense: bool = False, use_index: bool = False) -> ChartSight:
+def _reader(
+    settings: AppSettings,
+    *,
+    dense: bool = False,
+    use_index: bool = False,
+    now: datetime | None = None,
+) -> ChartSight:
     """ChartSight opened for reading patients only: no model backend, no thread checkpointer
     (and, unless asked for, neither the text encoder nor the similar-case index)."""
-    return ChartSight(settings, answering=False, dense=dense, use_index=use_index)
+    return ChartSight(settings, answering=False, dense=dense, use_index=use_index, now=_utc(now))
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """``--now`` as the agent takes it: a naive time is read as UTC."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
 
 
 def _fail(exc: BaseException) -> None:
@@ -745,12 +769,13 @@ def evidence(
     *,
     settings: AppSettings,
     as_json: JsonOpt = False,
+    now: NowOpt = None,
 ) -> None:
     """The ranked chart evidence the agent would see for a question."""
     try:
 
         async def run() -> list[Any]:
-            async with _reader(settings, dense=dense) as agent:
+            async with _reader(settings, dense=dense, now=now) as agent:
                 return await agent.evidence(patient, question, budget)
 
         ranked = asyncio.run(run())
@@ -941,6 +966,7 @@ def ask(
             "Provenance (HL7 AI Transparency on FHIR).",
         ),
     ] = False,
+    now: NowOpt = None,
 ) -> None:
     """Answer a question about one patient, every sentence cited and checked against the record."""
 
@@ -953,7 +979,7 @@ def ask(
     try:
 
         async def run() -> Answer:
-            async with ChartSight(settings) as agent:
+            async with ChartSight(settings, now=_utc(now)) as agent:
                 return await agent.ask(
                     patient,
                     question,

@@ -121,3 +121,23 @@ def test_record_text_is_printed_as_text_never_as_markup(home: Path, tmp_path: Pa
     assert (Path(models) / "line-embeddings.sqlite3").is_file()
     followed = runner.invoke(app, ["ask", "mk", "And the one before?", "--thread", "t1"])
     assert followed.exit_code == 0 and " thread t1 " in " ".join(followed.output.split())
+
+
+def test_now_sets_the_day_a_question_is_asked_on(home: Path, bundles: list[Path]):
+    """``--now`` moves "today" for a chart exported in the past: "the last year" of Tommy
+    Friesen's chart (which ends in December 2020) is 2020, not the year before the machine's
+    date; ``evidence`` takes it too; a day that is not one is refused by name."""
+    assert runner.invoke(app, ["import", *map(str, bundles)]).exit_code == 0
+    question = "What changed in the last year?"
+    asked = runner.invoke(app, ["ask", TOMMY_FRIESEN, question, "--now", "2021-01-01"])
+    assert asked.exit_code == 0, asked.output
+    said = " ".join(asked.output.split())
+    assert "From 2020-01-01 to 2021-01-01 the record has" in said and "diagnoses" in said
+    today = " ".join(runner.invoke(app, ["ask", TOMMY_FRIESEN, question]).output.split())
+    assert "Nothing is recorded from" in today and "latest dated entry is from 2020" in today
+    ranked = runner.invoke(
+        app, ["evidence", TOMMY_FRIESEN, "last HbA1c", "--now", "2021-01-01", "--no-dense"]
+    )
+    assert ranked.exit_code == 0 and "Observation/" in ranked.output
+    refused = runner.invoke(app, ["ask", TOMMY_FRIESEN, question, "--now", "2021-13-01"])
+    assert refused.exit_code == 2 and "--now" in refused.output
