@@ -36,7 +36,7 @@ from connectors.record import PatientRecord
 from connectors.resources import display_name, reference_of
 from connectors.source import FhirSource, RecordScope
 from retrieval.cases import Case, CasePrivacy, ChartSections, age_of, line_label
-from retrieval.clinical import fhir_date, patient_age
+from retrieval.clinical import aware, fhir_date, patient_age
 from retrieval.encoders import EncoderRegistry
 from retrieval.evidence import Evidence
 from retrieval.index import CaseFilter, CaseHit
@@ -78,6 +78,7 @@ __all__ = [
     "age_of",
     "answer_bundle",
     "answer_resources",
+    "aware",
     "build_index",
     "cited_references",
     "cited_series",

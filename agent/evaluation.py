@@ -33,7 +33,7 @@ import statistics
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from agent.answer import Answer
 from agent.series import CitedSeries, cited_series
 from connectors.errors import ChartSightError
+from retrieval.clinical import aware
 
 
 class EvalError(ChartSightError):
@@ -269,7 +270,7 @@ def suite_now(items: Sequence[SuiteItem]) -> datetime | None:
         day = datetime.fromisoformat(nows.pop())
     except ValueError as exc:
         raise EvalError(f"suite 'now' is not an ISO date: {exc}") from exc
-    return day if day.tzinfo else day.replace(tzinfo=UTC)
+    return aware(day)
 
 
 @dataclass

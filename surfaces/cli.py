@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, get_type_hints
 
@@ -37,6 +37,7 @@ from agent import (
     ImageSet,
     PatientRecord,
     answer_bundle,
+    aware,
     build_index,
     connected,
     display_name,
@@ -211,14 +212,9 @@ def _reader(
 ) -> ChartSight:
     """ChartSight opened for reading patients only: no model backend, no thread checkpointer
     (and, unless asked for, neither the text encoder nor the similar-case index)."""
-    return ChartSight(settings, answering=False, dense=dense, use_index=use_index, now=_utc(now))
-
-
-def _utc(moment: datetime | None) -> datetime | None:
-    """``--now`` as the agent takes it: a naive time is read as UTC."""
-    if moment is None or moment.tzinfo is not None:
-        return moment
-    return moment.replace(tzinfo=UTC)
+    return ChartSight(
+        settings, answering=False, dense=dense, use_index=use_index, now=aware(now) if now else None
+    )
 
 
 def _fail(exc: BaseException) -> None:
@@ -979,7 +975,7 @@ def ask(
     try:
 
         async def run() -> Answer:
-            async with ChartSight(settings, now=_utc(now)) as agent:
+            async with ChartSight(settings, now=aware(now) if now else None) as agent:
                 return await agent.ask(
                     patient,
                     question,
