@@ -307,6 +307,15 @@ def _subject(query: str, found: list[Point]) -> str:
     return " ".join(re.sub(bare_numbers, " ", query).split())[:80] or "matching"
 
 
+def _period_text(since: datetime | None, until: datetime | None) -> str:
+    """ "from 2019-01-01 to 2019-12-31", "from 2015-01-01", "up to 2019-12-31"."""
+    if since is not None and until is not None:
+        return f"from {since.date().isoformat()} to {until.date().isoformat()}"
+    if since is not None:
+        return f"from {since.date().isoformat()}"
+    return f"up to {until.date().isoformat()}" if until is not None else ""
+
+
 def _item_facts(name: str, items: list[Evidence], prefix: str = "", **details: Any) -> list[Fact]:
     """One fact per evidence line: its text (after ``prefix``), value, date and citation."""
     return [

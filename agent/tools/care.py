@@ -21,6 +21,7 @@ from agent.tools.base import (
     _by_category,
     _cite,
     _item_facts,
+    _period_text,
     tool,
 )
 from retrieval.clinical import aware, display_name, read_status
@@ -190,10 +191,7 @@ def encounters_in_period(
             if cls not in _INPATIENT:
                 continue
         items.append(e)
-    if start is not None:
-        window = f"from {start.date().isoformat()} to {end.date().isoformat()}"
-    else:
-        window = f"up to {end.date().isoformat()}"
+    window = _period_text(start, end)
     n = len(items)
     if not items:
         patient = f"Patient/{ctx.record.patient_id}"
@@ -558,7 +556,7 @@ def changes_in_period(
     own (onset or recorded date, order date, result time)."""
     end = aware(until) if until else ctx.now
     start = aware(since) if since else end - timedelta(days=days or 365)
-    window = f"from {start.date().isoformat()} to {end.date().isoformat()}"
+    window = _period_text(start, end)
     found: list[tuple[str, str, list[Evidence]]] = []
     for category, one, many, abnormal_only in _CHANGE_KINDS:
         items = [

@@ -22,6 +22,7 @@ from agent.tools.base import (
     _ago,
     _cite,
     _item_facts,
+    _period_text,
     _point_day,
     _subject,
     tool,
@@ -107,15 +108,6 @@ def find_points(ctx: ToolContext, query: str) -> Found:
         points.extend(p for p in pts if p.when is not None and hit(p))
     points.sort(key=lambda p: p.when.sort_key if p.when is not None else (NOW_MIN, NOW_MIN))
     return Found(points, voided)
-
-
-def _period_text(since: datetime | None, until: datetime | None) -> str:
-    """ "from 2019-01-01 to 2019-12-31", "from 2015-01-01", "up to 2019-12-31"."""
-    if since is not None and until is not None:
-        return f"from {since.date().isoformat()} to {until.date().isoformat()}"
-    if since is not None:
-        return f"from {since.date().isoformat()}"
-    return f"up to {until.date().isoformat()}" if until is not None else ""
 
 
 def _latest_in_period(
