@@ -285,7 +285,9 @@ class ChartSight:
         a one-shot question (``keep=False``, e.g. the CLI's ``ask``) never opens the threads
         database. Callers arriving together share one attempt; after a failed one the next
         call tries again. The HTTP service calls this at start, so that a threads database it
-        cannot reach stops it starting. Raises ``ThreadStoreError`` when the database cannot
+        cannot reach (PostgreSQL down, a folder that cannot be made) stops it starting; a SQLite
+        file is first read by the first thread question, which a damaged one fails with
+        ``ThreadStoreError``. Raises ``ThreadStoreError`` when the database cannot
         be opened (nothing of the failed attempt is kept open)."""
         assert self.one_shot is not None, "use `async with ChartSight(...)` (answering=True)"
         if self._graph is not None:
@@ -303,7 +305,7 @@ class ChartSight:
             try:
                 with _thread_store():
                     saver = await _checkpointer(self.settings.threads_url, attempt)
-            except OSError as exc:  # the folder of a SQLite threads file cannot be made
+            except (OSError, ValueError) as exc:  # a SQLite path that cannot be made or used
                 raise ThreadStoreError(f"the threads database cannot be opened: {exc}") from exc
             self._graph = build_graph(saver)
             self._stack.push_async_callback(attempt.pop_all().aclose)  # kept till __aexit__
@@ -326,6 +328,13 @@ class ChartSight:
         return EvidenceRanker(s.retrieval.rank, text, store=store)
 
     async def __aexit__(self, *exc: object) -> None:
+        opening = self._opening
+        if opening is not None and not opening.done():
+            # an open still under way would finish after the stack closed and keep its
+            # connection for ever: cancelled, it closes what it opened (its own exit stack)
+            opening.cancel()
+            with contextlib.suppress(BaseException):
+                await opening
         await self._stack.aclose()
 
     async def ask(

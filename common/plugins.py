@@ -36,7 +36,9 @@ def installed_entry_points(group: str) -> EntryPoints:
     environment's ≈220 distributions, and a question's first run asks for five groups), so the
     scan is kept while ``sys.path`` and the modification time of each of its folders stay the
     same: a plug-in folder added at run time, or a package installed into the running
-    environment (a new ``.dist-info`` folder), is seen on the next call."""
+    environment (a new ``.dist-info`` folder), is seen on the next call; an edit inside an
+    existing metadata folder (a development package's ``egg-info`` regenerated) is seen after a
+    restart."""
     global _scanned
     key = tuple((entry, _mtime(entry)) for entry in sys.path)
     scanned = _scanned

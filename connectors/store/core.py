@@ -110,8 +110,6 @@ class FhirStore:
             self._import_once(file_sha256(file), report, force, lambda i: i.file(file, report))
         except OSError as exc:
             raise FhirImportError(str(file), f"cannot read the file: {exc}") from exc
-        except SQLAlchemyError as exc:
-            raise FhirImportError(str(file), f"database error: {exc}") from exc
         except MemoryError as exc:
             # The size limits keep this rare; a machine with little memory can still run out.
             raise FhirImportError(
@@ -142,20 +140,26 @@ class FhirStore:
         self, digest: str, report: ImportReport, force: bool, work: Callable[[Importer], None]
     ) -> None:
         """Run ``work`` in one transaction and log the import under ``digest``; when ``digest`` is
-        in the log already and not ``force``, only mark ``report`` unchanged."""
-        with self.engine.begin() as conn:
-            if not force and already_imported(conn, digest):
-                report.unchanged = True
-                return
-            work(
-                Importer(
-                    conn,
-                    batch_size=self.batch_size,
-                    max_line_bytes=self.max_line_bytes,
-                    max_document_bytes=self.max_document_bytes,
+        in the log already and not ``force``, only mark ``report`` unchanged. A database error
+        (a value the database refuses, such as a NUL in PostgreSQL text) rolls the transaction
+        back and is raised as ``FhirImportError`` naming ``report.path``, for a file and an
+        in-memory document alike."""
+        try:
+            with self.engine.begin() as conn:
+                if not force and already_imported(conn, digest):
+                    report.unchanged = True
+                    return
+                work(
+                    Importer(
+                        conn,
+                        batch_size=self.batch_size,
+                        max_line_bytes=self.max_line_bytes,
+                        max_document_bytes=self.max_document_bytes,
+                    )
                 )
-            )
-            log_import(conn, report.path, digest, report)
+                log_import(conn, report.path, digest, report)
+        except SQLAlchemyError as exc:
+            raise FhirImportError(report.path, f"database error: {exc}") from exc
 
     # ---------------------------------------------------------------- read and search
 

@@ -12,6 +12,7 @@ import json
 import logging
 import pickle
 import sqlite3
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -241,5 +242,23 @@ def test_threads_open_on_first_use_once(settings: Settings, tmp_path: Path):
             blocked.mkdir()
             answer = await agent.ask(TOMMY_FRIESEN, "What was his last HbA1c?", thread_id="t")
             assert answer.thread_id == "t"
+
+    asyncio.run(run())
+
+
+def test_closing_while_threads_are_opening_keeps_no_connection(settings: Settings):
+    """A caller gives up while the checkpointer is still being opened and ChartSight closes: the
+    attempt is cancelled with it and leaves no connection (thread) open behind it."""
+
+    async def run() -> None:
+        before = threading.active_count()
+        agent = ChartSight(settings, now=NOW, use_index=False)
+        await agent.__aenter__()
+        waiting = asyncio.ensure_future(agent.open_threads())
+        await asyncio.sleep(0)
+        waiting.cancel()
+        await agent.__aexit__(None, None, None)
+        await asyncio.sleep(1)
+        assert threading.active_count() <= before
 
     asyncio.run(run())

@@ -110,3 +110,16 @@ def test_copy_keeps_awkward_text_and_refuses_what_postgres_cannot_store(
     assert "nul.ndjson" in str(refused.value)
     assert store.counts() == {"Patient": 1}
     store.close()
+
+
+def test_an_in_memory_document_postgres_refuses_is_an_import_error(postgres: Any):
+    """``import_json`` (what a Bulk import and the HTTP service hand over) maps a value the
+    database refuses to ``FhirImportError`` naming the document, as ``import_path`` does for a
+    file; nothing of it is kept."""
+    store = FhirStore(postgres.create_database("json_nul"))
+    patient = {"resourceType": "Patient", "id": "p", "name": [{"family": "a\u0000b"}]}
+    with pytest.raises(FhirImportError) as refused:
+        store.import_json(patient, "the-document")
+    assert "the-document" in str(refused.value) and "database error" in str(refused.value)
+    assert store.counts() == {}
+    store.close()
