@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, get_type_hints
 
@@ -105,11 +105,25 @@ ThreadOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 AnswerJsonOpt = Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")]
+
+
+def _asked_on(value: datetime | None) -> datetime | None:
+    """``--now`` as the agent takes it (a naive time is read as UTC); a day after today is
+    refused (typer's usage error, exit 2): no question is asked in the future."""
+    if value is None:
+        return None
+    moment = aware(value)
+    if moment > datetime.now(UTC):
+        raise typer.BadParameter(f"{moment.date().isoformat()} is after today")
+    return moment
+
+
 NowOpt = Annotated[
     datetime | None,
     typer.Option(
         "--now",
         formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"],
+        callback=_asked_on,
         help="The day the question is asked on (ISO 8601, UTC; default today): 'last year', "
         "'recent' and ages count back from it. The chart is not cut at it: for a chart exported "
         "in the past (the demo patients end in 2020), give the day it was exported.",
@@ -212,9 +226,7 @@ def _reader(
 ) -> ChartSight:
     """ChartSight opened for reading patients only: no model backend, no thread checkpointer
     (and, unless asked for, neither the text encoder nor the similar-case index)."""
-    return ChartSight(
-        settings, answering=False, dense=dense, use_index=use_index, now=aware(now) if now else None
-    )
+    return ChartSight(settings, answering=False, dense=dense, use_index=use_index, now=now)
 
 
 def _fail(exc: BaseException) -> None:
@@ -975,7 +987,7 @@ def ask(
     try:
 
         async def run() -> Answer:
-            async with ChartSight(settings, now=aware(now) if now else None) as agent:
+            async with ChartSight(settings, now=now) as agent:
                 return await agent.ask(
                     patient,
                     question,

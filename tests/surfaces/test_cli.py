@@ -126,7 +126,7 @@ def test_record_text_is_printed_as_text_never_as_markup(home: Path, tmp_path: Pa
 def test_now_sets_the_day_a_question_is_asked_on(home: Path, bundles: list[Path]):
     """``--now`` moves "today" for a chart exported in the past: "the last year" of Tommy
     Friesen's chart (which ends in December 2020) is 2020, not the year before the machine's
-    date; ``evidence`` takes it too; a day that is not one is refused by name."""
+    date; ``evidence`` takes it too; a day that is not one, or one after today, is refused by name."""
     assert runner.invoke(app, ["import", *map(str, bundles)]).exit_code == 0
     question = "What changed in the last year?"
     asked = runner.invoke(app, ["ask", TOMMY_FRIESEN, question, "--now", "2021-01-01"])
@@ -141,3 +141,5 @@ def test_now_sets_the_day_a_question_is_asked_on(home: Path, bundles: list[Path]
     assert ranked.exit_code == 0 and "Observation/" in ranked.output
     refused = runner.invoke(app, ["ask", TOMMY_FRIESEN, question, "--now", "2021-13-01"])
     assert refused.exit_code == 2 and "--now" in refused.output
+    future = runner.invoke(app, ["ask", TOMMY_FRIESEN, question, "--now", "2999-01-01"])
+    assert future.exit_code == 2 and "2999-01-01 is after today" in " ".join(future.output.split())
