@@ -8,7 +8,13 @@ depends on the agent alone (plus ``connectors`` for importing data and administe
 """
 
 from agent.answer import Answer, Citation
-from agent.index_build import BuildReport, build_index, install_rebuilt, open_index
+from agent.index_build import (
+    BuildReport,
+    build_index,
+    install_rebuilt,
+    ndjson_source,
+    open_index,
+)
 from agent.provenance import (
     AI_ASSERTED,
     Approval,
@@ -89,6 +95,7 @@ __all__ = [
     "install_rebuilt",
     "line_label",
     "load_settings",
+    "ndjson_source",
     "open_index",
     "patient_age",
     "reference_of",

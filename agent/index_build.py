@@ -4,32 +4,39 @@ Two engines write the same index (generations, manifest, SQL rows): ``local`` (t
 fetched 8 patients ahead, encoded and added in chunks) and ``ray`` (``agent.index_ray``: batches
 of patients built and encoded on Ray actors, FAISS filled in shards and merged), chosen by
 ``settings.index_build.engine``. Both are incremental: a case whose fingerprint is unchanged is
-not encoded again.
+not encoded again. The patients come from the store, a FHIR server, or the NDJSON files of a FHIR
+Bulk Data export (``ndjson_source``: a temporary store, removed after the build).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
+import tempfile
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from agent.settings import Settings
 from connectors.dicomweb import DicomWebClient
-from connectors.errors import ChartSightError
+from connectors.errors import ChartSightError, ConfigurationError, FhirImportError
 from connectors.images import collect_images
 from connectors.record import PatientRecord, assemble_record
 from connectors.source import FhirSource
+from connectors.store import FhirStore
 from retrieval.cases import Case, indexed_cases
 from retrieval.encoders import EncoderRegistry
 from retrieval.index import CaseIndex
 from retrieval.index.manifest import fsync_path
 
 log = logging.getLogger(__name__)
+
+S = TypeVar("S", bound=Settings)
 
 
 def _staging(path: Path) -> Path:
@@ -114,6 +121,84 @@ class BuildReport:
     engine: str = "local"
     workers: int = 1
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+
+
+NDJSON_SUFFIXES = (".ndjson", ".ndjson.gz", ".jsonl", ".jsonl.gz")
+
+
+def ndjson_files(paths: Sequence[Path]) -> list[Path]:
+    """The NDJSON files named by ``paths`` (files, or folders searched recursively for
+    ``NDJSON_SUFFIXES``), Patient files first, then by path. Raises ``FhirImportError`` naming a
+    path that does not exist, or all of them when they hold no NDJSON file."""
+    found: set[Path] = set()
+    for path in paths:
+        if path.is_dir():
+            found.update(
+                p for p in path.rglob("*") if p.is_file() and p.name.endswith(NDJSON_SUFFIXES)
+            )
+        elif path.is_file():
+            found.add(path)
+        else:
+            raise FhirImportError(str(path), "no such file or folder")
+    if not found:
+        raise FhirImportError(
+            " ".join(map(str, paths)), f"no NDJSON files ({', '.join(NDJSON_SUFFIXES)})"
+        )
+    return sorted(found, key=lambda p: (not p.name.startswith("Patient."), str(p)))
+
+
+@contextlib.contextmanager
+def ndjson_source(
+    paths: Sequence[Path],
+    settings: S,
+    progress: Callable[[int, int, Path], None] | None = None,
+) -> Iterator[S]:
+    """Build from the NDJSON files of a FHIR Bulk Data export (``ndjson_files(paths)``) without
+    ChartSight's store: yields a copy of ``settings`` whose patient source is a temporary SQLite
+    store holding those files, for ``build_index`` (either engine: Ray's workers read it too). The
+    files go through the store's importer (``FhirStore.import_path``: validated, all or nothing
+    per file, read line by line, never whole in memory), so a case built from the export is the
+    case a build from an imported store gives. The temporary store lives in a folder beside the
+    index (``.ndjson-build-*`` in the index's parent folder: about 0.3 MB a patient, the disk the
+    index is on) and is removed when the block ends, also on an error.
+
+    The files must be a *full* export: a record is what the files hold, so an export with
+    ``_since`` (only what changed) would give cases built from partial records; import such an
+    export into the store (``chartsight bulk``/``import``) and build from it. Resources outside
+    any patient's compartment (Practitioner, Medication, ...) are kept and resolved as in a store.
+
+    ``progress(files_done, files_total, file)`` is called before each file. Raises
+    ``FhirImportError`` naming the first file that cannot be imported (nothing is built), and
+    ``ConfigurationError`` for a Ray cluster named by ``index_build.address`` (its nodes cannot
+    read a store on this machine: import the export into PostgreSQL and build from that)."""
+    if settings.index_build.engine == "ray" and settings.index_build.address:
+        raise ConfigurationError(
+            "a build from NDJSON files reads a temporary store on this machine, which the nodes "
+            "of a Ray cluster (--address) cannot reach: import the export into a store they "
+            "share (PostgreSQL: `chartsight import` or `chartsight bulk`) and build from it"
+        )
+    files = ndjson_files(paths)
+    parent = settings.index_path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=".ndjson-build-", dir=parent))
+    store: FhirStore | None = None
+    try:
+        url = f"sqlite:///{folder / 'store.db'}"
+        store = FhirStore(url, batch_size=settings.store.batch_size)
+        for n, path in enumerate(files):
+            if progress is not None:
+                progress(n, len(files), path)
+            store.import_path(path)
+        store.close()
+        store = None
+        built = settings.model_copy(deep=True)
+        built.store.url = url
+        built.fhir.url = None
+        yield built
+    finally:
+        if store is not None:
+            store.close()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 async def patient_ids(source: FhirSource) -> list[str]:

@@ -42,6 +42,7 @@ from agent import (
     connected,
     display_name,
     install_rebuilt,
+    ndjson_source,
     open_index,
 )
 from connectors.demo import TOMMY_FRIESEN, demo_bundles, import_demo
@@ -662,12 +663,23 @@ def index_build(
             min=1, help="With --engine ray: Ray actors (default: one per GPU, else per CPU)."
         ),
     ] = None,
+    ndjson: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--ndjson",
+            help="Build from a FHIR Bulk Data export's NDJSON files (a file or folder; may be "
+            "repeated) instead of a store: a full export, read into a temporary store that is "
+            "removed after the build.",
+        ),
+    ] = None,
 ) -> None:
     """Add every patient of the source to the similar-case index (only new or changed ones are
     encoded), here or on Ray (--engine ray): the same index either way."""
     try:
         if source not in (None, "local", "fhir"):
             raise ConfigurationError(f"--source is 'local' or 'fhir', not {source!r}")
+        if ndjson and source is not None:
+            raise ConfigurationError("--ndjson is the source; leave out --source")
         build = settings.index_build
         if engine not in (None, "local", "ray"):
             raise ConfigurationError(f"--engine is 'local' or 'ray', not {engine!r}")
@@ -687,11 +699,11 @@ def index_build(
         _fail(exc)
     started = time.perf_counter()
 
-    async def run() -> BuildReport:
-        async with connected(settings) as (src, dicomweb):
-            return await _build(src, dicomweb)
+    async def run(using: AppSettings) -> BuildReport:
+        async with connected(using) as (src, dicomweb):
+            return await _build(using, src, dicomweb)
 
-    async def _build(src: Any, dicomweb: Any) -> BuildReport:
+    async def _build(using: AppSettings, src: Any, dicomweb: Any) -> BuildReport:
         with _progress("indexing", "rate") as progress:
             task = progress.add_task("index", total=None, rate="")
 
@@ -701,10 +713,21 @@ def index_build(
                     task, completed=done, total=total, rate=f"{done / elapsed:.1f} patients/s"
                 )
 
-            return await build_index(index, src, settings, dicomweb, progress=advance)
+            return await build_index(index, src, using, dicomweb, progress=advance)
+
+    def from_ndjson(paths: list[Path]) -> BuildReport:
+        with _progress("reading NDJSON", "name") as progress:
+            task = progress.add_task("ndjson", total=None, name="")
+
+            def reading(done: int, total: int, path: Path) -> None:
+                progress.update(task, completed=done, total=total, name=path.name)
+
+            with ndjson_source(paths, settings, reading) as using:
+                progress.update(task, visible=False)
+                return asyncio.run(run(using))
 
     try:
-        report = asyncio.run(run())
+        report = from_ndjson(ndjson) if ndjson else asyncio.run(run(settings))
         if rebuild:
             install_rebuilt(index, settings)
             index = open_index(settings, encoders)

@@ -143,3 +143,30 @@ def test_ray_builds_the_index_the_local_engine_builds(tmp_path: Path):
     assert "Gout" in changed[0].summary
     _same_hits(_similar(index_ray, changed), _similar(index_local, changed))
     store.close()
+
+
+def test_ray_builds_from_bulk_ndjson_what_the_local_engine_builds_from_the_store(tmp_path: Path):
+    from agent.index_build import ndjson_source
+    from tests.agent.test_index_ndjson import export_ndjson
+
+    store = FhirStore(f"sqlite:///{tmp_path / 'store.db'}")
+    import_demo(store)
+    export_ndjson(store, tmp_path / "export")
+    local = Settings(home=tmp_path / "local", store={"url": str(store.engine.url)})
+    store.close()
+    on_ray = Settings(
+        home=tmp_path / "ray", index_build={"engine": "ray", "workers": 2, "batch_patients": 2}
+    )
+    encoders = EncoderRegistry(local.retrieval.encoders)
+    first_local, index_local = _build(local, encoders)
+    with ndjson_source([tmp_path / "export"], on_ray) as using:
+        # the actors read the temporary store the export was read into
+        first_ray, index_ray = _build(using, encoders)
+    assert not ray.is_initialized()
+    assert (first_ray.engine, first_ray.workers) == ("ray", 2) and not first_ray.failed
+    assert first_ray.cases == first_local.cases == len(index_ray)
+    assert _manifest(index_ray) == _manifest(index_local)
+    assert index_ray.fingerprints() == index_local.fingerprints()
+    cases = _cases(local)
+    _same_hits(_similar(index_ray, cases), _similar(index_local, cases))
+    assert not list((tmp_path / "ray").glob(".ndjson-build-*"))

@@ -1,0 +1,196 @@
+"""``chartsight index build --ndjson``: the similar-case index built straight from a FHIR Bulk Data
+export's NDJSON files, without ChartSight's store, is the index a build from the imported store
+gives (same cases, fingerprints and similar-case hits); the temporary store is gone afterwards,
+also when a file is refused; what cannot work is refused with a message naming it."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from agent.index_build import (
+    BuildReport,
+    build_index,
+    ndjson_files,
+    ndjson_source,
+    open_index,
+    patient_cases,
+    patient_ids,
+)
+from agent.service import source_for
+from agent.settings import Settings
+from connectors.demo import TOMMY_FRIESEN, import_demo
+from connectors.errors import ConfigurationError, FhirImportError
+from connectors.store import FhirStore
+from connectors.store.schema import resources_t
+from retrieval.cases import Case
+from retrieval.encoders import EncoderRegistry
+from retrieval.index import CaseFilter, CaseIndex
+from surfaces.cli import app
+
+runner = CliRunner()
+
+
+def export_ndjson(store: FhirStore, folder: Path) -> dict[str, int]:
+    """What a system-level ``$export`` of ``store`` hands over: one NDJSON file per resource type
+    (references relative, as stored), Observations gzipped and in a sub-folder, the rest plain.
+    Returns resources written per type."""
+    by_type: dict[str, list[str]] = {}
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            select(resources_t.c.resource_type, resources_t.c.content).order_by(
+                resources_t.c.resource_type, resources_t.c.resource_id
+            )
+        ).all()
+    for rtype, content in rows:
+        text = content if isinstance(content, str) else json.dumps(content)
+        by_type.setdefault(rtype, []).append(json.dumps(json.loads(text)))
+    (folder / "part2").mkdir(parents=True, exist_ok=True)
+    for rtype, lines in by_type.items():
+        body = "\n".join(lines) + "\n"
+        if rtype == "Observation":
+            with gzip.open(folder / "part2" / f"{rtype}.000.ndjson.gz", "wt") as fh:
+                fh.write(body)
+        else:
+            (folder / f"{rtype}.000.ndjson").write_text(body)
+    return {t: len(v) for t, v in by_type.items()}
+
+
+def _build(settings: Settings, encoders: EncoderRegistry) -> tuple[BuildReport, CaseIndex]:
+    async def go() -> tuple[BuildReport, CaseIndex]:
+        index = open_index(settings, encoders)
+        source = source_for(settings)
+        try:
+            return await build_index(index, source, settings), index
+        finally:
+            await source.aclose()
+
+    return asyncio.run(go())
+
+
+def _cases(settings: Settings) -> list[Case]:
+    async def go() -> list[Case]:
+        source = source_for(settings)
+        try:
+            ids = await patient_ids(source)
+            report = BuildReport()
+            return [
+                c async for cs in patient_cases(source, None, settings, ids, report) for c in cs
+            ]
+        finally:
+            await source.aclose()
+
+    return asyncio.run(go())
+
+
+def _hits(index: CaseIndex, cases: list[Case]) -> list[list[tuple[str, float]]]:
+    return [[(h.key, h.score) for h in index.similar(c, len(index), CaseFilter())] for c in cases]
+
+
+@pytest.fixture(scope="module")
+def demo_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """The demo patients in a store (its URL) and exported from it as NDJSON (the folder)."""
+    root = tmp_path_factory.mktemp("demo-export")
+    store = FhirStore(f"sqlite:///{root / 'store.db'}")
+    import_demo(store)
+    export_ndjson(store, root / "export")
+    url = str(store.engine.url)
+    store.close()
+    return url, root / "export"
+
+
+def test_a_build_from_ndjson_is_the_build_from_the_imported_store(
+    demo_export: tuple[str, Path], tmp_path: Path
+):
+    url, export = demo_export
+    from_store = Settings(home=tmp_path / "store", store={"url": url})
+    direct = Settings(home=tmp_path / "ndjson")
+    encoders = EncoderRegistry(from_store.retrieval.encoders)
+    seen: list[str] = []
+
+    first, index_store = _build(from_store, encoders)
+    with ndjson_source([export], direct, lambda n, total, path: seen.append(path.name)) as using:
+        assert using.store.url != direct.store.url and using.fhir.url is None
+        assert direct.store.url is None  # the caller's settings are left as they were
+        made, index_ndjson = _build(using, encoders)
+    # Patients first, then every file, the gzipped one in the sub-folder too
+    assert seen[0] == "Patient.000.ndjson" and "Observation.000.ndjson.gz" in seen
+    assert (made.patients, made.cases, made.added) == (first.patients, first.cases, first.added)
+    assert made.patients >= 5 and not made.failed
+    assert index_ndjson.fingerprints() == index_store.fingerprints()
+    cases = _cases(from_store)
+    a, b = _hits(index_ndjson, cases), _hits(index_store, cases)
+    assert [[k for k, _ in hits] for hits in a] == [[k for k, _ in hits] for hits in b]
+    np.testing.assert_allclose(
+        [s for h in a for _, s in h], [s for h in b for _, s in h], atol=1e-5
+    )
+    # the temporary store is gone; the index stays and reopens without it
+    assert not list((tmp_path / "ndjson").glob(".ndjson-build-*"))
+    assert len(open_index(direct, encoders)) == first.cases
+
+
+def test_a_file_that_cannot_be_imported_stops_the_build_and_leaves_nothing(
+    demo_export: tuple[str, Path], tmp_path: Path
+):
+    _, export = demo_export
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for path in export.rglob("*.ndjson*"):
+        (bad / path.name).write_bytes(path.read_bytes())
+    with (bad / "Condition.000.ndjson").open("a") as fh:
+        fh.write('{"resourceType": "Condition", "id": "x", "clinicalStatus": 7}\n')
+    settings = Settings(home=tmp_path / "home")
+    with pytest.raises(FhirImportError) as err, ndjson_source([bad], settings):
+        pytest.fail("the block must not run")
+    assert "Condition.000.ndjson" in str(err.value)
+    assert not list((tmp_path / "home").glob(".ndjson-build-*"))
+
+
+def test_what_cannot_be_built_from_is_named(tmp_path: Path):
+    with pytest.raises(FhirImportError, match="no such file or folder"):
+        ndjson_files([tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not NDJSON")
+    with pytest.raises(FhirImportError, match="no NDJSON files"):
+        ndjson_files([tmp_path / "empty"])
+    on_cluster = Settings(
+        home=tmp_path / "home", index_build={"engine": "ray", "address": "ray://head:10001"}
+    )
+    with (
+        pytest.raises(ConfigurationError, match="cannot reach"),
+        ndjson_source([tmp_path / "empty"], on_cluster),
+    ):
+        pytest.fail("the block must not run")
+    assert not (tmp_path / "home").exists()  # refused before anything was made
+
+
+def test_cli_index_build_from_ndjson(
+    home: Path, demo_export: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+):
+    url, export = demo_export
+    result = runner.invoke(app, ["index", "build", "--ndjson", str(export)])
+    assert result.exit_code == 0, result.output
+    assert "5 patients, 5 cases" in result.output and "5 added" in result.output
+    assert not (home / "store.db").exists()  # no store of ChartSight's was made
+    assert not list(home.glob(".ndjson-build-*"))
+    # `similar` reads the patient's own record where records are kept (here: no store, so none)
+    alone = runner.invoke(app, ["similar", TOMMY_FRIESEN, "--k", "2", "--json"])
+    assert alone.exit_code == 1 and "no patient with this id" in " ".join(alone.output.split())
+    # ... and with the hospital's records (the store the export came from), the index answers
+    monkeypatch.setenv("CHARTSIGHT_STORE__URL", url)
+    hits = runner.invoke(app, ["similar", TOMMY_FRIESEN, "--k", "2", "--json"])
+    assert hits.exit_code == 0, hits.output
+    found = json.loads(hits.output)
+    assert len(found) == 2 and TOMMY_FRIESEN not in {h["patient_id"] for h in found}
+    both = runner.invoke(app, ["index", "build", "--ndjson", str(export), "--source", "local"])
+    assert both.exit_code == 1 and "--ndjson is the source" in both.output
+    missing = runner.invoke(app, ["index", "build", "--ndjson", str(home / "nowhere")])
+    assert missing.exit_code == 1 and "no such file or folder" in " ".join(missing.output.split())
+    assert "Traceback" not in missing.output
