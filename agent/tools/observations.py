@@ -426,7 +426,7 @@ def observation_stats(
     until: datetime | None = None,
     focus: str | None = None,
 ) -> list[Fact]:
-    """Count, mean, minimum, maximum (each with its date), first and last, and the trend of ``query``'s numeric results in the period (the last ``days``, or ``since``/``until``), one fact per series in one UCUM unit (values in other units converted with UCUM, bounds such as "<5" left out and counted), citing every result used; with ``focus`` (count, highest, lowest) a direct answer first ("Highest glucose up to 2021-01-01: 95.92 mg/dL on 2020-03-22", citing that result)."""
+    """Count, mean, minimum, maximum (each with its date), first and last, and the trend of ``query``'s numeric results in the period (the last ``days``, or ``since``/``until``), one fact per series in one UCUM unit (values in other units converted with UCUM, bounds such as "<5" left out and counted). The trend runs from the first to the newest result for up to 5 results, else from the median of the earliest third to the median of the latest third (a spike at either end does not make a trend), "about unchanged" when that change is under a fifth of the usual range's width. Every result used is the fact's evidence; the statement cites them all up to ``MAX_CITED``, else the first, lowest, highest and newest, and says so. With ``focus`` (count, highest, lowest) a direct answer first ("Highest glucose up to 2021-01-01: 95.92 mg/dL on 2020-03-22", citing that result)."""
     start = since
     if start is None and days:
         try:
@@ -495,9 +495,11 @@ def _focus_fact(fact: Fact, focus: str, window: str) -> list[Fact]:
     if focus == "count":
         n = d["count"]
         refs = tuple(r for r in fact.evidence)
-        text = f"{n} numeric {name} result{'s' if n > 1 else ''} {window}."
+        cited = d.get("cited", refs)
+        which = " (the first, lowest, highest and newest cited)" if len(cited) < len(refs) else ""
+        text = f"{n} numeric {name} result{'s' if n > 1 else ''} {window}{which}."
         return [
-            Fact("observation_stats", f"{text}{_cite(refs)}", value=n, evidence=refs,
+            Fact("observation_stats", f"{text}{_cite(cited)}", value=n, evidence=refs,
                  details={"echo": [window], "count": n})
         ]  # fmt: skip
     ref = d["max_reference"] if focus == "highest" else d["min_reference"]
@@ -513,6 +515,27 @@ def _focus_fact(fact: Fact, focus: str, window: str) -> list[Fact]:
 def _series_key(point: Point, ctx: ToolContext) -> str:
     """What a point measures: its analyte (mass and molar codes alike), else its first code."""
     return series_key(point, ctx.terms)
+
+
+# from this many results on, a series' trend compares the medians of its first and last thirds
+TREND_THIRDS = 6
+# a statement cites at most this many results inline; a longer series is cited by its
+# representatives (``representatives``)
+MAX_CITED = 12
+
+
+def representatives(
+    refs: tuple[str, ...], *rows: tuple[Point, float]
+) -> tuple[tuple[str, ...], str]:
+    """The references a statistic over ``refs`` cites inline, and the words that say which: all of
+    them (and "") up to ``MAX_CITED``; else those of ``rows`` (the first, lowest, highest and
+    newest results), each once, and " (the first, lowest, highest and newest cited)". A mean over
+    10,000 results citing each one made an unreadable answer and took the verifier 30 s; the
+    fact's ``evidence`` keeps every result it rests on."""
+    if len(refs) <= MAX_CITED:
+        return refs, ""
+    chosen = tuple(dict.fromkeys(p.reference for p, _ in rows))
+    return chosen, " (the first, lowest, highest and newest cited)"
 
 
 def _series_fact(
@@ -542,14 +565,14 @@ def _series_fact(
         notes += (
             f" {len(bounds)} result{'s' if len(bounds) > 1 else ''} reported as a bound "
             f"({shown}) {'are' if len(bounds) > 1 else 'is'} not counted in the mean, minimum "
-            f"or maximum.{_cite(dict.fromkeys(b.reference for b in bounds))}"
+            f"or maximum.{_cite(dict.fromkeys(b.reference for b in bounds[:MAX_CITED]))}"
         )
     if other_unit:
         kinds = ", ".join(sorted({str(p.measurement.unit) for p in other_unit if p.measurement}))
         notes += (
             f" {len(other_unit)} result{'s' if len(other_unit) > 1 else ''} in {kinds} could not be "
             f"converted to {target} and {'were' if len(other_unit) > 1 else 'was'} left out."
-            f"{_cite(dict.fromkeys(p.reference for p in other_unit))}"
+            f"{_cite(dict.fromkeys(p.reference for p in other_unit[:MAX_CITED]))}"
         )
     converted_note = (
         f"; results in other units converted to {target}"
@@ -569,17 +592,38 @@ def _series_fact(
         )
     values = [v for _, v in rows]
     first, last = rows[0], rows[-1]
-    change = last[1] - first[1]
+    mean = statistics.fmean(values)
+    low = min(rows, key=lambda r: r[1])
+    high = max(rows, key=lambda r: r[1])
+    n = number_text
+    u = f" {target}" if target else ""
+    # the trend: from the first to the newest result for a short series; from TREND_THIRDS
+    # results on, from the median of the earliest third to the median of the latest third, so
+    # that one spike at either end does not make a series "rising" or "falling"
+    if len(rows) >= TREND_THIRDS:
+        third = len(rows) // 3
+        early, late = rows[:third], rows[-third:]
+        start_value = statistics.median(v for _, v in early)
+        end_value = statistics.median(v for _, v in late)
+        trend_basis = (
+            f": median {n(start_value)}{u} in the first third of the results "
+            f"({_point_day(early[0][0])} to {_point_day(early[-1][0])}), {n(end_value)}{u} in the "
+            f"last third ({_point_day(late[0][0])} to {_point_day(late[-1][0])}); newest "
+            f"{n(last[1])}{u} ({_point_day(last[0])})"
+        )
+    else:
+        start_value, end_value = first[1], last[1]
+        trend_basis = (
+            f" from {n(first[1])} ({_point_day(first[0])}) to {n(last[1])} ({_point_day(last[0])})"
+        )
+    change = end_value - start_value
     trend = "rising" if change > 0 else "falling" if change < 0 else "unchanged"
     # what the change means clinically ("creatinine rising: kidney function worsening"), by the
     # term table's rule for the analyte, in its unit
     meaning = None
     analyte = next((a for a in (ctx.terms.analyte(c) for p in points for c in p.codes) if a), None)
     if analyte is not None and len(rows) > 1 and (target is None or target == analyte.unit):
-        meaning = analyte.meaning(first[1], last[1])
-    mean = statistics.fmean(values)
-    low = min(rows, key=lambda r: r[1])
-    high = max(rows, key=lambda r: r[1])
+        meaning = analyte.meaning(start_value, end_value)
     # against the usual range (the term table's, in its unit): how many results lie outside it,
     # and a change under a fifth of the range's width is "about unchanged", not rising or falling
     range_note = ""
@@ -602,8 +646,9 @@ def _series_fact(
             and abs(change) < 0.2 * (hi - lo)
         ):
             trend = "about unchanged"
-    u = f" {target}" if target else ""
-    n = number_text
+    # a long series is cited by its first, lowest, highest and newest results (the statement
+    # says so); all of them stay the fact's evidence
+    cited, which = representatives(refs, first, low, high, last)
     if len(values) == 1:  # one result: no mean, range or trend to speak of
         statement = (
             f"{name} {window}{_voided_clause(found)}: only 1 result, {n(values[0])}{u} on "
@@ -611,13 +656,12 @@ def _series_fact(
         )
     else:
         statement = (
-            f"{name} {window}{_voided_clause(found)}: {len(values)} result{'s' if len(values) > 1 else ''}, "
+            f"{name} {window}{_voided_clause(found)}: {len(values)} results{which}, "
             f"mean {n(mean)}{u}, "
             f"min {n(low[1])}{u} ({_point_day(low[0])}), max {n(high[1])}{u} ({_point_day(high[0])}); "
-            f"{trend} from {n(first[1])} "
-            f"({_point_day(first[0])}) to {n(last[1])} ({_point_day(last[0])})"
+            f"{trend}{trend_basis}"
             f"{f' ({meaning})' if meaning else ''}{range_note}{converted_note}."
-            f"{_cite(refs)}{notes}"
+            f"{_cite(cited)}{notes}"
         )
     statement = statement[:1].upper() + statement[1:]  # the answer's first word
     return Fact(
@@ -643,6 +687,7 @@ def _series_fact(
             "max_reference": high[0].reference,
             "min_day": _point_day(low[0]),
             "max_day": _point_day(high[0]),
+            "cited": cited,
             "mixed_units": values_in.mixed,
             "bounds_left_out": len(bounds),
             "other_units_left_out": len(other_unit),
