@@ -302,12 +302,15 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         if found:
             best = max(found, key=lambda m: m.end() - m.start())
             spans.append((best.start(), best.end(), best.group(0), term))
+    # ... and a term inside a longer drug or drug class phrase belongs to the drug ("calcium"
+    # in "calcium channel blocker", "potassium" in "potassium-sparing diuretic")
+    drug_spans = [(s, e, "", None) for s, e, _ in default_drugs().spans_in(question)]
     spans = [
         a
         for a in spans
         if not any(
             b is not a and b[0] <= a[0] and a[1] <= b[1] and b[1] - b[0] > a[1] - a[0]
-            for b in spans
+            for b in spans + drug_spans
         )
     ]
     measured_words: list[str] = []

@@ -87,6 +87,13 @@ class DrugTable:
     def named_in(self, question: str) -> list[str]:
         """The classes and drugs a question names, as ``get`` takes them, each once, in order of
         appearance; a drug inside a named class's phrase is not named twice."""
+        return list(dict.fromkeys(w for _, _, w in self.spans_in(question)))
+
+    def spans_in(self, question: str) -> list[tuple[int, int, str]]:
+        """Where the question names classes and drugs: ``(start, end, phrase)`` (``phrase``
+        lower-cased, as ``get`` takes it), in order; a drug inside a class's phrase is not
+        listed. The planner reads no other term inside these ("calcium" in "calcium channel
+        blocker" is not a calcium result)."""
         found: list[tuple[int, str]] = []
         for pattern in (self._class_words, self._drug_words):
             if pattern is None:
@@ -94,7 +101,7 @@ class DrugTable:
             for m in pattern.finditer(question):
                 if not any(s <= m.start() < e for s, e, _ in _spans(found)):
                     found.append((m.start(), m.group(0).lower()))
-        return list(dict.fromkeys(w for _, w in sorted(found)))
+        return _spans(sorted(found))
 
 
 def _spans(found: list[tuple[int, str]]) -> list[tuple[int, int, str]]:

@@ -133,6 +133,22 @@ def _iso(day: str, end: bool = False) -> str:
         ("Is he on a beta blocker?", [("medication_use", {"query": "beta blocker"})]),
         ("Any blood thinners?", [("medication_use", {"query": "blood thinners"})]),
         ("Is she on birth control?", [("medication_use", {"query": "birth control"})]),
+        # a test's name inside a drug class's name is the class's, not a result to look up
+        (
+            "Is she on a calcium channel blocker?",
+            [("medication_use", {"query": "calcium channel blocker"})],
+        ),
+        (
+            "Is he on a potassium-sparing diuretic?",
+            [("medication_use", {"query": "potassium-sparing diuretic"})],
+        ),
+        (
+            "Her calcium, and is she on a calcium channel blocker?",
+            [
+                ("latest_observation", {"query": "calcium"}),
+                ("medication_use", {"query": "calcium channel blocker"}),
+            ],
+        ),
         (
             "List his medications; is he on a statin?",
             [("medication_use", {"query": "statin"}), ("active_medications", {})],
