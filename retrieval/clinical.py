@@ -274,20 +274,63 @@ def when_of(resource: Any) -> FhirDate | None:
 @dataclass(frozen=True)
 class AgeReading:
     """An age in whole years; ``approximate`` when the birth date is partial (a range of ages),
-    ``at_death`` when the patient died (the age is then the age at death)."""
+    ``at_death`` when the patient died (the age is then the age at death). For a birth date
+    given to the day, ``months`` and ``days`` are the whole months and days too (None
+    otherwise), and a young child's age is said in them (``amount``, ``unit``): days in the
+    first month, months until 2 years, as pediatric charts and the WHO and CDC growth charts
+    (ages in months to 24 months) state it; "0 years" says nothing of a 3-day-old."""
 
     years: int
     approximate: bool = False
     at_death: bool = False
+    months: int | None = None
+    days: int | None = None
+
+    @property
+    def unit(self) -> str:
+        """ "days" (under a month), "months" (under 2 years) or "years"."""
+        if self.months is not None and self.days is not None and not self.approximate:
+            if self.months < 1:
+                return "days"
+            if self.months < 24:
+                return "months"
+        return "years"
+
+    @property
+    def amount(self) -> int:
+        """The age in ``unit``: whole days, months or years."""
+        unit = self.unit
+        if unit == "days":
+            return self.days or 0
+        if unit == "months":
+            return self.months or 0
+        return self.years
 
     @property
     def text(self) -> str:
         """The age in years as a line says it: "67", or "about 67" when approximate."""
         return ("about " if self.approximate else "") + f"{self.years}"
 
+    @property
+    def spoken(self) -> str:
+        """The age with its unit: "3 days", "5 months", "67 years", "about 67 years"."""
+        if self.unit == "years":
+            return f"{self.text} years"
+        return f"{self.amount} {self.unit if self.amount != 1 else self.unit[:-1]}"
+
+    @property
+    def short(self) -> str:
+        """For a header: "3 d", "5 mo", "67 y", "about 67 y"."""
+        abbreviation = {"days": "d", "months": "mo", "years": "y"}[self.unit]
+        return f"{self.text if self.unit == 'years' else self.amount} {abbreviation}"
+
 
 def _whole_years(born: date, on: date) -> int:
     return on.year - born.year - ((on.month, on.day) < (born.month, born.day))
+
+
+def _whole_months(born: date, on: date) -> int:
+    return (on.year - born.year) * 12 + on.month - born.month - (on.day < born.day)
 
 
 def patient_age(patient: Any, on: date | None = None) -> AgeReading | None:
@@ -307,7 +350,13 @@ def patient_age(patient: Any, on: date | None = None) -> AgeReading | None:
     if died is not None and at_death:
         end = died.start.date()
     if born.precision in ("day", "time"):
-        return AgeReading(_whole_years(born.start.date(), end), at_death=at_death)
+        day = born.start.date()
+        return AgeReading(
+            _whole_years(day, end),
+            at_death=at_death,
+            months=_whole_months(day, end),
+            days=(end - day).days,
+        )
     youngest = _whole_years((born.end - timedelta(days=1)).date(), end)
     oldest = _whole_years(born.start.date(), end)
     if youngest == oldest:

@@ -38,7 +38,7 @@ def render_record(
     head.append(display_name(p), style="bold")
     head.append(f"  {p.gender or ''}" + (f", born {born.text}" if born else ", birth date unknown"))
     if age is not None:
-        head.append(f" ({age.text} y{' at death' if age.at_death else ''})")
+        head.append(f" ({age.short}{' at death' if age.at_death else ''})")
     if died is not None:
         head.append(f", died {died.text}")
     console.rule(head)

@@ -49,7 +49,7 @@ def demographics(ctx: ToolContext) -> list[Fact]:
         parts.append(f"born {born.text}")
     if age is not None:
         parts.append(
-            f"age {age.text}"
+            f"age {age.text if age.unit == 'years' else age.spoken}"
             + (" (approximate: partial birth date)" if age.approximate else "")
             + (" at death" if age.at_death else "")
         )
@@ -76,7 +76,7 @@ def demographics(ctx: ToolContext) -> list[Fact]:
 
 @tool("age", "The patient's age in whole years on a date (default: now).", AgeArgs)
 def age(ctx: ToolContext, on: date | None = None) -> list[Fact]:
-    """One fact: the age in whole years on ``on`` (default: now) or at death, ``unit`` "years"; "The record gives no birth date" when it has none. The date asked about is echoed, never evidence."""
+    """One fact: the age on ``on`` (default: now) or at death, in whole years, or for a child under 2 with a full birth date in whole months (days in the first month): ``value`` and ``unit`` ("years", "months", "days"); "The record gives no birth date" when it has none. The date asked about is echoed, never evidence."""
     when = on or ctx.now.date()
     reading = patient_age(ctx.record.patient, when)
     ref = f"Patient/{ctx.record.patient_id}"
@@ -90,17 +90,19 @@ def age(ctx: ToolContext, on: date | None = None) -> list[Fact]:
         return [Fact("age", f"{text}{_cite([ref])}", evidence=(ref,))]
     if reading.at_death:
         died = fhir_date(ctx.record.patient.deceasedDateTime)
-        text = f"The patient died on {died.text if died else 'an unknown date'}, aged {reading.text} years"
+        text = (
+            f"The patient died on {died.text if died else 'an unknown date'}, aged {reading.spoken}"
+        )
     else:
-        text = f"Age on {when.isoformat()}: {reading.text} years"
+        text = f"Age on {when.isoformat()}: {reading.spoken}"
     if reading.approximate:
         text += " (approximate: the record gives only a partial birth date)"
     return [
         Fact(
             "age",
             f"{text}.{_cite([ref])}",
-            value=reading.years,
-            unit="years",
+            value=reading.amount,
+            unit=reading.unit,
             evidence=(ref,),
             # a date the caller chose is not evidence of anything (see grounding.evidence_map)
             details={

@@ -587,3 +587,14 @@ def test_a_chart_of_10000_results_answers_with_a_bounded_citation_list(chart, re
     assert 1 <= len(answer.citations) <= 4
     (fact,) = [f for f in answer.facts if f.tool == "observation_stats"]
     assert len(fact.evidence) == 10000
+
+
+def test_a_neonates_age_is_in_days(chart):
+    """A 3-day-old: "0 years" tells a clinician nothing; the age is in days (months to 2 years)."""
+    c = chart(bundle(patient("neo", birthDate="2026-11-26", name=[{"family": "Baby"}])))
+    answer = c.ask("How old is she?")
+    assert "Age on 2026-11-29: 3 days." in answer.text and answer.supported_fraction == 1.0
+    (fact,) = c.facts("age")
+    assert (fact.value, fact.unit) == (3, "days")
+    (demo,) = c.facts("demographics")
+    assert "age 3 days" in demo.statement

@@ -177,6 +177,31 @@ def test_ages_from_partial_birth_dates_and_at_death():
     dead = patient_age(res("Patient", birthDate="1940-05-05", deceasedDateTime="2020-05-04"), on)
     assert (dead.years, dead.at_death) == (79, True)
     assert patient_age(res("Patient"), on) is None
+    assert (exact.spoken, exact.short, exact.unit) == ("67 years", "67 y", "years")
+    assert (approx.spoken, approx.unit) == (f"about {approx.years} years", "years")
+
+
+@pytest.mark.parametrize(
+    ("born", "spoken", "short", "amount", "unit"),
+    [
+        ("2026-11-26", "3 days", "3 d", 3, "days"),  # a neonate is days old, not "0 years"
+        ("2026-11-29", "0 days", "0 d", 0, "days"),
+        ("2026-10-30", "30 days", "30 d", 30, "days"),  # a month not yet complete
+        ("2026-10-29", "1 month", "1 mo", 1, "months"),
+        ("2026-06-15", "5 months", "5 mo", 5, "months"),
+        ("2024-11-30", "23 months", "23 mo", 23, "months"),
+        ("2024-11-29", "2 years", "2 y", 2, "years"),  # from 2 years on, years
+        ("2026", "about 0 years", "about 0 y", 0, "years"),  # partial: no days or months
+    ],
+)
+def test_a_young_childs_age_is_said_in_days_or_months(born, spoken, short, amount, unit):
+    reading = patient_age(res("Patient", birthDate=born), date(2026, 11, 29))
+    assert (reading.spoken, reading.short, reading.amount, reading.unit) == (
+        spoken,
+        short,
+        amount,
+        unit,
+    )
 
 
 def test_censored_values_keep_their_comparator():
