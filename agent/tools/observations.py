@@ -324,6 +324,33 @@ def latest_observation(
         computed = computed_egfr(ctx) if set(codes) & EGFR_CODES else None
         # asked for an eGFR the record lacks: the computed one answers it, said so, first
         return ([computed] if computed is not None else []) + [absent]
+    # a result dated after the day asked on (a future-dated entry, or ``--now`` set before the
+    # chart's end) is not the latest on that day: it is said, not taken
+    when_of = {p.reference: p.when for p in found.points if p.has_value and p.when is not None}
+    after = [r for r in with_value if (w := when_of.get(r)) is not None and w.start > ctx.now]
+    with_value = [r for r in with_value if r not in after]
+    after_note, after_refs = "", []
+    if after:
+        k, asked_on = len(after), ctx.now.date().isoformat()
+        after_refs = [after[0]]
+        after_note = (
+            f" {k} result{'s' if k > 1 else ''} dated after {asked_on} {'are' if k > 1 else 'is'} "
+            f"not taken as {'earlier' if nth > 1 else 'the latest'}: the first, "
+            f"{_obs_text(after[0], ctx)}.{_cite(after_refs)}"
+        )
+        if not with_value:
+            ref = f"Patient/{ctx.record.patient_id}"
+            return [
+                Fact(
+                    "latest_observation",
+                    f"No {_subject(query, found.points)} result up to {asked_on}"
+                    f"{_voided_clause(found)}."
+                    f"{_cite([ref])}{after_note}",
+                    evidence=(ref, *after_refs),
+                    details={"query": query, "results_in_record": 0, "after_now": k,
+                             "echo": [asked_on], "voided": found.voided},
+                )
+            ]  # fmt: skip
     if nth > len(with_value):
         # no result that far back: say which one is the oldest, citing it
         ref = with_value[0]
@@ -388,12 +415,17 @@ def latest_observation(
             f" A later attempt on {_point_day(last)} has no result{why}.{_cite([last.reference])}"
         )
         evidence.append(last.reference)
+    statement += after_note
+    evidence += after_refs
     details: dict[str, Any] = {
         "query": query,
         "abnormal": bool(item and item.abnormal),
         "results_in_record": len(with_value),
         "voided": found.voided,
     }
+    if after:
+        details["after_now"] = len(after)
+        details["echo"] = [ctx.now.date().isoformat()]
     if chosen.when is not None:
         details["date_precision"] = chosen.when.precision
     if m is not None and m.comparator:

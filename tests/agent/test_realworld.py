@@ -598,3 +598,28 @@ def test_a_neonates_age_is_in_days(chart):
     assert (fact.value, fact.unit) == (3, "days")
     (demo,) = c.facts("demographics")
     assert "age 3 days" in demo.statement
+
+
+def test_a_result_dated_after_the_day_asked_is_not_the_latest(chart):
+    """A potassium dated after the day the question is asked (a future-dated entry, or a chart
+    read "as of" an earlier day): the latest is the newest up to that day, and the later one is
+    said, cited, not silently taken; with none up to that day, the answer says so."""
+    pid = "future"
+    c = chart(bundle(
+        patient(pid, birthDate="1950-01-01"),
+        obs("k1", pid, "2823-3", "2026-10-01", 4.1, "mmol/L", text="Potassium"),
+        obs("k2", pid, "2823-3", "2026-12-24", 6.2, "mmol/L", text="Potassium"),
+    ))  # fmt: skip
+    (fact,) = c.facts("latest_observation", query="potassium")
+    assert fact.value == 4.1 and fact.details["after_now"] == 1
+    assert "1 result dated after 2026-11-29 is not taken as the latest" in fact.statement
+    assert fact.evidence == ("Observation/k1", "Observation/k2")
+    answer = c.ask("What is her latest potassium?")
+    assert answer.supported_fraction == 1.0 and "4.1 mmol/L" in answer.text
+    assert "[Observation/k2]" in answer.text
+    only_later = chart(bundle(
+        patient("future2", birthDate="1950-01-01"),
+        obs("k3", "future2", "2823-3", "2027-01-05", 5.0, "mmol/L", text="Potassium"),
+    ))  # fmt: skip
+    (none,) = only_later.facts("latest_observation", query="potassium")
+    assert none.value is None and none.statement.startswith("No potassium result up to 2026-11-29")
