@@ -7,7 +7,9 @@ active medications, active problems and allergies; whether the patient is on a d
 no first, with hand-written ingredient lists); and the latest labs (every laboratory result of the
 newest day). Expected answers are computed here from the FHIR JSON, independently of ChartSight. An
 answer is exact when its text states the expected value (and date) and cites exactly the expected
-resources. Latency: per stage and end to end for warm questions; cold start of `chartsight ask`
+resources: a statistic over more than 12 results its first, lowest, highest and newest; questions
+are asked on ``NOW``, so a "latest" result is the newest up to it, and the first one dated after
+it (Synthea charts run on past it) must be cited as not taken. Latency: per stage and end to end for warm questions; cold start of `chartsight ask`
 as a fresh process. Results are appended to ``benchmarks/results.md``.
 """
 
@@ -55,6 +57,38 @@ def _obs(resources: list[dict[str, Any]], loinc: str) -> list[dict[str, Any]]:
     return sorted(found, key=lambda r: r["effectiveDateTime"])
 
 
+def _when(resource: dict[str, Any]) -> datetime:
+    """A result's effectiveDateTime, timezone-aware (a date alone: its start, UTC)."""
+    when = datetime.fromisoformat(resource["effectiveDateTime"])
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _first_after(results: list[dict[str, Any]]) -> set[str]:
+    """The results dated first after NOW (several at one instant: any of them), as references;
+    an answer asked on NOW cites one of them to say that later results exist."""
+    after = [r for r in results if _when(r) > NOW]
+    if not after:
+        return set()
+    first = min(_when(r) for r in after)
+    return {f"Observation/{r['id']}" for r in after if _when(r) == first}
+
+
+def _cites_series(cited: set[str], rows: list[dict[str, Any]], values: list[float]) -> bool:
+    """Whether a statistic over ``rows`` (oldest first) cites them as it should: every one, up
+    to 12; past 12, the first, the newest, one of the lowest and one of the highest, no other."""
+    every = [f"Observation/{r['id']}" for r in rows]
+    if len(rows) <= 12:
+        return cited == set(every)
+    lowest = {ref for ref, v in zip(every, values, strict=True) if v == min(values)}
+    highest = {ref for ref, v in zip(every, values, strict=True) if v == max(values)}
+    return (
+        {every[0], every[-1]} <= cited
+        and bool(cited & lowest)
+        and bool(cited & highest)
+        and cited <= {every[0], every[-1]} | lowest | highest
+    )
+
+
 def _cited(answer: Any, prefix: str) -> set[str]:
     return {c.reference for c in answer.citations if c.reference.startswith(prefix)}
 
@@ -82,7 +116,10 @@ def questions(resources: list[dict[str, Any]]) -> list[tuple[str, str, Check]]:
         ("latest total cholesterol", "2093-3"),
         ("latest hemoglobin", "718-7"),
     ):
-        rows = _obs(resources, loinc)
+        every = _obs(resources, loinc)
+        # asked on NOW: a result dated after it is not the latest (it is said and cited)
+        rows = [r for r in every if _when(r) <= NOW]
+        later = _first_after(every)
         if not rows:
             continue
         newest = rows[-1]
@@ -100,7 +137,7 @@ def questions(resources: list[dict[str, Any]]) -> list[tuple[str, str, Check]]:
             (
                 "latest value and date",
                 q,
-                lambda a, v=value, d=day, t=ties: (
+                lambda a, v=value, d=day, t=ties, later=later: (
                     v in a.text
                     and d in a.text
                     and len(
@@ -109,9 +146,11 @@ def questions(resources: list[dict[str, Any]]) -> list[tuple[str, str, Check]]:
                             for c in a.citations
                             if c.reference.startswith("Observation/")
                         }
+                        - later
                     )
                     == 1
                     and refs <= t
+                    and (not later or len(later & _cited(a, "Observation/")) == 1)
                 ),
             )
         )
@@ -124,15 +163,15 @@ def questions(resources: list[dict[str, Any]]) -> list[tuple[str, str, Check]]:
         ]
         q = f"What is the average {label} over the last {years} years?"
         if rows:
-            mean = statistics.fmean(float(r["valueQuantity"]["value"]) for r in rows)
-            refs = {f"Observation/{r['id']}" for r in rows}
+            values = [float(r["valueQuantity"]["value"]) for r in rows]
+            mean = statistics.fmean(values)
             out.append(
                 (
                     "average over a window",
                     q,
-                    lambda a, m=mean, rs=refs: (
-                        (f"mean {m:.4g}" if len(rs) > 1 else f"only 1 result, {m:.4g}") in a.text
-                        and _cites(a, rs, "Observation/")
+                    lambda a, m=mean, rows=rows, values=values: (
+                        (f"mean {m:.4g}" if len(rows) > 1 else f"only 1 result, {m:.4g}") in a.text
+                        and _cites_series(_cited(a, "Observation/"), rows, values)
                     ),
                 )
             )
@@ -249,6 +288,9 @@ def questions(resources: list[dict[str, Any]]) -> list[tuple[str, str, Check]]:
         and ("valueQuantity" in r or "valueCodeableConcept" in r or "component" in r)
         and "effectiveDateTime" in r
     ]
+    # asked on NOW: labs dated after it are counted, the first of them cited, none shown
+    later = _first_after(labs)
+    labs = [r for r in labs if _when(r) <= NOW]
     if labs:
         day = max(r["effectiveDateTime"][:10] for r in labs)
         newest = {f"Observation/{r['id']}" for r in labs if r["effectiveDateTime"][:10] == day}
@@ -256,8 +298,10 @@ def questions(resources: list[dict[str, Any]]) -> list[tuple[str, str, Check]]:
             (
                 "latest labs",
                 "What are the patient's latest labs?",
-                lambda a, d=day, n=newest: (
-                    f"on {d}, the latest day" in a.text and _cites(a, n, "Observation/")
+                lambda a, d=day, n=newest, later=later: (
+                    f"on {d}, the latest day" in a.text
+                    and _cited(a, "Observation/") - later == n
+                    and (not later or len(later & _cited(a, "Observation/")) == 1)
                 ),
             )
         )

@@ -747,7 +747,8 @@ MAX_RECENT_RESULTS = 25
 )
 def recent_results(ctx: ToolContext, category: str = "laboratory") -> list[Fact]:
     """ "What are his latest labs?": the Observations of ``category`` (Observation.category, HL7
-    observation-category codes) with a value on the latest day that has any, at most
+    observation-category codes) with a value on the latest day that has any up to the day asked
+    on (``ctx.now``; later-dated ones are counted and the first cited, not shown), at most
     ``MAX_RECENT_RESULTS``: a head ("12 laboratory results on 2020-12-13, the latest day with
     any.") citing them, then one fact per result line. Entered-in-error ones are left out. An
     absence citing the Patient when there is none."""
@@ -762,9 +763,27 @@ def recent_results(ctx: ToolContext, category: str = "laboratory") -> list[Fact]
         when = next((p.when for p in points if p.when is not None), None)
         if category in codes and when is not None:
             dated.append((when.start, ref))
+    # results dated after the day asked on are not the latest on that day: counted, not shown
+    after = sorted((d, r) for d, r in dated if d > ctx.now)
+    dated = [(d, r) for d, r in dated if d <= ctx.now]
+    asked_on = ctx.now.date().isoformat()
+    later = (
+        f" {len(after)} dated after {asked_on} {'are' if len(after) > 1 else 'is'} not taken as "
+        f"the latest: the first, {_obs_text(after[0][1], ctx)}.{_cite([after[0][1]])}"
+        if after
+        else ""
+    )
     if not dated:
         ref = f"Patient/{ctx.record.patient_id}"
-        return [Fact("recent_results", f"No {words} are recorded.{_cite([ref])}", evidence=(ref,))]
+        up_to = f" up to {asked_on}" if after else ""
+        return [
+            Fact(
+                "recent_results",
+                f"No {words} are recorded{up_to}.{_cite([ref])}{later}",
+                evidence=(ref, *(r for _, r in after[:1])),
+                details={"echo": [asked_on]} if after else {},
+            )
+        ]
     day = max(d for d, _ in dated).date()
     refs = list(dict.fromkeys(r for d, r in sorted(dated, reverse=True) if d.date() == day))
     shown = refs[:MAX_RECENT_RESULTS]
@@ -773,11 +792,15 @@ def recent_results(ctx: ToolContext, category: str = "laboratory") -> list[Fact]
     head = Fact(
         "recent_results",
         f"{n} {words if n > 1 else words[:-1]} on {day.isoformat()}, the latest day with any"
-        f"{more}.{_cite(shown)}",
+        f"{more}.{_cite(shown)}{later}",
         value=n,
         date=max(d for d, _ in dated),
-        evidence=tuple(shown),
-        details={"category": category, "day": day.isoformat()},
+        evidence=(*shown, *(r for _, r in after[:1])),
+        details={
+            "category": category,
+            "day": day.isoformat(),
+            **({"echo": [asked_on], "after_now": len(after)} if after else {}),
+        },
     )
     return [
         head,
