@@ -315,8 +315,12 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
     ]
     measured_words: list[str] = []
     condition_words: list[str] = []
+    procedure_words: list[str] = []  # "has he had a colonoscopy?": the record's Procedures
     names_drug = False  # a term with RxNorm codes ("metformin") asks for the medications
     for _, _, words, term in sorted(spans, key=lambda x: x[0]):
+        if "procedure" in term.categories and term.codes:
+            procedure_words.append(words)
+            continue
         loinc = any(c.startswith("http://loinc.org|") for c in term.codes)
         snomed = any(c.startswith("http://snomed.info/sct|") for c in term.codes)
         names_drug |= any(c.startswith(_RXNORM) for c in term.codes)
@@ -385,7 +389,7 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
             out.add("observation_stats", query=word, **bounds, **focus)
         if not stats:
             out.add("latest_observation", query=word, **(bounds if period is not None else {}))
-    if not measured_words:
+    if not measured_words and not procedure_words:
         # a test the term table lacks is looked up by its display text in the record
         m = _LATEST_OF.search(q) or _VALUE_OF.search(q)
         name = analyte_words(m.group(1)) if m else None
@@ -455,7 +459,9 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
         # creatinine?" is that series'): what is new in the period, default the last year
         out.add("changes_in_period", **(bounds or {"days": 365}))
         return out
-    if _has(q, "procedure", "surgery", "operation"):
+    for term_words in procedure_words:
+        out.add("procedure_history", query=term_words)  # yes or no first, when, how often
+    if _has(q, "procedure", "surgery", "operation") and not procedure_words:
         out.add("recent_procedures")
     if _has(q, *_ENCOUNTER_WORDS):
         counted = re.search(r"\b(?:how many|number of|how often|count)\b", q)

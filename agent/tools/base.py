@@ -187,6 +187,15 @@ class SimilarArgs(Args):
     k: int = Field(default=3, ge=1, le=10, description="How many similar cases.")
 
 
+class ProcedureArgs(Args):
+    """``query``: the procedure (a name, a SNOMED CT code as ``system|code``)."""
+
+    query: str = Field(
+        description="The procedure: a name ('colonoscopy', 'mammogram', 'knee replacement') or "
+        "'system|code'."
+    )
+
+
 class ConditionArgs(Args):
     """``query``: the condition (a name, a SNOMED CT or ICD-10 code, or ``system|code``);
     ``judged``: a judgement asked about it ("controlled"), which a status cannot give."""

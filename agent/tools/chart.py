@@ -14,6 +14,7 @@ from agent.tools.base import (
     ConditionArgs,
     Fact,
     LimitArgs,
+    ProcedureArgs,
     ToolContext,
     _by_category,
     _cite,
@@ -267,6 +268,78 @@ def recent_procedures(ctx: ToolContext, limit: int = 5) -> list[Fact]:
         _by_category(ctx, "procedure", False)[:limit],
         "No procedure is recorded.",
     )
+
+
+@tool(
+    "procedure_history",
+    "Whether and when a procedure was done (colonoscopy, mammogram, CABG, ...): every recorded "
+    "Procedure matching a name or code, newest first, yes or no first.",
+    ProcedureArgs,
+)
+def procedure_history(ctx: ToolContext, query: str) -> list[Fact]:
+    """ "Has he had a colonoscopy?": the Procedures whose code is one of ``query``'s term's SNOMED
+    CT codes (``retrieval/terms.toml``), or whose name has the term's words (or ``query``'s own
+    words for a procedure the table lacks), newest first. A direct answer first: "Yes:
+    colonoscopy is recorded 2 times, the last on 2017-06-10" (citing the done ones; FHIR
+    Procedure.status completed or in-progress), "Not done: ..." when every one recorded has
+    status not-done (with its statusReason), or "No colonoscopy is recorded among the record's
+    N procedures", citing the Patient (an absence rests on the whole record). Entered-in-error
+    Procedures are not in the record's evidence and are never counted."""
+    matched = [t for t in ctx.terms.matches(query) if "procedure" in t.categories and t.codes]
+    codes = {c for t in matched for c in t.codes}
+    if "|" in query:
+        codes.add(query.strip())
+    phrases = [w for t in matched for w in t.words] or [
+        " ".join(re.findall(r"[a-z0-9]+", query.lower()))
+    ]
+    found = []
+    for item in _by_category(ctx, "procedure", False):
+        name = item.text.rsplit(" [", 1)[0].lower()
+        by_code = bool(codes & set(item.codes))
+        by_name = any(p and re.search(rf"\b{re.escape(p)}", name) for p in phrases)
+        if by_code or by_name:
+            found.append(item)
+    subject = _subject(query, [])
+    if not found:
+        ref = f"Patient/{ctx.record.patient_id}"
+        n = sum(1 for e in ctx.evidence.values() if e.category == "procedure")
+        return [
+            Fact(
+                "procedure_history",
+                f"No {subject} is recorded among the record's {n} "
+                f"procedure{'s' if n != 1 else ''}.{_cite([ref])}",
+                value="none",
+                evidence=(ref,),
+                details={"query": query, "count": 0},
+            )
+        ]
+    statuses = {e.id: str(getattr(ctx.record.get(e.id), "status", "") or "") for e in found}
+    done = [e for e in found if statuses[e.id] in ("completed", "in-progress")]
+    if done:
+        last = done[0]
+        times = f"{len(done)} times, the last" if len(done) > 1 else "once,"
+        text = f"Yes: {subject} is recorded {times} on {last.day}"
+        if statuses[last.id] == "in-progress":
+            text += " (in progress)"
+        head = Fact(
+            "procedure_history",
+            f"{text}.{_cite(e.id for e in done)}",
+            value="done",
+            date=last.date,
+            evidence=tuple(e.id for e in done),
+            details={"query": query, "count": len(done)},
+        )
+    else:
+        kinds = sorted({statuses[e.id] or "no status" for e in found})
+        head = Fact(
+            "procedure_history",
+            f"No {subject} is recorded as done: {len(found)} recorded with status "
+            f"{', '.join(kinds)}.{_cite(e.id for e in found)}",
+            value="not done",
+            evidence=tuple(e.id for e in found),
+            details={"query": query, "count": 0},
+        )
+    return [head, *_item_facts("procedure_history", found)]
 
 
 @tool("recent_encounters", "The most recent encounters (visits, admissions).", LimitArgs)

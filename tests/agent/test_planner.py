@@ -156,6 +156,17 @@ def _iso(day: str, end: bool = False) -> str:
         ("Is he allergic to aspirin?", [("allergies", {})]),
         ("Any allergies?", [("allergies", {})]),
         ("Any surgery?", [("recent_procedures", {})]),
+        # a procedure named: yes or no first, from the record's Procedures
+        ("Has he had a colonoscopy?", [("procedure_history", {"query": "colonoscopy"})]),
+        ("When was her last mammogram?", [("procedure_history", {"query": "mammogram"})]),
+        ("Did he have bypass surgery?", [("procedure_history", {"query": "bypass surgery"})]),
+        (
+            "Does he have diabetes, and has he had an echo?",
+            [
+                ("condition_history", {"query": "diabetes"}),
+                ("procedure_history", {"query": "echo"}),
+            ],
+        ),
         ("What was his most recent visit?", [("recent_encounters", {})]),
         ("When was his last admission?", [("recent_encounters", {})]),
         ("Has he been seen recently?", [("recent_encounters", {})]),

@@ -623,3 +623,50 @@ def test_a_result_dated_after_the_day_asked_is_not_the_latest(chart):
     ))  # fmt: skip
     (none,) = only_later.facts("latest_observation", query="potassium")
     assert none.value is None and none.statement.startswith("No potassium result up to 2026-11-29")
+
+
+def _procedure(
+    rid: str, pid: str, code: str, display: str, when: str, status: str = "completed", **kw: Any
+) -> dict[str, Any]:
+    return {
+        "resourceType": "Procedure",
+        "id": rid,
+        "status": status,
+        "code": {
+            "coding": [{"system": "http://snomed.info/sct", "code": code, "display": display}],
+            "text": display,
+        },
+        "subject": {"reference": f"Patient/{pid}"},
+        "performedDateTime": when,
+        **kw,
+    }
+
+
+def test_has_the_patient_had_a_procedure_is_answered_yes_or_no_first(chart):
+    """ "Has he had a colonoscopy?": yes or no first, how often and when, from the record's
+    Procedures by SNOMED CT code or, coded otherwise, by name; a procedure recorded as not done
+    is not a yes; an entered-in-error one is not counted; an absence cites the Patient."""
+    pid = "proc"
+    c = chart(bundle(
+        patient(pid, birthDate="1950-01-01", gender="male"),
+        _procedure("col1", pid, "73761001", "Colonoscopy", "2015-03-02"),
+        # another code system's code, named as a colonoscopy: found by its name
+        _procedure("col2", pid, "45378", "Fiberoptic colonoscopy with biopsy", "2024-05-06"),
+        _procedure("mam1", pid, "24623002", "Screening mammography", "2025-01-10",
+                   status="not-done", statusReason={"text": "patient declined"}),
+        _procedure("app1", pid, "80146002", "Appendectomy", "2020-02-02",
+                   status="entered-in-error"),
+    ))  # fmt: skip
+    answer = c.ask("Has he had a colonoscopy?")
+    assert answer.text.startswith("Yes: colonoscopy is recorded 2 times, the last on 2024-05-06.")
+    assert {x.reference for x in answer.citations} >= {"Procedure/col1", "Procedure/col2"}
+    assert answer.supported_fraction == 1.0
+    mammogram = c.ask("Did he have a mammogram?")
+    assert mammogram.text.startswith("No mammogram is recorded as done: 1 recorded with status")
+    assert "not-done" in mammogram.text and "Procedure/mam1" in mammogram.text
+    appendix = c.ask("Has he had an appendectomy?")
+    assert appendix.text.startswith("No appendectomy is recorded among the record's")
+    assert "Procedure/app1" not in appendix.text
+    assert [x.reference for x in appendix.citations] == ["Patient/proc"]
+    (bypass,) = c.facts("procedure_history", query="bypass surgery")
+    assert bypass.value == "none" and bypass.evidence == ("Patient/proc",)
