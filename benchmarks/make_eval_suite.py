@@ -4,7 +4,9 @@ ChartSight against answers it did not compute.
 
 Suites: ``demo`` (the five packaged demo patients) and ``synthea-r4-smart`` (the 60 patients of
 ``../shared/data/synthea-r4-smart``, Apache-2.0; only questions and expected values are written,
-the bundles stay where they are). ``now`` is 2021-01-01 for both (the data ends in 2020).
+the bundles stay where they are). ``now`` is 2021-01-01 for both; some Synthea charts run on past
+it, and a "latest" is the newest up to it (the first later result may be cited, as the answer says
+it is not taken).
 
     python benchmarks/make_eval_suite.py [--data ../shared/data]
 
@@ -111,6 +113,29 @@ def _ties(rows: list[R], chosen: R) -> list[str]:
     ]
 
 
+def _series_cites(rows: list[R]) -> dict[str, list[str]]:
+    """What a statistic over ``rows`` (oldest first) cites, as ChartSight documents it: every
+    result up to 12; past 12 the first and newest, and one of the lowest and of the highest
+    (ties: any of them)."""
+    every = [_ref(r) for r in rows]
+    if len(rows) <= 12:
+        return {"cites": every}
+    values = [float(r["valueQuantity"]["value"]) for r in rows]
+    lows = [ref for ref, v in zip(every, values, strict=True) if v == min(values)]
+    highs = [ref for ref, v in zip(every, values, strict=True) if v == max(values)]
+    must = [every[0], every[-1]] + [x[0] for x in (lows, highs) if len(x) == 1]
+    return {"cites": list(dict.fromkeys(must)), "may_cite": lows + highs}
+
+
+def _first_after(rows: list[R]) -> list[str]:
+    """The results dated first after NOW (several at one instant: any of them)."""
+    after = [r for r in rows if _when(r) and _dt(_when(r)) > NOW]  # type: ignore[arg-type]
+    if not after:
+        return []
+    first = min(_dt(_when(r)) for r in after)  # type: ignore[arg-type]
+    return [_ref(r) for r in after if _dt(_when(r)) == first]  # type: ignore[arg-type]
+
+
 def ckd_epi_2021(scr: float, age: int, female: bool) -> float:
     """CKD-EPI 2021 (Inker et al., NEJM 2021), written here independently of ChartSight."""
     k, a = (0.7, -0.241) if female else (0.9, -0.302)
@@ -148,13 +173,17 @@ def items_for(res: list[R]) -> list[tuple[str, str, dict[str, Any]]]:
     add("birth date", "When was the patient born?", {"contains": [p["birthDate"]], "cites": [pref]})
 
     def latest(family: str, question: str, codes: tuple[str, ...]) -> None:
-        rows = _numeric(res, codes)
+        every = _numeric(res, codes)
+        # asked on NOW: the latest is the newest up to it; the first later one may be cited
+        # (the answer says it is not taken)
+        rows = [r for r in every if _dt(_when(r)) <= NOW]  # type: ignore[arg-type]
         if not rows:
             return
         last = rows[-1]
         add(family, question, {
             "contains": [_n(last["valueQuantity"]["value"]), _when(last)[:10]],  # type: ignore[index]
-            "cites": [], "may_cite": _ties(rows, last), "cite_types": ["Observation"],
+            "cites": [], "may_cite": _ties(rows, last) + _first_after(every),
+            "cite_types": ["Observation"],
         })  # fmt: skip
         out[-1][2]["cites"] = []  # one of the ties, whichever: checked by may_cite ∪ at least one
         out[-1][2]["one_of"] = _ties(rows, last)
@@ -179,12 +208,14 @@ def items_for(res: list[R]) -> list[tuple[str, str, dict[str, Any]]]:
             if _codes(c) & {"8480-6", "8462-4"} and "valueQuantity" in c
         ]
 
-    if bps:
-        last = bps[-1]
+    up_to_now = [r for r in bps if _dt(_when(r)) <= NOW]  # type: ignore[arg-type]
+    if up_to_now:
+        last = up_to_now[-1]
         add("latest blood pressure", "What is the patient's latest blood pressure?", {
             "contains": [*bp_values(last), _when(last)[:10]], "one_of": [_ref(last)],  # type: ignore[index]
-            "cite_types": ["Observation"], "may_cite": [_ref(last)],
+            "cite_types": ["Observation"], "may_cite": [_ref(last), *_first_after(bps)],
         })  # fmt: skip
+    if bps:
         first = bps[0]
         day = _when(first)[:10]  # type: ignore[index]
         same_day = [r for r in bps if _when(r)[:10] == day]  # type: ignore[index]
@@ -200,7 +231,7 @@ def items_for(res: list[R]) -> list[tuple[str, str, dict[str, Any]]]:
         if rows:
             mean = statistics.fmean(float(r["valueQuantity"]["value"]) for r in rows)
             add("average over the last years", q, {
-                "contains": [_mean_phrase(mean, len(rows))], "cites": [_ref(r) for r in rows],
+                "contains": [_mean_phrase(mean, len(rows))], **_series_cites(rows),
                 "cite_types": ["Observation"],
             })  # fmt: skip
         else:
@@ -212,7 +243,7 @@ def items_for(res: list[R]) -> list[tuple[str, str, dict[str, Any]]]:
         mean = statistics.fmean(float(r["valueQuantity"]["value"]) for r in rows)
         add("average between two dates", q, {
             "contains": [_mean_phrase(mean, len(rows)), "from 2015-01-01 to 2018-12-31"],
-            "cites": [_ref(r) for r in rows], "cite_types": ["Observation"],
+            **_series_cites(rows), "cite_types": ["Observation"],
         })  # fmt: skip
     else:
         add("average between two dates", q, {"contains": ["No numeric"], "abstain": True})
@@ -249,10 +280,15 @@ def items_for(res: list[R]) -> list[tuple[str, str, dict[str, Any]]]:
         })  # fmt: skip
     creat = [r for r in _numeric(res, ("38483-4", "2160-0")) if _dt(_when(r)) <= NOW]  # type: ignore[arg-type]
     if len(creat) > 1:
-        first, last = (
-            float(creat[0]["valueQuantity"]["value"]),
-            float(creat[-1]["valueQuantity"]["value"]),
-        )
+        values = [float(r["valueQuantity"]["value"]) for r in creat]
+        # the documented trend: first to newest up to 5 results; from 6, the medians of the
+        # first and last thirds (the newest said beside them)
+        if len(values) >= 6:
+            third = len(values) // 3
+            first = statistics.median(values[:third])
+            last = statistics.median(values[-third:])
+        else:
+            first, last = values[0], values[-1]
         # KDIGO 2012: a creatinine change under 0.3 mg/dL is not a meaningful change
         change = last - first
         meaning = (
@@ -260,8 +296,8 @@ def items_for(res: list[R]) -> list[tuple[str, str, dict[str, Any]]]:
             else "kidney function worsening" if change > 0 else "kidney function improving"
         )  # fmt: skip
         add("kidney function trend", "What is the trend of the patient's kidney function?", {
-            "contains": ["Creatinine", _n(first), _n(last), meaning], "cite_types": ["Observation"],
-            "cites": [_ref(r) for r in creat],
+            "contains": ["Creatinine", _n(first), _n(last), _n(values[-1]), meaning],
+            "cite_types": ["Observation"], **_series_cites(creat),
         })  # fmt: skip
     egfr = _numeric(res, ("33914-3", "62238-1", "48643-1", "98979-8"))
     if egfr:
@@ -269,8 +305,10 @@ def items_for(res: list[R]) -> list[tuple[str, str, dict[str, Any]]]:
         add("eGFR", "What is the patient's eGFR?", {
             "contains": [_n(last["valueQuantity"]["value"])], "one_of": _ties(egfr, last),
         })  # fmt: skip
-    elif (every := _numeric(res, ("38483-4", "2160-0"))) and p.get("gender") in ("male", "female"):
-        last = every[-1]  # the latest creatinine, as a latest value is read: at any date
+    elif (every := [r for r in _numeric(res, ("38483-4", "2160-0")) if _dt(_when(r)) <= NOW]) and (  # type: ignore[arg-type]
+        p.get("gender") in ("male", "female")
+    ):
+        last = every[-1]  # the latest creatinine up to NOW, as a latest value is read
         on = _dt(_when(last)).date()  # type: ignore[arg-type]
         if _age(born, on) >= 18:  # CKD-EPI 2021 is an adult equation: none for a child
             v = ckd_epi_2021(
@@ -347,12 +385,14 @@ def items_for(res: list[R]) -> list[tuple[str, str, dict[str, Any]]]:
         and any(c.get("code") == "laboratory" for cat in r.get("category", []) for c in cat.get("coding", []))
         and ("valueQuantity" in r or "valueCodeableConcept" in r or "component" in r) and _when(r)
     ]  # fmt: skip
+    later_labs = _first_after(labs)
+    labs = [r for r in labs if _dt(_when(r)) <= NOW]  # type: ignore[arg-type]
     if labs:
         day = max(_when(r)[:10] for r in labs)  # type: ignore[index]
         newest = [_ref(r) for r in labs if _when(r)[:10] == day]  # type: ignore[index]
         add("latest labs", "What are the patient's latest labs?", {
             "contains": [f"on {day}, the latest day"], "cites": newest[:25], "cite_types": ["Observation"],
-            "may_cite": newest,
+            "may_cite": newest + later_labs,
         })  # fmt: skip
     encounters = sorted(
         (

@@ -224,7 +224,11 @@ def computed_egfr(ctx: ToolContext) -> Fact | None:
     if patient.gender not in ("male", "female"):
         return None
     found = [p for p in find_points(ctx, "creatinine").points if p.measurement is not None]
-    found = [p for p in found if p.measurement and p.measurement.exact and p.when is not None]
+    found = [
+        p
+        for p in found
+        if p.measurement and p.measurement.exact and p.when is not None and p.when.start <= ctx.now
+    ]  # the latest creatinine up to the day asked on, as a latest value is read
     if not found:
         return None
     last = found[-1]
@@ -388,7 +392,9 @@ def latest_observation(
         and not p.has_value
         and p.component is None
         and p.reference not in with_value
+        and p.reference not in after  # a panel dated after the day asked on: said below
         and p.when is not None
+        and p.when.start <= ctx.now
         and newest_when is not None
         and p.when.sort_key > newest_when
     ]
