@@ -63,6 +63,41 @@ def _when(resource: dict[str, Any]) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
+# the FHIR elements that date a resource, in the order ChartSight's rules read them
+_DATED = ("effectiveDateTime", "effectiveInstant", "onsetDateTime", "performedDateTime",
+          "occurrenceDateTime", "authoredOn", "started", "recordedDate", "dateTime",
+          "dateAsserted", "createdDateTime", "date", "issued", "created")  # fmt: skip
+_DATED_PERIODS = ("effectivePeriod", "performedPeriod", "onsetPeriod", "period")
+
+
+def as_of(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chart as of NOW, as a clinician asking on that day sees it: every resource other than
+    an Observation dated after NOW left out (a condition with a later onset, a later order, visit
+    or procedure had not happened yet); Observations are kept (a later result is cited as not
+    taken, and the questions bound them themselves)."""
+
+    def when(r: dict[str, Any]) -> str | None:
+        for key in _DATED:
+            if isinstance(r.get(key), str):
+                return str(r[key])
+        for key in _DATED_PERIODS:
+            period = r.get(key) or {}
+            if period.get("start") or period.get("end"):
+                return str(period.get("start") or period.get("end"))
+        return None
+
+    def later(r: dict[str, Any]) -> bool:
+        day = when(r)
+        if r["resourceType"] in ("Patient", "Observation") or day is None:
+            return False
+        if "T" not in day:  # a date, at its own precision: its first day
+            day = {4: f"{day}-01-01", 7: f"{day}-01"}.get(len(day), day)
+        start = datetime.fromisoformat(day)
+        return (start if start.tzinfo else start.replace(tzinfo=UTC)) > NOW
+
+    return [r for r in resources if not later(r)]
+
+
 def _first_after(results: list[dict[str, Any]]) -> set[str]:
     """The results dated first after NOW (several at one instant: any of them), as references;
     an answer asked on NOW cites one of them to say that later results exist."""
@@ -99,6 +134,7 @@ def _cites(answer: Any, expected: set[str], prefix: str) -> bool:
 
 def questions(resources: list[dict[str, Any]]) -> list[tuple[str, str, Check]]:
     """(type, question, check) for one patient, expected answers from the JSON."""
+    resources = as_of(resources)
     patient = resources[0]
     out: list[tuple[str, str, Check]] = []
     born = date.fromisoformat(patient["birthDate"])

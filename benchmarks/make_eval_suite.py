@@ -37,6 +37,7 @@ from benchmarks.eval_agent import (  # noqa: E402
     _med_display,
     _names_any,
     _status,
+    as_of,
 )
 
 NOW = datetime(2021, 1, 1, tzinfo=UTC)
@@ -153,7 +154,8 @@ def _age(born: date, on: date) -> int:
 
 
 def items_for(res: list[R]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(family, question, expect) for one patient's resources (the Patient first)."""
+    """(family, question, expect) for one patient's resources (the Patient first), as of NOW."""
+    res = as_of(res)
     p = res[0]
     pref = _ref(p)
     out: list[tuple[str, str, dict[str, Any]]] = []

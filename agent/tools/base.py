@@ -341,9 +341,15 @@ def _item_facts(name: str, items: list[Evidence], prefix: str = "", **details: A
 
 
 def _by_category(ctx: ToolContext, category: str, active_only: bool) -> list[Evidence]:
-    """The record's evidence lines of ``category`` (only the active ones with ``active_only``),
-    newest first, undated last."""
+    """The record's evidence lines of ``category`` (only the active ones with ``active_only``)
+    as of ``ctx.now``: newest first, undated last, and none dated after ``ctx.now`` (a planned
+    visit, a future-dated entry, or a chart read as of an earlier day with ``--now``: what had
+    not happened yet is not a problem, a medication, a procedure or a visit on that day)."""
     items = [
-        e for e in ctx.evidence.values() if e.category == category and (e.active or not active_only)
+        e
+        for e in ctx.evidence.values()
+        if e.category == category
+        and (e.active or not active_only)
+        and (e.date is None or e.date <= ctx.now)
     ]
     return sorted(items, key=lambda e: e.date or NOW_MIN, reverse=True)

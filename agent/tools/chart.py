@@ -302,7 +302,7 @@ def procedure_history(ctx: ToolContext, query: str) -> list[Fact]:
     subject = _subject(query, [])
     if not found:
         ref = f"Patient/{ctx.record.patient_id}"
-        n = sum(1 for e in ctx.evidence.values() if e.category == "procedure")
+        n = len(_by_category(ctx, "procedure", False))
         return [
             Fact(
                 "procedure_history",
