@@ -11,7 +11,8 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from datetime import time as time_of_day
 from pathlib import Path
 from typing import Annotated, Any, get_type_hints
 
@@ -109,13 +110,16 @@ AnswerJsonOpt = Annotated[bool, typer.Option("--json", help="Print the answer as
 
 
 def _asked_on(value: datetime | None) -> datetime | None:
-    """``--now`` as the agent takes it (a naive time is read as UTC); a day after today is
-    refused (typer's usage error, exit 2): no question is asked in the future."""
+    """``--now`` as the agent takes it (a naive time is read as UTC; a day alone is the end of
+    that day, so that results taken during it count as on it); a day after today is refused
+    (typer's usage error, exit 2): no question is asked in the future."""
     if value is None:
         return None
     moment = aware(value)
-    if moment > datetime.now(UTC):
+    if moment.date() > datetime.now(UTC).date():
         raise typer.BadParameter(f"{moment.date().isoformat()} is after today")
+    if moment.time() == time_of_day.min:  # "--now 2026-11-29": all of that day
+        moment = min(moment + timedelta(days=1, microseconds=-1), datetime.now(UTC))
     return moment
 
 
@@ -125,9 +129,10 @@ NowOpt = Annotated[
         "--now",
         formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"],
         callback=_asked_on,
-        help="The day the question is asked on (ISO 8601, UTC; default today): 'last year', "
-        "'recent' and ages count back from it. The chart is not cut at it: for a chart exported "
-        "in the past (the demo patients end in 2020), give the day it was exported.",
+        help="The day the question is asked on (ISO 8601, UTC; default today): the chart is read "
+        "as of the end of that day (what is dated later is not taken as latest, active or done), "
+        "and 'last year', 'recent' and ages count back from it. For a chart exported in the past "
+        "(the demo patients end in 2020), give the day it was exported.",
     ),
 ]
 

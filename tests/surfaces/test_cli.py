@@ -132,7 +132,8 @@ def test_now_sets_the_day_a_question_is_asked_on(home: Path, bundles: list[Path]
     asked = runner.invoke(app, ["ask", TOMMY_FRIESEN, question, "--now", "2021-01-01"])
     assert asked.exit_code == 0, asked.output
     said = " ".join(asked.output.split())
-    assert "From 2020-01-01 to 2021-01-01 the record has" in said and "diagnoses" in said
+    # the whole of 2021-01-01 and the 365 days before it
+    assert "From 2020-01-02 to 2021-01-01 the record has" in said and "diagnoses" in said
     today = " ".join(runner.invoke(app, ["ask", TOMMY_FRIESEN, question]).output.split())
     assert "Nothing is recorded from" in today and "latest dated entry is from 2020" in today
     ranked = runner.invoke(
@@ -143,3 +144,26 @@ def test_now_sets_the_day_a_question_is_asked_on(home: Path, bundles: list[Path]
     assert refused.exit_code == 2 and "--now" in refused.output
     future = runner.invoke(app, ["ask", TOMMY_FRIESEN, question, "--now", "2999-01-01"])
     assert future.exit_code == 2 and "2999-01-01 is after today" in " ".join(future.output.split())
+
+
+def test_now_is_the_whole_day_asked_on(home: Path, tmp_path: Path):
+    """``--now 2026-11-29``: a potassium taken at 08:15 that day is the latest on that day (a
+    day alone once meant its first instant, and a critical result of the day asked on was "dated
+    after" it); one of the next day is said and not taken."""
+    doc = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in [
+        {"resourceType": "Patient", "id": "k1", "gender": "male", "birthDate": "1950-01-01"},
+        *[{"resourceType": "Observation", "id": oid, "status": "final",
+           "code": {"coding": [{"system": "http://loinc.org", "code": "2823-3"}], "text": "Potassium"},
+           "subject": {"reference": "Patient/k1"}, "effectiveDateTime": when,
+           "valueQuantity": {"value": v, "unit": "mmol/L", "system": "http://unitsofmeasure.org",
+                             "code": "mmol/L"}}
+          for oid, when, v in (("ka", "2026-11-01T08:00:00Z", 4.0), ("kb", "2026-11-29T08:15:00Z", 6.9),
+                               ("kc", "2026-11-30T09:00:00Z", 5.0))],
+    ]]}  # fmt: skip
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps(doc))
+    assert runner.invoke(app, ["import", str(path)]).exit_code == 0
+    asked = runner.invoke(app, ["ask", "k1", "What was his last potassium?", "--now", "2026-11-29"])
+    said = " ".join(asked.output.split())
+    assert asked.exit_code == 0 and said.startswith("Latest potassium: 2026-11-29"), said
+    assert "6.9 mmol/L" in said and "1 result dated after 2026-11-29 is not taken" in said
