@@ -389,10 +389,14 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
             out.add("observation_stats", query=word, **bounds, **focus)
         if not stats:
             out.add("latest_observation", query=word, **(bounds if period is not None else {}))
-    if not measured_words and not procedure_words:
-        # a test the term table lacks is looked up by its display text in the record
+    if not measured_words:
+        # a test the term table lacks is looked up by its display text in the record (not a
+        # procedure's name: "when was her last mammogram?" is the procedure's question, while
+        # "the ejection fraction on his last echo" is a result's)
         m = _LATEST_OF.search(q) or _VALUE_OF.search(q)
         name = analyte_words(m.group(1)) if m else None
+        if name and name.lower() in {w.lower() for w in procedure_words}:
+            name = None
         if name and not _has(
             name,
             *_ENCOUNTER_WORDS, "procedure", "medication", "med", "image", "scan", "name",

@@ -33,6 +33,8 @@ from retrieval.evidence import Evidence
 
 log = logging.getLogger(__name__)
 
+_SNOMED = "http://snomed.info/sct|"
+
 
 @tool("demographics", "The patient's name, sex, birth date, age and vital status.")
 def demographics(ctx: ToolContext) -> list[Fact]:
@@ -296,7 +298,12 @@ def procedure_history(ctx: ToolContext, query: str) -> list[Fact]:
     for item in _by_category(ctx, "procedure", False):
         name = item.text.rsplit(" [", 1)[0].lower()
         by_code = bool(codes & set(item.codes))
-        by_name = any(p and re.search(rf"\b{re.escape(p)}", name) for p in phrases)
+        # by name only a procedure SNOMED CT does not code (CPT, a local code, text): a SNOMED
+        # coded "Insertion of ureteric stent" is not a coronary stent, whatever its words
+        snomed_coded = any(c.startswith(_SNOMED) for c in item.codes)
+        by_name = (not snomed_coded or not codes) and any(
+            p and re.search(rf"\b{re.escape(p)}\b", name) for p in phrases
+        )
         if by_code or by_name:
             found.append(item)
     subject = _subject(query, [])
@@ -315,15 +322,18 @@ def procedure_history(ctx: ToolContext, query: str) -> list[Fact]:
         ]
     statuses = {e.id: str(getattr(ctx.record.get(e.id), "status", "") or "") for e in found}
     done = [e for e in found if statuses[e.id] in ("completed", "in-progress")]
+    # a long history (an ICU patient's daily chest X-rays) is cited by its newest entries
     if done:
         last = done[0]
         times = f"{len(done)} times, the last" if len(done) > 1 else "once,"
-        text = f"Yes: {subject} is recorded {times} on {last.day}"
+        shown = done[:MAX_LISTED]
+        which = f" (the newest {len(shown)} cited)" if len(shown) < len(done) else ""
+        text = f"Yes: {subject} is recorded {times} on {last.day}{which}"
         if statuses[last.id] == "in-progress":
             text += " (in progress)"
         head = Fact(
             "procedure_history",
-            f"{text}.{_cite(e.id for e in done)}",
+            f"{text}.{_cite(e.id for e in shown)}",
             value="done",
             date=last.date,
             evidence=tuple(e.id for e in done),
@@ -331,15 +341,20 @@ def procedure_history(ctx: ToolContext, query: str) -> list[Fact]:
         )
     else:
         kinds = sorted({statuses[e.id] or "no status" for e in found})
+        shown = found[:MAX_LISTED]
         head = Fact(
             "procedure_history",
             f"No {subject} is recorded as done: {len(found)} recorded with status "
-            f"{', '.join(kinds)}.{_cite(e.id for e in found)}",
+            f"{', '.join(kinds)}.{_cite(e.id for e in shown)}",
             value="not done",
             evidence=tuple(e.id for e in found),
             details={"query": query, "count": 0},
         )
-    return [head, *_item_facts("procedure_history", found)]
+    return [head, *_item_facts("procedure_history", found[:MAX_LISTED])]
+
+
+# the entries a procedure answer cites and lists, newest first
+MAX_LISTED = 12
 
 
 @tool("recent_encounters", "The most recent encounters (visits, admissions).", LimitArgs)

@@ -603,13 +603,15 @@ def _series_fact(
         notes += (
             f" {len(bounds)} result{'s' if len(bounds) > 1 else ''} reported as a bound "
             f"({shown}) {'are' if len(bounds) > 1 else 'is'} not counted in the mean, minimum "
-            f"or maximum.{_cite(dict.fromkeys(b.reference for b in bounds[:MAX_CITED]))}"
+            f"or maximum{' (those shown cited)' if len(bounds) > 3 else ''}."
+            f"{_cite(dict.fromkeys(b.reference for b in bounds[:3]))}"
         )
     if other_unit:
         kinds = ", ".join(sorted({str(p.measurement.unit) for p in other_unit if p.measurement}))
         notes += (
             f" {len(other_unit)} result{'s' if len(other_unit) > 1 else ''} in {kinds} could not be "
-            f"converted to {target} and {'were' if len(other_unit) > 1 else 'was'} left out."
+            f"converted to {target} and {'were' if len(other_unit) > 1 else 'was'} left out"
+            f"{f' (the first {MAX_CITED} cited)' if len(other_unit) > MAX_CITED else ''}."
             f"{_cite(dict.fromkeys(p.reference for p in other_unit[:MAX_CITED]))}"
         )
     converted_note = (

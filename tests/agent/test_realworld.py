@@ -626,16 +626,20 @@ def test_a_result_dated_after_the_day_asked_is_not_the_latest(chart):
 
 
 def _procedure(
-    rid: str, pid: str, code: str, display: str, when: str, status: str = "completed", **kw: Any
+    rid: str,
+    pid: str,
+    code: str,
+    display: str,
+    when: str,
+    status: str = "completed",
+    system: str = "http://snomed.info/sct",
+    **kw: Any,
 ) -> dict[str, Any]:
     return {
         "resourceType": "Procedure",
         "id": rid,
         "status": status,
-        "code": {
-            "coding": [{"system": "http://snomed.info/sct", "code": code, "display": display}],
-            "text": display,
-        },
+        "code": {"coding": [{"system": system, "code": code, "display": display}], "text": display},
         "subject": {"reference": f"Patient/{pid}"},
         "performedDateTime": when,
         **kw,
@@ -650,8 +654,12 @@ def test_has_the_patient_had_a_procedure_is_answered_yes_or_no_first(chart):
     c = chart(bundle(
         patient(pid, birthDate="1950-01-01", gender="male"),
         _procedure("col1", pid, "73761001", "Colonoscopy", "2015-03-02"),
-        # another code system's code, named as a colonoscopy: found by its name
-        _procedure("col2", pid, "45378", "Fiberoptic colonoscopy with biopsy", "2024-05-06"),
+        # coded in CPT, named as a colonoscopy: found by its name
+        _procedure("col2", pid, "45378", "Fiberoptic colonoscopy with biopsy", "2024-05-06",
+                   system="http://www.ama-assn.org/go/cpt"),
+        # SNOMED CT codes of other procedures whose names share a word: never a yes
+        _procedure("ure1", pid, "233555004", "Insertion of ureteric stent", "2023-01-01"),
+        _procedure("ren1", pid, "306005", "Echography of kidney", "2023-02-01"),
         _procedure("mam1", pid, "24623002", "Screening mammography", "2025-01-10",
                    status="not-done", statusReason={"text": "patient declined"}),
         _procedure("app1", pid, "80146002", "Appendectomy", "2020-02-02",
@@ -670,3 +678,36 @@ def test_has_the_patient_had_a_procedure_is_answered_yes_or_no_first(chart):
     assert [x.reference for x in appendix.citations] == ["Patient/proc"]
     (bypass,) = c.facts("procedure_history", query="bypass surgery")
     assert bypass.value == "none" and bypass.evidence == ("Patient/proc",)
+    for question in ("Has he had a coronary stent?", "Has he had an echocardiogram?"):
+        assert c.ask(question).text.startswith("No "), question
+
+
+def test_a_long_procedure_history_is_cited_by_its_newest(chart, request):
+    """An ICU patient's 30 daily chest X-rays: "Yes ... 30 times", the 12 newest cited and
+    listed (all 30 are the fact's evidence), not 30 citations and lines."""
+    if request.node.callspec.params["chart"] == "sekmet":
+        pytest.skip("the rule is the tool's; the store is enough")
+    pid = "icu"
+    c = chart(bundle(patient(pid, birthDate="1950-01-01"), *[
+        _procedure(f"cxr{i:02d}", pid, "399208008", "Plain chest X-ray", f"2026-10-{i + 1:02d}")
+        for i in range(30)
+    ]))  # fmt: skip
+    head, *items = c.facts("procedure_history", query="chest x-ray")
+    assert head.statement.startswith(
+        "Yes: chest x-ray is recorded 30 times, the last on 2026-10-30 (the newest 12 cited)."
+    )
+    assert head.statement.count("[Procedure/") == 12 and len(head.evidence) == 30
+    assert len(items) == 12
+
+
+def test_dementia_and_pregnancy_are_diagnoses_asked_about(chart):
+    """ "Does he have dementia?" with Alzheimer's disease recorded, "has she been pregnant?" with
+    a normal pregnancy: the conditions are found (the table lacked both words)."""
+    pid = "dx"
+    c = chart(bundle(
+        patient(pid, birthDate="1940-01-01"),
+        _condition("alz", pid, "26929004", "Alzheimer's disease (disorder)", "2018-03-11"),
+        _condition("preg", pid, "72892002", "Normal pregnancy", "1975-01-13"),
+    ))  # fmt: skip
+    assert c.ask("Does he have dementia?").text.startswith("Yes: dementia is recorded as active")
+    assert "Condition/preg" in c.ask("Has she ever been pregnant?").text
