@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -159,8 +160,9 @@ def ndjson_source(
     files go through the store's importer (``FhirStore.import_path``: validated, all or nothing
     per file, read line by line, never whole in memory), so a case built from the export is the
     case a build from an imported store gives. The temporary store lives in a folder beside the
-    index (``.ndjson-build-*`` in the index's parent folder: about 0.3 MB a patient, the disk the
-    index is on) and is removed when the block ends, also on an error.
+    index (``.ndjson-build-<pid>-*`` in the index's parent folder: about 0.3 MB a patient, the
+    disk the index is on) and is removed when the block ends, also on an error; one a killed
+    build left is removed by the next (``remove_stale_ndjson_stores``).
 
     The files must be a *full* export: a record is what the files hold, so an export with
     ``_since`` (only what changed) would give cases built from partial records; import such an
@@ -168,7 +170,9 @@ def ndjson_source(
     any patient's compartment (Practitioner, Medication, ...) are kept and resolved as in a store.
 
     ``progress(files_done, files_total, file)`` is called before each file. Raises
-    ``FhirImportError`` naming the first file that cannot be imported (nothing is built), and
+    ``FhirImportError`` naming the first file that cannot be imported, or the paths when they hold
+    no Patient (nothing is built), ``ConfigurationError`` when the temporary store cannot be
+    made (an unwritable folder), and
     ``ConfigurationError`` for a Ray cluster named by ``index_build.address`` (its nodes cannot
     read a store on this machine: import the export into PostgreSQL and build from that)."""
     if settings.index_build.engine == "ray" and settings.index_build.address:
@@ -179,8 +183,15 @@ def ndjson_source(
         )
     files = ndjson_files(paths)
     parent = settings.index_path.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=".ndjson-build-", dir=parent))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_ndjson_stores(parent)
+        folder = Path(tempfile.mkdtemp(prefix=f".ndjson-build-{os.getpid()}-", dir=parent))
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot make the temporary store for the NDJSON build in {parent}: "
+            f"{exc.strerror or exc}"
+        ) from exc
     store: FhirStore | None = None
     try:
         url = f"sqlite:///{folder / 'store.db'}"
@@ -189,6 +200,12 @@ def ndjson_source(
             if progress is not None:
                 progress(n, len(files), path)
             store.import_path(path)
+        if not store.counts().get("Patient"):
+            raise FhirImportError(
+                " ".join(map(str, paths)),
+                "no Patient resources: a case is built for each Patient of the export "
+                "(export the Patient type too)",
+            )
         store.close()
         store = None
         built = settings.model_copy(deep=True)
@@ -199,6 +216,25 @@ def ndjson_source(
         if store is not None:
             store.close()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_stale_ndjson_stores(parent: Path) -> None:
+    """Remove the temporary stores (``.ndjson-build-<pid>-*``) in ``parent`` that builds killed
+    without their clean-up left (a ``kill``, a power cut): those whose process is gone."""
+    for folder in parent.glob(".ndjson-build-*"):
+        pid = folder.name.removeprefix(".ndjson-build-").split("-", 1)[0]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 async def patient_ids(source: FhirSource) -> list[str]:

@@ -673,8 +673,8 @@ def index_build(
         typer.Option(
             "--ndjson",
             help="Build from a FHIR Bulk Data export's NDJSON files (a file or folder; may be "
-            "repeated) instead of a store: a full export, read into a temporary store that is "
-            "removed after the build.",
+            "repeated) instead of the store or a FHIR server (--fhir-url is then not read for "
+            "the build): a full export, read into a temporary store that is removed after it.",
         ),
     ] = None,
 ) -> None:
@@ -699,7 +699,12 @@ def index_build(
         elif source == "fhir" and not settings.fhir.url:
             raise ConfigurationError("--source fhir needs --fhir-url (or fhir.url in settings)")
         encoders = EncoderRegistry(settings.retrieval.encoders)
-        index = open_index(settings, encoders, rebuild=rebuild)
+        try:
+            index = open_index(settings, encoders, rebuild=rebuild)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot open the index folder {settings.index_path}: {exc.strerror or exc}"
+            ) from exc
     except ChartSightError as exc:
         _fail(exc)
     started = time.perf_counter()
@@ -733,6 +738,12 @@ def index_build(
 
     try:
         report = from_ndjson(ndjson) if ndjson else asyncio.run(run(settings))
+        if rebuild and not report.cases:
+            # an empty source (a failed export, the wrong server) never replaces a live index
+            raise ConfigurationError(
+                f"the source gave no cases ({report.patients} patients): the rebuilt index was "
+                f"not installed, and the index at {settings.index_path} is kept"
+            )
         if rebuild:
             install_rebuilt(index, settings)
             index = open_index(settings, encoders)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -194,3 +195,71 @@ def test_cli_index_build_from_ndjson(
     missing = runner.invoke(app, ["index", "build", "--ndjson", str(home / "nowhere")])
     assert missing.exit_code == 1 and "no such file or folder" in " ".join(missing.output.split())
     assert "Traceback" not in missing.output
+
+
+def test_an_export_without_patients_builds_nothing_and_a_rebuild_keeps_the_live_index(
+    home: Path, demo_export: tuple[str, Path], tmp_path: Path
+):
+    """A Patient-less export (the Patient type left out of `_type`) is refused by name; with
+    --rebuild, no empty index ever replaces the live one (an empty source, any source)."""
+    _, export = demo_export
+    assert runner.invoke(app, ["index", "build", "--ndjson", str(export)]).exit_code == 0
+    partial = tmp_path / "no-patients"
+    partial.mkdir()
+    for path in export.rglob("*.ndjson*"):
+        if not path.name.startswith("Patient."):
+            (partial / path.name).write_bytes(path.read_bytes())
+    with (
+        pytest.raises(FhirImportError, match="no Patient resources"),
+        ndjson_source([partial], Settings(home=tmp_path / "direct")),
+    ):
+        pytest.fail("the block must not run")
+    rebuilt = runner.invoke(app, ["index", "build", "--ndjson", str(partial), "--rebuild"])
+    said = " ".join(rebuilt.output.split())
+    assert rebuilt.exit_code == 1 and "no Patient resources" in said and "Traceback" not in said
+    empty = tmp_path / "empty-store"
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("CHARTSIGHT_STORE__URL", f"sqlite:///{empty / 'store.db'}")
+    empty.mkdir()
+    try:
+        again = runner.invoke(app, ["index", "build", "--rebuild"])  # an empty store
+    finally:
+        monkeypatch.undo()
+    said = " ".join(again.output.split())
+    assert again.exit_code == 1 and "the rebuilt index was not installed" in said, said
+    kept = runner.invoke(app, ["index", "build", "--ndjson", str(export)])
+    assert "5 unchanged" in kept.output and "5 cases in" in " ".join(kept.output.split())
+
+
+def test_a_killed_builds_temporary_store_is_removed_by_the_next(
+    demo_export: tuple[str, Path], tmp_path: Path
+):
+    _, export = demo_export
+    settings = Settings(home=tmp_path / "home")
+    settings.home.mkdir()
+    dead = settings.home / ".ndjson-build-999999999-abc"  # no such process
+    dead.mkdir()
+    (dead / "store.db").write_bytes(b"left by a kill -9")
+    mine = settings.home / f".ndjson-build-{os.getpid()}-live"  # a build still running
+    mine.mkdir()
+    with ndjson_source([export], settings) as using:
+        assert using.store.url
+    assert not dead.exists() and mine.exists()
+
+
+def test_an_unwritable_index_folder_is_one_error_line(home: Path, demo_export: tuple[str, Path]):
+    _, export = demo_export
+    home.mkdir(parents=True, exist_ok=True)
+    blocker = home / "not-a-folder"
+    blocker.write_text("a file where the index's folder should be")
+    with (
+        pytest.raises(ConfigurationError, match="cannot make the temporary store"),
+        ndjson_source([export], Settings(home=blocker)),
+    ):
+        pytest.fail("the block must not run")
+    result = runner.invoke(
+        app, ["index", "build", "--ndjson", str(export)],
+        env={"CHARTSIGHT_HOME": str(blocker)},
+    )  # fmt: skip
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "cannot" in said and "Traceback" not in said, said
