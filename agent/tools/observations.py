@@ -401,15 +401,16 @@ def latest_observation(
     # other results of the same test on the same day with another value: said, never hidden
     if nth == 1 and chosen.when is not None:
         day = chosen.when.start.date()
+        same_day = {
+            p.reference for p in found.points if p.when is not None and p.when.start.date() == day
+        }  # once: a monitored chart has thousands of results (a scan per result took 13 s)
+        value_of_latest = _obs_text(ref, ctx).rsplit(" ", 2)[-2:]
         twins = [
             r
-            for r in with_value
+            for r in reversed(with_value)  # the newest others of that day first
             if r != ref
-            and any(
-                p.reference == r and p.when is not None and p.when.start.date() == day
-                for p in found.points
-            )
-            and _obs_text(r, ctx).rsplit(" ", 2)[-2:] != _obs_text(ref, ctx).rsplit(" ", 2)[-2:]
+            and r in same_day
+            and _obs_text(r, ctx).rsplit(" ", 2)[-2:] != value_of_latest
         ]
         for other in twins[:3]:
             statement += f" Another result the same day: {_obs_text(other, ctx)}.{_cite([other])}"
