@@ -171,10 +171,9 @@ def ndjson_source(
 
     ``progress(files_done, files_total, file)`` is called before each file. Raises
     ``FhirImportError`` naming the first file that cannot be imported, or the paths when they hold
-    no Patient (nothing is built), ``ConfigurationError`` when the temporary store cannot be
-    made (an unwritable folder), and
-    ``ConfigurationError`` for a Ray cluster named by ``index_build.address`` (its nodes cannot
-    read a store on this machine: import the export into PostgreSQL and build from that)."""
+    no Patient (nothing is built), and ``ConfigurationError`` when the temporary store cannot be
+    made (an unwritable folder) or for a Ray cluster named by ``index_build.address`` (its nodes
+    cannot read a store on this machine: import the export into PostgreSQL and build from that)."""
     if settings.index_build.engine == "ray" and settings.index_build.address:
         raise ConfigurationError(
             "a build from NDJSON files reads a temporary store on this machine, which the nodes "

@@ -304,7 +304,8 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
             spans.append((best.start(), best.end(), best.group(0), term))
     # ... and a term inside a longer drug or drug class phrase belongs to the drug ("calcium"
     # in "calcium channel blocker", "potassium" in "potassium-sparing diuretic")
-    drug_spans = [(s, e, "", None) for s, e, _ in default_drugs().spans_in(question)]
+    drugs_in_question = default_drugs().spans_in(question)
+    drug_spans = [(s, e, "", None) for s, e, _ in drugs_in_question]
     spans = [
         a
         for a in spans
@@ -407,7 +408,9 @@ def plan(question: str, terms: TermTable | None = None) -> Plan:
             out.add("observation_stats" if stats or days else "latest_observation", query=name)
     # a drug class or drug named ("on a beta blocker?", "any blood thinners?", "taking Lasix?"):
     # answered yes or no from the members recorded; the whole list only when it is asked for
-    drugs_named = [] if _has(q, "allerg") else default_drugs().named_in(question)
+    drugs_named = (
+        [] if _has(q, "allerg") else list(dict.fromkeys(w for _, _, w in drugs_in_question))
+    )  # as ``DrugTable.named_in`` gives them, from the spans read above
     treated = _TREATS.search(q)
     if treated and not drugs_named:
         # "is he on anything for his blood pressure?": the class that treats it, not the reading

@@ -272,6 +272,10 @@ def recent_procedures(ctx: ToolContext, limit: int = 5) -> list[Fact]:
     )
 
 
+# the entries a procedure answer cites and lists, newest first
+MAX_LISTED = 12
+
+
 @tool(
     "procedure_history",
     "Whether and when a procedure was done (colonoscopy, mammogram, CABG, ...): every recorded "
@@ -279,14 +283,16 @@ def recent_procedures(ctx: ToolContext, limit: int = 5) -> list[Fact]:
     ProcedureArgs,
 )
 def procedure_history(ctx: ToolContext, query: str) -> list[Fact]:
-    """ "Has he had a colonoscopy?": the Procedures whose code is one of ``query``'s term's SNOMED
-    CT codes (``retrieval/terms.toml``), or whose name has the term's words (or ``query``'s own
-    words for a procedure the table lacks), newest first. A direct answer first: "Yes:
-    colonoscopy is recorded 2 times, the last on 2017-06-10" (citing the done ones; FHIR
-    Procedure.status completed or in-progress), "Not done: ..." when every one recorded has
-    status not-done (with its statusReason), or "No colonoscopy is recorded among the record's
-    N procedures", citing the Patient (an absence rests on the whole record). Entered-in-error
-    Procedures are not in the record's evidence and are never counted."""
+    """ "Has he had a colonoscopy?": the Procedures (as of ``ctx.now``) whose code is one of
+    ``query``'s term's SNOMED CT codes (``retrieval/terms.toml``), or, for a Procedure SNOMED CT
+    does not code (CPT, a local code, text only), whose name has the term's words (or
+    ``query``'s own words for a procedure the table lacks), newest first. A direct answer first:
+    "Yes: colonoscopy is recorded 2 times, the last on 2017-06-10" (FHIR Procedure.status
+    completed or in-progress; the newest ``MAX_LISTED`` cited and listed, and said so when there
+    are more), "No colonoscopy is recorded as done: 1 recorded with status not-done" when none is
+    done, or "No colonoscopy is recorded among the record's N procedures", citing the Patient (an
+    absence rests on the whole record). Entered-in-error Procedures are not in the record's
+    evidence and are never counted."""
     matched = [t for t in ctx.terms.matches(query) if "procedure" in t.categories and t.codes]
     codes = {c for t in matched for c in t.codes}
     if "|" in query:
@@ -294,8 +300,9 @@ def procedure_history(ctx: ToolContext, query: str) -> list[Fact]:
     phrases = [w for t in matched for w in t.words] or [
         " ".join(re.findall(r"[a-z0-9]+", query.lower()))
     ]
+    procedures = _by_category(ctx, "procedure", False)
     found = []
-    for item in _by_category(ctx, "procedure", False):
+    for item in procedures:
         name = item.text.rsplit(" [", 1)[0].lower()
         by_code = bool(codes & set(item.codes))
         # by name only a procedure SNOMED CT does not code (CPT, a local code, text): a SNOMED
@@ -309,7 +316,7 @@ def procedure_history(ctx: ToolContext, query: str) -> list[Fact]:
     subject = _subject(query, [])
     if not found:
         ref = f"Patient/{ctx.record.patient_id}"
-        n = len(_by_category(ctx, "procedure", False))
+        n = len(procedures)
         return [
             Fact(
                 "procedure_history",
@@ -351,10 +358,6 @@ def procedure_history(ctx: ToolContext, query: str) -> list[Fact]:
             details={"query": query, "count": 0},
         )
     return [head, *_item_facts("procedure_history", found[:MAX_LISTED])]
-
-
-# the entries a procedure answer cites and lists, newest first
-MAX_LISTED = 12
 
 
 @tool("recent_encounters", "The most recent encounters (visits, admissions).", LimitArgs)

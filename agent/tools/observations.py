@@ -260,6 +260,18 @@ def _voided_clause(found: Found) -> str:
     return f" ({n} entered-in-error result{'s' if n > 1 else ''} left out)" if n else ""
 
 
+def _dated_after(ctx: ToolContext, refs: list[str], noun: str, taken_as: str) -> str:
+    """What is said of results dated after the day asked on (``refs``, oldest first, at least
+    one), citing the first: " 2 results dated after 2026-11-29 are not taken as the latest: the
+    first, <its line>. [Observation/…]" (``noun`` "results " or "", ``taken_as`` "the latest" or
+    "earlier")."""
+    k = len(refs)
+    return (
+        f" {k} {noun}dated after {ctx.now.date().isoformat()} {'are' if k > 1 else 'is'} not "
+        f"taken as {taken_as}: the first, {_obs_text(refs[0], ctx)}.{_cite(refs[:1])}"
+    )
+
+
 @tool(
     "latest_observation",
     "The most recent result of a test or measurement: value, unit, date, range and flag "
@@ -337,10 +349,8 @@ def latest_observation(
     if after:
         k, asked_on = len(after), ctx.now.date().isoformat()
         after_refs = [after[0]]
-        after_note = (
-            f" {k} result{'s' if k > 1 else ''} dated after {asked_on} {'are' if k > 1 else 'is'} "
-            f"not taken as {'earlier' if nth > 1 else 'the latest'}: the first, "
-            f"{_obs_text(after[0], ctx)}.{_cite(after_refs)}"
+        after_note = _dated_after(
+            ctx, after, f"result{'s' if k > 1 else ''} ", "earlier" if nth > 1 else "the latest"
         )
         if not with_value:
             ref = f"Patient/{ctx.record.patient_id}"
@@ -535,7 +545,7 @@ def _focus_fact(fact: Fact, focus: str, window: str) -> list[Fact]:
         n = d["count"]
         refs = tuple(r for r in fact.evidence)
         cited = d.get("cited", refs)
-        which = " (the first, lowest, highest and newest cited)" if len(cited) < len(refs) else ""
+        which = REPRESENTATIVES_CITED if len(cited) < len(refs) else ""
         text = f"{n} numeric {name} result{'s' if n > 1 else ''} {window}{which}."
         return [
             Fact("observation_stats", f"{text}{_cite(cited)}", value=n, evidence=refs,
@@ -561,6 +571,7 @@ TREND_THIRDS = 6
 # a statement cites at most this many results inline; a longer series is cited by its
 # representatives (``representatives``)
 MAX_CITED = 12
+REPRESENTATIVES_CITED = " (the first, lowest, highest and newest cited)"
 
 
 def representatives(
@@ -574,7 +585,7 @@ def representatives(
     if len(refs) <= MAX_CITED:
         return refs, ""
     chosen = tuple(dict.fromkeys(p.reference for p, _ in rows))
-    return chosen, " (the first, lowest, highest and newest cited)"
+    return chosen, REPRESENTATIVES_CITED
 
 
 def _series_fact(
@@ -776,12 +787,7 @@ def recent_results(ctx: ToolContext, category: str = "laboratory") -> list[Fact]
     after = sorted((d, r) for d, r in dated if d > ctx.now)
     dated = [(d, r) for d, r in dated if d <= ctx.now]
     asked_on = ctx.now.date().isoformat()
-    later = (
-        f" {len(after)} dated after {asked_on} {'are' if len(after) > 1 else 'is'} not taken as "
-        f"the latest: the first, {_obs_text(after[0][1], ctx)}.{_cite([after[0][1]])}"
-        if after
-        else ""
-    )
+    later = _dated_after(ctx, [r for _, r in after], "", "the latest") if after else ""
     if not dated:
         ref = f"Patient/{ctx.record.patient_id}"
         up_to = f" up to {asked_on}" if after else ""
