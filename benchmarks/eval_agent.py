@@ -9,8 +9,8 @@ newest day). Expected answers are computed here from the FHIR JSON, independentl
 answer is exact when its text states the expected value (and date) and cites exactly the expected
 resources: a statistic over more than 12 results its first, lowest, highest and newest; questions
 are asked on ``NOW``, so a "latest" result is the newest up to it, and the first one dated after
-it (Synthea charts run on past it) must be cited as not taken. Latency: per stage and end to end for warm questions; cold start of `chartsight ask`
-as a fresh process. Results are appended to ``benchmarks/results.md``.
+it (Synthea charts run on past it) must be cited as not taken. Latency: per stage and end to end
+for warm questions; cold start of `chartsight ask` as a fresh process. Results are appended to ``benchmarks/results.md``.
 """
 
 from __future__ import annotations
@@ -57,10 +57,20 @@ def _obs(resources: list[dict[str, Any]], loinc: str) -> list[dict[str, Any]]:
     return sorted(found, key=lambda r: r["effectiveDateTime"])
 
 
-def _when(resource: dict[str, Any]) -> datetime:
-    """A result's effectiveDateTime, timezone-aware (a date alone: its start, UTC)."""
-    when = datetime.fromisoformat(resource["effectiveDateTime"])
+def _when(resource: dict[str, Any]) -> datetime | None:
+    """A result's effectiveDateTime (else its effectivePeriod's start), timezone-aware (a date
+    alone: its start, UTC); None for an undated one."""
+    period = resource.get("effectivePeriod") or {}
+    value = resource.get("effectiveDateTime") or period.get("start")
+    if not value:
+        return None
+    when = datetime.fromisoformat(value)
     return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _up_to_now(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The dated results up to NOW (the day the questions are asked on), in their order."""
+    return [r for r in results if (w := _when(r)) is not None and w <= NOW]
 
 
 # the FHIR elements that date a resource, in the order ChartSight's rules read them
@@ -98,24 +108,34 @@ def as_of(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in resources if not later(r)]
 
 
-def _first_after(results: list[dict[str, Any]]) -> set[str]:
+def first_after(results: list[dict[str, Any]]) -> list[str]:
     """The results dated first after NOW (several at one instant: any of them), as references;
     an answer asked on NOW cites one of them to say that later results exist."""
-    after = [r for r in results if _when(r) > NOW]
+    after = [(w, r) for r in results if (w := _when(r)) is not None and w > NOW]
     if not after:
-        return set()
-    first = min(_when(r) for r in after)
-    return {f"Observation/{r['id']}" for r in after if _when(r) == first}
+        return []
+    first = min(w for w, _ in after)
+    return [f"{r['resourceType']}/{r['id']}" for w, r in after if w == first]
 
 
-def _cites_series(cited: set[str], rows: list[dict[str, Any]], values: list[float]) -> bool:
-    """Whether a statistic over ``rows`` (oldest first) cites them as it should: every one, up
-    to 12; past 12, the first, the newest, one of the lowest and one of the highest, no other."""
-    every = [f"Observation/{r['id']}" for r in rows]
-    if len(rows) <= 12:
-        return cited == set(every)
+def series_citations(rows: list[dict[str, Any]]) -> tuple[list[str], set[str], set[str]]:
+    """How a statistic over ``rows`` (oldest first, each with a valueQuantity) is cited, as
+    ChartSight documents it: (every result's reference, the lowest ones, the highest ones). Up
+    to 12 results every one is cited; past 12 the first, the newest, one of the lowest and one
+    of the highest."""
+    every = [f"{r['resourceType']}/{r['id']}" for r in rows]
+    values = [float(r["valueQuantity"]["value"]) for r in rows]
     lowest = {ref for ref, v in zip(every, values, strict=True) if v == min(values)}
     highest = {ref for ref, v in zip(every, values, strict=True) if v == max(values)}
+    return every, lowest, highest
+
+
+def _cites_series(cited: set[str], rows: list[dict[str, Any]]) -> bool:
+    """Whether a statistic over ``rows`` cites them as it should (``series_citations``), and no
+    other result."""
+    every, lowest, highest = series_citations(rows)
+    if len(rows) <= 12:
+        return cited == set(every)
     return (
         {every[0], every[-1]} <= cited
         and bool(cited & lowest)
@@ -154,8 +174,8 @@ def questions(resources: list[dict[str, Any]]) -> list[tuple[str, str, Check]]:
     ):
         every = _obs(resources, loinc)
         # asked on NOW: a result dated after it is not the latest (it is said and cited)
-        rows = [r for r in every if _when(r) <= NOW]
-        later = _first_after(every)
+        rows = _up_to_now(every)
+        later = set(first_after(every))
         if not rows:
             continue
         newest = rows[-1]
@@ -199,15 +219,14 @@ def questions(resources: list[dict[str, Any]]) -> list[tuple[str, str, Check]]:
         ]
         q = f"What is the average {label} over the last {years} years?"
         if rows:
-            values = [float(r["valueQuantity"]["value"]) for r in rows]
-            mean = statistics.fmean(values)
+            mean = statistics.fmean(float(r["valueQuantity"]["value"]) for r in rows)
             out.append(
                 (
                     "average over a window",
                     q,
-                    lambda a, m=mean, rows=rows, values=values: (
+                    lambda a, m=mean, rows=rows: (
                         (f"mean {m:.4g}" if len(rows) > 1 else f"only 1 result, {m:.4g}") in a.text
-                        and _cites_series(_cited(a, "Observation/"), rows, values)
+                        and _cites_series(_cited(a, "Observation/"), rows)
                     ),
                 )
             )
@@ -325,8 +344,8 @@ def questions(resources: list[dict[str, Any]]) -> list[tuple[str, str, Check]]:
         and "effectiveDateTime" in r
     ]
     # asked on NOW: labs dated after it are counted, the first of them cited, none shown
-    later = _first_after(labs)
-    labs = [r for r in labs if _when(r) <= NOW]
+    later = set(first_after(labs))
+    labs = _up_to_now(labs)
     if labs:
         day = max(r["effectiveDateTime"][:10] for r in labs)
         newest = {f"Observation/{r['id']}" for r in labs if r["effectiveDateTime"][:10] == day}

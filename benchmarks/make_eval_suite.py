@@ -38,6 +38,8 @@ from benchmarks.eval_agent import (  # noqa: E402
     _names_any,
     _status,
     as_of,
+    first_after,
+    series_citations,
 )
 
 NOW = datetime(2021, 1, 1, tzinfo=UTC)
@@ -115,26 +117,15 @@ def _ties(rows: list[R], chosen: R) -> list[str]:
 
 
 def _series_cites(rows: list[R]) -> dict[str, list[str]]:
-    """What a statistic over ``rows`` (oldest first) cites, as ChartSight documents it: every
-    result up to 12; past 12 the first and newest, and one of the lowest and of the highest
-    (ties: any of them)."""
-    every = [_ref(r) for r in rows]
+    """A statistic's citations (``series_citations``) as a suite item expects them: every result
+    up to 12; past 12 the first and newest, and one of the lowest and of the highest (ties: any
+    of them)."""
+    every, lowest, highest = series_citations(rows)
     if len(rows) <= 12:
         return {"cites": every}
-    values = [float(r["valueQuantity"]["value"]) for r in rows]
-    lows = [ref for ref, v in zip(every, values, strict=True) if v == min(values)]
-    highs = [ref for ref, v in zip(every, values, strict=True) if v == max(values)]
+    lows, highs = [r for r in every if r in lowest], [r for r in every if r in highest]
     must = [every[0], every[-1]] + [x[0] for x in (lows, highs) if len(x) == 1]
     return {"cites": list(dict.fromkeys(must)), "may_cite": lows + highs}
-
-
-def _first_after(rows: list[R]) -> list[str]:
-    """The results dated first after NOW (several at one instant: any of them)."""
-    after = [r for r in rows if _when(r) and _dt(_when(r)) > NOW]  # type: ignore[arg-type]
-    if not after:
-        return []
-    first = min(_dt(_when(r)) for r in after)  # type: ignore[arg-type]
-    return [_ref(r) for r in after if _dt(_when(r)) == first]  # type: ignore[arg-type]
 
 
 def ckd_epi_2021(scr: float, age: int, female: bool) -> float:
@@ -184,7 +175,7 @@ def items_for(res: list[R]) -> list[tuple[str, str, dict[str, Any]]]:
         last = rows[-1]
         add(family, question, {
             "contains": [_n(last["valueQuantity"]["value"]), _when(last)[:10]],  # type: ignore[index]
-            "cites": [], "may_cite": _ties(rows, last) + _first_after(every),
+            "cites": [], "may_cite": _ties(rows, last) + first_after(every),
             "cite_types": ["Observation"],
         })  # fmt: skip
         out[-1][2]["cites"] = []  # one of the ties, whichever: checked by may_cite ∪ at least one
@@ -215,7 +206,7 @@ def items_for(res: list[R]) -> list[tuple[str, str, dict[str, Any]]]:
         last = up_to_now[-1]
         add("latest blood pressure", "What is the patient's latest blood pressure?", {
             "contains": [*bp_values(last), _when(last)[:10]], "one_of": [_ref(last)],  # type: ignore[index]
-            "cite_types": ["Observation"], "may_cite": [_ref(last), *_first_after(bps)],
+            "cite_types": ["Observation"], "may_cite": [_ref(last), *first_after(bps)],
         })  # fmt: skip
     if bps:
         first = bps[0]
@@ -387,7 +378,7 @@ def items_for(res: list[R]) -> list[tuple[str, str, dict[str, Any]]]:
         and any(c.get("code") == "laboratory" for cat in r.get("category", []) for c in cat.get("coding", []))
         and ("valueQuantity" in r or "valueCodeableConcept" in r or "component" in r) and _when(r)
     ]  # fmt: skip
-    later_labs = _first_after(labs)
+    later_labs = first_after(labs)
     labs = [r for r in labs if _dt(_when(r)) <= NOW]  # type: ignore[arg-type]
     if labs:
         day = max(_when(r)[:10] for r in labs)  # type: ignore[index]

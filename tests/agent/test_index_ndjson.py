@@ -5,94 +5,23 @@ also when a file is refused; what cannot work is refused with a message naming i
 
 from __future__ import annotations
 
-import asyncio
-import gzip
 import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from sqlalchemy import select
 from typer.testing import CliRunner
 
-from agent.index_build import (
-    BuildReport,
-    build_index,
-    ndjson_files,
-    ndjson_source,
-    open_index,
-    patient_cases,
-    patient_ids,
-)
-from agent.service import source_for
+from agent.index_build import ndjson_files, ndjson_source, open_index
 from agent.settings import Settings
 from connectors.demo import TOMMY_FRIESEN, import_demo
 from connectors.errors import ConfigurationError, FhirImportError
 from connectors.store import FhirStore
-from connectors.store.schema import resources_t
-from retrieval.cases import Case
 from retrieval.encoders import EncoderRegistry
-from retrieval.index import CaseFilter, CaseIndex
 from surfaces.cli import app
+from tests.agent.index_builds import build, cases, export_ndjson, same_hits, similar
 
 runner = CliRunner()
-
-
-def export_ndjson(store: FhirStore, folder: Path) -> dict[str, int]:
-    """What a system-level ``$export`` of ``store`` hands over: one NDJSON file per resource type
-    (references relative, as stored), Observations gzipped and in a sub-folder, the rest plain.
-    Returns resources written per type."""
-    by_type: dict[str, list[str]] = {}
-    with store.engine.connect() as conn:
-        rows = conn.execute(
-            select(resources_t.c.resource_type, resources_t.c.content).order_by(
-                resources_t.c.resource_type, resources_t.c.resource_id
-            )
-        ).all()
-    for rtype, content in rows:
-        text = content if isinstance(content, str) else json.dumps(content)
-        by_type.setdefault(rtype, []).append(json.dumps(json.loads(text)))
-    (folder / "part2").mkdir(parents=True, exist_ok=True)
-    for rtype, lines in by_type.items():
-        body = "\n".join(lines) + "\n"
-        if rtype == "Observation":
-            with gzip.open(folder / "part2" / f"{rtype}.000.ndjson.gz", "wt") as fh:
-                fh.write(body)
-        else:
-            (folder / f"{rtype}.000.ndjson").write_text(body)
-    return {t: len(v) for t, v in by_type.items()}
-
-
-def _build(settings: Settings, encoders: EncoderRegistry) -> tuple[BuildReport, CaseIndex]:
-    async def go() -> tuple[BuildReport, CaseIndex]:
-        index = open_index(settings, encoders)
-        source = source_for(settings)
-        try:
-            return await build_index(index, source, settings), index
-        finally:
-            await source.aclose()
-
-    return asyncio.run(go())
-
-
-def _cases(settings: Settings) -> list[Case]:
-    async def go() -> list[Case]:
-        source = source_for(settings)
-        try:
-            ids = await patient_ids(source)
-            report = BuildReport()
-            return [
-                c async for cs in patient_cases(source, None, settings, ids, report) for c in cs
-            ]
-        finally:
-            await source.aclose()
-
-    return asyncio.run(go())
-
-
-def _hits(index: CaseIndex, cases: list[Case]) -> list[list[tuple[str, float]]]:
-    return [[(h.key, h.score) for h in index.similar(c, len(index), CaseFilter())] for c in cases]
 
 
 @pytest.fixture(scope="module")
@@ -116,22 +45,18 @@ def test_a_build_from_ndjson_is_the_build_from_the_imported_store(
     encoders = EncoderRegistry(from_store.retrieval.encoders)
     seen: list[str] = []
 
-    first, index_store = _build(from_store, encoders)
+    first, index_store = build(from_store, encoders)
     with ndjson_source([export], direct, lambda n, total, path: seen.append(path.name)) as using:
         assert using.store.url != direct.store.url and using.fhir.url is None
         assert direct.store.url is None  # the caller's settings are left as they were
-        made, index_ndjson = _build(using, encoders)
+        made, index_ndjson = build(using, encoders)
     # Patients first, then every file, the gzipped one in the sub-folder too
     assert seen[0] == "Patient.000.ndjson" and "Observation.000.ndjson.gz" in seen
     assert (made.patients, made.cases, made.added) == (first.patients, first.cases, first.added)
     assert made.patients >= 5 and not made.failed
     assert index_ndjson.fingerprints() == index_store.fingerprints()
-    cases = _cases(from_store)
-    a, b = _hits(index_ndjson, cases), _hits(index_store, cases)
-    assert [[k for k, _ in hits] for hits in a] == [[k for k, _ in hits] for hits in b]
-    np.testing.assert_allclose(
-        [s for h in a for _, s in h], [s for h in b for _, s in h], atol=1e-5
-    )
+    read = cases(from_store)
+    same_hits(similar(index_ndjson, read), similar(index_store, read))
     # the temporary store is gone; the index stays and reopens without it
     assert not list((tmp_path / "ndjson").glob(".ndjson-build-*"))
     assert len(open_index(direct, encoders)) == first.cases

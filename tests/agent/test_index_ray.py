@@ -6,22 +6,19 @@ started on this machine for each build and shut down after it."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
-from agent.index_build import BuildReport, build_index, open_index, patient_cases, patient_ids
-from agent.service import source_for
+from agent.index_build import open_index
 from agent.settings import Settings
 from connectors.demo import TOMMY_FRIESEN, import_demo
 from connectors.store import FhirStore
-from retrieval.cases import Case
 from retrieval.encoders import EncoderRegistry
-from retrieval.index import CaseFilter, CaseIndex, manifest
+from retrieval.index import CaseIndex, manifest
+from tests.agent.index_builds import build, cases, export_ndjson, same_hits, similar
 
 ray = pytest.importorskip("ray")
 
@@ -56,50 +53,11 @@ GOUT = {
 }
 
 
-def _build(settings: Settings, encoders: EncoderRegistry) -> tuple[BuildReport, CaseIndex]:
-    async def go() -> tuple[BuildReport, CaseIndex]:
-        index = open_index(settings, encoders)
-        source = source_for(settings)
-        try:
-            return await build_index(index, source, settings), index
-        finally:
-            await source.aclose()
-
-    return asyncio.run(go())
-
-
-def _cases(settings: Settings) -> list[Case]:
-    async def go() -> list[Case]:
-        source = source_for(settings)
-        report = BuildReport()
-        try:
-            ids = await patient_ids(source)
-            return [
-                c async for cs in patient_cases(source, None, settings, ids, report) for c in cs
-            ]
-        finally:
-            await source.aclose()
-
-    return asyncio.run(go())
-
-
-def _similar(index: CaseIndex, cases: list[Case]) -> list[list[tuple[str, float]]]:
-    k = len(index)
-    return [[(h.key, h.score) for h in index.similar(c, k, CaseFilter())] for c in cases]
-
-
 def _manifest(index: CaseIndex) -> dict[str, Any]:
     gen = manifest.current_generation(index.path)
     assert gen is not None
     found = json.loads((gen / "manifest.json").read_text())
     return {k: found[k] for k in ("space", "factory", "count", "faiss")}
-
-
-def _same_hits(a: list[list[tuple[str, float]]], b: list[list[tuple[str, float]]]) -> None:
-    assert len(a) == len(b)
-    for hits_a, hits_b in zip(a, b, strict=True):
-        assert [k for k, _ in hits_a] == [k for k, _ in hits_b]
-        np.testing.assert_allclose([s for _, s in hits_a], [s for _, s in hits_b], atol=1e-5)
 
 
 def test_ray_builds_the_index_the_local_engine_builds(tmp_path: Path):
@@ -114,8 +72,8 @@ def test_ray_builds_the_index_the_local_engine_builds(tmp_path: Path):
     )
     encoders = EncoderRegistry(local.retrieval.encoders)
 
-    first_local, index_local = _build(local, encoders)
-    first_ray, index_ray = _build(on_ray, encoders)
+    first_local, index_local = build(local, encoders)
+    first_ray, index_ray = build(on_ray, encoders)
     assert not ray.is_initialized()  # the build's own Ray instance was shut down
     assert (first_ray.engine, first_ray.workers) == ("ray", 2)
     assert first_ray.patients == first_local.patients >= 5
@@ -126,28 +84,27 @@ def test_ray_builds_the_index_the_local_engine_builds(tmp_path: Path):
     # `similar` cannot tell them apart: the same generation format and hits
     assert _manifest(index_ray) == _manifest(index_local)
     assert index_ray.fingerprints() == index_local.fingerprints()
-    cases = _cases(local)
-    _same_hits(_similar(index_ray, cases), _similar(index_local, cases))
+    read = cases(local)
+    same_hits(similar(index_ray, read), similar(index_local, read))
     reopened = open_index(on_ray, encoders)
-    _same_hits(_similar(reopened, cases), _similar(index_local, cases))
+    same_hits(similar(reopened, read), similar(index_local, read))
 
     # incremental: one patient changed, only his patient case is encoded again, on either engine
     store.import_json(GOUT, "gout.json")
-    again_ray, index_ray = _build(on_ray, encoders)
-    again_local, index_local = _build(local, encoders)
+    again_ray, index_ray = build(on_ray, encoders)
+    again_local, index_local = build(local, encoders)
     for again in (again_ray, again_local):
         assert (again.added, again.updated) == (0, 1), again
         assert again.unchanged == first_local.cases - 1
     assert not ray.is_initialized()
-    changed = [c for c in _cases(local) if c.key == f"Patient/{TOMMY_FRIESEN}"]
+    changed = [c for c in cases(local) if c.key == f"Patient/{TOMMY_FRIESEN}"]
     assert "Gout" in changed[0].summary
-    _same_hits(_similar(index_ray, changed), _similar(index_local, changed))
+    same_hits(similar(index_ray, changed), similar(index_local, changed))
     store.close()
 
 
 def test_ray_builds_from_bulk_ndjson_what_the_local_engine_builds_from_the_store(tmp_path: Path):
     from agent.index_build import ndjson_source
-    from tests.agent.test_index_ndjson import export_ndjson
 
     store = FhirStore(f"sqlite:///{tmp_path / 'store.db'}")
     import_demo(store)
@@ -158,15 +115,15 @@ def test_ray_builds_from_bulk_ndjson_what_the_local_engine_builds_from_the_store
         home=tmp_path / "ray", index_build={"engine": "ray", "workers": 2, "batch_patients": 2}
     )
     encoders = EncoderRegistry(local.retrieval.encoders)
-    first_local, index_local = _build(local, encoders)
+    first_local, index_local = build(local, encoders)
     with ndjson_source([tmp_path / "export"], on_ray) as using:
         # the actors read the temporary store the export was read into
-        first_ray, index_ray = _build(using, encoders)
+        first_ray, index_ray = build(using, encoders)
     assert not ray.is_initialized()
     assert (first_ray.engine, first_ray.workers) == ("ray", 2) and not first_ray.failed
     assert first_ray.cases == first_local.cases == len(index_ray)
     assert _manifest(index_ray) == _manifest(index_local)
     assert index_ray.fingerprints() == index_local.fingerprints()
-    cases = _cases(local)
-    _same_hits(_similar(index_ray, cases), _similar(index_local, cases))
+    read = cases(local)
+    same_hits(similar(index_ray, read), similar(index_local, read))
     assert not list((tmp_path / "ray").glob(".ndjson-build-*"))
